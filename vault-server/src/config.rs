@@ -1,0 +1,741 @@
+//! Settings: environment variables, optionally layered over a TOML file named by `VAULT_CONFIG`
+//! whose keys are the same names (`VAULT_LISTEN = "..."`). The environment wins. A missing or
+//! malformed setting stops startup with a message naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::crypto::RootKey;
+
+/// Longest credential TTL the vault accepts: 30 days.
+pub const MAX_SECRETS_TTL_SECONDS: u64 = 2_592_000;
+
+/// A setting is missing or malformed. The message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem}")]
+pub struct ConfigError {
+    /// The variable, as spelled in the environment.
+    pub name: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+fn problem(name: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        problem: problem.into(),
+    }
+}
+
+/// Every setting name this service reads.
+const NAMES: &[&str] = &[
+    "VAULT_LISTEN",
+    "VAULT_DATABASE_URL",
+    "VAULT_DATABASE_MAX_CONNECTIONS",
+    "VAULT_DATA_DIR",
+    "VAULT_ROOT_KEY",
+    "VAULT_ROOT_KEY_FILE",
+    "VAULT_ROOT_PASSPHRASE",
+    "VAULT_JWT_ISSUER",
+    "VAULT_JWT_AUDIENCE",
+    "VAULT_JWT_JWKS_FILE",
+    "VAULT_JWT_JWKS_URL",
+    "VAULT_JWT_AGENT_CLAIM",
+    "VAULT_JWT_LEEWAY_SECONDS",
+    "VAULT_JWT_MAX_TTL_SECONDS",
+    "SECRETS_TTL_SECONDS",
+    "VAULT_SWEEP_INTERVAL_SECONDS",
+    "VAULT_SWEEP_BATCH",
+    "VAULT_SHUTDOWN_GRACE_SECONDS",
+    "VAULT_SHUTDOWN_DELAY_SECONDS",
+    "VAULT_PROVIDERS_FILE",
+    "VAULT_PROVIDER_CA_FILE",
+    "VAULT_PROVIDER_CONNECT_TIMEOUT_SECONDS",
+    "VAULT_PROVIDER_TIMEOUT_SECONDS",
+    "VAULT_REFRESH_BACKOFF_BASE_SECONDS",
+    "VAULT_REFRESH_BACKOFF_CAP_SECONDS",
+    "VAULT_REVOCATION_RETRY_INTERVAL_SECONDS",
+    "VAULT_REVOCATION_MAX_AGE_SECONDS",
+    "VAULT_TLS_CERT_FILE",
+    "VAULT_TLS_KEY_FILE",
+    "VAULT_TLS_CLIENT_CA_FILE",
+];
+
+/// Settings as strings, before validation. Figment lowercases environment keys.
+#[derive(Debug, Default, Deserialize)]
+struct Raw {
+    vault_listen: Option<String>,
+    vault_database_url: Option<String>,
+    vault_database_max_connections: Option<String>,
+    vault_data_dir: Option<String>,
+    vault_root_key: Option<String>,
+    vault_root_key_file: Option<String>,
+    vault_root_passphrase: Option<String>,
+    vault_jwt_issuer: Option<String>,
+    vault_jwt_audience: Option<String>,
+    vault_jwt_jwks_file: Option<String>,
+    vault_jwt_jwks_url: Option<String>,
+    vault_jwt_agent_claim: Option<String>,
+    vault_jwt_leeway_seconds: Option<String>,
+    vault_jwt_max_ttl_seconds: Option<String>,
+    secrets_ttl_seconds: Option<String>,
+    vault_sweep_interval_seconds: Option<String>,
+    vault_sweep_batch: Option<String>,
+    vault_shutdown_grace_seconds: Option<String>,
+    vault_shutdown_delay_seconds: Option<String>,
+    vault_providers_file: Option<String>,
+    vault_provider_ca_file: Option<String>,
+    vault_provider_connect_timeout_seconds: Option<String>,
+    vault_provider_timeout_seconds: Option<String>,
+    vault_refresh_backoff_base_seconds: Option<String>,
+    vault_refresh_backoff_cap_seconds: Option<String>,
+    vault_revocation_retry_interval_seconds: Option<String>,
+    vault_revocation_max_age_seconds: Option<String>,
+    vault_tls_cert_file: Option<String>,
+    vault_tls_key_file: Option<String>,
+    vault_tls_client_ca_file: Option<String>,
+}
+
+/// Where the settings come from.
+#[derive(Debug, Clone)]
+pub struct Source(Figment);
+
+impl Source {
+    /// The process environment, over `VAULT_CONFIG`'s TOML file when that is set.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Ok(path) = std::env::var("VAULT_CONFIG") {
+            if !Path::new(&path).is_file() {
+                return Err(problem("VAULT_CONFIG", format!("no such file: {path}")));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let env = Env::raw().filter(|key| {
+            NAMES
+                .iter()
+                .any(|name| name.eq_ignore_ascii_case(key.as_str()))
+        });
+        Ok(Self(figment.merge(env)))
+    }
+
+    /// These pairs win over everything already in the source.
+    pub fn with_overrides<'a>(self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut figment = self.0;
+        for (key, value) in pairs {
+            figment = figment.merge((key.to_ascii_lowercase(), value.to_string()));
+        }
+        Self(figment)
+    }
+
+    /// Explicit pairs, for tests and embedding: `[("VAULT_LISTEN", "127.0.0.1:0"), ...]`.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut figment = Figment::new();
+        for (key, value) in pairs {
+            figment = figment.merge((key.to_ascii_lowercase(), value.to_string()));
+        }
+        Self(figment)
+    }
+
+    fn raw(&self) -> Result<Raw, ConfigError> {
+        let values: figment::value::Dict = self
+            .0
+            .extract()
+            .map_err(|e| problem("VAULT_CONFIG", e.to_string()))?;
+        // Figment types what it reads ("8" becomes a number); every setting is validated from
+        // its text here, with names matched case-insensitively so a file may spell them either way.
+        let mut strings = serde_json::Map::new();
+        for (key, value) in values {
+            let text = match value {
+                figment::value::Value::String(_, s) => s,
+                figment::value::Value::Num(_, n) => n
+                    .to_u128()
+                    .map(|n| n.to_string())
+                    .or_else(|| n.to_i128().map(|n| n.to_string()))
+                    .or_else(|| n.to_f64().map(|n| n.to_string()))
+                    .unwrap_or_default(),
+                figment::value::Value::Bool(_, b) => b.to_string(),
+                _ => {
+                    let name = NAMES
+                        .iter()
+                        .find(|n| n.eq_ignore_ascii_case(&key))
+                        .copied()
+                        .unwrap_or("VAULT_CONFIG");
+                    return Err(problem(name, "must be a single value"));
+                }
+            };
+            strings.insert(key.to_ascii_lowercase(), serde_json::Value::String(text));
+        }
+        serde_json::from_value(serde_json::Value::Object(strings))
+            .map_err(|e| problem("VAULT_CONFIG", e.to_string()))
+    }
+}
+
+/// How the root key is obtained.
+pub enum RootKeySource {
+    /// `VAULT_ROOT_KEY` or `VAULT_ROOT_KEY_FILE`: the key itself.
+    Key(RootKey),
+    /// `VAULT_ROOT_PASSPHRASE`: derived with Argon2id and the salt kept in the control schema.
+    Passphrase(SecretString),
+}
+
+impl std::fmt::Debug for RootKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key(_) => f.write_str("Key([REDACTED])"),
+            Self::Passphrase(_) => f.write_str("Passphrase([REDACTED])"),
+        }
+    }
+}
+
+/// Where issuer public keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    /// A JWKS document on disk, re-read when an unknown `kid` arrives.
+    File(PathBuf),
+    /// A JWKS URL, re-fetched when an unknown `kid` arrives.
+    Url(String),
+}
+
+/// Caller-token verification settings (DESIGN §3).
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// Accepted `iss` values.
+    pub issuers: Vec<String>,
+    /// The audience that must be in `aud`.
+    pub audience: String,
+    /// Issuer public keys.
+    pub jwks: JwksSource,
+    /// The claim naming the agent.
+    pub agent_claim: String,
+    /// Clock skew allowed on `exp`, `nbf`, `iat`.
+    pub leeway_seconds: u64,
+    /// Longest caller-token lifetime accepted.
+    pub max_ttl_seconds: u64,
+    /// Least time between two key re-fetches triggered by unknown `kid`s.
+    pub jwks_refetch_interval: Duration,
+}
+
+/// Everything `serve` needs.
+#[derive(Debug)]
+pub struct Settings {
+    /// gRPC listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The database.
+    pub database: DatabaseSettings,
+    /// The root of the key hierarchy.
+    pub root_key: RootKeySource,
+    /// Caller tokens.
+    pub jwt: JwtSettings,
+    /// Default and longest vault TTL of a stored credential.
+    pub secrets_ttl_seconds: u64,
+    /// How often the background sweeper runs.
+    pub sweep_interval: Duration,
+    /// Most rows one sweep batch deletes.
+    pub sweep_batch: u32,
+    /// How long SIGTERM waits for in-flight calls.
+    pub shutdown_grace: Duration,
+    /// How long health reports NOT_SERVING before the listener closes, so load balancers stop
+    /// routing here before connections are refused.
+    pub shutdown_delay: Duration,
+    /// The OAuth provider registry and its HTTP client.
+    pub providers: crate::oauth::ProviderSettings,
+    /// First backoff after a transient provider failure (doubles per failure).
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_cap: Duration,
+    /// How often queued provider revocations are retried.
+    pub revocation_retry_interval: Duration,
+    /// How long an undeliverable provider revocation is retried before it is dropped.
+    pub revocation_max_age: Duration,
+    /// gRPC over TLS, when configured.
+    pub tls: Option<TlsSettings>,
+}
+
+/// Server TLS: a certificate chain and key, and optionally a CA that client certificates must
+/// chain to (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA bundle; when set, every client must present a certificate it issued.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Which store, and where.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// `postgres://…`: the production store. The URL may contain a password.
+    Postgres(SecretString),
+    /// The embedded store in one SQLite file.
+    SqliteFile(PathBuf),
+    /// The embedded store in memory (lost on exit): tests and demos.
+    SqliteMemory,
+}
+
+/// The database connection, which `migrate` and `sweep` need without the rest.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// Which store.
+    pub database: Database,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+/// `VAULT_DATA_DIR`: where the embedded store and `dev`'s generated keys live.
+pub fn data_dir(source: &Source) -> Result<PathBuf, ConfigError> {
+    Ok(non_empty(source.raw()?.vault_data_dir)
+        .map_or_else(|| PathBuf::from("vault-data"), PathBuf::from))
+}
+
+fn parse_u64(
+    name: &'static str,
+    value: Option<&str>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let parsed: u64 = value.trim().parse().map_err(|_| {
+        problem(
+            name,
+            format!("must be a whole number, got {:?}", truncate(value)),
+        )
+    })?;
+    if !range.contains(&parsed) {
+        return Err(problem(
+            name,
+            format!(
+                "must be between {} and {}, got {parsed}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    Ok(parsed)
+}
+
+fn truncate(value: &str) -> String {
+    value.chars().take(40).collect()
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+impl DatabaseSettings {
+    /// Reads `VAULT_DATABASE_URL` (unset: the embedded file `vault.db` in `VAULT_DATA_DIR`) and
+    /// `VAULT_DATABASE_MAX_CONNECTIONS`.
+    pub fn load(source: &Source) -> Result<Self, ConfigError> {
+        Self::from_raw(&source.raw()?)
+    }
+
+    fn from_raw(raw: &Raw) -> Result<Self, ConfigError> {
+        let data_dir = non_empty(raw.vault_data_dir.clone())
+            .map_or_else(|| PathBuf::from("vault-data"), PathBuf::from);
+        let database = match non_empty(raw.vault_database_url.clone()) {
+            None => Database::SqliteFile(data_dir.join("vault.db")),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Database::Postgres(SecretString::from(url))
+            }
+            Some(url) if url == "sqlite::memory:" => Database::SqliteMemory,
+            Some(url) if url.starts_with("sqlite:") => {
+                let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+                if path.is_empty() {
+                    return Err(problem("VAULT_DATABASE_URL", "sqlite:// needs a file path"));
+                }
+                Database::SqliteFile(PathBuf::from(path))
+            }
+            Some(_) => {
+                return Err(problem(
+                    "VAULT_DATABASE_URL",
+                    "must be postgres://…, sqlite://PATH or sqlite::memory: (unset: the embedded file in VAULT_DATA_DIR)",
+                ));
+            }
+        };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
+        let max_connections = parse_u64(
+            "VAULT_DATABASE_MAX_CONNECTIONS",
+            raw.vault_database_max_connections.as_deref(),
+            (cores * 4).clamp(4, 32),
+            1..=1000,
+        )? as u32;
+        Ok(Self {
+            database,
+            max_connections,
+        })
+    }
+}
+
+fn decode_root_key(name: &'static str, text: &str) -> Result<RootKey, ConfigError> {
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| problem(name, "must be base64 of 32 bytes"))?,
+    );
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| problem(name, format!("must be 32 bytes, got {}", bytes.len())))?;
+    Ok(RootKey::from_bytes(key))
+}
+
+/// Reads a root key file: base64 text of 32 bytes (what `keygen` writes) or 32 raw bytes.
+pub fn read_root_key_file(path: &Path) -> Result<RootKey, ConfigError> {
+    const NAME: &str = "VAULT_ROOT_KEY_FILE";
+    let bytes = Zeroizing::new(
+        std::fs::read(path)
+            .map_err(|e| problem(NAME, format!("cannot read {}: {e}", path.display())))?,
+    );
+    if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
+        return Ok(RootKey::from_bytes(raw));
+    }
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| problem(NAME, "must be base64 of 32 bytes"))?;
+    decode_root_key(NAME, text)
+}
+
+impl Settings {
+    /// Reads and validates every setting `serve` needs.
+    pub fn load(source: &Source) -> Result<Self, ConfigError> {
+        let raw = source.raw()?;
+        let listen_text =
+            non_empty(raw.vault_listen.clone()).unwrap_or_else(|| "127.0.0.1:50051".into());
+        let listen: SocketAddr = listen_text.trim().parse().map_err(|_| {
+            problem(
+                "VAULT_LISTEN",
+                format!(
+                    "must be host:port such as 127.0.0.1:50051, got {:?}",
+                    truncate(&listen_text)
+                ),
+            )
+        })?;
+        let database = DatabaseSettings::from_raw(&raw)?;
+
+        let key = non_empty(raw.vault_root_key.clone());
+        let key_file = non_empty(raw.vault_root_key_file.clone());
+        let passphrase = non_empty(raw.vault_root_passphrase.clone());
+        let root_key = match (key, key_file, passphrase) {
+            (Some(k), None, None) => {
+                RootKeySource::Key(decode_root_key("VAULT_ROOT_KEY", &Zeroizing::new(k))?)
+            }
+            (None, Some(f), None) => RootKeySource::Key(read_root_key_file(Path::new(&f))?),
+            (None, None, Some(p)) => {
+                if p.len() < 16 {
+                    return Err(problem(
+                        "VAULT_ROOT_PASSPHRASE",
+                        "must be at least 16 characters",
+                    ));
+                }
+                RootKeySource::Passphrase(SecretString::from(p))
+            }
+            (None, None, None) => {
+                return Err(problem(
+                    "VAULT_ROOT_KEY",
+                    "no root key: set one of VAULT_ROOT_KEY, VAULT_ROOT_KEY_FILE, VAULT_ROOT_PASSPHRASE (`vault-server keygen` makes a key file)",
+                ));
+            }
+            _ => {
+                return Err(problem(
+                    "VAULT_ROOT_KEY",
+                    "set only one of VAULT_ROOT_KEY, VAULT_ROOT_KEY_FILE, VAULT_ROOT_PASSPHRASE",
+                ));
+            }
+        };
+
+        let issuers: Vec<String> = raw
+            .vault_jwt_issuer
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if issuers.is_empty() {
+            return Err(problem(
+                "VAULT_JWT_ISSUER",
+                "is not set (comma-separated allowed issuers)",
+            ));
+        }
+        let jwks = match (
+            non_empty(raw.vault_jwt_jwks_file.clone()),
+            non_empty(raw.vault_jwt_jwks_url.clone()),
+        ) {
+            (Some(f), None) => JwksSource::File(PathBuf::from(f)),
+            (None, Some(u)) => {
+                if !(u.starts_with("https://")
+                    || u.starts_with("http://127.")
+                    || u.starts_with("http://localhost"))
+                {
+                    return Err(problem(
+                        "VAULT_JWT_JWKS_URL",
+                        "must be https:// (plain http only for localhost)",
+                    ));
+                }
+                JwksSource::Url(u)
+            }
+            (None, None) => {
+                return Err(problem(
+                    "VAULT_JWT_JWKS_FILE",
+                    "is not set: set VAULT_JWT_JWKS_FILE or VAULT_JWT_JWKS_URL",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(problem(
+                    "VAULT_JWT_JWKS_FILE",
+                    "set only one of VAULT_JWT_JWKS_FILE, VAULT_JWT_JWKS_URL",
+                ));
+            }
+        };
+        let agent_claim =
+            non_empty(raw.vault_jwt_agent_claim.clone()).unwrap_or_else(|| "agent_id".into());
+        let jwt = JwtSettings {
+            issuers,
+            audience: non_empty(raw.vault_jwt_audience.clone())
+                .unwrap_or_else(|| "credential-vault".into()),
+            jwks,
+            agent_claim,
+            leeway_seconds: parse_u64(
+                "VAULT_JWT_LEEWAY_SECONDS",
+                raw.vault_jwt_leeway_seconds.as_deref(),
+                300,
+                0..=3600,
+            )?,
+            max_ttl_seconds: parse_u64(
+                "VAULT_JWT_MAX_TTL_SECONDS",
+                raw.vault_jwt_max_ttl_seconds.as_deref(),
+                86_400,
+                60..=604_800,
+            )?,
+            jwks_refetch_interval: Duration::from_secs(30),
+        };
+        let secrets_ttl_seconds = parse_u64(
+            "SECRETS_TTL_SECONDS",
+            raw.secrets_ttl_seconds.as_deref(),
+            MAX_SECRETS_TTL_SECONDS,
+            1..=MAX_SECRETS_TTL_SECONDS,
+        )?;
+        let sweep_interval = Duration::from_secs(parse_u64(
+            "VAULT_SWEEP_INTERVAL_SECONDS",
+            raw.vault_sweep_interval_seconds.as_deref(),
+            300,
+            1..=86_400,
+        )?);
+        let sweep_batch = parse_u64(
+            "VAULT_SWEEP_BATCH",
+            raw.vault_sweep_batch.as_deref(),
+            1000,
+            1..=100_000,
+        )? as u32;
+        let shutdown_grace = Duration::from_secs(parse_u64(
+            "VAULT_SHUTDOWN_GRACE_SECONDS",
+            raw.vault_shutdown_grace_seconds.as_deref(),
+            25,
+            0..=3600,
+        )?);
+        let shutdown_delay = Duration::from_secs(parse_u64(
+            "VAULT_SHUTDOWN_DELAY_SECONDS",
+            raw.vault_shutdown_delay_seconds.as_deref(),
+            0,
+            0..=600,
+        )?);
+        let seconds = |name: &'static str,
+                       value: &Option<String>,
+                       default: u64,
+                       range: std::ops::RangeInclusive<u64>| {
+            parse_u64(name, value.as_deref(), default, range).map(Duration::from_secs)
+        };
+        let path = |value: &Option<String>| non_empty(value.clone()).map(PathBuf::from);
+        let providers = crate::oauth::ProviderSettings {
+            file: path(&raw.vault_providers_file),
+            ca_file: path(&raw.vault_provider_ca_file),
+            connect_timeout: seconds(
+                "VAULT_PROVIDER_CONNECT_TIMEOUT_SECONDS",
+                &raw.vault_provider_connect_timeout_seconds,
+                5,
+                1..=60,
+            )?,
+            timeout: seconds(
+                "VAULT_PROVIDER_TIMEOUT_SECONDS",
+                &raw.vault_provider_timeout_seconds,
+                15,
+                1..=120,
+            )?,
+        };
+        let backoff_base = seconds(
+            "VAULT_REFRESH_BACKOFF_BASE_SECONDS",
+            &raw.vault_refresh_backoff_base_seconds,
+            1,
+            1..=3600,
+        )?;
+        let backoff_cap = seconds(
+            "VAULT_REFRESH_BACKOFF_CAP_SECONDS",
+            &raw.vault_refresh_backoff_cap_seconds,
+            300,
+            1..=86_400,
+        )?;
+        let revocation_retry_interval = seconds(
+            "VAULT_REVOCATION_RETRY_INTERVAL_SECONDS",
+            &raw.vault_revocation_retry_interval_seconds,
+            10,
+            1..=3600,
+        )?;
+        let revocation_max_age = seconds(
+            "VAULT_REVOCATION_MAX_AGE_SECONDS",
+            &raw.vault_revocation_max_age_seconds,
+            7 * 86_400,
+            60..=90 * 86_400,
+        )?;
+        let tls = match (
+            path(&raw.vault_tls_cert_file),
+            path(&raw.vault_tls_key_file),
+        ) {
+            (Some(cert_file), Some(key_file)) => Some(TlsSettings {
+                cert_file,
+                key_file,
+                client_ca_file: path(&raw.vault_tls_client_ca_file),
+            }),
+            (None, None)
+                if raw
+                    .vault_tls_client_ca_file
+                    .as_deref()
+                    .is_some_and(|v| !v.is_empty()) =>
+            {
+                return Err(problem(
+                    "VAULT_TLS_CLIENT_CA_FILE",
+                    "needs VAULT_TLS_CERT_FILE and VAULT_TLS_KEY_FILE",
+                ));
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(problem(
+                    "VAULT_TLS_KEY_FILE",
+                    "is needed with VAULT_TLS_CERT_FILE",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(problem(
+                    "VAULT_TLS_CERT_FILE",
+                    "is needed with VAULT_TLS_KEY_FILE",
+                ));
+            }
+        };
+        Ok(Self {
+            listen,
+            database,
+            root_key,
+            jwt,
+            secrets_ttl_seconds,
+            sweep_interval,
+            sweep_batch,
+            shutdown_grace,
+            shutdown_delay,
+            providers,
+            backoff_base,
+            backoff_cap,
+            revocation_retry_interval,
+            revocation_max_age,
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn base() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("VAULT_DATABASE_URL", "postgres://postgres@127.0.0.1/x"),
+            ("VAULT_ROOT_KEY", KEY),
+            (
+                "VAULT_JWT_ISSUER",
+                "https://issuer.example, https://other.example",
+            ),
+            ("VAULT_JWT_JWKS_FILE", "/tmp/jwks.json"),
+        ]
+    }
+
+    fn load(extra: &[(&'static str, &'static str)]) -> Result<Settings, ConfigError> {
+        let mut pairs = base();
+        pairs.extend_from_slice(extra);
+        Settings::load(&Source::from_pairs(pairs))
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_set() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            s.jwt.issuers,
+            vec!["https://issuer.example", "https://other.example"]
+        );
+        assert_eq!(s.jwt.audience, "credential-vault");
+        assert_eq!(s.jwt.agent_claim, "agent_id");
+        assert_eq!(s.jwt.leeway_seconds, 300);
+        assert_eq!(s.jwt.max_ttl_seconds, 86_400);
+        assert_eq!(s.secrets_ttl_seconds, 2_592_000);
+        assert_eq!(s.sweep_interval, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_ttl_over_thirty_days_is_refused_by_name() {
+        let err = load(&[("SECRETS_TTL_SECONDS", "2592001")]).unwrap_err();
+        assert_eq!(err.name, "SECRETS_TTL_SECONDS");
+        let err = load(&[("SECRETS_TTL_SECONDS", "ten")]).unwrap_err();
+        assert_eq!(err.name, "SECRETS_TTL_SECONDS");
+    }
+
+    #[test]
+    fn the_database_url_picks_the_store() {
+        let db = |url: &'static str| {
+            let pairs: Vec<(&str, &str)> = if url.is_empty() {
+                vec![]
+            } else {
+                vec![("VAULT_DATABASE_URL", url)]
+            };
+            DatabaseSettings::load(&Source::from_pairs(pairs)).map(|s| s.database)
+        };
+        assert!(
+            matches!(db(""), Ok(Database::SqliteFile(p)) if p == Path::new("vault-data/vault.db"))
+        );
+        assert!(
+            matches!(db("sqlite:///tmp/v.db"), Ok(Database::SqliteFile(p)) if p == Path::new("/tmp/v.db"))
+        );
+        assert!(matches!(db("sqlite::memory:"), Ok(Database::SqliteMemory)));
+        assert!(matches!(db("postgres://x@y/z"), Ok(Database::Postgres(_))));
+        assert_eq!(db("mysql://x").unwrap_err().name, "VAULT_DATABASE_URL");
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
+        let err = Settings::load(&Source::from_pairs([("VAULT_ROOT_KEY", KEY)])).unwrap_err();
+        assert_eq!(err.name, "VAULT_JWT_ISSUER");
+        let err = load(&[("VAULT_ROOT_PASSPHRASE", "a long enough passphrase")]).unwrap_err();
+        assert_eq!(err.name, "VAULT_ROOT_KEY", "two root key sources");
+        let err = load(&[("VAULT_LISTEN", "nowhere")]).unwrap_err();
+        assert_eq!(err.name, "VAULT_LISTEN");
+    }
+
+    #[test]
+    fn a_short_or_malformed_root_key_is_refused() {
+        let mut pairs = base();
+        pairs[1] = ("VAULT_ROOT_KEY", "AAAA");
+        let err = Settings::load(&Source::from_pairs(pairs)).unwrap_err();
+        assert_eq!(err.name, "VAULT_ROOT_KEY");
+        assert!(err.problem.contains("32 bytes"), "{err}");
+    }
+}

@@ -1,0 +1,209 @@
+//! Root and agent keys: how they are made, wrapped and checked.
+
+use std::fmt;
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use secrecy::{ExposeSecret, SecretBox};
+
+use super::{OpenError, associated_data, open, random_bytes, seal};
+use crate::ids::AgentId;
+
+/// Argon2id cost parameters; stored beside the salt so they can be raised without breaking
+/// existing installations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_cost: u32,
+    /// Iterations.
+    pub t_cost: u32,
+    /// Lanes.
+    pub p_cost: u32,
+}
+
+impl Default for KdfParams {
+    /// RFC 9106's second recommended option (64 MiB, 3 passes, 4 lanes), at one lane because the
+    /// service runs on small machines.
+    fn default() -> Self {
+        Self {
+            m_cost: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+}
+
+/// The 32-byte root key that wraps every agent key. Redacted and zeroized.
+pub struct RootKey(SecretBox<[u8; 32]>);
+
+impl fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RootKey([REDACTED])")
+    }
+}
+
+const KEY_CHECK_LABEL: &str = "root-key-check";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"credential vault root key check";
+
+impl RootKey {
+    /// Takes exactly 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(SecretBox::new(Box::new(bytes)))
+    }
+
+    /// A fresh random key (for `keygen`).
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        random_bytes(&mut bytes);
+        Self::from_bytes(bytes)
+    }
+
+    /// Derives the key from a passphrase with Argon2id.
+    pub fn from_passphrase(
+        passphrase: &[u8],
+        salt: &[u8],
+        params: KdfParams,
+    ) -> Result<Self, argon2::Error> {
+        let params = Params::new(params.m_cost, params.t_cost, params.p_cost, Some(32))?;
+        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let mut out = Box::new([0u8; 32]);
+        argon.hash_password_into(passphrase, salt, out.as_mut())?;
+        Ok(Self(SecretBox::new(out)))
+    }
+
+    /// The raw bytes, for writing a key file.
+    pub fn expose_bytes(&self) -> &[u8; 32] {
+        self.0.expose_secret()
+    }
+
+    /// A key-check value: a seal of a constant that only this key opens. Stored in the control
+    /// schema, it lets startup refuse a wrong root key before it touches any credential.
+    pub fn key_check(&self) -> Vec<u8> {
+        seal(
+            self.0.expose_secret(),
+            &associated_data(KEY_CHECK_LABEL, &[]),
+            KEY_CHECK_PLAINTEXT,
+        )
+    }
+
+    /// Whether `kcv` was made by [`RootKey::key_check`] with this key.
+    pub fn verifies(&self, kcv: &[u8]) -> bool {
+        open(
+            self.0.expose_secret(),
+            &associated_data(KEY_CHECK_LABEL, &[]),
+            kcv,
+        )
+        .is_ok_and(|p| p.as_slice() == KEY_CHECK_PLAINTEXT)
+    }
+
+    /// Wraps an agent key, bound to the agent and the agent key's version.
+    pub fn wrap_agent_key(&self, agent: &AgentId, key: &AgentKey) -> Vec<u8> {
+        seal(
+            self.0.expose_secret(),
+            &agent_key_aad(agent, key.version),
+            key.key.expose_secret(),
+        )
+    }
+
+    /// Opens what [`RootKey::wrap_agent_key`] made for this agent and version.
+    pub fn unwrap_agent_key(
+        &self,
+        agent: &AgentId,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<AgentKey, OpenError> {
+        let bytes = open(
+            self.0.expose_secret(),
+            &agent_key_aad(agent, version),
+            wrapped,
+        )?;
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| OpenError)?;
+        Ok(AgentKey {
+            key: SecretBox::new(Box::new(key)),
+            version,
+        })
+    }
+}
+
+fn agent_key_aad(agent: &AgentId, version: u32) -> Vec<u8> {
+    associated_data(
+        "agent-key",
+        &[agent.as_str().as_bytes(), &version.to_be_bytes()],
+    )
+}
+
+/// One agent's key: wraps the data key of each of that agent's credentials.
+pub struct AgentKey {
+    pub(super) key: SecretBox<[u8; 32]>,
+    /// Bound into every data-key wrap, so rotating the agent key cannot be confused with the old.
+    pub version: u32,
+}
+
+impl fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgentKey(version {}, [REDACTED])", self.version)
+    }
+}
+
+impl AgentKey {
+    /// A fresh random agent key.
+    pub fn generate(version: u32) -> Self {
+        let mut key = Box::new([0u8; 32]);
+        random_bytes(key.as_mut());
+        Self {
+            key: SecretBox::new(key),
+            version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str) -> AgentId {
+        AgentId::parse(id).unwrap()
+    }
+
+    #[test]
+    fn a_key_check_value_verifies_only_its_own_key() {
+        let root = RootKey::generate();
+        let kcv = root.key_check();
+        assert!(root.verifies(&kcv));
+        assert!(!RootKey::generate().verifies(&kcv));
+    }
+
+    #[test]
+    fn an_agent_key_wrapped_for_one_agent_does_not_unwrap_for_another() {
+        let root = RootKey::generate();
+        let key = AgentKey::generate(1);
+        let wrapped = root.wrap_agent_key(&agent("a"), &key);
+        assert!(root.unwrap_agent_key(&agent("a"), 1, &wrapped).is_ok());
+        assert_eq!(
+            root.unwrap_agent_key(&agent("b"), 1, &wrapped).unwrap_err(),
+            OpenError
+        );
+        assert!(root.unwrap_agent_key(&agent("a"), 2, &wrapped).is_err());
+    }
+
+    #[test]
+    fn a_passphrase_derives_the_same_key_from_the_same_salt_only() {
+        let cheap = KdfParams {
+            m_cost: 1024,
+            t_cost: 1,
+            p_cost: 1,
+        };
+        let a = RootKey::from_passphrase(b"correct horse", b"0123456789abcdef", cheap).unwrap();
+        let b = RootKey::from_passphrase(b"correct horse", b"0123456789abcdef", cheap).unwrap();
+        let c = RootKey::from_passphrase(b"correct horse", b"fedcba9876543210", cheap).unwrap();
+        assert_eq!(a.expose_bytes(), b.expose_bytes());
+        assert_ne!(a.expose_bytes(), c.expose_bytes());
+        assert!(a.verifies(&b.key_check()));
+    }
+
+    #[test]
+    fn keys_do_not_show_in_debug_output() {
+        let root = RootKey::from_bytes([0xAB; 32]);
+        assert_eq!(format!("{root:?}"), "RootKey([REDACTED])");
+        assert!(!format!("{:?}", AgentKey::generate(3)).contains("171"));
+    }
+}

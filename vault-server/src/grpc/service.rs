@@ -1,0 +1,272 @@
+//! `vault.v1.CredentialVault`: validates each request at the edge, calls the use case with the
+//! caller from the auth layer, and maps the answer back.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use tonic::{Request, Response, Status};
+
+use super::proto::credential_vault_server::CredentialVault;
+use super::proto::{
+    AccessToken, GetTokenRequest, GetTokenResponse, OAuthToken, RefreshRequest, RefreshResponse,
+    RevokeRequest, RevokeResponse, StoreTokenRequest, StoreTokenResponse, SweepRequest,
+    SweepResponse,
+};
+use super::status::{invalid_argument, log_failure};
+use crate::auth::Caller;
+use crate::ids::{AgentId, Generation, Tool, UserId};
+use crate::secret::TokenSet;
+use crate::vault::{IssuedToken, RevokeTarget, Vault, VaultError};
+
+/// Largest access or refresh token accepted.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Most scopes, and longest scope, accepted.
+const MAX_SCOPES: usize = 256;
+const MAX_SCOPE_BYTES: usize = 512;
+/// Largest Sweep batch a call may ask for.
+const MAX_SWEEP_LIMIT: u32 = 100_000;
+
+/// The gRPC face of [`Vault`].
+#[derive(Debug, Clone)]
+pub struct CredentialVaultService {
+    vault: Arc<Vault>,
+    sweep_batch: u32,
+}
+
+impl CredentialVaultService {
+    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`.
+    pub fn new(vault: Arc<Vault>, sweep_batch: u32) -> Self {
+        Self { vault, sweep_batch }
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    // Set by the auth layer; absent only if the service were mounted without it.
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no verified caller"))
+}
+
+fn tool(field: &'static str, value: String) -> Result<Tool, Status> {
+    Tool::parse(value).map_err(|err| invalid_argument(field, err.0))
+}
+
+fn timestamp(seconds: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds, nanos: 0 }
+}
+
+fn access_token(issued: IssuedToken) -> AccessToken {
+    AccessToken {
+        access_token: issued.access_token.expose_secret().to_owned(),
+        token_type: issued.token_type,
+        expires_at: issued.expires_at.map(timestamp),
+        scopes: issued.scopes,
+        generation: issued.generation.get(),
+    }
+}
+
+/// Validates the incoming token set and moves its secrets into zeroizing types.
+fn token_set(token: Option<OAuthToken>) -> Result<TokenSet, Status> {
+    let token = token.ok_or_else(|| invalid_argument("token", "is required"))?;
+    if token.access_token.is_empty() {
+        return Err(invalid_argument("token.access_token", "must not be empty"));
+    }
+    if token.access_token.len() > MAX_TOKEN_BYTES {
+        return Err(invalid_argument(
+            "token.access_token",
+            "must be at most 16 KiB",
+        ));
+    }
+    if token.refresh_token.len() > MAX_TOKEN_BYTES {
+        return Err(invalid_argument(
+            "token.refresh_token",
+            "must be at most 16 KiB",
+        ));
+    }
+    let token_type = if token.token_type.is_empty() {
+        "Bearer".to_string()
+    } else {
+        token.token_type
+    };
+    if token_type.len() > 64 || !token_type.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid_argument(
+            "token.token_type",
+            "must be at most 64 printable ASCII characters",
+        ));
+    }
+    if token.scopes.len() > MAX_SCOPES {
+        return Err(invalid_argument("token.scopes", "at most 256 scopes"));
+    }
+    if token
+        .scopes
+        .iter()
+        .any(|s| s.is_empty() || s.len() > MAX_SCOPE_BYTES || s.chars().any(char::is_whitespace))
+    {
+        return Err(invalid_argument(
+            "token.scopes",
+            "each scope must be 1..512 bytes without spaces",
+        ));
+    }
+    let expires_at = match token.expires_at {
+        None => None,
+        Some(ts) => {
+            // Years 1970..=9999: anything else is not an expiry a provider issues.
+            if !(0..=253_402_300_799).contains(&ts.seconds)
+                || !(0..1_000_000_000).contains(&ts.nanos)
+            {
+                return Err(invalid_argument(
+                    "token.expires_at",
+                    "must be a valid timestamp after 1970",
+                ));
+            }
+            Some(ts.seconds)
+        }
+    };
+    Ok(TokenSet {
+        access_token: SecretString::from(token.access_token),
+        refresh_token: (!token.refresh_token.is_empty())
+            .then(|| SecretString::from(token.refresh_token)),
+        token_type,
+        expires_at,
+        scopes: token.scopes,
+    })
+}
+
+fn non_negative(field: &'static str, value: i64) -> Result<u64, Status> {
+    u64::try_from(value).map_err(|_| invalid_argument(field, "must not be negative"))
+}
+
+fn answer<T>(rpc: &'static str, result: Result<T, VaultError>) -> Result<T, Status> {
+    result.map_err(|err| {
+        log_failure(rpc, &err);
+        Status::from(err)
+    })
+}
+
+#[tonic::async_trait]
+impl CredentialVault for CredentialVaultService {
+    async fn store_token(
+        &self,
+        request: Request<StoreTokenRequest>,
+    ) -> Result<Response<StoreTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let tool = tool("tool", body.tool)?;
+        let ttl = match non_negative("ttl_seconds", body.ttl_seconds)? {
+            0 => None,
+            ttl => Some(ttl),
+        };
+        let tokens = token_set(body.token)?;
+        let stored = answer(
+            "StoreToken",
+            self.vault.store_token(&caller, &tool, tokens, ttl).await,
+        )?;
+        Ok(Response::new(StoreTokenResponse {
+            generation: stored.generation.get(),
+            ttl_expires_at: Some(prost_types::Timestamp {
+                seconds: stored.ttl_expires_at.timestamp(),
+                nanos: stored.ttl_expires_at.timestamp_subsec_nanos() as i32,
+            }),
+        }))
+    }
+
+    async fn get_token(
+        &self,
+        request: Request<GetTokenRequest>,
+    ) -> Result<Response<GetTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let tool = tool("tool", body.tool)?;
+        let min_valid = non_negative("min_valid_seconds", body.min_valid_seconds)?;
+        let issued = answer(
+            "GetToken",
+            self.vault.get_token(&caller, &tool, min_valid).await,
+        )?;
+        let refreshed = issued.refreshed;
+        Ok(Response::new(GetTokenResponse {
+            token: Some(access_token(issued)),
+            refreshed,
+        }))
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<RefreshRequest>,
+    ) -> Result<Response<RefreshResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let tool = tool("tool", body.tool)?;
+        let issued = answer(
+            "Refresh",
+            self.vault
+                .refresh(&caller, &tool, Generation::new(body.if_generation))
+                .await,
+        )?;
+        let refreshed = issued.refreshed;
+        Ok(Response::new(RefreshResponse {
+            token: Some(access_token(issued)),
+            refreshed,
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let target = RevokeTarget {
+            tool: if body.tool.is_empty() {
+                None
+            } else {
+                Some(tool("tool", body.tool)?)
+            },
+            user: if body.user_id.is_empty() {
+                None
+            } else {
+                Some(
+                    UserId::parse(body.user_id)
+                        .map_err(|err| invalid_argument("user_id", err.0))?,
+                )
+            },
+            agent: if body.agent_id.is_empty() {
+                None
+            } else {
+                Some(
+                    AgentId::parse(body.agent_id)
+                        .map_err(|err| invalid_argument("agent_id", err.0))?,
+                )
+            },
+        };
+        let revoked = answer(
+            "Revoke",
+            self.vault.revoke(&caller, target, body.at_provider).await,
+        )?;
+        Ok(Response::new(RevokeResponse {
+            revoked: revoked.revoked,
+            provider_revoked: revoked.provider_revoked,
+        }))
+    }
+
+    async fn sweep(
+        &self,
+        request: Request<SweepRequest>,
+    ) -> Result<Response<SweepResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let limit = match body.limit {
+            0 => self.sweep_batch,
+            n => n.min(MAX_SWEEP_LIMIT),
+        };
+        let outcome = answer(
+            "Sweep",
+            self.vault.sweep(&caller, limit, body.dry_run).await,
+        )?;
+        Ok(Response::new(SweepResponse {
+            swept: outcome.swept,
+            more: outcome.more,
+        }))
+    }
+}

@@ -1,0 +1,99 @@
+//! One exhaustive mapping from use-case errors to gRPC status codes with a machine-readable
+//! `google.rpc.ErrorInfo` reason, and logging by status class.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::ERROR_DOMAIN;
+use crate::auth::AuthError;
+use crate::vault::VaultError;
+
+fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+    )
+}
+
+/// INVALID_ARGUMENT naming the field, with a `BadRequest` field violation.
+pub fn invalid_argument(field: &str, problem: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        "INVALID_ARGUMENT",
+        ERROR_DOMAIN,
+        HashMap::from([("field".to_string(), field.to_string())]),
+    );
+    details.add_bad_request_violation(field, problem);
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {problem}"),
+        details,
+    )
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Missing | AuthError::Malformed(_) | AuthError::Refused(_) => {
+                with_reason(Code::Unauthenticated, "UNAUTHENTICATED", err.to_string())
+            }
+            AuthError::KeysUnavailable => with_reason(
+                Code::Unavailable,
+                "ISSUER_KEYS_UNAVAILABLE",
+                "the issuer's keys could not be loaded to check this token; retry later",
+            ),
+        }
+    }
+}
+
+impl From<VaultError> for Status {
+    fn from(err: VaultError) -> Self {
+        // Exhaustive on purpose: a new variant must decide its status here.
+        match err {
+            VaultError::NotFound => with_reason(
+                Code::NotFound,
+                "CREDENTIAL_NOT_FOUND",
+                "no credential is stored for this tool; start a consent flow",
+            ),
+            VaultError::ReauthRequired(message) => {
+                with_reason(Code::FailedPrecondition, "REAUTH_REQUIRED", message)
+            }
+            VaultError::ProviderUnavailable(message) => {
+                with_reason(Code::Unavailable, "PROVIDER_UNAVAILABLE", message)
+            }
+            VaultError::PermissionDenied(message) => {
+                with_reason(Code::PermissionDenied, "PERMISSION_DENIED", message)
+            }
+            VaultError::InvalidArgument { field, problem } => invalid_argument(field, &problem),
+            VaultError::Unavailable(_) => with_reason(
+                Code::Unavailable,
+                "STORE_UNAVAILABLE",
+                "storage is temporarily unavailable; retry",
+            ),
+            VaultError::Unexpected(_) => with_reason(Code::Internal, "INTERNAL", "internal error"),
+        }
+    }
+}
+
+/// Logs a failed call by class: what the caller can fix at `info`, server trouble at `error`
+/// with its cause chain. Never logs request contents.
+pub fn log_failure(rpc: &'static str, err: &VaultError) {
+    match err {
+        VaultError::NotFound
+        | VaultError::ReauthRequired(_)
+        | VaultError::PermissionDenied(_)
+        | VaultError::InvalidArgument { .. } => {
+            tracing::info!(rpc, error = %err, "call refused");
+        }
+        VaultError::ProviderUnavailable(_) => {
+            tracing::warn!(rpc, error = %err, "provider unavailable")
+        }
+        VaultError::Unavailable(source) => {
+            tracing::error!(rpc, error = %crate::telemetry::error_chain(source), "storage unavailable");
+        }
+        VaultError::Unexpected(source) => tracing::error!(rpc, error = ?source, "call failed"),
+    }
+}

@@ -1,0 +1,20 @@
+//! The credential vault: stores each (agent, user, tool) OAuth2 token set under envelope
+//! encryption in a PostgreSQL schema per agent, and hands a valid access token only to a caller
+//! whose JWT proves it is that agent acting for that user.
+//!
+//! Layers, top to bottom: [`grpc`] (tonic edge) → [`vault`] (use cases) → [`store`], [`crypto`],
+//! [`auth`]. [`startup`] wires them; [`config`] reads settings.
+
+pub mod auth;
+pub mod config;
+pub mod crypto;
+pub mod dev;
+pub mod grpc;
+pub mod ids;
+pub mod oauth;
+pub mod secret;
+pub mod startup;
+pub mod store;
+pub mod sweeper;
+pub mod telemetry;
+pub mod vault;

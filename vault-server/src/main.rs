@@ -1,0 +1,197 @@
+//! `vault-server`: the command line. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vault_server::config::{DatabaseSettings, Settings, Source};
+use vault_server::startup::Application;
+
+/// Credential vault for AI agents: delegated OAuth2 credentials over gRPC.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC (the default). Settings come from VAULT_* variables and VAULT_CONFIG.
+    Serve,
+    /// Apply database migrations, upgrading every agent schema, then exit.
+    Migrate,
+    /// Delete credentials past their vault TTL once, then exit.
+    Sweep {
+        /// Most credentials to delete.
+        #[arg(long, default_value_t = 10_000)]
+        limit: u32,
+        /// Count only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Development mode: embedded store and generated keys in VAULT_DATA_DIR (./vault-data);
+    /// prints a caller token and ready-to-paste commands. Never for real credentials.
+    Dev,
+    /// Mint a development caller token with the key `dev` generated (refuses without one).
+    Token {
+        /// The agent claim.
+        #[arg(long, default_value = "demo-agent")]
+        agent: String,
+        /// The user (`sub`).
+        #[arg(long, default_value = "demo-user")]
+        user: String,
+        /// Add the vault:admin scope.
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
+    Keygen {
+        /// Where to write it; refuses to overwrite.
+        #[arg(long, default_value = "vault-root.key")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    vault_server::telemetry::init(
+        std::io::stderr,
+        vault_server::telemetry::DEFAULT_FILTER,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let settings = Settings::load(&Source::from_env()?)?;
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let store =
+                vault_server::store::open(&DatabaseSettings::load(&Source::from_env()?)?).await?;
+            store.migrate().await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Sweep { limit, dry_run } => {
+            let store =
+                vault_server::store::open(&DatabaseSettings::load(&Source::from_env()?)?).await?;
+            store.migrate().await?;
+            let outcome = store.sweep(limit, dry_run).await?;
+            let verb = if dry_run { "would sweep" } else { "swept" };
+            println!(
+                "{verb} {} credential(s){}",
+                outcome.swept,
+                if outcome.more { "; more remain" } else { "" }
+            );
+            Ok(())
+        }
+        Command::Dev => dev().await,
+        Command::Token {
+            agent,
+            user,
+            admin,
+            ttl,
+        } => {
+            let source = Source::from_env()?;
+            let dir = vault_server::config::data_dir(&source)?;
+            if !(60..=86_400).contains(&ttl) {
+                anyhow::bail!("--ttl must be between 60 and 86400 seconds");
+            }
+            println!(
+                "{}",
+                vault_server::dev::mint(&dir, &agent, &user, admin, ttl, "credential-vault")?
+            );
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            vault_server::dev::write_root_key(&out)?;
+            println!("wrote a new root key to {}", out.display());
+            println!(
+                "use it with VAULT_ROOT_KEY_FILE={}; losing it loses every credential",
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn dev() -> anyhow::Result<()> {
+    let source = Source::from_env()?;
+    let dir = vault_server::config::data_dir(&source)?;
+    let files = vault_server::dev::DevFiles::ensure(&dir)?;
+    let root_key = files.root_key.display().to_string();
+    let jwks = files.jwks.display().to_string();
+    // The generated keys replace any configured ones: dev must never mix with real keys.
+    let source = source.with_overrides([
+        ("VAULT_ROOT_KEY", ""),
+        ("VAULT_ROOT_PASSPHRASE", ""),
+        ("VAULT_ROOT_KEY_FILE", root_key.as_str()),
+        ("VAULT_JWT_ISSUER", vault_server::dev::DEV_ISSUER),
+        ("VAULT_JWT_JWKS_URL", ""),
+        ("VAULT_JWT_JWKS_FILE", jwks.as_str()),
+    ]);
+    let settings = Settings::load(&source)?;
+    let store = match &settings.database.database {
+        vault_server::config::Database::Postgres(_) => {
+            "PostgreSQL (VAULT_DATABASE_URL)".to_string()
+        }
+        vault_server::config::Database::SqliteFile(path) => path.display().to_string(),
+        vault_server::config::Database::SqliteMemory => "in memory".to_string(),
+    };
+    let audience = settings.jwt.audience.clone();
+    let app = Application::build(settings).await?;
+    let token = vault_server::dev::mint(&dir, "demo-agent", "demo-user", false, 3600, &audience)?;
+    println!(
+        "{}",
+        vault_server::dev::banner(app.local_addr(), &files, &store, &token)
+    );
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,823 @@
+//! The PostgreSQL store: control schema `vault` plus one schema per agent.
+//!
+//! Schema names come only from [`namespace_for`] (a hash of the agent id) and are re-checked by
+//! [`quoted`] before they are spliced into SQL; every value is a bind parameter.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor as _, Row};
+
+use super::{
+    AgentRecord, CredentialState, NewCredential, OutboxEntry, RefreshLease, RootKeyRecord, Store,
+    StoreError, StoredCredential, SweepOutcome, Upserted, generation_of, key_version_of,
+};
+use crate::config::DatabaseSettings;
+use crate::crypto::{KdfParams, SealedCredential};
+use crate::ids::{AgentId, Generation, Tool, UserId};
+
+static CONTROL_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/control");
+
+/// The per-agent schema template, in order; `{schema}` is the quoted schema name.
+const AGENT_MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/agent/0001_credentials.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/agent/0002_refresh_and_revocation.sql"),
+    ),
+];
+
+fn latest_agent_version() -> i32 {
+    AGENT_MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+/// Serialises migrations across replicas (an arbitrary constant: "vault" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0076_6175_6c74;
+
+/// The schema of an agent: `agent_` and 40 hex digits of SHA-256 of the id. Fits PostgreSQL's
+/// 63-byte identifier limit, and no agent id can inject anything through it.
+pub fn namespace_for(agent: &AgentId) -> String {
+    let digest = Sha256::digest(agent.as_str().as_bytes());
+    format!("agent_{}", &hex::encode(digest)[..40])
+}
+
+/// The schema name quoted for SQL, after checking it is one [`namespace_for`] could have made.
+fn quoted(namespace: &str) -> Result<String, StoreError> {
+    let ok = namespace.len() == 46
+        && namespace.starts_with("agent_")
+        && namespace[6..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !ok {
+        return Err(StoreError::Corrupt(format!(
+            "schema name {namespace:?} is not a vault agent schema"
+        )));
+    }
+    Ok(format!("\"{namespace}\""))
+}
+
+/// A transaction-scoped advisory lock key for one agent.
+fn agent_lock_key(agent: &AgentId) -> i64 {
+    let digest = Sha256::digest(agent.as_str().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+fn e(err: sqlx::Error) -> StoreError {
+    StoreError::from_sqlx(err)
+}
+
+/// The columns [`outbox_entry`] reads, in order.
+const OUTBOX_COLUMNS: &str = "id, user_id, tool, generation, key_version, wrapped_data_key, ciphertext, attempts, created_at";
+
+fn outbox_entry(row: &sqlx::postgres::PgRow) -> Result<OutboxEntry, StoreError> {
+    let user: String = row.try_get("user_id").map_err(e)?;
+    let tool: String = row.try_get("tool").map_err(e)?;
+    Ok(OutboxEntry {
+        id: row.try_get("id").map_err(e)?,
+        user: UserId::parse(user)
+            .map_err(|err| StoreError::Corrupt(format!("outbox user: {err}")))?,
+        tool: Tool::parse(tool)
+            .map_err(|err| StoreError::Corrupt(format!("outbox tool: {err}")))?,
+        generation: generation_of(row.try_get("generation").map_err(e)?)?,
+        sealed: SealedCredential {
+            wrapped_data_key: row.try_get("wrapped_data_key").map_err(e)?,
+            ciphertext: row.try_get("ciphertext").map_err(e)?,
+            key_version: key_version_of(i64::from(
+                row.try_get::<i32, _>("key_version").map_err(e)?,
+            ))?,
+        },
+        attempts: row.try_get("attempts").map_err(e)?,
+        created_at: row.try_get("created_at").map_err(e)?,
+    })
+}
+
+/// PostgreSQL-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects a pool. Nothing is created until [`Store::migrate`].
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let crate::config::Database::Postgres(url) = &settings.database else {
+            return Err(StoreError::Corrupt(
+                "not a PostgreSQL database setting".into(),
+            ));
+        };
+        let options: PgConnectOptions =
+            url.expose_secret().parse().map_err(StoreError::Database)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(1.min(settings.max_connections))
+            .acquire_timeout(Duration::from_secs(5))
+            // A ping per acquire doubles the round trips of a point read; a dead connection
+            // surfaces as a query error instead, and the pool replaces it.
+            .test_before_acquire(false)
+            .connect_with(options.application_name("vault-server"))
+            .await
+            .map_err(e)?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Boxed with an explicit `Send` bound: as a plain `async fn` borrowing a connection, the
+    /// compiler cannot prove the callers' futures `Send` (a known higher-ranked lifetime limit).
+    fn apply_agent_migrations<'a>(
+        conn: &'a mut sqlx::PgConnection,
+        namespace: &'a str,
+        from_version: i32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i32, StoreError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let schema = quoted(namespace)?;
+            let mut version = from_version;
+            for (v, template) in AGENT_MIGRATIONS {
+                if *v > version {
+                    let sql = template.replace("{schema}", &schema);
+                    conn.execute(sqlx::raw_sql(&sql)).await.map_err(e)?;
+                    version = *v;
+                }
+            }
+            Ok(version)
+        })
+    }
+
+    fn agent_from_row(row: &sqlx::postgres::PgRow) -> Result<AgentRecord, StoreError> {
+        let id: String = row.try_get("agent_id").map_err(e)?;
+        let key_version: i32 = row.try_get("key_version").map_err(e)?;
+        Ok(AgentRecord {
+            agent: AgentId::parse(id)
+                .map_err(|err| StoreError::Corrupt(format!("agent id in registry: {err}")))?,
+            namespace: row.try_get("schema_name").map_err(e)?,
+            wrapped_key: row.try_get("wrapped_key").map_err(e)?,
+            key_version: u32::try_from(key_version)
+                .map_err(|_| StoreError::Corrupt("negative key version".into()))?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // A dedicated connection, closed afterwards, so the session-level lock can never leak
+        // back into the pool if a step fails.
+        let mut conn = self.pool.acquire().await.map_err(e)?.detach();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut conn)
+            .await
+            .map_err(e)?;
+        conn.execute(sqlx::raw_sql(
+            "CREATE SCHEMA IF NOT EXISTS vault; SET search_path TO vault",
+        ))
+        .await
+        .map_err(e)?;
+        CONTROL_MIGRATIONS.run_direct(&mut conn).await?;
+        conn.execute(sqlx::raw_sql("RESET search_path"))
+            .await
+            .map_err(e)?;
+
+        let stale = sqlx::query(
+            "SELECT agent_id, schema_name, schema_version FROM vault.agents WHERE schema_version < $1",
+        )
+        .bind(latest_agent_version())
+        .fetch_all(&mut conn)
+        .await
+        .map_err(e)?;
+        for row in stale {
+            let agent: String = row.try_get("agent_id").map_err(e)?;
+            let namespace: String = row.try_get("schema_name").map_err(e)?;
+            let from: i32 = row.try_get("schema_version").map_err(e)?;
+            let mut tx = conn.begin().await.map_err(e)?;
+            let to = Self::apply_agent_migrations(&mut tx, &namespace, from).await?;
+            sqlx::query("UPDATE vault.agents SET schema_version = $2 WHERE agent_id = $1")
+                .bind(&agent)
+                .bind(to)
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+            tx.commit().await.map_err(e)?;
+            tracing::info!(schema = %namespace, from, to, "upgraded agent schema");
+        }
+        conn.close().await.map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost FROM vault.root_key WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(e)?;
+        let Some(row) = row else { return Ok(None) };
+        let salt: Option<Vec<u8>> = row.try_get("kdf_salt").map_err(e)?;
+        let kdf = match salt {
+            None => None,
+            Some(salt) => {
+                let cost = |name: &str| -> Result<u32, StoreError> {
+                    let v: Option<i32> = row.try_get(name).map_err(e)?;
+                    v.and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| StoreError::Corrupt(format!("root_key.{name} missing")))
+                };
+                Some((
+                    salt,
+                    KdfParams {
+                        m_cost: cost("kdf_m_cost")?,
+                        t_cost: cost("kdf_t_cost")?,
+                        p_cost: cost("kdf_p_cost")?,
+                    },
+                ))
+            }
+        };
+        Ok(Some(RootKeyRecord {
+            key_check: row.try_get("key_check").map_err(e)?,
+            kdf,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError> {
+        let (salt, params) = match &record.kdf {
+            Some((salt, p)) => (Some(salt.clone()), Some(*p)),
+            None => (None, None),
+        };
+        sqlx::query(
+            "INSERT INTO vault.root_key (id, key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost)
+             VALUES (1, $1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&record.key_check)
+        .bind(salt)
+        .bind(params.map(|p| p.m_cost as i32))
+        .bind(params.map(|p| p.t_cost as i32))
+        .bind(params.map(|p| p.p_cost as i32))
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        self.root_key()
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents WHERE agent_id = $1",
+        )
+        .bind(agent.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(e)?;
+        row.as_ref().map(Self::agent_from_row).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn create_agent(
+        &self,
+        agent: &AgentId,
+        wrapped_key: &[u8],
+        key_version: u32,
+    ) -> Result<AgentRecord, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // Two replicas creating the same agent at once queue here; the second finds the row.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(agent_lock_key(agent))
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        let existing = sqlx::query(
+            "SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents WHERE agent_id = $1",
+        )
+        .bind(agent.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if let Some(row) = existing {
+            tx.commit().await.map_err(e)?;
+            return Self::agent_from_row(&row);
+        }
+        let namespace = namespace_for(agent);
+        let create = format!("CREATE SCHEMA {}", quoted(&namespace)?);
+        tx.execute(sqlx::raw_sql(&create)).await.map_err(e)?;
+        let version = Self::apply_agent_migrations(&mut tx, &namespace, 0).await?;
+        let row = sqlx::query(
+            "INSERT INTO vault.agents (agent_id, schema_name, wrapped_key, key_version, schema_version)
+             VALUES ($1, $2, $3, $4, $5)
+             RETURNING agent_id, schema_name, wrapped_key, key_version",
+        )
+        .bind(agent.as_str())
+        .bind(&namespace)
+        .bind(wrapped_key)
+        .bind(key_version as i32)
+        .bind(version)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        tracing::info!(schema = %namespace, "created agent schema");
+        Self::agent_from_row(&row)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError> {
+        let sql = format!(
+            "SELECT nextval('{}.generation_seq')",
+            quoted(&agent.namespace)?
+        );
+        let value: i64 = sqlx::query_scalar(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)?;
+        u64::try_from(value)
+            .ok()
+            .and_then(Generation::new)
+            .ok_or_else(|| StoreError::Corrupt(format!("generation sequence returned {value}")))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn upsert(
+        &self,
+        agent: &AgentRecord,
+        new: NewCredential<'_>,
+    ) -> Result<Upserted, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        // The WHERE on the conflict arm is the fence: a slower writer holding an older
+        // generation can never overwrite a newer one. A new token set is a new grant, so it
+        // starts with no re-auth mark, no lease and no backoff.
+        let sql = format!(
+            "INSERT INTO {schema}.credentials AS c
+                 (user_id, tool, generation, state, key_version, wrapped_data_key, ciphertext,
+                  access_expires_at, ttl_expires_at)
+             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, now() + make_interval(secs => $8))
+             ON CONFLICT (user_id, tool) DO UPDATE SET
+                 generation = EXCLUDED.generation, state = 0, key_version = EXCLUDED.key_version,
+                 wrapped_data_key = EXCLUDED.wrapped_data_key, ciphertext = EXCLUDED.ciphertext,
+                 access_expires_at = EXCLUDED.access_expires_at,
+                 ttl_expires_at = EXCLUDED.ttl_expires_at,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL,
+                 refresh_failures = 0, refresh_not_before = NULL, updated_at = now()
+             WHERE c.generation < EXCLUDED.generation
+             RETURNING ttl_expires_at"
+        );
+        let row: Option<DateTime<Utc>> = sqlx::query_scalar(&sql)
+            .bind(new.user.as_str())
+            .bind(new.tool.as_str())
+            .bind(new.generation.get() as i64)
+            .bind(new.sealed.key_version as i32)
+            .bind(&new.sealed.wrapped_data_key)
+            .bind(&new.sealed.ciphertext)
+            .bind(new.access_expires_at)
+            .bind(new.ttl_seconds as f64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(match row {
+            Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
+            None => Upserted::Superseded,
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn load(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: &Tool,
+    ) -> Result<Option<StoredCredential>, StoreError> {
+        let sql = format!(
+            "SELECT generation, state, key_version, wrapped_data_key, ciphertext
+             FROM {}.credentials
+             WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()",
+            quoted(&agent.namespace)?
+        );
+        let row = sqlx::query(&sql)
+            .bind(user.as_str())
+            .bind(tool.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(e)?;
+        let Some(row) = row else { return Ok(None) };
+        let generation: i64 = row.try_get(0).map_err(e)?;
+        let state: i16 = row.try_get(1).map_err(e)?;
+        let key_version: i32 = row.try_get(2).map_err(e)?;
+        Ok(Some(StoredCredential {
+            generation: generation_of(generation)?,
+            state: match state {
+                0 => CredentialState::Active,
+                1 => CredentialState::ReauthRequired,
+                other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
+            },
+            sealed: SealedCredential {
+                wrapped_data_key: row.try_get(3).map_err(e)?,
+                ciphertext: row.try_get(4).map_err(e)?,
+                key_version: key_version_of(i64::from(key_version))?,
+            },
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn delete(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: Option<&Tool>,
+    ) -> Result<u64, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        let result = match tool {
+            Some(tool) => {
+                sqlx::query(&format!(
+                    "DELETE FROM {schema}.credentials WHERE user_id = $1 AND tool = $2"
+                ))
+                .bind(user.as_str())
+                .bind(tool.as_str())
+                .execute(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(&format!(
+                    "DELETE FROM {schema}.credentials WHERE user_id = $1"
+                ))
+                .bind(user.as_str())
+                .execute(&self.pool)
+                .await
+            }
+        }
+        .map_err(e)?;
+        Ok(result.rows_affected())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn sweep(&self, limit: u32, dry_run: bool) -> Result<SweepOutcome, StoreError> {
+        let namespaces: Vec<String> =
+            sqlx::query_scalar("SELECT schema_name FROM vault.agents ORDER BY schema_name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(e)?;
+        let mut swept: u64 = 0;
+        for namespace in namespaces {
+            let remaining = u64::from(limit) - swept;
+            if remaining == 0 {
+                break;
+            }
+            let schema = quoted(&namespace)?;
+            let n: i64 = if dry_run {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {schema}.credentials
+                     WHERE ttl_expires_at <= now() LIMIT $1) AS expired"
+                ))
+                .bind(remaining as i64)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?
+            } else {
+                // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work
+                // instead of queueing; DELETE's own row count is what is reported, so a row is
+                // counted by exactly the sweeper that removed it.
+                sqlx::query(&format!(
+                    "DELETE FROM {schema}.credentials WHERE (user_id, tool) IN (
+                         SELECT user_id, tool FROM {schema}.credentials
+                         WHERE ttl_expires_at <= now()
+                         ORDER BY ttl_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                     AND ttl_expires_at <= now()"
+                ))
+                .bind(remaining as i64)
+                .execute(&self.pool)
+                .await
+                .map_err(e)?
+                .rows_affected() as i64
+            };
+            swept += n as u64;
+        }
+        Ok(SweepOutcome {
+            swept,
+            more: swept >= u64::from(limit),
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn try_refresh_lease(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: &Tool,
+        generation: Generation,
+        owner: uuid::Uuid,
+        ttl: Duration,
+    ) -> Result<RefreshLease, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        // The lease is the cross-replica half of "one provider call per stale credential": it
+        // is taken only on the generation the caller saw, only when free or expired (a crashed
+        // holder blocks others for at most `ttl`), and never during a backoff window.
+        let taken = sqlx::query(&format!(
+            "UPDATE {schema}.credentials
+             SET refresh_lease_owner = $4, refresh_lease_until = now() + make_interval(secs => $5)
+             WHERE user_id = $1 AND tool = $2 AND generation = $3 AND state = 0
+               AND ttl_expires_at > now()
+               AND (refresh_lease_until IS NULL OR refresh_lease_until <= now() OR refresh_lease_owner = $4)
+               AND (refresh_not_before IS NULL OR refresh_not_before <= now())"
+        ))
+        .bind(user.as_str())
+        .bind(tool.as_str())
+        .bind(generation.get() as i64)
+        .bind(owner)
+        .bind(ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(e)?
+        .rows_affected();
+        if taken == 1 {
+            return Ok(RefreshLease::Acquired);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT generation, state, refresh_lease_until > now() AS held,
+                    CASE WHEN refresh_not_before > now() THEN refresh_not_before END AS not_before
+             FROM {schema}.credentials
+             WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()"
+        ))
+        .bind(user.as_str())
+        .bind(tool.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(e)?;
+        let Some(row) = row else {
+            return Ok(RefreshLease::Changed);
+        };
+        let stored: i64 = row.try_get("generation").map_err(e)?;
+        let state: i16 = row.try_get("state").map_err(e)?;
+        if stored != generation.get() as i64 || state != 0 {
+            return Ok(RefreshLease::Changed);
+        }
+        if let Some(until) = row
+            .try_get::<Option<DateTime<Utc>>, _>("not_before")
+            .map_err(e)?
+        {
+            return Ok(RefreshLease::BackingOff { until });
+        }
+        if row.try_get::<Option<bool>, _>("held").map_err(e)? == Some(true) {
+            return Ok(RefreshLease::Held);
+        }
+        Ok(RefreshLease::Changed)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn complete_refresh(
+        &self,
+        agent: &AgentRecord,
+        old: Generation,
+        new: NewCredential<'_>,
+    ) -> Result<bool, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        // Compare-and-swap on the generation read before the provider call: if a StoreToken
+        // (or anything else) wrote meanwhile, its newer value stands and this write is dropped.
+        let written = sqlx::query(&format!(
+            "UPDATE {schema}.credentials
+             SET generation = $4, key_version = $5, wrapped_data_key = $6, ciphertext = $7,
+                 access_expires_at = $8, refresh_lease_owner = NULL, refresh_lease_until = NULL,
+                 refresh_failures = 0, refresh_not_before = NULL, updated_at = now()
+             WHERE user_id = $1 AND tool = $2 AND generation = $3"
+        ))
+        .bind(new.user.as_str())
+        .bind(new.tool.as_str())
+        .bind(old.get() as i64)
+        .bind(new.generation.get() as i64)
+        .bind(new.sealed.key_version as i32)
+        .bind(&new.sealed.wrapped_data_key)
+        .bind(&new.sealed.ciphertext)
+        .bind(new.access_expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?
+        .rows_affected();
+        Ok(written == 1)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn mark_reauth_required(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: &Tool,
+        generation: Generation,
+    ) -> Result<(), StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        sqlx::query(&format!(
+            "UPDATE {schema}.credentials
+             SET state = 1, refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = now()
+             WHERE user_id = $1 AND tool = $2 AND generation = $3"
+        ))
+        .bind(user.as_str())
+        .bind(tool.as_str())
+        .bind(generation.get() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn record_refresh_failure(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: &Tool,
+        generation: Generation,
+        retry_after: Option<Duration>,
+        base: Duration,
+        cap: Duration,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        // Retry-After is honoured up to an hour; the exponential part is capped at `cap`.
+        let until: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
+            "UPDATE {schema}.credentials
+             SET refresh_failures = refresh_failures + 1,
+                 refresh_not_before = now() + make_interval(secs => GREATEST(
+                     LEAST($4::float8, 3600.0),
+                     LEAST($6::float8, $5::float8 * power(2.0, LEAST(refresh_failures, 30))))),
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL
+             WHERE user_id = $1 AND tool = $2 AND generation = $3
+             RETURNING refresh_not_before"
+        ))
+        .bind(user.as_str())
+        .bind(tool.as_str())
+        .bind(generation.get() as i64)
+        .bind(retry_after.map_or(0.0, |d| d.as_secs_f64()))
+        .bind(base.as_secs_f64())
+        .bind(cap.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(until)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn delete_into_outbox(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: Option<&Tool>,
+        owner: uuid::Uuid,
+        lease: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        // One statement: the deletion and the queued revocation commit together or not at all.
+        let sql = format!(
+            "WITH gone AS (
+                 DELETE FROM {schema}.credentials
+                 WHERE user_id = $1 AND ($2::text IS NULL OR tool = $2)
+                 RETURNING user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+             INSERT INTO {schema}.revocation_outbox
+                 (user_id, tool, generation, key_version, wrapped_data_key, ciphertext, lease_owner, lease_until)
+             SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext, $3,
+                    now() + make_interval(secs => $4)
+             FROM gone
+             RETURNING {OUTBOX_COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(user.as_str())
+            .bind(tool.map(Tool::as_str))
+            .bind(owner)
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e)?;
+        rows.iter().map(outbox_entry).collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn claim_outbox(
+        &self,
+        owner: uuid::Uuid,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<(AgentRecord, OutboxEntry)>, StoreError> {
+        let agents = sqlx::query("SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents ORDER BY schema_name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e)?;
+        let mut claimed = Vec::new();
+        for row in agents {
+            let remaining = i64::from(limit) - claimed.len() as i64;
+            if remaining <= 0 {
+                break;
+            }
+            let agent = Self::agent_from_row(&row)?;
+            let schema = quoted(&agent.namespace)?;
+            let rows = sqlx::query(&format!(
+                "UPDATE {schema}.revocation_outbox
+                 SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+                 WHERE id IN (
+                     SELECT id FROM {schema}.revocation_outbox
+                     WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until <= now())
+                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING {OUTBOX_COLUMNS}"
+            ))
+            .bind(owner)
+            .bind(lease.as_secs_f64())
+            .bind(remaining)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(e)?;
+            for row in &rows {
+                claimed.push((agent.clone(), outbox_entry(row)?));
+            }
+        }
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn finish_outbox(&self, agent: &AgentRecord, id: i64) -> Result<(), StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        sqlx::query(&format!(
+            "DELETE FROM {schema}.revocation_outbox WHERE id = $1"
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn retry_outbox(
+        &self,
+        agent: &AgentRecord,
+        id: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        sqlx::query(&format!(
+            "UPDATE {schema}.revocation_outbox
+             SET attempts = attempts + 1,
+                 next_attempt_at = now() + make_interval(secs => LEAST(3600.0, power(2.0, LEAST(attempts, 12)))),
+                 lease_owner = NULL, lease_until = NULL, last_error = $2
+             WHERE id = $1"
+        ))
+        .bind(id)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, err)]
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: uuid::Uuid,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        // Taken if free, expired, or already ours (renewal). Expiry means a crashed holder
+        // blocks the others for at most `ttl`.
+        let row: Option<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO vault.leases AS l (name, holder, expires_at)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+             WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(row == Some(holder))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schema_name_is_a_fixed_length_hash_whatever_the_agent_id() {
+        let hostile = AgentId::parse("x\"; DROP SCHEMA vault CASCADE; --").unwrap();
+        let name = namespace_for(&hostile);
+        assert_eq!(name.len(), 46);
+        assert!(quoted(&name).is_ok());
+        assert_ne!(name, namespace_for(&AgentId::parse("y").unwrap()));
+    }
+
+    #[test]
+    fn a_schema_name_not_made_by_the_hash_is_refused() {
+        assert!(quoted("public").is_err());
+        assert!(quoted("agent_\"; drop").is_err());
+    }
+}

@@ -1,0 +1,552 @@
+//! The use cases: store, get, refresh, revoke, sweep. Identity arrives as a verified [`Caller`];
+//! nothing here knows gRPC. Data flows one way: this module → {store, crypto, oauth}.
+
+mod refresh;
+mod revocation;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub use refresh::RefreshCounts;
+pub use revocation::run_outbox;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::Caller;
+use crate::config::RootKeySource;
+use crate::crypto::{AgentKey, Binding, KdfParams, RootKey, open_credential, seal_credential};
+use crate::ids::{AgentId, Generation, Tool, UserId};
+use crate::oauth::Providers;
+use crate::secret::TokenSet;
+use crate::store::{
+    AgentRecord, CredentialState, NewCredential, RootKeyRecord, Store, StoreError, SweepOutcome,
+    Upserted,
+};
+
+/// What a use case can answer besides success; named for what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// Nothing stored for this (agent, user, tool): start a consent flow.
+    #[error("no credential is stored for this tool")]
+    NotFound,
+    /// The grant is unusable: the user must consent again.
+    #[error("{0}")]
+    ReauthRequired(String),
+    /// The provider could not be reached; the credential is kept. Retry later.
+    #[error("{0}")]
+    ProviderUnavailable(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    /// A request field is invalid.
+    #[error("{field}: {problem}")]
+    InvalidArgument {
+        /// The field, as named in the proto.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The database is unreachable or saturated. Retry later.
+    #[error("storage is unavailable")]
+    Unavailable(#[source] StoreError),
+    /// A bug or a broken invariant; details go to the log, not the caller.
+    #[error("internal error")]
+    Unexpected(#[source] anyhow::Error),
+}
+
+impl From<StoreError> for VaultError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(_) => Self::Unavailable(err),
+            other => Self::Unexpected(other.into()),
+        }
+    }
+}
+
+/// The root key could not be established; `serve` must not start.
+#[derive(Debug, thiserror::Error)]
+pub enum UnlockError {
+    /// The configured key is not the one this vault was initialised with.
+    #[error("the root key does not match this vault (key check failed); refusing to start")]
+    WrongRootKey,
+    /// A key was configured where the vault was initialised with a passphrase, or the reverse.
+    #[error("this vault was initialised with a {expected}; configure the same kind of root key")]
+    WrongKind {
+        /// What the vault expects.
+        expected: &'static str,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Argon2 refused its parameters.
+    #[error("deriving the root key from the passphrase failed: {0}")]
+    Kdf(argon2::Error),
+}
+
+/// Checks the configured root key against the key-check value in the control schema, or
+/// records it when this is the vault's first start.
+pub async fn unlock_root_key(
+    store: &dyn Store,
+    source: RootKeySource,
+) -> Result<RootKey, UnlockError> {
+    let existing = store.root_key().await?;
+    let (key, record) = match (source, existing) {
+        (RootKeySource::Key(key), Some(record)) => {
+            if record.kdf.is_some() {
+                return Err(UnlockError::WrongKind {
+                    expected: "passphrase (VAULT_ROOT_PASSPHRASE)",
+                });
+            }
+            (key, record)
+        }
+        (RootKeySource::Key(key), None) => {
+            let record = store
+                .init_root_key(&RootKeyRecord {
+                    key_check: key.key_check(),
+                    kdf: None,
+                })
+                .await?;
+            (key, record)
+        }
+        (RootKeySource::Passphrase(phrase), existing) => {
+            let record = match existing {
+                Some(record) => record,
+                None => {
+                    let mut salt = vec![0u8; 16];
+                    crate::crypto::random_bytes(&mut salt);
+                    let params = KdfParams::default();
+                    let key = derive(&phrase, &salt, params)?;
+                    store
+                        .init_root_key(&RootKeyRecord {
+                            key_check: key.key_check(),
+                            kdf: Some((salt, params)),
+                        })
+                        .await?
+                }
+            };
+            // Derive with the stored salt: another replica may have initialised first.
+            let Some((salt, params)) = &record.kdf else {
+                return Err(UnlockError::WrongKind {
+                    expected: "root key (VAULT_ROOT_KEY or VAULT_ROOT_KEY_FILE)",
+                });
+            };
+            (derive(&phrase, salt, *params)?, record)
+        }
+    };
+    if !key.verifies(&record.key_check) {
+        return Err(UnlockError::WrongRootKey);
+    }
+    Ok(key)
+}
+
+fn derive(phrase: &SecretString, salt: &[u8], params: KdfParams) -> Result<RootKey, UnlockError> {
+    RootKey::from_passphrase(phrase.expose_secret().as_bytes(), salt, params)
+        .map_err(UnlockError::Kdf)
+}
+
+/// What leaves the vault: an access token and its metadata. There is no refresh token here, by
+/// construction.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The bearer token.
+    pub access_token: SecretString,
+    /// Usually `Bearer`.
+    pub token_type: String,
+    /// Unix seconds, when known.
+    pub expires_at: Option<i64>,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// The credential version it came from.
+    pub generation: Generation,
+    /// Whether it was refreshed for this call.
+    pub refreshed: bool,
+}
+
+/// Result of StoreToken.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredToken {
+    /// The new version.
+    pub generation: Generation,
+    /// When the vault will delete it.
+    pub ttl_expires_at: DateTime<Utc>,
+}
+
+/// Whose credentials a Revoke deletes.
+#[derive(Debug, Clone, Default)]
+pub struct RevokeTarget {
+    /// Another agent (admin only).
+    pub agent: Option<AgentId>,
+    /// Another user (admin only).
+    pub user: Option<UserId>,
+    /// One tool, or every tool when `None`.
+    pub tool: Option<Tool>,
+}
+
+/// Result of Revoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// Credentials deleted from the vault.
+    pub revoked: u32,
+    /// Tokens revoked at the provider before the reply.
+    pub provider_revoked: u32,
+}
+
+/// The current credential, opened.
+struct Opened {
+    entry: Arc<AgentEntry>,
+    tokens: TokenSet,
+    generation: Generation,
+}
+
+/// An agent's registry entry with its key unwrapped, cached for the life of the process.
+struct AgentEntry {
+    record: AgentRecord,
+    key: AgentKey,
+}
+
+/// Tunables of the use cases.
+#[derive(Debug, Clone)]
+pub struct VaultOptions {
+    /// Default and longest vault TTL of a credential.
+    pub secrets_ttl_seconds: u64,
+    /// How long a refresh lease lasts; must outlive one provider call.
+    pub refresh_lease: Duration,
+    /// First backoff after a transient provider failure; doubles per failure.
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_cap: Duration,
+    /// How long an undeliverable provider revocation is retried before it is dropped.
+    pub revocation_max_age: Duration,
+}
+
+/// The vault's use cases over a store, the root key and the provider registry.
+pub struct Vault {
+    store: Arc<dyn Store>,
+    root: RootKey,
+    providers: Providers,
+    options: VaultOptions,
+    /// Unwrapped agent keys. Agent keys do not change under a running server yet (rotation
+    /// will invalidate entries), so an entry stays valid once loaded.
+    agents: RwLock<HashMap<AgentId, Arc<AgentEntry>>>,
+    /// Identifies this process as a lease holder.
+    instance: uuid::Uuid,
+    /// In-process half of refresh coalescing: one gate per credential.
+    gates: refresh::Gates,
+    counts: refresh::Counters,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").finish_non_exhaustive()
+    }
+}
+
+/// Whether a token expiring at `expires_at` (unix seconds; `None` = never) is expired at `now`.
+const fn is_expired(expires_at: Option<i64>, now: i64) -> bool {
+    match expires_at {
+        Some(at) => at <= now,
+        None => false,
+    }
+}
+
+impl Vault {
+    /// A vault over `store`, whose root key has already been unlocked.
+    pub fn new(
+        store: Arc<dyn Store>,
+        root: RootKey,
+        providers: Providers,
+        options: VaultOptions,
+    ) -> Self {
+        Self {
+            store,
+            root,
+            providers,
+            options,
+            agents: RwLock::new(HashMap::new()),
+            instance: uuid::Uuid::new_v4(),
+            gates: refresh::Gates::default(),
+            counts: refresh::Counters::default(),
+        }
+    }
+
+    /// Refresh outcomes since start.
+    pub fn refresh_counts(&self) -> RefreshCounts {
+        self.counts.snapshot()
+    }
+
+    /// The store, for the sweeper.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    async fn agent_entry(
+        &self,
+        agent: &AgentId,
+        create: bool,
+    ) -> Result<Option<Arc<AgentEntry>>, VaultError> {
+        if let Some(entry) = self
+            .agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(agent)
+        {
+            return Ok(Some(Arc::clone(entry)));
+        }
+        let record = match self.store.agent(agent).await? {
+            Some(record) => record,
+            None if create => {
+                let key = AgentKey::generate(1);
+                let wrapped = self.root.wrap_agent_key(agent, &key);
+                // A concurrent creator may win; then its key is the agent's key.
+                self.store
+                    .create_agent(agent, &wrapped, key.version)
+                    .await?
+            }
+            None => return Ok(None),
+        };
+        let key = self
+            .root
+            .unwrap_agent_key(agent, record.key_version, &record.wrapped_key)
+            .map_err(|_| {
+                VaultError::Unexpected(anyhow::anyhow!(
+                    "the agent key of {agent} does not open under the root key"
+                ))
+            })?;
+        let entry = Arc::new(AgentEntry { record, key });
+        self.agents
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.clone(), Arc::clone(&entry));
+        Ok(Some(entry))
+    }
+
+    /// Upserts the caller's token set for `tool`. `ttl_seconds` of `None` means the default;
+    /// a longer TTL than the default is shortened to it.
+    #[tracing::instrument(level = "debug", skip(self, tokens), fields(agent = %caller.agent, tool = %tool))]
+    pub async fn store_token(
+        &self,
+        caller: &Caller,
+        tool: &Tool,
+        tokens: TokenSet,
+        ttl_seconds: Option<u64>,
+    ) -> Result<StoredToken, VaultError> {
+        let max = self.options.secrets_ttl_seconds;
+        let ttl = ttl_seconds.map_or(max, |t| t.min(max));
+        let entry = self
+            .agent_entry(&caller.agent, true)
+            .await?
+            .ok_or_else(|| {
+                VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
+            })?;
+        let generation = self.store.next_generation(&entry.record).await?;
+        let binding = Binding {
+            agent: &caller.agent,
+            user: &caller.user,
+            tool,
+            generation,
+        };
+        let sealed = seal_credential(&entry.key, binding, &tokens);
+        let outcome = self
+            .store
+            .upsert(
+                &entry.record,
+                NewCredential {
+                    user: &caller.user,
+                    tool,
+                    generation,
+                    sealed: &sealed,
+                    access_expires_at: tokens
+                        .expires_at
+                        .and_then(|s| DateTime::from_timestamp(s, 0)),
+                    ttl_seconds: ttl,
+                },
+            )
+            .await?;
+        let ttl_expires_at = match outcome {
+            Upserted::Written { ttl_expires_at } => ttl_expires_at,
+            Upserted::Superseded => {
+                tracing::info!(%generation, "a concurrent, newer StoreToken won");
+                Utc::now() + chrono::Duration::seconds(ttl as i64)
+            }
+        };
+        tracing::info!(%generation, "stored credential");
+        Ok(StoredToken {
+            generation,
+            ttl_expires_at,
+        })
+    }
+
+    async fn open_current(&self, caller: &Caller, tool: &Tool) -> Result<Opened, VaultError> {
+        let entry = self
+            .agent_entry(&caller.agent, false)
+            .await?
+            .ok_or(VaultError::NotFound)?;
+        let stored = self
+            .store
+            .load(&entry.record, &caller.user, tool)
+            .await?
+            .ok_or(VaultError::NotFound)?;
+        if stored.state == CredentialState::ReauthRequired {
+            return Err(VaultError::ReauthRequired(format!(
+                "the provider rejected the grant for tool {tool}; the user must authorize again"
+            )));
+        }
+        let binding = Binding {
+            agent: &caller.agent,
+            user: &caller.user,
+            tool,
+            generation: stored.generation,
+        };
+        let tokens = open_credential(&entry.key, binding, &stored.sealed).map_err(|_| {
+            // Either tampering or a row moved from elsewhere: never serve it, and say so loudly.
+            tracing::error!(generation = %stored.generation, "stored credential does not open for its row");
+            VaultError::Unexpected(anyhow::anyhow!("credential ciphertext does not open for its binding"))
+        })?;
+        Ok(Opened {
+            entry,
+            tokens,
+            generation: stored.generation,
+        })
+    }
+
+    fn issue(tokens: TokenSet, generation: Generation, refreshed: bool) -> IssuedToken {
+        IssuedToken {
+            access_token: tokens.access_token,
+            token_type: tokens.token_type,
+            expires_at: tokens.expires_at,
+            scopes: tokens.scopes,
+            generation,
+            refreshed,
+        }
+    }
+
+    /// A usable access token for the caller and `tool`, refreshed first when it expires within
+    /// `max(min_valid_seconds, 30)` and a refresh token and provider exist.
+    #[tracing::instrument(level = "debug", skip(self), fields(agent = %caller.agent, tool = %tool))]
+    pub async fn get_token(
+        self: &Arc<Self>,
+        caller: &Caller,
+        tool: &Tool,
+        min_valid_seconds: u64,
+    ) -> Result<IssuedToken, VaultError> {
+        let current = self.open_current(caller, tool).await?;
+        let now = Utc::now().timestamp();
+        let wanted_until = now.saturating_add(min_valid_seconds.max(30) as i64);
+        if !is_expired(current.tokens.expires_at, wanted_until) {
+            return Ok(Self::issue(current.tokens, current.generation, false));
+        }
+        let still_valid = !is_expired(current.tokens.expires_at, now);
+        let provider = self.providers.get(tool);
+        let Some(provider) = provider.filter(|_| current.tokens.refresh_token.is_some()) else {
+            // Nothing can refresh it. A token that is still valid beats none; an expired one is
+            // useless to the caller.
+            if still_valid {
+                return Ok(Self::issue(current.tokens, current.generation, false));
+            }
+            return Err(VaultError::ReauthRequired(format!(
+                "the access token for tool {tool} has expired and {}; store a new token",
+                if current.tokens.refresh_token.is_none() {
+                    "there is no refresh token"
+                } else {
+                    "no OAuth provider is configured to refresh it"
+                }
+            )));
+        };
+        match self
+            .refresh_fenced(caller, tool, current.generation, provider)
+            .await
+        {
+            Err(VaultError::ProviderUnavailable(message)) if still_valid => {
+                tracing::info!(%message, "provider unavailable; serving the still-valid token");
+                Ok(Self::issue(current.tokens, current.generation, false))
+            }
+            other => other,
+        }
+    }
+
+    /// Refreshes now, unless `if_generation` is older than what is stored (then the stored
+    /// token is returned without a provider call).
+    #[tracing::instrument(level = "debug", skip(self), fields(agent = %caller.agent, tool = %tool))]
+    pub async fn refresh(
+        self: &Arc<Self>,
+        caller: &Caller,
+        tool: &Tool,
+        if_generation: Option<Generation>,
+    ) -> Result<IssuedToken, VaultError> {
+        let current = self.open_current(caller, tool).await?;
+        if if_generation.is_some_and(|seen| current.generation > seen) {
+            return Ok(Self::issue(current.tokens, current.generation, false));
+        }
+        let Some(provider) = self.providers.get(tool) else {
+            return Err(VaultError::ReauthRequired(format!(
+                "no OAuth provider is configured for tool {tool}, so the vault cannot refresh it; store a new token"
+            )));
+        };
+        if current.tokens.refresh_token.is_none() {
+            return Err(VaultError::ReauthRequired(format!(
+                "no refresh token is stored for tool {tool}; store a new token"
+            )));
+        }
+        self.refresh_fenced(caller, tool, current.generation, provider)
+            .await
+    }
+
+    /// Deletes credentials; with `at_provider`, also revokes their tokens at the provider
+    /// (through the durable outbox). Another user's or agent's need the admin scope.
+    #[tracing::instrument(skip(self), fields(agent = %caller.agent))]
+    pub async fn revoke(
+        self: &Arc<Self>,
+        caller: &Caller,
+        target: RevokeTarget,
+        at_provider: bool,
+    ) -> Result<Revoked, VaultError> {
+        let agent = target.agent.unwrap_or_else(|| caller.agent.clone());
+        let user = target.user.unwrap_or_else(|| caller.user.clone());
+        if (agent != caller.agent || user != caller.user) && !caller.admin {
+            return Err(VaultError::PermissionDenied(
+                "revoking another user's or agent's credentials needs the vault:admin scope",
+            ));
+        }
+        let Some(entry) = self.agent_entry(&agent, false).await? else {
+            return Ok(Revoked {
+                revoked: 0,
+                provider_revoked: 0,
+            });
+        };
+        let revoked = if at_provider {
+            self.revoke_at_provider(entry, &user, target.tool.as_ref())
+                .await?
+        } else {
+            let deleted = self
+                .store
+                .delete(&entry.record, &user, target.tool.as_ref())
+                .await?;
+            Revoked {
+                revoked: u32::try_from(deleted).unwrap_or(u32::MAX),
+                provider_revoked: 0,
+            }
+        };
+        tracing::info!(revoked = revoked.revoked, provider_revoked = revoked.provider_revoked, target_agent = %agent, "revoked credentials");
+        Ok(revoked)
+    }
+
+    /// Deletes credentials past their vault TTL (admin only).
+    #[tracing::instrument(skip(self), fields(agent = %caller.agent))]
+    pub async fn sweep(
+        &self,
+        caller: &Caller,
+        limit: u32,
+        dry_run: bool,
+    ) -> Result<SweepOutcome, VaultError> {
+        if !caller.admin {
+            return Err(VaultError::PermissionDenied(
+                "Sweep needs the vault:admin scope",
+            ));
+        }
+        let outcome = self.store.sweep(limit, dry_run).await?;
+        tracing::info!(swept = outcome.swept, more = outcome.more, dry_run, "sweep");
+        Ok(outcome)
+    }
+}

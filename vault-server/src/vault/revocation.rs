@@ -1,0 +1,166 @@
+//! Provider revocation (RFC 7009) through a durable outbox.
+//!
+//! Revoke deletes the credentials and queues their revocation in one transaction, then tries to
+//! deliver at once; whatever the provider does not confirm stays queued and [`run_outbox`]
+//! retries it with backoff, on any replica, across restarts, until delivered or too old.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AgentEntry, Revoked, Vault, VaultError};
+use crate::crypto::{Binding, open_credential};
+use crate::ids::{Tool, UserId};
+use crate::oauth::TokenKind;
+use crate::store::{AgentRecord, OutboxEntry};
+
+/// How long a delivery attempt holds an outbox entry before another replica may take it.
+const DELIVERY_LEASE: Duration = Duration::from_secs(60);
+/// Most entries one background pass claims.
+const CLAIM_BATCH: u32 = 100;
+
+/// What one delivery attempt achieved.
+enum Delivery {
+    /// The provider confirmed the revocation of every token.
+    Revoked,
+    /// Nothing to revoke at a provider (no provider, or no revocation endpoint, for the tool).
+    NotApplicable,
+}
+
+impl Vault {
+    pub(super) async fn revoke_at_provider(
+        self: &Arc<Self>,
+        entry: Arc<AgentEntry>,
+        user: &UserId,
+        tool: Option<&Tool>,
+    ) -> Result<Revoked, VaultError> {
+        let queued = self
+            .store
+            .delete_into_outbox(&entry.record, user, tool, self.instance, DELIVERY_LEASE)
+            .await?;
+        let revoked = u32::try_from(queued.len()).unwrap_or(u32::MAX);
+        // Detached, like refresh: the deletion is committed, and a caller hanging up must not
+        // leave an entry half-delivered.
+        let this = Arc::clone(self);
+        let provider_revoked = tokio::spawn(async move {
+            let mut delivered = 0u32;
+            for item in queued {
+                if this.settle(&entry, item).await {
+                    delivered += 1;
+                }
+            }
+            delivered
+        })
+        .await
+        .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("revocation task failed: {err}")))?;
+        Ok(Revoked {
+            revoked,
+            provider_revoked,
+        })
+    }
+
+    /// Attempts one entry and records the outcome; true if the provider confirmed it.
+    async fn settle(&self, entry: &AgentEntry, item: OutboxEntry) -> bool {
+        let outcome = self.deliver(entry, &item).await;
+        let record = &entry.record;
+        let bookkeeping = match outcome {
+            Ok(Delivery::Revoked) => self
+                .store
+                .finish_outbox(record, item.id)
+                .await
+                .map(|()| true),
+            Ok(Delivery::NotApplicable) => {
+                tracing::warn!(tool = %item.tool, "no provider revocation endpoint for this tool; deleted locally only");
+                self.store
+                    .finish_outbox(record, item.id)
+                    .await
+                    .map(|()| false)
+            }
+            Err(message) => {
+                let age = Utc::now() - item.created_at;
+                if age.to_std().unwrap_or_default() > self.options.revocation_max_age {
+                    tracing::error!(tool = %item.tool, attempts = item.attempts, %message, "giving up on a provider revocation past its maximum age");
+                    self.store
+                        .finish_outbox(record, item.id)
+                        .await
+                        .map(|()| false)
+                } else {
+                    tracing::warn!(tool = %item.tool, attempts = item.attempts, %message, "provider revocation failed; will retry");
+                    self.store
+                        .retry_outbox(record, item.id, &message)
+                        .await
+                        .map(|()| false)
+                }
+            }
+        };
+        bookkeeping.unwrap_or_else(|err| {
+            tracing::error!(error = %crate::telemetry::error_chain(&err), "could not update the revocation outbox");
+            false
+        })
+    }
+
+    async fn deliver(&self, entry: &AgentEntry, item: &OutboxEntry) -> Result<Delivery, String> {
+        let Some(provider) = self.providers.get(&item.tool) else {
+            return Ok(Delivery::NotApplicable);
+        };
+        if !self.providers.can_revoke(&provider).await {
+            return Ok(Delivery::NotApplicable);
+        }
+        let binding = Binding {
+            agent: &entry.record.agent,
+            user: &item.user,
+            tool: &item.tool,
+            generation: item.generation,
+        };
+        let tokens = open_credential(&entry.key, binding, &item.sealed)
+            .map_err(|_| "the queued credential does not open for its binding".to_string())?;
+        // The refresh token first: RFC 7009 lets the server revoke the whole grant with it.
+        if let Some(refresh) = &tokens.refresh_token {
+            self.providers
+                .revoke(&provider, refresh, TokenKind::Refresh)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.providers
+            .revoke(&provider, &tokens.access_token, TokenKind::Access)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Delivery::Revoked)
+    }
+
+    async fn deliver_claimed(&self, record: AgentRecord, item: OutboxEntry) {
+        match self.agent_entry(&record.agent, false).await {
+            Ok(Some(entry)) => {
+                self.settle(&entry, item).await;
+            }
+            Ok(None) => tracing::error!("outbox entry of an agent missing from the registry"),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot load the agent key for a queued revocation")
+            }
+        }
+    }
+}
+
+/// Delivers due revocations every `interval` until `cancel` fires.
+pub async fn run_outbox(vault: Arc<Vault>, interval: Duration, cancel: CancellationToken) {
+    crate::sweeper::every(interval, &cancel, || async {
+        match vault
+            .store
+            .claim_outbox(vault.instance, DELIVERY_LEASE, CLAIM_BATCH)
+            .await
+        {
+            Ok(claimed) => {
+                for (record, item) in claimed {
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    vault.deliver_claimed(record, item).await;
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot read the revocation outbox"),
+        }
+    })
+    .await;
+}
