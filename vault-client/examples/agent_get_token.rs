@@ -1,0 +1,49 @@
+//! An agent fetching the access token for a tool, acting for the user its JWT names.
+//!
+//! ```sh
+//! # with `vault-server dev` running:
+//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token)
+//! cargo run -p vault-client --example agent_get_token -- jira
+//! ```
+//! `VAULT_TOKEN_FILE` (a file re-read when it changes) is used instead of `VAULT_TOKEN` when set.
+
+use vault_client::{Client, Error, TokenSource};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let tool = std::env::args().nth(1).unwrap_or_else(|| "jira".into());
+    let endpoint = std::env::var("VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
+    let source = match std::env::var("VAULT_TOKEN_FILE") {
+        Ok(path) => TokenSource::file(path),
+        Err(_) => TokenSource::fixed(&std::env::var("VAULT_TOKEN")?)?,
+    };
+    let mut vault = Client::builder(endpoint).token(source).connect().await?;
+
+    // Ask for a token valid at least a minute: long enough for the tool call we are about to make.
+    match vault.get_token(&tool, 60).await {
+        Ok(token) => {
+            // A real agent would now call the tool with `Authorization: Bearer <access_token>`.
+            // The token itself is never printed.
+            println!(
+                "{} token for {tool}: generation {}, expires at {:?}{}",
+                token.token_type,
+                token.generation,
+                token.expires_at,
+                if token.refreshed {
+                    ", refreshed just now"
+                } else {
+                    ""
+                }
+            );
+        }
+        Err(Error::CredentialNotFound) => {
+            println!("no credential for {tool}: send the user through consent first")
+        }
+        Err(Error::ReauthRequired(why)) => println!("the user must authorize {tool} again: {why}"),
+        Err(Error::ProviderUnavailable(why)) => {
+            println!("{tool}'s provider is down; try later: {why}")
+        }
+        Err(other) => return Err(other.into()),
+    }
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! Async client for the credential vault (`vault.v1.CredentialVault`).
+//!
+//! Agents fetch access tokens with [`Client::get_token`]; gateways store a user's token set
+//! after consent with [`Client::store_token`]. Every call carries the caller's JWT as
+//! `authorization: Bearer …` from a [`TokenSource`]; failures come back as a typed [`Error`]
+//! built from the server's `google.rpc.ErrorInfo` reason, so callers branch on variants rather
+//! than strings. Idempotent calls are retried on `UNAVAILABLE` with backoff and jitter, within a
+//! deadline ([`RetryPolicy`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), vault_client::Error> {
+//! use vault_client::{Client, Error, TokenSource};
+//!
+//! let mut vault = Client::builder("http://127.0.0.1:50051")
+//!     .token(TokenSource::file("/var/run/secrets/vault/token"))
+//!     .connect()
+//!     .await?;
+//! match vault.get_token("jira", 60).await {
+//!     Ok(token) => println!("expires at {:?}", token.expires_at),
+//!     Err(Error::CredentialNotFound) => println!("start a consent flow"),
+//!     Err(Error::ReauthRequired(why)) => println!("ask the user to authorize again: {why}"),
+//!     Err(other) => return Err(other),
+//! }
+//! # Ok(()) }
+//! ```
+
+mod token;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+pub use token::{BoxError, TokenSource};
+
+/// Generated from `proto/vault/v1/vault.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("vault.v1");
+}
+
+pub use proto::{AccessToken, OAuthToken};
+
+/// The error domain of the vault's `ErrorInfo` details.
+pub const ERROR_DOMAIN: &str = "vault.v1";
+
+/// What a vault call can fail with, by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No credential for this tool: start an OAuth consent flow and store the result.
+    #[error("no credential stored for this tool")]
+    CredentialNotFound,
+    /// The provider rejected the grant (or the vault cannot refresh it): the user must consent
+    /// again.
+    #[error("re-authorization required: {0}")]
+    ReauthRequired(String),
+    /// The provider is unreachable; the credential is kept. Retry later.
+    #[error("provider unavailable: {0}")]
+    ProviderUnavailable(String),
+    /// The caller token was missing or refused.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A request field is invalid; `field` names it as in the proto.
+    #[error("invalid argument {field}: {message}")]
+    InvalidArgument {
+        /// The offending field, such as `tool` or `token.access_token`.
+        field: String,
+        /// The server's explanation.
+        message: String,
+    },
+    /// A limit was hit (request size, rate).
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// The vault or its storage is unavailable (after retries, for idempotent calls).
+    #[error("vault unavailable: {0}")]
+    Unavailable(String),
+    /// The call's deadline passed.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// Any other status.
+    #[error("vault error: {0}")]
+    Other(Status),
+    /// The connection could not be configured or made.
+    #[error("cannot connect to the vault: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The caller token is not valid as a header value.
+    #[error("the caller token is not a valid header value")]
+    InvalidToken,
+    /// The token source failed (unreadable file, failing callback).
+    #[error("caller token unavailable: {0}")]
+    TokenSource(String),
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        let details = status.get_error_details();
+        let info = details.error_info();
+        let reason = info.map(|i| i.reason.as_str()).unwrap_or_default();
+        let message = status.message().to_string();
+        match (status.code(), reason) {
+            (Code::NotFound, "CREDENTIAL_NOT_FOUND") => Self::CredentialNotFound,
+            (Code::FailedPrecondition, "REAUTH_REQUIRED") => Self::ReauthRequired(message),
+            (Code::Unavailable, "PROVIDER_UNAVAILABLE") => Self::ProviderUnavailable(message),
+            (Code::Unauthenticated, _) => Self::Unauthenticated(message),
+            (Code::PermissionDenied, _) => Self::PermissionDenied(message),
+            (Code::InvalidArgument, _) => {
+                let field = details
+                    .bad_request()
+                    .and_then(|b| b.field_violations.first())
+                    .map(|v| v.field.clone())
+                    .or_else(|| info.and_then(|i| i.metadata.get("field").cloned()))
+                    .unwrap_or_default();
+                Self::InvalidArgument { field, message }
+            }
+            (Code::ResourceExhausted | Code::OutOfRange, _) => Self::ResourceExhausted(message),
+            (Code::Unavailable, _) => Self::Unavailable(message),
+            (Code::DeadlineExceeded, _) => Self::DeadlineExceeded(message),
+            _ => Self::Other(status),
+        }
+    }
+}
+
+/// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep) on
+/// `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.
+/// `PROVIDER_UNAVAILABLE` is not retried: the vault already backs off per credential, and the
+/// caller should decide whether to wait.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first.
+    pub max_attempts: u32,
+    /// Backoff ceiling before the first retry.
+    pub initial_backoff: Duration,
+    /// Largest backoff ceiling.
+    pub max_backoff: Duration,
+    /// No retry starts after this much time since the first attempt.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// One attempt, no retries.
+    pub fn none() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+}
+
+/// Attaches the current caller token to every call, including those made through
+/// [`Client::raw`].
+#[derive(Clone, Default)]
+pub struct BearerInterceptor {
+    value: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
+}
+
+impl std::fmt::Debug for BearerInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerInterceptor([REDACTED])")
+    }
+}
+
+impl BearerInterceptor {
+    fn set(&self, value: MetadataValue<Ascii>) {
+        *self.value.write().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    }
+}
+
+impl Interceptor for BearerInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        // Typed calls attach their own token; this covers calls made through `raw()`.
+        if !request.metadata().contains_key("authorization")
+            && let Some(value) = self.value.read().unwrap_or_else(|p| p.into_inner()).clone()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// `message` with this call's caller token attached. Per request rather than through shared
+/// state, so clones with different token sources never send each other's token.
+fn request<T>(message: T, header: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = header {
+        request
+            .metadata_mut()
+            .insert("authorization", value.clone());
+    }
+    request
+}
+
+/// The generated client with the bearer interceptor, for calls the typed methods do not cover.
+pub type RawClient = proto::credential_vault_client::CredentialVaultClient<
+    InterceptedService<Channel, BearerInterceptor>,
+>;
+
+/// Configures a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoint: String,
+    tls: Option<ClientTlsConfig>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    user_agent: String,
+    token: Option<TokenSource>,
+    retry: RetryPolicy,
+}
+
+impl ClientBuilder {
+    /// Trust this PEM CA bundle for the vault's certificate (enables TLS).
+    pub fn tls_ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_default();
+        self.tls = Some(tls.ca_certificate(Certificate::from_pem(pem)));
+        self
+    }
+
+    /// Trust the operating system's roots (enables TLS).
+    pub fn tls_native_roots(mut self) -> Self {
+        self.tls = Some(self.tls.take().unwrap_or_default().with_native_roots());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) for mutual TLS.
+    pub fn tls_identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        let tls = self.tls.take().unwrap_or_default();
+        self.tls = Some(tls.identity(Identity::from_pem(cert_pem, key_pem)));
+        self
+    }
+
+    /// The name to verify in the vault's certificate, when it differs from the endpoint host.
+    pub fn tls_domain_name(mut self, name: impl Into<String>) -> Self {
+        let tls = self.tls.take().unwrap_or_default();
+        self.tls = Some(tls.domain_name(name));
+        self
+    }
+
+    /// Time allowed to establish the connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for each call attempt (default 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The `user-agent` prefix sent on every call.
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        self.user_agent = user_agent.into();
+        self
+    }
+
+    /// Where the caller's JWT comes from.
+    pub fn token(mut self, source: TokenSource) -> Self {
+        self.token = Some(source);
+        self
+    }
+
+    /// Retries for idempotent calls.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, Error> {
+        let mut endpoint = Endpoint::from_shared(self.endpoint.clone())?
+            .user_agent(self.user_agent.clone())?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        Ok(endpoint)
+    }
+
+    fn finish(self, channel: Channel) -> Client {
+        let mut client = Client::from_channel(channel);
+        client.retry = self.retry;
+        if let Some(source) = self.token {
+            client.set_token_source(source);
+        }
+        client
+    }
+
+    /// Connects now.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let channel = self.endpoint()?.connect().await?;
+        Ok(self.finish(channel))
+    }
+
+    /// Connects on first use (and reconnects as needed), so a vault that is not up yet is
+    /// not an error until a call is made.
+    pub fn connect_lazy(self) -> Result<Client, Error> {
+        let channel = self.endpoint()?.connect_lazy();
+        Ok(self.finish(channel))
+    }
+}
+
+/// A vault client. Cheap to clone: clones share the connection, and each keeps its own token
+/// source, so one connection can serve many callers.
+#[derive(Debug)]
+pub struct Client {
+    channel: Channel,
+    inner: RawClient,
+    bearer: BearerInterceptor,
+    source: Option<TokenSource>,
+    retry: RetryPolicy,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        let mut clone = Self::from_channel(self.channel.clone());
+        clone.retry = self.retry;
+        if let Some(source) = &self.source {
+            clone.set_token_source(source.clone());
+        }
+        clone
+    }
+}
+
+/// What StoreToken answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The credential's new generation.
+    pub generation: u64,
+    /// When the vault will delete it (unix seconds).
+    pub ttl_expires_at: i64,
+}
+
+/// What GetToken and Refresh answered.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The access token to send to the tool.
+    pub access_token: String,
+    /// Usually `Bearer`.
+    pub token_type: String,
+    /// Unix seconds, when the provider gave an expiry.
+    pub expires_at: Option<i64>,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// The credential version.
+    pub generation: u64,
+    /// Whether the vault refreshed it for this call.
+    pub refreshed: bool,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("access_token", &"[REDACTED]")
+            .field("token_type", &self.token_type)
+            .field("expires_at", &self.expires_at)
+            .field("scopes", &self.scopes)
+            .field("generation", &self.generation)
+            .field("refreshed", &self.refreshed)
+            .finish()
+    }
+}
+
+/// What Revoke answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// Credentials deleted from the vault.
+    pub revoked: u32,
+    /// Tokens revoked at the provider before the reply.
+    pub provider_revoked: u32,
+}
+
+/// What Sweep answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Credentials deleted (or counted, in a dry run).
+    pub swept: u64,
+    /// More expired credentials may remain.
+    pub more: bool,
+}
+
+fn token_from(token: Option<AccessToken>, refreshed: bool) -> Result<Token, Error> {
+    let token = token.ok_or_else(|| Error::Other(Status::internal("response without a token")))?;
+    Ok(Token {
+        access_token: token.access_token,
+        token_type: token.token_type,
+        expires_at: token.expires_at.map(|t| t.seconds),
+        scopes: token.scopes,
+        generation: token.generation,
+        refreshed,
+    })
+}
+
+/// Whether a failed attempt is worth another try.
+fn retryable(error: &Error) -> bool {
+    matches!(error, Error::Unavailable(_))
+}
+
+impl Client {
+    /// A builder for `endpoint` (`http://host:port` or `https://host:port`).
+    pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            endpoint: endpoint.into(),
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            user_agent: concat!("vault-client/", env!("CARGO_PKG_VERSION")).to_string(),
+            token: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Connects to `endpoint` with default settings.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
+        Self::builder(endpoint).connect().await
+    }
+
+    /// Wraps an existing channel (no token source, default retries).
+    pub fn from_channel(channel: Channel) -> Self {
+        let bearer = BearerInterceptor::default();
+        let inner = proto::credential_vault_client::CredentialVaultClient::with_interceptor(
+            channel.clone(),
+            bearer.clone(),
+        );
+        Self {
+            channel,
+            inner,
+            bearer,
+            source: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Sends `token` (a caller JWT) on every call from now on.
+    pub fn with_bearer(mut self, token: &str) -> Result<Self, Error> {
+        self.set_token_source(TokenSource::fixed(token)?);
+        Ok(self)
+    }
+
+    /// Replaces the token source for this client (clones keep theirs).
+    pub fn set_token_source(&mut self, source: TokenSource) {
+        if let Some(value) = source.fixed_value() {
+            self.bearer.set(value);
+        }
+        self.source = Some(source);
+    }
+
+    /// The generated client, sharing this client's connection; calls through it carry this
+    /// client's fixed token, or the last one its source produced, unless they set
+    /// `authorization` themselves.
+    pub fn raw(&self) -> RawClient {
+        self.inner.clone()
+    }
+
+    async fn authorize(&self) -> Result<Option<MetadataValue<Ascii>>, Error> {
+        let Some(source) = &self.source else {
+            return Ok(None);
+        };
+        let value = source.current().await?;
+        self.bearer.set(value.clone());
+        Ok(Some(value))
+    }
+
+    /// Runs `call` once, or, when `idempotent`, retries it on `UNAVAILABLE` per the policy.
+    async fn call<T, F, Fut>(&self, idempotent: bool, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(RawClient, Option<MetadataValue<Ascii>>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let started = Instant::now();
+        let policy = if idempotent {
+            self.retry
+        } else {
+            RetryPolicy::none()
+        };
+        let mut ceiling = policy.initial_backoff;
+        let mut attempt = 1;
+        loop {
+            let header = self.authorize().await?;
+            let error = match call(self.inner.clone(), header).await {
+                Ok(value) => return Ok(value),
+                Err(status) => Error::from(status),
+            };
+            if !retryable(&error) || attempt >= policy.max_attempts.max(1) {
+                return Err(error);
+            }
+            // Full jitter: a uniformly random wait below the ceiling, so retrying clients
+            // spread out instead of arriving together.
+            let wait = ceiling.mul_f64(fastrand::f64());
+            if started.elapsed() + wait >= policy.deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(wait).await;
+            ceiling = (ceiling * 2).min(policy.max_backoff);
+            attempt += 1;
+        }
+    }
+
+    /// Stores the caller's token set for `tool`. `ttl_seconds` 0 = the vault's default.
+    /// Not retried: each store is a new generation.
+    pub async fn store_token(
+        &mut self,
+        tool: &str,
+        token: OAuthToken,
+        ttl_seconds: i64,
+    ) -> Result<Stored, Error> {
+        let request_body = proto::StoreTokenRequest {
+            tool: tool.into(),
+            token: Some(token),
+            ttl_seconds,
+        };
+        let response = self
+            .call(false, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move {
+                    raw.store_token(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        Ok(Stored {
+            generation: response.generation,
+            ttl_expires_at: response.ttl_expires_at.map_or(0, |t| t.seconds),
+        })
+    }
+
+    /// A usable access token for `tool`, refreshed first if it expires within
+    /// `min_valid_seconds`.
+    pub async fn get_token(&mut self, tool: &str, min_valid_seconds: i64) -> Result<Token, Error> {
+        let request_body = proto::GetTokenRequest {
+            tool: tool.into(),
+            min_valid_seconds,
+        };
+        let response = self
+            .call(true, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move {
+                    raw.get_token(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        token_from(response.token, response.refreshed)
+    }
+
+    /// Refreshes now; with `if_generation` > 0, only if nothing newer is stored (and then the
+    /// call is safe to retry).
+    pub async fn refresh(&mut self, tool: &str, if_generation: u64) -> Result<Token, Error> {
+        let request_body = proto::RefreshRequest {
+            tool: tool.into(),
+            if_generation,
+        };
+        let response = self
+            .call(if_generation > 0, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move { raw.refresh(request).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
+        token_from(response.token, response.refreshed)
+    }
+
+    /// Deletes the caller's credential for `tool` (every tool when empty).
+    pub async fn revoke(&mut self, tool: &str, at_provider: bool) -> Result<Revoked, Error> {
+        self.revoke_for(proto::RevokeRequest {
+            tool: tool.into(),
+            at_provider,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Revoke with every field, such as an admin revoking another user's credentials.
+    pub async fn revoke_for(
+        &mut self,
+        request_body: proto::RevokeRequest,
+    ) -> Result<Revoked, Error> {
+        let response = self
+            .call(true, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move { raw.revoke(request).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
+        Ok(Revoked {
+            revoked: response.revoked,
+            provider_revoked: response.provider_revoked,
+        })
+    }
+
+    /// Admin: deletes up to `limit` credentials past their vault TTL (0 = server batch size).
+    pub async fn sweep(&mut self, limit: u32, dry_run: bool) -> Result<Swept, Error> {
+        let body = proto::SweepRequest { limit, dry_run };
+        let response = self
+            .call(true, |mut raw, header| async move {
+                raw.sweep(request(body, &header))
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+            .await?;
+        Ok(Swept {
+            swept: response.swept,
+            more: response.more,
+        })
+    }
+}
