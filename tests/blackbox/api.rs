@@ -1,0 +1,541 @@
+//! The credential round trip, isolation between agents and users, encryption at rest, revoke.
+
+use sqlx::Row;
+use vault_client::Error;
+use vault_server::ids::AgentId;
+use vault_server::store::namespace_for;
+
+use crate::helpers::*;
+
+fn schema(agent: &str) -> String {
+    namespace_for(&AgentId::parse(agent).unwrap())
+}
+
+#[tokio::test]
+async fn a_stored_token_comes_back_to_its_owner() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut gateway = app.client(&issuer, "agent-a", "alice").await;
+
+    let stored = gateway
+        .store_token("jira", oauth_token("at-1", "rt-1", 3600), 0)
+        .await
+        .unwrap();
+    let token = gateway.get_token("jira", 60).await.unwrap();
+
+    assert!(stored.generation >= 1);
+    let expected_ttl = now() + 2_592_000;
+    assert!(
+        (stored.ttl_expires_at - expected_ttl).abs() < 60,
+        "default TTL is 30 days"
+    );
+    assert_eq!(token.access_token, "at-1");
+    assert_eq!(token.token_type, "Bearer");
+    assert_eq!(token.scopes, vec!["read:jira-work", "offline_access"]);
+    assert_eq!(token.generation, stored.generation);
+    assert!(!token.refreshed);
+    assert!((token.expires_at.unwrap() - (now() + 3600)).abs() < 60);
+}
+
+#[tokio::test]
+async fn storing_again_replaces_the_token_with_a_newer_generation() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+
+    let first = vault
+        .store_token("jira", oauth_token("at-1", "rt-1", 3600), 0)
+        .await
+        .unwrap();
+    let second = vault
+        .store_token("jira", oauth_token("at-2", "rt-2", 3600), 0)
+        .await
+        .unwrap();
+
+    assert!(second.generation > first.generation);
+    let token = vault.get_token("jira", 0).await.unwrap();
+    assert_eq!(token.access_token, "at-2");
+    assert_eq!(token.generation, second.generation);
+}
+
+#[tokio::test]
+async fn concurrent_stores_leave_the_newest_generation() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let mut vault = vault.clone();
+        tasks.push(tokio::spawn(async move {
+            vault
+                .store_token("jira", oauth_token(&format!("at-{i}"), "rt", 3600), 0)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut highest = 0;
+    for task in tasks {
+        highest = highest.max(task.await.unwrap().generation);
+    }
+
+    let token = vault.clone().get_token("jira", 0).await.unwrap();
+    assert_eq!(
+        token.generation, highest,
+        "the newest write wins, never an older one"
+    );
+}
+
+#[tokio::test]
+async fn one_user_cannot_read_another_users_token() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut alice = app.client(&issuer, "agent-a", "alice").await;
+    let mut bob = app.client(&issuer, "agent-a", "bob").await;
+
+    alice
+        .store_token("jira", oauth_token("alice-at", "alice-rt", 3600), 0)
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        bob.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    bob.store_token("jira", oauth_token("bob-at", "bob-rt", 3600), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.get_token("jira", 0).await.unwrap().access_token,
+        "alice-at"
+    );
+    assert_eq!(
+        bob.get_token("jira", 0).await.unwrap().access_token,
+        "bob-at"
+    );
+}
+
+#[tokio::test]
+async fn one_agent_cannot_read_another_agents_token_for_the_same_user() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut agent_a = app.client(&issuer, "agent-a", "alice").await;
+    let mut agent_b = app.client(&issuer, "agent-b", "alice").await;
+
+    agent_a
+        .store_token("jira", oauth_token("a-at", "a-rt", 3600), 0)
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        agent_b.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    agent_b
+        .store_token("jira", oauth_token("b-at", "b-rt", 3600), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        agent_a.get_token("jira", 0).await.unwrap().access_token,
+        "a-at"
+    );
+
+    let mut conn = db.connect().await;
+    let schemas: Vec<String> =
+        sqlx::query_scalar("SELECT schema_name FROM vault.agents ORDER BY 1")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let mut expected = vec![schema("agent-a"), schema("agent-b")];
+    expected.sort();
+    assert_eq!(schemas, expected, "one schema per agent");
+}
+
+#[tokio::test]
+async fn an_unknown_tool_is_not_found() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    assert!(matches!(
+        vault.get_token("stripe", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    vault
+        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .await
+        .unwrap();
+    assert!(matches!(
+        vault.get_token("stripe", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+}
+
+/// Every byte column in every vault schema, as raw bytes and as text.
+async fn all_stored_bytes(db: &TestDb) -> Vec<u8> {
+    let mut conn = db.connect().await;
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema, table_name FROM information_schema.tables
+         WHERE table_schema = 'vault' OR table_schema LIKE 'agent\\_%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    for (schema, table) in tables {
+        let rows = sqlx::query(&format!(
+            "SELECT to_jsonb(t)::text AS j FROM \"{schema}\".\"{table}\" t"
+        ))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        for row in rows {
+            let text: String = row.get("j");
+            all.extend_from_slice(text.as_bytes());
+        }
+        let byteas: Vec<String> = sqlx::query_scalar(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND data_type = 'bytea'",
+        )
+        .bind(&schema)
+        .bind(&table)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        for column in byteas {
+            let values: Vec<Option<Vec<u8>>> = sqlx::query_scalar(&format!(
+                "SELECT \"{column}\" FROM \"{schema}\".\"{table}\""
+            ))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            for value in values.into_iter().flatten() {
+                all.extend_from_slice(&value);
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn the_database_holds_no_token_in_clear_or_encoded() {
+    use base64::Engine as _;
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let access = "ACCESS-5f1d2c9e-very-secret";
+    let refresh = "REFRESH-9a8b7c6d-very-secret";
+    vault
+        .store_token("jira", oauth_token(access, refresh, 3600), 0)
+        .await
+        .unwrap();
+
+    let stored = all_stored_bytes(&db).await;
+    assert!(stored.len() > 100, "the scan saw the credential row");
+    for secret in [access, refresh] {
+        let forms = [
+            secret.as_bytes().to_vec(),
+            hex::encode(secret).into_bytes(),
+            base64::engine::general_purpose::STANDARD
+                .encode(secret)
+                .into_bytes(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(secret)
+                .into_bytes(),
+            // The distinctive middle, in case of an encoding with other padding or alignment.
+            b"very-secret".to_vec(),
+        ];
+        for form in forms {
+            assert!(
+                !stored.windows(form.len()).any(|w| w == form.as_slice()),
+                "found {:?} at rest",
+                String::from_utf8_lossy(&form)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sealed_row_copied_onto_another_users_row_does_not_open() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut alice = app.client(&issuer, "agent-a", "alice").await;
+    let mut mallory = app.client(&issuer, "agent-a", "mallory").await;
+    alice
+        .store_token("jira", oauth_token("alice-secret", "alice-rt", 3600), 0)
+        .await
+        .unwrap();
+    mallory
+        .store_token("jira", oauth_token("mallory-at", "mallory-rt", 3600), 0)
+        .await
+        .unwrap();
+
+    // An attacker with write access to the table swaps alice's sealed row into mallory's.
+    let mut conn = db.connect().await;
+    let s = schema("agent-a");
+    sqlx::query(&format!(
+        "UPDATE \"{s}\".credentials m SET generation = a.generation, key_version = a.key_version,
+             wrapped_data_key = a.wrapped_data_key, ciphertext = a.ciphertext
+         FROM \"{s}\".credentials a
+         WHERE m.user_id = 'mallory' AND a.user_id = 'alice' AND m.tool = 'jira' AND a.tool = 'jira'"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let stolen = mallory.get_token("jira", 0).await;
+    assert!(
+        matches!(&stolen, Err(Error::Other(status)) if status.code() == tonic::Code::Internal),
+        "{stolen:?}"
+    );
+    assert_eq!(
+        alice.get_token("jira", 0).await.unwrap().access_token,
+        "alice-secret"
+    );
+}
+
+#[tokio::test]
+async fn a_sealed_row_copied_into_another_agents_schema_does_not_open() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut agent_a = app.client(&issuer, "agent-a", "alice").await;
+    let mut agent_b = app.client(&issuer, "agent-b", "alice").await;
+    agent_a
+        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), 0)
+        .await
+        .unwrap();
+    agent_b
+        .store_token("jira", oauth_token("b-at", "b-rt", 3600), 0)
+        .await
+        .unwrap();
+
+    let mut conn = db.connect().await;
+    let (a, b) = (schema("agent-a"), schema("agent-b"));
+    sqlx::query(&format!(
+        "UPDATE \"{b}\".credentials t SET generation = s.generation, key_version = s.key_version,
+             wrapped_data_key = s.wrapped_data_key, ciphertext = s.ciphertext
+         FROM \"{a}\".credentials s WHERE t.user_id = s.user_id AND t.tool = s.tool"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let result = agent_b.get_token("jira", 0).await;
+    assert!(
+        matches!(&result, Err(Error::Other(status)) if status.code() == tonic::Code::Internal),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_survives_a_restart() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let stored = vault
+        .store_token("jira", oauth_token("persisted", "rt", 3600), 0)
+        .await
+        .unwrap();
+    app.stop().await;
+
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let token = vault.get_token("jira", 0).await.unwrap();
+    assert_eq!(token.access_token, "persisted");
+    assert_eq!(token.generation, stored.generation);
+}
+
+#[tokio::test]
+async fn refresh_without_a_provider_never_pretends() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let first = vault
+        .store_token("jira", oauth_token("at-1", "rt", 3600), 0)
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        vault.refresh("jira", 0).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    assert!(matches!(
+        vault.refresh("stripe", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+
+    // A caller that saw an older generation gets the newer one without a refresh.
+    let second = vault
+        .store_token("jira", oauth_token("at-2", "rt", 3600), 0)
+        .await
+        .unwrap();
+    let token = vault.refresh("jira", first.generation).await.unwrap();
+    assert_eq!(token.access_token, "at-2");
+    assert_eq!(token.generation, second.generation);
+    assert!(!token.refreshed);
+}
+
+#[tokio::test]
+async fn an_expired_access_token_is_not_served_without_a_provider() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+
+    vault
+        .store_token("expired", oauth_token("old", "rt", -10), 0)
+        .await
+        .unwrap();
+    vault
+        .store_token("expiring", oauth_token("soon", "rt", 20), 0)
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        vault.get_token("expired", 0).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    // Still valid, though inside the refresh window: better than nothing, and not "refreshed".
+    let token = vault.get_token("expiring", 300).await.unwrap();
+    assert_eq!(token.access_token, "soon");
+    assert!(!token.refreshed);
+}
+
+#[tokio::test]
+async fn revoke_deletes_one_tool_or_all_of_them() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    for tool in ["jira", "stripe", "canva"] {
+        vault
+            .store_token(tool, oauth_token("at", "rt", 3600), 0)
+            .await
+            .unwrap();
+    }
+
+    assert_eq!(vault.revoke("jira", false).await.unwrap().revoked, 1);
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    assert_eq!(
+        vault.revoke("jira", false).await.unwrap().revoked,
+        0,
+        "idempotent"
+    );
+    let all = vault.revoke("", false).await.unwrap();
+    assert_eq!((all.revoked, all.provider_revoked), (2, 0));
+    assert!(matches!(
+        vault.get_token("stripe", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+}
+
+#[tokio::test]
+async fn revoking_for_someone_else_needs_the_admin_scope() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut alice = app.client(&issuer, "agent-a", "alice").await;
+    let mut bob = app.client(&issuer, "agent-a", "bob").await;
+    let mut other_agent = app.client(&issuer, "agent-b", "alice").await;
+    alice
+        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .await
+        .unwrap();
+    other_agent
+        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .await
+        .unwrap();
+
+    let as_bob = bob
+        .revoke_for(vault_client::proto::RevokeRequest {
+            user_id: "alice".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(as_bob, Err(Error::PermissionDenied(_))),
+        "{as_bob:?}"
+    );
+    let cross_agent = bob
+        .revoke_for(vault_client::proto::RevokeRequest {
+            agent_id: "agent-b".into(),
+            user_id: "bob".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(cross_agent, Err(Error::PermissionDenied(_))));
+    assert!(alice.get_token("jira", 0).await.is_ok());
+
+    let mut admin = app.admin(&issuer, "ops-console", "operator").await;
+    let revoked = admin
+        .revoke_for(vault_client::proto::RevokeRequest {
+            agent_id: "agent-a".into(),
+            user_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked, 1);
+    assert!(matches!(
+        alice.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    assert!(
+        other_agent.get_token("jira", 0).await.is_ok(),
+        "only the named agent's credential went"
+    );
+
+    let unknown = admin
+        .revoke_for(vault_client::proto::RevokeRequest {
+            agent_id: "never-seen".into(),
+            user_id: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(unknown.revoked, 0);
+}
+
+#[tokio::test]
+async fn no_token_ever_reaches_the_logs() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let caller_jwt = issuer.token("agent-log", "alice");
+    let mut vault = app.client_with(&caller_jwt).await;
+    let access = "LOGCHECK-ACCESS-7c0ffee";
+    let refresh = "LOGCHECK-REFRESH-7c0ffee";
+
+    vault
+        .store_token("jira", oauth_token(access, refresh, 3600), 0)
+        .await
+        .unwrap();
+    vault.get_token("jira", 0).await.unwrap();
+    let _ = vault.refresh("jira", 0).await;
+    let _ = vault
+        .store_token("bad tool", oauth_token(access, refresh, 3600), 0)
+        .await;
+    vault.revoke("jira", true).await.unwrap();
+    let mut forged = app.client_with(&format!("{caller_jwt}x")).await;
+    let _ = forged.get_token("jira", 0).await;
+
+    let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    assert!(logs.contains("stored credential"), "the log capture works");
+    for secret in [access, refresh, "7c0ffee", caller_jwt.as_str()] {
+        assert!(!logs.contains(secret), "{secret} appeared in the logs");
+    }
+    let signature = caller_jwt.rsplit('.').next().unwrap();
+    assert!(!logs.contains(signature));
+}

@@ -1,0 +1,189 @@
+//! Hostile or malformed requests: INVALID_ARGUMENT naming the field, never a panic, and the
+//! server stays healthy.
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use vault_client::Error;
+use vault_client::proto::{GetTokenRequest, StoreTokenRequest};
+
+use crate::helpers::*;
+
+fn field_of<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
+    match result {
+        Err(Error::InvalidArgument { field, message }) => {
+            assert!(
+                message.starts_with(&field),
+                "message names the field: {message}"
+            );
+            field
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn each_bad_field_is_named() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let good = || oauth_token("at", "rt", 3600);
+
+    assert_eq!(field_of(vault.store_token("", good(), 0).await), "tool");
+    assert_eq!(
+        field_of(vault.store_token("jira tool", good(), 0).await),
+        "tool"
+    );
+    assert_eq!(
+        field_of(vault.store_token("jira/x", good(), 0).await),
+        "tool"
+    );
+    assert_eq!(
+        field_of(vault.store_token("ツール", good(), 0).await),
+        "tool"
+    );
+    assert_eq!(
+        field_of(vault.store_token(&"x".repeat(129), good(), 0).await),
+        "tool"
+    );
+    assert!(
+        vault.store_token(&"x".repeat(128), good(), 0).await.is_ok(),
+        "128 is allowed"
+    );
+    assert_eq!(
+        field_of(
+            vault
+                .store_token("jira", oauth_token("", "rt", 3600), 0)
+                .await
+        ),
+        "token.access_token"
+    );
+    let huge = "a".repeat(16 * 1024 + 1);
+    assert_eq!(
+        field_of(
+            vault
+                .store_token("jira", oauth_token(&huge, "rt", 3600), 0)
+                .await
+        ),
+        "token.access_token"
+    );
+    assert!(
+        vault
+            .store_token("jira", oauth_token(&"a".repeat(16 * 1024), "rt", 3600), 0)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        field_of(
+            vault
+                .store_token("jira", oauth_token("at", &huge, 3600), 0)
+                .await
+        ),
+        "token.refresh_token"
+    );
+    assert_eq!(
+        field_of(vault.store_token("jira", good(), -1).await),
+        "ttl_seconds"
+    );
+    let mut bad_time = good();
+    bad_time.expires_at = Some(prost_types::Timestamp {
+        seconds: -5,
+        nanos: 0,
+    });
+    assert_eq!(
+        field_of(vault.store_token("jira", bad_time, 0).await),
+        "token.expires_at"
+    );
+    let mut bad_scope = good();
+    bad_scope.scopes = vec!["read write".into()];
+    assert_eq!(
+        field_of(vault.store_token("jira", bad_scope, 0).await),
+        "token.scopes"
+    );
+
+    let missing = vault
+        .raw()
+        .store_token(StoreTokenRequest {
+            tool: "jira".into(),
+            token: None,
+            ttl_seconds: 0,
+        })
+        .await
+        .map_err(Error::from);
+    assert_eq!(field_of(missing), "token");
+    assert_eq!(field_of(vault.get_token("", 0).await), "tool");
+    assert_eq!(
+        field_of(vault.get_token("jira", -1).await),
+        "min_valid_seconds"
+    );
+    assert_eq!(field_of(vault.refresh("a b", 0).await), "tool");
+    assert_eq!(field_of(vault.revoke("a b", false).await), "tool");
+    let bad_user = vault
+        .revoke_for(vault_client::proto::RevokeRequest {
+            user_id: "x\u{1}y".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(field_of(bad_user), "user_id");
+}
+
+#[tokio::test]
+async fn a_request_over_one_mebibyte_is_refused_and_the_server_stays_healthy() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+
+    let mut token = oauth_token("at", "rt", 3600);
+    token.scopes = vec!["s".repeat(1024); 1100];
+    let result = vault
+        .raw()
+        .store_token(StoreTokenRequest {
+            tool: "jira".into(),
+            token: Some(token),
+            ttl_seconds: 0,
+        })
+        .await;
+    let status = result.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+        ),
+        "{status:?}"
+    );
+
+    let big_header = "x".repeat(64 * 1024);
+    let mut refused = vault.raw();
+    let mut request = tonic::Request::new(GetTokenRequest {
+        tool: "jira".into(),
+        min_valid_seconds: 0,
+    });
+    request
+        .metadata_mut()
+        .insert("x-padding", big_header.parse().unwrap());
+    assert!(
+        refused.get_token(request).await.is_err(),
+        "oversized headers are refused"
+    );
+
+    let mut health = HealthClient::new(channel(&app.endpoint()).await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    vault
+        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .await
+        .unwrap();
+    assert_eq!(vault.get_token("jira", 0).await.unwrap().access_token, "at");
+}

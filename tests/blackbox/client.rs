@@ -1,0 +1,281 @@
+//! The vault-client crate against a real server: token sources, retries, TLS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use vault_client::{Client, Error, RetryPolicy, TokenSource};
+
+use crate::helpers::*;
+use crate::provider::TestPki;
+
+#[tokio::test]
+async fn a_token_file_is_re_read_when_it_changes() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, issuer.token("agent-a", "alice")).unwrap();
+    let mut vault = Client::builder(app.endpoint())
+        .token(TokenSource::file(&file))
+        .connect()
+        .await
+        .unwrap();
+    vault
+        .store_token("jira", oauth_token("alice-at", "rt", 3600), 0)
+        .await
+        .unwrap();
+
+    std::fs::write(&file, format!("{}\n", issuer.token("agent-a", "bob"))).unwrap();
+    assert!(
+        matches!(
+            vault.get_token("jira", 0).await,
+            Err(Error::CredentialNotFound)
+        ),
+        "now acting for bob"
+    );
+    std::fs::write(&file, issuer.token("agent-a", "alice")).unwrap();
+    assert_eq!(
+        vault.get_token("jira", 0).await.unwrap().access_token,
+        "alice-at"
+    );
+
+    std::fs::remove_file(&file).unwrap();
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::TokenSource(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_callback_source_is_asked_before_every_call() {
+    let db = TestDb::new().await;
+    let issuer = Arc::new(Issuer::new());
+    let app = spawn(&db, &issuer).await;
+    let asked = Arc::new(AtomicU32::new(0));
+    let source = {
+        let (issuer, asked) = (Arc::clone(&issuer), Arc::clone(&asked));
+        TokenSource::callback(move || {
+            let (issuer, asked) = (Arc::clone(&issuer), Arc::clone(&asked));
+            async move {
+                asked.fetch_add(1, Ordering::SeqCst);
+                Ok(issuer.token("agent-a", "alice"))
+            }
+        })
+    };
+    let mut vault = Client::builder(app.endpoint())
+        .token(source)
+        .connect()
+        .await
+        .unwrap();
+    vault
+        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .await
+        .unwrap();
+    vault.get_token("jira", 0).await.unwrap();
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+
+    let failing =
+        TokenSource::callback(|| async { Err::<String, _>("identity provider down".into()) });
+    let mut broken = Client::builder(app.endpoint())
+        .token(failing)
+        .connect()
+        .await
+        .unwrap();
+    assert!(
+        matches!(broken.get_token("jira", 0).await, Err(Error::TokenSource(m)) if m.contains("identity provider down"))
+    );
+}
+
+#[tokio::test]
+async fn clones_with_different_callers_never_send_each_others_token() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let shared = Client::connect(app.endpoint()).await.unwrap();
+    let mut alice = shared
+        .clone()
+        .with_bearer(&issuer.token("agent-a", "alice"))
+        .unwrap();
+    let mut bob = shared
+        .clone()
+        .with_bearer(&issuer.token("agent-a", "bob"))
+        .unwrap();
+    alice
+        .store_token("jira", oauth_token("alice-at", "rt", 3600), 0)
+        .await
+        .unwrap();
+    bob.store_token("jira", oauth_token("bob-at", "rt", 3600), 0)
+        .await
+        .unwrap();
+
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        let (mut client, expected) = if i % 2 == 0 {
+            (alice.clone(), "alice-at")
+        } else {
+            (bob.clone(), "bob-at")
+        };
+        calls.push(tokio::spawn(async move {
+            (
+                client.get_token("jira", 0).await.unwrap().access_token,
+                expected,
+            )
+        }));
+    }
+    for call in calls {
+        let (got, expected) = call.await.unwrap();
+        assert_eq!(got, expected);
+    }
+}
+
+#[tokio::test]
+async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let token = issuer.token("agent-a", "alice");
+
+    let mut once = Client::builder(&endpoint)
+        .retry(RetryPolicy::none())
+        .connect_lazy()
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    assert!(
+        matches!(once.get_token("jira", 0).await, Err(Error::Unavailable(_))),
+        "nothing listens yet"
+    );
+    let mut store = Client::builder(&endpoint)
+        .connect_lazy()
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        store
+            .store_token("jira", oauth_token("at", "rt", 3600), 0)
+            .await,
+        Err(Error::Unavailable(_))
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "StoreToken is not retried"
+    );
+
+    let listen = format!("127.0.0.1:{port}");
+    let late_server = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        spawn_with(&db, &issuer, &[("VAULT_LISTEN", listen.as_str())]).await
+    };
+    let policy = RetryPolicy {
+        max_attempts: 50,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(300),
+        deadline: Duration::from_secs(20),
+    };
+    let mut patient = Client::builder(&endpoint)
+        .retry(policy)
+        .connect_lazy()
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    let (result, _app) = tokio::join!(patient.get_token("jira", 0), late_server);
+    assert!(
+        matches!(result, Err(Error::CredentialNotFound)),
+        "reached the vault once it was up: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_client_speaks_tls_and_mutual_tls() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let pki = TestPki::new();
+    let (cert, key, ca) = (
+        pki.cert_path.display().to_string(),
+        pki.key_path.display().to_string(),
+        pki.ca_path.display().to_string(),
+    );
+    let token = issuer.token("agent-a", "alice");
+
+    let tls = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_TLS_CERT_FILE", cert.as_str()),
+            ("VAULT_TLS_KEY_FILE", key.as_str()),
+        ],
+    )
+    .await;
+    let endpoint = format!("https://127.0.0.1:{}", tls.addr.port());
+    let mut vault = Client::builder(&endpoint)
+        .tls_ca_pem(&pki.ca_pem)
+        .connect()
+        .await
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    vault
+        .store_token("jira", oauth_token("over-tls", "rt", 3600), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.get_token("jira", 0).await.unwrap().access_token,
+        "over-tls"
+    );
+    let untrusting = Client::builder(&endpoint)
+        .tls_native_roots()
+        .retry(RetryPolicy::none())
+        .connect()
+        .await;
+    assert!(
+        untrusting.is_err(),
+        "a certificate from an unknown CA is refused"
+    );
+
+    let mtls = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_TLS_CERT_FILE", cert.as_str()),
+            ("VAULT_TLS_KEY_FILE", key.as_str()),
+            ("VAULT_TLS_CLIENT_CA_FILE", ca.as_str()),
+        ],
+    )
+    .await;
+    let endpoint = format!("https://127.0.0.1:{}", mtls.addr.port());
+    let anonymous = Client::builder(&endpoint)
+        .tls_ca_pem(&pki.ca_pem)
+        .retry(RetryPolicy::none())
+        .connect()
+        .await;
+    let refused = match anonymous {
+        Err(_) => true,
+        Ok(client) => client
+            .with_bearer(&token)
+            .unwrap()
+            .get_token("jira", 0)
+            .await
+            .is_err(),
+    };
+    assert!(refused, "no client certificate, no service");
+    let mut gateway = Client::builder(&endpoint)
+        .tls_ca_pem(&pki.ca_pem)
+        .tls_identity(&pki.client_cert_pem, &pki.client_key_pem)
+        .connect()
+        .await
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    assert_eq!(
+        gateway.get_token("jira", 0).await.unwrap().access_token,
+        "over-tls"
+    );
+}

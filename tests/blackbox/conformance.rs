@@ -1,0 +1,577 @@
+//! Store conformance: the same behaviours, checked against PostgreSQL and the embedded SQLite
+//! store through the `Store` trait alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vault_server::config::{Database, DatabaseSettings};
+use vault_server::crypto::SealedCredential;
+use vault_server::ids::{AgentId, Generation, Tool, UserId};
+use vault_server::store::{
+    AgentRecord, CredentialState, NewCredential, RefreshLease, RootKeyRecord, Store, SweepOutcome,
+    Upserted,
+};
+
+use crate::helpers::TestDb;
+
+fn agent(id: &str) -> AgentId {
+    AgentId::parse(id).unwrap()
+}
+fn user(id: &str) -> UserId {
+    UserId::parse(id).unwrap()
+}
+fn tool(id: &str) -> Tool {
+    Tool::parse(id).unwrap()
+}
+
+fn sealed(tag: u8) -> SealedCredential {
+    SealedCredential {
+        wrapped_data_key: vec![tag; 60],
+        ciphertext: vec![tag; 90],
+        key_version: 1,
+    }
+}
+
+async fn registered(store: &dyn Store, id: &str) -> AgentRecord {
+    store
+        .create_agent(&agent(id), b"wrapped-agent-key", 1)
+        .await
+        .unwrap()
+}
+
+async fn put(
+    store: &dyn Store,
+    a: &AgentRecord,
+    u: &str,
+    t: &str,
+    tag: u8,
+    ttl: u64,
+) -> (Generation, Upserted) {
+    let generation = store.next_generation(a).await.unwrap();
+    let (u, t, s) = (user(u), tool(t), sealed(tag));
+    let outcome = store
+        .upsert(
+            a,
+            NewCredential {
+                user: &u,
+                tool: &t,
+                generation,
+                sealed: &s,
+                access_expires_at: None,
+                ttl_seconds: ttl,
+            },
+        )
+        .await
+        .unwrap();
+    (generation, outcome)
+}
+
+async fn a_credential_round_trips_and_generations_never_repeat(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    let (g1, outcome) = put(store, &a, "alice", "jira", 1, 3600).await;
+    assert!(matches!(outcome, Upserted::Written { .. }));
+    let loaded = store
+        .load(&a, &user("alice"), &tool("jira"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (loaded.generation, loaded.state, loaded.sealed),
+        (g1, CredentialState::Active, sealed(1))
+    );
+
+    assert_eq!(
+        store
+            .delete(&a, &user("alice"), Some(&tool("jira")))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        store
+            .load(&a, &user("alice"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (g2, _) = put(store, &a, "alice", "jira", 2, 3600).await;
+    assert!(
+        g2 > g1,
+        "a generation is never handed out twice, even after a delete"
+    );
+}
+
+async fn an_older_generation_never_overwrites_a_newer_one(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    let older = store.next_generation(&a).await.unwrap();
+    let (newer, _) = put(store, &a, "alice", "jira", 2, 3600).await;
+    let (u, t, s) = (user("alice"), tool("jira"), sealed(1));
+    let late = store
+        .upsert(
+            &a,
+            NewCredential {
+                user: &u,
+                tool: &t,
+                generation: older,
+                sealed: &s,
+                access_expires_at: None,
+                ttl_seconds: 3600,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(late, Upserted::Superseded);
+    assert_eq!(
+        store.load(&a, &u, &t).await.unwrap().unwrap().generation,
+        newer
+    );
+}
+
+async fn agents_and_users_do_not_see_each_other(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    let b = registered(store, "agent-b").await;
+    put(store, &a, "alice", "jira", 1, 3600).await;
+    assert!(
+        store
+            .load(&b, &user("alice"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .load(&a, &user("bob"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.delete(&b, &user("alice"), None).await.unwrap(), 0);
+    assert!(
+        store
+            .load(&a, &user("alice"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
+    let first = store
+        .create_agent(&agent("agent-a"), b"first", 1)
+        .await
+        .unwrap();
+    let second = store
+        .create_agent(&agent("agent-a"), b"second", 1)
+        .await
+        .unwrap();
+    assert_eq!(first.wrapped_key, b"first");
+    assert_eq!(second.wrapped_key, b"first");
+    assert_eq!(first.namespace, second.namespace);
+    assert_eq!(
+        store
+            .agent(&agent("agent-a"))
+            .await
+            .unwrap()
+            .unwrap()
+            .wrapped_key,
+        b"first"
+    );
+    assert!(store.agent(&agent("nobody")).await.unwrap().is_none());
+}
+
+async fn the_first_root_key_record_wins(store: &dyn Store) {
+    assert!(store.root_key().await.unwrap().is_none());
+    let first = store
+        .init_root_key(&RootKeyRecord {
+            key_check: b"kcv-1".to_vec(),
+            kdf: None,
+        })
+        .await
+        .unwrap();
+    let second = store
+        .init_root_key(&RootKeyRecord {
+            key_check: b"kcv-2".to_vec(),
+            kdf: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.key_check, b"kcv-1");
+    assert_eq!(second.key_check, b"kcv-1");
+}
+
+async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    for i in 0..5 {
+        put(store, &a, &format!("user-{i}"), "jira", 1, 0).await;
+    }
+    put(store, &a, "keeper", "jira", 2, 3600).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        store
+            .load(&a, &user("user-0"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_none(),
+        "past TTL: never served"
+    );
+    assert_eq!(
+        store.sweep(100, true).await.unwrap(),
+        SweepOutcome {
+            swept: 5,
+            more: false
+        }
+    );
+    assert_eq!(
+        store.sweep(3, false).await.unwrap(),
+        SweepOutcome {
+            swept: 3,
+            more: true
+        }
+    );
+    assert_eq!(
+        store.sweep(3, false).await.unwrap(),
+        SweepOutcome {
+            swept: 2,
+            more: false
+        }
+    );
+    assert!(
+        store
+            .load(&a, &user("keeper"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn the_refresh_lease_admits_one_holder_and_the_write_is_fenced(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
+    let (u, t) = (user("alice"), tool("jira"));
+    let (me, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, me, lease)
+            .await
+            .unwrap(),
+        RefreshLease::Acquired
+    );
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, other, lease)
+            .await
+            .unwrap(),
+        RefreshLease::Held
+    );
+
+    let g2 = store.next_generation(&a).await.unwrap();
+    let s = sealed(2);
+    let new = || NewCredential {
+        user: &u,
+        tool: &t,
+        generation: g2,
+        sealed: &s,
+        access_expires_at: None,
+        ttl_seconds: 0,
+    };
+    assert!(store.complete_refresh(&a, g1, new()).await.unwrap());
+    assert!(
+        !store.complete_refresh(&a, g1, new()).await.unwrap(),
+        "a stale generation never writes"
+    );
+    let loaded = store.load(&a, &u, &t).await.unwrap().unwrap();
+    assert_eq!((loaded.generation, loaded.sealed), (g2, sealed(2)));
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, other, lease)
+            .await
+            .unwrap(),
+        RefreshLease::Changed
+    );
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g2, other, lease)
+            .await
+            .unwrap(),
+        RefreshLease::Acquired,
+        "released by the write"
+    );
+}
+
+async fn an_expired_refresh_lease_can_be_taken_over(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
+    let (u, t) = (user("alice"), tool("jira"));
+    let short = Duration::from_millis(50);
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, uuid::Uuid::new_v4(), short)
+            .await
+            .unwrap(),
+        RefreshLease::Acquired
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, uuid::Uuid::new_v4(), short)
+            .await
+            .unwrap(),
+        RefreshLease::Acquired,
+        "a crashed holder does not wedge it"
+    );
+}
+
+async fn failures_back_off_and_reauth_sticks(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
+    let (u, t) = (user("alice"), tool("jira"));
+    let me = uuid::Uuid::new_v4();
+    let until = store
+        .record_refresh_failure(
+            &a,
+            &u,
+            &t,
+            g1,
+            Some(Duration::from_secs(7)),
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap()
+        .expect("recorded");
+    let wait = (until - chrono::Utc::now()).num_milliseconds();
+    assert!(
+        (6_000..=7_500).contains(&wait),
+        "Retry-After honoured: {wait} ms"
+    );
+    assert!(matches!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, me, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        RefreshLease::BackingOff { .. }
+    ));
+
+    store.mark_reauth_required(&a, &u, &t, g1).await.unwrap();
+    assert_eq!(
+        store.load(&a, &u, &t).await.unwrap().unwrap().state,
+        CredentialState::ReauthRequired
+    );
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g1, me, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        RefreshLease::Changed
+    );
+
+    let (g2, _) = put(store, &a, "alice", "jira", 2, 3600).await;
+    assert_eq!(
+        store.load(&a, &u, &t).await.unwrap().unwrap().state,
+        CredentialState::Active,
+        "a new token clears the mark"
+    );
+    assert_eq!(
+        store
+            .try_refresh_lease(&a, &u, &t, g2, me, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        RefreshLease::Acquired,
+        "and the backoff"
+    );
+}
+
+async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
+    let a = registered(store, "agent-a").await;
+    put(store, &a, "alice", "jira", 1, 3600).await;
+    put(store, &a, "alice", "canva", 2, 3600).await;
+    let me = uuid::Uuid::new_v4();
+    let lease = Duration::from_secs(60);
+    let queued = store
+        .delete_into_outbox(&a, &user("alice"), None, me, lease)
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 2);
+    assert!(
+        store
+            .load(&a, &user("alice"), &tool("jira"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        queued
+            .iter()
+            .any(|q| q.tool == tool("canva") && q.sealed == sealed(2))
+    );
+
+    assert!(
+        store
+            .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased to the revoker"
+    );
+    store
+        .retry_outbox(&a, queued[0].id, "provider down")
+        .await
+        .unwrap();
+    store.finish_outbox(&a, queued[1].id).await.unwrap();
+    assert!(
+        store
+            .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "retry waits out its backoff"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let claimed = store
+        .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].1.id, claimed[0].1.attempts), (queued[0].id, 1));
+    assert_eq!(claimed[0].0.agent, agent("agent-a"));
+    assert!(
+        store
+            .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "claimed once"
+    );
+}
+
+async fn a_named_lease_has_one_holder(store: &dyn Store) {
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    assert!(
+        store
+            .try_lease("sweeper", a, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .try_lease("sweeper", b, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .try_lease("sweeper", a, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        "renewal"
+    );
+    assert!(
+        store
+            .try_lease("other", b, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+}
+
+async fn postgres(db: &TestDb) -> Arc<dyn Store> {
+    let settings = DatabaseSettings {
+        database: Database::Postgres(db.url.clone().into()),
+        max_connections: 4,
+    };
+    let store = vault_server::store::open(&settings).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+async fn sqlite(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    let settings = DatabaseSettings {
+        database: Database::SqliteFile(dir.path().join("vault.db")),
+        max_connections: 4,
+    };
+    let store = vault_server::store::open(&settings).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod on_postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let db = crate::helpers::TestDb::new().await;
+                    super::$case(super::postgres(&db).await.as_ref()).await;
+                }
+            )*
+        }
+        mod on_sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::$case(super::sqlite(&dir).await.as_ref()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    a_credential_round_trips_and_generations_never_repeat,
+    an_older_generation_never_overwrites_a_newer_one,
+    agents_and_users_do_not_see_each_other,
+    the_first_agent_key_wins_a_creation_race,
+    the_first_root_key_record_wins,
+    expired_credentials_are_hidden_then_swept_within_the_limit,
+    the_refresh_lease_admits_one_holder_and_the_write_is_fenced,
+    an_expired_refresh_lease_can_be_taken_over,
+    failures_back_off_and_reauth_sticks,
+    revocations_queue_atomically_and_are_claimed_once,
+    a_named_lease_has_one_holder,
+);
+
+#[tokio::test]
+async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts() {
+    use crate::helpers::*;
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("vault.db").display());
+    let extra = [("VAULT_DATABASE_URL", url.as_str())];
+    let app = spawn_with(&db, &issuer, &extra).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    vault
+        .store_token("jira", oauth_token("embedded-at", "rt", 3600), 0)
+        .await
+        .unwrap();
+    assert!(matches!(
+        app.client(&issuer, "agent-a", "bob")
+            .await
+            .get_token("jira", 0)
+            .await,
+        Err(vault_client::Error::CredentialNotFound)
+    ));
+    app.stop().await;
+
+    let app = spawn_with(&db, &issuer, &extra).await;
+    assert_eq!(
+        app.client(&issuer, "agent-a", "alice")
+            .await
+            .get_token("jira", 0)
+            .await
+            .unwrap()
+            .access_token,
+        "embedded-at"
+    );
+    let memory = spawn_with(&db, &issuer, &[("VAULT_DATABASE_URL", "sqlite::memory:")]).await;
+    let mut vault = memory.client(&issuer, "agent-a", "alice").await;
+    vault
+        .store_token("jira", oauth_token("in-memory", "rt", 3600), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.get_token("jira", 0).await.unwrap().access_token,
+        "in-memory"
+    );
+}

@@ -1,0 +1,16 @@
+//! Black-box tests: a real vault-server (in process, or the built binary) on port 0, a fresh
+//! PostgreSQL database per test, real JWTs signed by keys made at test time, and the
+//! `vault-client` crate as the caller.
+
+mod helpers;
+
+mod api;
+mod auth;
+mod bad_input;
+mod client;
+mod conformance;
+mod lifecycle;
+mod provider;
+mod refresh;
+mod ttl_and_sweep;
+mod walkthrough;

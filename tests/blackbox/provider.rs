@@ -1,0 +1,345 @@
+//! A real OAuth2 authorization server for the refresh and revocation tests: panva's
+//! `oidc-provider` (tests/oidc/provider.mjs) over TLS, with a CA and leaf certificate made here
+//! at test time. Its `/test/*` endpoints mint tokens through a real authorization-code + PKCE
+//! flow, count the calls that reach it, and inject failures.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// A test CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as
+/// PEM files.
+pub struct TestPki {
+    _dir: tempfile::TempDir,
+    pub ca_path: PathBuf,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub ca_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "credential vault test CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf_params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "gateway");
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params.signed_by(&client_key, &issuer).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let ca_pem = ca_cert.pem();
+        Self {
+            ca_path: write("ca.pem", &ca_pem),
+            cert_path: write("leaf.pem", &leaf.pem()),
+            key_path: write("leaf.key", &leaf_key.serialize_pem()),
+            ca_pem,
+            client_cert_pem: client.pem(),
+            client_key_pem: client_key.serialize_pem(),
+            _dir: dir,
+        }
+    }
+
+    /// An HTTPS client trusting only this CA.
+    pub fn client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+}
+
+fn oidc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc")
+}
+
+/// Installs the provider's npm packages from the committed lockfile, once per test run, so
+/// `cargo test` works on a fresh clone.
+fn ensure_npm_packages() {
+    static INSTALLED: OnceLock<Mutex<bool>> = OnceLock::new();
+    let mut done = INSTALLED.get_or_init(|| Mutex::new(false)).lock().unwrap();
+    if *done {
+        return;
+    }
+    let dir = oidc_dir();
+    if !dir.join("node_modules/oidc-provider/package.json").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is installed");
+        assert!(status.success(), "npm ci in tests/oidc failed");
+    }
+    *done = true;
+}
+
+/// What the provider prints when it is ready.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Ready {
+    pub issuer: String,
+    pub token_endpoint: String,
+    pub revocation_endpoint: String,
+    pub introspection_endpoint: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub port: u16,
+}
+
+/// Calls that reached the provider, counted on its side.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    pub token_calls: u64,
+    pub refresh_calls: u64,
+    pub revocation_calls: u64,
+    pub introspection_calls: u64,
+}
+
+/// Tokens from a real authorization-code + PKCE flow.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Grant {
+    pub access_token: String,
+    pub refresh_token: String,
+}
+
+/// A running authorization server; killed on drop. State survives restarts in `state_dir`.
+pub struct OidcProvider {
+    child: Option<Child>,
+    pub ready: Ready,
+    pub state_dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl OidcProvider {
+    /// Starts a provider on `port` (0 = any) keeping its state in `state_dir`.
+    pub fn start(pki: &TestPki, state_dir: &Path, port: u16, access_ttl: u64) -> Self {
+        ensure_npm_packages();
+        let mut child = Command::new("node")
+            .arg(oidc_dir().join("provider.mjs"))
+            .args(["--port", &port.to_string()])
+            .arg("--cert")
+            .arg(&pki.cert_path)
+            .arg("--key")
+            .arg(&pki.key_path)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--access-ttl", &access_ttl.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("node is installed");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the provider became ready");
+        let ready: Ready = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+        Self {
+            child: Some(child),
+            ready,
+            state_dir: state_dir.to_path_buf(),
+            http: pki.client(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.ready.port
+    }
+
+    /// Kills the provider (SIGKILL: an outage, not a goodbye).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.ready.issuer)
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {text}");
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        }
+    }
+
+    /// Runs a headless authorization-code + PKCE flow for `user`.
+    pub async fn authorize(&self, user: &str) -> Grant {
+        let value = self
+            .post_json("/test/authorize", json!({"user": user, "scope": "openid offline_access read:jira-work", "client_id": self.ready.client_id}))
+            .await;
+        serde_json::from_value(value).unwrap()
+    }
+
+    pub async fn stats(&self) -> Stats {
+        let response = self.http.get(self.url("/test/stats")).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    pub async fn reset_stats(&self) {
+        self.post_json("/test/reset-stats", json!({})).await;
+    }
+
+    /// The next `count` token-endpoint calls fail with `mode` (`500`, `429`, `timeout`).
+    pub async fn fail_next(&self, mode: &str, count: u32) {
+        self.post_json("/test/fail", json!({"mode": mode, "count": count}))
+            .await;
+    }
+
+    fn form(pairs: &[(&str, &str)]) -> String {
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            form.append_pair(k, v);
+        }
+        form.finish()
+    }
+
+    async fn client_post(&self, url: &str, pairs: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(url)
+            .basic_auth(&self.ready.client_id, Some(&self.ready.client_secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Self::form(pairs))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// RFC 7662 introspection: is `token` active?
+    pub async fn is_active(&self, token: &str) -> bool {
+        let response = self
+            .client_post(&self.ready.introspection_endpoint, &[("token", token)])
+            .await;
+        let body: Value = response.json().await.unwrap();
+        body["active"].as_bool().unwrap_or(false)
+    }
+
+    /// Revokes `token` directly at the provider, as a user or admin would.
+    pub async fn revoke_directly(&self, token: &str, hint: &str) {
+        let response = self
+            .client_post(
+                &self.ready.revocation_endpoint,
+                &[("token", token), ("token_type_hint", hint)],
+            )
+            .await;
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+
+    /// A refresh grant made directly; returns the HTTP status and body.
+    pub async fn refresh_directly(&self, refresh_token: &str) -> (u16, Value) {
+        let response = self
+            .client_post(
+                &self.ready.token_endpoint,
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token),
+                ],
+            )
+            .await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A providers file for the vault naming this provider: `jira` through RFC 8414/OIDC discovery
+/// with basic auth, `confluence` through explicit URLs.
+pub fn providers_file(dir: &Path, ready: &Ready) -> PathBuf {
+    let secret = dir.join("client-secret");
+    std::fs::write(&secret, format!("{}\n", ready.client_secret)).unwrap();
+    let toml = format!(
+        r#"
+[tools.jira]
+issuer = "{issuer}"
+client_id = "{client_id}"
+client_secret_file = "{secret}"
+auth_style = "basic"
+scopes = ["openid", "offline_access", "read:jira-work"]
+
+[tools.confluence]
+token_url = "{token}"
+revocation_url = "{revocation}"
+client_id = "{client_id}"
+client_secret_file = "{secret}"
+"#,
+        issuer = ready.issuer,
+        client_id = ready.client_id,
+        secret = secret.display(),
+        token = ready.token_endpoint,
+        revocation = ready.revocation_endpoint,
+    );
+    let path = dir.join("providers.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}

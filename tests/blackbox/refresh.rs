@@ -1,0 +1,483 @@
+//! Refresh and provider revocation against a real authorization server, with the number of
+//! provider calls read from the provider's side.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vault_client::Error;
+
+use crate::helpers::*;
+use crate::provider::*;
+
+/// A database, a caller-token issuer, a TLS authorization server, and the settings that point a
+/// vault at it.
+struct World {
+    db: TestDb,
+    issuer: Issuer,
+    pki: TestPki,
+    provider: OidcProvider,
+    dir: tempfile::TempDir,
+    providers_path: String,
+    ca_path: String,
+}
+
+impl World {
+    async fn new() -> Self {
+        let db = TestDb::new().await;
+        let issuer = Issuer::new();
+        let pki = TestPki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("provider-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let provider = OidcProvider::start(&pki, &state, 0, 3600);
+        let providers_path = providers_file(dir.path(), &provider.ready)
+            .display()
+            .to_string();
+        let ca_path = pki.ca_path.display().to_string();
+        Self {
+            db,
+            issuer,
+            pki,
+            provider,
+            dir,
+            providers_path,
+            ca_path,
+        }
+    }
+
+    fn extra(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("VAULT_PROVIDERS_FILE", self.providers_path.as_str()),
+            ("VAULT_PROVIDER_CA_FILE", self.ca_path.as_str()),
+            ("VAULT_PROVIDER_TIMEOUT_SECONDS", "5"),
+            ("VAULT_REVOCATION_RETRY_INTERVAL_SECONDS", "1"),
+        ]
+    }
+
+    async fn vault(&self) -> TestApp {
+        spawn_with(&self.db, &self.issuer, &self.extra()).await
+    }
+
+    /// Kills the provider and starts it again on the same port with the same state.
+    fn restart_provider(&mut self) {
+        let port = self.provider.port();
+        self.provider.kill();
+        let state: PathBuf = self.provider.state_dir.clone();
+        self.provider = OidcProvider::start(&self.pki, &state, port, 3600);
+    }
+
+    async fn credential_state(&self, agent: &str, user: &str, tool: &str) -> Option<i16> {
+        let schema =
+            vault_server::store::namespace_for(&vault_server::ids::AgentId::parse(agent).unwrap());
+        let mut conn = self.db.connect().await;
+        sqlx::query_scalar(&format!(
+            "SELECT state FROM \"{schema}\".credentials WHERE user_id = $1 AND tool = $2"
+        ))
+        .bind(user)
+        .bind(tool)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_rotates() {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let stored = vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+
+    let token = vault.get_token("jira", 0).await.unwrap();
+
+    assert!(token.refreshed);
+    assert_ne!(token.access_token, grant.access_token);
+    assert!(token.generation > stored.generation);
+    assert!(
+        token.expires_at.unwrap() > now() + 3000,
+        "expiry taken from expires_in"
+    );
+    assert_eq!(w.provider.stats().await.refresh_calls, 1);
+    assert!(
+        w.provider.is_active(&token.access_token).await,
+        "the new access token is live at the provider"
+    );
+
+    let again = vault.get_token("jira", 0).await.unwrap();
+    assert_eq!(
+        (again.access_token.as_str(), again.refreshed),
+        (token.access_token.as_str(), false)
+    );
+    assert_eq!(
+        w.provider.stats().await.refresh_calls,
+        1,
+        "a fresh token is not refreshed again"
+    );
+
+    // The vault kept the rotated refresh token: the original one was consumed by the first
+    // refresh, so a second refresh can only succeed with the new one.
+    let forced = vault.refresh("jira", 0).await.unwrap();
+    assert!(forced.refreshed);
+    assert_ne!(forced.access_token, token.access_token);
+    assert_eq!(w.provider.stats().await.refresh_calls, 2);
+    let (status, body) = w.provider.refresh_directly(&grant.refresh_token).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "the gateway's refresh token was rotated away"
+    );
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_call() {
+    let w = World::new().await;
+    let pairs = settings_pairs(&w.db, &w.issuer, &w.extra());
+    let first = start_binary(&pairs);
+    let second = start_binary(&pairs);
+    let grant = w.provider.authorize("alice").await;
+    let token = w.issuer.token("agent-a", "alice");
+    let mut a = vault_client::Client::connect(first.endpoint())
+        .await
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    let b = vault_client::Client::connect(second.endpoint())
+        .await
+        .unwrap()
+        .with_bearer(&token)
+        .unwrap();
+    a.store_token(
+        "confluence",
+        oauth_token(&grant.access_token, &grant.refresh_token, -60),
+        0,
+    )
+    .await
+    .unwrap();
+    w.provider.reset_stats().await;
+
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        let mut client = if i % 2 == 0 { a.clone() } else { b.clone() };
+        calls.push(tokio::spawn(async move {
+            client.get_token("confluence", 60).await
+        }));
+    }
+    let mut tokens = Vec::new();
+    for call in calls {
+        tokens.push(call.await.unwrap().expect("every caller gets a token"));
+    }
+
+    assert_eq!(
+        w.provider.stats().await.refresh_calls,
+        1,
+        "exactly one refresh at the provider"
+    );
+    let first_token = &tokens[0];
+    assert_ne!(first_token.access_token, grant.access_token);
+    for token in &tokens {
+        assert_eq!(
+            token.access_token, first_token.access_token,
+            "every caller gets the same new token"
+        );
+        assert_eq!(token.generation, first_token.generation);
+    }
+    assert!(w.provider.is_active(&first_token.access_token).await);
+}
+
+#[tokio::test]
+async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retried() {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider
+        .revoke_directly(&grant.refresh_token, "refresh_token")
+        .await;
+    w.provider.reset_stats().await;
+
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    assert_eq!(w.provider.stats().await.refresh_calls, 1);
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    assert!(matches!(
+        vault.refresh("jira", 0).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    assert_eq!(
+        w.provider.stats().await.refresh_calls,
+        1,
+        "no further provider calls"
+    );
+    assert_eq!(
+        w.credential_state("agent-a", "alice", "jira").await,
+        Some(1),
+        "kept, marked for re-auth"
+    );
+
+    // A new consent replaces it and clears the mark.
+    let fresh = w.provider.authorize("alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&fresh.access_token, &fresh.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.get_token("jira", 0).await.unwrap().access_token,
+        fresh.access_token
+    );
+}
+
+#[tokio::test]
+async fn a_provider_outage_keeps_the_credential_and_refresh_resumes_when_it_returns() {
+    let mut w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    let port = w.provider.port();
+    w.provider.kill();
+
+    let down = vault.get_token("jira", 0).await;
+    assert!(
+        matches!(down, Err(Error::ProviderUnavailable(_))),
+        "{down:?}"
+    );
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::ProviderUnavailable(_))
+    ));
+    assert_eq!(
+        w.credential_state("agent-a", "alice", "jira").await,
+        Some(0),
+        "credential intact"
+    );
+
+    w.restart_provider();
+    assert_eq!(w.provider.port(), port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let token = loop {
+        match vault.get_token("jira", 0).await {
+            Ok(token) => break token,
+            Err(Error::ProviderUnavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    assert!(token.refreshed);
+    assert!(w.provider.is_active(&token.access_token).await);
+}
+
+#[tokio::test]
+async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+
+    // Still valid for 20 s, inside the 30 s refresh window: a failed refresh serves it anyway.
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, 20),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+    w.provider.fail_next("500", 1).await;
+    let served = vault.get_token("jira", 0).await.unwrap();
+    assert_eq!(
+        (served.access_token.as_str(), served.refreshed),
+        (grant.access_token.as_str(), false)
+    );
+    assert_eq!(w.provider.stats().await.refresh_calls, 1);
+
+    // Expired, and the provider says 429 with Retry-After: 2.
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+    w.provider.fail_next("429", 1).await;
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::ProviderUnavailable(_))
+    ));
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::ProviderUnavailable(_))
+    ));
+    assert!(matches!(
+        vault.refresh("jira", 0).await,
+        Err(Error::ProviderUnavailable(_))
+    ));
+    assert_eq!(
+        w.provider.stats().await.refresh_calls,
+        1,
+        "no provider call inside the Retry-After window"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let token = vault.get_token("jira", 0).await.unwrap();
+    assert!(token.refreshed);
+    assert_eq!(w.provider.stats().await.refresh_calls, 2);
+}
+
+#[tokio::test]
+async fn revoke_at_provider_makes_both_tokens_inactive() {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    assert!(w.provider.is_active(&grant.access_token).await);
+
+    let revoked = vault.revoke("jira", true).await.unwrap();
+
+    assert_eq!((revoked.revoked, revoked.provider_revoked), (1, 1));
+    assert!(!w.provider.is_active(&grant.access_token).await);
+    assert!(!w.provider.is_active(&grant.refresh_token).await);
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+}
+
+#[tokio::test]
+async fn a_revocation_made_during_an_outage_is_delivered_after_it_across_a_vault_restart() {
+    let mut w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("bob").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "bob").await;
+    vault
+        .store_token(
+            "confluence",
+            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    let port = w.provider.port();
+    w.provider.kill();
+
+    let revoked = vault.revoke("", true).await.unwrap();
+    assert_eq!(
+        (revoked.revoked, revoked.provider_revoked),
+        (1, 0),
+        "deleted locally, owed to the provider"
+    );
+    assert!(matches!(
+        vault.get_token("confluence", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    app.stop().await;
+
+    w.restart_provider();
+    assert_eq!(w.provider.port(), port);
+    assert!(
+        w.provider.is_active(&grant.refresh_token).await,
+        "not revoked yet"
+    );
+    let _restarted = w.vault().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.provider.is_active(&grant.refresh_token).await
+        || w.provider.is_active(&grant.access_token).await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the queued revocation was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut conn = w.db.connect().await;
+    let schema =
+        vault_server::store::namespace_for(&vault_server::ids::AgentId::parse("agent-a").unwrap());
+    let left: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".revocation_outbox"
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the outbox is empty once delivered");
+    let _ = &w.dir;
+}
+
+#[tokio::test]
+async fn refresh_with_an_old_generation_returns_the_current_token_without_a_provider_call() {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let old = vault
+        .store_token(
+            "jira",
+            oauth_token("stale-at", &grant.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    let current = vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+
+    let token = vault.refresh("jira", old.generation).await.unwrap();
+
+    assert_eq!(token.access_token, grant.access_token);
+    assert_eq!(token.generation, current.generation);
+    assert!(!token.refreshed);
+    assert_eq!(w.provider.stats().await.refresh_calls, 0);
+
+    let fresh = vault.refresh("jira", current.generation).await.unwrap();
+    assert!(fresh.refreshed, "the current generation does refresh");
+    assert_eq!(w.provider.stats().await.refresh_calls, 1);
+}

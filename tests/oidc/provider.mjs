@@ -1,0 +1,542 @@
+#!/usr/bin/env node
+// A real OAuth 2.0 authorization server (panva/oidc-provider) for the vault's
+// integration tests: the vault refreshes, introspects and revokes tokens
+// against it exactly as it would against a production provider, and the
+// tests use the /test/* side door to mint tokens, count calls and inject
+// faults. See README.md for the CLI and endpoint contract.
+import './lib/stdout-guard.mjs';
+
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as https from 'node:https';
+import * as path from 'node:path';
+import * as querystring from 'node:querystring';
+import { parseArgs } from 'node:util';
+
+import Provider, { errors } from 'oidc-provider';
+
+import { loadOrCreateJson, readJson, writeJsonAtomic } from './lib/atomic-json.mjs';
+import { createFileAdapter } from './lib/file-adapter.mjs';
+import { AuthorizeError, headlessAuthorize } from './lib/headless-authorize.mjs';
+
+const REDIRECT_URI = 'https://127.0.0.1/callback';
+
+const CLIENTS = [
+  {
+    client_id: 'vault-test',
+    client_secret: 'vault-test-secret-0123456789abcdef',
+    token_endpoint_auth_method: 'client_secret_basic',
+  },
+  {
+    client_id: 'vault-test-post',
+    client_secret: 'vault-test-post-secret-0123456789abcdef',
+    token_endpoint_auth_method: 'client_secret_post',
+  },
+].map((client) => ({
+  ...client,
+  grant_types: ['authorization_code', 'refresh_token'],
+  response_types: ['code'],
+  redirect_uris: [REDIRECT_URI],
+}));
+
+// Custom scopes stand in for a real provider's API scopes. They must be
+// declared here: oidc-provider silently drops scopes it does not know.
+const SCOPES = ['openid', 'offline_access', 'read:jira-work', 'write:jira-work'];
+
+const DEFAULT_USER = 'alice';
+const DEFAULT_SCOPE = 'openid offline_access read:jira-work';
+
+// Pinned so the counting middleware can recognise the endpoints by path.
+const ROUTES = {
+  authorization: '/auth',
+  token: '/token',
+  revocation: '/token/revocation',
+  introspection: '/token/introspection',
+};
+
+// POST path -> which counter/fault bucket it belongs to.
+const COUNTED_ENDPOINTS = new Map([
+  [ROUTES.token, 'token'],
+  [ROUTES.revocation, 'revocation'],
+  [ROUTES.introspection, 'introspection'],
+]);
+
+const INJECTED_HANG_MS = 30_000;
+
+// ---------------------------------------------------------------------------
+// Command line
+
+const USAGE = 'usage: node provider.mjs --port PORT --cert CERT.pem --key KEY.pem --state-dir DIR'
+  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS]';
+
+class UsageError extends Error {}
+
+function parseCommandLine() {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      options: {
+        port: { type: 'string' },
+        cert: { type: 'string' },
+        key: { type: 'string' },
+        'state-dir': { type: 'string' },
+        'access-ttl': { type: 'string', default: '3600' },
+        'refresh-ttl': { type: 'string', default: '86400' },
+      },
+      strict: true,
+    }));
+  } catch (err) {
+    throw new UsageError(err.message);
+  }
+  for (const required of ['port', 'cert', 'key', 'state-dir']) {
+    if (values[required] === undefined) {
+      throw new UsageError(`missing required option --${required}`);
+    }
+  }
+  const integer = (name, min) => {
+    const n = Number(values[name]);
+    if (!Number.isInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}`);
+    return n;
+  };
+  return {
+    port: integer('port', 0),
+    cert: fs.readFileSync(values.cert),
+    key: fs.readFileSync(values.key),
+    stateDir: path.resolve(values['state-dir']),
+    accessTtl: integer('access-ttl', 1),
+    refreshTtl: integer('refresh-ttl', 1),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Persistent secrets. Both must survive restarts: the signing key because
+// id_tokens issued before a restart must still verify against the JWKS, and
+// the cookie keys so that nothing signed before a restart is suddenly forged.
+
+function loadSigningJwks(stateDir) {
+  return loadOrCreateJson(path.join(stateDir, 'jwks.json'), () => {
+    // RSA because clients default to RS256 for id_token signatures.
+    const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const jwk = privateKey.export({ format: 'jwk' });
+    return { keys: [{ ...jwk, kid: crypto.randomBytes(8).toString('hex'), use: 'sig' }] };
+  });
+}
+
+function loadCookieKeys(stateDir) {
+  return loadOrCreateJson(path.join(stateDir, 'cookie-keys.json'), () => [
+    crypto.randomBytes(32).toString('base64url'),
+  ]);
+}
+
+// ---------------------------------------------------------------------------
+// Call counters, persisted so that a test can assert totals across a
+// provider restart.
+
+class Stats {
+  static ZERO = Object.freeze({
+    token_calls: 0, refresh_calls: 0, revocation_calls: 0, introspection_calls: 0,
+  });
+
+  constructor(file) {
+    this.file = file;
+    this.counts = { ...Stats.ZERO, ...readJson(file, {}) };
+  }
+
+  record(endpoint, grantType) {
+    this.counts[`${endpoint}_calls`] += 1;
+    if (endpoint === 'token' && grantType === 'refresh_token') this.counts.refresh_calls += 1;
+    writeJsonAtomic(this.file, this.counts);
+  }
+
+  reset() {
+    this.counts = { ...Stats.ZERO };
+    writeJsonAtomic(this.file, this.counts);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection: "the next N requests to <endpoint> fail like <mode>".
+// Deliberately in memory only: a restart is itself the outage a test
+// simulates, and stale faults surviving it would be surprising.
+
+class Faults {
+  static MODES = new Set(['none', '500', '429', 'timeout']);
+
+  #pending = new Map(); // endpoint -> { mode, remaining }
+
+  set({ mode, count = 1, endpoint = 'token' }) {
+    if (!Faults.MODES.has(mode)) throw new Error(`mode must be one of ${[...Faults.MODES].join(', ')}`);
+    if (![...COUNTED_ENDPOINTS.values()].includes(endpoint)) throw new Error(`unknown endpoint ${endpoint}`);
+    if (mode === 'none') {
+      this.#pending.delete(endpoint);
+      return;
+    }
+    if (!Number.isInteger(count) || count < 0) throw new Error('count must be a non-negative integer');
+    this.#pending.set(endpoint, { mode, remaining: count });
+  }
+
+  /** The fault mode to apply to this request, if any (consumes one). */
+  take(endpoint) {
+    const fault = this.#pending.get(endpoint);
+    if (!fault || fault.remaining === 0) return undefined;
+    fault.remaining -= 1;
+    return fault.mode;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Request helpers for the code that runs in front of oidc-provider's own
+// routing and body parsing (the /test/* endpoints and the counting layer).
+
+const MAX_BODY_BYTES = 64 * 1024;
+
+async function readRawBody(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > MAX_BODY_BYTES) {
+      const err = new Error('request body too large');
+      err.status = 413;
+      err.expose = true;
+      throw err;
+    }
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+/**
+ * oidc-provider accepts client_secret_basic and client_secret_post
+ * interchangeably for any client with a secret. Real providers often do not,
+ * and the vault must use the method configured for the provider, so enforce
+ * each client's registered token_endpoint_auth_method here. Returns an error
+ * description, or undefined when the request is fine or not ours to judge
+ * (missing/duplicate credentials, unknown clients: oidc-provider handles those).
+ */
+function authMethodMismatch(ctx, form) {
+  const [scheme, encoded] = (ctx.get('authorization') || '').split(' ');
+  let clientId = form.client_id;
+  let method;
+  if (scheme?.toLowerCase() === 'basic' && encoded) {
+    const decoded = Buffer.from(encoded, 'base64').toString('utf8');
+    try {
+      clientId = decodeURIComponent(decoded.slice(0, decoded.indexOf(':')).replace(/\+/g, '%20'));
+    } catch {
+      return undefined;
+    }
+    method = 'client_secret_basic';
+  }
+  if (form.client_secret !== undefined) {
+    if (method) return undefined;
+    method = 'client_secret_post';
+  }
+  const client = CLIENTS.find((c) => c.client_id === clientId);
+  if (!client || !method || client.token_endpoint_auth_method === method) return undefined;
+  return `client ${client.client_id} must authenticate with ${client.token_endpoint_auth_method}, not ${method}`;
+}
+
+async function readJsonBody(ctx) {
+  const raw = await readRawBody(ctx.req);
+  if (raw.trim() === '') return {};
+  try {
+    return JSON.parse(raw);
+  } catch {
+    ctx.throw(400, 'request body must be JSON');
+  }
+}
+
+function sendJson(ctx, status, body) {
+  ctx.status = status;
+  ctx.type = 'application/json';
+  ctx.body = JSON.stringify(body);
+}
+
+// ---------------------------------------------------------------------------
+
+async function main() {
+  const opts = parseCommandLine();
+  fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
+
+  const stats = new Stats(path.join(opts.stateDir, 'stats.json'));
+  const faults = new Faults();
+
+  // Requests the harness makes to itself carry this header, so they are
+  // neither counted nor subject to injected faults: tests assert exact call
+  // counts for what the vault does, and minting tokens must keep working
+  // while a test is simulating an outage. Random per process so nobody
+  // outside can send it by accident.
+  const internalHeader = 'x-oidc-test-harness';
+  const internalToken = crypto.randomBytes(16).toString('hex');
+  const isInternal = (ctx) => ctx.get(internalHeader) === internalToken;
+
+  // The issuer has to contain the real port, which is only known after
+  // binding when --port 0 is used; so listen first and install the provider
+  // as the request handler afterwards.
+  let handler;
+  const server = https.createServer({ cert: opts.cert, key: opts.key }, (req, res) => {
+    if (handler) {
+      handler(req, res);
+    } else {
+      res.writeHead(503).end();
+    }
+  });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.port, '127.0.0.1', resolve);
+  });
+  const { port } = server.address();
+  const issuer = `https://127.0.0.1:${port}`;
+
+  const provider = new Provider(issuer, {
+    adapter: createFileAdapter(path.join(opts.stateDir, 'store')),
+    clients: CLIENTS,
+    jwks: loadSigningJwks(opts.stateDir),
+    cookies: { keys: loadCookieKeys(opts.stateDir) },
+    scopes: SCOPES,
+    routes: ROUTES,
+
+    // Any account id exists; who logs in is chosen by login_hint (see the
+    // interaction handler below).
+    findAccount: async (ctx, sub) => ({
+      accountId: sub,
+      claims: async () => ({ sub }),
+    }),
+
+    interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+
+    pkce: { required: () => true },
+
+    // The library default already does this; stated explicitly because it
+    // is the contract the tests rely on. `offline_access` only reaches the
+    // code if the authorization request carried prompt=consent (otherwise
+    // oidc-provider drops it, per OIDC Core 11) and the consent step granted
+    // it; /test/authorize does both.
+    issueRefreshToken: async (ctx, client, code) => client.grantTypeAllowed('refresh_token')
+      && code.scopes.has('offline_access'),
+
+    // Every refresh consumes the presented refresh token and returns a new
+    // one. NB: presenting an already-consumed refresh token is treated as
+    // theft and revokes the whole grant (library behaviour, RFC 9700 4.14).
+    rotateRefreshToken: true,
+
+    features: {
+      devInteractions: { enabled: false },
+      revocation: {
+        enabled: true,
+        allowedPolicy: async (ctx, client, token) => {
+          if (token.clientId !== client.clientId) {
+            throw new errors.InvalidRequest('client is not authorized to revoke the presented token');
+          }
+          return true;
+        },
+      },
+      introspection: {
+        enabled: true,
+        // Both clients are the vault's own confidential clients.
+        allowedPolicy: async () => true,
+      },
+    },
+
+    ttl: {
+      AccessToken: opts.accessTtl,
+      IdToken: opts.accessTtl,
+      RefreshToken: opts.refreshTtl,
+      AuthorizationCode: 60,
+      Interaction: 600,
+      // Grants and sessions must outlive any chain of rotated refresh
+      // tokens a test might build, or refreshes would start failing for a
+      // reason no real provider would have.
+      Grant: 365 * 24 * 3600,
+      Session: 365 * 24 * 3600,
+    },
+
+    // JSON instead of the default HTML page, so failures are readable in
+    // test logs.
+    renderError: async (ctx, out) => {
+      ctx.type = 'application/json';
+      ctx.body = JSON.stringify(out);
+    },
+  });
+
+  provider.on('server_error', (ctx, err) => console.error('oidc-provider server_error:', err));
+
+  // Headless login + consent: logs in as login_hint (default alice) and
+  // grants everything that was requested. Reached by following the
+  // authorization endpoint's redirect, so it works for /test/authorize and
+  // for any test that drives the authorization endpoint itself.
+  async function headlessInteraction(ctx) {
+    let details;
+    try {
+      details = await provider.interactionDetails(ctx.req, ctx.res);
+    } catch (err) {
+      sendJson(ctx, 400, { error: 'invalid_request', error_description: err.message });
+      return;
+    }
+    const { prompt, params, session } = details;
+    let result;
+    let merge = false;
+    if (prompt.name === 'login') {
+      result = { login: { accountId: params.login_hint || DEFAULT_USER } };
+    } else if (prompt.name === 'consent') {
+      const grant = details.grantId
+        ? await provider.Grant.find(details.grantId)
+        : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+      const missing = prompt.details;
+      if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(' '));
+      if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+      for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) {
+        grant.addResourceScope(indicator, scopes.join(' '));
+      }
+      result = { consent: { grantId: await grant.save() } };
+      merge = true; // keep the login result from the previous step
+    } else {
+      result = { error: 'access_denied', error_description: `unsupported prompt ${prompt.name}` };
+    }
+    const returnTo = await provider.interactionResult(ctx.req, ctx.res, result, {
+      mergeWithLastSubmission: merge,
+    });
+    ctx.status = 303;
+    ctx.redirect(returnTo);
+  }
+
+  async function testAuthorize(ctx) {
+    const body = await readJsonBody(ctx);
+    const clientId = body.client_id ?? CLIENTS[0].client_id;
+    const client = CLIENTS.find((c) => c.client_id === clientId);
+    if (!client) {
+      sendJson(ctx, 400, { error: 'unknown client_id', client_id: clientId });
+      return;
+    }
+    try {
+      const token = await headlessAuthorize({
+        issuer,
+        client: { ...client, redirect_uri: REDIRECT_URI },
+        user: body.user ?? DEFAULT_USER,
+        scope: body.scope ?? DEFAULT_SCOPE,
+        internalHeaders: { [internalHeader]: internalToken },
+        routes: ROUTES,
+      });
+      // The token endpoint's answer, verbatim (including errors).
+      ctx.status = token.status;
+      ctx.type = 'application/json';
+      ctx.body = token.body;
+    } catch (err) {
+      if (!(err instanceof AuthorizeError)) throw err;
+      sendJson(ctx, 502, { error: 'authorize_failed', message: err.message, details: err.details });
+    }
+  }
+
+  async function testEndpoints(ctx) {
+    const route = `${ctx.method} ${ctx.path}`;
+    switch (route) {
+      case 'POST /test/authorize':
+        return testAuthorize(ctx);
+      case 'GET /test/stats':
+        return sendJson(ctx, 200, stats.counts);
+      case 'POST /test/reset-stats':
+        stats.reset();
+        return sendJson(ctx, 200, stats.counts);
+      case 'POST /test/fail': {
+        const body = await readJsonBody(ctx);
+        try {
+          faults.set(body);
+        } catch (err) {
+          return sendJson(ctx, 400, { error: err.message });
+        }
+        return sendJson(ctx, 200, { ok: true });
+      }
+      default:
+        return sendJson(ctx, 404, { error: `no test endpoint ${route}` });
+    }
+  }
+
+  async function injectFault(ctx, mode) {
+    if (mode === 'timeout') {
+      await new Promise((resolve) => { setTimeout(resolve, INJECTED_HANG_MS).unref(); });
+      sendJson(ctx, 504, { error: 'temporarily_unavailable', error_description: 'injected timeout' });
+    } else if (mode === '429') {
+      ctx.set('Retry-After', '2');
+      sendJson(ctx, 429, { error: 'temporarily_unavailable', error_description: 'injected rate limit' });
+    } else {
+      sendJson(ctx, 500, { error: 'server_error', error_description: 'injected failure' });
+    }
+  }
+
+  // Runs before any oidc-provider route.
+  provider.use(async (ctx, next) => {
+    if (ctx.path.startsWith('/test/')) {
+      await testEndpoints(ctx);
+      return;
+    }
+    if (ctx.method === 'GET' && /^\/interaction\/[^/]+$/.test(ctx.path)) {
+      await headlessInteraction(ctx);
+      return;
+    }
+
+    const endpoint = ctx.method === 'POST' ? COUNTED_ENDPOINTS.get(ctx.path) : undefined;
+    if (!endpoint || isInternal(ctx)) {
+      await next();
+      return;
+    }
+
+    // Read the body here, before oidc-provider does, so the call can be
+    // classified and counted the moment it arrives, whatever happens next.
+    const raw = await readRawBody(ctx.req);
+    const form = ctx.is('application/x-www-form-urlencoded') ? querystring.parse(raw) : {};
+    stats.record(endpoint, form.grant_type);
+
+    const fault = faults.take(endpoint);
+    if (fault) {
+      await injectFault(ctx, fault);
+      return;
+    }
+
+    const wrongMethod = authMethodMismatch(ctx, form);
+    if (wrongMethod) {
+      sendJson(ctx, 401, { error: 'invalid_client', error_description: wrongMethod });
+      return;
+    }
+
+    // oidc-provider reads an already-consumed request body from
+    // ctx.request.body (its koa-bodyparser compatibility path; it logs a
+    // one-time warning about it to stderr).
+    ctx.request.body = raw;
+    await next();
+  });
+
+  handler = provider.callback();
+
+  const shutdown = () => {
+    // All state is written synchronously as it changes; nothing to flush.
+    server.closeAllConnections();
+    server.close(() => process.exit(0));
+  };
+  process.once('SIGTERM', shutdown);
+  process.once('SIGINT', shutdown);
+
+  const defaultClient = CLIENTS[0];
+  const postClient = CLIENTS[1];
+  process.stdout.write(`${JSON.stringify({
+    issuer,
+    token_endpoint: `${issuer}${ROUTES.token}`,
+    revocation_endpoint: `${issuer}${ROUTES.revocation}`,
+    introspection_endpoint: `${issuer}${ROUTES.introspection}`,
+    authorization_endpoint: `${issuer}${ROUTES.authorization}`,
+    client_id: defaultClient.client_id,
+    client_secret: defaultClient.client_secret,
+    post_client_id: postClient.client_id,
+    post_client_secret: postClient.client_secret,
+    port,
+  })}\n`);
+  console.error(`oidc test provider ready at ${issuer} (state in ${opts.stateDir})`);
+}
+
+main().catch((err) => {
+  if (err instanceof UsageError) {
+    console.error(`${err.message}\n${USAGE}`);
+    process.exit(2);
+  }
+  console.error('oidc test provider failed to start:', err);
+  process.exit(1);
+});

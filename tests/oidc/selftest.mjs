@@ -1,0 +1,319 @@
+// Self-test of the test provider: `npm test --prefix tests/oidc`.
+// Starts provider.mjs as the Rust tests do (fresh test CA from openssl,
+// state dir, --port 0, then a SIGKILL + restart on the same port) and checks
+// the contract documented in README.md.
+import { spawn, execFileSync } from 'node:child_process';
+import * as assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as https from 'node:https';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { once } from 'node:events';
+import { after, before, test } from 'node:test';
+
+const here = path.dirname(new URL(import.meta.url).pathname);
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'oidc-selftest-'));
+const stateDir = path.join(tmp, 'state');
+
+function makePki() {
+  const openssl = (...args) => execFileSync('openssl', args, { cwd: tmp, stdio: ['ignore', 'ignore', 'pipe'] });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  openssl('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '1', '-subj', '/CN=oidc selftest CA');
+  openssl('req', ...ec, '-keyout', 'leaf.key', '-out', 'leaf.csr', '-subj', '/CN=127.0.0.1');
+  fs.writeFileSync(path.join(tmp, 'ext.cnf'), 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
+  openssl('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial',
+    '-out', 'leaf.pem', '-days', '1', '-extfile', 'ext.cnf');
+  return fs.readFileSync(path.join(tmp, 'ca.pem'));
+}
+
+let ca;
+let child;
+let ready;
+
+async function startProvider(port) {
+  child = spawn(process.execPath, [
+    path.join(here, 'provider.mjs'),
+    '--port', String(port),
+    '--cert', path.join(tmp, 'leaf.pem'),
+    '--key', path.join(tmp, 'leaf.key'),
+    '--state-dir', stateDir,
+  ], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.setEncoding('utf8');
+  child.stdout.on('data', (chunk) => { out += chunk; });
+  while (!out.includes('\n')) {
+    const [code] = await Promise.race([once(child, 'exit'), once(child.stdout, 'data')]);
+    if (typeof code === 'number') throw new Error(`provider exited with ${code}`);
+  }
+  ready = JSON.parse(out);
+  return child;
+}
+
+function call(method, url, { form, json, basic, timeoutMs = 10_000 } = {}) {
+  const headers = { accept: 'application/json' };
+  let body;
+  if (form) {
+    headers['content-type'] = 'application/x-www-form-urlencoded';
+    body = new URLSearchParams(form).toString();
+  }
+  if (json) {
+    headers['content-type'] = 'application/json';
+    body = JSON.stringify(json);
+  }
+  if (basic) {
+    headers.authorization = `Basic ${Buffer.from(`${basic.id}:${basic.secret}`).toString('base64')}`;
+  }
+  return new Promise((resolve, reject) => {
+    const req = https.request(url, { method, headers, ca, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk) => { text += chunk; });
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: text ? JSON.parse(text) : undefined }));
+    });
+    req.setTimeout(timeoutMs, () => req.destroy(Object.assign(new Error('timeout'), { code: 'TIMEOUT' })));
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+const basic = () => ({ id: ready.client_id, secret: ready.client_secret });
+const authorize = (json = {}) => call('POST', `${ready.issuer}/test/authorize`, { json });
+const refresh = (refreshToken) => call('POST', ready.token_endpoint, {
+  basic: basic(), form: { grant_type: 'refresh_token', refresh_token: refreshToken },
+});
+const stats = async () => (await call('GET', `${ready.issuer}/test/stats`)).body;
+const fail = (json) => call('POST', `${ready.issuer}/test/fail`, { json });
+
+before(async () => {
+  ca = makePki();
+  await startProvider(0);
+});
+
+after(async () => {
+  if (child && child.exitCode === null) {
+    child.kill('SIGKILL');
+    await once(child, 'exit');
+  }
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
+
+test('ready line has the pinned shape', () => {
+  assert.equal(ready.issuer, `https://127.0.0.1:${ready.port}`);
+  assert.equal(ready.token_endpoint, `${ready.issuer}/token`);
+  assert.equal(ready.client_id, 'vault-test');
+  for (const key of ['revocation_endpoint', 'introspection_endpoint', 'authorization_endpoint', 'client_secret']) {
+    assert.equal(typeof ready[key], 'string', key);
+  }
+});
+
+// Shared across the sequential tests below.
+let latest;
+
+test('/test/authorize mints tokens without touching the counters', async () => {
+  const res = await authorize({ user: 'alice', scope: 'openid offline_access read:jira-work' });
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.ok(res.body.access_token);
+  assert.ok(res.body.refresh_token);
+  assert.equal(res.body.token_type, 'Bearer');
+  assert.equal(res.body.expires_in, 3600);
+  assert.deepEqual(new Set(res.body.scope.split(' ')), new Set(['openid', 'offline_access', 'read:jira-work']));
+  assert.deepEqual(await stats(), {
+    token_calls: 0, refresh_calls: 0, revocation_calls: 0, introspection_calls: 0,
+  });
+  latest = res.body;
+});
+
+test('no offline_access, no refresh token', async () => {
+  const res = await authorize({ scope: 'openid read:jira-work' });
+  assert.equal(res.status, 200);
+  assert.ok(res.body.access_token);
+  assert.equal(res.body.refresh_token, undefined);
+});
+
+test('refresh rotates; the old refresh token is then invalid_grant', async () => {
+  const first = latest;
+  const res = await refresh(first.refresh_token);
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.notEqual(res.body.refresh_token, first.refresh_token);
+  assert.notEqual(res.body.access_token, first.access_token);
+
+  const introspection = await call('POST', ready.introspection_endpoint, {
+    basic: basic(), form: { token: res.body.access_token },
+  });
+  assert.equal(introspection.status, 200);
+  assert.equal(introspection.body.active, true);
+  assert.equal(introspection.body.sub, 'alice');
+  assert.equal(introspection.body.client_id, 'vault-test');
+
+  const reuse = await refresh(first.refresh_token);
+  assert.equal(reuse.status, 400);
+  assert.equal(reuse.body.error, 'invalid_grant');
+
+  // Reuse detection: replaying a consumed refresh token revokes the grant,
+  // so the newest refresh token is dead too.
+  const newest = await refresh(res.body.refresh_token);
+  assert.equal(newest.body.error, 'invalid_grant');
+
+  assert.deepEqual(await stats(), {
+    token_calls: 3, refresh_calls: 3, revocation_calls: 0, introspection_calls: 1,
+  });
+});
+
+test('revoking a refresh token makes the next refresh invalid_grant', async () => {
+  const { body: tokens } = await authorize({ user: 'bob' });
+  const revoked = await call('POST', ready.revocation_endpoint, {
+    basic: basic(), form: { token: tokens.refresh_token, token_type_hint: 'refresh_token' },
+  });
+  assert.equal(revoked.status, 200);
+  const res = await refresh(tokens.refresh_token);
+  assert.equal(res.body.error, 'invalid_grant');
+  const introspection = await call('POST', ready.introspection_endpoint, {
+    basic: basic(), form: { token: tokens.access_token },
+  });
+  assert.equal(introspection.body.active, false, 'grant revocation takes the access token with it');
+  const s = await stats();
+  assert.equal(s.revocation_calls, 1);
+  assert.equal(s.introspection_calls, 2);
+});
+
+test('client_secret_post client works', async () => {
+  const { body: tokens } = await authorize({ client_id: 'vault-test-post' });
+  const res = await call('POST', ready.token_endpoint, {
+    form: {
+      grant_type: 'refresh_token',
+      refresh_token: tokens.refresh_token,
+      client_id: ready.post_client_id,
+      client_secret: ready.post_client_secret,
+    },
+  });
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.ok(res.body.refresh_token);
+});
+
+test('wrong client credentials are counted and rejected', async () => {
+  const baseline = await stats();
+  const res = await call('POST', ready.token_endpoint, {
+    basic: { id: 'vault-test', secret: 'nope' },
+    form: { grant_type: 'refresh_token', refresh_token: 'whatever' },
+  });
+  assert.equal(res.status, 401);
+  assert.equal(res.body.error, 'invalid_client');
+  const s = await stats();
+  assert.equal(s.token_calls, baseline.token_calls + 1);
+  assert.equal(s.refresh_calls, baseline.refresh_calls + 1);
+});
+
+test('each client must use its registered authentication method', async () => {
+  const baseline = await stats();
+  const postForBasicClient = await call('POST', ready.token_endpoint, {
+    form: {
+      grant_type: 'refresh_token',
+      refresh_token: 'whatever',
+      client_id: ready.client_id,
+      client_secret: ready.client_secret,
+    },
+  });
+  assert.equal(postForBasicClient.status, 401);
+  assert.equal(postForBasicClient.body.error, 'invalid_client');
+  const basicForPostClient = await call('POST', ready.introspection_endpoint, {
+    basic: { id: ready.post_client_id, secret: ready.post_client_secret },
+    form: { token: 'whatever' },
+  });
+  assert.equal(basicForPostClient.status, 401);
+  assert.equal(basicForPostClient.body.error, 'invalid_client');
+  const s = await stats();
+  assert.equal(s.token_calls, baseline.token_calls + 1);
+  assert.equal(s.refresh_calls, baseline.refresh_calls + 1);
+  assert.equal(s.introspection_calls, baseline.introspection_calls + 1);
+});
+
+test('state survives SIGKILL + restart on the same port', async () => {
+  await call('POST', `${ready.issuer}/test/reset-stats`);
+  const { body: live } = await authorize({ user: 'carol' });
+  const rotated = (await refresh(live.refresh_token)).body;
+  const { body: dead } = await authorize({ user: 'dave' });
+  await call('POST', ready.revocation_endpoint, { basic: basic(), form: { token: dead.refresh_token } });
+  // A separate grant for the reuse check: replaying a consumed token revokes
+  // its whole grant, which would take `rotated` down with it.
+  const { body: replayed } = await authorize({ user: 'erin' });
+  assert.equal((await refresh(replayed.refresh_token)).status, 200);
+  const statsBefore = await stats();
+
+  const { port } = ready;
+  child.kill('SIGKILL');
+  await once(child, 'exit');
+  await startProvider(port);
+  assert.equal(ready.port, port);
+
+  assert.deepEqual(await stats(), statsBefore);
+  assert.equal((await refresh(replayed.refresh_token)).body.error, 'invalid_grant', 'consumed stays consumed');
+  assert.equal((await refresh(dead.refresh_token)).body.error, 'invalid_grant', 'revoked stays revoked');
+  const introspectBefore = await call('POST', ready.introspection_endpoint, {
+    basic: basic(), form: { token: rotated.access_token },
+  });
+  assert.equal(introspectBefore.body.active, true, 'access token from before the crash');
+
+  const res = await refresh(rotated.refresh_token);
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  const introspection = await call('POST', ready.introspection_endpoint, {
+    basic: basic(), form: { token: res.body.access_token },
+  });
+  assert.equal(introspection.body.active, true);
+  latest = res.body;
+});
+
+test('fault injection: 500, 429, timeout, none', async () => {
+  await call('POST', `${ready.issuer}/test/reset-stats`);
+  assert.equal((await fail({ mode: '500', count: 2 })).status, 200);
+  for (let i = 0; i < 2; i += 1) {
+    const res = await refresh(latest.refresh_token);
+    assert.equal(res.status, 500);
+  }
+  // /test/authorize is exempt from faults while one is armed.
+  await fail({ mode: '500', count: 1 });
+  assert.equal((await authorize()).status, 200);
+  await fail({ mode: 'none' });
+
+  const ok = await refresh(latest.refresh_token);
+  assert.equal(ok.status, 200, 'faulted requests never reached the provider');
+
+  await fail({ mode: '429', count: 1 });
+  const limited = await refresh(ok.body.refresh_token);
+  assert.equal(limited.status, 429);
+  assert.equal(limited.headers['retry-after'], '2');
+
+  await fail({ mode: 'timeout', count: 1 });
+  const hung = await call('POST', ready.token_endpoint, {
+    basic: basic(),
+    form: { grant_type: 'refresh_token', refresh_token: ok.body.refresh_token },
+    timeoutMs: 1000,
+  }).catch((err) => err);
+  assert.equal(hung.code, 'TIMEOUT');
+  const next = await refresh(ok.body.refresh_token);
+  assert.equal(next.status, 200, 'only one request hangs');
+
+  assert.deepEqual(await stats(), {
+    token_calls: 6, refresh_calls: 6, revocation_calls: 0, introspection_calls: 0,
+  });
+});
+
+test('faults can target the revocation endpoint', async () => {
+  const { body: tokens } = await authorize();
+  const baseline = await stats();
+  await fail({ mode: '500', count: 1, endpoint: 'revocation' });
+  const form = { token: tokens.refresh_token };
+  assert.equal((await call('POST', ready.revocation_endpoint, { basic: basic(), form })).status, 500);
+  assert.equal((await refresh(tokens.refresh_token)).status, 200, 'not revoked, token endpoint unaffected');
+  const s = await stats();
+  assert.equal(s.revocation_calls, baseline.revocation_calls + 1);
+});
+
+test('bad /test/fail input is rejected', async () => {
+  assert.equal((await fail({ mode: 'explode' })).status, 400);
+});
+
+test('SIGTERM exits cleanly', async () => {
+  child.kill('SIGTERM');
+  const [code] = await once(child, 'exit');
+  assert.equal(code, 0);
+});
