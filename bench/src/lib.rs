@@ -1,0 +1,22 @@
+//! `vault-bench`: the one-run ratio report for the vault's hot path.
+//!
+//! GetToken is measured next to the two floors it cannot go below: a bare tonic unary call of
+//! the same size ([`proto`], served by `vault-bench-echo`) and the one prepared point SELECT it
+//! runs ([`workloads`]). Reading GetToken as a ratio of those floors makes one run on any machine
+//! comparable with another. [`run`] wires it all together: a fresh database ([`database`]), a
+//! generated issuer ([`issuer`]), the server and echo children ([`process`]), the load driver
+//! ([`load`]) and the report ([`report`]).
+
+pub mod database;
+pub mod issuer;
+pub mod load;
+pub mod process;
+pub mod report;
+pub mod run;
+pub mod workloads;
+
+/// Generated from `proto/bench/v1/echo.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("bench.v1");
+}

@@ -1,0 +1,112 @@
+//! `vault-bench`: the command line. The run lives in [`vault_bench::run`]; this prints it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use vault_bench::run::{DEFAULT_SERVER_LOG, Options, run};
+
+/// Measures GetToken against its floors (a bare gRPC echo and its one SELECT) and prints the
+/// ratios. Needs PostgreSQL and a release-built vault-server.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Short cells (0.5 s warm-up + 1.5 s) and 20 × 50 seeded credentials: under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// The vault-server binary [default: next to this executable].
+    #[arg(long, value_name = "PATH")]
+    server: Option<PathBuf>,
+    /// The vault-bench-echo binary [default: next to this executable].
+    #[arg(long, value_name = "PATH")]
+    echo: Option<PathBuf>,
+    /// PostgreSQL to run on; a fresh `vault_bench_*` database is created beside this one and
+    /// dropped at the end.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// RUST_LOG for the server (it must still log its `credential vault listening` line).
+    #[arg(long, value_name = "FILTER", default_value = DEFAULT_SERVER_LOG)]
+    server_log: String,
+    /// Diagnosis: leave Nagle's algorithm on in the echo server, like the vault's sockets.
+    #[arg(long, hide = true)]
+    echo_nagle: bool,
+    /// Diagnosis: ping before every SELECT-pool acquire, like the server's sqlx pool.
+    #[arg(long, hide = true)]
+    select_ping: bool,
+    /// Seed this many agents (default: 100, or 20 with --quick).
+    #[arg(long, value_name = "N")]
+    agents: Option<usize>,
+    /// Seed this many users per agent (default: 100, or 50 with --quick).
+    #[arg(long, value_name = "N")]
+    users: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let options = Options {
+        quick: cli.quick,
+        server: cli.server,
+        echo: cli.echo,
+        database_url: cli.database_url,
+        server_log: cli.server_log,
+        echo_nagle: cli.echo_nagle,
+        select_ping: cli.select_ping,
+        agents: cli.agents,
+        users: cli.users,
+    };
+    let started = Instant::now();
+    let outcome = match run(&options).await {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let machine = vault_bench::report::machine();
+    println!("# vault-bench{}\n", if cli.quick { " --quick" } else { "" });
+    println!("machine: {machine}");
+    for note in &outcome.notes {
+        println!("- {note}");
+    }
+    println!("\n{}", outcome.results.markdown());
+    let failures = outcome.results.failures();
+    if !failures.is_empty() {
+        println!("FAILED: {} call(s) failed", outcome.results.errors());
+        for (workload, concurrency, errors, first) in failures {
+            println!("- {workload} c{concurrency}: {errors} failed; first: {first}");
+        }
+        // A run with failed calls has no trustworthy numbers: no JSON, non-zero exit.
+        return ExitCode::FAILURE;
+    }
+    let ratios = match outcome.results.ratios() {
+        Ok(ratios) => ratios,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", ratios.markdown());
+    println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(path) = cli.json {
+        let written = outcome
+            .results
+            .json(&machine)
+            .and_then(|doc| Ok(serde_json::to_string_pretty(&doc)?))
+            .and_then(|text| Ok(std::fs::write(&path, text + "\n")?));
+        if let Err(err) = written {
+            eprintln!("error: writing {}: {err:#}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("JSON written to {}", path.display());
+    }
+    ExitCode::SUCCESS
+}

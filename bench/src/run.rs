@@ -1,0 +1,346 @@
+//! One bench run from start to finish: a fresh database, a generated root key and issuer, the
+//! vault server and the echo server as children, seeding, the twelve measured cells, and a
+//! teardown that runs whatever happened before it (error or Ctrl-C included).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use sqlx::postgres::PgPoolOptions;
+use tokio::process::Command;
+use tonic::transport::Channel;
+
+use vault_server::crypto::RootKey;
+
+use crate::database::BenchDb;
+use crate::issuer::Issuer;
+use crate::load::Phases;
+use crate::process::ChildProcess;
+use crate::report::{CONCURRENCY, Results, WORKLOADS};
+use crate::workloads::{self, EchoShape, Population};
+
+/// The log filter for the server: quiet per call, but the startup line that names the bound
+/// address (logged by `vault_server::startup` at INFO) must still appear.
+pub const DEFAULT_SERVER_LOG: &str = "warn,vault_server::startup=info";
+/// The line `vault-server` logs once it is bound.
+const SERVER_MARKER: &str = "credential vault listening";
+/// The line `vault-bench-echo` prints once it is bound.
+pub const ECHO_MARKER: &str = "vault-bench-echo listening";
+
+/// What the command line chose.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Short cells and a smaller population, for a run under a minute.
+    pub quick: bool,
+    /// The `vault-server` binary; default: next to this executable.
+    pub server: Option<PathBuf>,
+    /// The `vault-bench-echo` binary; default: next to this executable.
+    pub echo: Option<PathBuf>,
+    /// Any database on the PostgreSQL server to use; the run creates its own beside it.
+    pub database_url: String,
+    /// `RUST_LOG` for the server.
+    pub server_log: String,
+    /// Run the echo server with Nagle's algorithm on, as the vault server's sockets are, to see
+    /// how much of the gap that explains.
+    pub echo_nagle: bool,
+    /// Let the SELECT pool ping each connection before handing it out, as the server's pool
+    /// does (sqlx's default), to see what that round trip costs.
+    pub select_ping: bool,
+    /// Seed this many agents instead of the scale's.
+    pub agents: Option<usize>,
+    /// Seed this many users per agent instead of the scale's.
+    pub users: Option<usize>,
+}
+
+/// How big and how long a run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Seeded agents.
+    pub agents: usize,
+    /// Seeded users per agent.
+    pub users: usize,
+    /// Warm-up and measured window of every cell.
+    pub phases: Phases,
+}
+
+impl Scale {
+    /// The full run: 100 × 100 credentials, 2 s warm-up + 10 s per cell (about 2.5 minutes).
+    pub const FULL: Self = Self {
+        agents: 100,
+        users: 100,
+        phases: Phases {
+            warmup: Duration::from_secs(2),
+            measure: Duration::from_secs(10),
+        },
+    };
+    /// `--quick`: 20 × 50 credentials, 0.5 s + 1.5 s per cell (about 30 seconds in all).
+    pub const QUICK: Self = Self {
+        agents: 20,
+        users: 50,
+        phases: Phases {
+            warmup: Duration::from_millis(500),
+            measure: Duration::from_millis(1500),
+        },
+    };
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Every cell.
+    pub results: Results,
+    /// What was measured, for the reader: scale, sizes, binaries.
+    pub notes: Vec<String>,
+}
+
+/// The vault server's default pool size (`VAULT_DATABASE_MAX_CONNECTIONS`: 4 × cores, 4..32).
+/// The bench sets it explicitly on the server and uses it for its own SELECT pool, so both
+/// sides of the comparison have the same number of connections.
+pub fn pool_size() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+    (cores * 4).clamp(4, 32)
+}
+
+fn sibling(explicit: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_owned());
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no directory", exe.display()))?
+        .join(name);
+    if !path.is_file() {
+        anyhow::bail!(
+            "{name} not found next to {}; build it with \
+             `cargo build --release -p vault-bench -p vault-server` or pass its path",
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The children of a run, kept outside the measuring future so teardown can reach them even
+/// when that future failed or was cancelled.
+#[derive(Default)]
+struct Children {
+    server: Option<ChildProcess>,
+    echo: Option<ChildProcess>,
+}
+
+/// Runs everything and always tears down: SIGTERM to both children, then the database dropped.
+pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
+    let mut scale = if options.quick {
+        Scale::QUICK
+    } else {
+        Scale::FULL
+    };
+    scale.agents = options.agents.unwrap_or(scale.agents).max(1);
+    scale.users = options.users.unwrap_or(scale.users).max(1);
+    let server_bin = sibling(options.server.as_deref(), "vault-server")?;
+    let echo_bin = sibling(options.echo.as_deref(), "vault-bench-echo")?;
+    let db = BenchDb::create(&options.database_url).await?;
+    eprintln!("database {} created", db.name);
+    let mut children = Children::default();
+    let measured = tokio::select! {
+        result = measure(options, scale, &server_bin, &echo_bin, &db, &mut children) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let mut teardown = Vec::new();
+    for child in [children.server.take(), children.echo.take()]
+        .into_iter()
+        .flatten()
+    {
+        if let Err(err) = child.stop().await {
+            teardown.push(format!("{err:#}"));
+        }
+    }
+    let name = db.name.clone();
+    match db.drop_database().await {
+        Ok(()) => eprintln!("database {name} dropped"),
+        Err(err) => teardown.push(format!("dropping database {name}: {err:#}")),
+    }
+    let mut outcome = measured?;
+    if !teardown.is_empty() {
+        // The numbers stand, but a server that did not stop cleanly is worth a loud note.
+        outcome
+            .notes
+            .extend(teardown.into_iter().map(|t| format!("teardown: {t}")));
+    }
+    Ok(outcome)
+}
+
+fn subset(channels: &Arc<[Channel]>, count: usize) -> Arc<[Channel]> {
+    channels.iter().take(count).cloned().collect()
+}
+
+async fn measure(
+    options: &Options,
+    scale: Scale,
+    server_bin: &Path,
+    echo_bin: &Path,
+    db: &BenchDb,
+    children: &mut Children,
+) -> anyhow::Result<Outcome> {
+    let mut notes = Vec::new();
+    let issuer = Issuer::generate()?;
+    // What `vault-server keygen` writes: base64 of 32 bytes from the OS RNG.
+    let root_key =
+        base64::engine::general_purpose::STANDARD.encode(RootKey::generate().expose_bytes());
+    let pool_size = pool_size();
+    let path = std::env::var("PATH").unwrap_or_default();
+
+    let mut server = Command::new(server_bin);
+    server
+        .arg("serve")
+        // Only what is set here: a VAULT_CONFIG or VAULT_* in the caller's shell must not
+        // change what is measured.
+        .env_clear()
+        .env("PATH", &path)
+        .env("RUST_LOG", &options.server_log)
+        .env("VAULT_LISTEN", "127.0.0.1:0")
+        .env("VAULT_DATABASE_URL", &db.url)
+        .env("VAULT_DATABASE_MAX_CONNECTIONS", pool_size.to_string())
+        .env("VAULT_ROOT_KEY", &root_key)
+        .env("VAULT_JWT_ISSUER", &issuer.iss)
+        .env("VAULT_JWT_JWKS_FILE", &issuer.jwks_path)
+        // The background sweeper is not the hot path; keep its scans out of the tail.
+        .env("VAULT_SWEEP_INTERVAL_SECONDS", "86400")
+        .env("VAULT_SHUTDOWN_GRACE_SECONDS", "5");
+    children.server = Some(ChildProcess::spawn("vault-server", server, SERVER_MARKER).await?);
+    let mut echo = Command::new(echo_bin);
+    echo.env_clear().env("PATH", &path);
+    if options.echo_nagle {
+        echo.arg("--nagle");
+    }
+    children.echo = Some(ChildProcess::spawn("vault-bench-echo", echo, ECHO_MARKER).await?);
+    let (server_endpoint, echo_endpoint) = match (&children.server, &children.echo) {
+        (Some(server), Some(echo)) => (server.endpoint(), echo.endpoint()),
+        _ => unreachable!("both children were just started"),
+    };
+    eprintln!("vault-server at {server_endpoint}, echo at {echo_endpoint}");
+
+    let max_channels = workloads::channels_for(CONCURRENCY[CONCURRENCY.len() - 1]);
+    let vault_channels = workloads::connect(&server_endpoint, max_channels).await?;
+    let echo_channels = workloads::connect(&echo_endpoint, max_channels).await?;
+
+    let population = Population::new(&issuer, scale.agents, scale.users)?;
+    let seeding = Instant::now();
+    workloads::seed(Arc::clone(&vault_channels), &population, scale.users, 64).await?;
+    let seeded = population.credentials.len();
+    eprintln!(
+        "seeded {seeded} credentials in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+    notes.push(format!(
+        "seeded {} agents × {} users = {seeded} credentials (tool {:?}){}",
+        scale.agents,
+        scale.users,
+        workloads::TOOL,
+        if (scale.agents, scale.users) != (Scale::FULL.agents, Scale::FULL.users) {
+            "; fewer or more than the full run's 100 × 100, so not comparable with it"
+        } else {
+            ""
+        }
+    ));
+    notes.push(format!(
+        "each cell: {:.1} s warm-up, {:.1} s measured; {} tasks per HTTP/2 connection; \
+         server and SELECT pools: {pool_size} connections",
+        scale.phases.warmup.as_secs_f64(),
+        scale.phases.measure.as_secs_f64(),
+        workloads::TASKS_PER_CHANNEL,
+    ));
+    let shape = EchoShape::like_get_token(scale.users as u64);
+    notes.push(format!(
+        "echo: request {} B, response {} B (GetToken's encoded sizes; echo sends no JWT)",
+        shape.request_len, shape.response_len
+    ));
+    if options.echo_nagle {
+        notes.push("echo runs with Nagle's algorithm on (--echo-nagle)".into());
+    }
+    notes.push(format!(
+        "server: {} (RUST_LOG={})",
+        server_bin.display(),
+        options.server_log
+    ));
+
+    // The floor is one SELECT: one round trip. sqlx's default `test_before_acquire` would add
+    // a ping round trip per acquire (the server's pool has it); that is cost the vault adds,
+    // so it belongs on GetToken's side of the ratio, not in the floor.
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .min_connections(pool_size)
+        .test_before_acquire(options.select_ping)
+        .connect(&db.url)
+        .await?;
+    notes.push(format!(
+        "select pool: {}",
+        if options.select_ping {
+            "pings before every acquire (--select-ping, like the server's pool)"
+        } else {
+            "no ping before acquire (one round trip per SELECT)"
+        }
+    ));
+    let statements = workloads::select_statements(&population)?;
+
+    let mut results = Results::default();
+    for workload in WORKLOADS {
+        for concurrency in CONCURRENCY {
+            let channels = workloads::channels_for(concurrency);
+            let phases = scale.phases;
+            let sample = match workload {
+                "echo" => {
+                    workloads::echo(
+                        subset(&echo_channels, channels),
+                        &shape,
+                        concurrency,
+                        phases,
+                    )
+                    .await
+                }
+                "select" => {
+                    workloads::select(
+                        pool.clone(),
+                        Arc::clone(&statements),
+                        population.clone(),
+                        concurrency,
+                        phases,
+                    )
+                    .await
+                }
+                "get_token" => {
+                    workloads::get_token(
+                        subset(&vault_channels, channels),
+                        population.clone(),
+                        concurrency,
+                        phases,
+                    )
+                    .await
+                }
+                "store_token" => {
+                    workloads::store_token(
+                        subset(&vault_channels, channels),
+                        population.clone(),
+                        concurrency,
+                        phases,
+                    )
+                    .await
+                }
+                other => unreachable!("unknown workload {other}"),
+            };
+            eprintln!(
+                "{workload:>11} c{concurrency:<2}  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.0} rps  {} calls, {} errors",
+                sample.p50_us, sample.p99_us, sample.rps, sample.calls, sample.errors
+            );
+            results.insert(workload, concurrency, sample);
+        }
+    }
+    pool.close().await;
+    if let Some(server) = children.server.as_mut()
+        && !server.is_running()
+    {
+        anyhow::bail!("vault-server died during the run:\n{}", server.recent_log());
+    }
+    Ok(Outcome { results, notes })
+}

@@ -1,0 +1,429 @@
+//! The four measured workloads and the seeded population they draw from.
+//!
+//! - `echo`: a bare unary tonic call sized like GetToken — the RPC floor.
+//! - `select`: GetToken's one point SELECT through sqlx, same pool size — the storage floor.
+//! - `get_token`, `store_token`: the real server, real EdDSA caller JWTs, through `vault-client`.
+//!
+//! Every call is checked, so a fast wrong answer counts as an error rather than a good number.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use prost::Message as _;
+use sqlx::{PgPool, Row as _};
+use tonic::transport::{Channel, Endpoint};
+use vault_client::proto::{AccessToken, GetTokenRequest, GetTokenResponse, StoreTokenRequest};
+use vault_client::{Client, OAuthToken, RawClient};
+use vault_server::ids::AgentId;
+use vault_server::store::namespace_for;
+
+use crate::issuer::Issuer;
+use crate::load::{Phases, Sample, drive};
+use crate::proto::EchoRequest;
+use crate::proto::echo_client::EchoClient;
+
+/// The one tool every credential is for.
+pub const TOOL: &str = "jira";
+/// Concurrent tasks sharing one HTTP/2 connection: enough multiplexing to matter, few enough
+/// connections that the bench measures the server, not connection setup.
+pub const TASKS_PER_CHANNEL: usize = 16;
+/// How far ahead stored access tokens expire: far enough that GetToken never refreshes.
+pub const ACCESS_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Caller-token lifetime: longer than any run, within the vault's 24 h maximum.
+pub const CALLER_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Bytes of random material in an access or refresh token (64 characters in base64url).
+const TOKEN_BYTES: usize = 48;
+
+/// One seeded credential: who calls, and the JWT proving it.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// Index into [`Population::agents`].
+    pub agent: usize,
+    /// The user id (the JWT's `sub`).
+    pub user: Arc<str>,
+    /// The caller JWT for this (agent, user).
+    pub jwt: Arc<str>,
+}
+
+/// Every seeded (agent, user) pair, with `TOOL`.
+#[derive(Debug, Clone)]
+pub struct Population {
+    /// Agent ids, `agent-000`….
+    pub agents: Vec<String>,
+    /// `agents × users` credentials.
+    pub credentials: Arc<[Credential]>,
+}
+
+impl Population {
+    /// `agents × users` callers with freshly signed JWTs.
+    pub fn new(issuer: &Issuer, agents: usize, users: usize) -> anyhow::Result<Self> {
+        let agent_ids: Vec<String> = (0..agents).map(|a| format!("agent-{a:03}")).collect();
+        let mut credentials = Vec::with_capacity(agents * users);
+        for (agent, agent_id) in agent_ids.iter().enumerate() {
+            for user in 0..users {
+                let user = format!("user-{user:04}");
+                let jwt = issuer.token(agent_id, &user, CALLER_TOKEN_LIFETIME)?;
+                credentials.push(Credential {
+                    agent,
+                    user: user.into(),
+                    jwt: jwt.into(),
+                });
+            }
+        }
+        Ok(Self {
+            agents: agent_ids,
+            credentials: credentials.into(),
+        })
+    }
+
+    /// The credential a random `pick` lands on.
+    fn pick(&self, pick: u64) -> &Credential {
+        &self.credentials[(pick % self.credentials.len() as u64) as usize]
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    fastrand::fill(&mut bytes);
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// A token set as a gateway stores it after consent; the access token expires in an hour.
+pub fn oauth_token() -> OAuthToken {
+    OAuthToken {
+        access_token: random_token("at_"),
+        refresh_token: random_token("rt_"),
+        token_type: "Bearer".into(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: unix_now() + ACCESS_TOKEN_LIFETIME.as_secs() as i64,
+            nanos: 0,
+        }),
+        scopes: vec!["read:jira-work".into(), "offline_access".into()],
+    }
+}
+
+/// Encoded sizes of a GetToken request and response for the seeded token shape, and the echo
+/// request that reproduces both.
+#[derive(Debug, Clone)]
+pub struct EchoShape {
+    /// Bytes of an encoded `GetTokenRequest`.
+    pub request_len: usize,
+    /// Bytes of an encoded `GetTokenResponse`.
+    pub response_len: usize,
+    /// Encodes to `request_len` bytes and asks for a `response_len`-byte response.
+    pub request: EchoRequest,
+}
+
+impl EchoShape {
+    /// Sizes the echo call after GetToken for a token set like [`oauth_token`] at about
+    /// generation `generation`.
+    pub fn like_get_token(generation: u64) -> Self {
+        let sample = oauth_token();
+        let request_len = GetTokenRequest {
+            tool: TOOL.into(),
+            min_valid_seconds: 0,
+        }
+        .encoded_len();
+        let response_len = GetTokenResponse {
+            token: Some(AccessToken {
+                access_token: sample.access_token,
+                token_type: sample.token_type,
+                expires_at: sample.expires_at,
+                scopes: sample.scopes,
+                generation,
+            }),
+            refreshed: false,
+        }
+        .encoded_len();
+        // The response payload k encodes to tag + varint(k) + k; find the k that matches.
+        let response_size = (0..=response_len)
+            .find(|&k| {
+                crate::proto::EchoResponse {
+                    payload: vec![0; k],
+                }
+                .encoded_len()
+                    == response_len
+            })
+            .unwrap_or(response_len);
+        let request = (0..=request_len)
+            .map(|n| EchoRequest {
+                payload: vec![0; n],
+                response_size: response_size as u32,
+            })
+            .find(|r| r.encoded_len() >= request_len)
+            .unwrap_or_default();
+        Self {
+            request_len,
+            response_len,
+            request,
+        }
+    }
+}
+
+/// `count` HTTP/2 connections to `endpoint`, opened now and kept for the whole run.
+pub async fn connect(endpoint: &str, count: usize) -> anyhow::Result<Arc<[Channel]>> {
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
+        let channel = Endpoint::from_shared(endpoint.to_owned())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        channels.push(channel);
+    }
+    Ok(channels.into())
+}
+
+/// How many connections `concurrency` tasks share.
+pub fn channels_for(concurrency: usize) -> usize {
+    concurrency.div_ceil(TASKS_PER_CHANNEL)
+}
+
+fn channel_of(channels: &[Channel], task: usize) -> Channel {
+    channels[(task / TASKS_PER_CHANNEL) % channels.len()].clone()
+}
+
+/// Stores one credential per pair in `population`, `concurrency` at a time. Each agent's first
+/// credential goes first, so schema creation does not race with the bulk of the writes.
+pub async fn seed(
+    channels: Arc<[Channel]>,
+    population: &Population,
+    users: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let firsts: Arc<[Credential]> = population
+        .credentials
+        .iter()
+        .step_by(users)
+        .cloned()
+        .collect();
+    let rest: Arc<[Credential]> = population
+        .credentials
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % users != 0)
+        .map(|(_, c)| c.clone())
+        .collect();
+    for batch in [firsts, rest] {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..concurrency {
+            let batch = Arc::clone(&batch);
+            let next = Arc::clone(&next);
+            let channel = channel_of(&channels, task);
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(credential) = batch.get(i) else {
+                        return Ok::<_, anyhow::Error>(());
+                    };
+                    let mut client =
+                        Client::from_channel(channel.clone()).with_bearer(&credential.jwt)?;
+                    client
+                        .store_token(TOOL, oauth_token(), 0)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("seeding StoreToken failed: {e}"))?;
+                }
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined??;
+        }
+    }
+    Ok(())
+}
+
+/// `echo`: the RPC floor.
+pub async fn echo(
+    channels: Arc<[Channel]>,
+    shape: &EchoShape,
+    concurrency: usize,
+    phases: Phases,
+) -> Sample {
+    let clients: Arc<[EchoClient<Channel>]> =
+        channels.iter().cloned().map(EchoClient::new).collect();
+    let request = shape.request.clone();
+    let expected = request.response_size as usize;
+    drive(concurrency, phases, move |task, _| {
+        let mut client = clients[(task / TASKS_PER_CHANNEL) % clients.len()].clone();
+        let request = request.clone();
+        async move {
+            let response = client
+                .echo(request)
+                .await
+                .map_err(|s| format!("Echo: {s}"))?;
+            if response.get_ref().payload.len() != expected {
+                return Err("Echo: wrong payload size".into());
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The SELECT GetToken runs, per agent schema.
+pub fn select_statements(population: &Population) -> anyhow::Result<Arc<[Arc<str>]>> {
+    population
+        .agents
+        .iter()
+        .map(|agent| {
+            let schema = namespace_for(&AgentId::parse(agent.as_str())?);
+            Ok(format!(
+                "SELECT generation, state, key_version, wrapped_data_key, ciphertext \
+                 FROM \"{schema}\".credentials \
+                 WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()"
+            )
+            .into())
+        })
+        .collect()
+}
+
+/// `select`: the storage floor, decoded the way the server decodes it.
+pub async fn select(
+    pool: PgPool,
+    statements: Arc<[Arc<str>]>,
+    population: Population,
+    concurrency: usize,
+    phases: Phases,
+) -> Sample {
+    drive(concurrency, phases, move |_, pick| {
+        let credential = population.pick(pick);
+        let sql = Arc::clone(&statements[credential.agent]);
+        let user = Arc::clone(&credential.user);
+        let pool = pool.clone();
+        async move {
+            // Persistent (prepared, cached per connection) by default, like the server's query.
+            let row = sqlx::query(&sql)
+                .bind(&*user)
+                .bind(TOOL)
+                .fetch_optional(&pool)
+                .await
+                .map_err(|e| format!("SELECT: {e}"))?
+                .ok_or_else(|| format!("SELECT: no row for {user}"))?;
+            let decoded = (|| {
+                let generation: i64 = row.try_get(0)?;
+                let state: i16 = row.try_get(1)?;
+                let _key_version: i32 = row.try_get(2)?;
+                let wrapped: Vec<u8> = row.try_get(3)?;
+                let ciphertext: Vec<u8> = row.try_get(4)?;
+                Ok::<_, sqlx::Error>(
+                    generation > 0 && state == 0 && !wrapped.is_empty() && !ciphertext.is_empty(),
+                )
+            })()
+            .map_err(|e| format!("SELECT decode: {e}"))?;
+            if !decoded {
+                return Err("SELECT: unexpected row".into());
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// A generated client for `channel` that sends `jwt` on every call. The raw client, not the
+/// typed methods: those retry UNAVAILABLE, and a retried call must count as a failure here,
+/// not as one slow success.
+fn raw_client(channel: Channel, jwt: &str) -> Result<RawClient, String> {
+    // A client is a channel handle plus an interceptor; making one per call costs well under
+    // a microsecond and lets every call carry its own caller's JWT.
+    Client::from_channel(channel)
+        .with_bearer(jwt)
+        .map(|client| client.raw())
+        .map_err(|e| e.to_string())
+}
+
+/// `get_token`: GetToken through the real server for a random seeded caller.
+pub async fn get_token(
+    channels: Arc<[Channel]>,
+    population: Population,
+    concurrency: usize,
+    phases: Phases,
+) -> Sample {
+    drive(concurrency, phases, move |task, pick| {
+        let client = raw_client(channel_of(&channels, task), &population.pick(pick).jwt);
+        async move {
+            let response = client?
+                .get_token(GetTokenRequest {
+                    tool: TOOL.into(),
+                    min_valid_seconds: 0,
+                })
+                .await
+                .map_err(|s| format!("GetToken: {}", vault_client::Error::from(s)))?
+                .into_inner();
+            if response.refreshed {
+                return Err("GetToken refreshed a token that expires in an hour".into());
+            }
+            match response.token {
+                Some(token) if token.access_token.starts_with("at_") => Ok(()),
+                _ => Err("GetToken returned no or an unexpected access token".into()),
+            }
+        }
+    })
+    .await
+}
+
+/// `store_token`: StoreToken through the real server, overwriting a random seeded credential
+/// with a new token set of the same shape.
+pub async fn store_token(
+    channels: Arc<[Channel]>,
+    population: Population,
+    concurrency: usize,
+    phases: Phases,
+) -> Sample {
+    let token = oauth_token();
+    drive(concurrency, phases, move |task, pick| {
+        let client = raw_client(channel_of(&channels, task), &population.pick(pick).jwt);
+        let request = StoreTokenRequest {
+            tool: TOOL.into(),
+            token: Some(token.clone()),
+            ttl_seconds: 0,
+        };
+        async move {
+            let response = client?
+                .store_token(request)
+                .await
+                .map_err(|s| format!("StoreToken: {}", vault_client::Error::from(s)))?
+                .into_inner();
+            if response.generation == 0 {
+                return Err("StoreToken returned generation 0".into());
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    #[test]
+    fn the_echo_call_has_get_tokens_encoded_sizes() {
+        let shape = EchoShape::like_get_token(12_345);
+        assert_eq!(shape.request.encoded_len(), shape.request_len);
+        let response = crate::proto::EchoResponse {
+            payload: vec![0; shape.request.response_size as usize],
+        };
+        assert_eq!(response.encoded_len(), shape.response_len);
+    }
+
+    #[test]
+    fn sixteen_tasks_share_a_connection() {
+        assert_eq!(channels_for(1), 1);
+        assert_eq!(channels_for(16), 1);
+        assert_eq!(channels_for(17), 2);
+        assert_eq!(channels_for(64), 4);
+    }
+}
