@@ -35,10 +35,10 @@ struct Cli {
     /// RUST_LOG for the server (it must still log its `credential vault listening` line).
     #[arg(long, value_name = "FILTER", default_value = DEFAULT_SERVER_LOG)]
     server_log: String,
-    /// Diagnosis: leave Nagle's algorithm on in the echo server, like the vault's sockets.
+    /// Diagnosis: leave Nagle's algorithm on in the echo server, to see what it costs.
     #[arg(long, hide = true)]
     echo_nagle: bool,
-    /// Diagnosis: ping before every SELECT-pool acquire, like the server's sqlx pool.
+    /// Diagnosis: ping before every SELECT-pool acquire (sqlx's default), to see what it costs.
     #[arg(long, hide = true)]
     select_ping: bool,
     /// Seed this many agents (default: 100, or 20 with --quick).

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::Command;
 use tonic::transport::Channel;
 
+use vault_server::config::DatabaseSettings;
 use vault_server::crypto::RootKey;
 
 use crate::database::BenchDb;
@@ -265,19 +266,20 @@ async fn measure(
         options.server_log
     ));
 
-    // The floor is one SELECT: one round trip. sqlx's default `test_before_acquire` would add
-    // a ping round trip per acquire (the server's pool has it); that is cost the vault adds,
-    // so it belongs on GetToken's side of the ratio, not in the floor.
+    // The floor is one SELECT: one round trip, on connections set up like the server's (no
+    // ping before acquire, the same statement cache). `--select-ping` adds sqlx's default
+    // ping round trip, to show what it would cost.
+    let connect: PgConnectOptions = db.url.parse()?;
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .min_connections(pool_size)
         .test_before_acquire(options.select_ping)
-        .connect(&db.url)
+        .connect_with(connect.statement_cache_capacity(DatabaseSettings::DEFAULT_STATEMENT_CACHE))
         .await?;
     notes.push(format!(
         "select pool: {}",
         if options.select_ping {
-            "pings before every acquire (--select-ping, like the server's pool)"
+            "pings before every acquire (--select-ping)"
         } else {
             "no ping before acquire (one round trip per SELECT)"
         }

@@ -476,8 +476,8 @@ async fn a_named_lease_has_one_holder(store: &dyn Store) {
 
 async fn postgres(db: &TestDb) -> Arc<dyn Store> {
     let settings = DatabaseSettings {
-        database: Database::Postgres(db.url.clone().into()),
         max_connections: 4,
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
     };
     let store = vault_server::store::open(&settings).await.unwrap();
     store.migrate().await.unwrap();
@@ -486,8 +486,8 @@ async fn postgres(db: &TestDb) -> Arc<dyn Store> {
 
 async fn sqlite(dir: &tempfile::TempDir) -> Arc<dyn Store> {
     let settings = DatabaseSettings {
-        database: Database::SqliteFile(dir.path().join("vault.db")),
         max_connections: 4,
+        ..DatabaseSettings::new(Database::SqliteFile(dir.path().join("vault.db")))
     };
     let store = vault_server::store::open(&settings).await.unwrap();
     store.migrate().await.unwrap();
@@ -573,5 +573,38 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
     assert_eq!(
         vault.get_token("jira", 0).await.unwrap().access_token,
         "in-memory"
+    );
+}
+
+/// Each agent schema has its own SQL text, so the statement cache must hold far more than
+/// sqlx's default 100 statements, or a busy vault re-parses its hot query on most calls.
+#[tokio::test]
+async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
+    let db = TestDb::new().await;
+    let settings = DatabaseSettings {
+        max_connections: 1,
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
+    };
+    let pg = vault_server::store::PgStore::connect(&settings)
+        .await
+        .unwrap();
+    pg.migrate().await.unwrap();
+    let mut agents = Vec::new();
+    for n in 0..130 {
+        agents.push(registered(&pg, &format!("agent-{n}")).await);
+    }
+    for a in &agents {
+        pg.load(a, &user("alice"), &tool("jira")).await.unwrap();
+    }
+    // One connection, so this is the session that prepared them.
+    let prepared: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%.credentials%'",
+    )
+    .fetch_one(pg.pool())
+    .await
+    .unwrap();
+    assert!(
+        prepared >= 130,
+        "only {prepared} agent statements stayed prepared"
     );
 }

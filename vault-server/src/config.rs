@@ -40,6 +40,7 @@ const NAMES: &[&str] = &[
     "VAULT_LISTEN",
     "VAULT_DATABASE_URL",
     "VAULT_DATABASE_MAX_CONNECTIONS",
+    "VAULT_DATABASE_STATEMENT_CACHE",
     "VAULT_DATA_DIR",
     "VAULT_ROOT_KEY",
     "VAULT_ROOT_KEY_FILE",
@@ -75,6 +76,7 @@ struct Raw {
     vault_listen: Option<String>,
     vault_database_url: Option<String>,
     vault_database_max_connections: Option<String>,
+    vault_database_statement_cache: Option<String>,
     vault_data_dir: Option<String>,
     vault_root_key: Option<String>,
     vault_root_key_file: Option<String>,
@@ -289,6 +291,30 @@ pub struct DatabaseSettings {
     pub database: Database,
     /// Pool size.
     pub max_connections: u32,
+    /// Prepared statements kept per connection (least recently used evicted). Each agent has
+    /// its own schema and so its own SQL text; the cache must hold the hot agents' statements.
+    pub statement_cache: usize,
+}
+
+impl DatabaseSettings {
+    /// Default for [`DatabaseSettings::statement_cache`]: three hot statements (load, upsert,
+    /// next generation) for about 340 agents per connection.
+    pub const DEFAULT_STATEMENT_CACHE: usize = 1024;
+
+    /// Settings for `database` with the default pool size and statement cache.
+    pub fn new(database: Database) -> Self {
+        Self {
+            database,
+            max_connections: default_pool_size(),
+            statement_cache: Self::DEFAULT_STATEMENT_CACHE,
+        }
+    }
+}
+
+/// `VAULT_DATABASE_MAX_CONNECTIONS` when unset: 4 × cores, 4..32.
+fn default_pool_size() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+    (cores * 4).clamp(4, 32)
 }
 
 /// `VAULT_DATA_DIR`: where the embedded store and `dev`'s generated keys live.
@@ -363,16 +389,22 @@ impl DatabaseSettings {
                 ));
             }
         };
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
         let max_connections = parse_u64(
             "VAULT_DATABASE_MAX_CONNECTIONS",
             raw.vault_database_max_connections.as_deref(),
-            (cores * 4).clamp(4, 32),
+            u64::from(default_pool_size()),
             1..=1000,
         )? as u32;
+        let statement_cache = parse_u64(
+            "VAULT_DATABASE_STATEMENT_CACHE",
+            raw.vault_database_statement_cache.as_deref(),
+            Self::DEFAULT_STATEMENT_CACHE as u64,
+            16..=65536,
+        )? as usize;
         Ok(Self {
             database,
             max_connections,
+            statement_cache,
         })
     }
 }
@@ -718,6 +750,28 @@ mod tests {
         assert!(matches!(db("sqlite::memory:"), Ok(Database::SqliteMemory)));
         assert!(matches!(db("postgres://x@y/z"), Ok(Database::Postgres(_))));
         assert_eq!(db("mysql://x").unwrap_err().name, "VAULT_DATABASE_URL");
+    }
+
+    #[test]
+    fn pool_settings_have_defaults_and_bounds() {
+        let db = |pairs: &[(&'static str, &'static str)]| {
+            DatabaseSettings::load(&Source::from_pairs(pairs.to_vec()))
+        };
+        let defaults = db(&[]).unwrap();
+        assert_eq!(defaults.statement_cache, 1024);
+        assert!((4..=32).contains(&defaults.max_connections));
+        let set = db(&[
+            ("VAULT_DATABASE_STATEMENT_CACHE", "4096"),
+            ("VAULT_DATABASE_MAX_CONNECTIONS", "3"),
+        ])
+        .unwrap();
+        assert_eq!((set.statement_cache, set.max_connections), (4096, 3));
+        for bad in ["0", "8", "many", "100000"] {
+            let err = db(&[("VAULT_DATABASE_STATEMENT_CACHE", bad)]).unwrap_err();
+            assert_eq!(err.name, "VAULT_DATABASE_STATEMENT_CACHE", "{bad}");
+        }
+        let err = db(&[("VAULT_DATABASE_MAX_CONNECTIONS", "0")]).unwrap_err();
+        assert_eq!(err.name, "VAULT_DATABASE_MAX_CONNECTIONS");
     }
 
     #[test]

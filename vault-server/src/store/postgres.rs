@@ -123,7 +123,11 @@ impl PgStore {
             // A ping per acquire doubles the round trips of a point read; a dead connection
             // surfaces as a query error instead, and the pool replaces it.
             .test_before_acquire(false)
-            .connect_with(options.application_name("vault-server"))
+            .connect_with(
+                options
+                    .application_name("vault-server")
+                    .statement_cache_capacity(settings.statement_cache),
+            )
             .await
             .map_err(e)?;
         Ok(Self { pool })
