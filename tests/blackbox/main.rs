@@ -12,5 +12,6 @@ mod conformance;
 mod lifecycle;
 mod provider;
 mod refresh;
+mod telemetry;
 mod ttl_and_sweep;
 mod walkthrough;

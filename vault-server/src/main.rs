@@ -58,11 +58,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    vault_server::telemetry::init(
-        std::io::stderr,
-        vault_server::telemetry::DEFAULT_FILTER,
-        std::io::IsTerminal::is_terminal(&std::io::stderr()),
-    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,7 +68,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve))) {
+    // The span exporter's channel runs on this runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        vault_server::telemetry::init(
+            std::io::stderr,
+            vault_server::telemetry::DEFAULT_FILTER,
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli.command.unwrap_or(Command::Serve)));
+    telemetry.shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -172,7 +172,7 @@ impl Application {
         }
         tracing::info!(%local_addr, tls = settings.tls.is_some(), "credential vault listening");
         let server = builder
-            .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+            .trace_fn(crate::telemetry::rpc_span)
             .http2_max_header_list_size(32 * 1024)
             .concurrency_limit_per_connection(1024)
             .timeout(Duration::from_secs(30))

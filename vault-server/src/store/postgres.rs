@@ -176,7 +176,7 @@ impl PgStore {
 
 #[async_trait::async_trait]
 impl Store for PgStore {
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn migrate(&self) -> Result<(), StoreError> {
         // A dedicated connection, closed afterwards, so the session-level lock can never leak
         // back into the pool if a step fails.
@@ -222,7 +222,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost FROM vault.root_key WHERE id = 1",
@@ -256,7 +256,7 @@ impl Store for PgStore {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError> {
         let (salt, params) = match &record.kdf {
             Some((salt, p)) => (Some(salt.clone()), Some(*p)),
@@ -279,7 +279,7 @@ impl Store for PgStore {
             .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents WHERE agent_id = $1",
@@ -291,7 +291,7 @@ impl Store for PgStore {
         row.as_ref().map(Self::agent_from_row).transpose()
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn create_agent(
         &self,
         agent: &AgentId,
@@ -338,7 +338,7 @@ impl Store for PgStore {
         Self::agent_from_row(&row)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError> {
         let sql = format!(
             "SELECT nextval('{}.generation_seq')",
@@ -354,7 +354,7 @@ impl Store for PgStore {
             .ok_or_else(|| StoreError::Corrupt(format!("generation sequence returned {value}")))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn upsert(
         &self,
         agent: &AgentRecord,
@@ -397,7 +397,7 @@ impl Store for PgStore {
         })
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn load(
         &self,
         agent: &AgentRecord,
@@ -435,7 +435,7 @@ impl Store for PgStore {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn delete(
         &self,
         agent: &AgentRecord,
@@ -466,7 +466,7 @@ impl Store for PgStore {
         Ok(result.rows_affected())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn sweep(&self, limit: u32, dry_run: bool) -> Result<SweepOutcome, StoreError> {
         let namespaces: Vec<String> =
             sqlx::query_scalar("SELECT schema_name FROM vault.agents ORDER BY schema_name")
@@ -514,7 +514,7 @@ impl Store for PgStore {
         })
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn try_refresh_lease(
         &self,
         agent: &AgentRecord,
@@ -579,7 +579,7 @@ impl Store for PgStore {
         Ok(RefreshLease::Changed)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn complete_refresh(
         &self,
         agent: &AgentRecord,
@@ -611,7 +611,7 @@ impl Store for PgStore {
         Ok(written == 1)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn mark_reauth_required(
         &self,
         agent: &AgentRecord,
@@ -634,7 +634,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn record_refresh_failure(
         &self,
         agent: &AgentRecord,
@@ -669,7 +669,7 @@ impl Store for PgStore {
         Ok(until)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn delete_into_outbox(
         &self,
         agent: &AgentRecord,
@@ -703,7 +703,7 @@ impl Store for PgStore {
         rows.iter().map(outbox_entry).collect()
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn claim_outbox(
         &self,
         owner: uuid::Uuid,
@@ -744,7 +744,7 @@ impl Store for PgStore {
         Ok(claimed)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn finish_outbox(&self, agent: &AgentRecord, id: i64) -> Result<(), StoreError> {
         let schema = quoted(&agent.namespace)?;
         sqlx::query(&format!(
@@ -757,7 +757,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn retry_outbox(
         &self,
         agent: &AgentRecord,
@@ -780,7 +780,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn try_lease(
         &self,
         name: &str,

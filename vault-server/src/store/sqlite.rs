@@ -122,13 +122,13 @@ const OUTBOX_COLUMNS: &str = "id, user_id, tool, generation, key_version, wrappe
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATIONS.run(&self.pool).await?;
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError> {
         let row = sqlx::query("SELECT key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost FROM root_key WHERE id = 1")
             .fetch_optional(&self.pool)
@@ -158,7 +158,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError> {
         let (salt, params) = match &record.kdf {
             Some((salt, p)) => (Some(salt.clone()), Some(*p)),
@@ -182,7 +182,7 @@ impl Store for SqliteStore {
             .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?"
@@ -194,7 +194,7 @@ impl Store for SqliteStore {
         row.as_ref().map(Self::agent_from_row).transpose()
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn create_agent(
         &self,
         agent: &AgentId,
@@ -216,7 +216,7 @@ impl Store for SqliteStore {
             .ok_or_else(|| StoreError::Corrupt("agent row vanished".into()))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError> {
         let value: i64 = sqlx::query_scalar(
             "UPDATE agents SET next_generation = next_generation + 1 WHERE namespace = ? RETURNING next_generation - 1",
@@ -228,7 +228,7 @@ impl Store for SqliteStore {
         generation_of(value)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn upsert(
         &self,
         agent: &AgentRecord,
@@ -271,7 +271,7 @@ impl Store for SqliteStore {
         })
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn load(
         &self,
         agent: &AgentRecord,
@@ -306,7 +306,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn delete(
         &self,
         agent: &AgentRecord,
@@ -323,7 +323,7 @@ impl Store for SqliteStore {
         Ok(result.rows_affected())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn sweep(&self, limit: u32, dry_run: bool) -> Result<SweepOutcome, StoreError> {
         let now = now_ms();
         let swept = if dry_run {
@@ -355,7 +355,7 @@ impl Store for SqliteStore {
         })
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn try_refresh_lease(
         &self,
         agent: &AgentRecord,
@@ -425,7 +425,7 @@ impl Store for SqliteStore {
         Ok(RefreshLease::Changed)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn complete_refresh(
         &self,
         agent: &AgentRecord,
@@ -455,7 +455,7 @@ impl Store for SqliteStore {
         Ok(written == 1)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn mark_reauth_required(
         &self,
         agent: &AgentRecord,
@@ -478,7 +478,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn record_refresh_failure(
         &self,
         agent: &AgentRecord,
@@ -527,7 +527,7 @@ impl Store for SqliteStore {
         Ok((updated == 1).then(|| from_ms(until)))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn delete_into_outbox(
         &self,
         agent: &AgentRecord,
@@ -566,7 +566,7 @@ impl Store for SqliteStore {
         rows.iter().map(Self::outbox_entry).collect()
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn claim_outbox(
         &self,
         owner: uuid::Uuid,
@@ -603,7 +603,7 @@ impl Store for SqliteStore {
         Ok(claimed)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn finish_outbox(&self, agent: &AgentRecord, id: i64) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM revocation_outbox WHERE namespace = ? AND id = ?")
             .bind(&agent.namespace)
@@ -614,7 +614,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn retry_outbox(
         &self,
         agent: &AgentRecord,
@@ -648,7 +648,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, err)]
+    #[tracing::instrument(skip_all, err)]
     async fn try_lease(
         &self,
         name: &str,

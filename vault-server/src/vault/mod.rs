@@ -324,7 +324,7 @@ impl Vault {
 
     /// Upserts the caller's token set for `tool`. `ttl_seconds` of `None` means the default;
     /// a longer TTL than the default is shortened to it.
-    #[tracing::instrument(level = "debug", skip(self, tokens), fields(agent = %caller.agent, tool = %tool))]
+    #[tracing::instrument(skip(self, caller, tokens), fields(agent = %caller.agent, tool = %tool))]
     pub async fn store_token(
         &self,
         caller: &Caller,
@@ -424,7 +424,7 @@ impl Vault {
 
     /// A usable access token for the caller and `tool`, refreshed first when it expires within
     /// `max(min_valid_seconds, 30)` and a refresh token and provider exist.
-    #[tracing::instrument(level = "debug", skip(self), fields(agent = %caller.agent, tool = %tool))]
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent, tool = %tool))]
     pub async fn get_token(
         self: &Arc<Self>,
         caller: &Caller,
@@ -468,7 +468,7 @@ impl Vault {
 
     /// Refreshes now, unless `if_generation` is older than what is stored (then the stored
     /// token is returned without a provider call).
-    #[tracing::instrument(level = "debug", skip(self), fields(agent = %caller.agent, tool = %tool))]
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent, tool = %tool))]
     pub async fn refresh(
         self: &Arc<Self>,
         caller: &Caller,
@@ -495,7 +495,7 @@ impl Vault {
 
     /// Deletes credentials; with `at_provider`, also revokes their tokens at the provider
     /// (through the durable outbox). Another user's or agent's need the admin scope.
-    #[tracing::instrument(skip(self), fields(agent = %caller.agent))]
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn revoke(
         self: &Arc<Self>,
         caller: &Caller,
@@ -533,7 +533,7 @@ impl Vault {
     }
 
     /// Deletes credentials past their vault TTL (admin only).
-    #[tracing::instrument(skip(self), fields(agent = %caller.agent))]
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn sweep(
         &self,
         caller: &Caller,
