@@ -8,6 +8,7 @@ use vault_client::Error;
 
 use crate::helpers::*;
 use crate::provider::*;
+use crate::telemetry::{Collector, assert_no_secret, attribute};
 
 /// A database, a caller-token issuer, a TLS authorization server, and the settings that point a
 /// vault at it.
@@ -480,4 +481,64 @@ async fn refresh_with_an_old_generation_returns_the_current_token_without_a_prov
     let fresh = vault.refresh("jira", current.generation).await.unwrap();
     assert!(fresh.refreshed, "the current generation does refresh");
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
+}
+
+#[tokio::test]
+async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp() {
+    let w = World::new().await;
+    let (collector, otlp) = Collector::start().await;
+    let mut extra = w.extra();
+    extra.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()));
+    extra.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
+    let mut server = start_binary(&settings_pairs(&w.db, &w.issuer, &extra));
+    let grant = w.provider.authorize("alice").await;
+    let jwt = w.issuer.token("agent-a", "alice");
+    let mut vault = vault_client::Client::connect(server.endpoint())
+        .await
+        .unwrap()
+        .with_bearer(&jwt)
+        .unwrap();
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    let token = vault.get_token("jira", 0).await.unwrap();
+    assert!(token.refreshed);
+
+    // SIGTERM flushes the last spans and metric points; the wait gets a thread of its own so
+    // this runtime keeps serving the collector.
+    drop(vault);
+    server.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success());
+
+    let outcomes = collector.counter("vault.refresh.outcomes", "outcome");
+    assert_eq!(outcomes.get("refreshed"), Some(&1), "{outcomes:?}");
+    assert_eq!(outcomes.values().sum::<i64>(), 1, "{outcomes:?}");
+
+    let spans = collector.spans();
+    let rpc = spans
+        .iter()
+        .find(|s| s.name == "vault.v1.CredentialVault/GetToken")
+        .expect("the GetToken span");
+    let provider_call = spans
+        .iter()
+        .find(|s| s.name == "refresh" && s.trace_id == rpc.trace_id)
+        .expect("the provider call is a span in the GetToken trace");
+    assert_eq!(attribute(&provider_call.attributes, "tool"), Some("jira"));
+    assert_no_secret(
+        &collector,
+        &[
+            &grant.access_token,
+            &grant.refresh_token,
+            &token.access_token,
+            &jwt,
+        ],
+    );
 }

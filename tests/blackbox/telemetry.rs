@@ -4,6 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -12,16 +18,35 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 
 use crate::helpers::*;
 
-/// An OTLP trace receiver that keeps every export it is sent.
+/// An OTLP receiver (traces and metrics) that keeps every export it is sent.
 #[derive(Clone, Default)]
-struct Collector {
-    exports: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+pub struct Collector {
+    pub exports: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    pub metric_exports: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.metric_exports
+            .lock()
+            .unwrap()
+            .push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -38,20 +63,59 @@ impl TraceService for Collector {
 }
 
 impl Collector {
-    async fn start() -> (Self, String) {
+    /// Listens on a free port; returns the collector and its `http://` endpoint.
+    pub async fn start() -> (Self, String) {
         let collector = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let service = TraceServiceServer::new(collector.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(service)
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .add_service(MetricsServiceServer::new(collector.clone()))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
         (collector, endpoint)
     }
 
-    fn spans(&self) -> Vec<Span> {
+    /// The latest value of the monotonic sum `name` for each value of attribute `key`.
+    pub fn counter(&self, name: &str, key: &str) -> std::collections::BTreeMap<String, i64> {
+        let mut values = std::collections::BTreeMap::new();
+        let exports = self.metric_exports.lock().unwrap();
+        let metrics = exports
+            .iter()
+            .flat_map(|export| &export.resource_metrics)
+            .flat_map(|resource| &resource.scope_metrics)
+            .flat_map(|scope| &scope.metrics)
+            .filter(|metric| metric.name == name);
+        for metric in metrics {
+            let Some(Data::Sum(sum)) = &metric.data else {
+                panic!("{name} is not a sum");
+            };
+            assert!(sum.is_monotonic, "{name} is a counter");
+            for point in &sum.data_points {
+                let label = attribute(&point.attributes, key).unwrap_or_default();
+                let value = match point.value {
+                    Some(number_data_point::Value::AsInt(v)) => v,
+                    other => panic!("{name}: unexpected value {other:?}"),
+                };
+                values.insert(label.to_owned(), value);
+            }
+        }
+        values
+    }
+
+    /// Every export, traces and metrics, encoded, for secret scans.
+    pub fn encoded(&self) -> Vec<Vec<u8>> {
+        let traces = self.exports.lock().unwrap();
+        let metrics = self.metric_exports.lock().unwrap();
+        traces
+            .iter()
+            .map(Message::encode_to_vec)
+            .chain(metrics.iter().map(Message::encode_to_vec))
+            .collect()
+    }
+
+    pub fn spans(&self) -> Vec<Span> {
         self.exports
             .lock()
             .unwrap()
@@ -63,7 +127,25 @@ impl Collector {
     }
 }
 
-fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+/// Fails if any export holds one of `secrets` (or a JWT's signature). Proto strings are UTF-8
+/// bytes, so a byte search finds any copy.
+pub fn assert_no_secret(collector: &Collector, secrets: &[&str]) {
+    let signatures = secrets
+        .iter()
+        .filter(|secret| secret.matches('.').count() == 2)
+        .filter_map(|jwt| jwt.rsplit('.').next());
+    let needles: Vec<&str> = secrets.iter().copied().chain(signatures).collect();
+    for bytes in collector.encoded() {
+        for needle in &needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "a secret reached the collector"
+            );
+        }
+    }
+}
+
+pub fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
     attributes
         .iter()
         .find(|kv| kv.key == key)
@@ -133,16 +215,8 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
             let attributes = &resource.resource.as_ref().unwrap().attributes;
             assert_eq!(attribute(attributes, "service.name"), Some("vault-server"));
         }
-        // Secrets are strings; proto strings are UTF-8 bytes, so a byte search finds any copy.
-        let bytes = export.encode_to_vec();
-        let signature = jwt.rsplit('.').next().unwrap();
-        for secret in [access, refresh, jwt.as_str(), signature] {
-            assert!(
-                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                "a secret reached the collector"
-            );
-        }
     }
+    assert_no_secret(&collector, &[access, refresh, &jwt]);
 
     let spans = collector.spans();
     let named = |name: &str| -> Vec<&Span> { spans.iter().filter(|s| s.name == name).collect() };

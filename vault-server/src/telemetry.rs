@@ -1,18 +1,23 @@
-//! Logs and traces. Logs go to a sink the caller picks (stderr in the binary, a buffer in tests).
-//! Spans also go to an OpenTelemetry collector over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
-//! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; the exporter reads the other standard
-//! `OTEL_*` variables itself (headers, timeout, compression, sampler, resource attributes).
-//! `RUST_LOG` picks the spans for both: at the default `info`, every RPC, use case, database call
-//! and provider call has one.
+//! Logs, traces and metrics. Logs go to a sink the caller picks (stderr in the binary, a buffer
+//! in tests). Spans and metrics also go to an OpenTelemetry collector over OTLP/gRPC when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (or the signal's own `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+//! / `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`); the exporters read the other standard `OTEL_*`
+//! variables themselves (headers, timeout, compression, sampler, export interval, resource
+//! attributes). `RUST_LOG` picks the spans for logs and export alike: at the default `info`,
+//! every RPC, use case, database call and provider call has one.
 //!
-//! Span fields never hold a secret: tokens, refresh tokens and caller JWTs are skipped at every
-//! instrumented function, and the black-box tests read what a collector receives to prove it.
+//! Neither spans nor metrics hold a secret: tokens, refresh tokens and caller JWTs are skipped at
+//! every instrumented function, and the black-box tests read what a collector receives to prove
+//! it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -24,31 +29,38 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// The filter when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,sqlx=warn,h2=warn,tower=warn,hyper=warn";
 
-/// The variables that turn OTLP export on, as the OpenTelemetry specification names them.
-const ENDPOINT_VARIABLES: [&str; 2] = [
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-];
+/// The instrumentation scope of the vault's spans and metrics.
+pub const SCOPE: &str = "vault-server";
+
+const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+const METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
 
 /// Set once spans are exported; the per-RPC span then carries OpenTelemetry fields and joins
 /// the caller's trace.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// What [`init`] installed. Call [`Telemetry::shutdown`] before the process exits so the last
-/// spans reach the collector.
-#[must_use = "dropping it without shutdown loses the last batch of spans"]
+/// spans and metric points reach the collector.
+#[must_use = "dropping it without shutdown loses the last spans and metric points"]
 #[derive(Debug, Default)]
 pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
+    meter_provider: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
     /// True when spans are exported over OTLP.
-    pub fn exporting(&self) -> bool {
+    pub fn exporting_spans(&self) -> bool {
         self.tracer_provider.is_some()
     }
 
-    /// Exports the spans still buffered and stops the exporter. Blocks (up to the exporter's
+    /// True when metrics are exported over OTLP.
+    pub fn exporting_metrics(&self) -> bool {
+        self.meter_provider.is_some()
+    }
+
+    /// Exports what is still buffered and stops the exporters. Blocks (up to the exporters'
     /// timeout), so call it outside async code.
     pub fn shutdown(self) {
         if let Some(provider) = self.tracer_provider {
@@ -57,13 +69,17 @@ impl Telemetry {
                 eprintln!("warning: could not flush OpenTelemetry spans: {err}");
             }
         }
+        if let Some(Err(err)) = self.meter_provider.map(|provider| provider.shutdown()) {
+            eprintln!("warning: could not flush OpenTelemetry metrics: {err}");
+        }
     }
 }
 
 /// Installs the global subscriber: logs to `sink`, filtered by `RUST_LOG` or else
 /// `default_filter`, colours only when `ansi` (a terminal) and `NO_COLOR` is unset; and, when an
-/// OTLP endpoint is set, span export. Export needs a Tokio runtime entered by the caller: the
-/// exporter's channel runs on it.
+/// OTLP endpoint is set, span and metric export (metrics through the global meter provider, which
+/// instruments made afterwards use). Export needs a Tokio runtime entered by the caller: the
+/// exporters' channels run on it.
 ///
 /// A malformed `OTEL_*` setting is an error naming the variable. If a subscriber is already
 /// installed (tests), nothing changes and nothing is exported.
@@ -81,15 +97,26 @@ where
         .with_target(false)
         .with_ansi(ansi && std::env::var_os("NO_COLOR").is_none());
 
-    let tracer_provider = if export_configured() {
+    let enabled = !std::env::var("OTEL_SDK_DISABLED")
+        .is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"));
+    let tracer_provider = if enabled && (is_set(ENDPOINT) || is_set(TRACES_ENDPOINT)) {
         Some(tracer_provider()?)
     } else {
         None
     };
-    let spans = tracer_provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("vault-server"))
-    });
+    let meter_provider = if enabled && (is_set(ENDPOINT) || is_set(METRICS_ENDPOINT)) {
+        Some(meter_provider()?)
+    } else {
+        None
+    };
+    let spans = tracer_provider
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(SCOPE)));
 
+    let telemetry = Telemetry {
+        tracer_provider,
+        meter_provider,
+    };
     if tracing_subscriber::registry()
         .with(filter)
         .with(logs)
@@ -97,53 +124,63 @@ where
         .try_init()
         .is_err()
     {
-        if let Some(provider) = tracer_provider {
-            let _ = provider.shutdown();
-        }
+        telemetry.shutdown();
         return Ok(Telemetry::default());
     }
-    EXPORTING.store(tracer_provider.is_some(), Ordering::Relaxed);
-    Ok(Telemetry { tracer_provider })
+    EXPORTING.store(telemetry.exporting_spans(), Ordering::Relaxed);
+    if let Some(provider) = &telemetry.meter_provider {
+        opentelemetry::global::set_meter_provider(provider.clone());
+    }
+    Ok(telemetry)
 }
 
-fn export_configured() -> bool {
-    let disabled = std::env::var("OTEL_SDK_DISABLED")
-        .is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"));
-    !disabled
-        && ENDPOINT_VARIABLES
-            .iter()
-            .any(|name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty()))
+fn is_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|value| !value.trim().is_empty())
+}
+
+/// The service this process is, for both signals. The SDK reads `OTEL_SERVICE_NAME` and
+/// `OTEL_RESOURCE_ATTRIBUTES`; the service is named if they do not.
+fn resource() -> Resource {
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(SCOPE);
+    }
+    resource
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build()
+}
+
+fn exporter_error(signal: &str, variable: &str) -> String {
+    format!(
+        "{ENDPOINT} / {variable}: cannot build the OTLP {signal} exporter (only the grpc protocol \
+         is built in)"
+    )
 }
 
 fn tracer_provider() -> anyhow::Result<SdkTracerProvider> {
-    use opentelemetry_otlp::WithExportConfig as _;
-
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_protocol(opentelemetry_otlp::Protocol::Grpc)
         .build()
-        .with_context(|| {
-            format!(
-                "{}: cannot build the OTLP/gRPC span exporter (only the grpc protocol is built in)",
-                ENDPOINT_VARIABLES.join(" / ")
-            )
-        })?;
-    // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; name the service if they
-    // do not.
-    let mut resource = opentelemetry_sdk::Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-        resource = resource.with_service_name("vault-server");
-    }
+        .with_context(|| exporter_error("span", TRACES_ENDPOINT))?;
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(
-            resource
-                .with_attribute(opentelemetry::KeyValue::new(
-                    "service.version",
-                    env!("CARGO_PKG_VERSION"),
-                ))
-                .build(),
-        )
+        .with_resource(resource())
+        .build())
+}
+
+fn meter_provider() -> anyhow::Result<SdkMeterProvider> {
+    let exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+        .build()
+        .with_context(|| exporter_error("metric", METRICS_ENDPOINT))?;
+    Ok(SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(exporter).build())
+        .with_resource(resource())
         .build())
 }
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument as _;
 
 use super::{IssuedToken, Opened, Vault, VaultError};
 use crate::auth::Caller;
@@ -65,7 +66,8 @@ pub struct RefreshCounts {
     pub superseded: u64,
 }
 
-#[derive(Default)]
+/// Refresh outcomes, kept here for [`Vault::refresh_counts`] and exported as the OpenTelemetry
+/// counter `vault.refresh.outcomes` (attribute `outcome`) through the global meter provider.
 pub(super) struct Counters {
     refreshed: AtomicU64,
     coalesced: AtomicU64,
@@ -73,9 +75,34 @@ pub(super) struct Counters {
     provider_unavailable: AtomicU64,
     backed_off: AtomicU64,
     superseded: AtomicU64,
+    exported: opentelemetry::metrics::Counter<u64>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            refreshed: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            reauth_required: AtomicU64::new(0),
+            provider_unavailable: AtomicU64::new(0),
+            backed_off: AtomicU64::new(0),
+            superseded: AtomicU64::new(0),
+            exported: opentelemetry::global::meter(crate::telemetry::SCOPE)
+                .u64_counter("vault.refresh.outcomes")
+                .with_description("Refresh attempts by outcome")
+                .build(),
+        }
+    }
 }
 
 impl Counters {
+    fn bump(&self, counter: &AtomicU64, outcome: &'static str) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.exported
+            .add(1, &[opentelemetry::KeyValue::new("outcome", outcome)]);
+        tracing::info!(outcome, "refresh");
+    }
+
     pub(super) fn snapshot(&self) -> RefreshCounts {
         RefreshCounts {
             refreshed: self.refreshed.load(Ordering::Relaxed),
@@ -86,11 +113,6 @@ impl Counters {
             superseded: self.superseded.load(Ordering::Relaxed),
         }
     }
-}
-
-fn bump(counter: &AtomicU64, outcome: &'static str) {
-    counter.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(outcome, "refresh");
 }
 
 /// How often a caller waiting on another replica's lease looks again.
@@ -109,10 +131,14 @@ impl Vault {
         let this = Arc::clone(self);
         let caller = caller.clone();
         let tool = tool.clone();
-        tokio::spawn(async move {
-            this.refresh_detached(&caller, &tool, observed, &provider)
-                .await
-        })
+        // The detached task stays in the caller's span, so its trace shows the provider call.
+        tokio::spawn(
+            async move {
+                this.refresh_detached(&caller, &tool, observed, &provider)
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        )
         .await
         .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("refresh task failed: {err}")))?
     }
@@ -133,7 +159,7 @@ impl Vault {
         loop {
             let current = self.open_current(caller, tool).await?;
             if current.generation > observed {
-                bump(&self.counts.coalesced, "coalesced");
+                self.counts.bump(&self.counts.coalesced, "coalesced");
                 return Ok(Self::issue(current.tokens, current.generation, true));
             }
             let lease = self
@@ -152,7 +178,7 @@ impl Vault {
                     return self.refresh_now(caller, tool, provider, current).await;
                 }
                 RefreshLease::BackingOff { until } => {
-                    bump(&self.counts.backed_off, "backed_off");
+                    self.counts.bump(&self.counts.backed_off, "backed_off");
                     return Err(VaultError::ProviderUnavailable(format!(
                         "the provider failed recently; the next refresh attempt is allowed after {}",
                         until.to_rfc3339()
@@ -228,12 +254,12 @@ impl Vault {
                     )
                     .await?;
                 if written {
-                    bump(&self.counts.refreshed, "refreshed");
+                    self.counts.bump(&self.counts.refreshed, "refreshed");
                     return Ok(Self::issue(renewed, next, true));
                 }
                 // A StoreToken replaced the credential while the provider answered: the user's
                 // newer consent wins, and this refresh result is dropped.
-                bump(&self.counts.superseded, "superseded");
+                self.counts.bump(&self.counts.superseded, "superseded");
                 let latest = self.open_current(caller, tool).await?;
                 Ok(Self::issue(latest.tokens, latest.generation, false))
             }
@@ -241,7 +267,8 @@ impl Vault {
                 self.store
                     .mark_reauth_required(&entry.record, &caller.user, tool, generation)
                     .await?;
-                bump(&self.counts.reauth_required, "reauth_required");
+                self.counts
+                    .bump(&self.counts.reauth_required, "reauth_required");
                 Err(VaultError::ReauthRequired(format!(
                     "the provider rejected the refresh token for tool {tool} ({code}); the user must authorize again"
                 )))
@@ -262,7 +289,8 @@ impl Vault {
                         self.options.backoff_cap,
                     )
                     .await?;
-                bump(&self.counts.provider_unavailable, "provider_unavailable");
+                self.counts
+                    .bump(&self.counts.provider_unavailable, "provider_unavailable");
                 Err(VaultError::ProviderUnavailable(match until {
                     Some(until) => format!(
                         "{message}; the next attempt is allowed after {}",

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::{AgentEntry, Revoked, Vault, VaultError};
 use crate::crypto::{Binding, open_credential};
@@ -44,15 +45,18 @@ impl Vault {
         // Detached, like refresh: the deletion is committed, and a caller hanging up must not
         // leave an entry half-delivered.
         let this = Arc::clone(self);
-        let provider_revoked = tokio::spawn(async move {
-            let mut delivered = 0u32;
-            for item in queued {
-                if this.settle(&entry, item).await {
-                    delivered += 1;
+        let provider_revoked = tokio::spawn(
+            async move {
+                let mut delivered = 0u32;
+                for item in queued {
+                    if this.settle(&entry, item).await {
+                        delivered += 1;
+                    }
                 }
+                delivered
             }
-            delivered
-        })
+            .instrument(tracing::Span::current()),
+        )
         .await
         .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("revocation task failed: {err}")))?;
         Ok(Revoked {
