@@ -423,6 +423,24 @@ impl ServerProcess {
         format!("http://{}", self.addr)
     }
 
+    /// A client calling this process with `token`.
+    pub async fn client_with(&self, token: &str) -> vault_client::Client {
+        vault_client::Client::connect(self.endpoint())
+            .await
+            .unwrap()
+            .with_bearer(token)
+            .unwrap()
+    }
+
+    /// SIGTERM, then the exit status. The wait runs on a blocking thread, so the calling
+    /// runtime keeps serving whatever the server talks to while it drains (a collector, say).
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        tokio::task::spawn_blocking(move || self.wait_exit(Duration::from_secs(20)))
+            .await
+            .unwrap()
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))

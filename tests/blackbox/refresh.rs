@@ -490,14 +490,10 @@ async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp(
     let mut extra = w.extra();
     extra.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()));
     extra.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
-    let mut server = start_binary(&settings_pairs(&w.db, &w.issuer, &extra));
+    let server = start_binary(&settings_pairs(&w.db, &w.issuer, &extra));
     let grant = w.provider.authorize("alice").await;
     let jwt = w.issuer.token("agent-a", "alice");
-    let mut vault = vault_client::Client::connect(server.endpoint())
-        .await
-        .unwrap()
-        .with_bearer(&jwt)
-        .unwrap();
+    let mut vault = server.client_with(&jwt).await;
     vault
         .store_token(
             "jira",
@@ -509,13 +505,9 @@ async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp(
     let token = vault.get_token("jira", 0).await.unwrap();
     assert!(token.refreshed);
 
-    // SIGTERM flushes the last spans and metric points; the wait gets a thread of its own so
-    // this runtime keeps serving the collector.
+    // SIGTERM flushes the last spans and metric points.
     drop(vault);
-    server.signal("TERM");
-    let status = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let status = server.terminate().await;
     assert!(status.success());
 
     let outcomes = collector.counter("vault.refresh.outcomes", "outcome");

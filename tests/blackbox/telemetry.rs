@@ -2,7 +2,6 @@
 //! W3C trace, cover the RPC, the use case and the database call, and never carry a secret.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
@@ -172,16 +171,12 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
-    let mut server = start_binary(&pairs);
+    let server = start_binary(&pairs);
 
     let jwt = issuer.token("agent-a", "alice");
     let access = "otel-access-3b8f1c55d2e64b1e";
     let refresh = "otel-refresh-9a41d0c2f7e3";
-    let mut vault = vault_client::Client::connect(server.endpoint())
-        .await
-        .unwrap()
-        .with_bearer(&jwt)
-        .unwrap();
+    let mut vault = server.client_with(&jwt).await;
     vault
         .store_token("jira", oauth_token(access, refresh, 3600), 0)
         .await
@@ -199,13 +194,9 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
     let got = vault.raw().get_token(request).await.unwrap().into_inner();
     assert_eq!(got.token.unwrap().access_token, access);
 
-    // SIGTERM: the server flushes its last spans before it exits. The wait blocks a thread of
-    // its own so this runtime keeps serving the collector.
+    // SIGTERM: the server flushes its last spans before it exits.
     drop(vault);
-    server.signal("TERM");
-    let status = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let status = server.terminate().await;
     assert!(status.success());
 
     let exports = collector.exports.lock().unwrap().clone();
