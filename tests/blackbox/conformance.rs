@@ -596,15 +596,53 @@ async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
     for a in &agents {
         pg.load(a, &user("alice"), &tool("jira")).await.unwrap();
     }
-    // One connection, so this is the session that prepared them.
-    let prepared: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%.credentials%'",
-    )
-    .fetch_one(pg.pool())
-    .await
-    .unwrap();
+    // One read connection, so its session prepared them all.
+    let prepared = pg.prepared_read_statements().await.unwrap();
     assert!(
         prepared >= 130,
         "only {prepared} agent statements stayed prepared"
     );
+}
+
+#[tokio::test]
+async fn a_cancelled_or_severed_read_leaves_the_read_connections_usable() {
+    let db = TestDb::new().await;
+    let settings = DatabaseSettings {
+        max_connections: 2,
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
+    };
+    let pg = vault_server::store::PgStore::connect(&settings)
+        .await
+        .unwrap();
+    pg.migrate().await.unwrap();
+    let a = registered(&pg, "agent-a").await;
+    put(&pg, &a, "alice", "jira", 7, 3600).await;
+    let (alice, jira) = (user("alice"), tool("jira"));
+    let read = || pg.load(&a, &alice, &jira);
+    assert_eq!(read().await.unwrap().unwrap().sealed, sealed(7));
+
+    // A read stuck behind a lock and cancelled by its caller's deadline.
+    let mut lock = db.connect().await;
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE \"{}\".credentials IN ACCESS EXCLUSIVE MODE",
+        a.namespace
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    let cancelled = tokio::time::timeout(std::time::Duration::from_millis(300), read()).await;
+    assert!(cancelled.is_err(), "the read waits for the lock");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(read().await.unwrap().unwrap().sealed, sealed(7));
+
+    // The server ends every vault session: at most one read fails, then reads work again.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'vault-server' AND datname = current_database()",
+    )
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    let _ = read().await;
+    assert_eq!(read().await.unwrap().unwrap().sealed, sealed(7));
 }

@@ -104,6 +104,100 @@ fn outbox_entry(row: &sqlx::postgres::PgRow) -> Result<OutboxEntry, StoreError> 
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    reads: std::sync::Arc<ReadLanes>,
+}
+
+/// Connections kept for the hot read (`load`, behind every GetToken), outside sqlx's pool.
+///
+/// sqlx 0.8's pool pings each connection as it comes back: a spawned task and a second round
+/// trip per query (found with `strace -c` on the server under vault-bench: two sends to
+/// PostgreSQL per GetToken). A single-statement read outside any transaction needs neither.
+/// A fair semaphore admits at most `lanes` reads at once, in arrival order; each takes an idle
+/// connection (or opens one) for the query. A read cancelled half-way drops its connection
+/// instead of putting a half-used one back.
+struct ReadLanes {
+    options: PgConnectOptions,
+    lanes: u32,
+    permits: tokio::sync::Semaphore,
+    idle: std::sync::Mutex<Vec<sqlx::PgConnection>>,
+}
+
+impl std::fmt::Debug for ReadLanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadLanes")
+            .field("lanes", &self.lanes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadLanes {
+    fn new(options: PgConnectOptions, lanes: u32) -> Self {
+        let lanes = lanes.max(1);
+        Self {
+            options,
+            lanes,
+            permits: tokio::sync::Semaphore::new(lanes as usize),
+            idle: std::sync::Mutex::new(Vec::with_capacity(lanes as usize)),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<sqlx::PgConnection>> {
+        // Only pushes and pops happen under the lock; a panic cannot leave the list half-done.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn connection(&self) -> Result<sqlx::PgConnection, sqlx::Error> {
+        let idle = self.idle().pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => sqlx::PgConnection::connect_with(&self.options).await,
+        }
+    }
+
+    /// Runs `query` on an idle connection, waiting for one if all are busy.
+    async fn fetch_optional(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let mut conn = self.connection().await?;
+        let result = query.fetch_optional(&mut conn).await;
+        // After any error the connection is not trusted: a terminated backend, for one, first
+        // answers with a database error and only then closes. Errors here are rare (the agent
+        // schema is known to exist), so reconnecting costs little.
+        if result.is_ok() {
+            self.idle().push(conn);
+        }
+        result
+    }
+
+    /// How many statements naming an agent's credentials the idle connections keep prepared.
+    async fn prepared_agent_statements(&self) -> Result<i64, sqlx::Error> {
+        let _all = self
+            .permits
+            .acquire_many(self.lanes)
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let connections = std::mem::take(&mut *self.idle());
+        let mut total = 0;
+        for mut conn in connections {
+            let count: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_prepared_statements \
+                 WHERE statement LIKE '%.credentials%'",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            total += count;
+            self.idle().push(conn);
+        }
+        Ok(total)
+    }
 }
 
 impl PgStore {
@@ -114,23 +208,33 @@ impl PgStore {
                 "not a PostgreSQL database setting".into(),
             ));
         };
-        let options: PgConnectOptions =
-            url.expose_secret().parse().map_err(StoreError::Database)?;
+        let options: PgConnectOptions = url
+            .expose_secret()
+            .parse::<PgConnectOptions>()
+            .map_err(StoreError::Database)?
+            .application_name("vault-server")
+            .statement_cache_capacity(settings.statement_cache);
+        // The connection budget is split: half for the hot read lanes, the rest for the pool
+        // (writes, leases, the sweeper); each side gets at least one.
+        let lanes = (settings.max_connections / 2).max(1);
         let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .min_connections(1.min(settings.max_connections))
+            .max_connections(settings.max_connections.saturating_sub(lanes).max(1))
+            .min_connections(1)
             .acquire_timeout(Duration::from_secs(5))
-            // A ping per acquire doubles the round trips of a point read; a dead connection
+            // A ping per acquire doubles the round trips of a query; a dead connection
             // surfaces as a query error instead, and the pool replaces it.
             .test_before_acquire(false)
-            .connect_with(
-                options
-                    .application_name("vault-server")
-                    .statement_cache_capacity(settings.statement_cache),
-            )
+            .connect_with(options.clone())
             .await
             .map_err(e)?;
-        Ok(Self { pool })
+        let reads = std::sync::Arc::new(ReadLanes::new(options, lanes));
+        Ok(Self { pool, reads })
+    }
+
+    /// How many statements naming an agent's credentials the hot read connections keep prepared
+    /// (a diagnostic: each agent schema has its own SQL, and all of it should stay prepared).
+    pub async fn prepared_read_statements(&self) -> Result<i64, StoreError> {
+        self.reads.prepared_agent_statements().await.map_err(e)
     }
 
     /// The underlying pool.
@@ -410,10 +514,9 @@ impl Store for PgStore {
              WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()",
             quoted(&agent.namespace)?
         );
-        let row = sqlx::query(&sql)
-            .bind(user.as_str())
-            .bind(tool.as_str())
-            .fetch_optional(&self.pool)
+        let row = self
+            .reads
+            .fetch_optional(sqlx::query(&sql).bind(user.as_str()).bind(tool.as_str()))
             .await
             .map_err(e)?;
         let Some(row) = row else { return Ok(None) };
