@@ -280,6 +280,15 @@ pub async fn spawn_with(db: &TestDb, issuer: &Issuer, extra: &[(&str, &str)]) ->
     try_spawn(db, issuer, extra).await.expect("vault starts")
 }
 
+/// A client for the vault at `endpoint`, calling with `token`.
+pub async fn client_at(endpoint: String, token: &str) -> vault_client::Client {
+    vault_client::Client::connect(endpoint)
+        .await
+        .unwrap()
+        .with_bearer(token)
+        .unwrap()
+}
+
 impl TestApp {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
@@ -287,11 +296,7 @@ impl TestApp {
 
     /// A client calling with `token`.
     pub async fn client_with(&self, token: &str) -> vault_client::Client {
-        vault_client::Client::connect(self.endpoint())
-            .await
-            .unwrap()
-            .with_bearer(token)
-            .unwrap()
+        client_at(self.endpoint(), token).await
     }
 
     /// A client for `agent` acting for `user`.
@@ -425,11 +430,7 @@ impl ServerProcess {
 
     /// A client calling this process with `token`.
     pub async fn client_with(&self, token: &str) -> vault_client::Client {
-        vault_client::Client::connect(self.endpoint())
-            .await
-            .unwrap()
-            .with_bearer(token)
-            .unwrap()
+        client_at(self.endpoint(), token).await
     }
 
     /// SIGTERM, then the exit status. The wait runs on a blocking thread, so the calling
