@@ -26,6 +26,7 @@ fn token_set() -> TokenSet {
         token_type: "Bearer".into(),
         expires_at: Some(1_900_000_000),
         scopes: vec!["read:jira-work".into(), "offline_access".into()],
+        provider: Some("https://auth.atlassian.com".into()),
     }
 }
 

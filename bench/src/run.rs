@@ -284,7 +284,7 @@ async fn measure(
             "no ping before acquire (one round trip per SELECT)"
         }
     ));
-    let statements = workloads::select_statements(&population)?;
+    let statements = workloads::select_statements(&issuer, &population)?;
 
     let mut results = Results::default();
     for workload in WORKLOADS {

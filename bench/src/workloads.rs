@@ -16,7 +16,7 @@ use sqlx::{PgPool, Row as _};
 use tonic::transport::{Channel, Endpoint};
 use vault_client::proto::{AccessToken, GetTokenRequest, GetTokenResponse, StoreTokenRequest};
 use vault_client::{Client, OAuthToken, RawClient};
-use vault_server::ids::AgentId;
+use vault_server::ids::{AgentId, IssuerId};
 use vault_server::store::namespace_for;
 
 use crate::issuer::Issuer;
@@ -272,12 +272,16 @@ pub async fn echo(
 }
 
 /// The SELECT GetToken runs, per agent schema.
-pub fn select_statements(population: &Population) -> anyhow::Result<Arc<[Arc<str>]>> {
+pub fn select_statements(
+    issuer: &Issuer,
+    population: &Population,
+) -> anyhow::Result<Arc<[Arc<str>]>> {
+    let iss = IssuerId::parse(issuer.iss.as_str())?;
     population
         .agents
         .iter()
         .map(|agent| {
-            let schema = namespace_for(&AgentId::parse(agent.as_str())?);
+            let schema = namespace_for(&iss, &AgentId::parse(agent.as_str())?);
             Ok(format!(
                 "SELECT generation, state, key_version, wrapped_data_key, ciphertext \
                  FROM \"{schema}\".credentials \

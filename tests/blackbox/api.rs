@@ -2,13 +2,11 @@
 
 use sqlx::Row;
 use vault_client::Error;
-use vault_server::ids::AgentId;
-use vault_server::store::namespace_for;
 
 use crate::helpers::*;
 
 fn schema(agent: &str) -> String {
-    namespace_for(&AgentId::parse(agent).unwrap())
+    schema_of(agent)
 }
 
 #[tokio::test]

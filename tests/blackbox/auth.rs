@@ -236,6 +236,7 @@ async fn the_agent_claim_name_is_configurable() {
     let app = spawn_with(&db, &issuer, &[("VAULT_JWT_AGENT_CLAIM", "azp")]).await;
     let mut claims = issuer.claims("ignored", "alice");
     claims["azp"] = json!("agent-from-azp");
+    claims["scope"] = json!("vault:store");
     let mut vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
     vault
         .store_token("jira", oauth_token("at", "rt", 3600), 0)
@@ -258,7 +259,9 @@ async fn a_rotated_issuer_key_is_picked_up_without_a_restart() {
     let mut issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
     let rotated = SigningKey::ed25519("ed-2");
-    let early = rotated.sign(&issuer.claims("agent-a", "alice"));
+    let mut claims = issuer.claims("agent-a", "alice");
+    claims["scope"] = json!("vault:store");
+    let early = rotated.sign(&claims);
     issuer.keys.push(rotated);
     issuer.publish();
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vault_server::config::{Database, DatabaseSettings};
 use vault_server::crypto::SealedCredential;
-use vault_server::ids::{AgentId, Generation, Tool, UserId};
+use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
     AgentRecord, CredentialState, NewCredential, RefreshLease, RootKeyRecord, Store, SweepOutcome,
     Upserted,
@@ -16,6 +16,9 @@ use crate::helpers::TestDb;
 
 fn agent(id: &str) -> AgentId {
     AgentId::parse(id).unwrap()
+}
+fn iss() -> IssuerId {
+    IssuerId::parse(crate::helpers::ISS).unwrap()
 }
 fn user(id: &str) -> UserId {
     UserId::parse(id).unwrap()
@@ -34,7 +37,7 @@ fn sealed(tag: u8) -> SealedCredential {
 
 async fn registered(store: &dyn Store, id: &str) -> AgentRecord {
     store
-        .create_agent(&agent(id), b"wrapped-agent-key", 1)
+        .create_agent(&iss(), &agent(id), b"wrapped-agent-key", 1)
         .await
         .unwrap()
 }
@@ -157,11 +160,11 @@ async fn agents_and_users_do_not_see_each_other(store: &dyn Store) {
 
 async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
     let first = store
-        .create_agent(&agent("agent-a"), b"first", 1)
+        .create_agent(&iss(), &agent("agent-a"), b"first", 1)
         .await
         .unwrap();
     let second = store
-        .create_agent(&agent("agent-a"), b"second", 1)
+        .create_agent(&iss(), &agent("agent-a"), b"second", 1)
         .await
         .unwrap();
     assert_eq!(first.wrapped_key, b"first");
@@ -169,14 +172,35 @@ async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
     assert_eq!(first.namespace, second.namespace);
     assert_eq!(
         store
-            .agent(&agent("agent-a"))
+            .agent(&iss(), &agent("agent-a"))
             .await
             .unwrap()
             .unwrap()
             .wrapped_key,
         b"first"
     );
-    assert!(store.agent(&agent("nobody")).await.unwrap().is_none());
+    assert!(
+        store
+            .agent(&iss(), &agent("nobody"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let other = IssuerId::parse("https://other.test").unwrap();
+    assert!(
+        store
+            .agent(&other, &agent("agent-a"))
+            .await
+            .unwrap()
+            .is_none(),
+        "another issuer's agent of the same id is another agent"
+    );
+    let theirs = store
+        .create_agent(&other, &agent("agent-a"), b"theirs", 1)
+        .await
+        .unwrap();
+    assert_eq!(theirs.wrapped_key, b"theirs");
+    assert_ne!(theirs.namespace, first.namespace);
 }
 
 async fn the_first_root_key_record_wins(store: &dyn Store) {

@@ -17,6 +17,16 @@ use vault_server::config::{Settings, Source};
 use vault_server::startup::Application;
 
 pub const AUDIENCE: &str = "credential-vault";
+/// The `iss` of [`Issuer::new`].
+pub const ISS: &str = "https://issuer.test";
+
+/// The schema of `agent` vouched for by the test issuer.
+pub fn schema_of(agent: &str) -> String {
+    vault_server::store::namespace_for(
+        &vault_server::ids::IssuerId::parse(ISS).unwrap(),
+        &vault_server::ids::AgentId::parse(agent).unwrap(),
+    )
+}
 pub const ROOT_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 pub const OTHER_ROOT_KEY: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 
@@ -188,9 +198,14 @@ pub struct Issuer {
 
 impl Issuer {
     pub fn new() -> Self {
+        Self::named(ISS)
+    }
+
+    /// An issuer with `iss` and keys of its own.
+    pub fn named(iss: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let issuer = Self {
-            iss: "https://issuer.test".into(),
+            iss: iss.into(),
             keys: vec![SigningKey::ed25519("ed-1"), SigningKey::es256("es-1")],
             jwks_path: dir.path().join("jwks.json"),
             _dir: dir,
@@ -213,13 +228,24 @@ impl Issuer {
         json!({"iss": self.iss, "aud": AUDIENCE, "sub": user, "agent_id": agent, "iat": now, "exp": now + 600})
     }
 
+    /// A token with the `vault:store` scope: most tests play the gateway that stores and the
+    /// agent that reads with one token.
     pub fn token(&self, agent: &str, user: &str) -> String {
+        self.scoped_token(agent, user, "openid vault:store")
+    }
+
+    /// An agent's ordinary token: it may read, refresh and revoke its own credentials, not store.
+    pub fn agent_token(&self, agent: &str, user: &str) -> String {
         self.keys[0].sign(&self.claims(agent, user))
     }
 
     pub fn admin_token(&self, agent: &str, user: &str) -> String {
+        self.scoped_token(agent, user, "openid vault:admin")
+    }
+
+    pub fn scoped_token(&self, agent: &str, user: &str, scope: &str) -> String {
         let mut claims = self.claims(agent, user);
-        claims["scope"] = json!("openid vault:admin");
+        claims["scope"] = json!(scope);
         self.keys[0].sign(&claims)
     }
 }
@@ -299,7 +325,7 @@ impl TestApp {
         client_at(self.endpoint(), token).await
     }
 
-    /// A client for `agent` acting for `user`.
+    /// A client for `agent` acting for `user`, allowed to store ([`Issuer::token`]).
     pub async fn client(&self, issuer: &Issuer, agent: &str, user: &str) -> vault_client::Client {
         self.client_with(&issuer.token(agent, user)).await
     }

@@ -117,8 +117,7 @@ async fn sigterm_reports_not_serving_drains_in_flight_calls_and_exits_zero() {
 
     // Hold the credential row so the next StoreToken is in flight inside the server.
     let mut lock = db.connect().await;
-    let schema =
-        vault_server::store::namespace_for(&vault_server::ids::AgentId::parse("agent-a").unwrap());
+    let schema = schema_of("agent-a");
     sqlx::raw_sql("BEGIN").execute(&mut lock).await.unwrap();
     sqlx::raw_sql(&format!(
         "SELECT * FROM \"{schema}\".credentials FOR UPDATE"

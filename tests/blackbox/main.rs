@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod client;
 mod conformance;
+mod hardening;
 mod lifecycle;
 mod provider;
 mod refresh;

@@ -68,8 +68,7 @@ impl World {
     }
 
     async fn credential_state(&self, agent: &str, user: &str, tool: &str) -> Option<i16> {
-        let schema =
-            vault_server::store::namespace_for(&vault_server::ids::AgentId::parse(agent).unwrap());
+        let schema = schema_of(agent);
         let mut conn = self.db.connect().await;
         sqlx::query_scalar(&format!(
             "SELECT state FROM \"{schema}\".credentials WHERE user_id = $1 AND tool = $2"
@@ -435,8 +434,7 @@ async fn a_revocation_made_during_an_outage_is_delivered_after_it_across_a_vault
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut conn = w.db.connect().await;
-    let schema =
-        vault_server::store::namespace_for(&vault_server::ids::AgentId::parse("agent-a").unwrap());
+    let schema = schema_of("agent-a");
     let left: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM \"{schema}\".revocation_outbox"
     ))
@@ -533,4 +531,58 @@ async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp(
             &jwt,
         ],
     );
+}
+
+#[tokio::test]
+async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_not_name_at_store_time()
+ {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    app.stop().await;
+
+    // The operator (or an attacker with write access to the providers file) points the tool at
+    // another token endpoint. The credential was stored for the provider's issuer, so its
+    // refresh token must not go there.
+    let moved = w.dir.path().join("moved.toml");
+    std::fs::write(
+        &moved,
+        format!(
+            "[tools.jira]\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
+            w.provider.ready.token_endpoint,
+            w.provider.ready.client_id,
+            w.provider.ready.client_secret
+        ),
+    )
+    .unwrap();
+    let moved = moved.display().to_string();
+    let mut extra = w.extra();
+    extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
+    extra.push(("VAULT_PROVIDERS_FILE", moved.as_str()));
+    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    w.provider.reset_stats().await;
+
+    let refused = vault.get_token("jira", 0).await;
+    assert!(
+        matches!(&refused, Err(Error::ReauthRequired(m)) if m.contains("different authorization server")),
+        "{refused:?}"
+    );
+    assert_eq!(w.provider.stats().await.refresh_calls, 0);
+    app.stop().await;
+
+    // Under the original configuration the same credential refreshes.
+    let app = w.vault().await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    assert!(vault.get_token("jira", 0).await.unwrap().refreshed);
+    assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }

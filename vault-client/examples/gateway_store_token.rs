@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! # with `vault-server dev` running:
-//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token)
+//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token --store)   # a gateway token: StoreToken needs vault:store
 //! cargo run -p vault-client --example gateway_store_token -- jira ACCESS REFRESH 3600
 //! ```
 

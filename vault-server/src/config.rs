@@ -14,6 +14,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::crypto::RootKey;
+use crate::ids::IssuerId;
 
 /// Longest credential TTL the vault accepts: 30 days.
 pub const MAX_SECRETS_TTL_SECONDS: u64 = 2_592_000;
@@ -68,6 +69,10 @@ const NAMES: &[&str] = &[
     "VAULT_TLS_CERT_FILE",
     "VAULT_TLS_KEY_FILE",
     "VAULT_TLS_CLIENT_CA_FILE",
+    "VAULT_STORE_SCOPE",
+    "VAULT_STORE_REFRESH_TOKENS",
+    "VAULT_JWKS_REFRESH_SECONDS",
+    "VAULT_JWKS_MAX_STALE_SECONDS",
 ];
 
 /// Settings as strings, before validation. Figment lowercases environment keys.
@@ -104,6 +109,10 @@ struct Raw {
     vault_tls_cert_file: Option<String>,
     vault_tls_key_file: Option<String>,
     vault_tls_client_ca_file: Option<String>,
+    vault_store_scope: Option<String>,
+    vault_store_refresh_tokens: Option<String>,
+    vault_jwks_refresh_seconds: Option<String>,
+    vault_jwks_max_stale_seconds: Option<String>,
 }
 
 /// Where the settings come from.
@@ -200,21 +209,29 @@ impl std::fmt::Debug for RootKeySource {
 /// Where issuer public keys come from.
 #[derive(Debug, Clone)]
 pub enum JwksSource {
-    /// A JWKS document on disk, re-read when an unknown `kid` arrives.
+    /// A JWKS document on disk, re-read periodically and when an unknown `kid` arrives.
     File(PathBuf),
-    /// A JWKS URL, re-fetched when an unknown `kid` arrives.
-    Url(String),
+    /// A JWKS URL, re-fetched periodically and when an unknown `kid` arrives.
+    Url(url::Url),
+}
+
+/// An issuer the vault trusts, bound to its own keys: a token naming this issuer verifies only
+/// under these keys, so one issuer can never sign for another.
+#[derive(Debug, Clone)]
+pub struct TrustedIssuer {
+    /// The exact `iss`.
+    pub issuer: IssuerId,
+    /// Its public keys.
+    pub jwks: JwksSource,
 }
 
 /// Caller-token verification settings (DESIGN §3).
 #[derive(Debug, Clone)]
 pub struct JwtSettings {
-    /// Accepted `iss` values.
-    pub issuers: Vec<String>,
+    /// Accepted issuers, each with its keys.
+    pub issuers: Vec<TrustedIssuer>,
     /// The audience that must be in `aud`.
     pub audience: String,
-    /// Issuer public keys.
-    pub jwks: JwksSource,
     /// The claim naming the agent.
     pub agent_claim: String,
     /// Clock skew allowed on `exp`, `nbf`, `iat`.
@@ -223,6 +240,35 @@ pub struct JwtSettings {
     pub max_ttl_seconds: u64,
     /// Least time between two key re-fetches triggered by unknown `kid`s.
     pub jwks_refetch_interval: Duration,
+    /// The scope a caller needs to write credentials with StoreToken.
+    pub store_scope: String,
+    /// Longest time between two periodic re-fetches of each issuer's keys; a shorter
+    /// `Cache-Control: max-age` on the JWKS response shortens it.
+    pub jwks_refresh: Duration,
+    /// How long keys whose re-fetch keeps failing are still trusted before tokens of that issuer
+    /// are refused (fail closed).
+    pub jwks_max_stale: Duration,
+}
+
+/// Whether a JWKS URL may be used: `https://`, or `http://` to a loopback host only, never with
+/// user info (which hides the real host: `http://localhost@evil.example/`). Checked on the
+/// parsed URL, not its spelling.
+pub fn check_jwks_url(text: &str) -> Result<url::Url, &'static str> {
+    let url = url::Url::parse(text.trim()).map_err(|_| "is not a URL")?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain user info");
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err("has no host"),
+    };
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err("must be https:// (plain http only for a loopback host)"),
+    }
 }
 
 /// Everything `serve` needs.
@@ -259,6 +305,8 @@ pub struct Settings {
     pub revocation_max_age: Duration,
     /// gRPC over TLS, when configured.
     pub tls: Option<TlsSettings>,
+    /// Whether StoreToken may bring a refresh token (`VAULT_STORE_REFRESH_TOKENS`).
+    pub store_refresh_tokens: bool,
 }
 
 /// Server TLS: a certificate chain and key, and optionally a CA that client certificates must
@@ -485,58 +533,81 @@ impl Settings {
             }
         };
 
-        let issuers: Vec<String> = raw
-            .vault_jwt_issuer
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
-        if issuers.is_empty() {
+        let list = |value: &Option<String>| -> Vec<String> {
+            value
+                .as_deref()
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let issuer_names = list(&raw.vault_jwt_issuer);
+        if issuer_names.is_empty() {
             return Err(problem(
                 "VAULT_JWT_ISSUER",
                 "is not set (comma-separated allowed issuers)",
             ));
         }
-        let jwks = match (
-            non_empty(raw.vault_jwt_jwks_file.clone()),
-            non_empty(raw.vault_jwt_jwks_url.clone()),
+        let jwks_sources: Vec<JwksSource> = match (
+            list(&raw.vault_jwt_jwks_file),
+            list(&raw.vault_jwt_jwks_url),
         ) {
-            (Some(f), None) => JwksSource::File(PathBuf::from(f)),
-            (None, Some(u)) => {
-                if !(u.starts_with("https://")
-                    || u.starts_with("http://127.")
-                    || u.starts_with("http://localhost"))
-                {
-                    return Err(problem(
-                        "VAULT_JWT_JWKS_URL",
-                        "must be https:// (plain http only for localhost)",
-                    ));
-                }
-                JwksSource::Url(u)
-            }
-            (None, None) => {
+            (files, urls) if !files.is_empty() && urls.is_empty() => files
+                .into_iter()
+                .map(|f| JwksSource::File(PathBuf::from(f)))
+                .collect(),
+            (files, urls) if files.is_empty() && !urls.is_empty() => urls
+                .iter()
+                .map(|u| {
+                    check_jwks_url(u)
+                        .map(JwksSource::Url)
+                        .map_err(|why| problem("VAULT_JWT_JWKS_URL", why))
+                })
+                .collect::<Result<_, _>>()?,
+            (files, _) if files.is_empty() => {
                 return Err(problem(
                     "VAULT_JWT_JWKS_FILE",
                     "is not set: set VAULT_JWT_JWKS_FILE or VAULT_JWT_JWKS_URL",
                 ));
             }
-            (Some(_), Some(_)) => {
+            _ => {
                 return Err(problem(
                     "VAULT_JWT_JWKS_FILE",
                     "set only one of VAULT_JWT_JWKS_FILE, VAULT_JWT_JWKS_URL",
                 ));
             }
         };
+        if jwks_sources.len() != issuer_names.len() {
+            // One key set shared by several issuers would let each sign for the others.
+            return Err(problem(
+                "VAULT_JWT_ISSUER",
+                format!(
+                    "names {} issuers but {} key sets are configured; give each issuer its own JWKS, comma-separated in the same order",
+                    issuer_names.len(),
+                    jwks_sources.len()
+                ),
+            ));
+        }
+        let mut issuers = Vec::with_capacity(issuer_names.len());
+        for (name, jwks) in issuer_names.into_iter().zip(jwks_sources) {
+            let issuer = IssuerId::parse(name)
+                .map_err(|e| problem("VAULT_JWT_ISSUER", format!("an issuer {e}")))?;
+            if issuers.iter().any(|t: &TrustedIssuer| t.issuer == issuer) {
+                return Err(problem(
+                    "VAULT_JWT_ISSUER",
+                    format!("{issuer} is named twice"),
+                ));
+            }
+            issuers.push(TrustedIssuer { issuer, jwks });
+        }
         let agent_claim =
             non_empty(raw.vault_jwt_agent_claim.clone()).unwrap_or_else(|| "agent_id".into());
         let jwt = JwtSettings {
             issuers,
             audience: non_empty(raw.vault_jwt_audience.clone())
                 .unwrap_or_else(|| "credential-vault".into()),
-            jwks,
             agent_claim,
             leeway_seconds: parse_u64(
                 "VAULT_JWT_LEEWAY_SECONDS",
@@ -551,6 +622,41 @@ impl Settings {
                 60..=604_800,
             )?,
             jwks_refetch_interval: Duration::from_secs(30),
+            jwks_refresh: Duration::from_secs(parse_u64(
+                "VAULT_JWKS_REFRESH_SECONDS",
+                raw.vault_jwks_refresh_seconds.as_deref(),
+                300,
+                1..=86_400,
+            )?),
+            jwks_max_stale: Duration::from_secs(parse_u64(
+                "VAULT_JWKS_MAX_STALE_SECONDS",
+                raw.vault_jwks_max_stale_seconds.as_deref(),
+                86_400,
+                1..=30 * 86_400,
+            )?),
+            store_scope: match non_empty(raw.vault_store_scope.clone()) {
+                None => crate::auth::STORE_SCOPE.to_string(),
+                Some(scope) if scope.trim().contains(char::is_whitespace) => {
+                    return Err(problem(
+                        "VAULT_STORE_SCOPE",
+                        "must be one scope name, without spaces",
+                    ));
+                }
+                Some(scope) => scope.trim().to_string(),
+            },
+        };
+        let store_refresh_tokens = match non_empty(raw.vault_store_refresh_tokens.clone())
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("allow") => true,
+            Some("deny") => false,
+            Some(other) => {
+                return Err(problem(
+                    "VAULT_STORE_REFRESH_TOKENS",
+                    format!("must be allow or deny, got {:?}", truncate(other)),
+                ));
+            }
         };
         let secrets_ttl_seconds = parse_u64(
             "SECRETS_TTL_SECONDS",
@@ -679,6 +785,7 @@ impl Settings {
             revocation_retry_interval,
             revocation_max_age,
             tls,
+            store_refresh_tokens,
         })
     }
 }
@@ -697,7 +804,7 @@ mod tests {
                 "VAULT_JWT_ISSUER",
                 "https://issuer.example, https://other.example",
             ),
-            ("VAULT_JWT_JWKS_FILE", "/tmp/jwks.json"),
+            ("VAULT_JWT_JWKS_FILE", "/tmp/jwks.json,/tmp/other-jwks.json"),
         ]
     }
 
@@ -711,10 +818,16 @@ mod tests {
     fn defaults_fill_what_is_not_set() {
         let s = load(&[]).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        let issuers: Vec<&str> = s.jwt.issuers.iter().map(|t| t.issuer.as_str()).collect();
         assert_eq!(
-            s.jwt.issuers,
+            issuers,
             vec!["https://issuer.example", "https://other.example"]
         );
+        assert!(
+            matches!(&s.jwt.issuers[1].jwks, JwksSource::File(p) if p == Path::new("/tmp/other-jwks.json"))
+        );
+        assert_eq!(s.jwt.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(s.jwt.jwks_max_stale, Duration::from_secs(86_400));
         assert_eq!(s.jwt.audience, "credential-vault");
         assert_eq!(s.jwt.agent_claim, "agent_id");
         assert_eq!(s.jwt.leeway_seconds, 300);
@@ -782,6 +895,39 @@ mod tests {
         assert_eq!(err.name, "VAULT_ROOT_KEY", "two root key sources");
         let err = load(&[("VAULT_LISTEN", "nowhere")]).unwrap_err();
         assert_eq!(err.name, "VAULT_LISTEN");
+    }
+
+    #[test]
+    fn each_issuer_needs_its_own_key_set() {
+        let err = load(&[("VAULT_JWT_JWKS_FILE", "/tmp/shared-jwks.json")]).unwrap_err();
+        assert_eq!(err.name, "VAULT_JWT_ISSUER");
+        assert!(err.problem.contains("own JWKS"), "{err}");
+    }
+
+    #[test]
+    fn a_jwks_url_is_checked_on_its_parsed_host_and_scheme() {
+        for good in [
+            "https://issuer.example/jwks.json",
+            "http://127.0.0.1:8080/jwks",
+            "http://127.8.9.1/jwks",
+            "http://localhost:3000/jwks",
+            "http://[::1]:3000/jwks",
+        ] {
+            assert!(check_jwks_url(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "http://localhost@evil.example/",
+            "http://127.0.0.1@evil.example/jwks",
+            "http://localhost.evil.example/jwks",
+            "http://127.0.0.1.evil.example/jwks",
+            "https://user:pass@issuer.example/jwks",
+            "http://issuer.example/jwks",
+            "ftp://localhost/jwks",
+            "file:///etc/jwks.json",
+            "not a url",
+        ] {
+            assert!(check_jwks_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

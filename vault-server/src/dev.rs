@@ -92,12 +92,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Mints a caller token with the development issuer key in `dir`.
+/// Mints a caller token with the development issuer key in `dir`, granting `scopes`
+/// (`vault:store`, `vault:admin`).
 pub fn mint(
     dir: &Path,
     agent: &str,
     user: &str,
-    admin: bool,
+    scopes: &[&str],
     ttl_seconds: u64,
     audience: &str,
 ) -> anyhow::Result<String> {
@@ -115,8 +116,8 @@ pub fn mint(
         "iss": DEV_ISSUER, "aud": audience, "sub": user, "agent_id": agent,
         "iat": now, "exp": now + ttl_seconds,
     });
-    if admin {
-        claims["scope"] = json!(crate::auth::ADMIN_SCOPE);
+    if !scopes.is_empty() {
+        claims["scope"] = json!(scopes.join(" "));
     }
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(DEV_KID.into());
@@ -140,7 +141,7 @@ pub fn banner(addr: std::net::SocketAddr, files: &DevFiles, store: &str, token: 
 \n\
 listening on {addr}, embedded store {store}\n\
 \n\
-caller token (agent demo-agent, user demo-user, valid 1 h):\n\
+caller token (agent demo-agent, user demo-user, scope vault:store, valid 1 h):\n\
 \n\
 export VAULT_TOKEN={token}\n\
 \n\
@@ -154,7 +155,7 @@ or with buf curl:\n\
 buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{store_request}' http://{addr}/vault.v1.CredentialVault/StoreToken\n\
 buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{get_request}' http://{addr}/vault.v1.CredentialVault/GetToken\n\
 \n\
-more tokens: vault-server token --agent demo-agent --user someone-else [--admin]\n",
+more tokens: vault-server token --agent demo-agent --user someone-else [--store] [--admin]\n",
         dir = files.dir.display(),
     )
 }

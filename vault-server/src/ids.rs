@@ -68,6 +68,11 @@ principal!(
     /// The user an agent acts for (the JWT's `sub`).
     UserId
 );
+principal!(
+    /// The issuer that vouched for a caller (the JWT's `iss`, one of the configured issuers).
+    /// Part of every identity: two issuers' `agent-a` or `alice` are different principals.
+    IssuerId
+);
 
 /// A tool (an OAuth2-protected remote service such as an MCP server): `[A-Za-z0-9._:-]{1,128}`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

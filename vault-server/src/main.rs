@@ -44,6 +44,9 @@ enum Command {
         /// Add the vault:admin scope.
         #[arg(long)]
         admin: bool,
+        /// Add the vault:store scope (StoreToken: what a gateway has, not an agent).
+        #[arg(long)]
+        store: bool,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
@@ -127,6 +130,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             agent,
             user,
             admin,
+            store,
             ttl,
         } => {
             let source = Source::from_env()?;
@@ -134,9 +138,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if !(60..=86_400).contains(&ttl) {
                 anyhow::bail!("--ttl must be between 60 and 86400 seconds");
             }
+            let scopes: Vec<&str> = [
+                (store, vault_server::auth::STORE_SCOPE),
+                (admin, vault_server::auth::ADMIN_SCOPE),
+            ]
+            .into_iter()
+            .filter_map(|(wanted, scope)| wanted.then_some(scope))
+            .collect();
             println!(
                 "{}",
-                vault_server::dev::mint(&dir, &agent, &user, admin, ttl, "credential-vault")?
+                vault_server::dev::mint(&dir, &agent, &user, &scopes, ttl, "credential-vault")?
             );
             Ok(())
         }
@@ -158,8 +169,17 @@ async fn dev() -> anyhow::Result<()> {
     let files = vault_server::dev::DevFiles::ensure(&dir)?;
     let root_key = files.root_key.display().to_string();
     let jwks = files.jwks.display().to_string();
+    // dev never touches a configured database: a VAULT_DATABASE_URL left in the environment
+    // may name production, and dev's keys are unprotected.
+    if std::env::var("VAULT_DATABASE_URL").is_ok_and(|url| !url.trim().is_empty()) {
+        println!(
+            "note: dev ignores VAULT_DATABASE_URL and uses its own embedded store in {}",
+            dir.display()
+        );
+    }
     // The generated keys replace any configured ones: dev must never mix with real keys.
     let source = source.with_overrides([
+        ("VAULT_DATABASE_URL", ""),
         ("VAULT_ROOT_KEY", ""),
         ("VAULT_ROOT_PASSPHRASE", ""),
         ("VAULT_ROOT_KEY_FILE", root_key.as_str()),
@@ -176,8 +196,17 @@ async fn dev() -> anyhow::Result<()> {
         vault_server::config::Database::SqliteMemory => "in memory".to_string(),
     };
     let audience = settings.jwt.audience.clone();
+    let store_scope = settings.jwt.store_scope.clone();
     let app = Application::build(settings).await?;
-    let token = vault_server::dev::mint(&dir, "demo-agent", "demo-user", false, 3600, &audience)?;
+    // The walkthrough stores a token as a gateway would, so the printed token may write.
+    let token = vault_server::dev::mint(
+        &dir,
+        "demo-agent",
+        "demo-user",
+        &[store_scope.as_str()],
+        3600,
+        &audience,
+    )?;
     println!(
         "{}",
         vault_server::dev::banner(app.local_addr(), &files, &store, &token)

@@ -19,6 +19,11 @@ pub struct TokenSet {
     pub expires_at: Option<i64>,
     /// Scopes granted.
     pub scopes: Vec<String>,
+    /// The authorization server the credential was stored for ([`crate::oauth::Provider::binding`]):
+    /// its refresh token is only ever sent there, even if the tool's configuration changes.
+    /// `None` for credentials stored before this was recorded, or while no provider was
+    /// configured for the tool; the first refresh binds them.
+    pub provider: Option<String>,
 }
 
 /// The serialized form; borrowed, so the clear text exists once, inside a zeroizing buffer.
@@ -30,6 +35,8 @@ struct SealedForm<'a> {
     tt: &'a str,
     exp: Option<i64>,
     sc: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pv: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +47,8 @@ struct OpenedForm {
     tt: String,
     exp: Option<i64>,
     sc: Vec<String>,
+    #[serde(default)]
+    pv: Option<String>,
 }
 
 /// A token set could not be decoded from its opened plaintext.
@@ -57,6 +66,7 @@ impl TokenSet {
             tt: &self.token_type,
             exp: self.expires_at,
             sc: &self.scopes,
+            pv: self.provider.as_deref(),
         };
         // Serializing a struct of strings and integers to a Vec cannot fail.
         Zeroizing::new(serde_json::to_vec(&form).expect("token set serializes"))
@@ -79,6 +89,7 @@ impl TokenSet {
             token_type: form.tt,
             expires_at: form.exp,
             scopes: form.sc,
+            provider: form.pv,
         })
     }
 }
@@ -95,6 +106,7 @@ mod tests {
             token_type: "Bearer".into(),
             expires_at: Some(1),
             scopes: vec!["read".into()],
+            provider: None,
         };
         let shown = format!("{set:?}");
         assert!(!shown.contains("very-secret"), "{shown}");
@@ -108,9 +120,11 @@ mod tests {
             token_type: "Bearer".into(),
             expires_at: None,
             scopes: vec![],
+            provider: Some("https://as.example".into()),
         };
         let back = TokenSet::from_plaintext(&set.to_plaintext()).unwrap();
         assert_eq!(back.access_token.expose_secret(), "at");
         assert!(back.refresh_token.is_none());
+        assert_eq!(back.provider.as_deref(), Some("https://as.example"));
     }
 }

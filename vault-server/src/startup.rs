@@ -69,8 +69,17 @@ impl Application {
             backoff_base: settings.backoff_base,
             backoff_cap: settings.backoff_cap,
             revocation_max_age: settings.revocation_max_age,
+            store_refresh_tokens: settings.store_refresh_tokens,
+            store_scope: settings.jwt.store_scope.clone(),
         };
         let vault = Arc::new(Vault::new(store, root, providers, options));
+        let issuers: Vec<_> = settings
+            .jwt
+            .issuers
+            .iter()
+            .map(|t| t.issuer.clone())
+            .collect();
+        vault.adopt_legacy_agents(&issuers).await?;
         let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on VAULT_LISTEN={}: {e}", settings.listen)
         })?;
@@ -141,6 +150,8 @@ impl Application {
             cancel.clone(),
         ));
 
+        let key_refresh = tokio::spawn(Arc::clone(&verifier).run_refresh(cancel.clone()));
+
         let draining = CancellationToken::new();
         let delay = settings.shutdown_delay;
         let signal = {
@@ -200,6 +211,7 @@ impl Application {
         cancel.cancel();
         let _ = sweeper.await;
         let _ = outbox.await;
+        let _ = key_refresh.await;
         tracing::info!("stopped");
         result
     }

@@ -13,6 +13,8 @@ pub struct VerificationKey {
     pub algorithm: Algorithm,
     /// The key.
     pub key: DecodingKey,
+    /// The JWK as published, to tell a key replaced under the same `kid` from the same key.
+    fingerprint: String,
 }
 
 /// Keys by `kid`.
@@ -80,7 +82,15 @@ impl KeySet {
             }
             match DecodingKey::from_jwk(jwk) {
                 Ok(key) => {
-                    keys.insert(kid, Arc::new(VerificationKey { algorithm, key }));
+                    let fingerprint = serde_json::to_string(jwk).unwrap_or_default();
+                    keys.insert(
+                        kid,
+                        Arc::new(VerificationKey {
+                            algorithm,
+                            key,
+                            fingerprint,
+                        }),
+                    );
                 }
                 Err(err) => tracing::warn!(%kid, error = %err, "skipping malformed JWKS key"),
             }
@@ -94,6 +104,21 @@ impl KeySet {
     /// The key with this `kid`.
     pub fn get(&self, kid: &str) -> Option<Arc<VerificationKey>> {
         self.keys.get(kid).cloned()
+    }
+
+    /// The `kid`s of `older` that this set no longer vouches for: removed, or replaced by a
+    /// different key under the same `kid`.
+    pub fn withdrawn_since(&self, older: &KeySet) -> Vec<String> {
+        older
+            .keys
+            .iter()
+            .filter(|(kid, old)| {
+                self.keys
+                    .get(*kid)
+                    .is_none_or(|new| new.fingerprint != old.fingerprint)
+            })
+            .map(|(kid, _)| kid.clone())
+            .collect()
     }
 
     /// How many keys.

@@ -133,6 +133,7 @@ mod tests {
             token_type: "Bearer".into(),
             expires_at: Some(1_900_000_000),
             scopes: vec!["read:jira-work".into()],
+            provider: None,
         }
     }
 

@@ -6,7 +6,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use secrecy::{ExposeSecret, SecretBox};
 
 use super::{OpenError, associated_data, open, random_bytes, seal};
-use crate::ids::AgentId;
+use crate::ids::{AgentId, IssuerId};
 
 /// Argon2id cost parameters; stored beside the salt so they can be raised without breaking
 /// existing installations.
@@ -95,27 +95,54 @@ impl RootKey {
         .is_ok_and(|p| p.as_slice() == KEY_CHECK_PLAINTEXT)
     }
 
-    /// Wraps an agent key, bound to the agent and the agent key's version.
-    pub fn wrap_agent_key(&self, agent: &AgentId, key: &AgentKey) -> Vec<u8> {
+    /// Wraps an agent key, bound to the issuer, the agent and the agent key's version.
+    pub fn wrap_agent_key(&self, issuer: &IssuerId, agent: &AgentId, key: &AgentKey) -> Vec<u8> {
         seal(
             self.0.expose_secret(),
-            &agent_key_aad(agent, key.version),
+            &agent_key_aad(Some(issuer), agent, key.version),
             key.key.expose_secret(),
         )
     }
 
-    /// Opens what [`RootKey::wrap_agent_key`] made for this agent and version.
+    /// Opens what [`RootKey::wrap_agent_key`] made for this issuer, agent and version.
     pub fn unwrap_agent_key(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<AgentKey, OpenError> {
+        self.unwrap_with(
+            &agent_key_aad(Some(issuer), agent, version),
+            version,
+            wrapped,
+        )
+    }
+
+    /// Wraps an agent key the way the vault did before identities named their issuer. Only for
+    /// tests that build a database as an older version left it.
+    #[doc(hidden)]
+    pub fn wrap_legacy_agent_key(&self, agent: &AgentId, key: &AgentKey) -> Vec<u8> {
+        seal(
+            self.0.expose_secret(),
+            &agent_key_aad(None, agent, key.version),
+            key.key.expose_secret(),
+        )
+    }
+
+    /// Opens an agent key wrapped before identities named their issuer (bound to the agent and
+    /// version only), so that startup can re-wrap it for the issuer that adopts it.
+    pub fn unwrap_legacy_agent_key(
         &self,
         agent: &AgentId,
         version: u32,
         wrapped: &[u8],
     ) -> Result<AgentKey, OpenError> {
-        let bytes = open(
-            self.0.expose_secret(),
-            &agent_key_aad(agent, version),
-            wrapped,
-        )?;
+        self.unwrap_with(&agent_key_aad(None, agent, version), version, wrapped)
+    }
+
+    fn unwrap_with(&self, aad: &[u8], version: u32, wrapped: &[u8]) -> Result<AgentKey, OpenError> {
+        let bytes = open(self.0.expose_secret(), aad, wrapped)?;
         let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| OpenError)?;
         Ok(AgentKey {
             key: SecretBox::new(Box::new(key)),
@@ -124,11 +151,23 @@ impl RootKey {
     }
 }
 
-fn agent_key_aad(agent: &AgentId, version: u32) -> Vec<u8> {
-    associated_data(
-        "agent-key",
-        &[agent.as_str().as_bytes(), &version.to_be_bytes()],
-    )
+/// The wrap of an agent key names its issuer; keys wrapped before that (`None`) keep the old
+/// label until startup re-wraps them.
+fn agent_key_aad(issuer: Option<&IssuerId>, agent: &AgentId, version: u32) -> Vec<u8> {
+    match issuer {
+        Some(issuer) => associated_data(
+            "agent-key/2",
+            &[
+                issuer.as_str().as_bytes(),
+                agent.as_str().as_bytes(),
+                &version.to_be_bytes(),
+            ],
+        ),
+        None => associated_data(
+            "agent-key",
+            &[agent.as_str().as_bytes(), &version.to_be_bytes()],
+        ),
+    }
 }
 
 /// One agent's key: wraps the data key of each of that agent's credentials.
@@ -164,6 +203,10 @@ mod tests {
         AgentId::parse(id).unwrap()
     }
 
+    fn issuer(iss: &str) -> IssuerId {
+        IssuerId::parse(iss).unwrap()
+    }
+
     #[test]
     fn a_key_check_value_verifies_only_its_own_key() {
         let root = RootKey::generate();
@@ -176,13 +219,30 @@ mod tests {
     fn an_agent_key_wrapped_for_one_agent_does_not_unwrap_for_another() {
         let root = RootKey::generate();
         let key = AgentKey::generate(1);
-        let wrapped = root.wrap_agent_key(&agent("a"), &key);
-        assert!(root.unwrap_agent_key(&agent("a"), 1, &wrapped).is_ok());
+        let i = issuer("https://a.example");
+        let wrapped = root.wrap_agent_key(&i, &agent("a"), &key);
+        assert!(root.unwrap_agent_key(&i, &agent("a"), 1, &wrapped).is_ok());
         assert_eq!(
-            root.unwrap_agent_key(&agent("b"), 1, &wrapped).unwrap_err(),
+            root.unwrap_agent_key(&i, &agent("b"), 1, &wrapped)
+                .unwrap_err(),
             OpenError
         );
-        assert!(root.unwrap_agent_key(&agent("a"), 2, &wrapped).is_err());
+        assert!(root.unwrap_agent_key(&i, &agent("a"), 2, &wrapped).is_err());
+    }
+
+    #[test]
+    fn an_agent_key_wrapped_under_one_issuer_does_not_unwrap_under_another() {
+        let root = RootKey::generate();
+        let key = AgentKey::generate(1);
+        let wrapped = root.wrap_agent_key(&issuer("https://a.example"), &agent("a"), &key);
+        assert!(
+            root.unwrap_agent_key(&issuer("https://b.example"), &agent("a"), 1, &wrapped)
+                .is_err()
+        );
+        assert!(
+            root.unwrap_legacy_agent_key(&agent("a"), 1, &wrapped)
+                .is_err()
+        );
     }
 
     #[test]

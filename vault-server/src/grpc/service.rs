@@ -131,6 +131,8 @@ fn token_set(token: Option<OAuthToken>) -> Result<TokenSet, Status> {
         token_type,
         expires_at,
         scopes: token.scopes,
+        // Set by the use case from the tool's configured provider, never by the caller.
+        provider: None,
     })
 }
 

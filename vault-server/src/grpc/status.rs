@@ -67,6 +67,11 @@ impl From<VaultError> for Status {
             VaultError::PermissionDenied(message) => {
                 with_reason(Code::PermissionDenied, "PERMISSION_DENIED", message)
             }
+            VaultError::RefreshTokenDenied => with_reason(
+                Code::PermissionDenied,
+                "STORE_REFRESH_TOKEN_DENIED",
+                err.to_string(),
+            ),
             VaultError::InvalidArgument { field, problem } => invalid_argument(field, &problem),
             VaultError::Unavailable(_) => with_reason(
                 Code::Unavailable,
@@ -85,6 +90,7 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         VaultError::NotFound
         | VaultError::ReauthRequired(_)
         | VaultError::PermissionDenied(_)
+        | VaultError::RefreshTokenDenied
         | VaultError::InvalidArgument { .. } => {
             tracing::info!(rpc, error = %err, "call refused");
         }

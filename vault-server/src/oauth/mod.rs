@@ -291,6 +291,17 @@ impl Providers {
         })
     }
 
+    /// What a credential remembers of the provider it was stored for: the issuer when the
+    /// tool names one, else its token endpoint. A stored refresh token is only sent to the
+    /// provider whose binding matches, so editing the providers file cannot redirect it.
+    pub fn binding(provider: &Provider) -> String {
+        match (&provider.issuer, &provider.fixed_token_url) {
+            (Some(issuer), _) => issuer.clone(),
+            (None, Some(url)) => url.as_str().to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
     /// The provider for `tool`, if configured.
     pub fn get(&self, tool: &Tool) -> Option<Arc<Provider>> {
         self.by_tool.get(tool.as_str()).cloned()

@@ -10,7 +10,7 @@ pub use postgres::{PgStore, namespace_for};
 pub use sqlite::SqliteStore;
 
 use crate::crypto::SealedCredential;
-use crate::ids::{AgentId, Generation, Tool, UserId};
+use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 
 /// What can go wrong below the service.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,8 @@ impl StoreError {
 /// A registered agent: where its credentials live and its wrapped key.
 #[derive(Debug, Clone)]
 pub struct AgentRecord {
+    /// The issuer that vouches for the agent.
+    pub issuer: IssuerId,
     /// The agent.
     pub agent: AgentId,
     /// Its schema, derived from a hash of the id.
@@ -195,16 +197,34 @@ pub trait Store: Send + Sync + 'static {
     async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError>;
 
     /// The agent's registry entry, if it has stored anything.
-    async fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError>;
+    async fn agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError>;
 
     /// Registers the agent with `wrapped_key` and creates its schema, unless a concurrent call
     /// already did; returns the stored entry either way.
     async fn create_agent(
         &self,
+        issuer: &IssuerId,
         agent: &AgentId,
         wrapped_key: &[u8],
         key_version: u32,
     ) -> Result<AgentRecord, StoreError>;
+
+    /// Agents registered before identities named their issuer: (agent, key version, wrapped
+    /// key). Their keys are wrapped without an issuer binding.
+    async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError>;
+
+    /// Gives a legacy agent to `issuer` with its key re-wrapped for it; false if another
+    /// replica already did.
+    async fn adopt_agent(
+        &self,
+        agent: &AgentId,
+        issuer: &IssuerId,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError>;
 
     /// A new generation for a credential of this agent, never handed out before.
     async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError>;

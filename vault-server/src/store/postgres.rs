@@ -18,7 +18,7 @@ use super::{
 };
 use crate::config::DatabaseSettings;
 use crate::crypto::{KdfParams, SealedCredential};
-use crate::ids::{AgentId, Generation, Tool, UserId};
+use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 
 static CONTROL_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/control");
 
@@ -41,11 +41,25 @@ fn latest_agent_version() -> i32 {
 /// Serialises migrations across replicas (an arbitrary constant: "vault" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0076_6175_6c74;
 
-/// The schema of an agent: `agent_` and 40 hex digits of SHA-256 of the id. Fits PostgreSQL's
-/// 63-byte identifier limit, and no agent id can inject anything through it.
-pub fn namespace_for(agent: &AgentId) -> String {
-    let digest = Sha256::digest(agent.as_str().as_bytes());
-    format!("agent_{}", &hex::encode(digest)[..40])
+/// The schema of an agent: `agent_` and 40 hex digits of SHA-256 of the issuer and the id. Fits
+/// PostgreSQL's 63-byte identifier limit, and no agent id can inject anything through it.
+/// (Agents registered before issuers were part of the identity keep the schema they were given,
+/// a hash of the id alone: the registry stores each agent's schema name.)
+pub fn namespace_for(issuer: &IssuerId, agent: &AgentId) -> String {
+    format!(
+        "agent_{}",
+        &hex::encode(identity_digest(issuer, agent))[..40]
+    )
+}
+
+/// SHA-256 of the length-prefixed issuer followed by the agent id, so no two (issuer, agent)
+/// pairs hash the same input.
+fn identity_digest(issuer: &IssuerId, agent: &AgentId) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update((issuer.as_str().len() as u32).to_be_bytes());
+    hash.update(issuer.as_str().as_bytes());
+    hash.update(agent.as_str().as_bytes());
+    hash.finalize().into()
 }
 
 /// The schema name quoted for SQL, after checking it is one [`namespace_for`] could have made.
@@ -64,8 +78,8 @@ fn quoted(namespace: &str) -> Result<String, StoreError> {
 }
 
 /// A transaction-scoped advisory lock key for one agent.
-fn agent_lock_key(agent: &AgentId) -> i64 {
-    let digest = Sha256::digest(agent.as_str().as_bytes());
+fn agent_lock_key(issuer: &IssuerId, agent: &AgentId) -> i64 {
+    let digest = identity_digest(issuer, agent);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
@@ -74,6 +88,9 @@ fn agent_lock_key(agent: &AgentId) -> i64 {
 fn e(err: sqlx::Error) -> StoreError {
     StoreError::from_sqlx(err)
 }
+
+/// The registry columns [`PgStore::agent_from_row`] reads.
+const AGENT_COLUMNS: &str = "issuer, agent_id, schema_name, wrapped_key, key_version";
 
 /// The columns [`outbox_entry`] reads, in order.
 const OUTBOX_COLUMNS: &str = "id, user_id, tool, generation, key_version, wrapped_data_key, ciphertext, attempts, created_at";
@@ -266,8 +283,11 @@ impl PgStore {
 
     fn agent_from_row(row: &sqlx::postgres::PgRow) -> Result<AgentRecord, StoreError> {
         let id: String = row.try_get("agent_id").map_err(e)?;
+        let issuer: String = row.try_get("issuer").map_err(e)?;
         let key_version: i32 = row.try_get("key_version").map_err(e)?;
         Ok(AgentRecord {
+            issuer: IssuerId::parse(issuer)
+                .map_err(|err| StoreError::Corrupt(format!("issuer in registry: {err}")))?,
             agent: AgentId::parse(id)
                 .map_err(|err| StoreError::Corrupt(format!("agent id in registry: {err}")))?,
             namespace: row.try_get("schema_name").map_err(e)?,
@@ -301,20 +321,19 @@ impl Store for PgStore {
             .map_err(e)?;
 
         let stale = sqlx::query(
-            "SELECT agent_id, schema_name, schema_version FROM vault.agents WHERE schema_version < $1",
+            "SELECT schema_name, schema_version FROM vault.agents WHERE schema_version < $1",
         )
         .bind(latest_agent_version())
         .fetch_all(&mut conn)
         .await
         .map_err(e)?;
         for row in stale {
-            let agent: String = row.try_get("agent_id").map_err(e)?;
             let namespace: String = row.try_get("schema_name").map_err(e)?;
             let from: i32 = row.try_get("schema_version").map_err(e)?;
             let mut tx = conn.begin().await.map_err(e)?;
             let to = Self::apply_agent_migrations(&mut tx, &namespace, from).await?;
-            sqlx::query("UPDATE vault.agents SET schema_version = $2 WHERE agent_id = $1")
-                .bind(&agent)
+            sqlx::query("UPDATE vault.agents SET schema_version = $2 WHERE schema_name = $1")
+                .bind(&namespace)
                 .bind(to)
                 .execute(&mut *tx)
                 .await
@@ -384,10 +403,15 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(skip_all, err)]
-    async fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
-        let row = sqlx::query(
-            "SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents WHERE agent_id = $1",
-        )
+    async fn agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer = $1 AND agent_id = $2"
+        ))
+        .bind(issuer.as_str())
         .bind(agent.as_str())
         .fetch_optional(&self.pool)
         .await
@@ -398,6 +422,7 @@ impl Store for PgStore {
     #[tracing::instrument(skip_all, err)]
     async fn create_agent(
         &self,
+        issuer: &IssuerId,
         agent: &AgentId,
         wrapped_key: &[u8],
         key_version: u32,
@@ -405,13 +430,14 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await.map_err(e)?;
         // Two replicas creating the same agent at once queue here; the second finds the row.
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(agent_lock_key(agent))
+            .bind(agent_lock_key(issuer, agent))
             .execute(&mut *tx)
             .await
             .map_err(e)?;
-        let existing = sqlx::query(
-            "SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents WHERE agent_id = $1",
-        )
+        let existing = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer = $1 AND agent_id = $2"
+        ))
+        .bind(issuer.as_str())
         .bind(agent.as_str())
         .fetch_optional(&mut *tx)
         .await
@@ -420,26 +446,69 @@ impl Store for PgStore {
             tx.commit().await.map_err(e)?;
             return Self::agent_from_row(&row);
         }
-        let namespace = namespace_for(agent);
+        let namespace = namespace_for(issuer, agent);
         let create = format!("CREATE SCHEMA {}", quoted(&namespace)?);
         tx.execute(sqlx::raw_sql(&create)).await.map_err(e)?;
         let version = Self::apply_agent_migrations(&mut tx, &namespace, 0).await?;
         let row = sqlx::query(
-            "INSERT INTO vault.agents (agent_id, schema_name, wrapped_key, key_version, schema_version)
-             VALUES ($1, $2, $3, $4, $5)
-             RETURNING agent_id, schema_name, wrapped_key, key_version",
+            "INSERT INTO vault.agents (issuer, agent_id, schema_name, wrapped_key, key_version, schema_version)
+             VALUES ($6, $1, $2, $3, $4, $5)
+             RETURNING issuer, agent_id, schema_name, wrapped_key, key_version",
         )
         .bind(agent.as_str())
         .bind(&namespace)
         .bind(wrapped_key)
         .bind(key_version as i32)
         .bind(version)
+        .bind(issuer.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(e)?;
         tx.commit().await.map_err(e)?;
         tracing::info!(schema = %namespace, "created agent schema");
         Self::agent_from_row(&row)
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT agent_id, key_version, wrapped_key FROM vault.agents WHERE issuer = ''",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("agent_id").map_err(e)?;
+                let version: i32 = row.try_get("key_version").map_err(e)?;
+                Ok((
+                    AgentId::parse(id).map_err(|err| {
+                        StoreError::Corrupt(format!("agent id in registry: {err}"))
+                    })?,
+                    key_version_of(i64::from(version))?,
+                    row.try_get("wrapped_key").map_err(e)?,
+                ))
+            })
+            .collect()
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn adopt_agent(
+        &self,
+        agent: &AgentId,
+        issuer: &IssuerId,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE vault.agents SET issuer = $2, wrapped_key = $3 WHERE issuer = '' AND agent_id = $1",
+        )
+        .bind(agent.as_str())
+        .bind(issuer.as_str())
+        .bind(wrapped_key)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(done.rows_affected() == 1)
     }
 
     #[tracing::instrument(skip_all, err)]
@@ -813,10 +882,13 @@ impl Store for PgStore {
         lease: Duration,
         limit: u32,
     ) -> Result<Vec<(AgentRecord, OutboxEntry)>, StoreError> {
-        let agents = sqlx::query("SELECT agent_id, schema_name, wrapped_key, key_version FROM vault.agents ORDER BY schema_name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(e)?;
+        // Legacy agents (issuer '') are adopted at startup before anything is served.
+        let agents = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer <> '' ORDER BY schema_name"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
         let mut claimed = Vec::new();
         for row in agents {
             let remaining = i64::from(limit) - claimed.len() as i64;
@@ -915,11 +987,18 @@ mod tests {
 
     #[test]
     fn a_schema_name_is_a_fixed_length_hash_whatever_the_agent_id() {
+        let issuer = IssuerId::parse("https://issuer.example").unwrap();
         let hostile = AgentId::parse("x\"; DROP SCHEMA vault CASCADE; --").unwrap();
-        let name = namespace_for(&hostile);
+        let name = namespace_for(&issuer, &hostile);
         assert_eq!(name.len(), 46);
         assert!(quoted(&name).is_ok());
-        assert_ne!(name, namespace_for(&AgentId::parse("y").unwrap()));
+        assert_ne!(name, namespace_for(&issuer, &AgentId::parse("y").unwrap()));
+        let other = IssuerId::parse("https://other.example").unwrap();
+        assert_ne!(
+            name,
+            namespace_for(&other, &hostile),
+            "issuers never share a schema"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use super::{
     namespace_for,
 };
 use crate::crypto::{KdfParams, SealedCredential};
-use crate::ids::{AgentId, Generation, Tool, UserId};
+use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -87,7 +87,10 @@ impl SqliteStore {
 
     fn agent_from_row(row: &SqliteRow) -> Result<AgentRecord, StoreError> {
         let id: String = row.try_get("agent_id").map_err(e)?;
+        let issuer: String = row.try_get("issuer").map_err(e)?;
         Ok(AgentRecord {
+            issuer: IssuerId::parse(issuer)
+                .map_err(|err| StoreError::Corrupt(format!("issuer in registry: {err}")))?,
             agent: AgentId::parse(id)
                 .map_err(|err| StoreError::Corrupt(format!("agent id in registry: {err}")))?,
             namespace: row.try_get("namespace").map_err(e)?,
@@ -117,7 +120,7 @@ impl SqliteStore {
     }
 }
 
-const AGENT_COLUMNS: &str = "agent_id, namespace, wrapped_key, key_version";
+const AGENT_COLUMNS: &str = "issuer, agent_id, namespace, wrapped_key, key_version";
 const OUTBOX_COLUMNS: &str = "id, user_id, tool, generation, key_version, wrapped_data_key, ciphertext, attempts, created_at";
 
 #[async_trait::async_trait]
@@ -183,10 +186,15 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(skip_all, err)]
-    async fn agent(&self, agent: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
+    async fn agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ?"
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE issuer = ? AND agent_id = ?"
         ))
+        .bind(issuer.as_str())
         .bind(agent.as_str())
         .fetch_optional(&self.pool)
         .await
@@ -197,23 +205,65 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip_all, err)]
     async fn create_agent(
         &self,
+        issuer: &IssuerId,
         agent: &AgentId,
         wrapped_key: &[u8],
         key_version: u32,
     ) -> Result<AgentRecord, StoreError> {
         // INSERT OR IGNORE then read: a concurrent creator's key wins, as in PostgreSQL.
-        sqlx::query("INSERT INTO agents (agent_id, namespace, wrapped_key, key_version, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO NOTHING")
+        sqlx::query("INSERT INTO agents (issuer, agent_id, namespace, wrapped_key, key_version, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (issuer, agent_id) DO NOTHING")
+            .bind(issuer.as_str())
             .bind(agent.as_str())
-            .bind(namespace_for(agent))
+            .bind(namespace_for(issuer, agent))
             .bind(wrapped_key)
             .bind(i64::from(key_version))
             .bind(now_ms())
             .execute(&self.pool)
             .await
             .map_err(e)?;
-        self.agent(agent)
+        self.agent(issuer, agent)
             .await?
             .ok_or_else(|| StoreError::Corrupt("agent row vanished".into()))
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT agent_id, key_version, wrapped_key FROM agents WHERE issuer = ''")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(e)?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("agent_id").map_err(e)?;
+                Ok((
+                    AgentId::parse(id).map_err(|err| {
+                        StoreError::Corrupt(format!("agent id in registry: {err}"))
+                    })?,
+                    key_version_of(row.try_get::<i64, _>("key_version").map_err(e)?)?,
+                    row.try_get("wrapped_key").map_err(e)?,
+                ))
+            })
+            .collect()
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn adopt_agent(
+        &self,
+        agent: &AgentId,
+        issuer: &IssuerId,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE agents SET issuer = ?, wrapped_key = ? WHERE issuer = '' AND agent_id = ?",
+        )
+        .bind(issuer.as_str())
+        .bind(wrapped_key)
+        .bind(agent.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(done.rows_affected() == 1)
     }
 
     #[tracing::instrument(skip_all, err)]

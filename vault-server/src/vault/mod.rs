@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::auth::Caller;
 use crate::config::RootKeySource;
 use crate::crypto::{AgentKey, Binding, KdfParams, RootKey, open_credential, seal_credential};
-use crate::ids::{AgentId, Generation, Tool, UserId};
+use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
 use crate::secret::TokenSet;
 use crate::store::{
@@ -39,7 +39,13 @@ pub enum VaultError {
     ProviderUnavailable(String),
     /// The caller may not do this.
     #[error("{0}")]
-    PermissionDenied(&'static str),
+    PermissionDenied(String),
+    /// StoreToken brought a refresh token while `VAULT_STORE_REFRESH_TOKENS=deny`: only the
+    /// vault's own code exchange may create a refreshable credential.
+    #[error(
+        "this vault does not accept refresh tokens through StoreToken (VAULT_STORE_REFRESH_TOKENS=deny); acquire the credential through the vault's consent flow"
+    )]
+    RefreshTokenDenied,
     /// A request field is invalid.
     #[error("{field}: {problem}")]
     InvalidArgument {
@@ -219,6 +225,10 @@ pub struct VaultOptions {
     pub backoff_cap: Duration,
     /// How long an undeliverable provider revocation is retried before it is dropped.
     pub revocation_max_age: Duration,
+    /// Whether StoreToken may bring a refresh token.
+    pub store_refresh_tokens: bool,
+    /// The scope StoreToken needs, for the refusal message.
+    pub store_scope: String,
 }
 
 /// The vault's use cases over a store, the root key and the provider registry.
@@ -227,9 +237,9 @@ pub struct Vault {
     root: RootKey,
     providers: Providers,
     options: VaultOptions,
-    /// Unwrapped agent keys. Agent keys do not change under a running server yet (rotation
-    /// will invalidate entries), so an entry stays valid once loaded.
-    agents: RwLock<HashMap<AgentId, Arc<AgentEntry>>>,
+    /// Unwrapped agent keys by (issuer, agent). Agent keys do not change under a running server
+    /// yet (rotation will invalidate entries), so an entry stays valid once loaded.
+    agents: RwLock<HashMap<(IssuerId, AgentId), Arc<AgentEntry>>>,
     /// Identifies this process as a lease holder.
     instance: uuid::Uuid,
     /// In-process half of refresh coalescing: one gate per credential.
@@ -281,34 +291,67 @@ impl Vault {
         &self.store
     }
 
+    /// Gives agents registered before identities named their issuer to the one configured
+    /// issuer, re-wrapping each agent key bound to it. With several issuers there is no safe
+    /// owner to guess: startup stops and says how to proceed.
+    pub async fn adopt_legacy_agents(&self, issuers: &[IssuerId]) -> anyhow::Result<()> {
+        let legacy = self.store.legacy_agents().await?;
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        let [issuer] = issuers else {
+            anyhow::bail!(
+                "VAULT_JWT_ISSUER: {} agents were stored before caller identities named their issuer, and several issuers are configured; start once with only the issuer those agents belong to, so that it adopts them",
+                legacy.len()
+            );
+        };
+        let mut adopted = 0usize;
+        for (agent, version, wrapped) in legacy {
+            let key = self
+                .root
+                .unwrap_legacy_agent_key(&agent, version, &wrapped)
+                .map_err(|_| {
+                    anyhow::anyhow!("the agent key of {agent} does not open under the root key")
+                })?;
+            let rewrapped = self.root.wrap_agent_key(issuer, &agent, &key);
+            if self.store.adopt_agent(&agent, issuer, &rewrapped).await? {
+                adopted += 1;
+            }
+        }
+        tracing::info!(adopted, %issuer, "agents from before issuer-bound identities now belong to the configured issuer");
+        Ok(())
+    }
+
     async fn agent_entry(
         &self,
+        issuer: &IssuerId,
         agent: &AgentId,
         create: bool,
     ) -> Result<Option<Arc<AgentEntry>>, VaultError> {
+        let cache_key = (issuer.clone(), agent.clone());
         if let Some(entry) = self
             .agents
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(agent)
+            .get(&cache_key)
         {
             return Ok(Some(Arc::clone(entry)));
         }
-        let record = match self.store.agent(agent).await? {
+        let record = match self.store.agent(issuer, agent).await? {
             Some(record) => record,
             None if create => {
                 let key = AgentKey::generate(1);
-                let wrapped = self.root.wrap_agent_key(agent, &key);
+                let wrapped = self.root.wrap_agent_key(issuer, agent, &key);
                 // A concurrent creator may win; then its key is the agent's key.
                 self.store
-                    .create_agent(agent, &wrapped, key.version)
+                    .create_agent(issuer, agent, &wrapped, key.version)
                     .await?
             }
             None => return Ok(None),
         };
         let key = self
             .root
-            .unwrap_agent_key(agent, record.key_version, &record.wrapped_key)
+            .unwrap_agent_key(issuer, agent, record.key_version, &record.wrapped_key)
             .map_err(|_| {
                 VaultError::Unexpected(anyhow::anyhow!(
                     "the agent key of {agent} does not open under the root key"
@@ -318,7 +361,7 @@ impl Vault {
         self.agents
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(agent.clone(), Arc::clone(&entry));
+            .insert(cache_key, Arc::clone(&entry));
         Ok(Some(entry))
     }
 
@@ -329,13 +372,24 @@ impl Vault {
         &self,
         caller: &Caller,
         tool: &Tool,
-        tokens: TokenSet,
+        mut tokens: TokenSet,
         ttl_seconds: Option<u64>,
     ) -> Result<StoredToken, VaultError> {
+        if !caller.store {
+            return Err(VaultError::PermissionDenied(format!(
+                "StoreToken needs the {} scope in the caller token; agents read, gateways store",
+                self.options.store_scope
+            )));
+        }
+        if tokens.refresh_token.is_some() && !self.options.store_refresh_tokens {
+            return Err(VaultError::RefreshTokenDenied);
+        }
+        // The credential remembers which authorization server it belongs to (DESIGN §6).
+        tokens.provider = self.providers.get(tool).map(|p| Providers::binding(&p));
         let max = self.options.secrets_ttl_seconds;
         let ttl = ttl_seconds.map_or(max, |t| t.min(max));
         let entry = self
-            .agent_entry(&caller.agent, true)
+            .agent_entry(&caller.issuer, &caller.agent, true)
             .await?
             .ok_or_else(|| {
                 VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
@@ -380,7 +434,7 @@ impl Vault {
 
     async fn open_current(&self, caller: &Caller, tool: &Tool) -> Result<Opened, VaultError> {
         let entry = self
-            .agent_entry(&caller.agent, false)
+            .agent_entry(&caller.issuer, &caller.agent, false)
             .await?
             .ok_or(VaultError::NotFound)?;
         let stored = self
@@ -506,10 +560,11 @@ impl Vault {
         let user = target.user.unwrap_or_else(|| caller.user.clone());
         if (agent != caller.agent || user != caller.user) && !caller.admin {
             return Err(VaultError::PermissionDenied(
-                "revoking another user's or agent's credentials needs the vault:admin scope",
+                "revoking another user's or agent's credentials needs the vault:admin scope".into(),
             ));
         }
-        let Some(entry) = self.agent_entry(&agent, false).await? else {
+        // An admin reaches other agents and users of its own issuer only.
+        let Some(entry) = self.agent_entry(&caller.issuer, &agent, false).await? else {
             return Ok(Revoked {
                 revoked: 0,
                 provider_revoked: 0,
@@ -542,7 +597,7 @@ impl Vault {
     ) -> Result<SweepOutcome, VaultError> {
         if !caller.admin {
             return Err(VaultError::PermissionDenied(
-                "Sweep needs the vault:admin scope",
+                "Sweep needs the vault:admin scope".into(),
             ));
         }
         let outcome = self.store.sweep(limit, dry_run).await?;

@@ -23,12 +23,12 @@ use tracing::Instrument as _;
 use super::{IssuedToken, Opened, Vault, VaultError};
 use crate::auth::Caller;
 use crate::crypto::{Binding, seal_credential};
-use crate::ids::{AgentId, Generation, Tool, UserId};
-use crate::oauth::{Provider, ProviderError};
+use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
+use crate::oauth::{Provider, ProviderError, Providers};
 use crate::secret::TokenSet;
 use crate::store::{NewCredential, RefreshLease};
 
-type Key = (AgentId, UserId, Tool);
+type Key = (IssuerId, AgentId, UserId, Tool);
 
 /// One async mutex per credential being refreshed; entries vanish when nobody holds them.
 #[derive(Default)]
@@ -150,9 +150,12 @@ impl Vault {
         observed: Generation,
         provider: &Provider,
     ) -> Result<IssuedToken, VaultError> {
-        let gate = self
-            .gates
-            .get((caller.agent.clone(), caller.user.clone(), tool.clone()));
+        let gate = self.gates.get((
+            caller.issuer.clone(),
+            caller.agent.clone(),
+            caller.user.clone(),
+            tool.clone(),
+        ));
         let _turn = gate.lock().await;
         // Waiting on another replica is bounded by one lease period plus slack.
         let deadline = Instant::now() + self.options.refresh_lease + Duration::from_secs(5);
@@ -161,6 +164,20 @@ impl Vault {
             if current.generation > observed {
                 self.counts.bump(&self.counts.coalesced, "coalesced");
                 return Ok(Self::issue(current.tokens, current.generation, true));
+            }
+            // Checked before the lease: a refusal must not leave the row leased.
+            if current
+                .tokens
+                .provider
+                .as_ref()
+                .is_some_and(|bound| *bound != Providers::binding(provider))
+            {
+                // The tool's authorization server changed since the credential was stored:
+                // its refresh token belongs to the old one and is never sent to the new one.
+                tracing::warn!(%tool, "the tool's provider changed since the credential was stored; not refreshing");
+                return Err(VaultError::ReauthRequired(format!(
+                    "tool {tool} now names a different authorization server than the one this credential was issued by; the user must authorize again"
+                )));
             }
             let lease = self
                 .store
@@ -214,6 +231,7 @@ impl Vault {
                 "no refresh token is stored for tool {tool}"
             )));
         };
+        let binding = Providers::binding(provider);
         match self.providers.refresh(provider, &refresh_token).await {
             Ok(fresh) => {
                 let now = Utc::now().timestamp();
@@ -227,6 +245,7 @@ impl Vault {
                         .expires_in
                         .map(|d| now.saturating_add(d.as_secs() as i64)),
                     scopes: fresh.scopes.unwrap_or(tokens.scopes),
+                    provider: Some(binding),
                 };
                 let next = self.store.next_generation(&entry.record).await?;
                 let binding = Binding {

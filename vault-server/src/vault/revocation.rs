@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use super::{AgentEntry, Revoked, Vault, VaultError};
 use crate::crypto::{Binding, open_credential};
 use crate::ids::{Tool, UserId};
-use crate::oauth::TokenKind;
+use crate::oauth::{Providers, TokenKind};
 use crate::store::{AgentRecord, OutboxEntry};
 
 /// How long a delivery attempt holds an outbox entry before another replica may take it.
@@ -120,6 +120,16 @@ impl Vault {
         };
         let tokens = open_credential(&entry.key, binding, &item.sealed)
             .map_err(|_| "the queued credential does not open for its binding".to_string())?;
+        if tokens
+            .provider
+            .as_ref()
+            .is_some_and(|bound| *bound != Providers::binding(&provider))
+        {
+            // Its tokens belong to the authorization server the credential was stored for;
+            // sending them to whatever the tool names now would leak them.
+            tracing::warn!(tool = %item.tool, "the tool's provider changed since the credential was stored; not revoking there");
+            return Ok(Delivery::NotApplicable);
+        }
         // The refresh token first: RFC 7009 lets the server revoke the whole grant with it.
         if let Some(refresh) = &tokens.refresh_token {
             self.providers
@@ -135,7 +145,7 @@ impl Vault {
     }
 
     async fn deliver_claimed(&self, record: AgentRecord, item: OutboxEntry) {
-        match self.agent_entry(&record.agent, false).await {
+        match self.agent_entry(&record.issuer, &record.agent, false).await {
             Ok(Some(entry)) => {
                 self.settle(&entry, item).await;
             }

@@ -1,0 +1,367 @@
+//! The attack review's findings (issue 10), each reproduced against a running server: every test
+//! here failed on the code before its fix.
+
+use tonic_types::StatusExt as _;
+use vault_client::Error;
+use vault_client::proto::credential_vault_client::CredentialVaultClient;
+use vault_client::proto::{OAuthToken, StoreTokenRequest};
+
+use crate::helpers::*;
+
+/// The `google.rpc.ErrorInfo` reason of a failed call.
+pub fn reason(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
+/// StoreToken through the generated client, so the status and its details can be read.
+pub async fn raw_store(
+    app: &TestApp,
+    jwt: &str,
+    tool: &str,
+    token: OAuthToken,
+) -> Result<u64, tonic::Status> {
+    let mut client = CredentialVaultClient::new(channel(&app.endpoint()).await);
+    let mut request = tonic::Request::new(StoreTokenRequest {
+        tool: tool.into(),
+        token: Some(token),
+        ttl_seconds: 0,
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {jwt}").parse().expect("ASCII token"),
+    );
+    client
+        .store_token(request)
+        .await
+        .map(|response| response.into_inner().generation)
+}
+
+#[tokio::test]
+async fn store_token_needs_the_store_scope_and_an_agent_token_only_reads() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let agent_jwt = issuer.agent_token("agent-a", "alice");
+
+    // A stolen refresh token handed in by an ordinary agent token is refused outright.
+    let refused = raw_store(
+        &app,
+        &agent_jwt,
+        "jira",
+        oauth_token("at", "stolen-rt", 3600),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("vault:store"), "{refused:?}");
+    let refused_admin = raw_store(
+        &app,
+        &issuer.admin_token("agent-a", "alice"),
+        "jira",
+        oauth_token("at", "rt", 3600),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        refused_admin.code(),
+        tonic::Code::PermissionDenied,
+        "admin is not store"
+    );
+
+    // The gateway stores; the agent reads with its ordinary token.
+    let mut gateway = app.client(&issuer, "agent-a", "alice").await;
+    gateway
+        .store_token("jira", oauth_token("at-1", "rt-1", 3600), 0)
+        .await
+        .unwrap();
+    let mut agent = app.client_with(&agent_jwt).await;
+    assert_eq!(
+        agent.get_token("jira", 60).await.unwrap().access_token,
+        "at-1"
+    );
+    assert!(matches!(
+        agent
+            .store_token("jira", oauth_token("at-2", "rt-2", 3600), 0)
+            .await,
+        Err(Error::PermissionDenied(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_store_scope_name_is_a_setting() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_STORE_SCOPE", "credentials.write")]).await;
+
+    let default_scope = raw_store(
+        &app,
+        &issuer.token("agent-a", "alice"),
+        "jira",
+        oauth_token("at", "rt", 3600),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(default_scope.code(), tonic::Code::PermissionDenied);
+    raw_store(
+        &app,
+        &issuer.scoped_token("agent-a", "alice", "openid credentials.write"),
+        "jira",
+        oauth_token("at", "rt", 3600),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn with_refresh_tokens_denied_only_access_tokens_may_be_stored() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_STORE_REFRESH_TOKENS", "deny")]).await;
+    let jwt = issuer.token("agent-a", "alice");
+
+    let refused = raw_store(&app, &jwt, "jira", oauth_token("at", "rt", 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert_eq!(reason(&refused), "STORE_REFRESH_TOKEN_DENIED");
+
+    // An access token alone is still accepted, and nothing of the refused call was kept.
+    let mut vault = app.client_with(&jwt).await;
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    raw_store(&app, &jwt, "jira", oauth_token("at-only", "", 3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.get_token("jira", 60).await.unwrap().access_token,
+        "at-only"
+    );
+}
+
+#[test]
+fn a_bad_refresh_token_policy_is_named() {
+    let (ok, output) = run_binary_to_exit(
+        &["serve"],
+        &[
+            ("VAULT_DATABASE_URL", "sqlite::memory:"),
+            ("VAULT_ROOT_KEY", ROOT_KEY),
+            ("VAULT_JWT_ISSUER", "https://issuer.test"),
+            ("VAULT_JWT_JWKS_FILE", "/nonexistent/jwks.json"),
+            ("VAULT_STORE_REFRESH_TOKENS", "sometimes"),
+        ],
+    );
+    assert!(!ok);
+    assert!(output.contains("VAULT_STORE_REFRESH_TOKENS"), "{output}");
+}
+
+#[tokio::test]
+async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
+    let db = TestDb::new().await;
+    let a = Issuer::named("https://issuer-a.test");
+    let b = Issuer::named("https://issuer-b.test");
+    let issuers = format!("{},{}", a.iss, b.iss);
+    let jwks = format!("{},{}", a.jwks_path.display(), b.jwks_path.display());
+    let app = spawn_with(
+        &db,
+        &a,
+        &[
+            ("VAULT_JWT_ISSUER", issuers.as_str()),
+            ("VAULT_JWT_JWKS_FILE", jwks.as_str()),
+        ],
+    )
+    .await;
+    let mut from_a = app.client_with(&a.token("agent-a", "alice")).await;
+    from_a
+        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), 0)
+        .await
+        .unwrap();
+
+    let mut from_b = app.client_with(&b.token("agent-a", "alice")).await;
+    assert!(matches!(
+        from_b.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+    // Issuer B's admin cannot reach issuer A's agent either.
+    let mut b_admin = app.client_with(&b.admin_token("agent-a", "alice")).await;
+    let revoked = b_admin
+        .revoke_for(vault_client::proto::RevokeRequest {
+            tool: "jira".into(),
+            at_provider: false,
+            user_id: "alice".into(),
+            agent_id: "agent-a".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked, 0);
+    assert_eq!(
+        from_a.get_token("jira", 0).await.unwrap().access_token,
+        "a-secret"
+    );
+
+    // B stores its own; each reads its own.
+    from_b
+        .store_token("jira", oauth_token("b-secret", "b-rt", 3600), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        from_b.get_token("jira", 0).await.unwrap().access_token,
+        "b-secret"
+    );
+    assert_eq!(
+        from_a.get_token("jira", 0).await.unwrap().access_token,
+        "a-secret"
+    );
+
+    // A token claiming issuer A but signed with issuer B's key is refused.
+    let mut forged_claims = a.claims("agent-a", "alice");
+    forged_claims["scope"] = serde_json::json!("vault:store");
+    let forged = b.keys[0].sign(&forged_claims);
+    let mut forger = app.client_with(&forged).await;
+    assert!(matches!(
+        forger.get_token("jira", 0).await,
+        Err(Error::Unauthenticated(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_iss_array_or_an_audience_that_only_resembles_ours_is_refused() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    for (claim, value) in [
+        ("iss", serde_json::json!([ISS])),
+        ("aud", serde_json::json!("credential-vault-staging")),
+        ("aud", serde_json::json!(["credential", "vault"])),
+    ] {
+        let mut claims = issuer.claims("agent-a", "alice");
+        claims[claim] = value.clone();
+        let mut vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
+        assert!(
+            matches!(
+                vault.get_token("jira", 0).await,
+                Err(Error::Unauthenticated(_))
+            ),
+            "{claim} = {value}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn agents_stored_before_issuer_bound_identities_are_adopted_by_the_one_issuer() {
+    use vault_server::crypto::RootKey;
+    use vault_server::ids::{AgentId, IssuerId};
+
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    vault
+        .store_token("jira", oauth_token("kept", "rt", 3600), 0)
+        .await
+        .unwrap();
+    app.stop().await;
+
+    // Turn the registry row into what an older version left: no issuer, and the agent key
+    // wrapped without one.
+    let root = {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(ROOT_KEY)
+            .unwrap();
+        RootKey::from_bytes(bytes.try_into().unwrap())
+    };
+    let agent = AgentId::parse("agent-a").unwrap();
+    let mut conn = db.connect().await;
+    let wrapped: Vec<u8> =
+        sqlx::query_scalar("SELECT wrapped_key FROM vault.agents WHERE agent_id = 'agent-a'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let key = root
+        .unwrap_agent_key(&IssuerId::parse(ISS).unwrap(), &agent, 1, &wrapped)
+        .unwrap();
+    sqlx::query("UPDATE vault.agents SET issuer = '', wrapped_key = $1 WHERE agent_id = 'agent-a'")
+        .bind(root.wrap_legacy_agent_key(&agent, &key))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    // With two issuers there is no safe owner: startup stops and names the setting.
+    let other = Issuer::named("https://other.test");
+    let issuers = format!("{},{}", issuer.iss, other.iss);
+    let jwks = format!(
+        "{},{}",
+        issuer.jwks_path.display(),
+        other.jwks_path.display()
+    );
+    let refused = try_spawn(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_JWT_ISSUER", issuers.as_str()),
+            ("VAULT_JWT_JWKS_FILE", jwks.as_str()),
+        ],
+    )
+    .await
+    .err()
+    .expect("startup refuses");
+    assert!(
+        refused.to_string().contains("VAULT_JWT_ISSUER"),
+        "{refused}"
+    );
+
+    // With the one issuer, the agent is adopted and its credential still opens.
+    let app = spawn(&db, &issuer).await;
+    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    assert_eq!(
+        vault.get_token("jira", 0).await.unwrap().access_token,
+        "kept"
+    );
+    let issuer_column: String =
+        sqlx::query_scalar("SELECT issuer FROM vault.agents WHERE agent_id = 'agent-a'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(issuer_column, ISS);
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_stops_verifying_within_the_refresh_period() {
+    let db = TestDb::new().await;
+    let mut issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_JWKS_REFRESH_SECONDS", "1")]).await;
+    let withdrawn_token = issuer.keys[0].sign(&issuer.claims("agent-a", "alice"));
+    let kept_token = issuer.keys[1].sign(&issuer.claims("agent-a", "alice"));
+    let mut withdrawn = app.client_with(&withdrawn_token).await;
+    let mut kept = app.client_with(&kept_token).await;
+    // Verified (and cached) before the key goes.
+    assert!(matches!(
+        withdrawn.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+
+    issuer.keys.remove(0);
+    issuer.publish();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match withdrawn.get_token("jira", 0).await {
+            Err(Error::Unauthenticated(_)) => break,
+            Err(Error::CredentialNotFound) if std::time::Instant::now() < deadline => {
+                tokio::task::yield_now().await;
+            }
+            other => panic!("the withdrawn key still verifies: {other:?}"),
+        }
+    }
+    // The server kept running, and the remaining key still verifies.
+    assert!(matches!(
+        kept.get_token("jira", 0).await,
+        Err(Error::CredentialNotFound)
+    ));
+}
