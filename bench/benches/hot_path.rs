@@ -27,6 +27,7 @@ fn token_set() -> TokenSet {
         expires_at: Some(1_900_000_000),
         scopes: vec!["read:jira-work".into(), "offline_access".into()],
         provider: Some("https://auth.atlassian.com".into()),
+        obtained_at: Some(1_800_000_000),
     }
 }
 

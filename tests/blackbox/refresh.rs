@@ -52,6 +52,8 @@ impl World {
             ("VAULT_PROVIDER_CA_FILE", self.ca_path.as_str()),
             ("VAULT_PROVIDER_TIMEOUT_SECONDS", "5"),
             ("VAULT_REVOCATION_RETRY_INTERVAL_SECONDS", "1"),
+            // Most tests here force refreshes back to back; the cooldown has a test of its own.
+            ("VAULT_REFRESH_COOLDOWN_SECONDS", "0"),
         ]
     }
 
@@ -584,5 +586,77 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
     let app = w.vault().await;
     let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
     assert!(vault.get_token("jira", 0).await.unwrap().refreshed);
+    assert_eq!(w.provider.stats().await.refresh_calls, 1);
+}
+
+#[tokio::test]
+async fn callers_cannot_amplify_refreshes_of_a_still_valid_token() {
+    let w = World::new().await;
+    let mut extra = w.extra();
+    extra.retain(|(k, _)| *k != "VAULT_REFRESH_COOLDOWN_SECONDS");
+    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    // Valid for another ten minutes: nothing forces a refresh but the callers' asks.
+    let stored = vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, 600),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+
+    for _ in 0..30 {
+        let token = vault.get_token("jira", 3600).await.unwrap();
+        assert_eq!(
+            (token.access_token.as_str(), token.refreshed),
+            (grant.access_token.as_str(), false)
+        );
+        let forced = vault.refresh("jira", 0).await.unwrap();
+        assert_eq!(forced.generation, stored.generation);
+        assert!(!forced.refreshed);
+    }
+    assert_eq!(
+        w.provider.stats().await.refresh_calls,
+        0,
+        "60 asks inside the cooldown made no provider call"
+    );
+
+    // min_valid_seconds beyond the cap is refused, naming the field and the cap.
+    match vault.get_token("jira", 3601).await {
+        Err(Error::InvalidArgument { field, message }) => {
+            assert_eq!(field, "min_valid_seconds");
+            assert!(message.contains("3600"), "{message}");
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+
+    // if_generation fencing still answers without a provider call.
+    let fenced = vault.refresh("jira", stored.generation - 1).await.unwrap();
+    assert_eq!(fenced.generation, stored.generation);
+    assert_eq!(w.provider.stats().await.refresh_calls, 0);
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_even_inside_the_cooldown() {
+    let w = World::new().await;
+    let mut extra = w.extra();
+    extra.retain(|(k, _)| *k != "VAULT_REFRESH_COOLDOWN_SECONDS");
+    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+    let token = vault.get_token("jira", 0).await.unwrap();
+    assert!(token.refreshed);
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }

@@ -73,6 +73,8 @@ const NAMES: &[&str] = &[
     "VAULT_STORE_REFRESH_TOKENS",
     "VAULT_JWKS_REFRESH_SECONDS",
     "VAULT_JWKS_MAX_STALE_SECONDS",
+    "VAULT_MAX_MIN_VALID_SECONDS",
+    "VAULT_REFRESH_COOLDOWN_SECONDS",
 ];
 
 /// Settings as strings, before validation. Figment lowercases environment keys.
@@ -113,6 +115,8 @@ struct Raw {
     vault_store_refresh_tokens: Option<String>,
     vault_jwks_refresh_seconds: Option<String>,
     vault_jwks_max_stale_seconds: Option<String>,
+    vault_max_min_valid_seconds: Option<String>,
+    vault_refresh_cooldown_seconds: Option<String>,
 }
 
 /// Where the settings come from.
@@ -307,6 +311,11 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// Whether StoreToken may bring a refresh token (`VAULT_STORE_REFRESH_TOKENS`).
     pub store_refresh_tokens: bool,
+    /// Largest `min_valid_seconds` GetToken accepts (`VAULT_MAX_MIN_VALID_SECONDS`).
+    pub max_min_valid_seconds: u64,
+    /// Least time between two refreshes of a still-valid credential
+    /// (`VAULT_REFRESH_COOLDOWN_SECONDS`).
+    pub refresh_cooldown: Duration,
 }
 
 /// Server TLS: a certificate chain and key, and optionally a CA that client certificates must
@@ -786,6 +795,18 @@ impl Settings {
             revocation_max_age,
             tls,
             store_refresh_tokens,
+            max_min_valid_seconds: parse_u64(
+                "VAULT_MAX_MIN_VALID_SECONDS",
+                raw.vault_max_min_valid_seconds.as_deref(),
+                3600,
+                30..=86_400,
+            )?,
+            refresh_cooldown: seconds(
+                "VAULT_REFRESH_COOLDOWN_SECONDS",
+                &raw.vault_refresh_cooldown_seconds,
+                10,
+                0..=3600,
+            )?,
         })
     }
 }

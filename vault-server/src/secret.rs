@@ -24,6 +24,9 @@ pub struct TokenSet {
     /// `None` for credentials stored before this was recorded, or while no provider was
     /// configured for the tool; the first refresh binds them.
     pub provider: Option<String>,
+    /// Unix seconds when the vault received this access token (StoreToken or refresh); the
+    /// refresh cooldown counts from here. `None` for credentials stored before it was recorded.
+    pub obtained_at: Option<i64>,
 }
 
 /// The serialized form; borrowed, so the clear text exists once, inside a zeroizing buffer.
@@ -37,6 +40,8 @@ struct SealedForm<'a> {
     sc: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     pv: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ob: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +54,8 @@ struct OpenedForm {
     sc: Vec<String>,
     #[serde(default)]
     pv: Option<String>,
+    #[serde(default)]
+    ob: Option<i64>,
 }
 
 /// A token set could not be decoded from its opened plaintext.
@@ -67,6 +74,7 @@ impl TokenSet {
             exp: self.expires_at,
             sc: &self.scopes,
             pv: self.provider.as_deref(),
+            ob: self.obtained_at,
         };
         // Serializing a struct of strings and integers to a Vec cannot fail.
         Zeroizing::new(serde_json::to_vec(&form).expect("token set serializes"))
@@ -90,6 +98,7 @@ impl TokenSet {
             expires_at: form.exp,
             scopes: form.sc,
             provider: form.pv,
+            obtained_at: form.ob,
         })
     }
 }
@@ -107,6 +116,7 @@ mod tests {
             expires_at: Some(1),
             scopes: vec!["read".into()],
             provider: None,
+            obtained_at: None,
         };
         let shown = format!("{set:?}");
         assert!(!shown.contains("very-secret"), "{shown}");
@@ -121,10 +131,12 @@ mod tests {
             expires_at: None,
             scopes: vec![],
             provider: Some("https://as.example".into()),
+            obtained_at: Some(1_700_000_000),
         };
         let back = TokenSet::from_plaintext(&set.to_plaintext()).unwrap();
         assert_eq!(back.access_token.expose_secret(), "at");
         assert!(back.refresh_token.is_none());
         assert_eq!(back.provider.as_deref(), Some("https://as.example"));
+        assert_eq!(back.obtained_at, Some(1_700_000_000));
     }
 }

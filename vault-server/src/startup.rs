@@ -71,6 +71,8 @@ impl Application {
             revocation_max_age: settings.revocation_max_age,
             store_refresh_tokens: settings.store_refresh_tokens,
             store_scope: settings.jwt.store_scope.clone(),
+            max_min_valid_seconds: settings.max_min_valid_seconds,
+            refresh_cooldown: settings.refresh_cooldown,
         };
         let vault = Arc::new(Vault::new(store, root, providers, options));
         let issuers: Vec<_> = settings

@@ -134,6 +134,7 @@ mod tests {
             expires_at: Some(1_900_000_000),
             scopes: vec!["read:jira-work".into()],
             provider: None,
+            obtained_at: None,
         }
     }
 

@@ -133,6 +133,7 @@ fn token_set(token: Option<OAuthToken>) -> Result<TokenSet, Status> {
         scopes: token.scopes,
         // Set by the use case from the tool's configured provider, never by the caller.
         provider: None,
+        obtained_at: None,
     })
 }
 

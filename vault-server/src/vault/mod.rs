@@ -229,6 +229,12 @@ pub struct VaultOptions {
     pub store_refresh_tokens: bool,
     /// The scope StoreToken needs, for the refusal message.
     pub store_scope: String,
+    /// Largest `min_valid_seconds` GetToken accepts.
+    pub max_min_valid_seconds: u64,
+    /// After a credential's access token was obtained, refreshes that the token's expiry does
+    /// not force are answered with the current token for this long. Bounds how often callers
+    /// can make the vault call a provider (refresh amplification).
+    pub refresh_cooldown: Duration,
 }
 
 /// The vault's use cases over a store, the root key and the provider registry.
@@ -386,6 +392,7 @@ impl Vault {
         }
         // The credential remembers which authorization server it belongs to (DESIGN §6).
         tokens.provider = self.providers.get(tool).map(|p| Providers::binding(&p));
+        tokens.obtained_at = Some(Utc::now().timestamp());
         let max = self.options.secrets_ttl_seconds;
         let ttl = ttl_seconds.map_or(max, |t| t.min(max));
         let entry = self
@@ -465,6 +472,16 @@ impl Vault {
         })
     }
 
+    /// Whether a still-valid token was obtained so recently that another refresh now would only
+    /// spend a provider call.
+    fn cooling_down(&self, tokens: &TokenSet, now: i64) -> bool {
+        let cooldown = i64::try_from(self.options.refresh_cooldown.as_secs()).unwrap_or(i64::MAX);
+        !is_expired(tokens.expires_at, now)
+            && tokens
+                .obtained_at
+                .is_some_and(|at| now.saturating_sub(at) < cooldown)
+    }
+
     fn issue(tokens: TokenSet, generation: Generation, refreshed: bool) -> IssuedToken {
         IssuedToken {
             access_token: tokens.access_token,
@@ -485,10 +502,21 @@ impl Vault {
         tool: &Tool,
         min_valid_seconds: u64,
     ) -> Result<IssuedToken, VaultError> {
+        if min_valid_seconds > self.options.max_min_valid_seconds {
+            return Err(VaultError::InvalidArgument {
+                field: "min_valid_seconds",
+                problem: format!(
+                    "must be at most {} (VAULT_MAX_MIN_VALID_SECONDS)",
+                    self.options.max_min_valid_seconds
+                ),
+            });
+        }
         let current = self.open_current(caller, tool).await?;
         let now = Utc::now().timestamp();
         let wanted_until = now.saturating_add(min_valid_seconds.max(30) as i64);
-        if !is_expired(current.tokens.expires_at, wanted_until) {
+        if !is_expired(current.tokens.expires_at, wanted_until)
+            || self.cooling_down(&current.tokens, now)
+        {
             return Ok(Self::issue(current.tokens, current.generation, false));
         }
         let still_valid = !is_expired(current.tokens.expires_at, now);
@@ -542,6 +570,10 @@ impl Vault {
             return Err(VaultError::ReauthRequired(format!(
                 "no refresh token is stored for tool {tool}; store a new token"
             )));
+        }
+        if self.cooling_down(&current.tokens, Utc::now().timestamp()) {
+            tracing::info!(%tool, "forced refresh inside the cooldown; serving the current token");
+            return Ok(Self::issue(current.tokens, current.generation, false));
         }
         self.refresh_fenced(caller, tool, current.generation, provider)
             .await

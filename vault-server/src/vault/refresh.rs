@@ -246,6 +246,7 @@ impl Vault {
                         .map(|d| now.saturating_add(d.as_secs() as i64)),
                     scopes: fresh.scopes.unwrap_or(tokens.scopes),
                     provider: Some(binding),
+                    obtained_at: Some(now),
                 };
                 let next = self.store.next_generation(&entry.record).await?;
                 let binding = Binding {
