@@ -365,3 +365,38 @@ async fn a_key_removed_from_the_jwks_stops_verifying_within_the_refresh_period()
         Err(Error::CredentialNotFound)
     ));
 }
+
+#[test]
+fn plaintext_grpc_on_a_network_address_does_not_start_silently() {
+    // Refused while reading the settings: nothing is bound, nothing is sent.
+    let (ok, output) = run_binary_to_exit(
+        &["serve"],
+        &[
+            ("VAULT_LISTEN", "0.0.0.0:0"),
+            ("VAULT_DATABASE_URL", "sqlite::memory:"),
+            ("VAULT_ROOT_KEY", ROOT_KEY),
+            ("VAULT_JWT_ISSUER", ISS),
+            ("VAULT_JWT_JWKS_FILE", "/nonexistent/jwks.json"),
+        ],
+    );
+    assert!(!ok);
+    assert!(output.contains("VAULT_ALLOW_PLAINTEXT"), "{output}");
+}
+
+#[test]
+fn a_database_without_verified_tls_is_refused_when_tls_is_required() {
+    // Refused while reading the settings, before any connection is attempted.
+    let (ok, output) = run_binary_to_exit(
+        &["migrate"],
+        &[
+            (
+                "VAULT_DATABASE_URL",
+                "postgres://vault@db.vault.invalid/vault?sslmode=require",
+            ),
+            ("VAULT_DATABASE_REQUIRE_TLS", "true"),
+        ],
+    );
+    assert!(!ok);
+    assert!(output.contains("VAULT_DATABASE_REQUIRE_TLS"), "{output}");
+    assert!(output.contains("verify-full"), "{output}");
+}

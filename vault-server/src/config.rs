@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -75,6 +75,8 @@ const NAMES: &[&str] = &[
     "VAULT_JWKS_MAX_STALE_SECONDS",
     "VAULT_MAX_MIN_VALID_SECONDS",
     "VAULT_REFRESH_COOLDOWN_SECONDS",
+    "VAULT_ALLOW_PLAINTEXT",
+    "VAULT_DATABASE_REQUIRE_TLS",
 ];
 
 /// Settings as strings, before validation. Figment lowercases environment keys.
@@ -117,6 +119,8 @@ struct Raw {
     vault_jwks_max_stale_seconds: Option<String>,
     vault_max_min_valid_seconds: Option<String>,
     vault_refresh_cooldown_seconds: Option<String>,
+    vault_allow_plaintext: Option<String>,
+    vault_database_require_tls: Option<String>,
 }
 
 /// Where the settings come from.
@@ -311,6 +315,9 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// Whether StoreToken may bring a refresh token (`VAULT_STORE_REFRESH_TOKENS`).
     pub store_refresh_tokens: bool,
+    /// `VAULT_ALLOW_PLAINTEXT`: gRPC without TLS on a non-loopback address was asked for
+    /// (behind a mesh sidecar that terminates mTLS); startup logs a warning.
+    pub allow_plaintext: bool,
     /// Largest `min_valid_seconds` GetToken accepts (`VAULT_MAX_MIN_VALID_SECONDS`).
     pub max_min_valid_seconds: u64,
     /// Least time between two refreshes of a still-valid credential
@@ -351,6 +358,62 @@ pub struct DatabaseSettings {
     /// Prepared statements kept per connection (least recently used evicted). Each agent has
     /// its own schema and so its own SQL text; the cache must hold the hot agents' statements.
     pub statement_cache: usize,
+    /// Why the PostgreSQL connection may travel unauthenticated or in clear over a network,
+    /// when it may (`VAULT_DATABASE_REQUIRE_TLS=false`): startup logs it as a warning.
+    pub transport_warning: Option<String>,
+}
+
+/// Why a PostgreSQL URL may reach a non-local server without a verified TLS connection, or
+/// `None` when it cannot: the host is local (loopback or a Unix socket), or `sslmode` is
+/// `verify-full` or `verify-ca`. `prefer` and `require` encrypt without checking who answers.
+pub fn database_transport_risk(url: &str) -> Option<String> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Some("VAULT_DATABASE_URL could not be checked for TLS".into());
+    };
+    let query = |name: &str| {
+        parsed
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let sslmode = query("sslmode").unwrap_or_else(|| "prefer".into());
+    if matches!(sslmode.as_str(), "verify-full" | "verify-ca") {
+        return None;
+    }
+    // A `host` parameter overrides the authority (and may be a socket directory).
+    let local = match query("host") {
+        Some(host) => host.starts_with('/') || is_local_host(&host),
+        None => match parsed.host() {
+            None => true,
+            Some(url::Host::Domain(name)) => is_local_host(name),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        },
+    };
+    (!local).then(|| {
+        format!(
+            "VAULT_DATABASE_URL reaches a non-local PostgreSQL with sslmode={sslmode}: the connection is not verified against a CA, so a network attacker can read or change credential rows in transit; use sslmode=verify-full (and set VAULT_DATABASE_REQUIRE_TLS=true to refuse anything less)"
+        )
+    })
+}
+
+fn is_local_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn parse_bool(name: &'static str, value: Option<&str>) -> Result<bool, ConfigError> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
+        Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some(other) => Err(problem(
+            name,
+            format!("must be true or false, got {:?}", truncate(other)),
+        )),
+    }
 }
 
 impl DatabaseSettings {
@@ -364,6 +427,7 @@ impl DatabaseSettings {
             database,
             max_connections: default_pool_size(),
             statement_cache: Self::DEFAULT_STATEMENT_CACHE,
+            transport_warning: None,
         }
     }
 }
@@ -458,10 +522,23 @@ impl DatabaseSettings {
             Self::DEFAULT_STATEMENT_CACHE as u64,
             16..=65536,
         )? as usize;
+        let transport_warning = match &database {
+            Database::Postgres(url) => database_transport_risk(url.expose_secret()),
+            _ => None,
+        };
+        if let Some(risk) = &transport_warning
+            && parse_bool(
+                "VAULT_DATABASE_REQUIRE_TLS",
+                raw.vault_database_require_tls.as_deref(),
+            )?
+        {
+            return Err(problem("VAULT_DATABASE_REQUIRE_TLS", risk.clone()));
+        }
         Ok(Self {
             database,
             max_connections,
             statement_cache,
+            transport_warning,
         })
     }
 }
@@ -778,6 +855,18 @@ impl Settings {
                 ));
             }
         };
+        let allow_plaintext = parse_bool(
+            "VAULT_ALLOW_PLAINTEXT",
+            raw.vault_allow_plaintext.as_deref(),
+        )?;
+        if tls.is_none() && !listen.ip().is_loopback() && !allow_plaintext {
+            return Err(problem(
+                "VAULT_LISTEN",
+                format!(
+                    "{listen} is reachable from the network but no TLS is configured (VAULT_TLS_CERT_FILE, VAULT_TLS_KEY_FILE); caller tokens and access tokens would cross it in clear. Set VAULT_ALLOW_PLAINTEXT=true only behind a sidecar that terminates mTLS"
+                ),
+            ));
+        }
         Ok(Self {
             listen,
             database,
@@ -795,6 +884,7 @@ impl Settings {
             revocation_max_age,
             tls,
             store_refresh_tokens,
+            allow_plaintext,
             max_min_valid_seconds: parse_u64(
                 "VAULT_MAX_MIN_VALID_SECONDS",
                 raw.vault_max_min_valid_seconds.as_deref(),
@@ -916,6 +1006,73 @@ mod tests {
         assert_eq!(err.name, "VAULT_ROOT_KEY", "two root key sources");
         let err = load(&[("VAULT_LISTEN", "nowhere")]).unwrap_err();
         assert_eq!(err.name, "VAULT_LISTEN");
+    }
+
+    #[test]
+    fn plaintext_grpc_on_a_network_address_needs_an_explicit_opt_in() {
+        for listen in ["0.0.0.0:50051", "10.1.2.3:50051", "[::]:50051"] {
+            let err = load(&[("VAULT_LISTEN", listen)]).unwrap_err();
+            assert_eq!(err.name, "VAULT_LISTEN", "{listen}");
+            assert!(err.problem.contains("VAULT_ALLOW_PLAINTEXT"), "{err}");
+            let allowed = load(&[("VAULT_LISTEN", listen), ("VAULT_ALLOW_PLAINTEXT", "true")]);
+            assert!(allowed.unwrap().allow_plaintext, "{listen}");
+        }
+        for listen in ["127.0.0.1:50051", "127.9.9.9:1", "[::1]:50051"] {
+            assert!(load(&[("VAULT_LISTEN", listen)]).is_ok(), "{listen}");
+        }
+        let with_tls = load(&[
+            ("VAULT_LISTEN", "0.0.0.0:50051"),
+            ("VAULT_TLS_CERT_FILE", "/etc/vault/cert.pem"),
+            ("VAULT_TLS_KEY_FILE", "/etc/vault/key.pem"),
+        ]);
+        assert!(!with_tls.unwrap().allow_plaintext);
+        let err = load(&[("VAULT_ALLOW_PLAINTEXT", "maybe")]).unwrap_err();
+        assert_eq!(err.name, "VAULT_ALLOW_PLAINTEXT");
+    }
+
+    #[test]
+    fn a_database_reached_without_verified_tls_is_named() {
+        for local in [
+            "postgres://vault@127.0.0.1/vault",
+            "postgres://vault@localhost:5432/vault?sslmode=disable",
+            "postgres://vault@[::1]/vault",
+            "postgres:///vault?host=/var/run/postgresql",
+            "postgres://vault@db.internal/vault?sslmode=verify-full",
+            "postgresql://vault@db.internal/vault?sslmode=verify-ca",
+        ] {
+            assert_eq!(database_transport_risk(local), None, "{local}");
+        }
+        for risky in [
+            "postgres://vault@db.internal/vault",
+            "postgres://vault@10.0.0.5/vault?sslmode=require",
+            "postgres://vault@db.internal/vault?sslmode=prefer",
+            "postgres://vault@127.0.0.1/vault?host=db.internal",
+        ] {
+            let risk = database_transport_risk(risky).unwrap_or_default();
+            assert!(risk.contains("verify-full"), "{risky}: {risk}");
+        }
+        let db = |pairs: Vec<(&'static str, &'static str)>| {
+            DatabaseSettings::load(&Source::from_pairs(pairs))
+        };
+        let warned = db(vec![(
+            "VAULT_DATABASE_URL",
+            "postgres://vault@db.internal/vault",
+        )]);
+        assert!(warned.unwrap().transport_warning.is_some());
+        let refused = db(vec![
+            ("VAULT_DATABASE_URL", "postgres://vault@db.internal/vault"),
+            ("VAULT_DATABASE_REQUIRE_TLS", "true"),
+        ])
+        .unwrap_err();
+        assert_eq!(refused.name, "VAULT_DATABASE_REQUIRE_TLS");
+        let verified = db(vec![
+            (
+                "VAULT_DATABASE_URL",
+                "postgres://vault@db.internal/vault?sslmode=verify-full",
+            ),
+            ("VAULT_DATABASE_REQUIRE_TLS", "true"),
+        ]);
+        assert!(verified.unwrap().transport_warning.is_none());
     }
 
     #[test]

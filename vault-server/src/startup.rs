@@ -40,6 +40,10 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Connects, migrates, unlocks the root key, loads issuer keys and binds the listener.
     pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
+        if settings.allow_plaintext && settings.tls.is_none() && !settings.listen.ip().is_loopback()
+        {
+            tracing::warn!(listen = %settings.listen, "VAULT_ALLOW_PLAINTEXT=true: serving gRPC without TLS on a network address; only safe behind a sidecar that terminates mTLS");
+        }
         let store = crate::store::open(&settings.database).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the database (VAULT_DATABASE_URL): {}",

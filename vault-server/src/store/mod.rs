@@ -34,6 +34,9 @@ pub async fn open(
     settings: &crate::config::DatabaseSettings,
 ) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     use crate::config::Database;
+    if let Some(risk) = &settings.transport_warning {
+        tracing::warn!("{risk}");
+    }
     Ok(match &settings.database {
         Database::Postgres(_) => std::sync::Arc::new(PgStore::connect(settings).await?),
         Database::SqliteFile(path) => {
