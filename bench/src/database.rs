@@ -43,17 +43,16 @@ impl BenchDb {
 
     /// Drops the database, disconnecting anyone still on it.
     pub async fn drop_database(mut self) -> anyhow::Result<()> {
-        drop_by_name(&self.admin_url, &self.name).await?;
+        drop_by_name(&self.admin_url, &self.url, &self.name).await?;
         self.dropped = true;
         Ok(())
     }
 }
 
-async fn drop_by_name(admin_url: &str, name: &str) -> anyhow::Result<()> {
+/// Drops the database and the roles the vault made for it.
+async fn drop_by_name(admin_url: &str, url: &str, name: &str) -> anyhow::Result<()> {
     let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
+    vault_server::store::drop_database_and_roles(&mut admin, url, name).await?;
     admin.close().await?;
     Ok(())
 }
@@ -67,6 +66,7 @@ impl Drop for BenchDb {
         // await, and the caller's runtime may be shutting down: a runtime of its own on its own
         // thread does the cleanup.
         let admin_url = self.admin_url.clone();
+        let url = self.url.clone();
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -75,7 +75,7 @@ impl Drop for BenchDb {
             else {
                 return;
             };
-            if let Err(err) = runtime.block_on(drop_by_name(&admin_url, &name)) {
+            if let Err(err) = runtime.block_on(drop_by_name(&admin_url, &url, &name)) {
                 eprintln!("warning: could not drop database {name}: {err:#}");
             }
         })

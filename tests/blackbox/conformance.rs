@@ -239,21 +239,21 @@ async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &dyn 
         "past TTL: never served"
     );
     assert_eq!(
-        store.sweep(100, true).await.unwrap(),
+        store.sweep(100, true, false).await.unwrap(),
         SweepOutcome {
             swept: 5,
             more: false
         }
     );
     assert_eq!(
-        store.sweep(3, false).await.unwrap(),
+        store.sweep(3, false, false).await.unwrap(),
         SweepOutcome {
             swept: 3,
             more: true
         }
     );
     assert_eq!(
-        store.sweep(3, false).await.unwrap(),
+        store.sweep(3, false, false).await.unwrap(),
         SweepOutcome {
             swept: 2,
             more: false

@@ -400,3 +400,256 @@ fn a_database_without_verified_tls_is_refused_when_tls_is_required() {
     assert!(output.contains("VAULT_DATABASE_REQUIRE_TLS"), "{output}");
     assert!(output.contains("verify-full"), "{output}");
 }
+
+/// Two login roles for one test database. Dropping this drops the database first (the owner
+/// owns objects in it), then the roles.
+struct DatabaseRoles {
+    owner: String,
+    server: String,
+    admin_url: String,
+    db_name: String,
+    db_url: String,
+}
+
+impl DatabaseRoles {
+    /// An owner that may create roles and schemas in `db`, and a serving login with nothing.
+    async fn create(db: &TestDb) -> Self {
+        let admin_url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let roles = Self {
+            owner: format!("{}_owner", db.name),
+            server: format!("{}_server", db.name),
+            admin_url,
+            db_name: db.name.clone(),
+            db_url: db.url.clone(),
+        };
+        let mut admin = db.connect().await;
+        sqlx::raw_sql(&format!(
+            "CREATE ROLE {owner} LOGIN CREATEROLE;
+             CREATE ROLE {server} LOGIN;
+             GRANT CREATE ON DATABASE {db} TO {owner};
+             REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC;",
+            owner = roles.owner,
+            server = roles.server,
+            db = db.name,
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        roles
+    }
+
+    fn url(db: &TestDb, role: &str) -> String {
+        let mut url = url::Url::parse(&db.url).unwrap();
+        url.set_username(role).unwrap();
+        url.set_password(None).unwrap();
+        url.to_string()
+    }
+}
+
+impl Drop for DatabaseRoles {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let (db_name, db_url) = (self.db_name.clone(), self.db_url.clone());
+        let sql = format!(
+            "DROP ROLE IF EXISTS {}; DROP ROLE IF EXISTS {}",
+            self.server, self.owner
+        );
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(mut admin) =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await
+                {
+                    let _ =
+                        vault_server::store::drop_database_and_roles(&mut admin, &db_url, &db_name)
+                            .await;
+                    let _ = sqlx::raw_sql(&sql).execute(&mut admin).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn permission_denied<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, what: &str) {
+    match result {
+        Err(sqlx::Error::Database(err)) => {
+            assert_eq!(err.code().as_deref(), Some("42501"), "{what}: {err}")
+        }
+        other => panic!("{what}: expected a permission error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_serving_role_owns_nothing_runs_no_ddl_and_reaches_one_agent_at_a_time() {
+    let db = TestDb::new().await;
+    let roles = DatabaseRoles::create(&db).await;
+    let owner_url = DatabaseRoles::url(&db, &roles.owner);
+    let server_url = DatabaseRoles::url(&db, &roles.server);
+    let issuer = Issuer::new();
+
+    // `migrate` as the owner makes the serving login a member of the serving group.
+    let (ok, output) = run_binary_to_exit(
+        &["migrate"],
+        &[
+            ("VAULT_DATABASE_URL", server_url.as_str()),
+            ("VAULT_DATABASE_MIGRATE_URL", owner_url.as_str()),
+            ("VAULT_DATABASE_SERVING_ROLE", roles.server.as_str()),
+        ],
+    );
+    assert!(ok, "{output}");
+
+    // The server connects as the serving role and never migrates.
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_DATABASE_URL", server_url.as_str()),
+            ("VAULT_DATABASE_MIGRATE_URL", owner_url.as_str()),
+        ],
+    )
+    .await;
+    for agent in ["agent-a", "agent-b"] {
+        let mut vault = app.client(&issuer, agent, "alice").await;
+        vault
+            .store_token(
+                "jira",
+                oauth_token(&format!("{agent}-secret"), "rt", 3600),
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            vault.get_token("jira", 0).await.unwrap().access_token,
+            format!("{agent}-secret")
+        );
+    }
+    let (a_schema, b_schema) = (schema_of("agent-a"), schema_of("agent-b"));
+
+    let mut server = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url)
+        .await
+        .unwrap();
+    let a_role: String = sqlx::query_scalar("SELECT vault.agent_role($1)")
+        .bind(&a_schema)
+        .fetch_one(&mut server)
+        .await
+        .unwrap();
+    let owned: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_namespace WHERE nspowner = current_user::regrole)
+              + (SELECT count(*) FROM pg_class WHERE relowner = current_user::regrole)",
+    )
+    .fetch_one(&mut server)
+    .await
+    .unwrap();
+    assert_eq!(owned, 0, "the serving role owns nothing");
+
+    permission_denied(
+        sqlx::raw_sql("CREATE TABLE public.planted (i int)")
+            .execute(&mut server)
+            .await,
+        "CREATE TABLE",
+    );
+    permission_denied(
+        sqlx::raw_sql("CREATE SCHEMA planted")
+            .execute(&mut server)
+            .await,
+        "CREATE SCHEMA",
+    );
+    permission_denied(
+        sqlx::raw_sql("CREATE TEMP TABLE planted (i int)")
+            .execute(&mut server)
+            .await,
+        "CREATE TEMP TABLE",
+    );
+    permission_denied(
+        sqlx::raw_sql(&format!("DROP SCHEMA \"{a_schema}\" CASCADE"))
+            .execute(&mut server)
+            .await,
+        "DROP SCHEMA of an agent",
+    );
+    permission_denied(
+        sqlx::raw_sql(&format!("SELECT * FROM \"{a_schema}\".credentials"))
+            .execute(&mut server)
+            .await,
+        "an agent's rows without switching to its role",
+    );
+    let mut tx = sqlx::Connection::begin(&mut server).await.unwrap();
+    sqlx::raw_sql(&format!("SET LOCAL ROLE \"{a_role}\""))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let own: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{a_schema}\".credentials"))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(own, 1, "its own rows, under its role");
+    permission_denied(
+        sqlx::raw_sql(&format!("SELECT * FROM \"{b_schema}\".credentials"))
+            .execute(&mut *tx)
+            .await,
+        "another agent's rows under SET LOCAL ROLE",
+    );
+    drop(tx);
+
+    // The SECURITY DEFINER function checks the agent id like the server does.
+    let hostile = sqlx::query("SELECT * FROM vault.create_agent($1, 'evil\u{7}', 'k', 1)")
+        .bind(ISS)
+        .execute(&mut server)
+        .await;
+    assert!(
+        matches!(&hostile, Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("22023")),
+        "{hostile:?}"
+    );
+    drop(server);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_new_agent_ids_is_throttled_per_issuer() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_AGENT_CREATION_PER_MINUTE", "2")]).await;
+    for agent in ["agent-1", "agent-2"] {
+        raw_store(
+            &app,
+            &issuer.token(agent, "alice"),
+            "jira",
+            oauth_token("at", "rt", 3600),
+        )
+        .await
+        .unwrap();
+    }
+    let refused = raw_store(
+        &app,
+        &issuer.token("agent-3", "alice"),
+        "jira",
+        oauth_token("at", "rt", 3600),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "AGENT_CREATION_RATE_LIMITED");
+    assert!(
+        refused.get_error_details().retry_info().is_some(),
+        "says when to retry"
+    );
+    let mut conn = db.connect().await;
+    let agents: i64 = sqlx::query_scalar("SELECT count(*) FROM vault.agents")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(agents, 2, "no schema for the refused agent");
+    // Known agents are not new: they keep working.
+    raw_store(
+        &app,
+        &issuer.token("agent-1", "bob"),
+        "jira",
+        oauth_token("at", "rt", 3600),
+    )
+    .await
+    .unwrap();
+}

@@ -123,6 +123,7 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
+        let url = self.url.clone();
         // Drop cannot await; a short-lived runtime on its own thread does the cleanup.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -131,9 +132,8 @@ impl Drop for TestDb {
                 .unwrap();
             runtime.block_on(async move {
                 if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
+                    let _ =
+                        vault_server::store::drop_database_and_roles(&mut admin, &url, &name).await;
                 }
             });
         })

@@ -660,3 +660,152 @@ async fn an_expired_token_is_refreshed_even_inside_the_cooldown() {
     assert!(token.refreshed);
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }
+
+/// A providers file with one tool, `jira`, whose `issuer` is `issuer`.
+fn providers_with_issuer(w: &World, name: &str, issuer: &str) -> String {
+    let path = w.dir.path().join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[tools.jira]\nissuer = \"{issuer}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
+            w.provider.ready.client_id, w.provider.ready.client_secret
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never_see_urls() {
+    let w = World::new().await;
+    // The same server under another name: its metadata says https://127.0.0.1:PORT, which is
+    // not the issuer configured here (RFC 8414 §3.3).
+    let port = w.provider.port();
+    let path = providers_with_issuer(&w, "renamed.toml", &format!("https://localhost:{port}"));
+    let mut extra = w.extra();
+    extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
+    extra.push(("VAULT_PROVIDERS_FILE", path.as_str()));
+    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    w.provider.reset_stats().await;
+
+    let refused = vault.get_token("jira", 0).await;
+    let Err(Error::ProviderUnavailable(message)) = refused else {
+        panic!("expected PROVIDER_UNAVAILABLE, got {refused:?}");
+    };
+    assert_eq!(w.provider.stats().await.refresh_calls, 0);
+    for leak in ["://", "localhost", "127.0.0.1", &port.to_string()] {
+        assert!(!message.contains(leak), "{leak} in {message}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_reported_without_its_url() {
+    let mut w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "confluence",
+            oauth_token(&grant.access_token, &grant.refresh_token, -60),
+            0,
+        )
+        .await
+        .unwrap();
+    let port = w.provider.port();
+    w.provider.kill();
+
+    let refused = vault.get_token("confluence", 0).await;
+    let Err(Error::ProviderUnavailable(message)) = refused else {
+        panic!("expected PROVIDER_UNAVAILABLE, got {refused:?}");
+    };
+    for leak in ["://", "127.0.0.1", &port.to_string(), "/token"] {
+        assert!(!message.contains(leak), "{leak} in {message}");
+    }
+}
+
+#[tokio::test]
+async fn the_ttl_sweep_revokes_what_it_deletes_at_the_provider() {
+    let w = World::new().await;
+    let app = w.vault().await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    // Its vault TTL passes (set in the database rather than waited for).
+    let mut conn = w.db.connect().await;
+    sqlx::query(&format!(
+        "UPDATE \"{}\".credentials SET ttl_expires_at = now() - interval '1 second'",
+        schema_of("agent-a")
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let mut admin = app.admin(&w.issuer, "ops", "operator").await;
+    assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
+
+    // The outbox delivers it in the background (retry interval 1 s in this world).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while w.provider.is_active(&grant.refresh_token).await
+        || w.provider.is_active(&grant.access_token).await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the swept tokens were not revoked at the provider"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn with_sweep_revocation_off_the_sweep_only_deletes() {
+    let w = World::new().await;
+    let mut extra = w.extra();
+    extra.push(("VAULT_SWEEP_REVOKE_AT_PROVIDER", "false"));
+    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let grant = w.provider.authorize("alice").await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    vault
+        .store_token(
+            "jira",
+            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
+            0,
+        )
+        .await
+        .unwrap();
+    let schema = schema_of("agent-a");
+    let mut conn = w.db.connect().await;
+    sqlx::query(&format!(
+        "UPDATE \"{schema}\".credentials SET ttl_expires_at = now() - interval '1 second'"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut admin = app.admin(&w.issuer, "ops", "operator").await;
+    assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
+    let queued: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".revocation_outbox"
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(queued, 0);
+    assert!(w.provider.is_active(&grant.refresh_token).await);
+}

@@ -44,6 +44,10 @@ impl Drop for Dev {
 
 /// Starts `vault-server dev` with only PATH and the given variables, and reads its banner.
 fn start_dev(data_dir: &Path) -> Dev {
+    start_dev_with(data_dir, &[])
+}
+
+fn start_dev_with(data_dir: &Path, extra: &[(&str, &str)]) -> Dev {
     let mut child = Command::new(binary())
         .arg("dev")
         .env_clear()
@@ -51,6 +55,7 @@ fn start_dev(data_dir: &Path) -> Dev {
         .env("VAULT_DATA_DIR", data_dir)
         .env("VAULT_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
+        .envs(extra.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -180,4 +185,23 @@ fn token_refuses_without_a_dev_key_and_serve_never_uses_one() {
         .unwrap();
     assert!(!serve.status.success());
     assert!(String::from_utf8_lossy(&serve.stderr).contains("VAULT_ROOT_KEY"));
+}
+
+#[tokio::test]
+async fn dev_never_connects_to_a_database_named_in_the_environment() {
+    let db = crate::helpers::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("vault-data");
+    let dev = start_dev_with(&data_dir, &[("VAULT_DATABASE_URL", db.url.as_str())]);
+
+    let banner = dev.lines.join("\n");
+    assert!(banner.contains("ignores VAULT_DATABASE_URL"), "{banner}");
+    assert!(data_dir.join("vault.db").exists(), "its own embedded store");
+    let mut conn = db.connect().await;
+    let schemas: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'vault'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(schemas, 0, "nothing was created in the named database");
 }

@@ -77,10 +77,16 @@ const NAMES: &[&str] = &[
     "VAULT_REFRESH_COOLDOWN_SECONDS",
     "VAULT_ALLOW_PLAINTEXT",
     "VAULT_DATABASE_REQUIRE_TLS",
+    "VAULT_DATABASE_AGENT_ROLES",
+    "VAULT_DATABASE_MIGRATE_URL",
+    "VAULT_DATABASE_SERVING_ROLE",
+    "VAULT_SWEEP_REVOKE_AT_PROVIDER",
+    "VAULT_AGENT_CREATION_PER_MINUTE",
 ];
 
-/// Settings as strings, before validation. Figment lowercases environment keys.
-#[derive(Debug, Default, Deserialize)]
+/// Settings as strings, before validation. Figment lowercases environment keys. Holds secrets
+/// in clear (the root key, the passphrase, database URLs), so its `Debug` shows nothing.
+#[derive(Default, Deserialize)]
 struct Raw {
     vault_listen: Option<String>,
     vault_database_url: Option<String>,
@@ -121,11 +127,28 @@ struct Raw {
     vault_refresh_cooldown_seconds: Option<String>,
     vault_allow_plaintext: Option<String>,
     vault_database_require_tls: Option<String>,
+    vault_database_agent_roles: Option<String>,
+    vault_database_migrate_url: Option<String>,
+    vault_database_serving_role: Option<String>,
+    vault_sweep_revoke_at_provider: Option<String>,
+    vault_agent_creation_per_minute: Option<String>,
 }
 
-/// Where the settings come from.
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for Raw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Raw([redacted])")
+    }
+}
+
+/// Where the settings come from. Its values include secrets, so `Debug` shows none of them.
+#[derive(Clone)]
 pub struct Source(Figment);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Source([redacted])")
+    }
+}
 
 impl Source {
     /// The process environment, over `VAULT_CONFIG`'s TOML file when that is set.
@@ -320,6 +343,11 @@ pub struct Settings {
     pub allow_plaintext: bool,
     /// Largest `min_valid_seconds` GetToken accepts (`VAULT_MAX_MIN_VALID_SECONDS`).
     pub max_min_valid_seconds: u64,
+    /// `VAULT_SWEEP_REVOKE_AT_PROVIDER`: the TTL sweep revokes what it deletes at the provider.
+    pub sweep_revokes: bool,
+    /// `VAULT_AGENT_CREATION_PER_MINUTE`: new agents (each a schema, a role and a key) one
+    /// issuer may cause per minute, with bursts up to the same number.
+    pub agent_creation_per_minute: u32,
     /// Least time between two refreshes of a still-valid credential
     /// (`VAULT_REFRESH_COOLDOWN_SECONDS`).
     pub refresh_cooldown: Duration,
@@ -361,6 +389,15 @@ pub struct DatabaseSettings {
     /// Why the PostgreSQL connection may travel unauthenticated or in clear over a network,
     /// when it may (`VAULT_DATABASE_REQUIRE_TLS=false`): startup logs it as a warning.
     pub transport_warning: Option<String>,
+    /// `VAULT_DATABASE_AGENT_ROLES`: run each statement on an agent schema under that agent's
+    /// own role (PostgreSQL only).
+    pub agent_roles: bool,
+    /// `VAULT_DATABASE_MIGRATE_URL`: the owner role that runs migrations, when the server
+    /// itself connects as a serving role without DDL rights.
+    pub migrate_url: Option<SecretString>,
+    /// `VAULT_DATABASE_SERVING_ROLE`: the login role `migrate` makes a member of the serving
+    /// group.
+    pub serving_role: Option<String>,
 }
 
 /// Why a PostgreSQL URL may reach a non-local server without a verified TLS connection, or
@@ -417,6 +454,17 @@ fn parse_bool(name: &'static str, value: Option<&str>) -> Result<bool, ConfigErr
 }
 
 impl DatabaseSettings {
+    /// The settings `migrate` connects with: the owner role's URL when one is configured.
+    pub fn for_migration(&self) -> Self {
+        let mut owner = self.clone();
+        if let Some(url) = &self.migrate_url {
+            owner.database = Database::Postgres(url.clone());
+            owner.max_connections = 2;
+            owner.transport_warning = database_transport_risk(url.expose_secret());
+        }
+        owner
+    }
+
     /// Default for [`DatabaseSettings::statement_cache`]: three hot statements (load, upsert,
     /// next generation) for about 340 agents per connection.
     pub const DEFAULT_STATEMENT_CACHE: usize = 1024;
@@ -428,6 +476,9 @@ impl DatabaseSettings {
             max_connections: default_pool_size(),
             statement_cache: Self::DEFAULT_STATEMENT_CACHE,
             transport_warning: None,
+            agent_roles: true,
+            migrate_url: None,
+            serving_role: None,
         }
     }
 }
@@ -534,11 +585,45 @@ impl DatabaseSettings {
         {
             return Err(problem("VAULT_DATABASE_REQUIRE_TLS", risk.clone()));
         }
+        let agent_roles = match raw.vault_database_agent_roles.as_deref() {
+            None => true,
+            Some(value) => parse_bool("VAULT_DATABASE_AGENT_ROLES", Some(value))?,
+        };
+        let migrate_url = match non_empty(raw.vault_database_migrate_url.clone()) {
+            None => None,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                if !matches!(database, Database::Postgres(_)) {
+                    return Err(problem(
+                        "VAULT_DATABASE_MIGRATE_URL",
+                        "is only for a postgres:// VAULT_DATABASE_URL",
+                    ));
+                }
+                Some(SecretString::from(url))
+            }
+            Some(_) => {
+                return Err(problem(
+                    "VAULT_DATABASE_MIGRATE_URL",
+                    "must be a postgres:// URL (the owner role)",
+                ));
+            }
+        };
+        let serving_role = non_empty(raw.vault_database_serving_role.clone());
+        if let Some(role) = &serving_role
+            && (role.len() > 63 || !role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            return Err(problem(
+                "VAULT_DATABASE_SERVING_ROLE",
+                "must be a plain role name: letters, digits and _, at most 63",
+            ));
+        }
         Ok(Self {
             database,
             max_connections,
             statement_cache,
             transport_warning,
+            agent_roles,
+            migrate_url,
+            serving_role,
         })
     }
 }
@@ -885,6 +970,16 @@ impl Settings {
             tls,
             store_refresh_tokens,
             allow_plaintext,
+            sweep_revokes: match raw.vault_sweep_revoke_at_provider.as_deref() {
+                None => true,
+                Some(value) => parse_bool("VAULT_SWEEP_REVOKE_AT_PROVIDER", Some(value))?,
+            },
+            agent_creation_per_minute: parse_u64(
+                "VAULT_AGENT_CREATION_PER_MINUTE",
+                raw.vault_agent_creation_per_minute.as_deref(),
+                600,
+                1..=1_000_000,
+            )? as u32,
             max_min_valid_seconds: parse_u64(
                 "VAULT_MAX_MIN_VALID_SECONDS",
                 raw.vault_max_min_valid_seconds.as_deref(),
@@ -1073,6 +1168,42 @@ mod tests {
             ("VAULT_DATABASE_REQUIRE_TLS", "true"),
         ]);
         assert!(verified.unwrap().transport_warning.is_none());
+    }
+
+    #[test]
+    fn settings_that_hold_secrets_print_redacted() {
+        let source = Source::from_pairs([
+            (
+                "VAULT_DATABASE_URL",
+                "postgres://vault:db-password-123@127.0.0.1/x",
+            ),
+            (
+                "VAULT_DATABASE_MIGRATE_URL",
+                "postgres://owner:owner-password-456@127.0.0.1/x",
+            ),
+            ("VAULT_ROOT_PASSPHRASE", "correct horse battery staple"),
+            ("VAULT_JWT_ISSUER", "https://issuer.example"),
+            ("VAULT_JWT_JWKS_FILE", "/tmp/jwks.json"),
+        ]);
+        let settings = Settings::load(&source).unwrap();
+        let keyed = load(&[]).unwrap();
+        for shown in [
+            format!("{settings:?}"),
+            format!("{keyed:?}"),
+            format!("{source:?}"),
+            format!("{:?}", source.raw().unwrap()),
+            format!("{:?}", settings.database),
+        ] {
+            for secret in [
+                "db-password-123",
+                "owner-password-456",
+                "correct horse",
+                KEY,
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.to_ascii_lowercase().contains("redacted"), "{shown}");
+        }
     }
 
     #[test]

@@ -106,17 +106,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Migrate => {
-            let store =
-                vault_server::store::open(&DatabaseSettings::load(&Source::from_env()?)?).await?;
+            let settings = DatabaseSettings::load(&Source::from_env()?)?;
+            let store = vault_server::store::open(&settings.for_migration()).await?;
             store.migrate().await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Sweep { limit, dry_run } => {
-            let store =
-                vault_server::store::open(&DatabaseSettings::load(&Source::from_env()?)?).await?;
-            store.migrate().await?;
-            let outcome = store.sweep(limit, dry_run).await?;
+            let settings = DatabaseSettings::load(&Source::from_env()?)?;
+            let store = vault_server::store::open(&settings).await?;
+            if settings.migrate_url.is_some() {
+                store.ready().await?;
+            } else {
+                store.migrate().await?;
+            }
+            // The command only deletes: it has no provider registry, and the server's outbox
+            // delivers what the background sweeper queues.
+            let outcome = store.sweep(limit, dry_run, false).await?;
             let verb = if dry_run { "would sweep" } else { "swept" };
             println!(
                 "{verb} {} credential(s){}",

@@ -50,9 +50,20 @@ impl Application {
                 crate::telemetry::error_chain(&e)
             )
         })?;
-        store.migrate().await.map_err(|e| {
-            anyhow::anyhow!("migrations failed: {}", crate::telemetry::error_chain(&e))
-        })?;
+        if settings.database.migrate_url.is_some() {
+            // Least privilege: this server's role cannot migrate; `vault-server migrate` runs as
+            // the owner. Start only on a database at this version.
+            store.ready().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "the database is not ready: {}",
+                    crate::telemetry::error_chain(&e)
+                )
+            })?;
+        } else {
+            store.migrate().await.map_err(|e| {
+                anyhow::anyhow!("migrations failed: {}", crate::telemetry::error_chain(&e))
+            })?;
+        }
         let root_source = std::mem::replace(
             &mut settings.root_key,
             crate::config::RootKeySource::Passphrase(secrecy::SecretString::from(String::new())),
@@ -76,6 +87,8 @@ impl Application {
             store_refresh_tokens: settings.store_refresh_tokens,
             store_scope: settings.jwt.store_scope.clone(),
             max_min_valid_seconds: settings.max_min_valid_seconds,
+            sweep_revokes: settings.sweep_revokes,
+            agent_creation_per_minute: settings.agent_creation_per_minute,
             refresh_cooldown: settings.refresh_cooldown,
         };
         let vault = Arc::new(Vault::new(store, root, providers, options));
@@ -147,6 +160,7 @@ impl Application {
             Arc::clone(vault.store()),
             settings.sweep_interval,
             settings.sweep_batch,
+            settings.sweep_revokes,
             cancel.clone(),
         ));
 

@@ -31,14 +31,21 @@ where
     }
 }
 
-/// Sweeps every `interval` until `cancel` fires.
-pub async fn run(store: Arc<dyn Store>, interval: Duration, batch: u32, cancel: CancellationToken) {
+/// Sweeps every `interval` until `cancel` fires; with `revoke`, swept credentials are queued for
+/// revocation at their provider.
+pub async fn run(
+    store: Arc<dyn Store>,
+    interval: Duration,
+    batch: u32,
+    revoke: bool,
+    cancel: CancellationToken,
+) {
     let holder = uuid::Uuid::new_v4();
     // Held across two intervals so the holder renews it before anyone else may take it.
     let lease = (interval * 2).max(Duration::from_secs(10));
     every(interval, &cancel, || async {
         match store.try_lease(LEASE, holder, lease).await {
-            Ok(true) => sweep_once(store.as_ref(), batch, &cancel).await,
+            Ok(true) => sweep_once(store.as_ref(), batch, revoke, &cancel).await,
             Ok(false) => tracing::debug!("another replica holds the sweep lease"),
             Err(err) => tracing::warn!(error = %err, "could not take the sweep lease"),
         }
@@ -46,13 +53,13 @@ pub async fn run(store: Arc<dyn Store>, interval: Duration, batch: u32, cancel: 
     .await;
 }
 
-async fn sweep_once(store: &dyn Store, batch: u32, cancel: &CancellationToken) {
+async fn sweep_once(store: &dyn Store, batch: u32, revoke: bool, cancel: &CancellationToken) {
     let mut total = 0;
     for _ in 0..MAX_BATCHES_PER_RUN {
         if cancel.is_cancelled() {
             break;
         }
-        match store.sweep(batch, false).await {
+        match store.sweep(batch, false, revoke).await {
             Ok(outcome) => {
                 total += outcome.swept;
                 if !outcome.more {

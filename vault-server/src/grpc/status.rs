@@ -73,6 +73,18 @@ impl From<VaultError> for Status {
                 err.to_string(),
             ),
             VaultError::InvalidArgument { field, problem } => invalid_argument(field, &problem),
+            VaultError::RateLimited {
+                message,
+                retry_after,
+            } => {
+                let mut details = ErrorDetails::with_error_info(
+                    "AGENT_CREATION_RATE_LIMITED",
+                    ERROR_DOMAIN,
+                    HashMap::new(),
+                );
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
             VaultError::Unavailable(_) => with_reason(
                 Code::Unavailable,
                 "STORE_UNAVAILABLE",
@@ -91,6 +103,7 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         | VaultError::ReauthRequired(_)
         | VaultError::PermissionDenied(_)
         | VaultError::RefreshTokenDenied
+        | VaultError::RateLimited { .. }
         | VaultError::InvalidArgument { .. } => {
             tracing::info!(rpc, error = %err, "call refused");
         }

@@ -12,6 +12,20 @@ use oauth2::{AsyncHttpClient, HttpRequest, HttpResponse};
 /// Largest provider response read (token responses are small; this bounds a hostile one).
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
+impl HttpError {
+    /// What a caller may be told: the kind of failure, never a URL, body or header.
+    pub fn caller_message(&self) -> String {
+        match self {
+            Self::Transport(detail) if detail.starts_with("timed out") => {
+                "the provider did not answer in time".into()
+            }
+            Self::Transport(_) => "the provider could not be reached".into(),
+            Self::Status { status, .. } => format!("the provider answered HTTP {status}"),
+            Self::TooLarge => "the provider's response was too large".into(),
+        }
+    }
+}
+
 /// A provider call failed below OAuth.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -110,12 +124,58 @@ impl ProviderHttp {
         for (name, value) in response.headers() {
             builder = builder.header(name, value);
         }
-        let body = read_limited(response).await?;
+        let mut body = read_limited(response).await?;
+        if status.is_success() {
+            body = normalize_expires_in(body);
+        }
         builder
             .body(body)
             .map_err(|e| HttpError::Transport(e.to_string()))
     }
 }
+
+/// Rewrites a token response's `expires_in` into whole seconds within 1 s..=1 year, so that a
+/// provider sending a negative, huge, fractional or quoted number neither breaks the response's
+/// parsing (which would lose a rotated refresh token) nor the expiry arithmetic. A value that is
+/// not a number at all is dropped (the lifetime is then unknown). Anything that is not a JSON
+/// object passes through untouched.
+fn normalize_expires_in(mut body: Vec<u8>) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(&body) else {
+        return body;
+    };
+    let Some(value) = object.get("expires_in") else {
+        return body;
+    };
+    if value
+        .as_u64()
+        .is_some_and(|n| (1..=MAX_EXPIRES_IN_SECONDS).contains(&n))
+    {
+        return body;
+    }
+    let seconds = match value {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|f| !f.is_nan());
+    match seconds {
+        Some(f) => {
+            let clamped = f.floor().clamp(1.0, MAX_EXPIRES_IN_SECONDS as f64) as u64;
+            object.insert("expires_in".into(), serde_json::Value::from(clamped));
+        }
+        None => {
+            object.remove("expires_in");
+        }
+    }
+    // Serialising a map of JSON values cannot fail.
+    let rewritten = serde_json::to_vec(&object).unwrap_or_default();
+    // The original held the tokens too.
+    zeroize::Zeroize::zeroize(&mut body);
+    rewritten
+}
+
+/// A year, in seconds: the longest access-token lifetime taken from a provider.
+const MAX_EXPIRES_IN_SECONDS: u64 = 365 * 86_400;
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
@@ -158,5 +218,51 @@ impl<'c> AsyncHttpClient<'c> for ProviderHttp {
 
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(self.execute(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expires_in(body: &str) -> Option<serde_json::Value> {
+        let out = normalize_expires_in(body.as_bytes().to_vec());
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        json.get("expires_in").cloned()
+    }
+
+    #[test]
+    fn expires_in_is_clamped_to_whole_seconds_in_range() {
+        let at = |v: &str| {
+            expires_in(&format!(
+                r#"{{"access_token":"a","token_type":"Bearer","expires_in":{v}}}"#
+            ))
+        };
+        assert_eq!(at("3600"), Some(serde_json::json!(3600)));
+        assert_eq!(at("-5"), Some(serde_json::json!(1)));
+        assert_eq!(at("0"), Some(serde_json::json!(1)));
+        assert_eq!(at("3600.9"), Some(serde_json::json!(3600)));
+        assert_eq!(at("1e300"), Some(serde_json::json!(MAX_EXPIRES_IN_SECONDS)));
+        assert_eq!(
+            at("18446744073709551615"),
+            Some(serde_json::json!(MAX_EXPIRES_IN_SECONDS))
+        );
+        assert_eq!(at(r#""7200""#), Some(serde_json::json!(7200)));
+        assert_eq!(at(r#""soon""#), None);
+        assert_eq!(at("[1]"), None);
+        assert_eq!(at("null"), None);
+    }
+
+    #[test]
+    fn the_rest_of_the_response_survives_the_rewrite() {
+        let out = normalize_expires_in(
+            br#"{"access_token":"at","refresh_token":"rt","token_type":"Bearer","expires_in":"60"}"#
+                .to_vec(),
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(json["access_token"], "at");
+        assert_eq!(json["refresh_token"], "rt");
+        let untouched = b"not json".to_vec();
+        assert_eq!(normalize_expires_in(untouched.clone()), untouched);
     }
 }

@@ -111,6 +111,11 @@ impl std::fmt::Debug for Provider {
     }
 }
 
+/// Shortest access-token lifetime taken from a provider.
+pub const MIN_EXPIRES_IN: Duration = Duration::from_secs(1);
+/// Longest access-token lifetime taken from a provider: a year.
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(365 * 86_400);
+
 /// How long a discovery document is trusted before it is fetched again.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 
@@ -330,17 +335,24 @@ impl Providers {
             "/.well-known/openid-configuration",
         ] {
             match self.http.get_json(&format!("{issuer}{suffix}")).await {
-                Ok(json) => {
+                // RFC 8414 §3.3: the document must name exactly the issuer it was fetched
+                // for, or its endpoints belong to someone else.
+                Ok(json) if issuer_matches(&json, issuer) => {
                     document = Some(json);
                     break;
+                }
+                Ok(_) => {
+                    tracing::warn!(tool = %provider.tool, suffix, "discovery document names another issuer; refused (RFC 8414 §3.3)")
                 }
                 Err(err) => {
                     tracing::debug!(tool = %provider.tool, error = %err, suffix, "discovery attempt failed")
                 }
             }
         }
-        let document = document
-            .ok_or_else(|| ProviderError::unavailable(format!("discovery at {issuer} failed")))?;
+        // Callers learn that discovery failed, never the URL; the log has the details.
+        let document = document.ok_or_else(|| {
+            ProviderError::unavailable("the provider's metadata could not be loaded")
+        })?;
         let field = |name: &str| {
             document
                 .get(name)
@@ -438,7 +450,11 @@ impl Providers {
                         .map(|t| t.secret())
                         .filter(|t| !t.is_empty())
                         .map(|t| SecretString::from(t.clone())),
-                    expires_in: response.expires_in(),
+                    // Clamped again here: whatever the provider said, the arithmetic on it stays
+                    // in range (the HTTP layer already normalised the JSON).
+                    expires_in: response
+                        .expires_in()
+                        .map(|d| d.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN)),
                     scopes: response
                         .scopes()
                         .map(|s| s.iter().map(|s| s.to_string()).collect()),
@@ -522,6 +538,15 @@ fn revocation_error(response: &BasicRevocationErrorResponse) -> String {
     }
 }
 
+/// Whether a discovery document's `issuer` is exactly the configured one (which is stored
+/// without a trailing slash; a document may spell it with one).
+fn issuer_matches(document: &serde_json::Value, issuer: &str) -> bool {
+    document
+        .get("issuer")
+        .and_then(|v| v.as_str())
+        .is_some_and(|named| named == issuer || named.strip_suffix('/') == Some(issuer))
+}
+
 /// Maps a failed call to a transient error. Deliberately drops `Parse`'s body: a token response
 /// that failed to parse may still contain tokens.
 fn classify<E: oauth2::ErrorResponse + 'static>(
@@ -535,12 +560,18 @@ fn classify<E: oauth2::ErrorResponse + 'static>(
             message: format!("the provider answered HTTP {status}"),
             retry_after,
         },
-        RequestTokenError::Request(other) => ProviderError::unavailable(other.to_string()),
+        // What goes back to callers names the kind of failure only: a transport error's text
+        // carries the provider's URL, so it goes to the log at debug level instead.
+        RequestTokenError::Request(other) => {
+            tracing::debug!(error = %other, "provider call failed");
+            ProviderError::unavailable(other.caller_message())
+        }
         RequestTokenError::Parse(_, _) => {
             ProviderError::unavailable("the provider's response could not be parsed")
         }
         RequestTokenError::Other(message) => {
-            ProviderError::unavailable(format!("provider call failed: {message}"))
+            tracing::debug!(%message, "provider call failed");
+            ProviderError::unavailable("the provider call failed")
         }
         RequestTokenError::ServerResponse(_) => {
             ProviderError::unavailable("the provider returned an error")

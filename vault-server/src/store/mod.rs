@@ -6,7 +6,7 @@ mod sqlite;
 
 use chrono::{DateTime, Utc};
 
-pub use postgres::{PgStore, namespace_for};
+pub use postgres::{PgStore, drop_database_and_roles, namespace_for};
 pub use sqlite::SqliteStore;
 
 use crate::crypto::SealedCredential;
@@ -190,8 +190,14 @@ pub struct OutboxEntry {
 /// store implements the same trait.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies control migrations and upgrades every agent schema.
+    /// Applies control migrations and upgrades every agent schema (as the owner role).
     async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Checks that the database is migrated to this version and loads what serving needs from
+    /// it; for a server that does not migrate (the serving role has no DDL right).
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// The root key metadata, if the vault has been initialised.
     async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError>;
@@ -255,8 +261,15 @@ pub trait Store: Send + Sync + 'static {
         tool: Option<&Tool>,
     ) -> Result<u64, StoreError>;
 
-    /// Deletes up to `limit` credentials past their vault TTL, across all agents.
-    async fn sweep(&self, limit: u32, dry_run: bool) -> Result<SweepOutcome, StoreError>;
+    /// Deletes up to `limit` credentials past their vault TTL, across all agents. With
+    /// `revoke`, each deleted credential moves to its agent's revocation outbox in the same
+    /// transaction, so its tokens are revoked at the provider as a Revoke would.
+    async fn sweep(
+        &self,
+        limit: u32,
+        dry_run: bool,
+        revoke: bool,
+    ) -> Result<SweepOutcome, StoreError>;
 
     /// Takes the refresh lease on `generation` for `ttl`, unless someone else holds it, the
     /// credential is backing off, or it has changed.

@@ -77,6 +77,45 @@ fn quoted(namespace: &str) -> Result<String, StoreError> {
     Ok(format!("\"{namespace}\""))
 }
 
+/// Drops a vault database and the roles it made (roles are cluster-wide and outlive the
+/// database): `database_url` names the vault database, `admin` is a connection to another
+/// database of the same server with the right to drop both.
+pub async fn drop_database_and_roles(
+    admin: &mut sqlx::PgConnection,
+    database_url: &str,
+    name: &str,
+) -> Result<(), sqlx::Error> {
+    let prefix: Option<String> = match sqlx::PgConnection::connect(database_url).await {
+        Ok(mut conn) => {
+            let prefix = sqlx::query_scalar("SELECT role_prefix FROM vault.instance WHERE id = 1")
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten();
+            let _ = conn.close().await;
+            prefix
+        }
+        Err(_) => None,
+    };
+    let quoted_name = format!("\"{}\"", name.replace('"', "\"\""));
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {quoted_name} WITH (FORCE)").as_str())
+        .await?;
+    if let Some(prefix) = prefix {
+        let roles: Vec<String> =
+            sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
+                .bind(format!("{prefix}_"))
+                .fetch_all(&mut *admin)
+                .await?;
+        for role in roles {
+            admin
+                .execute(format!("DROP ROLE IF EXISTS \"{}\"", role.replace('"', "\"\"")).as_str())
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// A transaction-scoped advisory lock key for one agent.
 fn agent_lock_key(issuer: &IssuerId, agent: &AgentId) -> i64 {
     let digest = identity_digest(issuer, agent);
@@ -122,6 +161,13 @@ fn outbox_entry(row: &sqlx::postgres::PgRow) -> Result<OutboxEntry, StoreError> 
 pub struct PgStore {
     pool: PgPool,
     reads: std::sync::Arc<ReadLanes>,
+    /// Per-agent roles (DESIGN §4): every statement on an agent schema runs under that agent's
+    /// own role, which holds rights on that schema alone.
+    agent_roles: bool,
+    /// This vault's role-name prefix (`vault.instance`), known once the control schema is.
+    role_prefix: std::sync::Arc<std::sync::OnceLock<String>>,
+    /// A login role that `migrate` makes a member of the serving group.
+    serving_role: Option<String>,
 }
 
 /// Connections kept for the hot read (`load`, behind every GetToken), outside sqlx's pool.
@@ -136,7 +182,9 @@ struct ReadLanes {
     options: PgConnectOptions,
     lanes: u32,
     permits: tokio::sync::Semaphore,
-    idle: std::sync::Mutex<Vec<sqlx::PgConnection>>,
+    /// Idle connections, each with the role it was last switched to (`SET ROLE` lasts for the
+    /// session, so a connection that stays with one agent switches only once).
+    idle: std::sync::Mutex<Vec<(sqlx::PgConnection, Option<String>)>>,
 }
 
 impl std::fmt::Debug for ReadLanes {
@@ -158,24 +206,37 @@ impl ReadLanes {
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<sqlx::PgConnection>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(sqlx::PgConnection, Option<String>)>> {
         // Only pushes and pops happen under the lock; a panic cannot leave the list half-done.
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn connection(&self) -> Result<sqlx::PgConnection, sqlx::Error> {
-        let idle = self.idle().pop();
+    /// An idle connection, preferring one already switched to `role`.
+    async fn connection(
+        &self,
+        role: Option<&str>,
+    ) -> Result<(sqlx::PgConnection, Option<String>), sqlx::Error> {
+        let idle = {
+            let mut idle = self.idle();
+            let same = idle.iter().rposition(|(_, r)| r.as_deref() == role);
+            match same {
+                Some(at) => Some(idle.swap_remove(at)),
+                None => idle.pop(),
+            }
+        };
         match idle {
-            Some(conn) => Ok(conn),
-            None => sqlx::PgConnection::connect_with(&self.options).await,
+            Some(idle) => Ok(idle),
+            None => Ok((sqlx::PgConnection::connect_with(&self.options).await?, None)),
         }
     }
 
-    /// Runs `query` on an idle connection, waiting for one if all are busy.
+    /// Runs `query` as `role` (a quoted role name; `None`: the login role) on an idle
+    /// connection, waiting for one if all are busy.
     async fn fetch_optional(
         &self,
+        role: Option<&str>,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
         let _permit = self
@@ -183,13 +244,26 @@ impl ReadLanes {
             .acquire()
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let mut conn = self.connection().await?;
-        let result = query.fetch_optional(&mut conn).await;
+        let (mut conn, mut current) = self.connection(role).await?;
+        let result = async {
+            if current.as_deref() != role {
+                let switch = match role {
+                    Some(role) => format!("SET ROLE {role}"),
+                    None => "RESET ROLE".to_string(),
+                };
+                // Forget the old role first: if the switch fails, the connection is dropped.
+                current = None;
+                conn.execute(switch.as_str()).await?;
+                current = role.map(str::to_string);
+            }
+            query.fetch_optional(&mut conn).await
+        }
+        .await;
         // After any error the connection is not trusted: a terminated backend, for one, first
         // answers with a database error and only then closes. Errors here are rare (the agent
         // schema is known to exist), so reconnecting costs little.
         if result.is_ok() {
-            self.idle().push(conn);
+            self.idle().push((conn, current));
         }
         result
     }
@@ -203,7 +277,7 @@ impl ReadLanes {
             .map_err(|_| sqlx::Error::PoolClosed)?;
         let connections = std::mem::take(&mut *self.idle());
         let mut total = 0;
-        for mut conn in connections {
+        for (mut conn, role) in connections {
             let count: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_prepared_statements \
                  WHERE statement LIKE '%.credentials%'",
@@ -211,7 +285,7 @@ impl ReadLanes {
             .fetch_one(&mut conn)
             .await?;
             total += count;
-            self.idle().push(conn);
+            self.idle().push((conn, role));
         }
         Ok(total)
     }
@@ -245,7 +319,98 @@ impl PgStore {
             .await
             .map_err(e)?;
         let reads = std::sync::Arc::new(ReadLanes::new(options, lanes));
-        Ok(Self { pool, reads })
+        Ok(Self {
+            pool,
+            reads,
+            agent_roles: settings.agent_roles,
+            role_prefix: std::sync::Arc::default(),
+            serving_role: settings.serving_role.clone(),
+        })
+    }
+
+    /// The role of an agent schema, quoted for SQL: the vault's prefix and the schema's hash.
+    fn agent_role(&self, namespace: &str) -> Result<String, StoreError> {
+        quoted(namespace)?;
+        let prefix = self.role_prefix.get().ok_or_else(|| {
+            StoreError::Corrupt("the role prefix is read before any agent query".into())
+        })?;
+        Ok(format!("\"{prefix}_{}\"", &namespace["agent_".len()..]))
+    }
+
+    /// A transaction on one agent's schema. With per-agent roles it runs under that agent's
+    /// role (`SET LOCAL ROLE`, sent with `BEGIN` in one round trip), so a statement in it cannot
+    /// touch any other agent's tables, whatever its SQL says.
+    async fn agent_tx(
+        &self,
+        namespace: &str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        if !self.agent_roles {
+            return self.pool.begin().await.map_err(e);
+        }
+        let role = self.agent_role(namespace)?;
+        self.pool
+            .begin_with(format!("BEGIN; SET LOCAL ROLE {role}"))
+            .await
+            .map_err(e)
+    }
+
+    /// Gives every agent schema its role (agents from before roles, and schemas just upgraded
+    /// with new tables), and the configured serving login role the serving group.
+    async fn migrate_roles(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        upgraded: &[String],
+    ) -> Result<(), StoreError> {
+        let serving: Option<String> = sqlx::query_scalar(
+            "SELECT rolname::text FROM pg_roles
+             WHERE rolname = (SELECT role_prefix FROM vault.instance WHERE id = 1) || '_serving'",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(e)?;
+        let Some(serving) = serving else {
+            return Err(StoreError::Corrupt(
+                "per-agent roles need the migrating role to have CREATEROLE (see docs/database-roles.md), or set VAULT_DATABASE_AGENT_ROLES=false".into(),
+            ));
+        };
+        sqlx::query(
+            "SELECT vault.grant_agent_role(schema_name) FROM vault.agents
+             WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = vault.agent_role(schema_name))
+                OR schema_name = ANY($1)",
+        )
+        .bind(upgraded)
+        .execute(&mut *conn)
+        .await
+        .map_err(e)?;
+        if let Some(login) = &self.serving_role {
+            if !login
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                || login.len() > 63
+            {
+                return Err(StoreError::Corrupt(format!(
+                    "VAULT_DATABASE_SERVING_ROLE {login:?} is not a plain role name"
+                )));
+            }
+            conn.execute(format!("GRANT \"{serving}\" TO \"{login}\"").as_str())
+                .await
+                .map_err(e)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the role prefix; the control schema must be migrated.
+    async fn load_role_prefix(&self) -> Result<(), StoreError> {
+        if self.role_prefix.get().is_some() {
+            return Ok(());
+        }
+        let prefix: String =
+            sqlx::query_scalar("SELECT role_prefix FROM vault.instance WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        let _ = self.role_prefix.set(prefix);
+        Ok(())
     }
 
     /// How many statements naming an agent's credentials the hot read connections keep prepared
@@ -319,6 +484,17 @@ impl Store for PgStore {
         conn.execute(sqlx::raw_sql("RESET search_path"))
             .await
             .map_err(e)?;
+        for (version, template) in AGENT_MIGRATIONS {
+            sqlx::query(
+                "INSERT INTO vault.agent_migrations (version, template) VALUES ($1, $2)
+                 ON CONFLICT (version) DO UPDATE SET template = EXCLUDED.template",
+            )
+            .bind(version)
+            .bind(*template)
+            .execute(&mut conn)
+            .await
+            .map_err(e)?;
+        }
 
         let stale = sqlx::query(
             "SELECT schema_name, schema_version FROM vault.agents WHERE schema_version < $1",
@@ -327,6 +503,7 @@ impl Store for PgStore {
         .fetch_all(&mut conn)
         .await
         .map_err(e)?;
+        let mut upgraded = Vec::new();
         for row in stale {
             let namespace: String = row.try_get("schema_name").map_err(e)?;
             let from: i32 = row.try_get("schema_version").map_err(e)?;
@@ -340,9 +517,28 @@ impl Store for PgStore {
                 .map_err(e)?;
             tx.commit().await.map_err(e)?;
             tracing::info!(schema = %namespace, from, to, "upgraded agent schema");
+            upgraded.push(namespace);
+        }
+        if self.agent_roles {
+            self.migrate_roles(&mut conn, &upgraded).await?;
         }
         conn.close().await.map_err(e)?;
-        Ok(())
+        self.ready().await
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn ready(&self) -> Result<(), StoreError> {
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM vault._sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        if applied < CONTROL_MIGRATIONS.iter().count() as i64 {
+            return Err(StoreError::Corrupt(
+                "the database is not migrated to this version: run `vault-server migrate` as the owner role (VAULT_DATABASE_MIGRATE_URL)".into(),
+            ));
+        }
+        self.load_role_prefix().await
     }
 
     #[tracing::instrument(skip_all, err)]
@@ -427,6 +623,26 @@ impl Store for PgStore {
         wrapped_key: &[u8],
         key_version: u32,
     ) -> Result<AgentRecord, StoreError> {
+        if self.agent_roles {
+            // The serving role has no DDL right: the owner's SECURITY DEFINER function creates
+            // the schema and its role, or returns the agent a concurrent call created.
+            let row = sqlx::query(
+                "SELECT out_issuer AS issuer, out_agent_id AS agent_id,
+                        out_schema_name AS schema_name, out_wrapped_key AS wrapped_key,
+                        out_key_version AS key_version
+                 FROM vault.create_agent($1, $2, $3, $4)",
+            )
+            .bind(issuer.as_str())
+            .bind(agent.as_str())
+            .bind(wrapped_key)
+            .bind(key_version as i32)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)?;
+            let record = Self::agent_from_row(&row)?;
+            tracing::info!(schema = %record.namespace, "agent registered");
+            return Ok(record);
+        }
         let mut tx = self.pool.begin().await.map_err(e)?;
         // Two replicas creating the same agent at once queue here; the second finds the row.
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -517,10 +733,12 @@ impl Store for PgStore {
             "SELECT nextval('{}.generation_seq')",
             quoted(&agent.namespace)?
         );
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         let value: i64 = sqlx::query_scalar(&sql)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         u64::try_from(value)
             .ok()
             .and_then(Generation::new)
@@ -534,6 +752,7 @@ impl Store for PgStore {
         new: NewCredential<'_>,
     ) -> Result<Upserted, StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         // The WHERE on the conflict arm is the fence: a slower writer holding an older
         // generation can never overwrite a newer one. A new token set is a new grant, so it
         // starts with no re-auth mark, no lease and no backoff.
@@ -561,9 +780,10 @@ impl Store for PgStore {
             .bind(&new.sealed.ciphertext)
             .bind(new.access_expires_at)
             .bind(new.ttl_seconds as f64)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(match row {
             Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
             None => Upserted::Superseded,
@@ -583,9 +803,17 @@ impl Store for PgStore {
              WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()",
             quoted(&agent.namespace)?
         );
+        let role = if self.agent_roles {
+            Some(self.agent_role(&agent.namespace)?)
+        } else {
+            None
+        };
         let row = self
             .reads
-            .fetch_optional(sqlx::query(&sql).bind(user.as_str()).bind(tool.as_str()))
+            .fetch_optional(
+                role.as_deref(),
+                sqlx::query(&sql).bind(user.as_str()).bind(tool.as_str()),
+            )
             .await
             .map_err(e)?;
         let Some(row) = row else { return Ok(None) };
@@ -615,6 +843,7 @@ impl Store for PgStore {
         tool: Option<&Tool>,
     ) -> Result<u64, StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         let result = match tool {
             Some(tool) => {
                 sqlx::query(&format!(
@@ -622,7 +851,7 @@ impl Store for PgStore {
                 ))
                 .bind(user.as_str())
                 .bind(tool.as_str())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
             }
             None => {
@@ -630,16 +859,22 @@ impl Store for PgStore {
                     "DELETE FROM {schema}.credentials WHERE user_id = $1"
                 ))
                 .bind(user.as_str())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
             }
         }
         .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(result.rows_affected())
     }
 
     #[tracing::instrument(skip_all, err)]
-    async fn sweep(&self, limit: u32, dry_run: bool) -> Result<SweepOutcome, StoreError> {
+    async fn sweep(
+        &self,
+        limit: u32,
+        dry_run: bool,
+        revoke: bool,
+    ) -> Result<SweepOutcome, StoreError> {
         let namespaces: Vec<String> =
             sqlx::query_scalar("SELECT schema_name FROM vault.agents ORDER BY schema_name")
                 .fetch_all(&self.pool)
@@ -652,32 +887,48 @@ impl Store for PgStore {
                 break;
             }
             let schema = quoted(&namespace)?;
+            let mut tx = self.agent_tx(&namespace).await?;
             let n: i64 = if dry_run {
                 sqlx::query_scalar(&format!(
                     "SELECT count(*) FROM (SELECT 1 FROM {schema}.credentials
                      WHERE ttl_expires_at <= now() LIMIT $1) AS expired"
                 ))
                 .bind(remaining as i64)
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(e)?
             } else {
                 // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work
-                // instead of queueing; DELETE's own row count is what is reported, so a row is
-                // counted by exactly the sweeper that removed it.
-                sqlx::query(&format!(
+                // instead of queueing; the statement's own row count is what is reported, so a
+                // row is counted by exactly the sweeper that removed it. With `revoke`, what is
+                // deleted is queued for provider revocation in the same statement.
+                let delete = format!(
                     "DELETE FROM {schema}.credentials WHERE (user_id, tool) IN (
                          SELECT user_id, tool FROM {schema}.credentials
                          WHERE ttl_expires_at <= now()
                          ORDER BY ttl_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
                      AND ttl_expires_at <= now()"
-                ))
-                .bind(remaining as i64)
-                .execute(&self.pool)
-                .await
-                .map_err(e)?
-                .rows_affected() as i64
+                );
+                let sql = if revoke {
+                    format!(
+                        "WITH gone AS ({delete}
+                             RETURNING user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+                         INSERT INTO {schema}.revocation_outbox
+                             (user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+                         SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext
+                         FROM gone"
+                    )
+                } else {
+                    delete
+                };
+                sqlx::query(&sql)
+                    .bind(remaining as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(e)?
+                    .rows_affected() as i64
             };
+            tx.commit().await.map_err(e)?;
             swept += n as u64;
         }
         Ok(SweepOutcome {
@@ -697,6 +948,7 @@ impl Store for PgStore {
         ttl: Duration,
     ) -> Result<RefreshLease, StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         // The lease is the cross-replica half of "one provider call per stale credential": it
         // is taken only on the generation the caller saw, only when free or expired (a crashed
         // holder blocks others for at most `ttl`), and never during a backoff window.
@@ -713,11 +965,12 @@ impl Store for PgStore {
         .bind(generation.get() as i64)
         .bind(owner)
         .bind(ttl.as_secs_f64())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?
         .rows_affected();
         if taken == 1 {
+            tx.commit().await.map_err(e)?;
             return Ok(RefreshLease::Acquired);
         }
         let row = sqlx::query(&format!(
@@ -728,7 +981,7 @@ impl Store for PgStore {
         ))
         .bind(user.as_str())
         .bind(tool.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(e)?;
         let Some(row) = row else {
@@ -748,6 +1001,7 @@ impl Store for PgStore {
         if row.try_get::<Option<bool>, _>("held").map_err(e)? == Some(true) {
             return Ok(RefreshLease::Held);
         }
+        tx.commit().await.map_err(e)?;
         Ok(RefreshLease::Changed)
     }
 
@@ -759,6 +1013,7 @@ impl Store for PgStore {
         new: NewCredential<'_>,
     ) -> Result<bool, StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         // Compare-and-swap on the generation read before the provider call: if a StoreToken
         // (or anything else) wrote meanwhile, its newer value stands and this write is dropped.
         let written = sqlx::query(&format!(
@@ -776,10 +1031,11 @@ impl Store for PgStore {
         .bind(&new.sealed.wrapped_data_key)
         .bind(&new.sealed.ciphertext)
         .bind(new.access_expires_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?
         .rows_affected();
+        tx.commit().await.map_err(e)?;
         Ok(written == 1)
     }
 
@@ -792,6 +1048,7 @@ impl Store for PgStore {
         generation: Generation,
     ) -> Result<(), StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         sqlx::query(&format!(
             "UPDATE {schema}.credentials
              SET state = 1, refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = now()
@@ -800,9 +1057,10 @@ impl Store for PgStore {
         .bind(user.as_str())
         .bind(tool.as_str())
         .bind(generation.get() as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(())
     }
 
@@ -818,6 +1076,7 @@ impl Store for PgStore {
         cap: Duration,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         // Retry-After is honoured up to an hour; the exponential part is capped at `cap`.
         let until: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
             "UPDATE {schema}.credentials
@@ -835,9 +1094,10 @@ impl Store for PgStore {
         .bind(retry_after.map_or(0.0, |d| d.as_secs_f64()))
         .bind(base.as_secs_f64())
         .bind(cap.as_secs_f64())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(until)
     }
 
@@ -851,6 +1111,7 @@ impl Store for PgStore {
         lease: Duration,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         // One statement: the deletion and the queued revocation commit together or not at all.
         let sql = format!(
             "WITH gone AS (
@@ -869,9 +1130,10 @@ impl Store for PgStore {
             .bind(tool.map(Tool::as_str))
             .bind(owner)
             .bind(lease.as_secs_f64())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         rows.iter().map(outbox_entry).collect()
     }
 
@@ -897,6 +1159,7 @@ impl Store for PgStore {
             }
             let agent = Self::agent_from_row(&row)?;
             let schema = quoted(&agent.namespace)?;
+            let mut tx = self.agent_tx(&agent.namespace).await?;
             let rows = sqlx::query(&format!(
                 "UPDATE {schema}.revocation_outbox
                  SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
@@ -909,9 +1172,10 @@ impl Store for PgStore {
             .bind(owner)
             .bind(lease.as_secs_f64())
             .bind(remaining)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(e)?;
+            tx.commit().await.map_err(e)?;
             for row in &rows {
                 claimed.push((agent.clone(), outbox_entry(row)?));
             }
@@ -922,13 +1186,15 @@ impl Store for PgStore {
     #[tracing::instrument(skip_all, err)]
     async fn finish_outbox(&self, agent: &AgentRecord, id: i64) -> Result<(), StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         sqlx::query(&format!(
             "DELETE FROM {schema}.revocation_outbox WHERE id = $1"
         ))
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(())
     }
 
@@ -940,6 +1206,7 @@ impl Store for PgStore {
         error: &str,
     ) -> Result<(), StoreError> {
         let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
         sqlx::query(&format!(
             "UPDATE {schema}.revocation_outbox
              SET attempts = attempts + 1,
@@ -949,9 +1216,10 @@ impl Store for PgStore {
         ))
         .bind(id)
         .bind(error)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(())
     }
 

@@ -43,6 +43,40 @@ fn from_ms(value: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(value).unwrap_or_default()
 }
 
+/// Makes `path` a file only its owner can read: missing directories are created 0700, the file
+/// is created (or tightened to) 0600, and so are its `-wal` and `-shm` companions when present.
+/// SQLite creates those companions with the database file's mode, so they start private too.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = Path::new(&name);
+            if file.exists() {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(())
+}
+
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -52,10 +86,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`.
     pub async fn open_file(path: &Path, max_connections: u32) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|err| StoreError::Database(sqlx::Error::Io(err)))?;
-        }
+        private_file(path).map_err(|err| StoreError::Database(sqlx::Error::Io(err)))?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -374,7 +405,12 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(skip_all, err)]
-    async fn sweep(&self, limit: u32, dry_run: bool) -> Result<SweepOutcome, StoreError> {
+    async fn sweep(
+        &self,
+        limit: u32,
+        dry_run: bool,
+        revoke: bool,
+    ) -> Result<SweepOutcome, StoreError> {
         let now = now_ms();
         let swept = if dry_run {
             let n: i64 = sqlx::query_scalar(
@@ -387,17 +423,37 @@ impl Store for SqliteStore {
             .map_err(e)?;
             n as u64
         } else {
-            sqlx::query(
+            // One transaction: what is queued for revocation is exactly what is deleted.
+            let mut tx = self.pool.begin().await.map_err(e)?;
+            if revoke {
+                sqlx::query(
+                    "INSERT INTO revocation_outbox
+                         (namespace, user_id, tool, generation, key_version, wrapped_data_key,
+                          ciphertext, created_at, next_attempt_at)
+                     SELECT namespace, user_id, tool, generation, key_version, wrapped_data_key,
+                            ciphertext, ?1, ?1
+                     FROM credentials WHERE ttl_expires_at <= ?1
+                     ORDER BY ttl_expires_at LIMIT ?2",
+                )
+                .bind(now)
+                .bind(i64::from(limit))
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+            }
+            let deleted = sqlx::query(
                 "DELETE FROM credentials WHERE (namespace, user_id, tool) IN (
                      SELECT namespace, user_id, tool FROM credentials WHERE ttl_expires_at <= ?1
                      ORDER BY ttl_expires_at LIMIT ?2)",
             )
             .bind(now)
             .bind(i64::from(limit))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(e)?
-            .rows_affected()
+            .rows_affected();
+            tx.commit().await.map_err(e)?;
+            deleted
         };
         Ok(SweepOutcome {
             swept,
@@ -720,5 +776,43 @@ impl Store for SqliteStore {
         .await
         .map_err(e)?;
         Ok(row.as_deref() == Some(holder.to_string().as_str()))
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_database_its_wal_and_its_directory_are_private() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("vault-data").join("nested");
+        let path = dir.join("vault.db");
+        let store = SqliteStore::open_file(&path, 2).await.unwrap();
+        store.migrate().await.unwrap();
+        assert_eq!(mode(&path), 0o600);
+        for companion in ["vault.db-wal", "vault.db-shm"] {
+            let file = dir.join(companion);
+            assert!(file.exists(), "{companion} exists in WAL mode");
+            assert_eq!(mode(&file), 0o600, "{companion}");
+        }
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(dir.parent().unwrap()), 0o700);
+    }
+
+    #[tokio::test]
+    async fn an_existing_world_readable_database_is_tightened() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("vault.db");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        SqliteStore::open_file(&path, 1).await.unwrap();
+        assert_eq!(mode(&path), 0o600);
     }
 }

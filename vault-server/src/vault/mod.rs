@@ -54,6 +54,14 @@ pub enum VaultError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A limit was reached (such as new agents per issuer); retry after the given time.
+    #[error("{message}")]
+    RateLimited {
+        /// Safe to show.
+        message: String,
+        /// When a retry may succeed.
+        retry_after: Duration,
+    },
     /// The database is unreachable or saturated. Retry later.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
@@ -231,6 +239,10 @@ pub struct VaultOptions {
     pub store_scope: String,
     /// Largest `min_valid_seconds` GetToken accepts.
     pub max_min_valid_seconds: u64,
+    /// Swept credentials are revoked at their provider through the outbox.
+    pub sweep_revokes: bool,
+    /// New agents one issuer may cause per minute.
+    pub agent_creation_per_minute: u32,
     /// After a credential's access token was obtained, refreshes that the token's expiry does
     /// not force are answered with the current token for this long. Bounds how often callers
     /// can make the vault call a provider (refresh amplification).
@@ -243,9 +255,13 @@ pub struct Vault {
     root: RootKey,
     providers: Providers,
     options: VaultOptions,
-    /// Unwrapped agent keys by (issuer, agent). Agent keys do not change under a running server
-    /// yet (rotation will invalidate entries), so an entry stays valid once loaded.
+    /// Unwrapped agent keys by (issuer, agent), at most [`AGENT_CACHE_CAPACITY`]. Agent keys do
+    /// not change under a running server yet (rotation will invalidate entries), so an entry
+    /// stays valid once loaded.
     agents: RwLock<HashMap<(IssuerId, AgentId), Arc<AgentEntry>>>,
+    /// New-agent budget per issuer: every new agent is a schema, a role and a key, so a flood of
+    /// invented agent ids from one issuer is throttled rather than turned into DDL.
+    creations: std::sync::Mutex<HashMap<IssuerId, TokenBucket>>,
     /// Identifies this process as a lease holder.
     instance: uuid::Uuid,
     /// In-process half of refresh coalescing: one gate per credential.
@@ -256,6 +272,34 @@ pub struct Vault {
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vault").finish_non_exhaustive()
+    }
+}
+
+/// Most unwrapped agent keys kept in memory; past it, an arbitrary entry is evicted (and
+/// unwrapped again on its next use).
+const AGENT_CACHE_CAPACITY: usize = 65_536;
+
+/// A token bucket: `capacity` tokens, refilled continuously at `capacity` per minute.
+#[derive(Debug, Clone, Copy)]
+struct TokenBucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl TokenBucket {
+    /// Takes one token, or says how long until one is there.
+    fn take(&mut self, capacity: u32, now: std::time::Instant) -> Result<(), Duration> {
+        let capacity = f64::from(capacity);
+        let per_second = capacity / 60.0;
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_second).min(capacity);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / per_second))
+        }
     }
 }
 
@@ -281,6 +325,7 @@ impl Vault {
             providers,
             options,
             agents: RwLock::new(HashMap::new()),
+            creations: std::sync::Mutex::new(HashMap::new()),
             instance: uuid::Uuid::new_v4(),
             gates: refresh::Gates::default(),
             counts: refresh::Counters::default(),
@@ -328,6 +373,27 @@ impl Vault {
         Ok(())
     }
 
+    /// Spends one of `issuer`'s new-agent tokens, or refuses with when to retry.
+    fn admit_new_agent(&self, issuer: &IssuerId) -> Result<(), VaultError> {
+        let capacity = self.options.agent_creation_per_minute;
+        let now = std::time::Instant::now();
+        let mut buckets = self.creations.lock().unwrap_or_else(|p| p.into_inner());
+        // Only configured issuers get here (their tokens verified), so this map stays small.
+        let bucket = buckets.entry(issuer.clone()).or_insert(TokenBucket {
+            tokens: f64::from(capacity),
+            at: now,
+        });
+        bucket.take(capacity, now).map_err(|retry_after| {
+            tracing::warn!(%issuer, "new agents from this issuer are arriving faster than VAULT_AGENT_CREATION_PER_MINUTE; refusing one");
+            VaultError::RateLimited {
+                message: format!(
+                    "too many new agents from this issuer (VAULT_AGENT_CREATION_PER_MINUTE = {capacity}); retry later"
+                ),
+                retry_after,
+            }
+        })
+    }
+
     async fn agent_entry(
         &self,
         issuer: &IssuerId,
@@ -346,6 +412,7 @@ impl Vault {
         let record = match self.store.agent(issuer, agent).await? {
             Some(record) => record,
             None if create => {
+                self.admit_new_agent(issuer)?;
                 let key = AgentKey::generate(1);
                 let wrapped = self.root.wrap_agent_key(issuer, agent, &key);
                 // A concurrent creator may win; then its key is the agent's key.
@@ -364,10 +431,15 @@ impl Vault {
                 ))
             })?;
         let entry = Arc::new(AgentEntry { record, key });
-        self.agents
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cache_key, Arc::clone(&entry));
+        {
+            let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+            if agents.len() >= AGENT_CACHE_CAPACITY
+                && let Some(evicted) = agents.keys().next().cloned()
+            {
+                agents.remove(&evicted);
+            }
+            agents.insert(cache_key, Arc::clone(&entry));
+        }
         Ok(Some(entry))
     }
 
@@ -632,8 +704,31 @@ impl Vault {
                 "Sweep needs the vault:admin scope".into(),
             ));
         }
-        let outcome = self.store.sweep(limit, dry_run).await?;
+        let outcome = self
+            .store
+            .sweep(limit, dry_run, self.options.sweep_revokes)
+            .await?;
         tracing::info!(swept = outcome.swept, more = outcome.more, dry_run, "sweep");
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_bucket_allows_a_burst_then_refills_at_its_rate() {
+        let start = std::time::Instant::now();
+        let mut bucket = TokenBucket {
+            tokens: 2.0,
+            at: start,
+        };
+        assert!(bucket.take(2, start).is_ok());
+        assert!(bucket.take(2, start).is_ok());
+        let wait = bucket.take(2, start).unwrap_err();
+        assert!((29.0..=30.5).contains(&wait.as_secs_f64()), "{wait:?}");
+        assert!(bucket.take(2, start + Duration::from_secs(31)).is_ok());
+        assert!(bucket.take(2, start + Duration::from_secs(31)).is_err());
     }
 }
