@@ -69,6 +69,28 @@ impl World {
         self.provider = OidcProvider::start(&self.pki, &state, port, 3600);
     }
 
+    /// Alice authorizes at the provider and her gateway stores the grant for `tool`, its access
+    /// token expiring in `expires_in` seconds; returns her client, the grant and the stored
+    /// generation.
+    async fn alice_stores(
+        &self,
+        app: &TestApp,
+        tool: &str,
+        expires_in: i64,
+    ) -> (vault_client::Client, Grant, vault_client::Stored) {
+        let grant = self.provider.authorize("alice").await;
+        let mut vault = app.client(&self.issuer, "agent-a", "alice").await;
+        let stored = vault
+            .store_token(
+                tool,
+                oauth_token(&grant.access_token, &grant.refresh_token, expires_in),
+                0,
+            )
+            .await
+            .unwrap();
+        (vault, grant, stored)
+    }
+
     async fn credential_state(&self, agent: &str, user: &str, tool: &str) -> Option<i16> {
         let schema = schema_of(agent);
         let mut conn = self.db.connect().await;
@@ -87,16 +109,7 @@ impl World {
 async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_rotates() {
     let w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    let stored = vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, grant, stored) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
 
     let token = vault.get_token("jira", 0).await.unwrap();
@@ -199,16 +212,7 @@ async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_c
 async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retried() {
     let w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, grant, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider
         .revoke_directly(&grant.refresh_token, "refresh_token")
         .await;
@@ -258,16 +262,7 @@ async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retrie
 async fn a_provider_outage_keeps_the_credential_and_refresh_resumes_when_it_returns() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     let port = w.provider.port();
     w.provider.kill();
 
@@ -366,16 +361,7 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
 async fn revoke_at_provider_makes_both_tokens_inactive() {
     let w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, grant, _) = w.alice_stores(&app, "jira", 3600).await;
     assert!(w.provider.is_active(&grant.access_token).await);
 
     let revoked = vault.revoke("jira", true).await.unwrap();
@@ -540,16 +526,7 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
  {
     let w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (_, _, _) = w.alice_stores(&app, "jira", -60).await;
     app.stop().await;
 
     // The operator (or an attacker with write access to the providers file) points the tool at
@@ -645,16 +622,7 @@ async fn an_expired_token_is_refreshed_even_inside_the_cooldown() {
     let mut extra = w.extra();
     extra.retain(|(k, _)| *k != "VAULT_REFRESH_COOLDOWN_SECONDS");
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
     let token = vault.get_token("jira", 0).await.unwrap();
     assert!(token.refreshed);
@@ -686,16 +654,7 @@ async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never
     extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
     extra.push(("VAULT_PROVIDERS_FILE", path.as_str()));
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
 
     let refused = vault.get_token("jira", 0).await;
@@ -712,16 +671,7 @@ async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never
 async fn an_unreachable_provider_is_reported_without_its_url() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "confluence",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
-        )
-        .await
-        .unwrap();
+    let (mut vault, _, _) = w.alice_stores(&app, "confluence", -60).await;
     let port = w.provider.port();
     w.provider.kill();
 
@@ -738,16 +688,7 @@ async fn an_unreachable_provider_is_reported_without_its_url() {
 async fn the_ttl_sweep_revokes_what_it_deletes_at_the_provider() {
     let w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            0,
-        )
-        .await
-        .unwrap();
+    let (_, grant, _) = w.alice_stores(&app, "jira", 3600).await;
     // Its vault TTL passes (set in the database rather than waited for).
     let mut conn = w.db.connect().await;
     sqlx::query(&format!(
@@ -780,16 +721,7 @@ async fn with_sweep_revocation_off_the_sweep_only_deletes() {
     let mut extra = w.extra();
     extra.push(("VAULT_SWEEP_REVOKE_AT_PROVIDER", "false"));
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
-    let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            0,
-        )
-        .await
-        .unwrap();
+    let (_, grant, _) = w.alice_stores(&app, "jira", 3600).await;
     let schema = schema_of("agent-a");
     let mut conn = w.db.connect().await;
     sqlx::query(&format!(
