@@ -1,5 +1,16 @@
 //! Who is calling: JWT verification against issuer keys (DESIGN §3). The output is a
 //! [`Caller`]; nothing else in the service decides identity.
+//!
+//! Identity is (issuer, agent, user). Two designs close the hole where two configured issuers
+//! shared one namespace of agents and users: one issuer per deployment, enforced at startup, or
+//! several issuers each bound to its own keys with every credential keyed by issuer too. This
+//! vault does the second. A gateway fleet commonly has more than one trust manager (a staging
+//! and a production IdP, or one per business unit during a migration), and forcing one vault
+//! per issuer would split the operator's one service into several for no security gain: with
+//! per-issuer keys, an issuer can only sign for its own principals, and the registry, schema
+//! name and agent-key wrap all carry the issuer, so nothing one issuer's callers do can name
+//! another issuer's rows. Agents stored before this was so are adopted at startup by the one
+//! configured issuer; with several configured, startup refuses until an operator says which.
 
 mod jwks;
 mod verifier;

@@ -258,7 +258,8 @@ pub struct Vault {
     /// Unwrapped agent keys by (issuer, agent), at most [`AGENT_CACHE_CAPACITY`]. Agent keys do
     /// not change under a running server yet (rotation will invalidate entries), so an entry
     /// stays valid once loaded.
-    agents: RwLock<HashMap<(IssuerId, AgentId), Arc<AgentEntry>>>,
+    /// Keyed by agent id, then matched on the issuer, so the hot path looks up by reference.
+    agents: RwLock<HashMap<AgentId, Vec<Arc<AgentEntry>>>>,
     /// New-agent budget per issuer: every new agent is a schema, a role and a key, so a flood of
     /// invented agent ids from one issuer is throttled rather than turned into DDL.
     creations: std::sync::Mutex<HashMap<IssuerId, TokenBucket>>,
@@ -400,12 +401,12 @@ impl Vault {
         agent: &AgentId,
         create: bool,
     ) -> Result<Option<Arc<AgentEntry>>, VaultError> {
-        let cache_key = (issuer.clone(), agent.clone());
         if let Some(entry) = self
             .agents
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&cache_key)
+            .get(agent)
+            .and_then(|entries| entries.iter().find(|e| e.record.issuer == *issuer))
         {
             return Ok(Some(Arc::clone(entry)));
         }
@@ -438,7 +439,9 @@ impl Vault {
             {
                 agents.remove(&evicted);
             }
-            agents.insert(cache_key, Arc::clone(&entry));
+            let entries = agents.entry(agent.clone()).or_default();
+            entries.retain(|e| e.record.issuer != *issuer);
+            entries.push(Arc::clone(&entry));
         }
         Ok(Some(entry))
     }
