@@ -47,6 +47,20 @@ struct Cli {
     /// Seed this many users per agent (default: 100, or 50 with --quick).
     #[arg(long, value_name = "N")]
     users: Option<usize>,
+    /// Pass a setting to the server, such as `VAULT_DATABASE_AGENT_ROLES=false` (repeatable).
+    /// Nothing else from this shell reaches it.
+    #[arg(long = "server-env", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    server_env: Vec<(String, String)>,
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    if !name.starts_with("VAULT_") && !name.starts_with("OTEL_") {
+        return Err(format!("{name}: only VAULT_* and OTEL_* settings"));
+    }
+    Ok((name.to_string(), value.to_string()))
 }
 
 #[tokio::main]
@@ -62,6 +76,7 @@ async fn main() -> ExitCode {
         select_ping: cli.select_ping,
         agents: cli.agents,
         users: cli.users,
+        server_env: cli.server_env,
     };
     let started = Instant::now();
     let outcome = match run(&options).await {

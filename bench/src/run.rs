@@ -52,6 +52,8 @@ pub struct Options {
     pub agents: Option<usize>,
     /// Seed this many users per agent instead of the scale's.
     pub users: Option<usize>,
+    /// Extra settings for the server (`--server-env`), applied after the bench's own.
+    pub server_env: Vec<(String, String)>,
 }
 
 /// How big and how long a run is.
@@ -208,7 +210,8 @@ async fn measure(
         .env("VAULT_JWT_JWKS_FILE", &issuer.jwks_path)
         // The background sweeper is not the hot path; keep its scans out of the tail.
         .env("VAULT_SWEEP_INTERVAL_SECONDS", "86400")
-        .env("VAULT_SHUTDOWN_GRACE_SECONDS", "5");
+        .env("VAULT_SHUTDOWN_GRACE_SECONDS", "5")
+        .envs(options.server_env.iter().map(|(k, v)| (k, v)));
     children.server = Some(ChildProcess::spawn("vault-server", server, SERVER_MARKER).await?);
     let mut echo = Command::new(echo_bin);
     echo.env_clear().env("PATH", &path);
