@@ -43,7 +43,6 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA vault TO %I', serving);
     EXECUTE format('GRANT SELECT ON vault.agents, vault.root_key, vault.instance, vault._sqlx_migrations TO %I', serving);
     EXECUTE format('GRANT INSERT ON vault.root_key TO %I', serving);
-    EXECUTE format('GRANT UPDATE (issuer, wrapped_key) ON vault.agents TO %I', serving);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON vault.leases TO %I', serving);
 END $$;
 
@@ -127,11 +126,33 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION vault.create_agent(text, text, bytea, integer) FROM PUBLIC;
+
+-- Hands an agent registered before identities named their issuer to `p_issuer`, with its key
+-- re-wrapped for it. Only rows without an issuer: the serving role can neither move an agent
+-- from one issuer to another nor overwrite a key.
+CREATE OR REPLACE FUNCTION vault.adopt_agent(p_agent text, p_issuer text, p_wrapped_key bytea)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_issuer IS NULL OR octet_length(p_issuer) NOT BETWEEN 1 AND 256 OR p_issuer ~ '[[:cntrl:]]'
+       OR p_wrapped_key IS NULL OR octet_length(p_wrapped_key) > 1024 THEN
+        RAISE EXCEPTION 'invalid adoption' USING ERRCODE = '22023';
+    END IF;
+    UPDATE vault.agents SET issuer = p_issuer, wrapped_key = p_wrapped_key
+    WHERE issuer = '' AND agent_id = p_agent;
+    RETURN FOUND;
+END
+$$;
+REVOKE ALL ON FUNCTION vault.adopt_agent(text, text, bytea) FROM PUBLIC;
 DO $$
 DECLARE
     serving text := (SELECT role_prefix FROM vault.instance WHERE id = 1) || '_serving';
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = serving) THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION vault.create_agent(text, text, bytea, integer) TO %I', serving);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION vault.adopt_agent(text, text, bytea) TO %I', serving);
     END IF;
 END $$;

@@ -218,7 +218,8 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
         "a-secret"
     );
 
-    // A token claiming issuer A but signed with issuer B's key is refused.
+    // A token claiming issuer A but signed with issuer B's key is refused, even when B's key
+    // carries a kid that issuer A also publishes.
     let mut forged_claims = a.claims("agent-a", "alice");
     forged_claims["scope"] = serde_json::json!("vault:store");
     let forged = b.keys[0].sign(&forged_claims);
@@ -227,6 +228,19 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
         forger.get_token("jira", 0).await,
         Err(Error::Unauthenticated(_))
     ));
+    let impostor = SigningKey::ed25519(&a.keys[0].kid);
+    let mut b = b;
+    b.keys.push(impostor);
+    b.publish();
+    let same_kid = b.keys[2].sign(&forged_claims);
+    let mut forger = app.client_with(&same_kid).await;
+    assert!(
+        matches!(
+            forger.get_token("jira", 0).await,
+            Err(Error::Unauthenticated(_))
+        ),
+        "issuer A's kid in issuer B's key set verifies nothing for A"
+    );
 }
 
 #[tokio::test]

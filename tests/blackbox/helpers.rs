@@ -206,7 +206,16 @@ impl Issuer {
         let dir = tempfile::tempdir().unwrap();
         let issuer = Self {
             iss: iss.into(),
-            keys: vec![SigningKey::ed25519("ed-1"), SigningKey::es256("es-1")],
+            keys: if iss == ISS {
+                vec![SigningKey::ed25519("ed-1"), SigningKey::es256("es-1")]
+            } else {
+                // Another issuer's kids differ too, so that a test of issuer binding cannot pass
+                // on a kid lookup alone.
+                vec![
+                    SigningKey::ed25519(&format!("{iss}#ed-1")),
+                    SigningKey::es256(&format!("{iss}#es-1")),
+                ]
+            },
             jwks_path: dir.path().join("jwks.json"),
             _dir: dir,
         };

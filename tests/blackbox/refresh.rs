@@ -559,6 +559,32 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
     assert_eq!(w.provider.stats().await.refresh_calls, 0);
     app.stop().await;
 
+    // Keeping the issuer but overriding its token endpoint is a redirect too.
+    let overridden = w.dir.path().join("overridden.toml");
+    std::fs::write(
+        &overridden,
+        format!(
+            "[tools.jira]\nissuer = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
+            w.provider.ready.issuer,
+            w.provider.ready.token_endpoint,
+            w.provider.ready.client_id,
+            w.provider.ready.client_secret
+        ),
+    )
+    .unwrap();
+    let overridden = overridden.display().to_string();
+    let mut extra = w.extra();
+    extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
+    extra.push(("VAULT_PROVIDERS_FILE", overridden.as_str()));
+    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    assert!(matches!(
+        vault.get_token("jira", 0).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    assert_eq!(w.provider.stats().await.refresh_calls, 0);
+    app.stop().await;
+
     // Under the original configuration the same credential refreshes.
     let app = w.vault().await;
     let mut vault = app.client(&w.issuer, "agent-a", "alice").await;

@@ -220,6 +220,14 @@ impl Verifier {
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(caller) = self.verified.get(&digest, now) {
+            // Keys past their staleness limit vouch for nothing, cached or not.
+            if self
+                .issuers
+                .get(caller.issuer.as_str())
+                .is_some_and(|i| i.stale_for() > self.settings.jwks_max_stale)
+            {
+                return Err(AuthError::KeysUnavailable);
+            }
             return Ok(caller);
         }
         let (issuer, generation, verified) = self.verify_uncached(token, now).await?;
@@ -356,6 +364,9 @@ impl Verifier {
     }
 
     async fn refresh_one(&self, issuer: &IssuerKeys) {
+        // The same lock as the unknown-kid re-fetch: a slow fetch must not install an older key
+        // set over a newer one (bringing a withdrawn key back).
+        let _fetching = issuer.last_refetch.lock().await;
         let max_age = match fetch(&issuer.trusted.jwks, &self.http).await {
             Ok((keys, max_age)) => {
                 self.install(issuer, keys);
@@ -364,6 +375,8 @@ impl Verifier {
             Err(err) => {
                 let stale = issuer.stale_for();
                 if stale > self.settings.jwks_max_stale {
+                    // Bumped first: a verification in flight must not re-cache afterwards.
+                    issuer.generation.fetch_add(1, Ordering::AcqRel);
                     self.verified.forget(&issuer.trusted.issuer, None);
                     tracing::error!(issuer = %issuer.trusted.issuer, error = %format!("{err:#}"), stale_seconds = stale.as_secs(), "issuer keys could not be re-loaded for longer than VAULT_JWKS_MAX_STALE_SECONDS; refusing this issuer's tokens until they load");
                 } else {

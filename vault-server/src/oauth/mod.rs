@@ -296,14 +296,23 @@ impl Providers {
         })
     }
 
-    /// What a credential remembers of the provider it was stored for: the issuer when the
-    /// tool names one, else its token endpoint. A stored refresh token is only sent to the
-    /// provider whose binding matches, so editing the providers file cannot redirect it.
+    /// What a credential remembers of the provider it was stored for: every URL its tokens can
+    /// be sent to, as configured (the issuer whose discovery is trusted, and any token or
+    /// revocation endpoint set explicitly). A stored token is only sent to a provider whose
+    /// binding matches, so editing the providers file cannot redirect it. A tool named by its
+    /// issuer alone binds to just the issuer, the same value the first version recorded.
     pub fn binding(provider: &Provider) -> String {
-        match (&provider.issuer, &provider.fixed_token_url) {
-            (Some(issuer), _) => issuer.clone(),
-            (None, Some(url)) => url.as_str().to_string(),
-            (None, None) => String::new(),
+        let issuer = provider.issuer.as_deref();
+        let token = provider.fixed_token_url.as_ref().map(|u| u.as_str());
+        let revocation = provider.fixed_revocation_url.as_ref().map(|u| u.as_str());
+        match (issuer, token, revocation) {
+            (Some(issuer), None, None) => issuer.to_string(),
+            _ => format!(
+                "issuer={} token={} revocation={}",
+                issuer.unwrap_or(""),
+                token.unwrap_or(""),
+                revocation.unwrap_or("")
+            ),
         }
     }
 

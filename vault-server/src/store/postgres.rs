@@ -338,29 +338,27 @@ impl PgStore {
     }
 
     /// A transaction on one agent's schema. With per-agent roles it runs under that agent's
-    /// role (`SET LOCAL ROLE`, sent with `BEGIN` in one round trip), so a statement in it cannot
-    /// touch any other agent's tables, whatever its SQL says.
+    /// role (`SET LOCAL ROLE`), so a statement in it cannot touch any other agent's tables,
+    /// whatever its SQL says. The switch runs inside the transaction sqlx already tracks: if it
+    /// fails, or the caller goes away, dropping the transaction rolls it back, and the
+    /// connection never returns to the pool mid-transaction or under an agent's role.
     async fn agent_tx(
         &self,
         namespace: &str,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        if !self.agent_roles {
-            return self.pool.begin().await.map_err(e);
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        if self.agent_roles {
+            let role = self.agent_role(namespace)?;
+            tx.execute(format!("SET LOCAL ROLE {role}").as_str())
+                .await
+                .map_err(e)?;
         }
-        let role = self.agent_role(namespace)?;
-        self.pool
-            .begin_with(format!("BEGIN; SET LOCAL ROLE {role}"))
-            .await
-            .map_err(e)
+        Ok(tx)
     }
 
     /// Gives every agent schema its role (agents from before roles, and schemas just upgraded
     /// with new tables), and the configured serving login role the serving group.
-    async fn migrate_roles(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        upgraded: &[String],
-    ) -> Result<(), StoreError> {
+    async fn migrate_roles(&self, conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
         let serving: Option<String> = sqlx::query_scalar(
             "SELECT rolname::text FROM pg_roles
              WHERE rolname = (SELECT role_prefix FROM vault.instance WHERE id = 1) || '_serving'",
@@ -375,26 +373,33 @@ impl PgStore {
         };
         sqlx::query(
             "SELECT vault.grant_agent_role(schema_name) FROM vault.agents
-             WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = vault.agent_role(schema_name))
-                OR schema_name = ANY($1)",
+             WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = vault.agent_role(schema_name))",
         )
-        .bind(upgraded)
         .execute(&mut *conn)
         .await
         .map_err(e)?;
-        if let Some(login) = &self.serving_role {
-            if !login
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                || login.len() > 63
-            {
-                return Err(StoreError::Corrupt(format!(
-                    "VAULT_DATABASE_SERVING_ROLE {login:?} is not a plain role name"
-                )));
+        match &self.serving_role {
+            Some(login) => {
+                if !login
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    || login.len() > 63
+                {
+                    return Err(StoreError::Corrupt(format!(
+                        "VAULT_DATABASE_SERVING_ROLE {login:?} is not a plain role name"
+                    )));
+                }
+                conn.execute(format!("GRANT \"{serving}\" TO \"{login}\"").as_str())
+                    .await
+                    .map_err(e)?;
             }
-            conn.execute(format!("GRANT \"{serving}\" TO \"{login}\"").as_str())
-                .await
-                .map_err(e)?;
+            // One role migrates and serves: it must be able to switch to agent roles too, and
+            // only a superuser may without being a member.
+            None => {
+                conn.execute(format!("GRANT \"{serving}\" TO CURRENT_USER").as_str())
+                    .await
+                    .map_err(e)?;
+            }
         }
         Ok(())
     }
@@ -503,12 +508,20 @@ impl Store for PgStore {
         .fetch_all(&mut conn)
         .await
         .map_err(e)?;
-        let mut upgraded = Vec::new();
         for row in stale {
             let namespace: String = row.try_get("schema_name").map_err(e)?;
             let from: i32 = row.try_get("schema_version").map_err(e)?;
             let mut tx = conn.begin().await.map_err(e)?;
             let to = Self::apply_agent_migrations(&mut tx, &namespace, from).await?;
+            if self.agent_roles {
+                // In the same transaction: a migrate cut off after the upgrade commits must not
+                // leave the new tables out of the agent role's reach.
+                sqlx::query("SELECT vault.grant_agent_role($1)")
+                    .bind(&namespace)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(e)?;
+            }
             sqlx::query("UPDATE vault.agents SET schema_version = $2 WHERE schema_name = $1")
                 .bind(&namespace)
                 .bind(to)
@@ -517,10 +530,9 @@ impl Store for PgStore {
                 .map_err(e)?;
             tx.commit().await.map_err(e)?;
             tracing::info!(schema = %namespace, from, to, "upgraded agent schema");
-            upgraded.push(namespace);
         }
         if self.agent_roles {
-            self.migrate_roles(&mut conn, &upgraded).await?;
+            self.migrate_roles(&mut conn).await?;
         }
         conn.close().await.map_err(e)?;
         self.ready().await
@@ -715,16 +727,15 @@ impl Store for PgStore {
         issuer: &IssuerId,
         wrapped_key: &[u8],
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE vault.agents SET issuer = $2, wrapped_key = $3 WHERE issuer = '' AND agent_id = $1",
-        )
-        .bind(agent.as_str())
-        .bind(issuer.as_str())
-        .bind(wrapped_key)
-        .execute(&self.pool)
-        .await
-        .map_err(e)?;
-        Ok(done.rows_affected() == 1)
+        // Through the owner's function: the serving role may not rewrite registry rows, only
+        // hand a row without an issuer to one.
+        sqlx::query_scalar("SELECT vault.adopt_agent($1, $2, $3)")
+            .bind(agent.as_str())
+            .bind(issuer.as_str())
+            .bind(wrapped_key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)
     }
 
     #[tracing::instrument(skip_all, err)]
