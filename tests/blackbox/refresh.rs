@@ -69,6 +69,28 @@ impl World {
         self.provider = OidcProvider::start(&self.pki, &state, port, 3600);
     }
 
+    /// A vault whose `jira` tool is configured by `endpoints` (TOML lines such as
+    /// `issuer = "…"`) with this world's client registration, instead of the usual file.
+    async fn vault_with_jira(&self, endpoints: &str) -> TestApp {
+        let path = self
+            .dir
+            .path()
+            .join(format!("jira-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(
+            &path,
+            format!(
+                "[tools.jira]\n{endpoints}\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
+                self.provider.ready.client_id, self.provider.ready.client_secret
+            ),
+        )
+        .unwrap();
+        let path = path.display().to_string();
+        let mut extra = self.extra();
+        extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
+        extra.push(("VAULT_PROVIDERS_FILE", path.as_str()));
+        spawn_with(&self.db, &self.issuer, &extra).await
+    }
+
     /// Alice authorizes at the provider and her gateway stores the grant for `tool`, its access
     /// token expiring in `expires_in` seconds; returns her client, the grant and the stored
     /// generation.
@@ -532,22 +554,10 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
     // The operator (or an attacker with write access to the providers file) points the tool at
     // another token endpoint. The credential was stored for the provider's issuer, so its
     // refresh token must not go there.
-    let moved = w.dir.path().join("moved.toml");
-    std::fs::write(
-        &moved,
-        format!(
-            "[tools.jira]\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
-            w.provider.ready.token_endpoint,
-            w.provider.ready.client_id,
-            w.provider.ready.client_secret
-        ),
-    )
-    .unwrap();
-    let moved = moved.display().to_string();
-    let mut extra = w.extra();
-    extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
-    extra.push(("VAULT_PROVIDERS_FILE", moved.as_str()));
-    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let ready = &w.provider.ready;
+    let app = w
+        .vault_with_jira(&format!("token_url = \"{}\"", ready.token_endpoint))
+        .await;
     let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
     w.provider.reset_stats().await;
 
@@ -560,23 +570,12 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
     app.stop().await;
 
     // Keeping the issuer but overriding its token endpoint is a redirect too.
-    let overridden = w.dir.path().join("overridden.toml");
-    std::fs::write(
-        &overridden,
-        format!(
-            "[tools.jira]\nissuer = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
-            w.provider.ready.issuer,
-            w.provider.ready.token_endpoint,
-            w.provider.ready.client_id,
-            w.provider.ready.client_secret
-        ),
-    )
-    .unwrap();
-    let overridden = overridden.display().to_string();
-    let mut extra = w.extra();
-    extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
-    extra.push(("VAULT_PROVIDERS_FILE", overridden.as_str()));
-    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let app = w
+        .vault_with_jira(&format!(
+            "issuer = \"{}\"\ntoken_url = \"{}\"",
+            ready.issuer, ready.token_endpoint
+        ))
+        .await;
     let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
     assert!(matches!(
         vault.get_token("jira", 0).await,
@@ -655,31 +654,15 @@ async fn an_expired_token_is_refreshed_even_inside_the_cooldown() {
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }
 
-/// A providers file with one tool, `jira`, whose `issuer` is `issuer`.
-fn providers_with_issuer(w: &World, name: &str, issuer: &str) -> String {
-    let path = w.dir.path().join(name);
-    std::fs::write(
-        &path,
-        format!(
-            "[tools.jira]\nissuer = \"{issuer}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
-            w.provider.ready.client_id, w.provider.ready.client_secret
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
 #[tokio::test]
 async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never_see_urls() {
     let w = World::new().await;
     // The same server under another name: its metadata says https://127.0.0.1:PORT, which is
     // not the issuer configured here (RFC 8414 §3.3).
     let port = w.provider.port();
-    let path = providers_with_issuer(&w, "renamed.toml", &format!("https://localhost:{port}"));
-    let mut extra = w.extra();
-    extra.retain(|(k, _)| *k != "VAULT_PROVIDERS_FILE");
-    extra.push(("VAULT_PROVIDERS_FILE", path.as_str()));
-    let app = spawn_with(&w.db, &w.issuer, &extra).await;
+    let app = w
+        .vault_with_jira(&format!("issuer = \"https://localhost:{port}\""))
+        .await;
     let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
 
