@@ -463,29 +463,12 @@ impl DatabaseRoles {
 
 impl Drop for DatabaseRoles {
     fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let (db_name, db_url) = (self.db_name.clone(), self.db_url.clone());
+        // The database first: the owner owns objects in it.
         let sql = format!(
             "DROP ROLE IF EXISTS {}; DROP ROLE IF EXISTS {}",
             self.server, self.owner
         );
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(mut admin) =
-                    <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await
-                {
-                    let _ =
-                        vault_server::store::drop_database_and_roles(&mut admin, &db_url, &db_name)
-                            .await;
-                    let _ = sqlx::raw_sql(&sql).execute(&mut admin).await;
-                }
-            });
-        })
-        .join();
+        drop_database(&self.admin_url, &self.db_url, &self.db_name, Some(sql));
     }
 }
 

@@ -121,24 +121,29 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        let url = self.url.clone();
-        // Drop cannot await; a short-lived runtime on its own thread does the cleanup.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                    let _ =
-                        vault_server::store::drop_database_and_roles(&mut admin, &url, &name).await;
-                }
-            });
-        })
-        .join();
+        drop_database(&self.admin_url, &self.url, &self.name, None);
     }
+}
+
+/// Drops the vault database `name` at `url` and the roles it made, then runs `then_sql` if any,
+/// through `admin_url`. Drop cannot await, so a short-lived runtime on its own thread does it.
+pub fn drop_database(admin_url: &str, url: &str, name: &str, then_sql: Option<String>) {
+    let (admin_url, url, name) = (admin_url.to_owned(), url.to_owned(), name.to_owned());
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                let _ = vault_server::store::drop_database_and_roles(&mut admin, &url, &name).await;
+                if let Some(sql) = then_sql {
+                    let _ = sqlx::raw_sql(&sql).execute(&mut admin).await;
+                }
+            }
+        });
+    })
+    .join();
 }
 
 /// A signing key of the test issuer.
