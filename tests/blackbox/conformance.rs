@@ -1,16 +1,16 @@
 //! Store conformance: the same behaviours, checked against PostgreSQL and the embedded SQLite
 //! store through the `Store` trait alone.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use vault_server::config::{Database, DatabaseSettings};
 use vault_server::crypto::SealedCredential;
 use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
-    AgentRecord, CredentialState, NewCredential, RefreshLease, RootKeyRecord, Store, SweepOutcome,
-    Upserted,
+    AgentRecord, CredentialKey, CredentialState, NewCredential, RefreshLease, RootKeyRecord, Store,
+    SweepOutcome, Upserted,
 };
+use vault_server::vault::{outbox_backoff, refresh_backoff};
 
 use crate::helpers::TestDb;
 
@@ -35,29 +35,33 @@ fn sealed(tag: u8) -> SealedCredential {
     }
 }
 
-async fn registered(store: &dyn Store, id: &str) -> AgentRecord {
+fn key<'a>(agent: &'a AgentRecord, user: &'a UserId, tool: &'a Tool) -> CredentialKey<'a> {
+    CredentialKey { agent, user, tool }
+}
+
+async fn registered(store: &Store, id: &str) -> AgentRecord {
     store
+        .keys
         .create_agent(&iss(), &agent(id), b"wrapped-agent-key", 1)
         .await
         .unwrap()
 }
 
 async fn put(
-    store: &dyn Store,
+    store: &Store,
     a: &AgentRecord,
     u: &str,
     t: &str,
     tag: u8,
     ttl: u64,
 ) -> (Generation, Upserted) {
-    let generation = store.next_generation(a).await.unwrap();
+    let generation = store.credentials.next_generation(a).await.unwrap();
     let (u, t, s) = (user(u), tool(t), sealed(tag));
     let outcome = store
+        .credentials
         .upsert(
-            a,
+            key(a, &u, &t),
             NewCredential {
-                user: &u,
-                tool: &t,
                 generation,
                 sealed: &s,
                 access_expires_at: None,
@@ -69,12 +73,13 @@ async fn put(
     (generation, outcome)
 }
 
-async fn a_credential_round_trips_and_generations_never_repeat(store: &dyn Store) {
+async fn a_credential_round_trips_and_generations_never_repeat(store: &Store) {
     let a = registered(store, "agent-a").await;
     let (g1, outcome) = put(store, &a, "alice", "jira", 1, 3600).await;
     assert!(matches!(outcome, Upserted::Written { .. }));
     let loaded = store
-        .load(&a, &user("alice"), &tool("jira"))
+        .credentials
+        .load(key(&a, &user("alice"), &tool("jira")))
         .await
         .unwrap()
         .unwrap();
@@ -85,6 +90,7 @@ async fn a_credential_round_trips_and_generations_never_repeat(store: &dyn Store
 
     assert_eq!(
         store
+            .credentials
             .delete(&a, &user("alice"), Some(&tool("jira")))
             .await
             .unwrap(),
@@ -92,7 +98,8 @@ async fn a_credential_round_trips_and_generations_never_repeat(store: &dyn Store
     );
     assert!(
         store
-            .load(&a, &user("alice"), &tool("jira"))
+            .credentials
+            .load(key(&a, &user("alice"), &tool("jira")))
             .await
             .unwrap()
             .is_none()
@@ -104,17 +111,16 @@ async fn a_credential_round_trips_and_generations_never_repeat(store: &dyn Store
     );
 }
 
-async fn an_older_generation_never_overwrites_a_newer_one(store: &dyn Store) {
+async fn an_older_generation_never_overwrites_a_newer_one(store: &Store) {
     let a = registered(store, "agent-a").await;
-    let older = store.next_generation(&a).await.unwrap();
+    let older = store.credentials.next_generation(&a).await.unwrap();
     let (newer, _) = put(store, &a, "alice", "jira", 2, 3600).await;
     let (u, t, s) = (user("alice"), tool("jira"), sealed(1));
     let late = store
+        .credentials
         .upsert(
-            &a,
+            key(&a, &u, &t),
             NewCredential {
-                user: &u,
-                tool: &t,
                 generation: older,
                 sealed: &s,
                 access_expires_at: None,
@@ -125,45 +131,63 @@ async fn an_older_generation_never_overwrites_a_newer_one(store: &dyn Store) {
         .unwrap();
     assert_eq!(late, Upserted::Superseded);
     assert_eq!(
-        store.load(&a, &u, &t).await.unwrap().unwrap().generation,
+        store
+            .credentials
+            .load(key(&a, &u, &t))
+            .await
+            .unwrap()
+            .unwrap()
+            .generation,
         newer
     );
 }
 
-async fn agents_and_users_do_not_see_each_other(store: &dyn Store) {
+async fn agents_and_users_do_not_see_each_other(store: &Store) {
     let a = registered(store, "agent-a").await;
     let b = registered(store, "agent-b").await;
     put(store, &a, "alice", "jira", 1, 3600).await;
     assert!(
         store
-            .load(&b, &user("alice"), &tool("jira"))
+            .credentials
+            .load(key(&b, &user("alice"), &tool("jira")))
             .await
             .unwrap()
             .is_none()
     );
     assert!(
         store
-            .load(&a, &user("bob"), &tool("jira"))
+            .credentials
+            .load(key(&a, &user("bob"), &tool("jira")))
             .await
             .unwrap()
             .is_none()
     );
-    assert_eq!(store.delete(&b, &user("alice"), None).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .credentials
+            .delete(&b, &user("alice"), None)
+            .await
+            .unwrap(),
+        0
+    );
     assert!(
         store
-            .load(&a, &user("alice"), &tool("jira"))
+            .credentials
+            .load(key(&a, &user("alice"), &tool("jira")))
             .await
             .unwrap()
             .is_some()
     );
 }
 
-async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
+async fn the_first_agent_key_wins_a_creation_race(store: &Store) {
     let first = store
+        .keys
         .create_agent(&iss(), &agent("agent-a"), b"first", 1)
         .await
         .unwrap();
     let second = store
+        .keys
         .create_agent(&iss(), &agent("agent-a"), b"second", 1)
         .await
         .unwrap();
@@ -172,6 +196,7 @@ async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
     assert_eq!(first.namespace, second.namespace);
     assert_eq!(
         store
+            .keys
             .agent(&iss(), &agent("agent-a"))
             .await
             .unwrap()
@@ -181,6 +206,7 @@ async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
     );
     assert!(
         store
+            .keys
             .agent(&iss(), &agent("nobody"))
             .await
             .unwrap()
@@ -189,6 +215,7 @@ async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
     let other = IssuerId::parse("https://other.test").unwrap();
     assert!(
         store
+            .keys
             .agent(&other, &agent("agent-a"))
             .await
             .unwrap()
@@ -196,6 +223,7 @@ async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
         "another issuer's agent of the same id is another agent"
     );
     let theirs = store
+        .keys
         .create_agent(&other, &agent("agent-a"), b"theirs", 1)
         .await
         .unwrap();
@@ -203,9 +231,10 @@ async fn the_first_agent_key_wins_a_creation_race(store: &dyn Store) {
     assert_ne!(theirs.namespace, first.namespace);
 }
 
-async fn the_first_root_key_record_wins(store: &dyn Store) {
-    assert!(store.root_key().await.unwrap().is_none());
+async fn the_first_root_key_record_wins(store: &Store) {
+    assert!(store.keys.root_key().await.unwrap().is_none());
     let first = store
+        .keys
         .init_root_key(&RootKeyRecord {
             key_check: b"kcv-1".to_vec(),
             kdf: None,
@@ -213,6 +242,7 @@ async fn the_first_root_key_record_wins(store: &dyn Store) {
         .await
         .unwrap();
     let second = store
+        .keys
         .init_root_key(&RootKeyRecord {
             key_check: b"kcv-2".to_vec(),
             kdf: None,
@@ -223,7 +253,7 @@ async fn the_first_root_key_record_wins(store: &dyn Store) {
     assert_eq!(second.key_check, b"kcv-1");
 }
 
-async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &dyn Store) {
+async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &Store) {
     let a = registered(store, "agent-a").await;
     for i in 0..5 {
         put(store, &a, &format!("user-{i}"), "jira", 1, 0).await;
@@ -232,28 +262,29 @@ async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &dyn 
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
         store
-            .load(&a, &user("user-0"), &tool("jira"))
+            .credentials
+            .load(key(&a, &user("user-0"), &tool("jira")))
             .await
             .unwrap()
             .is_none(),
         "past TTL: never served"
     );
     assert_eq!(
-        store.sweep(100, true, false).await.unwrap(),
+        store.credentials.sweep(100, true, false).await.unwrap(),
         SweepOutcome {
             swept: 5,
             more: false
         }
     );
     assert_eq!(
-        store.sweep(3, false, false).await.unwrap(),
+        store.credentials.sweep(3, false, false).await.unwrap(),
         SweepOutcome {
             swept: 3,
             more: true
         }
     );
     assert_eq!(
-        store.sweep(3, false, false).await.unwrap(),
+        store.credentials.sweep(3, false, false).await.unwrap(),
         SweepOutcome {
             swept: 2,
             more: false
@@ -261,14 +292,15 @@ async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &dyn 
     );
     assert!(
         store
-            .load(&a, &user("keeper"), &tool("jira"))
+            .credentials
+            .load(key(&a, &user("keeper"), &tool("jira")))
             .await
             .unwrap()
             .is_some()
     );
 }
 
-async fn the_refresh_lease_admits_one_holder_and_the_write_is_fenced(store: &dyn Store) {
+async fn the_refresh_lease_admits_one_holder_and_the_write_is_fenced(store: &Store) {
     let a = registered(store, "agent-a").await;
     let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
     let (u, t) = (user("alice"), tool("jira"));
@@ -276,90 +308,111 @@ async fn the_refresh_lease_admits_one_holder_and_the_write_is_fenced(store: &dyn
     let lease = Duration::from_secs(30);
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, me, lease)
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, me, lease)
             .await
             .unwrap(),
-        RefreshLease::Acquired
+        RefreshLease::Acquired { failures: 0 }
     );
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, other, lease)
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, other, lease)
             .await
             .unwrap(),
         RefreshLease::Held
     );
 
-    let g2 = store.next_generation(&a).await.unwrap();
+    let g2 = store.credentials.next_generation(&a).await.unwrap();
     let s = sealed(2);
     let new = || NewCredential {
-        user: &u,
-        tool: &t,
         generation: g2,
         sealed: &s,
         access_expires_at: None,
         ttl_seconds: 0,
     };
-    assert!(store.complete_refresh(&a, g1, new()).await.unwrap());
     assert!(
-        !store.complete_refresh(&a, g1, new()).await.unwrap(),
+        store
+            .credentials
+            .complete_refresh(key(&a, &u, &t), g1, new())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .credentials
+            .complete_refresh(key(&a, &u, &t), g1, new())
+            .await
+            .unwrap(),
         "a stale generation never writes"
     );
-    let loaded = store.load(&a, &u, &t).await.unwrap().unwrap();
+    let loaded = store
+        .credentials
+        .load(key(&a, &u, &t))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((loaded.generation, loaded.sealed), (g2, sealed(2)));
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, other, lease)
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, other, lease)
             .await
             .unwrap(),
         RefreshLease::Changed
     );
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g2, other, lease)
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g2, other, lease)
             .await
             .unwrap(),
-        RefreshLease::Acquired,
+        RefreshLease::Acquired { failures: 0 },
         "released by the write"
     );
 }
 
-async fn an_expired_refresh_lease_can_be_taken_over(store: &dyn Store) {
+async fn an_expired_refresh_lease_can_be_taken_over(store: &Store) {
     let a = registered(store, "agent-a").await;
     let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
     let (u, t) = (user("alice"), tool("jira"));
     let short = Duration::from_millis(50);
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, uuid::Uuid::new_v4(), short)
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, uuid::Uuid::new_v4(), short)
             .await
             .unwrap(),
-        RefreshLease::Acquired
+        RefreshLease::Acquired { failures: 0 }
     );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, uuid::Uuid::new_v4(), short)
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, uuid::Uuid::new_v4(), short)
             .await
             .unwrap(),
-        RefreshLease::Acquired,
+        RefreshLease::Acquired { failures: 0 },
         "a crashed holder does not wedge it"
     );
 }
 
-async fn failures_back_off_and_reauth_sticks(store: &dyn Store) {
+async fn failures_back_off_and_reauth_sticks(store: &Store) {
     let a = registered(store, "agent-a").await;
     let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
     let (u, t) = (user("alice"), tool("jira"));
     let me = uuid::Uuid::new_v4();
     let until = store
+        .leases
         .record_refresh_failure(
-            &a,
-            &u,
-            &t,
+            key(&a, &u, &t),
             g1,
-            Some(Duration::from_secs(7)),
-            Duration::from_secs(1),
-            Duration::from_secs(300),
+            refresh_backoff(
+                0,
+                Some(Duration::from_secs(7)),
+                Duration::from_secs(1),
+                Duration::from_secs(300),
+            ),
         )
         .await
         .unwrap()
@@ -371,20 +424,32 @@ async fn failures_back_off_and_reauth_sticks(store: &dyn Store) {
     );
     assert!(matches!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, me, Duration::from_secs(30))
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, me, Duration::from_secs(30))
             .await
             .unwrap(),
         RefreshLease::BackingOff { .. }
     ));
 
-    store.mark_reauth_required(&a, &u, &t, g1).await.unwrap();
+    store
+        .credentials
+        .mark_reauth_required(key(&a, &u, &t), g1)
+        .await
+        .unwrap();
     assert_eq!(
-        store.load(&a, &u, &t).await.unwrap().unwrap().state,
+        store
+            .credentials
+            .load(key(&a, &u, &t))
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         CredentialState::ReauthRequired
     );
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g1, me, Duration::from_secs(30))
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, me, Duration::from_secs(30))
             .await
             .unwrap(),
         RefreshLease::Changed
@@ -392,34 +457,43 @@ async fn failures_back_off_and_reauth_sticks(store: &dyn Store) {
 
     let (g2, _) = put(store, &a, "alice", "jira", 2, 3600).await;
     assert_eq!(
-        store.load(&a, &u, &t).await.unwrap().unwrap().state,
+        store
+            .credentials
+            .load(key(&a, &u, &t))
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         CredentialState::Active,
         "a new token clears the mark"
     );
     assert_eq!(
         store
-            .try_refresh_lease(&a, &u, &t, g2, me, Duration::from_secs(30))
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g2, me, Duration::from_secs(30))
             .await
             .unwrap(),
-        RefreshLease::Acquired,
+        RefreshLease::Acquired { failures: 0 },
         "and the backoff"
     );
 }
 
-async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
+async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
     let a = registered(store, "agent-a").await;
     put(store, &a, "alice", "jira", 1, 3600).await;
     put(store, &a, "alice", "canva", 2, 3600).await;
     let me = uuid::Uuid::new_v4();
     let lease = Duration::from_secs(60);
     let queued = store
+        .outbox
         .delete_into_outbox(&a, &user("alice"), None, me, lease)
         .await
         .unwrap();
     assert_eq!(queued.len(), 2);
     assert!(
         store
-            .load(&a, &user("alice"), &tool("jira"))
+            .credentials
+            .load(key(&a, &user("alice"), &tool("jira")))
             .await
             .unwrap()
             .is_none()
@@ -432,6 +506,7 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
 
     assert!(
         store
+            .outbox
             .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
             .await
             .unwrap()
@@ -439,12 +514,14 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
         "leased to the revoker"
     );
     store
-        .retry_outbox(&a, queued[0].id, "provider down")
+        .outbox
+        .retry_outbox(&a, queued[0].id, outbox_backoff(0), "provider down")
         .await
         .unwrap();
-    store.finish_outbox(&a, queued[1].id).await.unwrap();
+    store.outbox.finish_outbox(&a, queued[1].id).await.unwrap();
     assert!(
         store
+            .outbox
             .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
             .await
             .unwrap()
@@ -453,6 +530,7 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let claimed = store
+        .outbox
         .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
         .await
         .unwrap();
@@ -461,6 +539,7 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
     assert_eq!(claimed[0].0.agent, agent("agent-a"));
     assert!(
         store
+            .outbox
             .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
             .await
             .unwrap()
@@ -469,22 +548,25 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &dyn Store) {
     );
 }
 
-async fn a_named_lease_has_one_holder(store: &dyn Store) {
+async fn a_named_lease_has_one_holder(store: &Store) {
     let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     assert!(
         store
+            .leases
             .try_lease("sweeper", a, Duration::from_secs(30))
             .await
             .unwrap()
     );
     assert!(
         !store
+            .leases
             .try_lease("sweeper", b, Duration::from_secs(30))
             .await
             .unwrap()
     );
     assert!(
         store
+            .leases
             .try_lease("sweeper", a, Duration::from_secs(30))
             .await
             .unwrap(),
@@ -492,29 +574,30 @@ async fn a_named_lease_has_one_holder(store: &dyn Store) {
     );
     assert!(
         store
+            .leases
             .try_lease("other", b, Duration::from_secs(30))
             .await
             .unwrap()
     );
 }
 
-async fn postgres(db: &TestDb) -> Arc<dyn Store> {
+async fn postgres(db: &TestDb) -> Store {
     let settings = DatabaseSettings {
         max_connections: 4,
         ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
     };
     let store = vault_server::store::open(&settings).await.unwrap();
-    store.migrate().await.unwrap();
+    store.schema.migrate().await.unwrap();
     store
 }
 
-async fn sqlite(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+async fn sqlite(dir: &tempfile::TempDir) -> Store {
     let settings = DatabaseSettings {
         max_connections: 4,
         ..DatabaseSettings::new(Database::SqliteFile(dir.path().join("vault.db")))
     };
     let store = vault_server::store::open(&settings).await.unwrap();
-    store.migrate().await.unwrap();
+    store.schema.migrate().await.unwrap();
     store
 }
 
@@ -525,7 +608,7 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     let db = crate::helpers::TestDb::new().await;
-                    super::$case(super::postgres(&db).await.as_ref()).await;
+                    super::$case(&super::postgres(&db).await).await;
                 }
             )*
         }
@@ -534,7 +617,7 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     let dir = tempfile::tempdir().unwrap();
-                    super::$case(super::sqlite(&dir).await.as_ref()).await;
+                    super::$case(&super::sqlite(&dir).await).await;
                 }
             )*
         }
@@ -612,13 +695,18 @@ async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
     let pg = vault_server::store::PgStore::connect(&settings)
         .await
         .unwrap();
-    pg.migrate().await.unwrap();
+    let store = Store::new(pg.clone());
+    store.schema.migrate().await.unwrap();
     let mut agents = Vec::new();
     for n in 0..130 {
-        agents.push(registered(&pg, &format!("agent-{n}")).await);
+        agents.push(registered(&store, &format!("agent-{n}")).await);
     }
     for a in &agents {
-        pg.load(a, &user("alice"), &tool("jira")).await.unwrap();
+        store
+            .credentials
+            .load(key(a, &user("alice"), &tool("jira")))
+            .await
+            .unwrap();
     }
     // One read connection, so its session prepared them all.
     let prepared = pg.prepared_read_statements().await.unwrap();
@@ -638,11 +726,12 @@ async fn a_cancelled_or_severed_read_leaves_the_read_connections_usable() {
     let pg = vault_server::store::PgStore::connect(&settings)
         .await
         .unwrap();
-    pg.migrate().await.unwrap();
-    let a = registered(&pg, "agent-a").await;
-    put(&pg, &a, "alice", "jira", 7, 3600).await;
+    let store = Store::new(pg);
+    store.schema.migrate().await.unwrap();
+    let a = registered(&store, "agent-a").await;
+    put(&store, &a, "alice", "jira", 7, 3600).await;
     let (alice, jira) = (user("alice"), tool("jira"));
-    let read = || pg.load(&a, &alice, &jira);
+    let read = || store.credentials.load(key(&a, &alice, &jira));
     assert_eq!(read().await.unwrap().unwrap().sealed, sealed(7));
 
     // A read stuck behind a lock and cancelled by its caller's deadline.

@@ -108,7 +108,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate => {
             let settings = DatabaseSettings::load(&Source::from_env()?)?;
             let store = vault_server::store::open(&settings.for_migration()).await?;
-            store.migrate().await?;
+            store.schema.migrate().await?;
             println!("migrations applied");
             Ok(())
         }
@@ -116,13 +116,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let settings = DatabaseSettings::load(&Source::from_env()?)?;
             let store = vault_server::store::open(&settings).await?;
             if settings.migrate_url.is_some() {
-                store.ready().await?;
+                store.schema.ready().await?;
             } else {
-                store.migrate().await?;
+                store.schema.migrate().await?;
             }
             // The command only deletes: it has no provider registry, and the server's outbox
             // delivers what the background sweeper queues.
-            let outcome = store.sweep(limit, dry_run, false).await?;
+            let outcome = store.credentials.sweep(limit, dry_run, false).await?;
             let verb = if dry_run { "would sweep" } else { "swept" };
             println!(
                 "{verb} {} credential(s){}",

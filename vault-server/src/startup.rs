@@ -53,14 +53,14 @@ impl Application {
         if settings.database.migrate_url.is_some() {
             // Least privilege: this server's role cannot migrate; `vault-server migrate` runs as
             // the owner. Start only on a database at this version.
-            store.ready().await.map_err(|e| {
+            store.schema.ready().await.map_err(|e| {
                 anyhow::anyhow!(
                     "the database is not ready: {}",
                     crate::telemetry::error_chain(&e)
                 )
             })?;
         } else {
-            store.migrate().await.map_err(|e| {
+            store.schema.migrate().await.map_err(|e| {
                 anyhow::anyhow!("migrations failed: {}", crate::telemetry::error_chain(&e))
             })?;
         }
@@ -68,7 +68,7 @@ impl Application {
             &mut settings.root_key,
             crate::config::RootKeySource::Passphrase(secrecy::SecretString::from(String::new())),
         );
-        let root = unlock_root_key(store.as_ref(), root_source).await?;
+        let root = unlock_root_key(&store, root_source).await?;
         let verifier = Arc::new(
             Verifier::new(settings.jwt.clone())
                 .await
@@ -157,7 +157,7 @@ impl Application {
 
         let cancel = CancellationToken::new();
         let sweeper = tokio::spawn(crate::sweeper::run(
-            Arc::clone(vault.store()),
+            vault.store().clone(),
             settings.sweep_interval,
             settings.sweep_batch,
             settings.sweep_revokes,

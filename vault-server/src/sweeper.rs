@@ -2,7 +2,6 @@
 //! database lease makes one replica sweep at a time; the lease expires, so a replica that dies
 //! holding it delays sweeping by at most one lease period.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -34,7 +33,7 @@ where
 /// Sweeps every `interval` until `cancel` fires; with `revoke`, swept credentials are queued for
 /// revocation at their provider.
 pub async fn run(
-    store: Arc<dyn Store>,
+    store: Store,
     interval: Duration,
     batch: u32,
     revoke: bool,
@@ -44,8 +43,8 @@ pub async fn run(
     // Held across two intervals so the holder renews it before anyone else may take it.
     let lease = (interval * 2).max(Duration::from_secs(10));
     every(interval, &cancel, || async {
-        match store.try_lease(LEASE, holder, lease).await {
-            Ok(true) => sweep_once(store.as_ref(), batch, revoke, &cancel).await,
+        match store.leases.try_lease(LEASE, holder, lease).await {
+            Ok(true) => sweep_once(&store, batch, revoke, &cancel).await,
             Ok(false) => tracing::debug!("another replica holds the sweep lease"),
             Err(err) => tracing::warn!(error = %err, "could not take the sweep lease"),
         }
@@ -53,13 +52,13 @@ pub async fn run(
     .await;
 }
 
-async fn sweep_once(store: &dyn Store, batch: u32, revoke: bool, cancel: &CancellationToken) {
+async fn sweep_once(store: &Store, batch: u32, revoke: bool, cancel: &CancellationToken) {
     let mut total = 0;
     for _ in 0..MAX_BATCHES_PER_RUN {
         if cancel.is_cancelled() {
             break;
         }
-        match store.sweep(batch, false, revoke).await {
+        match store.credentials.sweep(batch, false, revoke).await {
             Ok(outcome) => {
                 total += outcome.swept;
                 if !outcome.more {

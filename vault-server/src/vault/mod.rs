@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use refresh::RefreshCounts;
-pub use revocation::run_outbox;
+pub use refresh::refresh_backoff;
+pub use revocation::{outbox_backoff, run_outbox};
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
@@ -21,8 +21,8 @@ use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
 use crate::secret::TokenSet;
 use crate::store::{
-    AgentRecord, CredentialState, NewCredential, RootKeyRecord, Store, StoreError, SweepOutcome,
-    Upserted,
+    AgentRecord, CredentialKey, CredentialState, NewCredential, RootKeyRecord, Store, StoreError,
+    SweepOutcome, Upserted,
 };
 
 /// What a use case can answer besides success; named for what the caller can do about it.
@@ -101,10 +101,8 @@ pub enum UnlockError {
 
 /// Checks the configured root key against the key-check value in the control schema, or
 /// records it when this is the vault's first start.
-pub async fn unlock_root_key(
-    store: &dyn Store,
-    source: RootKeySource,
-) -> Result<RootKey, UnlockError> {
+pub async fn unlock_root_key(store: &Store, source: RootKeySource) -> Result<RootKey, UnlockError> {
+    let store = store.keys.as_ref();
     let existing = store.root_key().await?;
     let (key, record) = match (source, existing) {
         (RootKeySource::Key(key), Some(record)) => {
@@ -251,7 +249,7 @@ pub struct VaultOptions {
 
 /// The vault's use cases over a store, the root key and the provider registry.
 pub struct Vault {
-    store: Arc<dyn Store>,
+    store: Store,
     root: RootKey,
     providers: Providers,
     options: VaultOptions,
@@ -267,7 +265,7 @@ pub struct Vault {
     instance: uuid::Uuid,
     /// In-process half of refresh coalescing: one gate per credential.
     gates: refresh::Gates,
-    counts: refresh::Counters,
+    outcomes: refresh::Outcomes,
 }
 
 impl std::fmt::Debug for Vault {
@@ -314,12 +312,7 @@ const fn is_expired(expires_at: Option<i64>, now: i64) -> bool {
 
 impl Vault {
     /// A vault over `store`, whose root key has already been unlocked.
-    pub fn new(
-        store: Arc<dyn Store>,
-        root: RootKey,
-        providers: Providers,
-        options: VaultOptions,
-    ) -> Self {
+    pub fn new(store: Store, root: RootKey, providers: Providers, options: VaultOptions) -> Self {
         Self {
             store,
             root,
@@ -329,17 +322,12 @@ impl Vault {
             creations: std::sync::Mutex::new(HashMap::new()),
             instance: uuid::Uuid::new_v4(),
             gates: refresh::Gates::default(),
-            counts: refresh::Counters::default(),
+            outcomes: refresh::Outcomes::default(),
         }
     }
 
-    /// Refresh outcomes since start.
-    pub fn refresh_counts(&self) -> RefreshCounts {
-        self.counts.snapshot()
-    }
-
     /// The store, for the sweeper.
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -347,7 +335,7 @@ impl Vault {
     /// issuer, re-wrapping each agent key bound to it. With several issuers there is no safe
     /// owner to guess: startup stops and says how to proceed.
     pub async fn adopt_legacy_agents(&self, issuers: &[IssuerId]) -> anyhow::Result<()> {
-        let legacy = self.store.legacy_agents().await?;
+        let legacy = self.store.keys.legacy_agents().await?;
         if legacy.is_empty() {
             return Ok(());
         }
@@ -366,7 +354,12 @@ impl Vault {
                     anyhow::anyhow!("the agent key of {agent} does not open under the root key")
                 })?;
             let rewrapped = self.root.wrap_agent_key(issuer, &agent, &key);
-            if self.store.adopt_agent(&agent, issuer, &rewrapped).await? {
+            if self
+                .store
+                .keys
+                .adopt_agent(&agent, issuer, &rewrapped)
+                .await?
+            {
                 adopted += 1;
             }
         }
@@ -410,7 +403,7 @@ impl Vault {
         {
             return Ok(Some(Arc::clone(entry)));
         }
-        let record = match self.store.agent(issuer, agent).await? {
+        let record = match self.store.keys.agent(issuer, agent).await? {
             Some(record) => record,
             None if create => {
                 self.admit_new_agent(issuer)?;
@@ -418,6 +411,7 @@ impl Vault {
                 let wrapped = self.root.wrap_agent_key(issuer, agent, &key);
                 // A concurrent creator may win; then its key is the agent's key.
                 self.store
+                    .keys
                     .create_agent(issuer, agent, &wrapped, key.version)
                     .await?
             }
@@ -476,7 +470,11 @@ impl Vault {
             .ok_or_else(|| {
                 VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
             })?;
-        let generation = self.store.next_generation(&entry.record).await?;
+        let generation = self
+            .store
+            .credentials
+            .next_generation(&entry.record)
+            .await?;
         let binding = Binding {
             agent: &caller.agent,
             user: &caller.user,
@@ -484,13 +482,17 @@ impl Vault {
             generation,
         };
         let sealed = seal_credential(&entry.key, binding, &tokens);
+        let key = CredentialKey {
+            agent: &entry.record,
+            user: &caller.user,
+            tool,
+        };
         let outcome = self
             .store
+            .credentials
             .upsert(
-                &entry.record,
+                key,
                 NewCredential {
-                    user: &caller.user,
-                    tool,
                     generation,
                     sealed: &sealed,
                     access_expires_at: tokens
@@ -521,7 +523,12 @@ impl Vault {
             .ok_or(VaultError::NotFound)?;
         let stored = self
             .store
-            .load(&entry.record, &caller.user, tool)
+            .credentials
+            .load(CredentialKey {
+                agent: &entry.record,
+                user: &caller.user,
+                tool,
+            })
             .await?
             .ok_or(VaultError::NotFound)?;
         if stored.state == CredentialState::ReauthRequired {
@@ -683,6 +690,7 @@ impl Vault {
         } else {
             let deleted = self
                 .store
+                .credentials
                 .delete(&entry.record, &user, target.tool.as_ref())
                 .await?;
             Revoked {
@@ -709,6 +717,7 @@ impl Vault {
         }
         let outcome = self
             .store
+            .credentials
             .sweep(limit, dry_run, self.options.sweep_revokes)
             .await?;
         tracing::info!(swept = outcome.swept, more = outcome.more, dry_run, "sweep");

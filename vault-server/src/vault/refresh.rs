@@ -13,7 +13,6 @@
 //! must not drop a rotated refresh token on the floor.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use crate::crypto::{Binding, seal_credential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::{Provider, ProviderError, Providers};
 use crate::secret::TokenSet;
-use crate::store::{NewCredential, RefreshLease};
+use crate::store::{CredentialKey, NewCredential, RefreshLease};
 
 type Key = (IssuerId, AgentId, UserId, Tool);
 
@@ -49,70 +48,44 @@ impl Gates {
     }
 }
 
-/// Refresh outcomes since the process started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RefreshCounts {
-    /// Provider calls that produced a new token.
-    pub refreshed: u64,
-    /// Callers served a token another caller (or replica) had just refreshed.
-    pub coalesced: u64,
-    /// Provider rejections of the grant.
-    pub reauth_required: u64,
-    /// Transient provider failures.
-    pub provider_unavailable: u64,
-    /// Calls refused without a provider call because of a backoff window.
-    pub backed_off: u64,
-    /// Refreshes whose write lost to a newer StoreToken.
-    pub superseded: u64,
-}
+/// Refresh outcomes, logged and exported as the OpenTelemetry counter `vault.refresh.outcomes`
+/// (attribute `outcome`) through the global meter provider.
+pub(super) struct Outcomes(opentelemetry::metrics::Counter<u64>);
 
-/// Refresh outcomes, kept here for [`Vault::refresh_counts`] and exported as the OpenTelemetry
-/// counter `vault.refresh.outcomes` (attribute `outcome`) through the global meter provider.
-pub(super) struct Counters {
-    refreshed: AtomicU64,
-    coalesced: AtomicU64,
-    reauth_required: AtomicU64,
-    provider_unavailable: AtomicU64,
-    backed_off: AtomicU64,
-    superseded: AtomicU64,
-    exported: opentelemetry::metrics::Counter<u64>,
-}
-
-impl Default for Counters {
+impl Default for Outcomes {
     fn default() -> Self {
-        Self {
-            refreshed: AtomicU64::new(0),
-            coalesced: AtomicU64::new(0),
-            reauth_required: AtomicU64::new(0),
-            provider_unavailable: AtomicU64::new(0),
-            backed_off: AtomicU64::new(0),
-            superseded: AtomicU64::new(0),
-            exported: opentelemetry::global::meter(crate::telemetry::SCOPE)
+        Self(
+            opentelemetry::global::meter(crate::telemetry::SCOPE)
                 .u64_counter("vault.refresh.outcomes")
                 .with_description("Refresh attempts by outcome")
                 .build(),
-        }
+        )
     }
 }
 
-impl Counters {
-    fn bump(&self, counter: &AtomicU64, outcome: &'static str) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.exported
+impl Outcomes {
+    fn record(&self, outcome: &'static str) {
+        self.0
             .add(1, &[opentelemetry::KeyValue::new("outcome", outcome)]);
         tracing::info!(outcome, "refresh");
     }
+}
 
-    pub(super) fn snapshot(&self) -> RefreshCounts {
-        RefreshCounts {
-            refreshed: self.refreshed.load(Ordering::Relaxed),
-            coalesced: self.coalesced.load(Ordering::Relaxed),
-            reauth_required: self.reauth_required.load(Ordering::Relaxed),
-            provider_unavailable: self.provider_unavailable.load(Ordering::Relaxed),
-            backed_off: self.backed_off.load(Ordering::Relaxed),
-            superseded: self.superseded.load(Ordering::Relaxed),
-        }
-    }
+/// How long to wait after the `failures + 1`th consecutive transient failure of a refresh:
+/// exponential from `base` and capped at `cap`, but never less than the provider's Retry-After,
+/// which is honoured up to an hour.
+pub fn refresh_backoff(
+    failures: u32,
+    retry_after: Option<Duration>,
+    base: Duration,
+    cap: Duration,
+) -> Duration {
+    let exponential = base.saturating_mul(1u32 << failures.min(30)).min(cap);
+    exponential.max(
+        retry_after
+            .unwrap_or_default()
+            .min(Duration::from_secs(3600)),
+    )
 }
 
 /// How often a caller waiting on another replica's lease looks again.
@@ -162,7 +135,7 @@ impl Vault {
         loop {
             let current = self.open_current(caller, tool).await?;
             if current.generation > observed {
-                self.counts.bump(&self.counts.coalesced, "coalesced");
+                self.outcomes.record("coalesced");
                 return Ok(Self::issue(current.tokens, current.generation, true));
             }
             // Checked before the lease: a refusal must not leave the row leased.
@@ -179,23 +152,29 @@ impl Vault {
                     "tool {tool} now names a different authorization server than the one this credential was issued by; the user must authorize again"
                 )));
             }
+            let key = CredentialKey {
+                agent: &current.entry.record,
+                user: &caller.user,
+                tool,
+            };
             let lease = self
                 .store
+                .leases
                 .try_refresh_lease(
-                    &current.entry.record,
-                    &caller.user,
-                    tool,
+                    key,
                     current.generation,
                     self.instance,
                     self.options.refresh_lease,
                 )
                 .await?;
             match lease {
-                RefreshLease::Acquired => {
-                    return self.refresh_now(caller, tool, provider, current).await;
+                RefreshLease::Acquired { failures } => {
+                    return self
+                        .refresh_now(caller, tool, provider, current, failures)
+                        .await;
                 }
                 RefreshLease::BackingOff { until } => {
-                    self.counts.bump(&self.counts.backed_off, "backed_off");
+                    self.outcomes.record("backed_off");
                     return Err(VaultError::ProviderUnavailable(format!(
                         "the provider failed recently; the next refresh attempt is allowed after {}",
                         until.to_rfc3339()
@@ -213,19 +192,26 @@ impl Vault {
         }
     }
 
-    /// Holding the lease: call the provider once and record the outcome.
+    /// Holding the lease: call the provider once and record the outcome. `failures` is how
+    /// many transient failures came before this attempt.
     async fn refresh_now(
         &self,
         caller: &Caller,
         tool: &Tool,
         provider: &Provider,
         current: Opened,
+        failures: u32,
     ) -> Result<IssuedToken, VaultError> {
         let Opened {
             entry,
             tokens,
             generation,
         } = current;
+        let key = CredentialKey {
+            agent: &entry.record,
+            user: &caller.user,
+            tool,
+        };
         let Some(refresh_token) = tokens.refresh_token.clone() else {
             return Err(VaultError::ReauthRequired(format!(
                 "no refresh token is stored for tool {tool}"
@@ -248,7 +234,11 @@ impl Vault {
                     provider: Some(binding),
                     obtained_at: Some(now),
                 };
-                let next = self.store.next_generation(&entry.record).await?;
+                let next = self
+                    .store
+                    .credentials
+                    .next_generation(&entry.record)
+                    .await?;
                 let binding = Binding {
                     agent: &caller.agent,
                     user: &caller.user,
@@ -258,12 +248,11 @@ impl Vault {
                 let sealed = seal_credential(&entry.key, binding, &renewed);
                 let written = self
                     .store
+                    .credentials
                     .complete_refresh(
-                        &entry.record,
+                        key,
                         generation,
                         NewCredential {
-                            user: &caller.user,
-                            tool,
                             generation: next,
                             sealed: &sealed,
                             access_expires_at: renewed
@@ -274,21 +263,21 @@ impl Vault {
                     )
                     .await?;
                 if written {
-                    self.counts.bump(&self.counts.refreshed, "refreshed");
+                    self.outcomes.record("refreshed");
                     return Ok(Self::issue(renewed, next, true));
                 }
                 // A StoreToken replaced the credential while the provider answered: the user's
                 // newer consent wins, and this refresh result is dropped.
-                self.counts.bump(&self.counts.superseded, "superseded");
+                self.outcomes.record("superseded");
                 let latest = self.open_current(caller, tool).await?;
                 Ok(Self::issue(latest.tokens, latest.generation, false))
             }
             Err(ProviderError::GrantRejected(code)) => {
                 self.store
-                    .mark_reauth_required(&entry.record, &caller.user, tool, generation)
+                    .credentials
+                    .mark_reauth_required(key, generation)
                     .await?;
-                self.counts
-                    .bump(&self.counts.reauth_required, "reauth_required");
+                self.outcomes.record("reauth_required");
                 Err(VaultError::ReauthRequired(format!(
                     "the provider rejected the refresh token for tool {tool} ({code}); the user must authorize again"
                 )))
@@ -297,20 +286,18 @@ impl Vault {
                 message,
                 retry_after,
             }) => {
+                let wait = refresh_backoff(
+                    failures,
+                    retry_after,
+                    self.options.backoff_base,
+                    self.options.backoff_cap,
+                );
                 let until = self
                     .store
-                    .record_refresh_failure(
-                        &entry.record,
-                        &caller.user,
-                        tool,
-                        generation,
-                        retry_after,
-                        self.options.backoff_base,
-                        self.options.backoff_cap,
-                    )
+                    .leases
+                    .record_refresh_failure(key, generation, wait)
                     .await?;
-                self.counts
-                    .bump(&self.counts.provider_unavailable, "provider_unavailable");
+                self.outcomes.record("provider_unavailable");
                 Err(VaultError::ProviderUnavailable(match until {
                     Some(until) => format!(
                         "{message}; the next attempt is allowed after {}",
@@ -320,5 +307,32 @@ impl Vault {
                 }))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_per_failure_up_to_its_cap() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(300));
+        let waits: Vec<u64> = (0..10)
+            .map(|n| refresh_backoff(n, None, base, cap).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(refresh_backoff(u32::MAX, None, base, cap), cap);
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_backoff_up_to_an_hour_but_never_shortens_it() {
+        let (base, cap) = (Duration::from_secs(1), Duration::from_secs(300));
+        let wait = |failures, after| refresh_backoff(failures, Some(after), base, cap);
+        assert_eq!(wait(0, Duration::from_secs(7)), Duration::from_secs(7));
+        assert_eq!(wait(5, Duration::from_secs(7)), Duration::from_secs(32));
+        assert_eq!(
+            wait(0, Duration::from_secs(86_400)),
+            Duration::from_secs(3600)
+        );
     }
 }

@@ -22,6 +22,12 @@ const DELIVERY_LEASE: Duration = Duration::from_secs(60);
 /// Most entries one background pass claims.
 const CLAIM_BATCH: u32 = 100;
 
+/// How long after the `attempts + 1`th failed delivery the next one is tried: doubling from a
+/// second, at most an hour apart.
+pub fn outbox_backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.min(12)).min(Duration::from_secs(3600))
+}
+
 /// What one delivery attempt achieved.
 enum Delivery {
     /// The provider confirmed the revocation of every token.
@@ -39,6 +45,7 @@ impl Vault {
     ) -> Result<Revoked, VaultError> {
         let queued = self
             .store
+            .outbox
             .delete_into_outbox(&entry.record, user, tool, self.instance, DELIVERY_LEASE)
             .await?;
         let revoked = u32::try_from(queued.len()).unwrap_or(u32::MAX);
@@ -72,12 +79,14 @@ impl Vault {
         let bookkeeping = match outcome {
             Ok(Delivery::Revoked) => self
                 .store
+                .outbox
                 .finish_outbox(record, item.id)
                 .await
                 .map(|()| true),
             Ok(Delivery::NotApplicable) => {
                 tracing::warn!(tool = %item.tool, "no provider revocation endpoint for this tool; deleted locally only");
                 self.store
+                    .outbox
                     .finish_outbox(record, item.id)
                     .await
                     .map(|()| false)
@@ -87,13 +96,15 @@ impl Vault {
                 if age.to_std().unwrap_or_default() > self.options.revocation_max_age {
                     tracing::error!(tool = %item.tool, attempts = item.attempts, %message, "giving up on a provider revocation past its maximum age");
                     self.store
+                        .outbox
                         .finish_outbox(record, item.id)
                         .await
                         .map(|()| false)
                 } else {
                     tracing::warn!(tool = %item.tool, attempts = item.attempts, %message, "provider revocation failed; will retry");
                     self.store
-                        .retry_outbox(record, item.id, &message)
+                        .outbox
+                        .retry_outbox(record, item.id, outbox_backoff(item.attempts), &message)
                         .await
                         .map(|()| false)
                 }
@@ -162,6 +173,7 @@ pub async fn run_outbox(vault: Arc<Vault>, interval: Duration, cancel: Cancellat
     crate::sweeper::every(interval, &cancel, || async {
         match vault
             .store
+            .outbox
             .claim_outbox(vault.instance, DELIVERY_LEASE, CLAIM_BATCH)
             .await
         {
@@ -177,4 +189,18 @@ pub async fn run_outbox(vault: Arc<Vault>, interval: Duration, cancel: Cancellat
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_are_retried_doubling_from_a_second_to_at_most_an_hour() {
+        let waits: Vec<u64> = [0, 1, 2, 11, 12, 13, 40]
+            .into_iter()
+            .map(|n| outbox_backoff(n).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 2048, 3600, 3600, 3600]);
+    }
 }

@@ -1,0 +1,139 @@
+//! The credentials table of each agent: one sealed token set per (user, tool), its generation,
+//! its state and its vault TTL.
+
+use chrono::{DateTime, Utc};
+
+use super::{AgentRecord, StoreError};
+use crate::crypto::SealedCredential;
+use crate::ids::{Generation, Tool, UserId};
+
+/// Where one credential lives: its agent's registry entry (issuer, agent and schema), the user
+/// and the tool.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialKey<'a> {
+    /// The agent, as registered.
+    pub agent: &'a AgentRecord,
+    /// The owning user.
+    pub user: &'a UserId,
+    /// The tool.
+    pub tool: &'a Tool,
+}
+
+/// Credential state, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialState {
+    /// Usable.
+    Active,
+    /// The provider rejected the grant; only a new StoreToken makes it usable again.
+    ReauthRequired,
+}
+
+/// One stored credential version, still sealed.
+#[derive(Debug, Clone)]
+pub struct StoredCredential {
+    /// Its version.
+    pub generation: Generation,
+    /// Its state.
+    pub state: CredentialState,
+    /// The envelope.
+    pub sealed: SealedCredential,
+}
+
+/// What a write of a new credential version needs.
+#[derive(Debug)]
+pub struct NewCredential<'a> {
+    /// The generation the envelope is bound to.
+    pub generation: Generation,
+    /// The envelope.
+    pub sealed: &'a SealedCredential,
+    /// When the access token expires, if known (kept in clear for refresh scheduling).
+    pub access_expires_at: Option<DateTime<Utc>>,
+    /// Vault TTL from now, in seconds. A refresh keeps the existing TTL and ignores this.
+    pub ttl_seconds: u64,
+}
+
+/// Result of an upsert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// Written; the credential now expires from the vault at this time.
+    Written {
+        /// The vault TTL expiry, from the database clock.
+        ttl_expires_at: DateTime<Utc>,
+    },
+    /// A concurrent write with a newer generation is already stored; ours is older and was
+    /// dropped, exactly as if it had been written first and then replaced.
+    Superseded,
+}
+
+/// Result of one sweep pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SweepOutcome {
+    /// Credentials deleted (or, in a dry run, that would be).
+    pub swept: u64,
+    /// The limit was reached: more expired credentials may remain.
+    pub more: bool,
+}
+
+impl SweepOutcome {
+    /// The outcome of deleting `swept` credentials with at most `limit` asked for.
+    pub(crate) fn of(swept: u64, limit: u32) -> Self {
+        Self {
+            swept,
+            more: swept >= u64::from(limit),
+        }
+    }
+}
+
+/// Sealed credentials: written only with a generation newer than the stored one, read only
+/// within their vault TTL.
+#[async_trait::async_trait]
+pub trait CredentialStore: Send + Sync + 'static {
+    /// A new generation for a credential of this agent, never handed out before.
+    async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError>;
+
+    /// Writes a credential version unless a newer generation is already stored. A new token
+    /// set is a new grant: it clears any re-auth mark, refresh lease and backoff.
+    async fn upsert(
+        &self,
+        key: CredentialKey<'_>,
+        new: NewCredential<'_>,
+    ) -> Result<Upserted, StoreError>;
+
+    /// The credential, unless absent or past its vault TTL.
+    async fn load(&self, key: CredentialKey<'_>) -> Result<Option<StoredCredential>, StoreError>;
+
+    /// Deletes one tool's credential, or every tool's when `tool` is `None`; returns how many.
+    async fn delete(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: Option<&Tool>,
+    ) -> Result<u64, StoreError>;
+
+    /// Replaces `old` with a refreshed version, only if `old` is still the stored generation
+    /// (compare-and-swap); false means a newer write won and nothing was changed. Releases the
+    /// refresh lease and clears the backoff.
+    async fn complete_refresh(
+        &self,
+        key: CredentialKey<'_>,
+        old: Generation,
+        new: NewCredential<'_>,
+    ) -> Result<bool, StoreError>;
+
+    /// Marks `generation` as needing re-authorization and releases its refresh lease.
+    async fn mark_reauth_required(
+        &self,
+        key: CredentialKey<'_>,
+        generation: Generation,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` credentials past their vault TTL, across all agents. With
+    /// `revoke`, each deleted credential moves to its agent's revocation outbox in the same
+    /// transaction, so its tokens are revoked at the provider as a Revoke would.
+    async fn sweep(
+        &self,
+        limit: u32,
+        dry_run: bool,
+        revoke: bool,
+    ) -> Result<SweepOutcome, StoreError>;
+}

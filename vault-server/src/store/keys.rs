@@ -1,0 +1,71 @@
+//! The key tables: the root key's check value and the agent registry, which holds each agent's
+//! key wrapped by the root key and the schema its credentials live in.
+
+use crate::crypto::KdfParams;
+use crate::ids::{AgentId, IssuerId};
+
+use super::StoreError;
+
+/// A registered agent: where its credentials live and its wrapped key.
+#[derive(Debug, Clone)]
+pub struct AgentRecord {
+    /// The issuer that vouches for the agent.
+    pub issuer: IssuerId,
+    /// The agent.
+    pub agent: AgentId,
+    /// Its schema, derived from a hash of the id.
+    pub namespace: String,
+    /// The agent key, wrapped by the root key.
+    pub wrapped_key: Vec<u8>,
+    /// The agent key's version.
+    pub key_version: u32,
+}
+
+/// Root key metadata kept in the control schema.
+#[derive(Debug, Clone)]
+pub struct RootKeyRecord {
+    /// Seal of a constant under the root key.
+    pub key_check: Vec<u8>,
+    /// Argon2id salt and costs when the key comes from a passphrase.
+    pub kdf: Option<(Vec<u8>, KdfParams)>,
+}
+
+/// The root key record and the agent registry.
+#[async_trait::async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The root key metadata, if the vault has been initialised.
+    async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError>;
+
+    /// Records root key metadata unless another replica did first; returns what is stored.
+    async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError>;
+
+    /// The agent's registry entry, if it has stored anything.
+    async fn agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError>;
+
+    /// Registers the agent with `wrapped_key` and creates its schema, unless a concurrent call
+    /// already did; returns the stored entry either way.
+    async fn create_agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        wrapped_key: &[u8],
+        key_version: u32,
+    ) -> Result<AgentRecord, StoreError>;
+
+    /// Agents registered before identities named their issuer: (agent, key version, wrapped
+    /// key). Their keys are wrapped without an issuer binding.
+    async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError>;
+
+    /// Gives a legacy agent to `issuer` with its key re-wrapped for it; false if another
+    /// replica already did.
+    async fn adopt_agent(
+        &self,
+        agent: &AgentId,
+        issuer: &IssuerId,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError>;
+}

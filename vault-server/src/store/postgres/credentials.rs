@@ -1,0 +1,258 @@
+//! Each agent schema's `credentials` table and its generation sequence.
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow as _;
+
+use super::{PgStore, e, quoted};
+use crate::ids::{Generation, Tool, UserId};
+use crate::store::rows::{CredentialRow, generation_of};
+use crate::store::{
+    AgentRecord, CredentialKey, CredentialStore, NewCredential, StoreError, StoredCredential,
+    SweepOutcome, Upserted,
+};
+
+#[async_trait::async_trait]
+impl CredentialStore for PgStore {
+    #[tracing::instrument(skip_all)]
+    async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError> {
+        let sql = format!(
+            "SELECT nextval('{}.generation_seq')",
+            quoted(&agent.namespace)?
+        );
+        let mut tx = self.agent_tx(&agent.namespace).await?;
+        let value: i64 = sqlx::query_scalar(&sql)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        generation_of(value)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn upsert(
+        &self,
+        key: CredentialKey<'_>,
+        new: NewCredential<'_>,
+    ) -> Result<Upserted, StoreError> {
+        let schema = quoted(&key.agent.namespace)?;
+        let mut tx = self.agent_tx(&key.agent.namespace).await?;
+        // The WHERE on the conflict arm is the fence: a slower writer holding an older
+        // generation can never overwrite a newer one.
+        let sql = format!(
+            "INSERT INTO {schema}.credentials AS c
+                 (user_id, tool, generation, state, key_version, wrapped_data_key, ciphertext,
+                  access_expires_at, ttl_expires_at)
+             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, now() + make_interval(secs => $8))
+             ON CONFLICT (user_id, tool) DO UPDATE SET
+                 generation = EXCLUDED.generation, state = 0, key_version = EXCLUDED.key_version,
+                 wrapped_data_key = EXCLUDED.wrapped_data_key, ciphertext = EXCLUDED.ciphertext,
+                 access_expires_at = EXCLUDED.access_expires_at,
+                 ttl_expires_at = EXCLUDED.ttl_expires_at,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL,
+                 refresh_failures = 0, refresh_not_before = NULL, updated_at = now()
+             WHERE c.generation < EXCLUDED.generation
+             RETURNING ttl_expires_at"
+        );
+        let row: Option<DateTime<Utc>> = sqlx::query_scalar(&sql)
+            .bind(key.user.as_str())
+            .bind(key.tool.as_str())
+            .bind(new.generation.get() as i64)
+            .bind(new.sealed.key_version as i32)
+            .bind(&new.sealed.wrapped_data_key)
+            .bind(&new.sealed.ciphertext)
+            .bind(new.access_expires_at)
+            .bind(new.ttl_seconds as f64)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(match row {
+            Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
+            None => Upserted::Superseded,
+        })
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn load(&self, key: CredentialKey<'_>) -> Result<Option<StoredCredential>, StoreError> {
+        let sql = format!(
+            "SELECT generation, state::int8 AS state, key_version::int8 AS key_version,
+                    wrapped_data_key, ciphertext
+             FROM {}.credentials
+             WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()",
+            quoted(&key.agent.namespace)?
+        );
+        let role = if self.agent_roles {
+            Some(self.agent_role(&key.agent.namespace)?)
+        } else {
+            None
+        };
+        let row = self
+            .reads
+            .fetch_optional(
+                role.as_deref(),
+                sqlx::query(&sql)
+                    .bind(key.user.as_str())
+                    .bind(key.tool.as_str()),
+            )
+            .await
+            .map_err(e)?;
+        row.map(|row| StoredCredential::try_from(CredentialRow::from_row(&row).map_err(e)?))
+            .transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: Option<&Tool>,
+    ) -> Result<u64, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
+        let result = match tool {
+            Some(tool) => {
+                sqlx::query(&format!(
+                    "DELETE FROM {schema}.credentials WHERE user_id = $1 AND tool = $2"
+                ))
+                .bind(user.as_str())
+                .bind(tool.as_str())
+                .execute(&mut *tx)
+                .await
+            }
+            None => {
+                sqlx::query(&format!(
+                    "DELETE FROM {schema}.credentials WHERE user_id = $1"
+                ))
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await
+            }
+        }
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(result.rows_affected())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn complete_refresh(
+        &self,
+        key: CredentialKey<'_>,
+        old: Generation,
+        new: NewCredential<'_>,
+    ) -> Result<bool, StoreError> {
+        let schema = quoted(&key.agent.namespace)?;
+        let mut tx = self.agent_tx(&key.agent.namespace).await?;
+        // Compare-and-swap on the generation read before the provider call: if a StoreToken
+        // (or anything else) wrote meanwhile, its newer value stands and this write is dropped.
+        let written = sqlx::query(&format!(
+            "UPDATE {schema}.credentials
+             SET generation = $4, key_version = $5, wrapped_data_key = $6, ciphertext = $7,
+                 access_expires_at = $8, refresh_lease_owner = NULL, refresh_lease_until = NULL,
+                 refresh_failures = 0, refresh_not_before = NULL, updated_at = now()
+             WHERE user_id = $1 AND tool = $2 AND generation = $3"
+        ))
+        .bind(key.user.as_str())
+        .bind(key.tool.as_str())
+        .bind(old.get() as i64)
+        .bind(new.generation.get() as i64)
+        .bind(new.sealed.key_version as i32)
+        .bind(&new.sealed.wrapped_data_key)
+        .bind(&new.sealed.ciphertext)
+        .bind(new.access_expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?
+        .rows_affected();
+        tx.commit().await.map_err(e)?;
+        Ok(written == 1)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn mark_reauth_required(
+        &self,
+        key: CredentialKey<'_>,
+        generation: Generation,
+    ) -> Result<(), StoreError> {
+        let schema = quoted(&key.agent.namespace)?;
+        let mut tx = self.agent_tx(&key.agent.namespace).await?;
+        sqlx::query(&format!(
+            "UPDATE {schema}.credentials
+             SET state = 1, refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = now()
+             WHERE user_id = $1 AND tool = $2 AND generation = $3"
+        ))
+        .bind(key.user.as_str())
+        .bind(key.tool.as_str())
+        .bind(generation.get() as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn sweep(
+        &self,
+        limit: u32,
+        dry_run: bool,
+        revoke: bool,
+    ) -> Result<SweepOutcome, StoreError> {
+        let namespaces: Vec<String> =
+            sqlx::query_scalar("SELECT schema_name FROM vault.agents ORDER BY schema_name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(e)?;
+        let mut swept: u64 = 0;
+        for namespace in namespaces {
+            let remaining = u64::from(limit) - swept;
+            if remaining == 0 {
+                break;
+            }
+            let schema = quoted(&namespace)?;
+            let mut tx = self.agent_tx(&namespace).await?;
+            let n: i64 = if dry_run {
+                sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {schema}.credentials
+                     WHERE ttl_expires_at <= now() LIMIT $1) AS expired"
+                ))
+                .bind(remaining as i64)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(e)?
+            } else {
+                // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work
+                // instead of queueing; the statement's own row count is what is reported, so a
+                // row is counted by exactly the sweeper that removed it. With `revoke`, what is
+                // deleted is queued for provider revocation in the same statement.
+                let delete = format!(
+                    "DELETE FROM {schema}.credentials WHERE (user_id, tool) IN (
+                         SELECT user_id, tool FROM {schema}.credentials
+                         WHERE ttl_expires_at <= now()
+                         ORDER BY ttl_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                     AND ttl_expires_at <= now()"
+                );
+                let sql = if revoke {
+                    format!(
+                        "WITH gone AS ({delete}
+                             RETURNING user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+                         INSERT INTO {schema}.revocation_outbox
+                             (user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+                         SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext
+                         FROM gone"
+                    )
+                } else {
+                    delete
+                };
+                sqlx::query(&sql)
+                    .bind(remaining as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(e)?
+                    .rows_affected() as i64
+            };
+            tx.commit().await.map_err(e)?;
+            swept += n as u64;
+        }
+        Ok(SweepOutcome::of(swept, limit))
+    }
+}

@@ -1,0 +1,140 @@
+//! Each agent schema's `revocation_outbox`.
+
+use std::time::Duration;
+
+use super::keys::AGENT_COLUMNS;
+use super::{PgStore, e, quoted};
+use crate::ids::{Tool, UserId};
+use crate::store::rows::{AgentRow, OutboxRow, all};
+use crate::store::{AgentRecord, OutboxEntry, OutboxStore, StoreError};
+
+/// The outbox columns as [`OutboxRow`] names them.
+const OUTBOX_COLUMNS: &str = "id, user_id, tool, generation, key_version::int8 AS key_version,
+    wrapped_data_key, ciphertext, attempts::int8 AS attempts,
+    (extract(epoch FROM created_at) * 1000)::int8 AS created_at_ms";
+
+#[async_trait::async_trait]
+impl OutboxStore for PgStore {
+    #[tracing::instrument(skip_all)]
+    async fn delete_into_outbox(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+        tool: Option<&Tool>,
+        owner: uuid::Uuid,
+        lease: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
+        // One statement: the deletion and the queued revocation commit together or not at all.
+        let sql = format!(
+            "WITH gone AS (
+                 DELETE FROM {schema}.credentials
+                 WHERE user_id = $1 AND ($2::text IS NULL OR tool = $2)
+                 RETURNING user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+             INSERT INTO {schema}.revocation_outbox
+                 (user_id, tool, generation, key_version, wrapped_data_key, ciphertext, lease_owner, lease_until)
+             SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext, $3,
+                    now() + make_interval(secs => $4)
+             FROM gone
+             RETURNING {OUTBOX_COLUMNS}"
+        );
+        let rows: Vec<OutboxRow> = sqlx::query_as(&sql)
+            .bind(user.as_str())
+            .bind(tool.map(Tool::as_str))
+            .bind(owner)
+            .bind(lease.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        all(rows)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn claim_outbox(
+        &self,
+        owner: uuid::Uuid,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<(AgentRecord, OutboxEntry)>, StoreError> {
+        // Legacy agents (issuer '') are adopted at startup before anything is served.
+        let agents: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer <> '' ORDER BY schema_name"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        let mut claimed = Vec::new();
+        for row in agents {
+            let remaining = i64::from(limit) - claimed.len() as i64;
+            if remaining <= 0 {
+                break;
+            }
+            let agent = AgentRecord::try_from(row)?;
+            let schema = quoted(&agent.namespace)?;
+            let mut tx = self.agent_tx(&agent.namespace).await?;
+            let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+                "UPDATE {schema}.revocation_outbox
+                 SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+                 WHERE id IN (
+                     SELECT id FROM {schema}.revocation_outbox
+                     WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until <= now())
+                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 RETURNING {OUTBOX_COLUMNS}"
+            ))
+            .bind(owner)
+            .bind(lease.as_secs_f64())
+            .bind(remaining)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(e)?;
+            tx.commit().await.map_err(e)?;
+            for entry in all::<_, OutboxEntry>(rows)? {
+                claimed.push((agent.clone(), entry));
+            }
+        }
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn finish_outbox(&self, agent: &AgentRecord, id: i64) -> Result<(), StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
+        sqlx::query(&format!(
+            "DELETE FROM {schema}.revocation_outbox WHERE id = $1"
+        ))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn retry_outbox(
+        &self,
+        agent: &AgentRecord,
+        id: i64,
+        wait: Duration,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        let mut tx = self.agent_tx(&agent.namespace).await?;
+        sqlx::query(&format!(
+            "UPDATE {schema}.revocation_outbox
+             SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $3),
+                 lease_owner = NULL, lease_until = NULL, last_error = $2
+             WHERE id = $1"
+        ))
+        .bind(id)
+        .bind(error)
+        .bind(wait.as_secs_f64())
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! Creating and upgrading the database: the control schema's migrations, the per-agent schema
+//! template, and the per-agent roles (DESIGN §4, docs/database-roles.md).
+
+use sqlx::migrate::Migrator;
+use sqlx::{Connection as _, Executor as _, Row as _};
+
+use super::{PgStore, e, quoted};
+use crate::store::{SchemaStore, StoreError};
+
+static CONTROL_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/control");
+
+/// The per-agent schema template, in order; `{schema}` is the quoted schema name.
+const AGENT_MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        include_str!("../../../../migrations/agent/0001_credentials.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../../migrations/agent/0002_refresh_and_revocation.sql"),
+    ),
+];
+
+fn latest_agent_version() -> i32 {
+    AGENT_MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+/// Serialises migrations across replicas (an arbitrary constant: "vault" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0076_6175_6c74;
+
+impl PgStore {
+    /// Gives every agent schema its role (agents from before roles, and schemas just upgraded
+    /// with new tables), and the configured serving login role the serving group.
+    async fn migrate_roles(&self, conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+        let serving: Option<String> = sqlx::query_scalar(
+            "SELECT rolname::text FROM pg_roles
+             WHERE rolname = (SELECT role_prefix FROM vault.instance WHERE id = 1) || '_serving'",
+        )
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(e)?;
+        let Some(serving) = serving else {
+            return Err(StoreError::Corrupt(
+                "per-agent roles need the migrating role to have CREATEROLE (see docs/database-roles.md), or set VAULT_DATABASE_AGENT_ROLES=false".into(),
+            ));
+        };
+        sqlx::query(
+            "SELECT vault.grant_agent_role(schema_name) FROM vault.agents
+             WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = vault.agent_role(schema_name))",
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(e)?;
+        match &self.serving_role {
+            Some(login) => {
+                if !login
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    || login.len() > 63
+                {
+                    return Err(StoreError::Corrupt(format!(
+                        "VAULT_DATABASE_SERVING_ROLE {login:?} is not a plain role name"
+                    )));
+                }
+                conn.execute(format!("GRANT \"{serving}\" TO \"{login}\"").as_str())
+                    .await
+                    .map_err(e)?;
+            }
+            // One role migrates and serves: it must be able to switch to agent roles too, and
+            // only a superuser may without being a member.
+            None => {
+                conn.execute(format!("GRANT \"{serving}\" TO CURRENT_USER").as_str())
+                    .await
+                    .map_err(e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the role prefix; the control schema must be migrated.
+    pub(super) async fn load_role_prefix(&self) -> Result<(), StoreError> {
+        if self.role_prefix.get().is_some() {
+            return Ok(());
+        }
+        let prefix: String =
+            sqlx::query_scalar("SELECT role_prefix FROM vault.instance WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        let _ = self.role_prefix.set(prefix);
+        Ok(())
+    }
+
+    /// Boxed with an explicit `Send` bound: as a plain `async fn` borrowing a connection, the
+    /// compiler cannot prove the callers' futures `Send` (a known higher-ranked lifetime limit).
+    pub(super) fn apply_agent_migrations<'a>(
+        conn: &'a mut sqlx::PgConnection,
+        namespace: &'a str,
+        from_version: i32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i32, StoreError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let schema = quoted(namespace)?;
+            let mut version = from_version;
+            for (v, template) in AGENT_MIGRATIONS {
+                if *v > version {
+                    let sql = template.replace("{schema}", &schema);
+                    conn.execute(sqlx::raw_sql(&sql)).await.map_err(e)?;
+                    version = *v;
+                }
+            }
+            Ok(version)
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl SchemaStore for PgStore {
+    #[tracing::instrument(skip_all)]
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // A dedicated connection, closed afterwards, so the session-level lock can never leak
+        // back into the pool if a step fails.
+        let mut conn = self.pool.acquire().await.map_err(e)?.detach();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut conn)
+            .await
+            .map_err(e)?;
+        conn.execute(sqlx::raw_sql(
+            "CREATE SCHEMA IF NOT EXISTS vault; SET search_path TO vault",
+        ))
+        .await
+        .map_err(e)?;
+        CONTROL_MIGRATIONS.run_direct(&mut conn).await?;
+        conn.execute(sqlx::raw_sql("RESET search_path"))
+            .await
+            .map_err(e)?;
+        for (version, template) in AGENT_MIGRATIONS {
+            sqlx::query(
+                "INSERT INTO vault.agent_migrations (version, template) VALUES ($1, $2)
+                 ON CONFLICT (version) DO UPDATE SET template = EXCLUDED.template",
+            )
+            .bind(version)
+            .bind(*template)
+            .execute(&mut conn)
+            .await
+            .map_err(e)?;
+        }
+
+        let stale = sqlx::query(
+            "SELECT schema_name, schema_version FROM vault.agents WHERE schema_version < $1",
+        )
+        .bind(latest_agent_version())
+        .fetch_all(&mut conn)
+        .await
+        .map_err(e)?;
+        for row in stale {
+            let namespace: String = row.try_get("schema_name").map_err(e)?;
+            let from: i32 = row.try_get("schema_version").map_err(e)?;
+            let mut tx = conn.begin().await.map_err(e)?;
+            let to = Self::apply_agent_migrations(&mut tx, &namespace, from).await?;
+            if self.agent_roles {
+                // In the same transaction: a migrate cut off after the upgrade commits must not
+                // leave the new tables out of the agent role's reach.
+                sqlx::query("SELECT vault.grant_agent_role($1)")
+                    .bind(&namespace)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(e)?;
+            }
+            sqlx::query("UPDATE vault.agents SET schema_version = $2 WHERE schema_name = $1")
+                .bind(&namespace)
+                .bind(to)
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+            tx.commit().await.map_err(e)?;
+            tracing::info!(schema = %namespace, from, to, "upgraded agent schema");
+        }
+        if self.agent_roles {
+            self.migrate_roles(&mut conn).await?;
+        }
+        conn.close().await.map_err(e)?;
+        self.ready().await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn ready(&self) -> Result<(), StoreError> {
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM vault._sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        if applied < CONTROL_MIGRATIONS.iter().count() as i64 {
+            return Err(StoreError::Corrupt(
+                "the database is not migrated to this version: run `vault-server migrate` as the owner role (VAULT_DATABASE_MIGRATE_URL)".into(),
+            ));
+        }
+        self.load_role_prefix().await
+    }
+}

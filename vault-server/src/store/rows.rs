@@ -1,0 +1,202 @@
+//! Rows as both backends return them, and their checked conversion into the store's records.
+//!
+//! Each backend's SQL selects these exact column names and types (integers as 64-bit, times as
+//! unix milliseconds), so one decoder serves PostgreSQL and SQLite and the invariants on stored
+//! data (positive generations, known states, valid ids) are checked in one place.
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    AgentRecord, CredentialState, OutboxEntry, RootKeyRecord, StoreError, StoredCredential,
+};
+use crate::crypto::{KdfParams, SealedCredential};
+use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
+
+/// A time stored (or selected) as unix milliseconds.
+pub(super) fn from_ms(value: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(value).unwrap_or_default()
+}
+
+pub(super) fn generation_of(value: i64) -> Result<Generation, StoreError> {
+    u64::try_from(value)
+        .ok()
+        .and_then(Generation::new)
+        .ok_or_else(|| StoreError::Corrupt(format!("non-positive generation {value}")))
+}
+
+fn u32_of(value: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
+}
+
+fn sealed(
+    key_version: i64,
+    wrapped_data_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+) -> Result<SealedCredential, StoreError> {
+    Ok(SealedCredential {
+        wrapped_data_key,
+        ciphertext,
+        key_version: u32_of(key_version, "key version")?,
+    })
+}
+
+/// `issuer, agent_id, namespace, wrapped_key, key_version` of the agent registry.
+#[derive(sqlx::FromRow)]
+pub(super) struct AgentRow {
+    issuer: String,
+    agent_id: String,
+    namespace: String,
+    wrapped_key: Vec<u8>,
+    key_version: i64,
+}
+
+impl TryFrom<AgentRow> for AgentRecord {
+    type Error = StoreError;
+
+    fn try_from(row: AgentRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            issuer: IssuerId::parse(row.issuer)
+                .map_err(|err| StoreError::Corrupt(format!("issuer in registry: {err}")))?,
+            agent: AgentId::parse(row.agent_id)
+                .map_err(|err| StoreError::Corrupt(format!("agent id in registry: {err}")))?,
+            namespace: row.namespace,
+            wrapped_key: row.wrapped_key,
+            key_version: u32_of(row.key_version, "agent key version")?,
+        })
+    }
+}
+
+/// `agent_id, key_version, wrapped_key` of an agent from before issuer-bound identities.
+#[derive(sqlx::FromRow)]
+pub(super) struct LegacyAgentRow {
+    agent_id: String,
+    key_version: i64,
+    wrapped_key: Vec<u8>,
+}
+
+impl TryFrom<LegacyAgentRow> for (AgentId, u32, Vec<u8>) {
+    type Error = StoreError;
+
+    fn try_from(row: LegacyAgentRow) -> Result<Self, StoreError> {
+        Ok((
+            AgentId::parse(row.agent_id)
+                .map_err(|err| StoreError::Corrupt(format!("agent id in registry: {err}")))?,
+            u32_of(row.key_version, "agent key version")?,
+            row.wrapped_key,
+        ))
+    }
+}
+
+/// `key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost` of the root key record.
+#[derive(sqlx::FromRow)]
+pub(super) struct RootKeyRow {
+    key_check: Vec<u8>,
+    kdf_salt: Option<Vec<u8>>,
+    kdf_m_cost: Option<i64>,
+    kdf_t_cost: Option<i64>,
+    kdf_p_cost: Option<i64>,
+}
+
+impl TryFrom<RootKeyRow> for RootKeyRecord {
+    type Error = StoreError;
+
+    fn try_from(row: RootKeyRow) -> Result<Self, StoreError> {
+        let cost = |value: Option<i64>, name: &str| -> Result<u32, StoreError> {
+            value
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("root_key.{name} missing")))
+        };
+        let kdf = match row.kdf_salt {
+            None => None,
+            Some(salt) => Some((
+                salt,
+                KdfParams {
+                    m_cost: cost(row.kdf_m_cost, "kdf_m_cost")?,
+                    t_cost: cost(row.kdf_t_cost, "kdf_t_cost")?,
+                    p_cost: cost(row.kdf_p_cost, "kdf_p_cost")?,
+                },
+            )),
+        };
+        Ok(Self {
+            key_check: row.key_check,
+            kdf,
+        })
+    }
+}
+
+/// `generation, state, key_version, wrapped_data_key, ciphertext` of a credential.
+#[derive(sqlx::FromRow)]
+pub(super) struct CredentialRow {
+    generation: i64,
+    state: i64,
+    key_version: i64,
+    wrapped_data_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+impl TryFrom<CredentialRow> for StoredCredential {
+    type Error = StoreError;
+
+    fn try_from(row: CredentialRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            generation: generation_of(row.generation)?,
+            state: match row.state {
+                0 => CredentialState::Active,
+                1 => CredentialState::ReauthRequired,
+                other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
+            },
+            sealed: sealed(row.key_version, row.wrapped_data_key, row.ciphertext)?,
+        })
+    }
+}
+
+/// What a refused refresh lease finds on the row: `generation, state`, `held` (1 while an
+/// unexpired lease is on it) and `not_before_ms` (set while a backoff runs).
+#[derive(sqlx::FromRow)]
+pub(super) struct LeaseProbe {
+    pub(super) generation: i64,
+    pub(super) state: i64,
+    pub(super) held: i64,
+    pub(super) not_before_ms: Option<i64>,
+}
+
+/// `id, user_id, tool, generation, key_version, wrapped_data_key, ciphertext, attempts,
+/// created_at_ms` of an outbox entry.
+#[derive(sqlx::FromRow)]
+pub(super) struct OutboxRow {
+    id: i64,
+    user_id: String,
+    tool: String,
+    generation: i64,
+    key_version: i64,
+    wrapped_data_key: Vec<u8>,
+    ciphertext: Vec<u8>,
+    attempts: i64,
+    created_at_ms: i64,
+}
+
+impl TryFrom<OutboxRow> for OutboxEntry {
+    type Error = StoreError;
+
+    fn try_from(row: OutboxRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: row.id,
+            user: UserId::parse(row.user_id)
+                .map_err(|err| StoreError::Corrupt(format!("outbox user: {err}")))?,
+            tool: Tool::parse(row.tool)
+                .map_err(|err| StoreError::Corrupt(format!("outbox tool: {err}")))?,
+            generation: generation_of(row.generation)?,
+            sealed: sealed(row.key_version, row.wrapped_data_key, row.ciphertext)?,
+            attempts: u32_of(row.attempts, "outbox attempts")?,
+            created_at: from_ms(row.created_at_ms),
+        })
+    }
+}
+
+/// Converts every row, failing on the first that breaks an invariant.
+pub(super) fn all<R, T>(rows: Vec<R>) -> Result<Vec<T>, StoreError>
+where
+    T: TryFrom<R, Error = StoreError>,
+{
+    rows.into_iter().map(T::try_from).collect()
+}
