@@ -15,7 +15,12 @@ use crate::auth::Verifier;
 use crate::config::Settings;
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, CredentialVaultService, proto};
+use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::vault::{Vault, VaultOptions, unlock_root_key};
+
+/// How long shutdown waits for background jobs, and then for detached refreshes and
+/// revocations, before it gives up on them.
+const JOBS_STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// Largest request message accepted.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -155,22 +160,26 @@ impl Application {
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
-        let cancel = CancellationToken::new();
-        let sweeper = tokio::spawn(crate::sweeper::run(
-            vault.store().clone(),
-            settings.sweep_interval,
-            settings.sweep_batch,
-            settings.sweep_revokes,
-            cancel.clone(),
-        ));
-
-        let outbox = tokio::spawn(crate::vault::run_outbox(
-            Arc::clone(&vault),
-            settings.revocation_retry_interval,
-            cancel.clone(),
-        ));
-
-        let key_refresh = tokio::spawn(Arc::clone(&verifier).run_refresh(cancel.clone()));
+        let mut jobs = Jobs::new();
+        let sweeper = Sweeper {
+            store: vault.store().clone(),
+            interval: settings.sweep_interval,
+            batch: settings.sweep_batch,
+            revoke: settings.sweep_revokes,
+        };
+        jobs.spawn("sweeper", |shutdown| sweeper.run(shutdown));
+        let outbox = OutboxDelivery {
+            vault: Arc::clone(&vault),
+            interval: settings.revocation_retry_interval,
+        };
+        jobs.spawn("revocation outbox", |shutdown| outbox.run(shutdown));
+        let jwks = JwksRefresh {
+            verifier: Arc::clone(&verifier),
+        };
+        jobs.spawn("jwks refresh", |shutdown| jwks.run(shutdown));
+        // Background jobs stop as soon as shutdown starts: a sweep or a delivery must not begin
+        // while the vault reports NOT_SERVING.
+        let cancel = jobs.stop_signal();
 
         let draining = CancellationToken::new();
         let delay = settings.shutdown_delay;
@@ -228,10 +237,9 @@ impl Application {
                 Ok(())
             }
         };
-        cancel.cancel();
-        let _ = sweeper.await;
-        let _ = outbox.await;
-        let _ = key_refresh.await;
+        // Bounded: the process must exit even if a provider or the database hangs.
+        jobs.shutdown(JOBS_STOP_WITHIN).await;
+        vault.drain(JOBS_STOP_WITHIN).await;
         tracing::info!("stopped");
         result
     }

@@ -6,7 +6,7 @@
 //! exactly, whose `exp` (and `nbf`, `iat` when present) are sane NumericDates within the
 //! leeway, whose lifetime is no longer than the maximum, with a `sub` and the agent claim.
 //!
-//! Issuer keys are re-loaded periodically ([`Verifier::run_refresh`]) and when an unknown `kid`
+//! Issuer keys are re-loaded periodically ([`crate::jobs::JwksRefresh`]) and when an unknown `kid`
 //! arrives. A key that disappears from its issuer's set stops verifying at once, and every
 //! cached verification made with it is forgotten. Keys whose re-fetch keeps failing are trusted
 //! for a bounded time, then the issuer's tokens are refused (fail closed).
@@ -21,7 +21,6 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Validation, decode, decode_header};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 
 use super::jwks::{KeySet, VerificationKey};
 use super::{ADMIN_SCOPE, AuthError, Caller};
@@ -337,28 +336,23 @@ impl Verifier {
         }
     }
 
-    /// Re-loads each issuer's keys every `VAULT_JWKS_REFRESH_SECONDS` (sooner when the JWKS
-    /// response's `Cache-Control: max-age` says so) until `cancel` fires.
-    pub async fn run_refresh(self: Arc<Self>, cancel: CancellationToken) {
-        loop {
-            let next = self
-                .issuers
-                .values()
-                .map(|i| *i.next_refresh.lock().unwrap_or_else(|p| p.into_inner()))
-                .min();
-            let Some(next) = next else { return };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep_until(next.into()) => {}
-            }
-            for issuer in self.issuers.values() {
-                let due = *issuer
-                    .next_refresh
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if due <= Instant::now() {
-                    self.refresh_one(issuer).await;
-                }
+    /// When the next issuer's keys are due for a re-load; `None` with no issuer to refresh.
+    pub fn next_refresh(&self) -> Option<Instant> {
+        self.issuers
+            .values()
+            .map(|i| *i.next_refresh.lock().unwrap_or_else(|p| p.into_inner()))
+            .min()
+    }
+
+    /// Re-loads the keys of every issuer that is due (see [`crate::jobs::JwksRefresh`]).
+    pub async fn refresh_due(&self) {
+        for issuer in self.issuers.values() {
+            let due = *issuer
+                .next_refresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if due <= Instant::now() {
+                self.refresh_one(issuer).await;
             }
         }
     }

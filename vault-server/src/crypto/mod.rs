@@ -1,13 +1,16 @@
-//! Envelope encryption (DESIGN §5): root key → agent key → data key → sealed token set.
+//! Envelope encryption (DESIGN §5): root key → agent key → data key → sealed token set, and the
+//! keyring that holds the unwrapped agent keys.
 //!
 //! Every layer is AES-256-GCM with a random 96-bit nonce, and every seal binds associated data
 //! naming exactly where the ciphertext belongs, so a ciphertext moved to another row, agent,
 //! generation or key version fails to open instead of decrypting into the wrong place.
 
 mod envelope;
+mod keyring;
 mod keys;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
+pub use keyring::{Keyring, Unlocked};
 pub use keys::{AgentKey, KdfParams, RootKey};
 
 /// A seal did not open: wrong key, wrong binding, or tampered bytes. Deliberately says no more.

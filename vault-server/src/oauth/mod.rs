@@ -3,22 +3,21 @@
 
 mod http;
 mod presets;
+mod provider;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicRevocationErrorResponse};
-use oauth2::{
-    AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, RevocationErrorResponseType,
-    RevocationUrl, StandardRevocableToken, TokenResponse, TokenUrl,
-};
-use secrecy::{ExposeSecret, SecretString};
+use oauth2::basic::BasicRevocationErrorResponse;
+use oauth2::{ClientId, RequestTokenError, RevocationErrorResponseType, RevocationUrl, TokenUrl};
+use secrecy::SecretString;
 use serde::Deserialize;
 use tokio::sync::RwLock;
 
 pub use http::{HttpError, ProviderHttp};
+pub use provider::Provider;
 
 use crate::ids::Tool;
 
@@ -80,37 +79,6 @@ pub enum TokenKind {
     Refresh,
 }
 
-#[derive(Debug, Clone)]
-struct Endpoints {
-    token_url: TokenUrl,
-    revocation_url: Option<RevocationUrl>,
-}
-
-/// One tool's authorization server and client registration.
-pub struct Provider {
-    tool: String,
-    client_id: ClientId,
-    client_secret: SecretString,
-    auth_style: AuthStyle,
-    /// Explicit or preset endpoints; with an issuer, these override what discovery finds.
-    fixed_token_url: Option<TokenUrl>,
-    fixed_revocation_url: Option<RevocationUrl>,
-    issuer: Option<String>,
-    /// RFC 8414 discovery result, re-fetched when a call through it fails.
-    discovered: RwLock<Option<(Endpoints, Instant)>>,
-}
-
-impl std::fmt::Debug for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provider")
-            .field("tool", &self.tool)
-            .field("client_id", &self.client_id.as_str())
-            .field("auth_style", &self.auth_style)
-            .field("issuer", &self.issuer)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Shortest access-token lifetime taken from a provider.
 pub const MIN_EXPIRES_IN: Duration = Duration::from_secs(1);
 /// Longest access-token lifetime taken from a provider: a year.
@@ -159,7 +127,6 @@ struct ToolEntry {
 #[derive(Debug, Clone)]
 pub struct Providers {
     by_tool: Arc<HashMap<String, Arc<Provider>>>,
-    http: ProviderHttp,
 }
 
 fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
@@ -173,10 +140,9 @@ fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
 
 impl Providers {
     /// No providers: every refresh answers "no provider configured".
-    pub fn none(http: ProviderHttp) -> Self {
+    pub fn none() -> Self {
         Self {
             by_tool: Arc::new(HashMap::new()),
-            http,
         }
     }
 
@@ -188,7 +154,7 @@ impl Providers {
             settings.timeout,
         )?;
         let Some(path) = &settings.file else {
-            return Ok(Self::none(http));
+            return Ok(Self::none());
         };
         let file: ProvidersFile = figment::Figment::from(
             <figment::providers::Toml as figment::providers::Format>::file_exact(path),
@@ -197,18 +163,22 @@ impl Providers {
         .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e}", path.display()))?;
         let mut by_tool = HashMap::new();
         for (tool, entry) in file.tools {
-            let provider = Self::provider(&tool, entry, path)
+            let provider = Self::provider(&tool, entry, path, &http)
                 .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e:#}", path.display()))?;
             by_tool.insert(tool, Arc::new(provider));
         }
         tracing::info!(tools = by_tool.len(), "loaded OAuth provider registry");
         Ok(Self {
             by_tool: Arc::new(by_tool),
-            http,
         })
     }
 
-    fn provider(tool: &str, entry: ToolEntry, file: &Path) -> anyhow::Result<Provider> {
+    fn provider(
+        tool: &str,
+        entry: ToolEntry,
+        file: &Path,
+        http: &ProviderHttp,
+    ) -> anyhow::Result<Provider> {
         Tool::parse(tool).map_err(|e| anyhow::anyhow!("tools.{tool}: tool name {e}"))?;
         let preset = match &entry.preset {
             Some(name) => Some(presets::preset(name).ok_or_else(|| {
@@ -279,6 +249,7 @@ impl Providers {
             tracing::debug!(%tool, scopes = ?entry.scopes, "scopes are requested at consent; refresh keeps the granted ones");
         }
         Ok(Provider {
+            http: http.clone(),
             tool: tool.to_string(),
             client_id: ClientId::new(entry.client_id),
             client_secret: SecretString::from(client_secret),
@@ -296,247 +267,9 @@ impl Providers {
         })
     }
 
-    /// What a credential remembers of the provider it was stored for: every URL its tokens can
-    /// be sent to, as configured (the issuer whose discovery is trusted, and any token or
-    /// revocation endpoint set explicitly). A stored token is only sent to a provider whose
-    /// binding matches, so editing the providers file cannot redirect it. A tool named by its
-    /// issuer alone binds to just the issuer, the same value the first version recorded.
-    pub fn binding(provider: &Provider) -> String {
-        let issuer = provider.issuer.as_deref();
-        let token = provider.fixed_token_url.as_ref().map(|u| u.as_str());
-        let revocation = provider.fixed_revocation_url.as_ref().map(|u| u.as_str());
-        match (issuer, token, revocation) {
-            (Some(issuer), None, None) => issuer.to_string(),
-            _ => format!(
-                "issuer={} token={} revocation={}",
-                issuer.unwrap_or(""),
-                token.unwrap_or(""),
-                revocation.unwrap_or("")
-            ),
-        }
-    }
-
     /// The provider for `tool`, if configured.
     pub fn get(&self, tool: &Tool) -> Option<Arc<Provider>> {
         self.by_tool.get(tool.as_str()).cloned()
-    }
-
-    async fn endpoints(&self, provider: &Provider) -> Result<Endpoints, ProviderError> {
-        let Some(issuer) = &provider.issuer else {
-            return Ok(Endpoints {
-                // Loading guarantees a token URL when there is no issuer.
-                token_url: provider
-                    .fixed_token_url
-                    .clone()
-                    .ok_or_else(|| ProviderError::unavailable("no token URL"))?,
-                revocation_url: provider.fixed_revocation_url.clone(),
-            });
-        };
-        let cached = provider.discovered.read().await.clone();
-        if let Some((endpoints, at)) = cached
-            && at.elapsed() < DISCOVERY_TTL
-        {
-            return Ok(endpoints);
-        }
-        let mut document = None;
-        for suffix in [
-            "/.well-known/oauth-authorization-server",
-            "/.well-known/openid-configuration",
-        ] {
-            match self.http.get_json(&format!("{issuer}{suffix}")).await {
-                // RFC 8414 §3.3: the document must name exactly the issuer it was fetched
-                // for, or its endpoints belong to someone else.
-                Ok(json) if issuer_matches(&json, issuer) => {
-                    document = Some(json);
-                    break;
-                }
-                Ok(_) => {
-                    tracing::warn!(tool = %provider.tool, suffix, "discovery document names another issuer; refused (RFC 8414 §3.3)")
-                }
-                Err(err) => {
-                    tracing::debug!(tool = %provider.tool, error = %err, suffix, "discovery attempt failed")
-                }
-            }
-        }
-        // Callers learn that discovery failed, never the URL; the log has the details.
-        let document = document.ok_or_else(|| {
-            ProviderError::unavailable("the provider's metadata could not be loaded")
-        })?;
-        let field = |name: &str| {
-            document
-                .get(name)
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
-        let token_url = match &provider.fixed_token_url {
-            Some(url) => url.clone(),
-            None => field("token_endpoint")
-                .and_then(|u| https_url(&provider.tool, "token_endpoint", &u).ok())
-                .and_then(|u| TokenUrl::new(u).ok())
-                .ok_or_else(|| {
-                    ProviderError::unavailable("discovery document has no https token_endpoint")
-                })?,
-        };
-        let revocation_url = provider.fixed_revocation_url.clone().or_else(|| {
-            field("revocation_endpoint")
-                .and_then(|u| https_url(&provider.tool, "revocation_endpoint", &u).ok())
-                .and_then(|u| RevocationUrl::new(u).ok())
-        });
-        let endpoints = Endpoints {
-            token_url,
-            revocation_url,
-        };
-        *provider.discovered.write().await = Some((endpoints.clone(), Instant::now()));
-        Ok(endpoints)
-    }
-
-    async fn forget_discovery(&self, provider: &Provider) {
-        if provider.issuer.is_some() {
-            *provider.discovered.write().await = None;
-        }
-    }
-
-    fn client(
-        provider: &Provider,
-        endpoints: Endpoints,
-    ) -> oauth2::basic::BasicClient<
-        oauth2::EndpointNotSet,
-        oauth2::EndpointNotSet,
-        oauth2::EndpointNotSet,
-        oauth2::EndpointMaybeSet,
-        oauth2::EndpointSet,
-    > {
-        BasicClient::new(provider.client_id.clone())
-            .set_client_secret(ClientSecret::new(
-                provider.client_secret.expose_secret().to_string(),
-            ))
-            .set_auth_type(match provider.auth_style {
-                AuthStyle::Basic => AuthType::BasicAuth,
-                AuthStyle::Post => AuthType::RequestBody,
-            })
-            .set_token_uri(endpoints.token_url)
-            .set_revocation_url_option(endpoints.revocation_url)
-    }
-
-    /// Whether revocation at the provider is possible for this tool.
-    pub async fn can_revoke(&self, provider: &Provider) -> bool {
-        if provider.fixed_revocation_url.is_some() {
-            return true;
-        }
-        provider.issuer.is_some()
-            && self
-                .endpoints(provider)
-                .await
-                .is_ok_and(|e| e.revocation_url.is_some())
-    }
-
-    /// Exchanges `refresh_token` for new tokens.
-    #[tracing::instrument(skip(self, provider, refresh_token), fields(tool = %provider.tool))]
-    pub async fn refresh(
-        &self,
-        provider: &Provider,
-        refresh_token: &SecretString,
-    ) -> Result<Refreshed, ProviderError> {
-        let endpoints = self.endpoints(provider).await?;
-        let client = Self::client(provider, endpoints);
-        let token = RefreshToken::new(refresh_token.expose_secret().to_string());
-        let result = client
-            .exchange_refresh_token(&token)
-            .request_async(&self.http)
-            .await;
-        match result {
-            Ok(response) => {
-                let access = response.access_token().secret();
-                if access.is_empty() || access.len() > 16 * 1024 {
-                    return Err(ProviderError::unavailable(
-                        "the provider returned an unusable access token",
-                    ));
-                }
-                Ok(Refreshed {
-                    access_token: SecretString::from(access.clone()),
-                    refresh_token: response
-                        .refresh_token()
-                        .map(|t| t.secret())
-                        .filter(|t| !t.is_empty())
-                        .map(|t| SecretString::from(t.clone())),
-                    // Clamped again here: whatever the provider said, the arithmetic on it stays
-                    // in range (the HTTP layer already normalised the JSON).
-                    expires_in: response
-                        .expires_in()
-                        .map(|d| d.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN)),
-                    scopes: response
-                        .scopes()
-                        .map(|s| s.iter().map(|s| s.to_string()).collect()),
-                })
-            }
-            Err(RequestTokenError::ServerResponse(response)) => match response.error() {
-                BasicErrorResponseType::InvalidGrant => {
-                    Err(ProviderError::GrantRejected("invalid_grant".into()))
-                }
-                BasicErrorResponseType::UnauthorizedClient => {
-                    Err(ProviderError::GrantRejected("unauthorized_client".into()))
-                }
-                other => Err(ProviderError::unavailable(format!(
-                    "the provider refused the refresh ({}); check the client registration",
-                    other.as_ref()
-                ))),
-            },
-            Err(err) => {
-                self.forget_discovery(provider).await;
-                Err(classify(err))
-            }
-        }
-    }
-
-    /// Revokes one token at the provider (RFC 7009). An unknown or already-revoked token is
-    /// success: revocation is idempotent.
-    #[tracing::instrument(skip(self, provider, token), fields(tool = %provider.tool, ?kind))]
-    pub async fn revoke(
-        &self,
-        provider: &Provider,
-        token: &SecretString,
-        kind: TokenKind,
-    ) -> Result<(), ProviderError> {
-        let endpoints = self.endpoints(provider).await?;
-        if endpoints.revocation_url.is_none() {
-            return Err(ProviderError::unavailable(
-                "the provider has no revocation endpoint",
-            ));
-        }
-        let client = Self::client(provider, endpoints);
-        let secret = token.expose_secret().to_string();
-        let revocable = match kind {
-            TokenKind::Access => {
-                StandardRevocableToken::AccessToken(oauth2::AccessToken::new(secret))
-            }
-            TokenKind::Refresh => StandardRevocableToken::RefreshToken(RefreshToken::new(secret)),
-        };
-        let request = client
-            .revoke_token(revocable)
-            .map_err(|e| ProviderError::unavailable(format!("revocation is misconfigured: {e}")))?;
-        match request.request_async(&self.http).await {
-            Ok(()) => Ok(()),
-            // RFC 7009 §2.2.1: a server that cannot revoke access tokens says so; the refresh
-            // token's revocation covers them.
-            Err(RequestTokenError::ServerResponse(response))
-                if matches!(
-                    response.error(),
-                    RevocationErrorResponseType::UnsupportedTokenType
-                ) =>
-            {
-                Ok(())
-            }
-            Err(RequestTokenError::ServerResponse(response)) => {
-                Err(ProviderError::unavailable(format!(
-                    "the provider refused the revocation ({})",
-                    revocation_error(&response)
-                )))
-            }
-            Err(err) => {
-                self.forget_discovery(provider).await;
-                Err(classify(err))
-            }
-        }
     }
 }
 

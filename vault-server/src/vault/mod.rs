@@ -5,18 +5,20 @@ mod refresh;
 mod revocation;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use refresh::refresh_backoff;
-pub use revocation::{outbox_backoff, run_outbox};
+pub use revocation::outbox_backoff;
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::Caller;
 use crate::config::RootKeySource;
-use crate::crypto::{AgentKey, Binding, KdfParams, RootKey, open_credential, seal_credential};
+use crate::crypto::{
+    Binding, KdfParams, Keyring, RootKey, Unlocked, open_credential, seal_credential,
+};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
 use crate::secret::TokenSet;
@@ -213,10 +215,7 @@ struct Opened {
 }
 
 /// An agent's registry entry with its key unwrapped, cached for the life of the process.
-struct AgentEntry {
-    record: AgentRecord,
-    key: AgentKey,
-}
+type AgentEntry = Unlocked<AgentRecord>;
 
 /// Tunables of the use cases.
 #[derive(Debug, Clone)]
@@ -250,14 +249,9 @@ pub struct VaultOptions {
 /// The vault's use cases over a store, the root key and the provider registry.
 pub struct Vault {
     store: Store,
-    root: RootKey,
+    keyring: Keyring<AgentRecord>,
     providers: Providers,
     options: VaultOptions,
-    /// Unwrapped agent keys by (issuer, agent), at most [`AGENT_CACHE_CAPACITY`]. Agent keys do
-    /// not change under a running server yet (rotation will invalidate entries), so an entry
-    /// stays valid once loaded.
-    /// Keyed by agent id, then matched on the issuer, so the hot path looks up by reference.
-    agents: RwLock<HashMap<AgentId, Vec<Arc<AgentEntry>>>>,
     /// New-agent budget per issuer: every new agent is a schema, a role and a key, so a flood of
     /// invented agent ids from one issuer is throttled rather than turned into DDL.
     creations: std::sync::Mutex<HashMap<IssuerId, TokenBucket>>,
@@ -265,6 +259,8 @@ pub struct Vault {
     instance: uuid::Uuid,
     /// In-process half of refresh coalescing: one gate per credential.
     gates: refresh::Gates,
+    /// Refreshes and revocations that finish after their caller hung up.
+    detached: crate::jobs::Detached,
     outcomes: refresh::Outcomes,
 }
 
@@ -273,10 +269,6 @@ impl std::fmt::Debug for Vault {
         f.debug_struct("Vault").finish_non_exhaustive()
     }
 }
-
-/// Most unwrapped agent keys kept in memory; past it, an arbitrary entry is evicted (and
-/// unwrapped again on its next use).
-const AGENT_CACHE_CAPACITY: usize = 65_536;
 
 /// A token bucket: `capacity` tokens, refilled continuously at `capacity` per minute.
 #[derive(Debug, Clone, Copy)]
@@ -315,13 +307,13 @@ impl Vault {
     pub fn new(store: Store, root: RootKey, providers: Providers, options: VaultOptions) -> Self {
         Self {
             store,
-            root,
+            keyring: Keyring::new(root),
             providers,
             options,
-            agents: RwLock::new(HashMap::new()),
             creations: std::sync::Mutex::new(HashMap::new()),
             instance: uuid::Uuid::new_v4(),
             gates: refresh::Gates::default(),
+            detached: crate::jobs::Detached::default(),
             outcomes: refresh::Outcomes::default(),
         }
     }
@@ -329,6 +321,12 @@ impl Vault {
     /// The store, for the sweeper.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Waits up to `within` for refreshes and revocations still finishing for callers that
+    /// hung up; for shutdown, once no call can start new ones.
+    pub async fn drain(&self, within: Duration) {
+        self.detached.drain(within).await;
     }
 
     /// Gives agents registered before identities named their issuer to the one configured
@@ -348,12 +346,13 @@ impl Vault {
         let mut adopted = 0usize;
         for (agent, version, wrapped) in legacy {
             let key = self
-                .root
+                .keyring
+                .root()
                 .unwrap_legacy_agent_key(&agent, version, &wrapped)
                 .map_err(|_| {
                     anyhow::anyhow!("the agent key of {agent} does not open under the root key")
                 })?;
-            let rewrapped = self.root.wrap_agent_key(issuer, &agent, &key);
+            let rewrapped = self.keyring.root().wrap_agent_key(issuer, &agent, &key);
             if self
                 .store
                 .keys
@@ -394,49 +393,31 @@ impl Vault {
         agent: &AgentId,
         create: bool,
     ) -> Result<Option<Arc<AgentEntry>>, VaultError> {
-        if let Some(entry) = self
-            .agents
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(agent)
-            .and_then(|entries| entries.iter().find(|e| e.record.issuer == *issuer))
-        {
-            return Ok(Some(Arc::clone(entry)));
+        if let Some(entry) = self.keyring.cached(issuer, agent) {
+            return Ok(Some(entry));
         }
         let record = match self.store.keys.agent(issuer, agent).await? {
             Some(record) => record,
             None if create => {
                 self.admit_new_agent(issuer)?;
-                let key = AgentKey::generate(1);
-                let wrapped = self.root.wrap_agent_key(issuer, agent, &key);
+                let (version, wrapped) = self.keyring.new_agent_key(issuer, agent);
                 // A concurrent creator may win; then its key is the agent's key.
                 self.store
                     .keys
-                    .create_agent(issuer, agent, &wrapped, key.version)
+                    .create_agent(issuer, agent, &wrapped, version)
                     .await?
             }
             None => return Ok(None),
         };
-        let key = self
-            .root
-            .unwrap_agent_key(issuer, agent, record.key_version, &record.wrapped_key)
+        let (version, wrapped) = (record.key_version, record.wrapped_key.clone());
+        let entry = self
+            .keyring
+            .unlock(issuer, agent, version, &wrapped, record)
             .map_err(|_| {
                 VaultError::Unexpected(anyhow::anyhow!(
                     "the agent key of {agent} does not open under the root key"
                 ))
             })?;
-        let entry = Arc::new(AgentEntry { record, key });
-        {
-            let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
-            if agents.len() >= AGENT_CACHE_CAPACITY
-                && let Some(evicted) = agents.keys().next().cloned()
-            {
-                agents.remove(&evicted);
-            }
-            let entries = agents.entry(agent.clone()).or_default();
-            entries.retain(|e| e.record.issuer != *issuer);
-            entries.push(Arc::clone(&entry));
-        }
         Ok(Some(entry))
     }
 
@@ -460,7 +441,7 @@ impl Vault {
             return Err(VaultError::RefreshTokenDenied);
         }
         // The credential remembers which authorization server it belongs to (DESIGN §6).
-        tokens.provider = self.providers.get(tool).map(|p| Providers::binding(&p));
+        tokens.provider = self.providers.get(tool).map(|p| p.binding());
         tokens.obtained_at = Some(Utc::now().timestamp());
         let max = self.options.secrets_ttl_seconds;
         let ttl = ttl_seconds.map_or(max, |t| t.min(max));

@@ -23,7 +23,7 @@ use super::{IssuedToken, Opened, Vault, VaultError};
 use crate::auth::Caller;
 use crate::crypto::{Binding, seal_credential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
-use crate::oauth::{Provider, ProviderError, Providers};
+use crate::oauth::{Provider, ProviderError};
 use crate::secret::TokenSet;
 use crate::store::{CredentialKey, NewCredential, RefreshLease};
 
@@ -105,15 +105,16 @@ impl Vault {
         let caller = caller.clone();
         let tool = tool.clone();
         // The detached task stays in the caller's span, so its trace shows the provider call.
-        tokio::spawn(
-            async move {
-                this.refresh_detached(&caller, &tool, observed, &provider)
-                    .await
-            }
-            .instrument(tracing::Span::current()),
-        )
-        .await
-        .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("refresh task failed: {err}")))?
+        self.detached
+            .spawn(
+                async move {
+                    this.refresh_detached(&caller, &tool, observed, &provider)
+                        .await
+                }
+                .instrument(tracing::Span::current()),
+            )
+            .await
+            .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("refresh task failed: {err}")))?
     }
 
     async fn refresh_detached(
@@ -143,7 +144,7 @@ impl Vault {
                 .tokens
                 .provider
                 .as_ref()
-                .is_some_and(|bound| *bound != Providers::binding(provider))
+                .is_some_and(|bound| *bound != provider.binding())
             {
                 // The tool's authorization server changed since the credential was stored:
                 // its refresh token belongs to the old one and is never sent to the new one.
@@ -217,8 +218,8 @@ impl Vault {
                 "no refresh token is stored for tool {tool}"
             )));
         };
-        let binding = Providers::binding(provider);
-        match self.providers.refresh(provider, &refresh_token).await {
+        let binding = provider.binding();
+        match provider.refresh(&refresh_token).await {
             Ok(fresh) => {
                 let now = Utc::now().timestamp();
                 let renewed = TokenSet {

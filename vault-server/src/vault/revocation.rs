@@ -1,8 +1,8 @@
 //! Provider revocation (RFC 7009) through a durable outbox.
 //!
 //! Revoke deletes the credentials and queues their revocation in one transaction, then tries to
-//! deliver at once; whatever the provider does not confirm stays queued and [`run_outbox`]
-//! retries it with backoff, on any replica, across restarts, until delivered or too old.
+//! deliver at once; whatever the provider does not confirm stays queued and
+//! [`crate::jobs::OutboxDelivery`] retries it with backoff, on any replica, across restarts, until delivered or too old.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use super::{AgentEntry, Revoked, Vault, VaultError};
 use crate::crypto::{Binding, open_credential};
 use crate::ids::{Tool, UserId};
-use crate::oauth::{Providers, TokenKind};
+use crate::oauth::TokenKind;
 use crate::store::{AgentRecord, OutboxEntry};
 
 /// How long a delivery attempt holds an outbox entry before another replica may take it.
@@ -52,20 +52,24 @@ impl Vault {
         // Detached, like refresh: the deletion is committed, and a caller hanging up must not
         // leave an entry half-delivered.
         let this = Arc::clone(self);
-        let provider_revoked = tokio::spawn(
-            async move {
-                let mut delivered = 0u32;
-                for item in queued {
-                    if this.settle(&entry, item).await {
-                        delivered += 1;
+        let provider_revoked = self
+            .detached
+            .spawn(
+                async move {
+                    let mut delivered = 0u32;
+                    for item in queued {
+                        if this.settle(&entry, item).await {
+                            delivered += 1;
+                        }
                     }
+                    delivered
                 }
-                delivered
-            }
-            .instrument(tracing::Span::current()),
-        )
-        .await
-        .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("revocation task failed: {err}")))?;
+                .instrument(tracing::Span::current()),
+            )
+            .await
+            .map_err(|err| {
+                VaultError::Unexpected(anyhow::anyhow!("revocation task failed: {err}"))
+            })?;
         Ok(Revoked {
             revoked,
             provider_revoked,
@@ -120,7 +124,7 @@ impl Vault {
         let Some(provider) = self.providers.get(&item.tool) else {
             return Ok(Delivery::NotApplicable);
         };
-        if !self.providers.can_revoke(&provider).await {
+        if !provider.can_revoke().await {
             return Ok(Delivery::NotApplicable);
         }
         let binding = Binding {
@@ -134,7 +138,7 @@ impl Vault {
         if tokens
             .provider
             .as_ref()
-            .is_some_and(|bound| *bound != Providers::binding(&provider))
+            .is_some_and(|bound| *bound != provider.binding())
         {
             // Its tokens belong to the authorization server the credential was stored for;
             // sending them to whatever the tool names now would leak them.
@@ -143,16 +147,39 @@ impl Vault {
         }
         // The refresh token first: RFC 7009 lets the server revoke the whole grant with it.
         if let Some(refresh) = &tokens.refresh_token {
-            self.providers
-                .revoke(&provider, refresh, TokenKind::Refresh)
+            provider
+                .revoke(refresh, TokenKind::Refresh)
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        self.providers
-            .revoke(&provider, &tokens.access_token, TokenKind::Access)
+        provider
+            .revoke(&tokens.access_token, TokenKind::Access)
             .await
             .map_err(|e| e.to_string())?;
         Ok(Delivery::Revoked)
+    }
+
+    /// Claims the revocations due now, on any agent, and delivers them one by one until none
+    /// is left in this batch or `shutdown` fires (an entry being delivered is settled first).
+    pub async fn deliver_due_revocations(&self, shutdown: &CancellationToken) {
+        let claimed = match self
+            .store
+            .outbox
+            .claim_outbox(self.instance, DELIVERY_LEASE, CLAIM_BATCH)
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the revocation outbox");
+                return;
+            }
+        };
+        for (record, item) in claimed {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            self.deliver_claimed(record, item).await;
+        }
     }
 
     async fn deliver_claimed(&self, record: AgentRecord, item: OutboxEntry) {
@@ -166,29 +193,6 @@ impl Vault {
             }
         }
     }
-}
-
-/// Delivers due revocations every `interval` until `cancel` fires.
-pub async fn run_outbox(vault: Arc<Vault>, interval: Duration, cancel: CancellationToken) {
-    crate::sweeper::every(interval, &cancel, || async {
-        match vault
-            .store
-            .outbox
-            .claim_outbox(vault.instance, DELIVERY_LEASE, CLAIM_BATCH)
-            .await
-        {
-            Ok(claimed) => {
-                for (record, item) in claimed {
-                    if cancel.is_cancelled() {
-                        break;
-                    }
-                    vault.deliver_claimed(record, item).await;
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot read the revocation outbox"),
-        }
-    })
-    .await;
 }
 
 #[cfg(test)]

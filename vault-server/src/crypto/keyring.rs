@@ -1,0 +1,97 @@
+//! The keyring: the root key and the agent keys it has unwrapped, cached for the life of the
+//! process so the hot path never runs an unwrap.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use super::{AgentKey, OpenError, RootKey};
+use crate::ids::{AgentId, IssuerId};
+
+/// Most unwrapped agent keys kept in memory; past it, an arbitrary entry is evicted (and
+/// unwrapped again on its next use).
+const CAPACITY: usize = 65_536;
+
+/// An agent key in clear, with what the caller keeps beside it (the agent's registry entry).
+#[derive(Debug)]
+pub struct Unlocked<R> {
+    /// The caller's record of the agent.
+    pub record: R,
+    /// The agent key.
+    pub key: AgentKey,
+    issuer: IssuerId,
+}
+
+/// The root key and the unwrapped agent keys, by (issuer, agent).
+pub struct Keyring<R> {
+    root: RootKey,
+    /// Keyed by agent id, then matched on the issuer, so the hot path looks up by reference.
+    /// Agent keys do not change under a running server yet (rotation will invalidate entries),
+    /// so an entry stays valid once loaded.
+    agents: RwLock<HashMap<AgentId, Vec<Arc<Unlocked<R>>>>>,
+}
+
+impl<R> std::fmt::Debug for Keyring<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring").finish_non_exhaustive()
+    }
+}
+
+impl<R> Keyring<R> {
+    /// A keyring over an unlocked root key, with no agent key yet.
+    pub fn new(root: RootKey) -> Self {
+        Self {
+            root,
+            agents: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The root key.
+    pub fn root(&self) -> &RootKey {
+        &self.root
+    }
+
+    /// The agent's key, if it was unlocked before.
+    pub fn cached(&self, issuer: &IssuerId, agent: &AgentId) -> Option<Arc<Unlocked<R>>> {
+        self.agents
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(agent)
+            .and_then(|entries| entries.iter().find(|e| e.issuer == *issuer))
+            .map(Arc::clone)
+    }
+
+    /// A new agent key (version 1) and its wrapping under the root key, bound to the agent.
+    pub fn new_agent_key(&self, issuer: &IssuerId, agent: &AgentId) -> (u32, Vec<u8>) {
+        let key = AgentKey::generate(1);
+        (key.version, self.root.wrap_agent_key(issuer, agent, &key))
+    }
+
+    /// Unwraps the agent's key, keeps it with `record`, and returns both.
+    pub fn unlock(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        version: u32,
+        wrapped: &[u8],
+        record: R,
+    ) -> Result<Arc<Unlocked<R>>, OpenError> {
+        let key = self
+            .root
+            .unwrap_agent_key(issuer, agent, version, wrapped)?;
+        let entry = Arc::new(Unlocked {
+            record,
+            key,
+            issuer: issuer.clone(),
+        });
+        let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+        if agents.len() >= CAPACITY
+            && let Some(evicted) = agents.keys().next().cloned()
+        {
+            agents.remove(&evicted);
+        }
+        let entries = agents.entry(agent.clone()).or_default();
+        entries.retain(|e| e.issuer != *issuer);
+        entries.push(Arc::clone(&entry));
+        Ok(entry)
+    }
+}

@@ -1,0 +1,73 @@
+//! The background sweeper: deletes credentials past their vault TTL in bounded batches. A
+//! database lease makes one replica sweep at a time; the lease expires, so a replica that dies
+//! holding it delays sweeping by at most one lease period.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+/// The lease's name in `vault.leases`.
+pub const LEASE: &str = "sweeper";
+/// Most batches in one sweep, so one run cannot monopolise the database.
+const MAX_BATCHES_PER_RUN: u32 = 100;
+
+/// Sweeps every `interval`.
+#[derive(Debug)]
+pub struct Sweeper {
+    /// Where the credentials are.
+    pub store: Store,
+    /// Time between sweeps.
+    pub interval: Duration,
+    /// Most credentials deleted per statement.
+    pub batch: u32,
+    /// Swept credentials are queued for revocation at their provider.
+    pub revoke: bool,
+}
+
+impl Sweeper {
+    /// Sweeps until `shutdown` fires; a batch in progress completes first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let holder = uuid::Uuid::new_v4();
+        // Held across two intervals so the holder renews it before anyone else may take it.
+        let lease = (self.interval * 2).max(Duration::from_secs(10));
+        super::every(self.interval, &shutdown, || async {
+            match self.store.leases.try_lease(LEASE, holder, lease).await {
+                Ok(true) => self.sweep_once(&shutdown).await,
+                Ok(false) => tracing::debug!("another replica holds the sweep lease"),
+                Err(err) => tracing::warn!(error = %err, "could not take the sweep lease"),
+            }
+        })
+        .await;
+    }
+
+    async fn sweep_once(&self, shutdown: &CancellationToken) {
+        let mut total = 0;
+        for _ in 0..MAX_BATCHES_PER_RUN {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match self
+                .store
+                .credentials
+                .sweep(self.batch, false, self.revoke)
+                .await
+            {
+                Ok(outcome) => {
+                    total += outcome.swept;
+                    if !outcome.more {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "sweep batch failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(swept = total, "background sweep");
+        }
+    }
+}
