@@ -8,6 +8,7 @@ mod envelope;
 mod keys;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
+pub use keys::RootKeySource;
 pub use keys::{AgentKey, KdfParams, RootKey};
 
 /// A seal did not open: wrong key, wrong binding, or tampered bytes. Deliberately says no more.

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::Caller;
-use crate::config::RootKeySource;
+use crate::crypto::RootKeySource;
 use crate::crypto::{AgentKey, Binding, KdfParams, RootKey, open_credential, seal_credential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
