@@ -1,12 +1,14 @@
 //! The vault's settings: one typed struct, [`Config`], that figment reads from the TOML file
 //! named by `VAULT_CONFIG` and from the environment, which wins. Each setting is declared once
-//! below with its default, the values it accepts and its meaning. [`Config::validate`] reports
+//! below with its default, the values it accepts and its meaning; `vault-server config --docs`
+//! prints that list, and the README's settings table is its output. [`Config::validate`] reports
 //! every problem at once, and a name that is not a setting stops startup naming the closest one.
 //!
 //! Configuration is data. [`Settings`] is the same data in the shape the server uses (durations,
 //! one issuer bound to its keys); the root key, the provider registry and TLS are built from it
 //! by [`crate::startup`].
 
+mod docs;
 mod rules;
 mod settings;
 mod source;
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 
 use secrecy::SecretString;
 
+pub use docs::{docs_table, effective};
 pub use rules::{check_jwks_url, database_transport_risk, decode_root_key};
 pub use settings::{
     Database, DatabaseSettings, JwksSource, JwtSettings, RootKeySetting, Settings, TlsSettings,
