@@ -230,19 +230,6 @@ impl Config {
         // VAULT_DATABASE_* and VAULT_DATA_DIR, which places the embedded store.
         name.starts_with("VAULT_DATA")
     }
-
-    fn plaintext_problem(&self) -> Option<ConfigError> {
-        let listen = self.vault_listen;
-        let plaintext = matches!(self.tls(), Ok(None));
-        (plaintext && !listen.ip().is_loopback() && !self.vault_allow_plaintext).then(|| {
-            ConfigError::new(
-                "VAULT_LISTEN",
-                format!(
-                    "{listen} is reachable from the network but no TLS is configured (VAULT_TLS_CERT_FILE, VAULT_TLS_KEY_FILE); caller tokens and access tokens would cross it in clear. Set VAULT_ALLOW_PLAINTEXT=true only behind a sidecar that terminates mTLS"
-                ),
-            )
-        })
-    }
 }
 
 #[cfg(test)]

@@ -131,10 +131,15 @@ impl Source {
             };
             // Each error names one value; drop it and read again, to find every bad value.
             match error.path.first().and_then(|key| values.remove_entry(key)) {
-                Some((key, _)) => problems.push(ConfigError::new(
-                    key.to_ascii_uppercase(),
-                    error.kind.to_string(),
-                )),
+                Some((key, _)) => {
+                    let name = key.to_ascii_uppercase();
+                    let mut problem = error.kind.to_string();
+                    let accepts = settings.iter().find(|s| s.name == name).map(|s| &s.accepts);
+                    if let Some(range @ super::Accepts::Range(_)) = accepts {
+                        problem.push_str(&format!(" (accepts {range})"));
+                    }
+                    problems.push(ConfigError::new(name, problem));
+                }
                 None => {
                     problems.push(ConfigError::new("VAULT_CONFIG", error.to_string()));
                     return Err(Problems(problems));
@@ -248,7 +253,10 @@ mod tests {
         let (config, problems) = source.read().unwrap();
         let names: Vec<&str> = problems.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["VAULT_ALLOW_PLAINTEXT", "VAULT_SWEEP_BATCH"]);
-        assert!(problems[1].problem.contains("whole number"), "{problems:?}");
+        assert_eq!(
+            problems[1].problem,
+            "must be a whole number, got \"many\" (accepts 1 to 100000)"
+        );
         assert_eq!(config.vault_sweep_batch, 1000);
         assert_eq!(
             config.vault_jwt_audience, "credential-vault",
