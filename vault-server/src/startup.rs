@@ -286,3 +286,39 @@ fn read_root_key_file(path: &Path) -> Result<zeroize::Zeroizing<[u8; 32]>, Confi
         std::str::from_utf8(&bytes).map_err(|_| problem("must be base64 of 32 bytes".into()))?;
     decode_root_key(text).map_err(problem)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(source: RootKeySource) -> [u8; 32] {
+        match source {
+            RootKeySource::Key(key) => *key.expose_bytes(),
+            RootKeySource::Passphrase(_) => panic!("expected a key"),
+        }
+    }
+
+    #[test]
+    fn a_root_key_file_holds_base64_text_or_raw_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("text.key");
+        std::fs::write(&text, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+        let raw = dir.path().join("raw.key");
+        std::fs::write(&raw, [7u8; 32]).unwrap();
+        for path in [text, raw] {
+            let source = root_key_source(&RootKeySetting::File(path)).unwrap();
+            assert_eq!(key_of(source), [7u8; 32]);
+        }
+    }
+
+    #[test]
+    fn an_unreadable_or_malformed_root_key_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short.key");
+        std::fs::write(&short, "AAAA").unwrap();
+        for path in [dir.path().join("missing.key"), short] {
+            let err = root_key_source(&RootKeySetting::File(path)).unwrap_err();
+            assert_eq!(err.name, "VAULT_ROOT_KEY_FILE", "{err}");
+        }
+    }
+}
