@@ -308,6 +308,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_setting_a_rule_names_is_declared() {
+        let declared: Vec<String> = Config::default()
+            .describe()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        // The rules only: the tests below quote the call too.
+        let rules = include_str!("rules.rs").split("#[cfg(test)]").next();
+        let named = rules
+            .unwrap_or_default()
+            .split("ConfigError::new(")
+            .skip(1)
+            .filter_map(|call| call.split('"').nth(1));
+        let mut count = 0;
+        for name in named {
+            assert!(
+                declared.iter().any(|d| d == name),
+                "{name} is not a setting"
+            );
+            count += 1;
+        }
+        assert!(count > 10, "the rules were not found");
+    }
+
+    #[test]
     fn a_jwks_url_is_checked_on_its_parsed_host_and_scheme() {
         for good in [
             "https://issuer.example/jwks.json",
