@@ -10,7 +10,7 @@ use vault_server::store::{
     AgentRecord, CredentialKey, CredentialState, NewCredential, RefreshLease, RootKeyRecord, Store,
     SweepOutcome, Upserted,
 };
-use vault_server::vault::{outbox_backoff, refresh_backoff};
+use vault_server::vault::refresh_backoff;
 
 use crate::helpers::TestDb;
 
@@ -259,7 +259,7 @@ async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &Stor
         put(store, &a, &format!("user-{i}"), "jira", 1, 0).await;
     }
     put(store, &a, "keeper", "jira", 2, 3600).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A TTL of zero is past as soon as it is written: every later read is at a later time.
     assert!(
         store
             .credentials
@@ -376,7 +376,8 @@ async fn an_expired_refresh_lease_can_be_taken_over(store: &Store) {
     let a = registered(store, "agent-a").await;
     let (g1, _) = put(store, &a, "alice", "jira", 1, 3600).await;
     let (u, t) = (user("alice"), tool("jira"));
-    let short = Duration::from_millis(50);
+    // A lease of zero length is expired the moment it is taken: a holder that crashed.
+    let short = Duration::ZERO;
     assert_eq!(
         store
             .leases
@@ -385,7 +386,6 @@ async fn an_expired_refresh_lease_can_be_taken_over(store: &Store) {
             .unwrap(),
         RefreshLease::Acquired { failures: 0 }
     );
-    tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(
         store
             .leases
@@ -515,7 +515,7 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
     );
     store
         .outbox
-        .retry_outbox(&a, queued[0].id, outbox_backoff(0), "provider down")
+        .retry_outbox(&a, queued[0].id, Duration::from_secs(3600), "provider down")
         .await
         .unwrap();
     store.outbox.finish_outbox(&a, queued[1].id).await.unwrap();
@@ -528,14 +528,24 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
             .is_empty(),
         "retry waits out its backoff"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The wait is the caller's to choose (vault::outbox_backoff); one that is over at once
+    // makes the entry due now.
+    store
+        .outbox
+        .retry_outbox(&a, queued[0].id, Duration::ZERO, "provider down")
+        .await
+        .unwrap();
     let claimed = store
         .outbox
         .claim_outbox(uuid::Uuid::new_v4(), lease, 10)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
-    assert_eq!((claimed[0].1.id, claimed[0].1.attempts), (queued[0].id, 1));
+    assert_eq!(
+        (claimed[0].1.id, claimed[0].1.attempts),
+        (queued[0].id, 2),
+        "both failed attempts counted"
+    );
     assert_eq!(claimed[0].0.agent, agent("agent-a"));
     assert!(
         store

@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod bad_input;
 mod client;
+mod config;
 mod conformance;
 mod hardening;
 mod lifecycle;

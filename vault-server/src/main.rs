@@ -51,6 +51,12 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Print the effective settings (secrets redacted), then any problem with them.
+    Config {
+        /// Instead, print every setting with its default, accepted values and meaning.
+        #[arg(long)]
+        docs: bool,
+    },
     /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
     Keygen {
         /// Where to write it; refuses to overwrite.
@@ -156,6 +162,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 vault_server::dev::mint(&dir, &agent, &user, &scopes, ttl, "credential-vault")?
             );
             Ok(())
+        }
+        Command::Config { docs: true } => {
+            print!("{}", vault_server::config::docs_table());
+            Ok(())
+        }
+        Command::Config { docs: false } => {
+            let (config, mut problems) = Source::from_env()?.read()?;
+            print!("{}", vault_server::config::effective(&config));
+            problems.extend(config.validate());
+            if problems.is_empty() {
+                return Ok(());
+            }
+            Err(vault_server::config::Problems(problems).into())
         }
         Command::Keygen { out } => {
             vault_server::dev::write_root_key(&out)?;

@@ -4,15 +4,18 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::auth::Verifier;
-use crate::config::Settings;
+use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
+use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, CredentialVaultService, proto};
 use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
@@ -44,7 +47,10 @@ impl std::fmt::Debug for Application {
 
 impl Application {
     /// Connects, migrates, unlocks the root key, loads issuer keys and binds the listener.
-    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Read first, as a bad key file is a configuration error and stops startup before the
+        // database is touched.
+        let root_source = root_key_source(&settings.root_key)?;
         if settings.allow_plaintext && settings.tls.is_none() && !settings.listen.ip().is_loopback()
         {
             tracing::warn!(listen = %settings.listen, "VAULT_ALLOW_PLAINTEXT=true: serving gRPC without TLS on a network address; only safe behind a sidecar that terminates mTLS");
@@ -69,10 +75,6 @@ impl Application {
                 anyhow::anyhow!("migrations failed: {}", crate::telemetry::error_chain(&e))
             })?;
         }
-        let root_source = std::mem::replace(
-            &mut settings.root_key,
-            crate::config::RootKeySource::Passphrase(secrecy::SecretString::from(String::new())),
-        );
         let root = unlock_root_key(&store, root_source).await?;
         let verifier = Arc::new(
             Verifier::new(settings.jwt.clone())
@@ -264,4 +266,67 @@ fn server_tls(
         )?));
     }
     Ok(config)
+}
+
+/// The root key named by the settings: decoded, or read from its file, or the passphrase that
+/// derives it.
+fn root_key_source(setting: &RootKeySetting) -> Result<RootKeySource, ConfigError> {
+    let key = |bytes: zeroize::Zeroizing<[u8; 32]>| RootKeySource::Key(RootKey::from_bytes(*bytes));
+    match setting {
+        RootKeySetting::Key(text) => decode_root_key(text.expose_secret())
+            .map(key)
+            .map_err(|p| ConfigError::new("VAULT_ROOT_KEY", p)),
+        RootKeySetting::File(path) => read_root_key_file(path).map(key),
+        RootKeySetting::Passphrase(phrase) => Ok(RootKeySource::Passphrase(phrase.clone())),
+    }
+}
+
+/// Reads a root key file: base64 text of 32 bytes (what `keygen` writes) or 32 raw bytes.
+fn read_root_key_file(path: &Path) -> Result<zeroize::Zeroizing<[u8; 32]>, ConfigError> {
+    let problem = |p: String| ConfigError::new("VAULT_ROOT_KEY_FILE", p);
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(path).map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?,
+    );
+    if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
+        return Ok(zeroize::Zeroizing::new(raw));
+    }
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| problem("must be base64 of 32 bytes".into()))?;
+    decode_root_key(text).map_err(problem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(source: RootKeySource) -> [u8; 32] {
+        match source {
+            RootKeySource::Key(key) => *key.expose_bytes(),
+            RootKeySource::Passphrase(_) => panic!("expected a key"),
+        }
+    }
+
+    #[test]
+    fn a_root_key_file_holds_base64_text_or_raw_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("text.key");
+        std::fs::write(&text, "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").unwrap();
+        let raw = dir.path().join("raw.key");
+        std::fs::write(&raw, [7u8; 32]).unwrap();
+        for path in [text, raw] {
+            let source = root_key_source(&RootKeySetting::File(path)).unwrap();
+            assert_eq!(key_of(source), [7u8; 32]);
+        }
+    }
+
+    #[test]
+    fn an_unreadable_or_malformed_root_key_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short.key");
+        std::fs::write(&short, "AAAA").unwrap();
+        for path in [dir.path().join("missing.key"), short] {
+            let err = root_key_source(&RootKeySetting::File(path)).unwrap_err();
+            assert_eq!(err.name, "VAULT_ROOT_KEY_FILE", "{err}");
+        }
+    }
 }

@@ -195,6 +195,24 @@ impl AgentKey {
     }
 }
 
+/// How the root key is obtained, once `startup` has read it.
+pub enum RootKeySource {
+    /// The key itself (`VAULT_ROOT_KEY` or `VAULT_ROOT_KEY_FILE`).
+    Key(RootKey),
+    /// A passphrase (`VAULT_ROOT_PASSPHRASE`), derived with Argon2id and the salt kept in the
+    /// control schema.
+    Passphrase(secrecy::SecretString),
+}
+
+impl fmt::Debug for RootKeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Key(_) => f.write_str("Key([REDACTED])"),
+            Self::Passphrase(_) => f.write_str("Passphrase([REDACTED])"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

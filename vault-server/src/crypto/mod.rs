@@ -11,7 +11,7 @@ mod keys;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
 pub use keyring::{Keyring, Unlocked};
-pub use keys::{AgentKey, KdfParams, RootKey};
+pub use keys::{AgentKey, KdfParams, RootKey, RootKeySource};
 
 /// A seal did not open: wrong key, wrong binding, or tampered bytes. Deliberately says no more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

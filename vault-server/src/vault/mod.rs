@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::Caller;
-use crate::config::RootKeySource;
+use crate::crypto::RootKeySource;
 use crate::crypto::{
     Binding, KdfParams, Keyring, RootKey, Unlocked, open_credential, seal_credential,
 };
