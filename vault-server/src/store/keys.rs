@@ -36,8 +36,16 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The root key metadata, if the vault has been initialised.
     async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError>;
 
+    /// Records root key metadata unless a record exists already (another replica was first).
+    async fn insert_root_key(&self, record: &RootKeyRecord) -> Result<(), StoreError>;
+
     /// Records root key metadata unless another replica did first; returns what is stored.
-    async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError>;
+    async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError> {
+        self.insert_root_key(record).await?;
+        self.root_key()
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
+    }
 
     /// The agent's registry entry, if it has stored anything.
     async fn agent(

@@ -27,7 +27,7 @@ impl KeyStore for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError> {
+    async fn insert_root_key(&self, record: &RootKeyRecord) -> Result<(), StoreError> {
         let (salt, params) = match &record.kdf {
             Some((salt, p)) => (Some(salt.clone()), Some(*p)),
             None => (None, None),
@@ -44,9 +44,7 @@ impl KeyStore for PgStore {
         .execute(&self.pool)
         .await
         .map_err(e)?;
-        self.root_key()
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
+        Ok(())
     }
 
     #[tracing::instrument(skip_all)]

@@ -22,7 +22,7 @@ impl KeyStore for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn init_root_key(&self, record: &RootKeyRecord) -> Result<RootKeyRecord, StoreError> {
+    async fn insert_root_key(&self, record: &RootKeyRecord) -> Result<(), StoreError> {
         let (salt, params) = match &record.kdf {
             Some((salt, p)) => (Some(salt.clone()), Some(*p)),
             None => (None, None),
@@ -40,9 +40,7 @@ impl KeyStore for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(e)?;
-        self.root_key()
-            .await?
-            .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
+        Ok(())
     }
 
     #[tracing::instrument(skip_all)]
