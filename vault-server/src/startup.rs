@@ -48,6 +48,16 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Connects, migrates, unlocks the root key, loads issuer keys and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_on(settings, None).await
+    }
+
+    /// Builds on a socket the caller has already bound (and keeps bound), listening on it
+    /// instead of binding `VAULT_LISTEN`: whoever chose the port never lets go of it, so no
+    /// other process can take it in between.
+    pub async fn build_on(
+        settings: Settings,
+        socket: Option<tokio::net::TcpSocket>,
+    ) -> anyhow::Result<Self> {
         // Read first, as a bad key file is a configuration error and stops startup before the
         // database is touched.
         let root_source = root_key_source(&settings.root_key)?;
@@ -106,9 +116,12 @@ impl Application {
             .map(|t| t.issuer.clone())
             .collect();
         vault.adopt_legacy_agents(&issuers).await?;
-        let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on VAULT_LISTEN={}: {e}", settings.listen)
-        })?;
+        let listener = match socket {
+            Some(socket) => socket.listen(1024)?,
+            None => TcpListener::bind(settings.listen).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on VAULT_LISTEN={}: {e}", settings.listen)
+            })?,
+        };
         let local_addr = listener.local_addr()?;
         Ok(Self {
             listener,
