@@ -38,16 +38,11 @@ use tonic_types::StatusExt;
 
 pub use token::{BoxError, TokenSource};
 
-/// Generated from `proto/vault/v1/vault.proto`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod proto {
-    tonic::include_proto!("vault.v1");
-}
+/// The generated API, for calls through [`Client::raw`].
+pub use vault_proto as proto;
+pub use vault_proto::{ERROR_DOMAIN, ErrorReason};
 
 pub use proto::{AccessToken, OAuthToken};
-
-/// The error domain of the vault's `ErrorInfo` details.
-pub const ERROR_DOMAIN: &str = "vault.v1";
 
 /// What a vault call can fail with, by what the caller should do.
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +98,18 @@ impl From<Status> for Error {
     fn from(status: Status) -> Self {
         let details = status.get_error_details();
         let info = details.error_info();
-        let reason = info.map(|i| i.reason.as_str()).unwrap_or_default();
+        let reason = info
+            .and_then(|i| ErrorReason::from_str_name(&i.reason))
+            .unwrap_or(ErrorReason::Unspecified);
         let message = status.message().to_string();
         match (status.code(), reason) {
-            (Code::NotFound, "CREDENTIAL_NOT_FOUND") => Self::CredentialNotFound,
-            (Code::FailedPrecondition, "REAUTH_REQUIRED") => Self::ReauthRequired(message),
-            (Code::Unavailable, "PROVIDER_UNAVAILABLE") => Self::ProviderUnavailable(message),
+            (Code::NotFound, ErrorReason::CredentialNotFound) => Self::CredentialNotFound,
+            (Code::FailedPrecondition, ErrorReason::ReauthRequired) => {
+                Self::ReauthRequired(message)
+            }
+            (Code::Unavailable, ErrorReason::ProviderUnavailable) => {
+                Self::ProviderUnavailable(message)
+            }
             (Code::Unauthenticated, _) => Self::Unauthenticated(message),
             (Code::PermissionDenied, _) => Self::PermissionDenied(message),
             (Code::InvalidArgument, _) => {
