@@ -1,5 +1,5 @@
 //! Compiles `proto/bench/v1/echo.proto` with protox (pure Rust, no system `protoc`) into the
-//! echo server and client stubs, the same way `vault-server/build.rs` compiles the vault API.
+//! echo server and client stubs, the same way `vault-proto/build.rs` compiles the vault API.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = "proto";

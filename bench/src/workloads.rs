@@ -14,8 +14,10 @@ use base64::Engine as _;
 use prost::Message as _;
 use sqlx::{PgPool, Row as _};
 use tonic::transport::{Channel, Endpoint};
-use vault_client::proto::{AccessToken, GetTokenRequest, GetTokenResponse, StoreTokenRequest};
-use vault_client::{Client, OAuthToken, RawClient};
+use vault_client::proto::{
+    AccessToken, GetTokenRequest, GetTokenResponse, OAuthToken, StoreTokenRequest,
+};
+use vault_client::{Client, RawClient, TokenSet};
 use vault_server::ids::{AgentId, IssuerId};
 use vault_server::store::namespace_for;
 
@@ -100,15 +102,14 @@ fn random_token(prefix: &str) -> String {
 }
 
 /// A token set as a gateway stores it after consent; the access token expires in an hour.
-pub fn oauth_token() -> OAuthToken {
-    OAuthToken {
+pub fn oauth_token() -> TokenSet {
+    // Whole seconds, as the vault stores them, so the echo shape matches GetToken's reply.
+    let expires_at = unix_now() as u64 + ACCESS_TOKEN_LIFETIME.as_secs();
+    TokenSet {
         access_token: random_token("at_"),
-        refresh_token: random_token("rt_"),
+        refresh_token: Some(random_token("rt_")),
         token_type: "Bearer".into(),
-        expires_at: Some(prost_types::Timestamp {
-            seconds: unix_now() + ACCESS_TOKEN_LIFETIME.as_secs() as i64,
-            nanos: 0,
-        }),
+        expires_at: Some(UNIX_EPOCH + Duration::from_secs(expires_at)),
         scopes: vec!["read:jira-work".into(), "offline_access".into()],
     }
 }
@@ -129,7 +130,7 @@ impl EchoShape {
     /// Sizes the echo call after GetToken for a token set like [`oauth_token`] at about
     /// generation `generation`.
     pub fn like_get_token(generation: u64) -> Self {
-        let sample = oauth_token();
+        let sample = OAuthToken::from(oauth_token());
         let request_len = GetTokenRequest {
             tool: TOOL.into(),
             min_valid_seconds: 0,
@@ -227,10 +228,10 @@ pub async fn seed(
                     let Some(credential) = batch.get(i) else {
                         return Ok::<_, anyhow::Error>(());
                     };
-                    let mut client =
+                    let client =
                         Client::from_channel(channel.clone()).with_bearer(&credential.jwt)?;
                     client
-                        .store_token(TOOL, oauth_token(), 0)
+                        .store_token(TOOL, oauth_token(), None)
                         .await
                         .map_err(|e| anyhow::anyhow!("seeding StoreToken failed: {e}"))?;
                 }
@@ -384,7 +385,8 @@ pub async fn store_token(
     concurrency: usize,
     phases: Phases,
 ) -> Sample {
-    let token = oauth_token();
+    // Converted once, outside the timed calls.
+    let token = OAuthToken::from(oauth_token());
     drive(concurrency, phases, move |task, pick| {
         let client = raw_client(channel_of(&channels, task), &population.pick(pick).jwt);
         let request = StoreTokenRequest {

@@ -1,7 +1,9 @@
 //! The credential round trip, isolation between agents and users, encryption at rest, revoke.
 
+use std::time::Duration;
+
 use sqlx::Row;
-use vault_client::Error;
+use vault_client::{Error, Owner};
 
 use crate::helpers::*;
 
@@ -14,18 +16,21 @@ async fn a_stored_token_comes_back_to_its_owner() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut gateway = app.client(&issuer, "agent-a", "alice").await;
+    let gateway = app.client(&issuer, "agent-a", "alice").await;
 
     let stored = gateway
-        .store_token("jira", oauth_token("at-1", "rt-1", 3600), 0)
+        .store_token("jira", oauth_token("at-1", "rt-1", 3600), None)
         .await
         .unwrap();
-    let token = gateway.get_token("jira", 60).await.unwrap();
+    let token = gateway
+        .get_token("jira", Duration::from_secs(60))
+        .await
+        .unwrap();
 
     assert!(stored.generation >= 1);
     let expected_ttl = now() + 2_592_000;
     assert!(
-        (stored.ttl_expires_at - expected_ttl).abs() < 60,
+        (unix(stored.ttl_expires_at) - expected_ttl).abs() < 60,
         "default TTL is 30 days"
     );
     assert_eq!(token.access_token, "at-1");
@@ -33,7 +38,7 @@ async fn a_stored_token_comes_back_to_its_owner() {
     assert_eq!(token.scopes, vec!["read:jira-work", "offline_access"]);
     assert_eq!(token.generation, stored.generation);
     assert!(!token.refreshed);
-    assert!((token.expires_at.unwrap() - (now() + 3600)).abs() < 60);
+    assert!((unix(token.expires_at.unwrap()) - (now() + 3600)).abs() < 60);
 }
 
 #[tokio::test]
@@ -41,19 +46,19 @@ async fn storing_again_replaces_the_token_with_a_newer_generation() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
 
     let first = vault
-        .store_token("jira", oauth_token("at-1", "rt-1", 3600), 0)
+        .store_token("jira", oauth_token("at-1", "rt-1", 3600), None)
         .await
         .unwrap();
     let second = vault
-        .store_token("jira", oauth_token("at-2", "rt-2", 3600), 0)
+        .store_token("jira", oauth_token("at-2", "rt-2", 3600), None)
         .await
         .unwrap();
 
     assert!(second.generation > first.generation);
-    let token = vault.get_token("jira", 0).await.unwrap();
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(token.access_token, "at-2");
     assert_eq!(token.generation, second.generation);
 }
@@ -67,10 +72,10 @@ async fn concurrent_stores_leave_the_newest_generation() {
 
     let mut tasks = Vec::new();
     for i in 0..16 {
-        let mut vault = vault.clone();
+        let vault = vault.clone();
         tasks.push(tokio::spawn(async move {
             vault
-                .store_token("jira", oauth_token(&format!("at-{i}"), "rt", 3600), 0)
+                .store_token("jira", oauth_token(&format!("at-{i}"), "rt", 3600), None)
                 .await
                 .unwrap()
         }));
@@ -80,7 +85,11 @@ async fn concurrent_stores_leave_the_newest_generation() {
         highest = highest.max(task.await.unwrap().generation);
     }
 
-    let token = vault.clone().get_token("jira", 0).await.unwrap();
+    let token = vault
+        .clone()
+        .get_token("jira", Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(
         token.generation, highest,
         "the newest write wins, never an older one"
@@ -92,27 +101,34 @@ async fn one_user_cannot_read_another_users_token() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut alice = app.client(&issuer, "agent-a", "alice").await;
-    let mut bob = app.client(&issuer, "agent-a", "bob").await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    let bob = app.client(&issuer, "agent-a", "bob").await;
 
     alice
-        .store_token("jira", oauth_token("alice-at", "alice-rt", 3600), 0)
+        .store_token("jira", oauth_token("alice-at", "alice-rt", 3600), None)
         .await
         .unwrap();
 
     assert!(matches!(
-        bob.get_token("jira", 0).await,
+        bob.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
-    bob.store_token("jira", oauth_token("bob-at", "bob-rt", 3600), 0)
+    bob.store_token("jira", oauth_token("bob-at", "bob-rt", 3600), None)
         .await
         .unwrap();
     assert_eq!(
-        alice.get_token("jira", 0).await.unwrap().access_token,
+        alice
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "alice-at"
     );
     assert_eq!(
-        bob.get_token("jira", 0).await.unwrap().access_token,
+        bob.get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "bob-at"
     );
 }
@@ -122,24 +138,28 @@ async fn one_agent_cannot_read_another_agents_token_for_the_same_user() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut agent_a = app.client(&issuer, "agent-a", "alice").await;
-    let mut agent_b = app.client(&issuer, "agent-b", "alice").await;
+    let agent_a = app.client(&issuer, "agent-a", "alice").await;
+    let agent_b = app.client(&issuer, "agent-b", "alice").await;
 
     agent_a
-        .store_token("jira", oauth_token("a-at", "a-rt", 3600), 0)
+        .store_token("jira", oauth_token("a-at", "a-rt", 3600), None)
         .await
         .unwrap();
 
     assert!(matches!(
-        agent_b.get_token("jira", 0).await,
+        agent_b.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     agent_b
-        .store_token("jira", oauth_token("b-at", "b-rt", 3600), 0)
+        .store_token("jira", oauth_token("b-at", "b-rt", 3600), None)
         .await
         .unwrap();
     assert_eq!(
-        agent_a.get_token("jira", 0).await.unwrap().access_token,
+        agent_a
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "a-at"
     );
 
@@ -159,17 +179,17 @@ async fn an_unknown_tool_is_not_found() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     assert!(matches!(
-        vault.get_token("stripe", 0).await,
+        vault.get_token("stripe", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
     assert!(matches!(
-        vault.get_token("stripe", 0).await,
+        vault.get_token("stripe", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
 }
@@ -225,11 +245,11 @@ async fn the_database_holds_no_token_in_clear_or_encoded() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     let access = "ACCESS-5f1d2c9e-very-secret";
     let refresh = "REFRESH-9a8b7c6d-very-secret";
     vault
-        .store_token("jira", oauth_token(access, refresh, 3600), 0)
+        .store_token("jira", oauth_token(access, refresh, 3600), None)
         .await
         .unwrap();
 
@@ -263,14 +283,14 @@ async fn a_sealed_row_copied_onto_another_users_row_does_not_open() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut alice = app.client(&issuer, "agent-a", "alice").await;
-    let mut mallory = app.client(&issuer, "agent-a", "mallory").await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    let mallory = app.client(&issuer, "agent-a", "mallory").await;
     alice
-        .store_token("jira", oauth_token("alice-secret", "alice-rt", 3600), 0)
+        .store_token("jira", oauth_token("alice-secret", "alice-rt", 3600), None)
         .await
         .unwrap();
     mallory
-        .store_token("jira", oauth_token("mallory-at", "mallory-rt", 3600), 0)
+        .store_token("jira", oauth_token("mallory-at", "mallory-rt", 3600), None)
         .await
         .unwrap();
 
@@ -287,13 +307,17 @@ async fn a_sealed_row_copied_onto_another_users_row_does_not_open() {
     .await
     .unwrap();
 
-    let stolen = mallory.get_token("jira", 0).await;
+    let stolen = mallory.get_token("jira", Duration::ZERO).await;
     assert!(
         matches!(&stolen, Err(Error::Other(status)) if status.code() == tonic::Code::Internal),
         "{stolen:?}"
     );
     assert_eq!(
-        alice.get_token("jira", 0).await.unwrap().access_token,
+        alice
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "alice-secret"
     );
 }
@@ -303,14 +327,14 @@ async fn a_sealed_row_copied_into_another_agents_schema_does_not_open() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut agent_a = app.client(&issuer, "agent-a", "alice").await;
-    let mut agent_b = app.client(&issuer, "agent-b", "alice").await;
+    let agent_a = app.client(&issuer, "agent-a", "alice").await;
+    let agent_b = app.client(&issuer, "agent-b", "alice").await;
     agent_a
-        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), 0)
+        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), None)
         .await
         .unwrap();
     agent_b
-        .store_token("jira", oauth_token("b-at", "b-rt", 3600), 0)
+        .store_token("jira", oauth_token("b-at", "b-rt", 3600), None)
         .await
         .unwrap();
 
@@ -325,7 +349,7 @@ async fn a_sealed_row_copied_into_another_agents_schema_does_not_open() {
     .await
     .unwrap();
 
-    let result = agent_b.get_token("jira", 0).await;
+    let result = agent_b.get_token("jira", Duration::ZERO).await;
     assert!(
         matches!(&result, Err(Error::Other(status)) if status.code() == tonic::Code::Internal),
         "{result:?}"
@@ -337,16 +361,16 @@ async fn a_token_survives_a_restart() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     let stored = vault
-        .store_token("jira", oauth_token("persisted", "rt", 3600), 0)
+        .store_token("jira", oauth_token("persisted", "rt", 3600), None)
         .await
         .unwrap();
     app.stop().await;
 
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
-    let token = vault.get_token("jira", 0).await.unwrap();
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(token.access_token, "persisted");
     assert_eq!(token.generation, stored.generation);
 }
@@ -356,27 +380,27 @@ async fn refresh_without_a_provider_never_pretends() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     let first = vault
-        .store_token("jira", oauth_token("at-1", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at-1", "rt", 3600), None)
         .await
         .unwrap();
 
     assert!(matches!(
-        vault.refresh("jira", 0).await,
+        vault.refresh("jira", None).await,
         Err(Error::ReauthRequired(_))
     ));
     assert!(matches!(
-        vault.refresh("stripe", 0).await,
+        vault.refresh("stripe", None).await,
         Err(Error::CredentialNotFound)
     ));
 
     // A caller that saw an older generation gets the newer one without a refresh.
     let second = vault
-        .store_token("jira", oauth_token("at-2", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at-2", "rt", 3600), None)
         .await
         .unwrap();
-    let token = vault.refresh("jira", first.generation).await.unwrap();
+    let token = vault.refresh("jira", Some(first.generation)).await.unwrap();
     assert_eq!(token.access_token, "at-2");
     assert_eq!(token.generation, second.generation);
     assert!(!token.refreshed);
@@ -387,23 +411,26 @@ async fn an_expired_access_token_is_not_served_without_a_provider() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
 
     vault
-        .store_token("expired", oauth_token("old", "rt", -10), 0)
+        .store_token("expired", oauth_token("old", "rt", -10), None)
         .await
         .unwrap();
     vault
-        .store_token("expiring", oauth_token("soon", "rt", 20), 0)
+        .store_token("expiring", oauth_token("soon", "rt", 20), None)
         .await
         .unwrap();
 
     assert!(matches!(
-        vault.get_token("expired", 0).await,
+        vault.get_token("expired", Duration::ZERO).await,
         Err(Error::ReauthRequired(_))
     ));
     // Still valid, though inside the refresh window: better than nothing, and not "refreshed".
-    let token = vault.get_token("expiring", 300).await.unwrap();
+    let token = vault
+        .get_token("expiring", Duration::from_secs(300))
+        .await
+        .unwrap();
     assert_eq!(token.access_token, "soon");
     assert!(!token.refreshed);
 }
@@ -413,28 +440,28 @@ async fn revoke_deletes_one_tool_or_all_of_them() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     for tool in ["jira", "stripe", "canva"] {
         vault
-            .store_token(tool, oauth_token("at", "rt", 3600), 0)
+            .store_token(tool, oauth_token("at", "rt", 3600), None)
             .await
             .unwrap();
     }
 
-    assert_eq!(vault.revoke("jira", false).await.unwrap().revoked, 1);
+    assert_eq!(vault.revoke(Some("jira"), false).await.unwrap().revoked, 1);
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     assert_eq!(
-        vault.revoke("jira", false).await.unwrap().revoked,
+        vault.revoke(Some("jira"), false).await.unwrap().revoked,
         0,
         "idempotent"
     );
-    let all = vault.revoke("", false).await.unwrap();
+    let all = vault.revoke(None, false).await.unwrap();
     assert_eq!((all.revoked, all.provider_revoked), (2, 0));
     assert!(matches!(
-        vault.get_token("stripe", 0).await,
+        vault.get_token("stripe", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
 }
@@ -444,63 +471,53 @@ async fn revoking_for_someone_else_needs_the_admin_scope() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut alice = app.client(&issuer, "agent-a", "alice").await;
-    let mut bob = app.client(&issuer, "agent-a", "bob").await;
-    let mut other_agent = app.client(&issuer, "agent-b", "alice").await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    let bob = app.client(&issuer, "agent-a", "bob").await;
+    let other_agent = app.client(&issuer, "agent-b", "alice").await;
     alice
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
     other_agent
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
 
     let as_bob = bob
-        .revoke_for(vault_client::proto::RevokeRequest {
-            user_id: "alice".into(),
-            ..Default::default()
-        })
+        .revoke_for(
+            Owner {
+                user_id: Some("alice".into()),
+                ..Owner::default()
+            },
+            None,
+            false,
+        )
         .await;
     assert!(
-        matches!(as_bob, Err(Error::PermissionDenied(_))),
+        matches!(as_bob, Err(Error::PermissionDenied { .. })),
         "{as_bob:?}"
     );
-    let cross_agent = bob
-        .revoke_for(vault_client::proto::RevokeRequest {
-            agent_id: "agent-b".into(),
-            user_id: "bob".into(),
-            ..Default::default()
-        })
-        .await;
-    assert!(matches!(cross_agent, Err(Error::PermissionDenied(_))));
-    assert!(alice.get_token("jira", 0).await.is_ok());
+    let cross_agent = bob.revoke_for(owner("agent-b", "bob"), None, false).await;
+    assert!(matches!(cross_agent, Err(Error::PermissionDenied { .. })));
+    assert!(alice.get_token("jira", Duration::ZERO).await.is_ok());
 
-    let mut admin = app.admin(&issuer, "ops-console", "operator").await;
+    let admin = app.admin(&issuer, "ops-console", "operator").await;
     let revoked = admin
-        .revoke_for(vault_client::proto::RevokeRequest {
-            agent_id: "agent-a".into(),
-            user_id: "alice".into(),
-            ..Default::default()
-        })
+        .revoke_for(owner("agent-a", "alice"), None, false)
         .await
         .unwrap();
     assert_eq!(revoked.revoked, 1);
     assert!(matches!(
-        alice.get_token("jira", 0).await,
+        alice.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     assert!(
-        other_agent.get_token("jira", 0).await.is_ok(),
+        other_agent.get_token("jira", Duration::ZERO).await.is_ok(),
         "only the named agent's credential went"
     );
 
     let unknown = admin
-        .revoke_for(vault_client::proto::RevokeRequest {
-            agent_id: "never-seen".into(),
-            user_id: "x".into(),
-            ..Default::default()
-        })
+        .revoke_for(owner("never-seen", "x"), None, false)
         .await
         .unwrap();
     assert_eq!(unknown.revoked, 0);
@@ -512,22 +529,22 @@ async fn no_token_ever_reaches_the_logs() {
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
     let caller_jwt = issuer.token("agent-log", "alice");
-    let mut vault = app.client_with(&caller_jwt).await;
+    let vault = app.client_with(&caller_jwt).await;
     let access = "LOGCHECK-ACCESS-7c0ffee";
     let refresh = "LOGCHECK-REFRESH-7c0ffee";
 
     vault
-        .store_token("jira", oauth_token(access, refresh, 3600), 0)
+        .store_token("jira", oauth_token(access, refresh, 3600), None)
         .await
         .unwrap();
-    vault.get_token("jira", 0).await.unwrap();
-    let _ = vault.refresh("jira", 0).await;
+    vault.get_token("jira", Duration::ZERO).await.unwrap();
+    let _ = vault.refresh("jira", None).await;
     let _ = vault
-        .store_token("bad tool", oauth_token(access, refresh, 3600), 0)
+        .store_token("bad tool", oauth_token(access, refresh, 3600), None)
         .await;
-    vault.revoke("jira", true).await.unwrap();
-    let mut forged = app.client_with(&format!("{caller_jwt}x")).await;
-    let _ = forged.get_token("jira", 0).await;
+    vault.revoke(Some("jira"), true).await.unwrap();
+    let forged = app.client_with(&format!("{caller_jwt}x")).await;
+    let _ = forged.get_token("jira", Duration::ZERO).await;
 
     let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
     assert!(logs.contains("stored credential"), "the log capture works");

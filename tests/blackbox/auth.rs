@@ -1,5 +1,7 @@
 //! Caller authentication: every refusal the issue names, and the keys that are accepted.
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -8,7 +10,10 @@ use vault_client::Error;
 use crate::helpers::*;
 
 async fn get_with(app: &TestApp, token: &str) -> Result<vault_client::Token, Error> {
-    app.client_with(token).await.get_token("jira", 0).await
+    app.client_with(token)
+        .await
+        .get_token("jira", Duration::ZERO)
+        .await
 }
 
 /// A server with one stored credential for (agent-a, alice).
@@ -18,7 +23,7 @@ async fn fixture() -> (TestDb, Issuer, TestApp) {
     let app = spawn(&db, &issuer).await;
     app.client(&issuer, "agent-a", "alice")
         .await
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
     (db, issuer, app)
@@ -49,8 +54,8 @@ async fn eddsa_and_es256_tokens_are_accepted() {
 #[tokio::test]
 async fn a_call_without_a_token_is_refused() {
     let (_db, _issuer, app) = fixture().await;
-    let mut anonymous = vault_client::Client::connect(app.endpoint()).await.unwrap();
-    let result = anonymous.get_token("jira", 0).await;
+    let anonymous = vault_client::Client::connect(app.endpoint()).await.unwrap();
+    let result = anonymous.get_token("jira", Duration::ZERO).await;
     assert!(
         matches!(&result, Err(Error::Unauthenticated(m)) if m.contains("authorization")),
         "{result:?}"
@@ -237,14 +242,18 @@ async fn the_agent_claim_name_is_configurable() {
     let mut claims = issuer.claims("ignored", "alice");
     claims["azp"] = json!("agent-from-azp");
     claims["scope"] = json!("vault:store");
-    let mut vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
+    let vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
     vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
-    let mut same_agent = app.client_with(&issuer.keys[1].sign(&claims)).await;
+    let same_agent = app.client_with(&issuer.keys[1].sign(&claims)).await;
     assert_eq!(
-        same_agent.get_token("jira", 0).await.unwrap().access_token,
+        same_agent
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "at"
     );
     assert_refused(
@@ -265,22 +274,29 @@ async fn a_rotated_issuer_key_is_picked_up_without_a_restart() {
     issuer.keys.push(rotated);
     issuer.publish();
 
-    let mut vault = app.client_with(&early).await;
+    let vault = app.client_with(&early).await;
     vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
-    assert_eq!(vault.get_token("jira", 0).await.unwrap().access_token, "at");
+    assert_eq!(
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
+        "at"
+    );
 }
 
 #[tokio::test]
 async fn sweep_needs_the_admin_scope() {
     let (_db, issuer, app) = fixture().await;
-    let mut caller = app.client(&issuer, "agent-a", "alice").await;
+    let caller = app.client(&issuer, "agent-a", "alice").await;
     assert!(matches!(
         caller.sweep(0, true).await,
-        Err(Error::PermissionDenied(_))
+        Err(Error::PermissionDenied { .. })
     ));
-    let mut admin = app.admin(&issuer, "agent-a", "alice").await;
+    let admin = app.admin(&issuer, "agent-a", "alice").await;
     assert!(admin.sweep(0, true).await.is_ok());
 }

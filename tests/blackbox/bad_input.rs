@@ -1,10 +1,12 @@
 //! Hostile or malformed requests: INVALID_ARGUMENT naming the field, never a panic, and the
 //! server stays healthy.
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-use vault_client::Error;
 use vault_client::proto::{GetTokenRequest, StoreTokenRequest};
+use vault_client::{Error, Owner};
 
 use crate::helpers::*;
 
@@ -26,34 +28,37 @@ async fn each_bad_field_is_named() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     let good = || oauth_token("at", "rt", 3600);
 
-    assert_eq!(field_of(vault.store_token("", good(), 0).await), "tool");
+    assert_eq!(field_of(vault.store_token("", good(), None).await), "tool");
     assert_eq!(
-        field_of(vault.store_token("jira tool", good(), 0).await),
+        field_of(vault.store_token("jira tool", good(), None).await),
         "tool"
     );
     assert_eq!(
-        field_of(vault.store_token("jira/x", good(), 0).await),
+        field_of(vault.store_token("jira/x", good(), None).await),
         "tool"
     );
     assert_eq!(
-        field_of(vault.store_token("ツール", good(), 0).await),
+        field_of(vault.store_token("ツール", good(), None).await),
         "tool"
     );
     assert_eq!(
-        field_of(vault.store_token(&"x".repeat(129), good(), 0).await),
+        field_of(vault.store_token(&"x".repeat(129), good(), None).await),
         "tool"
     );
     assert!(
-        vault.store_token(&"x".repeat(128), good(), 0).await.is_ok(),
+        vault
+            .store_token(&"x".repeat(128), good(), None)
+            .await
+            .is_ok(),
         "128 is allowed"
     );
     assert_eq!(
         field_of(
             vault
-                .store_token("jira", oauth_token("", "rt", 3600), 0)
+                .store_token("jira", oauth_token("", "rt", 3600), None)
                 .await
         ),
         "token.access_token"
@@ -62,42 +67,50 @@ async fn each_bad_field_is_named() {
     assert_eq!(
         field_of(
             vault
-                .store_token("jira", oauth_token(&huge, "rt", 3600), 0)
+                .store_token("jira", oauth_token(&huge, "rt", 3600), None)
                 .await
         ),
         "token.access_token"
     );
     assert!(
         vault
-            .store_token("jira", oauth_token(&"a".repeat(16 * 1024), "rt", 3600), 0)
+            .store_token(
+                "jira",
+                oauth_token(&"a".repeat(16 * 1024), "rt", 3600),
+                None
+            )
             .await
             .is_ok()
     );
     assert_eq!(
         field_of(
             vault
-                .store_token("jira", oauth_token("at", &huge, 3600), 0)
+                .store_token("jira", oauth_token("at", &huge, 3600), None)
                 .await
         ),
         "token.refresh_token"
     );
-    assert_eq!(
-        field_of(vault.store_token("jira", good(), -1).await),
-        "ttl_seconds"
-    );
+    // A negative TTL cannot be written with the typed client's `Duration`: send it raw.
+    let negative_ttl = vault
+        .raw()
+        .store_token(StoreTokenRequest {
+            tool: "jira".into(),
+            token: Some(good().into()),
+            ttl_seconds: -1,
+        })
+        .await
+        .map_err(Error::from);
+    assert_eq!(field_of(negative_ttl), "ttl_seconds");
     let mut bad_time = good();
-    bad_time.expires_at = Some(prost_types::Timestamp {
-        seconds: -5,
-        nanos: 0,
-    });
+    bad_time.expires_at = Some(UNIX_EPOCH - Duration::from_secs(5));
     assert_eq!(
-        field_of(vault.store_token("jira", bad_time, 0).await),
+        field_of(vault.store_token("jira", bad_time, None).await),
         "token.expires_at"
     );
     let mut bad_scope = good();
     bad_scope.scopes = vec!["read write".into()];
     assert_eq!(
-        field_of(vault.store_token("jira", bad_scope, 0).await),
+        field_of(vault.store_token("jira", bad_scope, None).await),
         "token.scopes"
     );
 
@@ -111,18 +124,27 @@ async fn each_bad_field_is_named() {
         .await
         .map_err(Error::from);
     assert_eq!(field_of(missing), "token");
-    assert_eq!(field_of(vault.get_token("", 0).await), "tool");
-    assert_eq!(
-        field_of(vault.get_token("jira", -1).await),
-        "min_valid_seconds"
-    );
-    assert_eq!(field_of(vault.refresh("a b", 0).await), "tool");
-    assert_eq!(field_of(vault.revoke("a b", false).await), "tool");
-    let bad_user = vault
-        .revoke_for(vault_client::proto::RevokeRequest {
-            user_id: "x\u{1}y".into(),
-            ..Default::default()
+    assert_eq!(field_of(vault.get_token("", Duration::ZERO).await), "tool");
+    let negative_margin = vault
+        .raw()
+        .get_token(GetTokenRequest {
+            tool: "jira".into(),
+            min_valid_seconds: -1,
         })
+        .await
+        .map_err(Error::from);
+    assert_eq!(field_of(negative_margin), "min_valid_seconds");
+    assert_eq!(field_of(vault.refresh("a b", None).await), "tool");
+    assert_eq!(field_of(vault.revoke(Some("a b"), false).await), "tool");
+    let bad_user = vault
+        .revoke_for(
+            Owner {
+                user_id: Some("x\u{1}y".into()),
+                ..Owner::default()
+            },
+            None,
+            false,
+        )
         .await;
     assert_eq!(field_of(bad_user), "user_id");
 }
@@ -140,7 +162,7 @@ async fn a_request_over_one_mebibyte_is_refused_and_the_server_stays_healthy() {
         .raw()
         .store_token(StoreTokenRequest {
             tool: "jira".into(),
-            token: Some(token),
+            token: Some(token.into()),
             ttl_seconds: 0,
         })
         .await;
@@ -180,10 +202,17 @@ async fn a_request_over_one_mebibyte_is_refused_and_the_server_stays_healthy() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
-    assert_eq!(vault.get_token("jira", 0).await.unwrap().access_token, "at");
+    assert_eq!(
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
+        "at"
+    );
 }

@@ -17,33 +17,37 @@ async fn a_token_file_is_re_read_when_it_changes() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
     std::fs::write(&file, issuer.token("agent-a", "alice")).unwrap();
-    let mut vault = Client::builder(app.endpoint())
+    let vault = Client::builder(app.endpoint())
         .token(TokenSource::file(&file))
         .connect()
         .await
         .unwrap();
     vault
-        .store_token("jira", oauth_token("alice-at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("alice-at", "rt", 3600), None)
         .await
         .unwrap();
 
     std::fs::write(&file, format!("{}\n", issuer.token("agent-a", "bob"))).unwrap();
     assert!(
         matches!(
-            vault.get_token("jira", 0).await,
+            vault.get_token("jira", Duration::ZERO).await,
             Err(Error::CredentialNotFound)
         ),
         "now acting for bob"
     );
     std::fs::write(&file, issuer.token("agent-a", "alice")).unwrap();
     assert_eq!(
-        vault.get_token("jira", 0).await.unwrap().access_token,
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "alice-at"
     );
 
     std::fs::remove_file(&file).unwrap();
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::TokenSource(_))
     ));
 }
@@ -64,27 +68,27 @@ async fn a_callback_source_is_asked_before_every_call() {
             }
         })
     };
-    let mut vault = Client::builder(app.endpoint())
+    let vault = Client::builder(app.endpoint())
         .token(source)
         .connect()
         .await
         .unwrap();
     vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
-    vault.get_token("jira", 0).await.unwrap();
+    vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(asked.load(Ordering::SeqCst), 2);
 
     let failing =
         TokenSource::callback(|| async { Err::<String, _>("identity provider down".into()) });
-    let mut broken = Client::builder(app.endpoint())
+    let broken = Client::builder(app.endpoint())
         .token(failing)
         .connect()
         .await
         .unwrap();
     assert!(
-        matches!(broken.get_token("jira", 0).await, Err(Error::TokenSource(m)) if m.contains("identity provider down"))
+        matches!(broken.get_token("jira", Duration::ZERO).await, Err(Error::TokenSource(m)) if m.contains("identity provider down"))
     );
 }
 
@@ -94,32 +98,36 @@ async fn clones_with_different_callers_never_send_each_others_token() {
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
     let shared = Client::connect(app.endpoint()).await.unwrap();
-    let mut alice = shared
+    let alice = shared
         .clone()
         .with_bearer(&issuer.token("agent-a", "alice"))
         .unwrap();
-    let mut bob = shared
+    let bob = shared
         .clone()
         .with_bearer(&issuer.token("agent-a", "bob"))
         .unwrap();
     alice
-        .store_token("jira", oauth_token("alice-at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("alice-at", "rt", 3600), None)
         .await
         .unwrap();
-    bob.store_token("jira", oauth_token("bob-at", "rt", 3600), 0)
+    bob.store_token("jira", oauth_token("bob-at", "rt", 3600), None)
         .await
         .unwrap();
 
     let mut calls = Vec::new();
     for i in 0..64 {
-        let (mut client, expected) = if i % 2 == 0 {
+        let (client, expected) = if i % 2 == 0 {
             (alice.clone(), "alice-at")
         } else {
             (bob.clone(), "bob-at")
         };
         calls.push(tokio::spawn(async move {
             (
-                client.get_token("jira", 0).await.unwrap().access_token,
+                client
+                    .get_token("jira", Duration::ZERO)
+                    .await
+                    .unwrap()
+                    .access_token,
                 expected,
             )
         }));
@@ -142,17 +150,20 @@ async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
     let endpoint = format!("http://127.0.0.1:{port}");
     let token = issuer.token("agent-a", "alice");
 
-    let mut once = Client::builder(&endpoint)
+    let once = Client::builder(&endpoint)
         .retry(RetryPolicy::none())
         .connect_lazy()
         .unwrap()
         .with_bearer(&token)
         .unwrap();
     assert!(
-        matches!(once.get_token("jira", 0).await, Err(Error::Unavailable(_))),
+        matches!(
+            once.get_token("jira", Duration::ZERO).await,
+            Err(Error::Unavailable { .. })
+        ),
         "nothing listens yet"
     );
-    let mut store = Client::builder(&endpoint)
+    let store = Client::builder(&endpoint)
         .connect_lazy()
         .unwrap()
         .with_bearer(&token)
@@ -160,9 +171,9 @@ async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
     let started = std::time::Instant::now();
     assert!(matches!(
         store
-            .store_token("jira", oauth_token("at", "rt", 3600), 0)
+            .store_token("jira", oauth_token("at", "rt", 3600), None)
             .await,
-        Err(Error::Unavailable(_))
+        Err(Error::Unavailable { .. })
     ));
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -180,13 +191,13 @@ async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
         max_backoff: Duration::from_millis(300),
         deadline: Duration::from_secs(20),
     };
-    let mut patient = Client::builder(&endpoint)
+    let patient = Client::builder(&endpoint)
         .retry(policy)
         .connect_lazy()
         .unwrap()
         .with_bearer(&token)
         .unwrap();
-    let (result, _app) = tokio::join!(patient.get_token("jira", 0), late_server);
+    let (result, _app) = tokio::join!(patient.get_token("jira", Duration::ZERO), late_server);
     assert!(
         matches!(result, Err(Error::CredentialNotFound)),
         "reached the vault once it was up: {result:?}"
@@ -215,7 +226,7 @@ async fn the_client_speaks_tls_and_mutual_tls() {
     )
     .await;
     let endpoint = format!("https://127.0.0.1:{}", tls.addr.port());
-    let mut vault = Client::builder(&endpoint)
+    let vault = Client::builder(&endpoint)
         .tls_ca_pem(&pki.ca_pem)
         .connect()
         .await
@@ -223,11 +234,15 @@ async fn the_client_speaks_tls_and_mutual_tls() {
         .with_bearer(&token)
         .unwrap();
     vault
-        .store_token("jira", oauth_token("over-tls", "rt", 3600), 0)
+        .store_token("jira", oauth_token("over-tls", "rt", 3600), None)
         .await
         .unwrap();
     assert_eq!(
-        vault.get_token("jira", 0).await.unwrap().access_token,
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "over-tls"
     );
     let untrusting = Client::builder(&endpoint)
@@ -261,12 +276,12 @@ async fn the_client_speaks_tls_and_mutual_tls() {
         Ok(client) => client
             .with_bearer(&token)
             .unwrap()
-            .get_token("jira", 0)
+            .get_token("jira", Duration::ZERO)
             .await
             .is_err(),
     };
     assert!(refused, "no client certificate, no service");
-    let mut gateway = Client::builder(&endpoint)
+    let gateway = Client::builder(&endpoint)
         .tls_ca_pem(&pki.ca_pem)
         .tls_identity(&pki.client_cert_pem, &pki.client_key_pem)
         .connect()
@@ -275,7 +290,11 @@ async fn the_client_speaks_tls_and_mutual_tls() {
         .with_bearer(&token)
         .unwrap();
     assert_eq!(
-        gateway.get_token("jira", 0).await.unwrap().access_token,
+        gateway
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "over-tls"
     );
 }

@@ -657,15 +657,15 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
     let url = format!("sqlite://{}", dir.path().join("vault.db").display());
     let extra = [("VAULT_DATABASE_URL", url.as_str())];
     let app = spawn_with(&db, &issuer, &extra).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     vault
-        .store_token("jira", oauth_token("embedded-at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("embedded-at", "rt", 3600), None)
         .await
         .unwrap();
     assert!(matches!(
         app.client(&issuer, "agent-a", "bob")
             .await
-            .get_token("jira", 0)
+            .get_token("jira", Duration::ZERO)
             .await,
         Err(vault_client::Error::CredentialNotFound)
     ));
@@ -675,20 +675,24 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
     assert_eq!(
         app.client(&issuer, "agent-a", "alice")
             .await
-            .get_token("jira", 0)
+            .get_token("jira", Duration::ZERO)
             .await
             .unwrap()
             .access_token,
         "embedded-at"
     );
     let memory = spawn_with(&db, &issuer, &[("VAULT_DATABASE_URL", "sqlite::memory:")]).await;
-    let mut vault = memory.client(&issuer, "agent-a", "alice").await;
+    let vault = memory.client(&issuer, "agent-a", "alice").await;
     vault
-        .store_token("jira", oauth_token("in-memory", "rt", 3600), 0)
+        .store_token("jira", oauth_token("in-memory", "rt", 3600), None)
         .await
         .unwrap();
     assert_eq!(
-        vault.get_token("jira", 0).await.unwrap().access_token,
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "in-memory"
     );
 }

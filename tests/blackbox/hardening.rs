@@ -1,10 +1,13 @@
 //! The attack review's findings (issue 10), each reproduced against a running server: every test
 //! here failed on the code before its fix.
 
+use std::time::Duration;
+
 use tonic_types::StatusExt as _;
 use vault_client::Error;
+use vault_client::TokenSet;
+use vault_client::proto::StoreTokenRequest;
 use vault_client::proto::credential_vault_client::CredentialVaultClient;
-use vault_client::proto::{OAuthToken, StoreTokenRequest};
 
 use crate::helpers::*;
 
@@ -22,12 +25,12 @@ pub async fn raw_store(
     app: &TestApp,
     jwt: &str,
     tool: &str,
-    token: OAuthToken,
+    token: TokenSet,
 ) -> Result<u64, tonic::Status> {
     let mut client = CredentialVaultClient::new(channel(&app.endpoint()).await);
     let mut request = tonic::Request::new(StoreTokenRequest {
         tool: tool.into(),
-        token: Some(token),
+        token: Some(token.into()),
         ttl_seconds: 0,
     });
     request.metadata_mut().insert(
@@ -73,21 +76,25 @@ async fn store_token_needs_the_store_scope_and_an_agent_token_only_reads() {
     );
 
     // The gateway stores; the agent reads with its ordinary token.
-    let mut gateway = app.client(&issuer, "agent-a", "alice").await;
+    let gateway = app.client(&issuer, "agent-a", "alice").await;
     gateway
-        .store_token("jira", oauth_token("at-1", "rt-1", 3600), 0)
+        .store_token("jira", oauth_token("at-1", "rt-1", 3600), None)
         .await
         .unwrap();
-    let mut agent = app.client_with(&agent_jwt).await;
+    let agent = app.client_with(&agent_jwt).await;
     assert_eq!(
-        agent.get_token("jira", 60).await.unwrap().access_token,
+        agent
+            .get_token("jira", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .access_token,
         "at-1"
     );
     assert!(matches!(
         agent
-            .store_token("jira", oauth_token("at-2", "rt-2", 3600), 0)
+            .store_token("jira", oauth_token("at-2", "rt-2", 3600), None)
             .await,
-        Err(Error::PermissionDenied(_))
+        Err(Error::PermissionDenied { .. })
     ));
 }
 
@@ -130,16 +137,20 @@ async fn with_refresh_tokens_denied_only_access_tokens_may_be_stored() {
     assert_eq!(reason(&refused), "STORE_REFRESH_TOKEN_DENIED");
 
     // An access token alone is still accepted, and nothing of the refused call was kept.
-    let mut vault = app.client_with(&jwt).await;
+    let vault = app.client_with(&jwt).await;
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     raw_store(&app, &jwt, "jira", oauth_token("at-only", "", 3600))
         .await
         .unwrap();
     assert_eq!(
-        vault.get_token("jira", 60).await.unwrap().access_token,
+        vault
+            .get_token("jira", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .access_token,
         "at-only"
     );
 }
@@ -176,45 +187,52 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
         ],
     )
     .await;
-    let mut from_a = app.client_with(&a.token("agent-a", "alice")).await;
+    let from_a = app.client_with(&a.token("agent-a", "alice")).await;
     from_a
-        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), 0)
+        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), None)
         .await
         .unwrap();
 
-    let mut from_b = app.client_with(&b.token("agent-a", "alice")).await;
+    let from_b = app.client_with(&b.token("agent-a", "alice")).await;
     assert!(matches!(
-        from_b.get_token("jira", 0).await,
+        from_b.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     // Issuer B's admin cannot reach issuer A's agent either.
-    let mut b_admin = app.client_with(&b.admin_token("agent-a", "alice")).await;
+    let b_admin = app.client_with(&b.admin_token("agent-a", "alice")).await;
     let revoked = b_admin
-        .revoke_for(vault_client::proto::RevokeRequest {
-            tool: "jira".into(),
-            at_provider: false,
-            user_id: "alice".into(),
-            agent_id: "agent-a".into(),
-        })
+        .revoke_for(owner("agent-a", "alice"), Some("jira"), false)
         .await
         .unwrap();
     assert_eq!(revoked.revoked, 0);
     assert_eq!(
-        from_a.get_token("jira", 0).await.unwrap().access_token,
+        from_a
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "a-secret"
     );
 
     // B stores its own; each reads its own.
     from_b
-        .store_token("jira", oauth_token("b-secret", "b-rt", 3600), 0)
+        .store_token("jira", oauth_token("b-secret", "b-rt", 3600), None)
         .await
         .unwrap();
     assert_eq!(
-        from_b.get_token("jira", 0).await.unwrap().access_token,
+        from_b
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "b-secret"
     );
     assert_eq!(
-        from_a.get_token("jira", 0).await.unwrap().access_token,
+        from_a
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "a-secret"
     );
 
@@ -223,9 +241,9 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
     let mut forged_claims = a.claims("agent-a", "alice");
     forged_claims["scope"] = serde_json::json!("vault:store");
     let forged = b.keys[0].sign(&forged_claims);
-    let mut forger = app.client_with(&forged).await;
+    let forger = app.client_with(&forged).await;
     assert!(matches!(
-        forger.get_token("jira", 0).await,
+        forger.get_token("jira", Duration::ZERO).await,
         Err(Error::Unauthenticated(_))
     ));
     let impostor = SigningKey::ed25519(&a.keys[0].kid);
@@ -233,10 +251,10 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
     b.keys.push(impostor);
     b.publish();
     let same_kid = b.keys[2].sign(&forged_claims);
-    let mut forger = app.client_with(&same_kid).await;
+    let forger = app.client_with(&same_kid).await;
     assert!(
         matches!(
-            forger.get_token("jira", 0).await,
+            forger.get_token("jira", Duration::ZERO).await,
             Err(Error::Unauthenticated(_))
         ),
         "issuer A's kid in issuer B's key set verifies nothing for A"
@@ -255,10 +273,10 @@ async fn an_iss_array_or_an_audience_that_only_resembles_ours_is_refused() {
     ] {
         let mut claims = issuer.claims("agent-a", "alice");
         claims[claim] = value.clone();
-        let mut vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
+        let vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
         assert!(
             matches!(
-                vault.get_token("jira", 0).await,
+                vault.get_token("jira", Duration::ZERO).await,
                 Err(Error::Unauthenticated(_))
             ),
             "{claim} = {value}"
@@ -274,9 +292,9 @@ async fn agents_stored_before_issuer_bound_identities_are_adopted_by_the_one_iss
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     vault
-        .store_token("jira", oauth_token("kept", "rt", 3600), 0)
+        .store_token("jira", oauth_token("kept", "rt", 3600), None)
         .await
         .unwrap();
     app.stop().await;
@@ -332,9 +350,13 @@ async fn agents_stored_before_issuer_bound_identities_are_adopted_by_the_one_iss
 
     // With the one issuer, the agent is adopted and its credential still opens.
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     assert_eq!(
-        vault.get_token("jira", 0).await.unwrap().access_token,
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "kept"
     );
     let issuer_column: String =
@@ -352,11 +374,11 @@ async fn a_key_removed_from_the_jwks_stops_verifying_within_the_refresh_period()
     let app = spawn_with(&db, &issuer, &[("VAULT_JWKS_REFRESH_SECONDS", "1")]).await;
     let withdrawn_token = issuer.keys[0].sign(&issuer.claims("agent-a", "alice"));
     let kept_token = issuer.keys[1].sign(&issuer.claims("agent-a", "alice"));
-    let mut withdrawn = app.client_with(&withdrawn_token).await;
-    let mut kept = app.client_with(&kept_token).await;
+    let withdrawn = app.client_with(&withdrawn_token).await;
+    let kept = app.client_with(&kept_token).await;
     // Verified (and cached) before the key goes.
     assert!(matches!(
-        withdrawn.get_token("jira", 0).await,
+        withdrawn.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
 
@@ -365,7 +387,7 @@ async fn a_key_removed_from_the_jwks_stops_verifying_within_the_refresh_period()
 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        match withdrawn.get_token("jira", 0).await {
+        match withdrawn.get_token("jira", Duration::ZERO).await {
             Err(Error::Unauthenticated(_)) => break,
             Err(Error::CredentialNotFound) if std::time::Instant::now() < deadline => {
                 tokio::task::yield_now().await;
@@ -375,7 +397,7 @@ async fn a_key_removed_from_the_jwks_stops_verifying_within_the_refresh_period()
     }
     // The server kept running, and the remaining key still verifies.
     assert!(matches!(
-        kept.get_token("jira", 0).await,
+        kept.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
 }
@@ -511,17 +533,21 @@ async fn the_serving_role_owns_nothing_runs_no_ddl_and_reaches_one_agent_at_a_ti
     )
     .await;
     for agent in ["agent-a", "agent-b"] {
-        let mut vault = app.client(&issuer, agent, "alice").await;
+        let vault = app.client(&issuer, agent, "alice").await;
         vault
             .store_token(
                 "jira",
                 oauth_token(&format!("{agent}-secret"), "rt", 3600),
-                0,
+                None,
             )
             .await
             .unwrap();
         assert_eq!(
-            vault.get_token("jira", 0).await.unwrap().access_token,
+            vault
+                .get_token("jira", Duration::ZERO)
+                .await
+                .unwrap()
+                .access_token,
             format!("{agent}-secret")
         );
     }

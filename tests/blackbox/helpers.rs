@@ -31,10 +31,12 @@ pub const ROOT_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 pub const OTHER_ROOT_KEY: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
 
 pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    unix(SystemTime::now())
+}
+
+/// `at` in unix seconds, to compare with [`now`].
+pub fn unix(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// Everything the vault logs during the test run, for the test that no secret is logged.
@@ -376,16 +378,21 @@ pub async fn channel(endpoint: &str) -> tonic::transport::Channel {
         .unwrap()
 }
 
+/// Another agent's user, for an admin's revoke.
+pub fn owner(agent: &str, user: &str) -> vault_client::Owner {
+    vault_client::Owner {
+        agent_id: Some(agent.into()),
+        user_id: Some(user.into()),
+    }
+}
+
 /// A token set as a gateway would store it.
-pub fn oauth_token(access: &str, refresh: &str, expires_in: i64) -> vault_client::OAuthToken {
-    vault_client::OAuthToken {
+pub fn oauth_token(access: &str, refresh: &str, expires_in: i64) -> vault_client::TokenSet {
+    vault_client::TokenSet {
         access_token: access.into(),
-        refresh_token: refresh.into(),
+        refresh_token: (!refresh.is_empty()).then(|| refresh.into()),
         token_type: "Bearer".into(),
-        expires_at: Some(prost_types::Timestamp {
-            seconds: now() + expires_in,
-            nanos: 0,
-        }),
+        expires_at: Some(UNIX_EPOCH + Duration::from_secs((now() + expires_in) as u64)),
         scopes: vec!["read:jira-work".into(), "offline_access".into()],
     }
 }

@@ -42,7 +42,7 @@ async fn a_passphrase_root_key_works_and_a_wrong_passphrase_is_refused() {
     let app = spawn_with(&db, &issuer, &passphrase).await;
     app.client(&issuer, "agent-a", "alice")
         .await
-        .store_token("jira", oauth_token("at", "rt", 3600), 0)
+        .store_token("jira", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
     app.stop().await;
@@ -51,7 +51,7 @@ async fn a_passphrase_root_key_works_and_a_wrong_passphrase_is_refused() {
     assert_eq!(
         app.client(&issuer, "agent-a", "alice")
             .await
-            .get_token("jira", 0)
+            .get_token("jira", Duration::ZERO)
             .await
             .unwrap()
             .access_token,
@@ -97,13 +97,13 @@ async fn sigterm_reports_not_serving_drains_in_flight_calls_and_exits_zero() {
     let issuer = Issuer::new();
     let pairs = settings_pairs(&db, &issuer, &[("VAULT_SHUTDOWN_DELAY_SECONDS", "1")]);
     let mut server = start_binary(&pairs);
-    let mut vault = vault_client::Client::connect(server.endpoint())
+    let vault = vault_client::Client::connect(server.endpoint())
         .await
         .unwrap()
         .with_bearer(&issuer.token("agent-a", "alice"))
         .unwrap();
     vault
-        .store_token("jira", oauth_token("v1", "rt", 3600), 0)
+        .store_token("jira", oauth_token("v1", "rt", 3600), None)
         .await
         .unwrap();
     let mut health = HealthClient::new(channel(&server.endpoint()).await);
@@ -125,10 +125,10 @@ async fn sigterm_reports_not_serving_drains_in_flight_calls_and_exits_zero() {
     .execute(&mut lock)
     .await
     .unwrap();
-    let mut in_flight_client = vault.clone();
+    let in_flight_client = vault.clone();
     let in_flight = tokio::spawn(async move {
         in_flight_client
-            .store_token("jira", oauth_token("v2", "rt", 3600), 0)
+            .store_token("jira", oauth_token("v2", "rt", 3600), None)
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;

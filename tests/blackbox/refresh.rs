@@ -101,12 +101,12 @@ impl World {
         expires_in: i64,
     ) -> (vault_client::Client, Grant, vault_client::Stored) {
         let grant = self.provider.authorize("alice").await;
-        let mut vault = app.client(&self.issuer, "agent-a", "alice").await;
+        let vault = app.client(&self.issuer, "agent-a", "alice").await;
         let stored = vault
             .store_token(
                 tool,
                 oauth_token(&grant.access_token, &grant.refresh_token, expires_in),
-                0,
+                None,
             )
             .await
             .unwrap();
@@ -131,16 +131,16 @@ impl World {
 async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_rotates() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (mut vault, grant, stored) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, grant, stored) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
 
-    let token = vault.get_token("jira", 0).await.unwrap();
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
 
     assert!(token.refreshed);
     assert_ne!(token.access_token, grant.access_token);
     assert!(token.generation > stored.generation);
     assert!(
-        token.expires_at.unwrap() > now() + 3000,
+        unix(token.expires_at.unwrap()) > now() + 3000,
         "expiry taken from expires_in"
     );
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
@@ -149,7 +149,7 @@ async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_r
         "the new access token is live at the provider"
     );
 
-    let again = vault.get_token("jira", 0).await.unwrap();
+    let again = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(
         (again.access_token.as_str(), again.refreshed),
         (token.access_token.as_str(), false)
@@ -162,7 +162,7 @@ async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_r
 
     // The vault kept the rotated refresh token: the original one was consumed by the first
     // refresh, so a second refresh can only succeed with the new one.
-    let forced = vault.refresh("jira", 0).await.unwrap();
+    let forced = vault.refresh("jira", None).await.unwrap();
     assert!(forced.refreshed);
     assert_ne!(forced.access_token, token.access_token);
     assert_eq!(w.provider.stats().await.refresh_calls, 2);
@@ -182,7 +182,7 @@ async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_c
     let second = start_binary(&pairs);
     let grant = w.provider.authorize("alice").await;
     let token = w.issuer.token("agent-a", "alice");
-    let mut a = vault_client::Client::connect(first.endpoint())
+    let a = vault_client::Client::connect(first.endpoint())
         .await
         .unwrap()
         .with_bearer(&token)
@@ -195,7 +195,7 @@ async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_c
     a.store_token(
         "confluence",
         oauth_token(&grant.access_token, &grant.refresh_token, -60),
-        0,
+        None,
     )
     .await
     .unwrap();
@@ -203,9 +203,11 @@ async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_c
 
     let mut calls = Vec::new();
     for i in 0..64 {
-        let mut client = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let client = if i % 2 == 0 { a.clone() } else { b.clone() };
         calls.push(tokio::spawn(async move {
-            client.get_token("confluence", 60).await
+            client
+                .get_token("confluence", Duration::from_secs(60))
+                .await
         }));
     }
     let mut tokens = Vec::new();
@@ -234,23 +236,23 @@ async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_c
 async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retried() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (mut vault, grant, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, grant, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider
         .revoke_directly(&grant.refresh_token, "refresh_token")
         .await;
     w.provider.reset_stats().await;
 
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::ReauthRequired(_))
     ));
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::ReauthRequired(_))
     ));
     assert!(matches!(
-        vault.refresh("jira", 0).await,
+        vault.refresh("jira", None).await,
         Err(Error::ReauthRequired(_))
     ));
     assert_eq!(
@@ -270,12 +272,16 @@ async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retrie
         .store_token(
             "jira",
             oauth_token(&fresh.access_token, &fresh.refresh_token, 3600),
-            0,
+            None,
         )
         .await
         .unwrap();
     assert_eq!(
-        vault.get_token("jira", 0).await.unwrap().access_token,
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         fresh.access_token
     );
 }
@@ -284,17 +290,17 @@ async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retrie
 async fn a_provider_outage_keeps_the_credential_and_refresh_resumes_when_it_returns() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     let port = w.provider.port();
     w.provider.kill();
 
-    let down = vault.get_token("jira", 0).await;
+    let down = vault.get_token("jira", Duration::ZERO).await;
     assert!(
         matches!(down, Err(Error::ProviderUnavailable(_))),
         "{down:?}"
     );
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::ProviderUnavailable(_))
     ));
     assert_eq!(
@@ -307,7 +313,7 @@ async fn a_provider_outage_keeps_the_credential_and_refresh_resumes_when_it_retu
     assert_eq!(w.provider.port(), port);
     let deadline = Instant::now() + Duration::from_secs(20);
     let token = loop {
-        match vault.get_token("jira", 0).await {
+        match vault.get_token("jira", Duration::ZERO).await {
             Ok(token) => break token,
             Err(Error::ProviderUnavailable(_)) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await
@@ -324,20 +330,20 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
     let w = World::new().await;
     let app = w.vault().await;
     let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
 
     // Still valid for 20 s, inside the 30 s refresh window: a failed refresh serves it anyway.
     vault
         .store_token(
             "jira",
             oauth_token(&grant.access_token, &grant.refresh_token, 20),
-            0,
+            None,
         )
         .await
         .unwrap();
     w.provider.reset_stats().await;
     w.provider.fail_next("500", 1).await;
-    let served = vault.get_token("jira", 0).await.unwrap();
+    let served = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(
         (served.access_token.as_str(), served.refreshed),
         (grant.access_token.as_str(), false)
@@ -349,22 +355,22 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
         .store_token(
             "jira",
             oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
+            None,
         )
         .await
         .unwrap();
     w.provider.reset_stats().await;
     w.provider.fail_next("429", 1).await;
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::ProviderUnavailable(_))
     ));
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::ProviderUnavailable(_))
     ));
     assert!(matches!(
-        vault.refresh("jira", 0).await,
+        vault.refresh("jira", None).await,
         Err(Error::ProviderUnavailable(_))
     ));
     assert_eq!(
@@ -374,7 +380,7 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
     );
 
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let token = vault.get_token("jira", 0).await.unwrap();
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert!(token.refreshed);
     assert_eq!(w.provider.stats().await.refresh_calls, 2);
 }
@@ -383,16 +389,16 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
 async fn revoke_at_provider_makes_both_tokens_inactive() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (mut vault, grant, _) = w.alice_stores(&app, "jira", 3600).await;
+    let (vault, grant, _) = w.alice_stores(&app, "jira", 3600).await;
     assert!(w.provider.is_active(&grant.access_token).await);
 
-    let revoked = vault.revoke("jira", true).await.unwrap();
+    let revoked = vault.revoke(Some("jira"), true).await.unwrap();
 
     assert_eq!((revoked.revoked, revoked.provider_revoked), (1, 1));
     assert!(!w.provider.is_active(&grant.access_token).await);
     assert!(!w.provider.is_active(&grant.refresh_token).await);
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
 }
@@ -402,26 +408,26 @@ async fn a_revocation_made_during_an_outage_is_delivered_after_it_across_a_vault
     let mut w = World::new().await;
     let app = w.vault().await;
     let grant = w.provider.authorize("bob").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "bob").await;
+    let vault = app.client(&w.issuer, "agent-a", "bob").await;
     vault
         .store_token(
             "confluence",
             oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            0,
+            None,
         )
         .await
         .unwrap();
     let port = w.provider.port();
     w.provider.kill();
 
-    let revoked = vault.revoke("", true).await.unwrap();
+    let revoked = vault.revoke(None, true).await.unwrap();
     assert_eq!(
         (revoked.revoked, revoked.provider_revoked),
         (1, 0),
         "deleted locally, owed to the provider"
     );
     assert!(matches!(
-        vault.get_token("confluence", 0).await,
+        vault.get_token("confluence", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     app.stop().await;
@@ -460,12 +466,12 @@ async fn refresh_with_an_old_generation_returns_the_current_token_without_a_prov
     let w = World::new().await;
     let app = w.vault().await;
     let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
     let old = vault
         .store_token(
             "jira",
             oauth_token("stale-at", &grant.refresh_token, 3600),
-            0,
+            None,
         )
         .await
         .unwrap();
@@ -473,20 +479,23 @@ async fn refresh_with_an_old_generation_returns_the_current_token_without_a_prov
         .store_token(
             "jira",
             oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            0,
+            None,
         )
         .await
         .unwrap();
     w.provider.reset_stats().await;
 
-    let token = vault.refresh("jira", old.generation).await.unwrap();
+    let token = vault.refresh("jira", Some(old.generation)).await.unwrap();
 
     assert_eq!(token.access_token, grant.access_token);
     assert_eq!(token.generation, current.generation);
     assert!(!token.refreshed);
     assert_eq!(w.provider.stats().await.refresh_calls, 0);
 
-    let fresh = vault.refresh("jira", current.generation).await.unwrap();
+    let fresh = vault
+        .refresh("jira", Some(current.generation))
+        .await
+        .unwrap();
     assert!(fresh.refreshed, "the current generation does refresh");
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }
@@ -501,16 +510,16 @@ async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp(
     let server = start_binary(&settings_pairs(&w.db, &w.issuer, &extra));
     let grant = w.provider.authorize("alice").await;
     let jwt = w.issuer.token("agent-a", "alice");
-    let mut vault = server.client_with(&jwt).await;
+    let vault = server.client_with(&jwt).await;
     vault
         .store_token(
             "jira",
             oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            0,
+            None,
         )
         .await
         .unwrap();
-    let token = vault.get_token("jira", 0).await.unwrap();
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert!(token.refreshed);
 
     // SIGTERM flushes the last spans and metric points.
@@ -558,10 +567,10 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
     let app = w
         .vault_with_jira(&format!("token_url = \"{}\"", ready.token_endpoint))
         .await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
     w.provider.reset_stats().await;
 
-    let refused = vault.get_token("jira", 0).await;
+    let refused = vault.get_token("jira", Duration::ZERO).await;
     assert!(
         matches!(&refused, Err(Error::ReauthRequired(m)) if m.contains("different authorization server")),
         "{refused:?}"
@@ -576,9 +585,9 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
             ready.issuer, ready.token_endpoint
         ))
         .await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::ReauthRequired(_))
     ));
     assert_eq!(w.provider.stats().await.refresh_calls, 0);
@@ -586,8 +595,14 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
 
     // Under the original configuration the same credential refreshes.
     let app = w.vault().await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
-    assert!(vault.get_token("jira", 0).await.unwrap().refreshed);
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
+    assert!(
+        vault
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .refreshed
+    );
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }
 
@@ -598,25 +613,28 @@ async fn callers_cannot_amplify_refreshes_of_a_still_valid_token() {
     extra.retain(|(k, _)| *k != "VAULT_REFRESH_COOLDOWN_SECONDS");
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
     let grant = w.provider.authorize("alice").await;
-    let mut vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
     // Valid for another ten minutes: nothing forces a refresh but the callers' asks.
     let stored = vault
         .store_token(
             "jira",
             oauth_token(&grant.access_token, &grant.refresh_token, 600),
-            0,
+            None,
         )
         .await
         .unwrap();
     w.provider.reset_stats().await;
 
     for _ in 0..30 {
-        let token = vault.get_token("jira", 3600).await.unwrap();
+        let token = vault
+            .get_token("jira", Duration::from_secs(3600))
+            .await
+            .unwrap();
         assert_eq!(
             (token.access_token.as_str(), token.refreshed),
             (grant.access_token.as_str(), false)
         );
-        let forced = vault.refresh("jira", 0).await.unwrap();
+        let forced = vault.refresh("jira", None).await.unwrap();
         assert_eq!(forced.generation, stored.generation);
         assert!(!forced.refreshed);
     }
@@ -627,7 +645,7 @@ async fn callers_cannot_amplify_refreshes_of_a_still_valid_token() {
     );
 
     // min_valid_seconds beyond the cap is refused, naming the field and the cap.
-    match vault.get_token("jira", 3601).await {
+    match vault.get_token("jira", Duration::from_secs(3601)).await {
         Err(Error::InvalidArgument { field, message }) => {
             assert_eq!(field, "min_valid_seconds");
             assert!(message.contains("3600"), "{message}");
@@ -636,7 +654,10 @@ async fn callers_cannot_amplify_refreshes_of_a_still_valid_token() {
     }
 
     // if_generation fencing still answers without a provider call.
-    let fenced = vault.refresh("jira", stored.generation - 1).await.unwrap();
+    let fenced = vault
+        .refresh("jira", Some(stored.generation - 1))
+        .await
+        .unwrap();
     assert_eq!(fenced.generation, stored.generation);
     assert_eq!(w.provider.stats().await.refresh_calls, 0);
 }
@@ -647,9 +668,9 @@ async fn an_expired_token_is_refreshed_even_inside_the_cooldown() {
     let mut extra = w.extra();
     extra.retain(|(k, _)| *k != "VAULT_REFRESH_COOLDOWN_SECONDS");
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
-    let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
-    let token = vault.get_token("jira", 0).await.unwrap();
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert!(token.refreshed);
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 }
@@ -663,10 +684,10 @@ async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never
     let app = w
         .vault_with_jira(&format!("issuer = \"https://localhost:{port}\""))
         .await;
-    let (mut vault, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, _, _) = w.alice_stores(&app, "jira", -60).await;
     w.provider.reset_stats().await;
 
-    let refused = vault.get_token("jira", 0).await;
+    let refused = vault.get_token("jira", Duration::ZERO).await;
     let Err(Error::ProviderUnavailable(message)) = refused else {
         panic!("expected PROVIDER_UNAVAILABLE, got {refused:?}");
     };
@@ -680,11 +701,11 @@ async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never
 async fn an_unreachable_provider_is_reported_without_its_url() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let (mut vault, _, _) = w.alice_stores(&app, "confluence", -60).await;
+    let (vault, _, _) = w.alice_stores(&app, "confluence", -60).await;
     let port = w.provider.port();
     w.provider.kill();
 
-    let refused = vault.get_token("confluence", 0).await;
+    let refused = vault.get_token("confluence", Duration::ZERO).await;
     let Err(Error::ProviderUnavailable(message)) = refused else {
         panic!("expected PROVIDER_UNAVAILABLE, got {refused:?}");
     };
@@ -708,7 +729,7 @@ async fn the_ttl_sweep_revokes_what_it_deletes_at_the_provider() {
     .await
     .unwrap();
 
-    let mut admin = app.admin(&w.issuer, "ops", "operator").await;
+    let admin = app.admin(&w.issuer, "ops", "operator").await;
     assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
 
     // The outbox delivers it in the background (retry interval 1 s in this world).
@@ -739,7 +760,7 @@ async fn with_sweep_revocation_off_the_sweep_only_deletes() {
     .execute(&mut conn)
     .await
     .unwrap();
-    let mut admin = app.admin(&w.issuer, "ops", "operator").await;
+    let admin = app.admin(&w.issuer, "ops", "operator").await;
     assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
     let queued: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM \"{schema}\".revocation_outbox"

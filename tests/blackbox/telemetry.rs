@@ -176,9 +176,9 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
     let jwt = issuer.token("agent-a", "alice");
     let access = "otel-access-3b8f1c55d2e64b1e";
     let refresh = "otel-refresh-9a41d0c2f7e3";
-    let mut vault = server.client_with(&jwt).await;
+    let vault = server.client_with(&jwt).await;
     vault
-        .store_token("jira", oauth_token(access, refresh, 3600), 0)
+        .store_token("jira", oauth_token(access, refresh, 3600), None)
         .await
         .unwrap();
     let mut request = tonic::Request::new(vault_client::proto::GetTokenRequest {

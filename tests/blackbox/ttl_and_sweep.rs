@@ -29,27 +29,31 @@ async fn a_credential_past_its_ttl_is_never_served_even_before_the_sweep() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
     let stored = vault
-        .store_token("jira", oauth_token("short-lived", "rt", 3600), 1)
+        .store_token(
+            "jira",
+            oauth_token("short-lived", "rt", 3600),
+            Some(Duration::from_secs(1)),
+        )
         .await
         .unwrap();
-    assert!(stored.ttl_expires_at <= now() + 2);
-    assert!(vault.get_token("jira", 0).await.is_ok());
+    assert!(unix(stored.ttl_expires_at) <= now() + 2);
+    assert!(vault.get_token("jira", Duration::ZERO).await.is_ok());
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     assert!(matches!(
-        vault.get_token("jira", 0).await,
+        vault.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
     assert!(matches!(
-        vault.refresh("jira", 0).await,
+        vault.refresh("jira", None).await,
         Err(Error::CredentialNotFound)
     ));
     assert_eq!(count_rows(&db).await, 1, "still in the table until swept");
 
-    let mut admin = app.admin(&issuer, "ops", "operator").await;
+    let admin = app.admin(&issuer, "ops", "operator").await;
     let dry = admin.sweep(0, true).await.unwrap();
     assert_eq!((dry.swept, dry.more), (1, false));
     assert_eq!(count_rows(&db).await, 1, "a dry run deletes nothing");
@@ -63,27 +67,35 @@ async fn a_ttl_longer_than_the_configured_one_is_shortened() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn_with(&db, &issuer, &[("SECRETS_TTL_SECONDS", "100")]).await;
-    let mut vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
 
     let longer = vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 1_000_000)
+        .store_token(
+            "jira",
+            oauth_token("at", "rt", 3600),
+            Some(Duration::from_secs(1_000_000)),
+        )
         .await
         .unwrap();
     let default = vault
-        .store_token("stripe", oauth_token("at", "rt", 3600), 0)
+        .store_token("stripe", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
     let shorter = vault
-        .store_token("canva", oauth_token("at", "rt", 3600), 10)
+        .store_token(
+            "canva",
+            oauth_token("at", "rt", 3600),
+            Some(Duration::from_secs(10)),
+        )
         .await
         .unwrap();
 
     assert!(
-        (longer.ttl_expires_at - (now() + 100)).abs() <= 2,
+        (unix(longer.ttl_expires_at) - (now() + 100)).abs() <= 2,
         "clamped to 100 s"
     );
-    assert!((default.ttl_expires_at - (now() + 100)).abs() <= 2);
-    assert!((shorter.ttl_expires_at - (now() + 10)).abs() <= 2);
+    assert!((unix(default.ttl_expires_at) - (now() + 100)).abs() <= 2);
+    assert!((unix(shorter.ttl_expires_at) - (now() + 10)).abs() <= 2);
 }
 
 #[tokio::test]
@@ -92,28 +104,36 @@ async fn sweep_respects_its_limit_and_reports_more() {
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
     for user in 0..5 {
-        let mut vault = app
+        let vault = app
             .client(&issuer, "agent-a", &format!("user-{user}"))
             .await;
         vault
-            .store_token("jira", oauth_token("at", "rt", 3600), 1)
+            .store_token(
+                "jira",
+                oauth_token("at", "rt", 3600),
+                Some(Duration::from_secs(1)),
+            )
             .await
             .unwrap();
     }
-    let mut keeper = app.client(&issuer, "agent-a", "keeper").await;
+    let keeper = app.client(&issuer, "agent-a", "keeper").await;
     keeper
-        .store_token("jira", oauth_token("kept", "rt", 3600), 0)
+        .store_token("jira", oauth_token("kept", "rt", 3600), None)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let mut admin = app.admin(&issuer, "ops", "operator").await;
+    let admin = app.admin(&issuer, "ops", "operator").await;
     let first = admin.sweep(3, false).await.unwrap();
     assert_eq!((first.swept, first.more), (3, true));
     let second = admin.sweep(3, false).await.unwrap();
     assert_eq!((second.swept, second.more), (2, false));
     assert_eq!(
-        keeper.get_token("jira", 0).await.unwrap().access_token,
+        keeper
+            .get_token("jira", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "kept"
     );
     assert_eq!(count_rows(&db).await, 1);
@@ -128,9 +148,13 @@ async fn two_servers_sweeping_at_once_delete_each_row_once() {
     let expired = 120;
     for i in 0..expired {
         let agent = format!("agent-{}", i % 4);
-        let mut vault = first.client(&issuer, &agent, &format!("user-{i}")).await;
+        let vault = first.client(&issuer, &agent, &format!("user-{i}")).await;
         vault
-            .store_token("jira", oauth_token("at", "rt", 3600), 1)
+            .store_token(
+                "jira",
+                oauth_token("at", "rt", 3600),
+                Some(Duration::from_secs(1)),
+            )
             .await
             .unwrap();
     }
@@ -138,7 +162,7 @@ async fn two_servers_sweeping_at_once_delete_each_row_once() {
 
     let mut tasks = Vec::new();
     for app in [&first, &second, &first, &second] {
-        let mut admin = app.admin(&issuer, "ops", "operator").await;
+        let admin = app.admin(&issuer, "ops", "operator").await;
         tasks.push(tokio::spawn(async move {
             let mut total = 0;
             loop {
@@ -169,13 +193,17 @@ async fn the_background_sweeper_deletes_expired_credentials_under_one_lease() {
     let extra = [("VAULT_SWEEP_INTERVAL_SECONDS", "1")];
     let first = spawn_with(&db, &issuer, &extra).await;
     let _second = spawn_with(&db, &issuer, &extra).await;
-    let mut vault = first.client(&issuer, "agent-a", "alice").await;
+    let vault = first.client(&issuer, "agent-a", "alice").await;
     vault
-        .store_token("jira", oauth_token("at", "rt", 3600), 1)
+        .store_token(
+            "jira",
+            oauth_token("at", "rt", 3600),
+            Some(Duration::from_secs(1)),
+        )
         .await
         .unwrap();
     vault
-        .store_token("stripe", oauth_token("at", "rt", 3600), 0)
+        .store_token("stripe", oauth_token("at", "rt", 3600), None)
         .await
         .unwrap();
 
@@ -188,7 +216,11 @@ async fn the_background_sweeper_deletes_expired_credentials_under_one_lease() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
-        vault.get_token("stripe", 0).await.unwrap().access_token,
+        vault
+            .get_token("stripe", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
         "at"
     );
 

@@ -7,6 +7,8 @@
 //! ```
 //! `VAULT_TOKEN_FILE` (a file re-read when it changes) is used instead of `VAULT_TOKEN` when set.
 
+use std::time::{Duration, SystemTime};
+
 use vault_client::{Client, Error, TokenSource};
 
 #[tokio::main]
@@ -17,18 +19,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(path) => TokenSource::file(path),
         Err(_) => TokenSource::fixed(&std::env::var("VAULT_TOKEN")?)?,
     };
-    let mut vault = Client::builder(endpoint).token(source).connect().await?;
+    let vault = Client::builder(endpoint).token(source).connect().await?;
 
     // Ask for a token valid at least a minute: long enough for the tool call we are about to make.
-    match vault.get_token(&tool, 60).await {
+    match vault.get_token(&tool, Duration::from_secs(60)).await {
         Ok(token) => {
             // A real agent would now call the tool with `Authorization: Bearer <access_token>`.
             // The token itself is never printed.
+            let valid_for = token
+                .expires_at
+                .and_then(|at| at.duration_since(SystemTime::now()).ok());
             println!(
-                "{} token for {tool}: generation {}, expires at {:?}{}",
+                "{} token for {tool}: generation {}, valid for {valid_for:?}{}",
                 token.token_type,
                 token.generation,
-                token.expires_at,
                 if token.refreshed {
                     ", refreshed just now"
                 } else {
@@ -43,7 +47,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(Error::ProviderUnavailable(why)) => {
             println!("{tool}'s provider is down; try later: {why}")
         }
-        Err(other) => return Err(other.into()),
+        // Variants group reasons by what to do; the reason itself tells them apart in the log
+        // (STORE_UNAVAILABLE and ISSUER_KEYS_UNAVAILABLE are both `Error::Unavailable`).
+        Err(other) => {
+            eprintln!(
+                "GetToken failed ({}): {other}",
+                other.reason().as_str_name()
+            );
+            return Err(other.into());
+        }
     }
     Ok(())
 }

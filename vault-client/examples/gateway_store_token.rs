@@ -5,10 +5,12 @@
 //! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token --store)   # a gateway token: StoreToken needs vault:store
 //! cargo run -p vault-client --example gateway_store_token -- jira ACCESS REFRESH 3600
 //! ```
+//! `VAULT_TOKEN_FILE` (a file holding the gateway's token) is used instead of `VAULT_TOKEN` when
+//! set; it is read here, before any call, not inside one.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use vault_client::{Client, OAuthToken, TokenSource};
+use vault_client::{Client, ErrorReason, TokenSet, TokenSource};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,31 +18,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let usage = "usage: gateway_store_token TOOL ACCESS_TOKEN [REFRESH_TOKEN] [EXPIRES_IN_SECONDS]";
     let tool = args.next().ok_or(usage)?;
     let access_token = args.next().ok_or(usage)?;
-    let refresh_token = args.next().unwrap_or_default();
-    let expires_in: i64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3600);
+    let refresh_token = args.next().filter(|t| !t.is_empty());
+    let expires_in =
+        Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(3600));
 
     let endpoint = std::env::var("VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
-    let mut vault = Client::builder(endpoint)
-        .token(TokenSource::fixed(&std::env::var("VAULT_TOKEN")?)?)
+    let jwt = match std::env::var("VAULT_TOKEN_FILE") {
+        Ok(path) => tokio::fs::read_to_string(path).await?,
+        Err(_) => std::env::var("VAULT_TOKEN")?,
+    };
+    let vault = Client::builder(endpoint)
+        .token(TokenSource::fixed(&jwt)?)
         .connect()
         .await?;
 
     // The provider's token response, as the gateway received it from the token endpoint.
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64;
-    let token = OAuthToken {
-        access_token,
+    let token = TokenSet {
         refresh_token,
-        token_type: "Bearer".into(),
-        expires_at: Some(prost_types::Timestamp {
-            seconds: now + expires_in,
-            nanos: 0,
-        }),
-        scopes: vec![],
+        expires_at: Some(SystemTime::now() + expires_in),
+        ..TokenSet::bearer(access_token)
     };
-    let stored = vault.store_token(&tool, token, 0).await?;
+    // Keep it for a day at most; `None` would take the vault's default.
+    let stored = match vault
+        .store_token(&tool, token, Some(Duration::from_secs(24 * 3600)))
+        .await
+    {
+        Ok(stored) => stored,
+        Err(refused) if refused.reason() == ErrorReason::StoreRefreshTokenDenied => {
+            eprintln!(
+                "this vault runs its own consent flow for refreshable credentials: {refused}"
+            );
+            return Err(refused.into());
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let kept_until = stored.ttl_expires_at.duration_since(UNIX_EPOCH)?.as_secs();
     println!(
-        "stored {tool}: generation {}, kept until {}",
-        stored.generation, stored.ttl_expires_at
+        "stored {tool}: generation {}, kept until {kept_until} (unix seconds)",
+        stored.generation
     );
+
+    // A clone shares the connection and methods take `&self`, so another task needs no lock.
+    // Here it deletes what was just stored when `VAULT_UNDO` is set: the flow, without a
+    // credential left behind.
+    if std::env::var_os("VAULT_UNDO").is_some() {
+        let undo = vault.clone();
+        let revoked = tokio::spawn(async move { undo.revoke(Some(&tool), false).await }).await??;
+        println!("undone: {} credential(s) deleted", revoked.revoked);
+    }
     Ok(())
 }

@@ -1,21 +1,25 @@
 //! Async client for the credential vault (`vault.v1.CredentialVault`).
 //!
-//! Agents fetch access tokens with [`Client::get_token`]; gateways store a user's token set
-//! after consent with [`Client::store_token`]. Every call carries the caller's JWT as
-//! `authorization: Bearer …` from a [`TokenSource`]; failures come back as a typed [`Error`]
-//! built from the server's `google.rpc.ErrorInfo` reason, so callers branch on variants rather
-//! than strings. Idempotent calls are retried on `UNAVAILABLE` with backoff and jitter, within a
-//! deadline ([`RetryPolicy`]).
+//! Agents fetch access tokens with [`Client::get_token`]; gateways store a user's
+//! [`TokenSet`] after consent with [`Client::store_token`]. Every call carries the caller's JWT
+//! as `authorization: Bearer …` from a [`TokenSource`]; failures come back as one [`Error`]
+//! type built from the server's `google.rpc.ErrorInfo`, so callers branch on variants (or on
+//! [`Error::reason`], an [`ErrorReason`]) rather than strings. Idempotent calls are retried on
+//! `UNAVAILABLE` with backoff and jitter, within a deadline ([`RetryPolicy`]).
+//!
+//! Methods take `&self`: the channel is shared, so clone the client rather than lock it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), vault_client::Error> {
+//! use std::time::Duration;
+//!
 //! use vault_client::{Client, Error, TokenSource};
 //!
-//! let mut vault = Client::builder("http://127.0.0.1:50051")
+//! let vault = Client::builder("http://127.0.0.1:50051")
 //!     .token(TokenSource::file("/var/run/secrets/vault/token"))
 //!     .connect()
 //!     .await?;
-//! match vault.get_token("jira", 60).await {
+//! match vault.get_token("jira", Duration::from_secs(60)).await {
 //!     Ok(token) => println!("expires at {:?}", token.expires_at),
 //!     Err(Error::CredentialNotFound) => println!("start a consent flow"),
 //!     Err(Error::ReauthRequired(why)) => println!("ask the user to authorize again: {why}"),
@@ -24,109 +28,25 @@
 //! # Ok(()) }
 //! ```
 
+mod error;
 mod token;
+mod types;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
 
+pub use error::Error;
 pub use token::{BoxError, TokenSource};
-
-/// Generated from `proto/vault/v1/vault.proto`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod proto {
-    tonic::include_proto!("vault.v1");
-}
-
-pub use proto::{AccessToken, OAuthToken};
-
-/// The error domain of the vault's `ErrorInfo` details.
-pub const ERROR_DOMAIN: &str = "vault.v1";
-
-/// What a vault call can fail with, by what the caller should do.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// No credential for this tool: start an OAuth consent flow and store the result.
-    #[error("no credential stored for this tool")]
-    CredentialNotFound,
-    /// The provider rejected the grant (or the vault cannot refresh it): the user must consent
-    /// again.
-    #[error("re-authorization required: {0}")]
-    ReauthRequired(String),
-    /// The provider is unreachable; the credential is kept. Retry later.
-    #[error("provider unavailable: {0}")]
-    ProviderUnavailable(String),
-    /// The caller token was missing or refused.
-    #[error("unauthenticated: {0}")]
-    Unauthenticated(String),
-    /// The caller may not do this.
-    #[error("permission denied: {0}")]
-    PermissionDenied(String),
-    /// A request field is invalid; `field` names it as in the proto.
-    #[error("invalid argument {field}: {message}")]
-    InvalidArgument {
-        /// The offending field, such as `tool` or `token.access_token`.
-        field: String,
-        /// The server's explanation.
-        message: String,
-    },
-    /// A limit was hit (request size, rate).
-    #[error("resource exhausted: {0}")]
-    ResourceExhausted(String),
-    /// The vault or its storage is unavailable (after retries, for idempotent calls).
-    #[error("vault unavailable: {0}")]
-    Unavailable(String),
-    /// The call's deadline passed.
-    #[error("deadline exceeded: {0}")]
-    DeadlineExceeded(String),
-    /// Any other status.
-    #[error("vault error: {0}")]
-    Other(Status),
-    /// The connection could not be configured or made.
-    #[error("cannot connect to the vault: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// The caller token is not valid as a header value.
-    #[error("the caller token is not a valid header value")]
-    InvalidToken,
-    /// The token source failed (unreadable file, failing callback).
-    #[error("caller token unavailable: {0}")]
-    TokenSource(String),
-}
-
-impl From<Status> for Error {
-    fn from(status: Status) -> Self {
-        let details = status.get_error_details();
-        let info = details.error_info();
-        let reason = info.map(|i| i.reason.as_str()).unwrap_or_default();
-        let message = status.message().to_string();
-        match (status.code(), reason) {
-            (Code::NotFound, "CREDENTIAL_NOT_FOUND") => Self::CredentialNotFound,
-            (Code::FailedPrecondition, "REAUTH_REQUIRED") => Self::ReauthRequired(message),
-            (Code::Unavailable, "PROVIDER_UNAVAILABLE") => Self::ProviderUnavailable(message),
-            (Code::Unauthenticated, _) => Self::Unauthenticated(message),
-            (Code::PermissionDenied, _) => Self::PermissionDenied(message),
-            (Code::InvalidArgument, _) => {
-                let field = details
-                    .bad_request()
-                    .and_then(|b| b.field_violations.first())
-                    .map(|v| v.field.clone())
-                    .or_else(|| info.and_then(|i| i.metadata.get("field").cloned()))
-                    .unwrap_or_default();
-                Self::InvalidArgument { field, message }
-            }
-            (Code::ResourceExhausted | Code::OutOfRange, _) => Self::ResourceExhausted(message),
-            (Code::Unavailable, _) => Self::Unavailable(message),
-            (Code::DeadlineExceeded, _) => Self::DeadlineExceeded(message),
-            _ => Self::Other(status),
-        }
-    }
-}
+pub use types::{Owner, Revoked, Stored, Swept, Token, TokenSet};
+/// The generated API, for calls through [`Client::raw`].
+pub use vault_proto as proto;
+pub use vault_proto::{ERROR_DOMAIN, ErrorReason};
 
 /// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep) on
 /// `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.
@@ -342,78 +262,9 @@ impl Clone for Client {
     }
 }
 
-/// What StoreToken answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stored {
-    /// The credential's new generation.
-    pub generation: u64,
-    /// When the vault will delete it (unix seconds).
-    pub ttl_expires_at: i64,
-}
-
-/// What GetToken and Refresh answered.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token {
-    /// The access token to send to the tool.
-    pub access_token: String,
-    /// Usually `Bearer`.
-    pub token_type: String,
-    /// Unix seconds, when the provider gave an expiry.
-    pub expires_at: Option<i64>,
-    /// Granted scopes.
-    pub scopes: Vec<String>,
-    /// The credential version.
-    pub generation: u64,
-    /// Whether the vault refreshed it for this call.
-    pub refreshed: bool,
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("access_token", &"[REDACTED]")
-            .field("token_type", &self.token_type)
-            .field("expires_at", &self.expires_at)
-            .field("scopes", &self.scopes)
-            .field("generation", &self.generation)
-            .field("refreshed", &self.refreshed)
-            .finish()
-    }
-}
-
-/// What Revoke answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Revoked {
-    /// Credentials deleted from the vault.
-    pub revoked: u32,
-    /// Tokens revoked at the provider before the reply.
-    pub provider_revoked: u32,
-}
-
-/// What Sweep answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Swept {
-    /// Credentials deleted (or counted, in a dry run).
-    pub swept: u64,
-    /// More expired credentials may remain.
-    pub more: bool,
-}
-
-fn token_from(token: Option<AccessToken>, refreshed: bool) -> Result<Token, Error> {
-    let token = token.ok_or_else(|| Error::Other(Status::internal("response without a token")))?;
-    Ok(Token {
-        access_token: token.access_token,
-        token_type: token.token_type,
-        expires_at: token.expires_at.map(|t| t.seconds),
-        scopes: token.scopes,
-        generation: token.generation,
-        refreshed,
-    })
-}
-
 /// Whether a failed attempt is worth another try.
 fn retryable(error: &Error) -> bool {
-    matches!(error, Error::Unavailable(_))
+    matches!(error, Error::Unavailable { .. })
 }
 
 impl Client {
@@ -516,18 +367,19 @@ impl Client {
         }
     }
 
-    /// Stores the caller's token set for `tool`. `ttl_seconds` 0 = the vault's default.
-    /// Not retried: each store is a new generation.
+    /// Stores the caller's token set for `tool`, kept by the vault for `ttl` (`None`, or zero,
+    /// is the vault's default; longer than the default is clamped to it). Not retried: each
+    /// store is a new generation.
     pub async fn store_token(
-        &mut self,
+        &self,
         tool: &str,
-        token: OAuthToken,
-        ttl_seconds: i64,
+        token: TokenSet,
+        ttl: Option<Duration>,
     ) -> Result<Stored, Error> {
         let request_body = proto::StoreTokenRequest {
             tool: tool.into(),
-            token: Some(token),
-            ttl_seconds,
+            token: Some(token.into()),
+            ttl_seconds: ttl.map_or(0, types::seconds),
         };
         let response = self
             .call(false, |mut raw, header| {
@@ -539,18 +391,15 @@ impl Client {
                 }
             })
             .await?;
-        Ok(Stored {
-            generation: response.generation,
-            ttl_expires_at: response.ttl_expires_at.map_or(0, |t| t.seconds),
-        })
+        types::stored_from(response)
     }
 
-    /// A usable access token for `tool`, refreshed first if it expires within
-    /// `min_valid_seconds`.
-    pub async fn get_token(&mut self, tool: &str, min_valid_seconds: i64) -> Result<Token, Error> {
+    /// A usable access token for `tool`, refreshed first if it expires within `min_valid`
+    /// (rounded up to whole seconds).
+    pub async fn get_token(&self, tool: &str, min_valid: Duration) -> Result<Token, Error> {
         let request_body = proto::GetTokenRequest {
             tool: tool.into(),
-            min_valid_seconds,
+            min_valid_seconds: types::seconds(min_valid),
         };
         let response = self
             .call(true, |mut raw, header| {
@@ -562,40 +411,44 @@ impl Client {
                 }
             })
             .await?;
-        token_from(response.token, response.refreshed)
+        types::token_from(response.token, response.refreshed)
     }
 
-    /// Refreshes now; with `if_generation` > 0, only if nothing newer is stored (and then the
-    /// call is safe to retry).
-    pub async fn refresh(&mut self, tool: &str, if_generation: u64) -> Result<Token, Error> {
+    /// Refreshes now; with `if_generation`, only if nothing newer than that generation is
+    /// stored (and then the call is safe to retry).
+    pub async fn refresh(&self, tool: &str, if_generation: Option<u64>) -> Result<Token, Error> {
         let request_body = proto::RefreshRequest {
             tool: tool.into(),
-            if_generation,
+            if_generation: if_generation.unwrap_or(0),
         };
         let response = self
-            .call(if_generation > 0, |mut raw, header| {
+            .call(if_generation.is_some(), |mut raw, header| {
                 let request = request(request_body.clone(), &header);
                 async move { raw.refresh(request).await.map(tonic::Response::into_inner) }
             })
             .await?;
-        token_from(response.token, response.refreshed)
+        types::token_from(response.token, response.refreshed)
     }
 
-    /// Deletes the caller's credential for `tool` (every tool when empty).
-    pub async fn revoke(&mut self, tool: &str, at_provider: bool) -> Result<Revoked, Error> {
-        self.revoke_for(proto::RevokeRequest {
-            tool: tool.into(),
-            at_provider,
-            ..Default::default()
-        })
-        .await
+    /// Deletes the caller's credential for `tool`, or every tool's when `None`; with
+    /// `at_provider`, also revokes the tokens at the provider.
+    pub async fn revoke(&self, tool: Option<&str>, at_provider: bool) -> Result<Revoked, Error> {
+        self.revoke_for(Owner::default(), tool, at_provider).await
     }
 
-    /// Revoke with every field, such as an admin revoking another user's credentials.
+    /// Admin: [`revoke`](Self::revoke) for another user or agent.
     pub async fn revoke_for(
-        &mut self,
-        request_body: proto::RevokeRequest,
+        &self,
+        owner: Owner,
+        tool: Option<&str>,
+        at_provider: bool,
     ) -> Result<Revoked, Error> {
+        let request_body = proto::RevokeRequest {
+            tool: tool.unwrap_or_default().into(),
+            at_provider,
+            user_id: owner.user_id.unwrap_or_default(),
+            agent_id: owner.agent_id.unwrap_or_default(),
+        };
         let response = self
             .call(true, |mut raw, header| {
                 let request = request(request_body.clone(), &header);
@@ -609,7 +462,7 @@ impl Client {
     }
 
     /// Admin: deletes up to `limit` credentials past their vault TTL (0 = server batch size).
-    pub async fn sweep(&mut self, limit: u32, dry_run: bool) -> Result<Swept, Error> {
+    pub async fn sweep(&self, limit: u32, dry_run: bool) -> Result<Swept, Error> {
         let body = proto::SweepRequest { limit, dry_run };
         let response = self
             .call(true, |mut raw, header| async move {

@@ -87,22 +87,25 @@ impl TokenSource {
         match &self.0 {
             Kind::Static(value) => Ok(value.clone()),
             Kind::File { path, cache } => {
-                let meta = std::fs::metadata(path)
-                    .map_err(|e| Error::TokenSource(format!("{}: {e}", path.display())))?;
+                // tokio::fs, not std::fs: a slow volume must not stall the caller's runtime.
+                let unreadable =
+                    |e: std::io::Error| Error::TokenSource(format!("{}: {e}", path.display()));
+                let meta = tokio::fs::metadata(path).await.map_err(unreadable)?;
                 let stamp = (
                     meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                     meta.len(),
                 );
-                let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((modified, len, value)) = cached.as_ref()
+                // The lock is never held across an await: taken to look, then again to store.
+                if let Some((modified, len, value)) =
+                    cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
                     && (*modified, *len) == stamp
                 {
                     return Ok(value.clone());
                 }
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| Error::TokenSource(format!("{}: {e}", path.display())))?;
+                let text = tokio::fs::read_to_string(path).await.map_err(unreadable)?;
                 let value = header(&text)?;
-                *cached = Some((stamp.0, stamp.1, value.clone()));
+                *cache.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((stamp.0, stamp.1, value.clone()));
                 Ok(value)
             }
             Kind::Callback(callback) => {

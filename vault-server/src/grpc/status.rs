@@ -7,14 +7,15 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::ERROR_DOMAIN;
+use super::proto::ErrorReason;
 use crate::auth::AuthError;
 use crate::vault::VaultError;
 
-fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
+fn with_reason(code: Code, reason: ErrorReason, message: impl Into<String>) -> Status {
     Status::with_error_details(
         code,
         message,
-        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+        ErrorDetails::with_error_info(reason.as_str_name(), ERROR_DOMAIN, HashMap::new()),
     )
 }
 
@@ -22,7 +23,7 @@ fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
 pub fn invalid_argument(field: &str, problem: &str) -> Status {
     let mut details = ErrorDetails::new();
     details.set_error_info(
-        "INVALID_ARGUMENT",
+        ErrorReason::InvalidArgument.as_str_name(),
         ERROR_DOMAIN,
         HashMap::from([("field".to_string(), field.to_string())]),
     );
@@ -37,12 +38,14 @@ pub fn invalid_argument(field: &str, problem: &str) -> Status {
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
-            AuthError::Missing | AuthError::Malformed(_) | AuthError::Refused(_) => {
-                with_reason(Code::Unauthenticated, "UNAUTHENTICATED", err.to_string())
-            }
+            AuthError::Missing | AuthError::Malformed(_) | AuthError::Refused(_) => with_reason(
+                Code::Unauthenticated,
+                ErrorReason::Unauthenticated,
+                err.to_string(),
+            ),
             AuthError::KeysUnavailable => with_reason(
                 Code::Unavailable,
-                "ISSUER_KEYS_UNAVAILABLE",
+                ErrorReason::IssuerKeysUnavailable,
                 "the issuer's keys could not be loaded to check this token; retry later",
             ),
         }
@@ -55,21 +58,25 @@ impl From<VaultError> for Status {
         match err {
             VaultError::NotFound => with_reason(
                 Code::NotFound,
-                "CREDENTIAL_NOT_FOUND",
+                ErrorReason::CredentialNotFound,
                 "no credential is stored for this tool; start a consent flow",
             ),
-            VaultError::ReauthRequired(message) => {
-                with_reason(Code::FailedPrecondition, "REAUTH_REQUIRED", message)
-            }
+            VaultError::ReauthRequired(message) => with_reason(
+                Code::FailedPrecondition,
+                ErrorReason::ReauthRequired,
+                message,
+            ),
             VaultError::ProviderUnavailable(message) => {
-                with_reason(Code::Unavailable, "PROVIDER_UNAVAILABLE", message)
+                with_reason(Code::Unavailable, ErrorReason::ProviderUnavailable, message)
             }
-            VaultError::PermissionDenied(message) => {
-                with_reason(Code::PermissionDenied, "PERMISSION_DENIED", message)
-            }
+            VaultError::PermissionDenied(message) => with_reason(
+                Code::PermissionDenied,
+                ErrorReason::PermissionDenied,
+                message,
+            ),
             VaultError::RefreshTokenDenied => with_reason(
                 Code::PermissionDenied,
-                "STORE_REFRESH_TOKEN_DENIED",
+                ErrorReason::StoreRefreshTokenDenied,
                 err.to_string(),
             ),
             VaultError::InvalidArgument { field, problem } => invalid_argument(field, &problem),
@@ -78,7 +85,7 @@ impl From<VaultError> for Status {
                 retry_after,
             } => {
                 let mut details = ErrorDetails::with_error_info(
-                    "AGENT_CREATION_RATE_LIMITED",
+                    ErrorReason::AgentCreationRateLimited.as_str_name(),
                     ERROR_DOMAIN,
                     HashMap::new(),
                 );
@@ -87,10 +94,12 @@ impl From<VaultError> for Status {
             }
             VaultError::Unavailable(_) => with_reason(
                 Code::Unavailable,
-                "STORE_UNAVAILABLE",
+                ErrorReason::StoreUnavailable,
                 "storage is temporarily unavailable; retry",
             ),
-            VaultError::Unexpected(_) => with_reason(Code::Internal, "INTERNAL", "internal error"),
+            VaultError::Unexpected(_) => {
+                with_reason(Code::Internal, ErrorReason::Internal, "internal error")
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Compiles `proto/vault/v1/vault.proto` with protox (pure Rust, no system `protoc`) into server
-//! stubs, and writes the encoded descriptor set that server reflection serves.
+//! Compiles `proto/vault/v1/vault.proto` once, with protox (pure Rust, no system `protoc`), into
+//! the server and client stubs, and writes the encoded descriptor set that server reflection
+//! serves. The server and the client both take their code from here, so they cannot drift.
 
 use std::path::PathBuf;
 
@@ -15,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .build_server(true)
-        .build_client(false)
+        .build_client(true)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,0 +1,220 @@
+//! The one error type of the client: variants by what the caller should do, and
+//! [`Error::reason`] for the exact `ErrorInfo` reason the vault sent.
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+use vault_proto::ErrorReason;
+
+/// What a vault call can fail with, by what the caller should do.
+///
+/// Variants that only one [`ErrorReason`] leads to carry the vault's message; variants that
+/// several reasons share carry the reason too. [`Error::reason`] answers for all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No credential for this tool: start an OAuth consent flow and store the result.
+    #[error("no credential stored for this tool")]
+    CredentialNotFound,
+    /// The provider rejected the grant (or the vault cannot refresh it): the user must consent
+    /// again.
+    #[error("re-authorization required: {0}")]
+    ReauthRequired(String),
+    /// The provider is unreachable; the credential is kept. Retry later.
+    #[error("provider unavailable: {0}")]
+    ProviderUnavailable(String),
+    /// The caller token was missing or refused.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller may not do this.
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// Why, such as [`ErrorReason::StoreRefreshTokenDenied`].
+        reason: ErrorReason,
+        /// The server's explanation.
+        message: String,
+    },
+    /// A request field is invalid; `field` names it as in the proto.
+    #[error("invalid argument {field}: {message}")]
+    InvalidArgument {
+        /// The offending field, such as `tool` or `token.access_token`.
+        field: String,
+        /// The server's explanation.
+        message: String,
+    },
+    /// A limit was hit (request size, rate).
+    #[error("resource exhausted: {message}")]
+    ResourceExhausted {
+        /// [`ErrorReason::AgentCreationRateLimited`], or unspecified for a size limit.
+        reason: ErrorReason,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The vault or its storage is unavailable (after retries, for idempotent calls).
+    #[error("vault unavailable: {message}")]
+    Unavailable {
+        /// Which part is unavailable; unspecified when the vault could not be reached at all.
+        reason: ErrorReason,
+        /// The server's (or the transport's) explanation.
+        message: String,
+    },
+    /// The call's deadline passed.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// Any other status.
+    #[error("vault error: {0}")]
+    Other(Status),
+    /// The connection could not be configured or made.
+    #[error("cannot connect to the vault: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The caller token is not valid as a header value.
+    #[error("the caller token is not a valid header value")]
+    InvalidToken,
+    /// The token source failed (unreadable file, failing callback).
+    #[error("caller token unavailable: {0}")]
+    TokenSource(String),
+}
+
+impl Error {
+    /// The `google.rpc.ErrorInfo` reason behind this error. [`ErrorReason::Unspecified`] when
+    /// the failure did not come from the vault (transport, token source, a local deadline) or
+    /// the vault sent no reason the client knows.
+    pub fn reason(&self) -> ErrorReason {
+        match self {
+            Self::CredentialNotFound => ErrorReason::CredentialNotFound,
+            Self::ReauthRequired(_) => ErrorReason::ReauthRequired,
+            Self::ProviderUnavailable(_) => ErrorReason::ProviderUnavailable,
+            Self::Unauthenticated(_) => ErrorReason::Unauthenticated,
+            Self::InvalidArgument { .. } => ErrorReason::InvalidArgument,
+            Self::PermissionDenied { reason, .. }
+            | Self::ResourceExhausted { reason, .. }
+            | Self::Unavailable { reason, .. } => *reason,
+            Self::Other(status) => reason_of(status),
+            Self::DeadlineExceeded(_)
+            | Self::Transport(_)
+            | Self::InvalidToken
+            | Self::TokenSource(_) => ErrorReason::Unspecified,
+        }
+    }
+
+    /// An answer the vault should never give, such as a reply without its token.
+    pub(crate) fn malformed(what: &str) -> Self {
+        Self::Other(Status::internal(format!("malformed response: {what}")))
+    }
+}
+
+/// The reason in `status`'s `ErrorInfo`, if it is one of the vault's.
+fn reason_of(status: &Status) -> ErrorReason {
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|info| ErrorReason::from_str_name(&info.reason))
+        .unwrap_or(ErrorReason::Unspecified)
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        let reason = reason_of(&status);
+        let message = status.message().to_string();
+        match (status.code(), reason) {
+            (Code::NotFound, ErrorReason::CredentialNotFound) => Self::CredentialNotFound,
+            (Code::FailedPrecondition, ErrorReason::ReauthRequired) => {
+                Self::ReauthRequired(message)
+            }
+            (Code::Unavailable, ErrorReason::ProviderUnavailable) => {
+                Self::ProviderUnavailable(message)
+            }
+            (Code::Unauthenticated, _) => Self::Unauthenticated(message),
+            (Code::PermissionDenied, _) => Self::PermissionDenied { reason, message },
+            (Code::InvalidArgument, _) => {
+                let details = status.get_error_details();
+                let field = details
+                    .bad_request()
+                    .and_then(|b| b.field_violations.first())
+                    .map(|v| v.field.clone())
+                    .or_else(|| {
+                        details
+                            .error_info()
+                            .and_then(|i| i.metadata.get("field").cloned())
+                    })
+                    .unwrap_or_default();
+                Self::InvalidArgument { field, message }
+            }
+            (Code::ResourceExhausted | Code::OutOfRange, _) => {
+                Self::ResourceExhausted { reason, message }
+            }
+            (Code::Unavailable, _) => Self::Unavailable { reason, message },
+            (Code::DeadlineExceeded, _) => Self::DeadlineExceeded(message),
+            _ => Self::Other(status),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn status(code: Code, reason: ErrorReason) -> Status {
+        Status::with_error_details(
+            code,
+            "why",
+            ErrorDetails::with_error_info(
+                reason.as_str_name(),
+                vault_proto::ERROR_DOMAIN,
+                HashMap::new(),
+            ),
+        )
+    }
+
+    #[test]
+    fn every_reason_the_vault_sends_comes_back_from_reason() {
+        for (code, reason) in [
+            (Code::NotFound, ErrorReason::CredentialNotFound),
+            (Code::FailedPrecondition, ErrorReason::ReauthRequired),
+            (Code::Unavailable, ErrorReason::ProviderUnavailable),
+            (Code::Unauthenticated, ErrorReason::Unauthenticated),
+            (Code::Unavailable, ErrorReason::IssuerKeysUnavailable),
+            (Code::PermissionDenied, ErrorReason::PermissionDenied),
+            (Code::PermissionDenied, ErrorReason::StoreRefreshTokenDenied),
+            (Code::InvalidArgument, ErrorReason::InvalidArgument),
+            (
+                Code::ResourceExhausted,
+                ErrorReason::AgentCreationRateLimited,
+            ),
+            (Code::Unavailable, ErrorReason::StoreUnavailable),
+            (Code::Internal, ErrorReason::Internal),
+        ] {
+            assert_eq!(Error::from(status(code, reason)).reason(), reason);
+        }
+    }
+
+    #[test]
+    fn an_unreachable_vault_is_unavailable_without_a_reason() {
+        let error = Error::from(Status::unavailable("connection refused"));
+        assert!(matches!(
+            error,
+            Error::Unavailable {
+                reason: ErrorReason::Unspecified,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_reason_this_client_does_not_know_reads_as_unspecified() {
+        let status = Status::with_error_details(
+            Code::NotFound,
+            "why",
+            ErrorDetails::with_error_info(
+                "SOMETHING_NEW",
+                vault_proto::ERROR_DOMAIN,
+                HashMap::new(),
+            ),
+        );
+        let error = Error::from(status);
+        assert!(matches!(error, Error::Other(_)));
+        assert_eq!(error.reason(), ErrorReason::Unspecified);
+    }
+}
