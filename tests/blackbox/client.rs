@@ -142,12 +142,11 @@ async fn clones_with_different_callers_never_send_each_others_token() {
 async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    // The port is the test's from start to end: bound but not listening (calls are refused),
+    // then listening, then the vault's.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = format!("http://{}", socket.local_addr().unwrap());
     let token = issuer.token("agent-a", "alice");
 
     let once = Client::builder(&endpoint)
@@ -180,11 +179,6 @@ async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
         "StoreToken is not retried"
     );
 
-    let listen = format!("127.0.0.1:{port}");
-    let late_server = async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        spawn_with(&db, &issuer, &[("VAULT_LISTEN", listen.as_str())]).await
-    };
     let policy = RetryPolicy {
         max_attempts: 50,
         initial_backoff: Duration::from_millis(50),
@@ -197,7 +191,14 @@ async fn idempotent_calls_retry_until_the_vault_is_up_and_stores_do_not() {
         .unwrap()
         .with_bearer(&token)
         .unwrap();
-    let (result, _app) = tokio::join!(patient.get_token("jira", Duration::ZERO), late_server);
+    let listener = socket.listen(16).unwrap();
+    let call = tokio::spawn(async move { patient.get_token("jira", Duration::ZERO).await });
+    // Its first attempt meets a port that hangs up on it, so what follows is a retry.
+    drop(listener.accept().await.unwrap());
+    let _app = try_spawn_on(&db, &issuer, &[], Some(listener))
+        .await
+        .unwrap();
+    let result = call.await.unwrap();
     assert!(
         matches!(result, Err(Error::CredentialNotFound)),
         "reached the vault once it was up: {result:?}"

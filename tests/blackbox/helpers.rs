@@ -300,8 +300,19 @@ pub async fn try_spawn(
     issuer: &Issuer,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<TestApp> {
+    try_spawn_on(db, issuer, extra, None).await
+}
+
+/// Starts a vault on `listener` (bound by the test, which never lets go of its port), or on a
+/// port of its own when `None`.
+pub async fn try_spawn_on(
+    db: &TestDb,
+    issuer: &Issuer,
+    extra: &[(&str, &str)],
+    listener: Option<tokio::net::TcpListener>,
+) -> anyhow::Result<TestApp> {
     let settings = Settings::load(&Source::from_pairs(settings_pairs(db, issuer, extra)))?;
-    let app = Application::build(settings).await?;
+    let app = Application::build_on(settings, listener).await?;
     let addr = app.local_addr();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(app.run_until_stopped(async move {
@@ -408,9 +419,9 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_vault-server")
 }
 
-/// Runs `vault-server serve` with exactly `pairs` as its environment (plus PATH), and waits for
-/// it to report its address.
-pub fn start_binary(pairs: &[(&str, &str)]) -> ServerProcess {
+/// Runs `vault-server serve` with exactly `pairs` as its environment (plus PATH), learns the
+/// port it bound from its first log line, and waits until its health check reports SERVING.
+pub async fn start_binary(pairs: &[(&str, &str)]) -> ServerProcess {
     let mut command = Command::new(binary());
     command
         .arg("serve")
@@ -425,7 +436,7 @@ pub fn start_binary(pairs: &[(&str, &str)]) -> ServerProcess {
     let mut child = command.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = oneshot::channel();
     let sink = Arc::clone(&lines);
     std::thread::spawn(move || {
         let mut tx = Some(tx);
@@ -443,14 +454,18 @@ pub fn start_binary(pairs: &[(&str, &str)]) -> ServerProcess {
             sink.lock().unwrap().push(line);
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("server did not start: {:?}", lines.lock().unwrap()));
-    ServerProcess {
+    let addr = match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(addr)) => addr,
+        _ => panic!("server did not start: {:?}", lines.lock().unwrap()),
+    };
+    let server = ServerProcess {
         child,
         addr: addr.parse().unwrap(),
         stderr_lines: lines,
-    }
+    };
+    let endpoint = server.endpoint();
+    eventually("vault-server reports SERVING", || is_serving(&endpoint)).await;
+    server
 }
 
 /// Runs the binary and waits for it to exit on its own; returns (success, stderr).
@@ -519,4 +534,67 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Polls `check` until it holds, and fails the test naming `what` after 20 s. Tests wait for a
+/// condition, never for a guessed time.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Moves every deadline the vault keeps in `db` (vault TTLs, refresh backoffs and leases, the
+/// outbox schedule) `by` into the past: what the passing of that much time does to them,
+/// without waiting for it. The vault reads these against the database clock, so it sees the
+/// same thing as if the time had passed.
+pub async fn fast_forward(db: &TestDb, by: Duration) {
+    let mut conn = db.connect().await;
+    let schemas: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM vault.agents")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let by = format!("{} milliseconds", by.as_millis());
+    for schema in schemas {
+        sqlx::raw_sql(&format!(
+            "UPDATE \"{schema}\".credentials SET
+                 ttl_expires_at = ttl_expires_at - interval '{by}',
+                 refresh_not_before = refresh_not_before - interval '{by}',
+                 refresh_lease_until = refresh_lease_until - interval '{by}';
+             UPDATE \"{schema}\".revocation_outbox SET
+                 next_attempt_at = next_attempt_at - interval '{by}',
+                 lease_until = lease_until - interval '{by}'"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+}
+
+/// Whether the vault at `endpoint` answers its health check with SERVING for the vault service.
+pub async fn is_serving(endpoint: &str) -> bool {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "vault.v1.CredentialVault".into(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }

@@ -96,7 +96,7 @@ async fn sigterm_reports_not_serving_drains_in_flight_calls_and_exits_zero() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let pairs = settings_pairs(&db, &issuer, &[("VAULT_SHUTDOWN_DELAY_SECONDS", "1")]);
-    let mut server = start_binary(&pairs);
+    let mut server = start_binary(&pairs).await;
     let vault = vault_client::Client::connect(server.endpoint())
         .await
         .unwrap()
@@ -131,10 +131,32 @@ async fn sigterm_reports_not_serving_drains_in_flight_calls_and_exits_zero() {
             .store_token("jira", oauth_token("v2", "rt", 3600), None)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the StoreToken waits on the row lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'vault-server' AND wait_event_type = 'Lock'
+               AND datname = current_database()",
+        )
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
 
     server.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the vault reports NOT_SERVING", || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: "vault.v1.CredentialVault".into(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32)
+        }
+    })
+    .await;
     let draining = health
         .check(HealthCheckRequest {
             service: "vault.v1.CredentialVault".into(),

@@ -178,8 +178,8 @@ async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_r
 async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_call() {
     let w = World::new().await;
     let pairs = settings_pairs(&w.db, &w.issuer, &w.extra());
-    let first = start_binary(&pairs);
-    let second = start_binary(&pairs);
+    let first = start_binary(&pairs).await;
+    let second = start_binary(&pairs).await;
     let grant = w.provider.authorize("alice").await;
     let token = w.issuer.token("agent-a", "alice");
     let a = vault_client::Client::connect(first.endpoint())
@@ -379,7 +379,7 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
         "no provider call inside the Retry-After window"
     );
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    fast_forward(&w.db, Duration::from_secs(3)).await;
     let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert!(token.refreshed);
     assert_eq!(w.provider.stats().await.refresh_calls, 2);
@@ -507,7 +507,7 @@ async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp(
     let mut extra = w.extra();
     extra.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()));
     extra.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
-    let server = start_binary(&settings_pairs(&w.db, &w.issuer, &extra));
+    let server = start_binary(&settings_pairs(&w.db, &w.issuer, &extra)).await;
     let grant = w.provider.authorize("alice").await;
     let jwt = w.issuer.token("agent-a", "alice");
     let vault = server.client_with(&jwt).await;

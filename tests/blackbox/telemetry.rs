@@ -171,7 +171,7 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
-    let server = start_binary(&pairs);
+    let server = start_binary(&pairs).await;
 
     let jwt = issuer.token("agent-a", "alice");
     let access = "otel-access-3b8f1c55d2e64b1e";

@@ -110,6 +110,11 @@ fn reason_of(status: &Status) -> ErrorReason {
         .unwrap_or(ErrorReason::Unspecified)
 }
 
+/// Whether the status was made on this side by the transport, not sent by the vault.
+fn from_transport(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|source| source.is::<tonic::transport::Error>())
+}
+
 impl From<Status> for Error {
     fn from(status: Status) -> Self {
         let reason = reason_of(&status);
@@ -142,6 +147,11 @@ impl From<Status> for Error {
                 Self::ResourceExhausted { reason, message }
             }
             (Code::Unavailable, _) => Self::Unavailable { reason, message },
+            // The connection closed before any answer (a vault replica going away mid-handshake):
+            // the call never reached the vault, so it is as unavailable as a refused connection.
+            (Code::Cancelled, _) if from_transport(&status) => {
+                Self::Unavailable { reason, message }
+            }
             (Code::DeadlineExceeded, _) => Self::DeadlineExceeded(message),
             _ => Self::Other(status),
         }

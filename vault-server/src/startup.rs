@@ -51,12 +51,11 @@ impl Application {
         Self::build_on(settings, None).await
     }
 
-    /// Builds on a socket the caller has already bound (and keeps bound), listening on it
-    /// instead of binding `VAULT_LISTEN`: whoever chose the port never lets go of it, so no
-    /// other process can take it in between.
+    /// Builds on a listener the caller has already bound, instead of binding `VAULT_LISTEN`:
+    /// whoever chose the port never lets go of it, so no other process can take it in between.
     pub async fn build_on(
         settings: Settings,
-        socket: Option<tokio::net::TcpSocket>,
+        listener: Option<TcpListener>,
     ) -> anyhow::Result<Self> {
         // Read first, as a bad key file is a configuration error and stops startup before the
         // database is touched.
@@ -116,8 +115,8 @@ impl Application {
             .map(|t| t.issuer.clone())
             .collect();
         vault.adopt_legacy_agents(&issuers).await?;
-        let listener = match socket {
-            Some(socket) => socket.listen(1024)?,
+        let listener = match listener {
+            Some(listener) => listener,
             None => TcpListener::bind(settings.listen).await.map_err(|e| {
                 anyhow::anyhow!("cannot listen on VAULT_LISTEN={}: {e}", settings.listen)
             })?,
