@@ -1,5 +1,5 @@
 //! Store conformance: the same behaviours, checked against PostgreSQL and the embedded SQLite
-//! store through the `Store` trait alone.
+//! store through the `Store` handles alone.
 
 use std::time::Duration;
 
@@ -7,8 +7,8 @@ use vault_server::config::{Database, DatabaseSettings};
 use vault_server::crypto::SealedCredential;
 use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
-    AgentRecord, CredentialKey, CredentialState, NewCredential, RefreshLease, RootKeyRecord, Store,
-    SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialState, NewCredential, PgStore, RefreshLease,
+    RootKeyRecord, Store, SweepOutcome, Upserted,
 };
 use vault_server::vault::refresh_backoff;
 
@@ -592,13 +592,7 @@ async fn a_named_lease_has_one_holder(store: &Store) {
 }
 
 async fn postgres(db: &TestDb) -> Store {
-    let settings = DatabaseSettings {
-        max_connections: 4,
-        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
-    };
-    let store = vault_server::store::open(&settings).await.unwrap();
-    store.schema.migrate().await.unwrap();
-    store
+    migrated_pg(db, 4).await.1
 }
 
 async fn sqlite(dir: &tempfile::TempDir) -> Store {
@@ -697,20 +691,25 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
     );
 }
 
+/// The PostgreSQL store on `db` with `max_connections`, migrated: the backend itself (for
+/// its diagnostics) and the store over it.
+async fn migrated_pg(db: &TestDb, max_connections: u32) -> (PgStore, Store) {
+    let settings = DatabaseSettings {
+        max_connections,
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
+    };
+    let pg = PgStore::connect(&settings).await.unwrap();
+    let store = Store::new(pg.clone());
+    store.schema.migrate().await.unwrap();
+    (pg, store)
+}
+
 /// Each agent schema has its own SQL text, so the statement cache must hold far more than
 /// sqlx's default 100 statements, or a busy vault re-parses its hot query on most calls.
 #[tokio::test]
 async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
     let db = TestDb::new().await;
-    let settings = DatabaseSettings {
-        max_connections: 1,
-        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
-    };
-    let pg = vault_server::store::PgStore::connect(&settings)
-        .await
-        .unwrap();
-    let store = Store::new(pg.clone());
-    store.schema.migrate().await.unwrap();
+    let (pg, store) = migrated_pg(&db, 1).await;
     let mut agents = Vec::new();
     for n in 0..130 {
         agents.push(registered(&store, &format!("agent-{n}")).await);
@@ -733,15 +732,7 @@ async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
 #[tokio::test]
 async fn a_cancelled_or_severed_read_leaves_the_read_connections_usable() {
     let db = TestDb::new().await;
-    let settings = DatabaseSettings {
-        max_connections: 2,
-        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
-    };
-    let pg = vault_server::store::PgStore::connect(&settings)
-        .await
-        .unwrap();
-    let store = Store::new(pg);
-    store.schema.migrate().await.unwrap();
+    let (_, store) = migrated_pg(&db, 2).await;
     let a = registered(&store, "agent-a").await;
     put(&store, &a, "alice", "jira", 7, 3600).await;
     let (alice, jira) = (user("alice"), tool("jira"));
