@@ -553,10 +553,11 @@ where
     }
 }
 
-/// Moves every deadline the vault keeps in `db` (vault TTLs, refresh backoffs and leases, the
-/// outbox schedule) `by` into the past: what the passing of that much time does to them,
-/// without waiting for it. The vault reads these against the database clock, so it sees the
-/// same thing as if the time had passed.
+/// Moves the times the vault keeps in its agent schemas in `db` (vault TTLs, refresh backoffs
+/// and leases, the outbox's schedule and ages) `by` into the past: what the passing of that much
+/// time does to them, without waiting for it. The vault reads these against the database clock,
+/// so it sees the same as if the time had passed. Not moved: `vault.leases` and the access
+/// token's own expiry, which is sealed inside the credential.
 pub async fn fast_forward(db: &TestDb, by: Duration) {
     let mut conn = db.connect().await;
     let schemas: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM vault.agents")
@@ -572,7 +573,8 @@ pub async fn fast_forward(db: &TestDb, by: Duration) {
                  refresh_lease_until = refresh_lease_until - interval '{by}';
              UPDATE \"{schema}\".revocation_outbox SET
                  next_attempt_at = next_attempt_at - interval '{by}',
-                 lease_until = lease_until - interval '{by}'"
+                 lease_until = lease_until - interval '{by}',
+                 created_at = created_at - interval '{by}'"
         ))
         .execute(&mut conn)
         .await

@@ -59,9 +59,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // A clone shares the connection and methods take `&self`, so another task needs no lock.
-    // Here it deletes what was just stored when `VAULT_UNDO` is set: the flow, without a
+    // Here it deletes what was just stored when `UNDO_STORE` is set: the flow, without a
     // credential left behind.
-    if std::env::var_os("VAULT_UNDO").is_some() {
+    if std::env::var_os("UNDO_STORE").is_some() {
         let undo = vault.clone();
         let revoked = tokio::spawn(async move { undo.revoke(Some(&tool), false).await }).await??;
         println!("undone: {} credential(s) deleted", revoked.revoked);

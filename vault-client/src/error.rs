@@ -110,9 +110,19 @@ fn reason_of(status: &Status) -> ErrorReason {
         .unwrap_or(ErrorReason::Unspecified)
 }
 
-/// Whether the status was made on this side by the transport, not sent by the vault.
-fn from_transport(status: &Status) -> bool {
-    std::error::Error::source(status).is_some_and(|source| source.is::<tonic::transport::Error>())
+/// Whether a cancellation was made on this side by the transport (the connection went away
+/// before the request left), rather than sent by the vault or caused by a timeout.
+fn never_sent(status: &Status) -> bool {
+    let mut transport = false;
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        transport |= error.is::<tonic::transport::Error>();
+        source = error.source();
+    }
+    transport
 }
 
 impl From<Status> for Error {
@@ -147,11 +157,10 @@ impl From<Status> for Error {
                 Self::ResourceExhausted { reason, message }
             }
             (Code::Unavailable, _) => Self::Unavailable { reason, message },
-            // The connection closed before any answer (a vault replica going away mid-handshake):
-            // the call never reached the vault, so it is as unavailable as a refused connection.
-            (Code::Cancelled, _) if from_transport(&status) => {
-                Self::Unavailable { reason, message }
-            }
+            // The connection closed before the request could be sent (a vault replica going away
+            // mid-handshake): the call never reached the vault, so it is as unavailable as a
+            // refused connection. A call cancelled by its own timeout is not: it may have.
+            (Code::Cancelled, _) if never_sent(&status) => Self::Unavailable { reason, message },
             (Code::DeadlineExceeded, _) => Self::DeadlineExceeded(message),
             _ => Self::Other(status),
         }

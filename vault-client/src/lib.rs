@@ -422,7 +422,8 @@ impl Client {
             if_generation: if_generation.unwrap_or(0),
         };
         let response = self
-            .call(if_generation.is_some(), |mut raw, header| {
+            // Generation 0 is "no condition" on the wire: only a real generation makes it safe.
+            .call(if_generation.is_some_and(|g| g > 0), |mut raw, header| {
                 let request = request(request_body.clone(), &header);
                 async move { raw.refresh(request).await.map(tonic::Response::into_inner) }
             })

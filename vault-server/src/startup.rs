@@ -21,8 +21,8 @@ use crate::grpc::{AuthLayer, CredentialVaultService, proto};
 use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::vault::{Vault, VaultOptions, unlock_root_key};
 
-/// How long shutdown waits for background jobs, and then for detached refreshes and
-/// revocations, before it gives up on them.
+/// How long shutdown waits for background jobs and for detached refreshes and revocations
+/// (both at once) before it gives up on them.
 const JOBS_STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// Largest request message accepted.
@@ -252,8 +252,10 @@ impl Application {
             }
         };
         // Bounded: the process must exit even if a provider or the database hangs.
-        jobs.shutdown(JOBS_STOP_WITHIN).await;
-        vault.drain(JOBS_STOP_WITHIN).await;
+        tokio::join!(
+            jobs.shutdown(JOBS_STOP_WITHIN),
+            vault.drain(JOBS_STOP_WITHIN)
+        );
         tracing::info!("stopped");
         result
     }
