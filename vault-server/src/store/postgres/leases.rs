@@ -44,11 +44,14 @@ impl LeaseStore for PgStore {
             tx.commit().await.map_err(e)?;
             return Ok(RefreshLease::acquired(failures));
         }
+        // Rounded up to the millisecond, so the time a caller is told to wait for is never
+        // before the real end of the backoff.
         let probe: Option<LeaseProbe> = sqlx::query_as(&format!(
             "SELECT generation, state::int8 AS state,
                     (CASE WHEN refresh_lease_until > now() THEN 1 ELSE 0 END)::int8 AS held,
                     (CASE WHEN refresh_not_before > now()
-                          THEN extract(epoch FROM refresh_not_before) * 1000 END)::int8 AS not_before_ms
+                          THEN ceil(extract(epoch FROM refresh_not_before) * 1000) END)::int8
+                        AS not_before_ms
              FROM {schema}.credentials
              WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()"
         ))
