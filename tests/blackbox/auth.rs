@@ -275,18 +275,7 @@ async fn a_rotated_issuer_key_is_picked_up_without_a_restart() {
     issuer.publish();
 
     let vault = app.client_with(&early).await;
-    vault
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "at"
-    );
+    store_and_read_back(&vault, "jira", "at").await;
 }
 
 #[tokio::test]

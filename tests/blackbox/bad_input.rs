@@ -203,16 +203,5 @@ async fn a_request_over_one_mebibyte_is_refused_and_the_server_stays_healthy() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     let vault = app.client(&issuer, "agent-a", "alice").await;
-    vault
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "at"
-    );
+    store_and_read_back(&vault, "jira", "at").await;
 }

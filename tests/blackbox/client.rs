@@ -234,18 +234,7 @@ async fn the_client_speaks_tls_and_mutual_tls() {
         .unwrap()
         .with_bearer(&token)
         .unwrap();
-    vault
-        .store_token("jira", oauth_token("over-tls", "rt", 3600), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "over-tls"
-    );
+    store_and_read_back(&vault, "jira", "over-tls").await;
     let untrusting = Client::builder(&endpoint)
         .tls_native_roots()
         .retry(RetryPolicy::none())

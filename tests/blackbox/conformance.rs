@@ -677,18 +677,7 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
     );
     let memory = spawn_with(&db, &issuer, &[("VAULT_DATABASE_URL", "sqlite::memory:")]).await;
     let vault = memory.client(&issuer, "agent-a", "alice").await;
-    vault
-        .store_token("jira", oauth_token("in-memory", "rt", 3600), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "in-memory"
-    );
+    store_and_read_back(&vault, "jira", "in-memory").await;
 }
 
 /// The PostgreSQL store on `db` with `max_connections`, migrated: the backend itself (for

@@ -600,3 +600,19 @@ pub async fn is_serving(endpoint: &str) -> bool {
         .await
         .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }
+
+/// Stores `access` for `tool` through `vault`, then checks that GetToken hands it back.
+pub async fn store_and_read_back(vault: &vault_client::Client, tool: &str, access: &str) {
+    vault
+        .store_token(tool, oauth_token(access, "rt", 3600), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        vault
+            .get_token(tool, Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
+        access
+    );
+}
