@@ -667,12 +667,7 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
 
     let app = spawn_with(&db, &issuer, &extra).await;
     assert_eq!(
-        app.client(&issuer, "agent-a", "alice")
-            .await
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
+        access_token(&app.client(&issuer, "agent-a", "alice").await, "jira").await,
         "embedded-at"
     );
     let memory = spawn_with(&db, &issuer, &[("VAULT_DATABASE_URL", "sqlite::memory:")]).await;

@@ -205,36 +205,15 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
         .await
         .unwrap();
     assert_eq!(revoked.revoked, 0);
-    assert_eq!(
-        from_a
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "a-secret"
-    );
+    assert_eq!(access_token(&from_a, "jira").await, "a-secret");
 
     // B stores its own; each reads its own.
     from_b
         .store_token("jira", oauth_token("b-secret", "b-rt", 3600), None)
         .await
         .unwrap();
-    assert_eq!(
-        from_b
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "b-secret"
-    );
-    assert_eq!(
-        from_a
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "a-secret"
-    );
+    assert_eq!(access_token(&from_b, "jira").await, "b-secret");
+    assert_eq!(access_token(&from_a, "jira").await, "a-secret");
 
     // A token claiming issuer A but signed with issuer B's key is refused, even when B's key
     // carries a kid that issuer A also publishes.
@@ -351,14 +330,7 @@ async fn agents_stored_before_issuer_bound_identities_are_adopted_by_the_one_iss
     // With the one issuer, the agent is adopted and its credential still opens.
     let app = spawn(&db, &issuer).await;
     let vault = app.client(&issuer, "agent-a", "alice").await;
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        "kept"
-    );
+    assert_eq!(access_token(&vault, "jira").await, "kept");
     let issuer_column: String =
         sqlx::query_scalar("SELECT issuer FROM vault.agents WHERE agent_id = 'agent-a'")
             .fetch_one(&mut conn)
@@ -543,11 +515,7 @@ async fn the_serving_role_owns_nothing_runs_no_ddl_and_reaches_one_agent_at_a_ti
             .await
             .unwrap();
         assert_eq!(
-            vault
-                .get_token("jira", Duration::ZERO)
-                .await
-                .unwrap()
-                .access_token,
+            access_token(&vault, "jira").await,
             format!("{agent}-secret")
         );
     }

@@ -616,3 +616,12 @@ pub async fn store_and_read_back(vault: &vault_client::Client, tool: &str, acces
         access
     );
 }
+
+/// The access token GetToken hands `vault` for `tool` now (the call must succeed).
+pub async fn access_token(vault: &vault_client::Client, tool: &str) -> String {
+    vault
+        .get_token(tool, Duration::ZERO)
+        .await
+        .unwrap()
+        .access_token
+}

@@ -49,12 +49,7 @@ async fn a_passphrase_root_key_works_and_a_wrong_passphrase_is_refused() {
 
     let app = spawn_with(&db, &issuer, &passphrase).await;
     assert_eq!(
-        app.client(&issuer, "agent-a", "alice")
-            .await
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
+        access_token(&app.client(&issuer, "agent-a", "alice").await, "jira").await,
         "at"
     );
     app.stop().await;

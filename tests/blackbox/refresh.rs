@@ -276,14 +276,7 @@ async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retrie
         )
         .await
         .unwrap();
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        fresh.access_token
-    );
+    assert_eq!(access_token(&vault, "jira").await, fresh.access_token);
 }
 
 #[tokio::test]
