@@ -91,17 +91,18 @@ impl World {
         spawn_with(&self.db, &self.issuer, &extra).await
     }
 
-    /// Alice authorizes at the provider and her gateway stores the grant for `tool`, its access
-    /// token expiring in `expires_in` seconds; returns her client, the grant and the stored
-    /// generation.
-    async fn alice_stores(
+    /// `user` authorizes at the provider and their gateway stores the grant for `tool` (agent
+    /// `agent-a`), its access token expiring in `expires_in` seconds; returns their client, the
+    /// grant and the stored generation.
+    async fn stores(
         &self,
         app: &TestApp,
+        user: &str,
         tool: &str,
         expires_in: i64,
     ) -> (vault_client::Client, Grant, vault_client::Stored) {
-        let grant = self.provider.authorize("alice").await;
-        let vault = app.client(&self.issuer, "agent-a", "alice").await;
+        let grant = self.provider.authorize(user).await;
+        let vault = app.client(&self.issuer, "agent-a", user).await;
         let stored = vault
             .store_token(
                 tool,
@@ -131,7 +132,7 @@ impl World {
 async fn an_expired_credential_is_refreshed_on_get_token_and_the_refresh_token_rotates() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (vault, grant, stored) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, grant, stored) = w.stores(&app, "alice", "jira", -60).await;
     w.provider.reset_stats().await;
 
     let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
@@ -236,7 +237,7 @@ async fn sixty_four_concurrent_calls_on_two_server_processes_make_one_provider_c
 async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retried() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (vault, grant, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, grant, _) = w.stores(&app, "alice", "jira", -60).await;
     w.provider
         .revoke_directly(&grant.refresh_token, "refresh_token")
         .await;
@@ -283,7 +284,7 @@ async fn a_grant_revoked_at_the_provider_needs_reauthorization_and_is_not_retrie
 async fn a_provider_outage_keeps_the_credential_and_refresh_resumes_when_it_returns() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let (vault, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, _, _) = w.stores(&app, "alice", "jira", -60).await;
     let port = w.provider.port();
     w.provider.kill();
 
@@ -322,18 +323,8 @@ async fn a_provider_outage_keeps_the_credential_and_refresh_resumes_when_it_retu
 async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() {
     let w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("alice").await;
-    let vault = app.client(&w.issuer, "agent-a", "alice").await;
-
     // Still valid for 20 s, inside the 30 s refresh window: a failed refresh serves it anyway.
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, 20),
-            None,
-        )
-        .await
-        .unwrap();
+    let (vault, grant, _) = w.stores(&app, "alice", "jira", 20).await;
     w.provider.reset_stats().await;
     w.provider.fail_next("500", 1).await;
     let served = vault.get_token("jira", Duration::ZERO).await.unwrap();
@@ -382,7 +373,7 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
 async fn revoke_at_provider_makes_both_tokens_inactive() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (vault, grant, _) = w.alice_stores(&app, "jira", 3600).await;
+    let (vault, grant, _) = w.stores(&app, "alice", "jira", 3600).await;
     assert!(w.provider.is_active(&grant.access_token).await);
 
     let revoked = vault.revoke(Some("jira"), true).await.unwrap();
@@ -400,16 +391,7 @@ async fn revoke_at_provider_makes_both_tokens_inactive() {
 async fn a_revocation_made_during_an_outage_is_delivered_after_it_across_a_vault_restart() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let grant = w.provider.authorize("bob").await;
-    let vault = app.client(&w.issuer, "agent-a", "bob").await;
-    vault
-        .store_token(
-            "confluence",
-            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            None,
-        )
-        .await
-        .unwrap();
+    let (vault, grant, _) = w.stores(&app, "bob", "confluence", 3600).await;
     let port = w.provider.port();
     w.provider.kill();
 
@@ -550,7 +532,7 @@ async fn a_refresh_token_is_never_sent_to_an_authorization_server_the_tool_did_n
  {
     let w = World::new().await;
     let app = w.vault().await;
-    let (_, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (_, _, _) = w.stores(&app, "alice", "jira", -60).await;
     app.stop().await;
 
     // The operator (or an attacker with write access to the providers file) points the tool at
@@ -661,7 +643,7 @@ async fn an_expired_token_is_refreshed_even_inside_the_cooldown() {
     let mut extra = w.extra();
     extra.retain(|(k, _)| *k != "VAULT_REFRESH_COOLDOWN_SECONDS");
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
-    let (vault, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, _, _) = w.stores(&app, "alice", "jira", -60).await;
     w.provider.reset_stats().await;
     let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert!(token.refreshed);
@@ -677,7 +659,7 @@ async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never
     let app = w
         .vault_with_jira(&format!("issuer = \"https://localhost:{port}\""))
         .await;
-    let (vault, _, _) = w.alice_stores(&app, "jira", -60).await;
+    let (vault, _, _) = w.stores(&app, "alice", "jira", -60).await;
     w.provider.reset_stats().await;
 
     let refused = vault.get_token("jira", Duration::ZERO).await;
@@ -694,7 +676,7 @@ async fn a_discovery_document_naming_another_issuer_is_refused_and_callers_never
 async fn an_unreachable_provider_is_reported_without_its_url() {
     let mut w = World::new().await;
     let app = w.vault().await;
-    let (vault, _, _) = w.alice_stores(&app, "confluence", -60).await;
+    let (vault, _, _) = w.stores(&app, "alice", "confluence", -60).await;
     let port = w.provider.port();
     w.provider.kill();
 
@@ -711,7 +693,7 @@ async fn an_unreachable_provider_is_reported_without_its_url() {
 async fn the_ttl_sweep_revokes_what_it_deletes_at_the_provider() {
     let w = World::new().await;
     let app = w.vault().await;
-    let (_, grant, _) = w.alice_stores(&app, "jira", 3600).await;
+    let (_, grant, _) = w.stores(&app, "alice", "jira", 3600).await;
     // Its vault TTL passes (set in the database rather than waited for).
     let mut conn = w.db.connect().await;
     sqlx::query(&format!(
@@ -744,7 +726,7 @@ async fn with_sweep_revocation_off_the_sweep_only_deletes() {
     let mut extra = w.extra();
     extra.push(("VAULT_SWEEP_REVOKE_AT_PROVIDER", "false"));
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
-    let (_, grant, _) = w.alice_stores(&app, "jira", 3600).await;
+    let (_, grant, _) = w.stores(&app, "alice", "jira", 3600).await;
     let schema = schema_of("agent-a");
     let mut conn = w.db.connect().await;
     sqlx::query(&format!(
