@@ -113,9 +113,7 @@ async fn one_user_cannot_read_another_users_token() {
         bob.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
-    bob.store_token("jira", oauth_token("bob-at", "bob-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&bob, "jira", "bob-at").await;
     assert_eq!(access_token(&alice, "jira").await, "alice-at");
     assert_eq!(
         bob.get_token("jira", Duration::ZERO)
@@ -170,10 +168,7 @@ async fn an_unknown_tool_is_not_found() {
         vault.get_token("stripe", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
-    vault
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "at").await;
     assert!(matches!(
         vault.get_token("stripe", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
@@ -275,10 +270,7 @@ async fn a_sealed_row_copied_onto_another_users_row_does_not_open() {
         .store_token("jira", oauth_token("alice-secret", "alice-rt", 3600), None)
         .await
         .unwrap();
-    mallory
-        .store_token("jira", oauth_token("mallory-at", "mallory-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&mallory, "jira", "mallory-at").await;
 
     // An attacker with write access to the table swaps alice's sealed row into mallory's.
     let mut conn = db.connect().await;
@@ -453,14 +445,8 @@ async fn revoking_for_someone_else_needs_the_admin_scope() {
     let alice = app.client(&issuer, "agent-a", "alice").await;
     let bob = app.client(&issuer, "agent-a", "bob").await;
     let other_agent = app.client(&issuer, "agent-b", "alice").await;
-    alice
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
-    other_agent
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&alice, "jira", "at").await;
+    store(&other_agent, "jira", "at").await;
 
     let as_bob = bob
         .revoke_for(

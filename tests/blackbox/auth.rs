@@ -243,10 +243,7 @@ async fn the_agent_claim_name_is_configurable() {
     claims["azp"] = json!("agent-from-azp");
     claims["scope"] = json!("vault:store");
     let vault = app.client_with(&issuer.keys[0].sign(&claims)).await;
-    vault
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "at").await;
     let same_agent = app.client_with(&issuer.keys[1].sign(&claims)).await;
     assert_eq!(access_token(&same_agent, "jira").await, "at");
     assert_refused(

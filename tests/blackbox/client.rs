@@ -22,10 +22,7 @@ async fn a_token_file_is_re_read_when_it_changes() {
         .connect()
         .await
         .unwrap();
-    vault
-        .store_token("jira", oauth_token("alice-at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "alice-at").await;
 
     std::fs::write(&file, format!("{}\n", issuer.token("agent-a", "bob"))).unwrap();
     assert!(
@@ -66,10 +63,7 @@ async fn a_callback_source_is_asked_before_every_call() {
         .connect()
         .await
         .unwrap();
-    vault
-        .store_token("jira", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "at").await;
     vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(asked.load(Ordering::SeqCst), 2);
 
@@ -99,13 +93,8 @@ async fn clones_with_different_callers_never_send_each_others_token() {
         .clone()
         .with_bearer(&issuer.token("agent-a", "bob"))
         .unwrap();
-    alice
-        .store_token("jira", oauth_token("alice-at", "rt", 3600), None)
-        .await
-        .unwrap();
-    bob.store_token("jira", oauth_token("bob-at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&alice, "jira", "alice-at").await;
+    store(&bob, "jira", "bob-at").await;
 
     let mut calls = Vec::new();
     for i in 0..64 {

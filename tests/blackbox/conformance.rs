@@ -652,10 +652,7 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
     let extra = [("VAULT_DATABASE_URL", url.as_str())];
     let app = spawn_with(&db, &issuer, &extra).await;
     let vault = app.client(&issuer, "agent-a", "alice").await;
-    vault
-        .store_token("jira", oauth_token("embedded-at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "embedded-at").await;
     assert!(matches!(
         app.client(&issuer, "agent-a", "bob")
             .await

@@ -77,10 +77,7 @@ async fn store_token_needs_the_store_scope_and_an_agent_token_only_reads() {
 
     // The gateway stores; the agent reads with its ordinary token.
     let gateway = app.client(&issuer, "agent-a", "alice").await;
-    gateway
-        .store_token("jira", oauth_token("at-1", "rt-1", 3600), None)
-        .await
-        .unwrap();
+    store(&gateway, "jira", "at-1").await;
     let agent = app.client_with(&agent_jwt).await;
     assert_eq!(
         agent
@@ -188,10 +185,7 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
     )
     .await;
     let from_a = app.client_with(&a.token("agent-a", "alice")).await;
-    from_a
-        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&from_a, "jira", "a-secret").await;
 
     let from_b = app.client_with(&b.token("agent-a", "alice")).await;
     assert!(matches!(
@@ -208,10 +202,7 @@ async fn two_issuers_never_share_a_caller_even_with_the_same_agent_and_user() {
     assert_eq!(access_token(&from_a, "jira").await, "a-secret");
 
     // B stores its own; each reads its own.
-    from_b
-        .store_token("jira", oauth_token("b-secret", "b-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&from_b, "jira", "b-secret").await;
     assert_eq!(access_token(&from_b, "jira").await, "b-secret");
     assert_eq!(access_token(&from_a, "jira").await, "a-secret");
 
@@ -272,10 +263,7 @@ async fn agents_stored_before_issuer_bound_identities_are_adopted_by_the_one_iss
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
     let vault = app.client(&issuer, "agent-a", "alice").await;
-    vault
-        .store_token("jira", oauth_token("kept", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "kept").await;
     app.stop().await;
 
     // Turn the registry row into what an older version left: no issuer, and the agent key

@@ -601,20 +601,19 @@ pub async fn is_serving(endpoint: &str) -> bool {
         .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
 }
 
-/// Stores `access` for `tool` through `vault`, then checks that GetToken hands it back.
-pub async fn store_and_read_back(vault: &vault_client::Client, tool: &str, access: &str) {
+/// Stores `access` for `tool` through `vault` (with refresh token `rt`, expiring in an hour,
+/// at the default vault TTL).
+pub async fn store(vault: &vault_client::Client, tool: &str, access: &str) -> vault_client::Stored {
     vault
         .store_token(tool, oauth_token(access, "rt", 3600), None)
         .await
-        .unwrap();
-    assert_eq!(
-        vault
-            .get_token(tool, Duration::ZERO)
-            .await
-            .unwrap()
-            .access_token,
-        access
-    );
+        .unwrap()
+}
+
+/// Stores `access` for `tool` through `vault`, then checks that GetToken hands it back.
+pub async fn store_and_read_back(vault: &vault_client::Client, tool: &str, access: &str) {
+    store(vault, tool, access).await;
+    assert_eq!(access_token(vault, tool).await, access);
 }
 
 /// The access token GetToken hands `vault` for `tool` now (the call must succeed).

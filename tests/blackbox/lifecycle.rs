@@ -97,10 +97,7 @@ async fn sigterm_reports_not_serving_drains_in_flight_calls_and_exits_zero() {
         .unwrap()
         .with_bearer(&issuer.token("agent-a", "alice"))
         .unwrap();
-    vault
-        .store_token("jira", oauth_token("v1", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "jira", "v1").await;
     let mut health = HealthClient::new(channel(&server.endpoint()).await);
     let serving = health
         .check(HealthCheckRequest {

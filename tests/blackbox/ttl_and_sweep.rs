@@ -117,10 +117,7 @@ async fn sweep_respects_its_limit_and_reports_more() {
             .unwrap();
     }
     let keeper = app.client(&issuer, "agent-a", "keeper").await;
-    keeper
-        .store_token("jira", oauth_token("kept", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&keeper, "jira", "kept").await;
     fast_forward(&db, Duration::from_secs(2)).await;
 
     let admin = app.admin(&issuer, "ops", "operator").await;
@@ -195,10 +192,7 @@ async fn the_background_sweeper_deletes_expired_credentials_under_one_lease() {
         )
         .await
         .unwrap();
-    vault
-        .store_token("stripe", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
+    store(&vault, "stripe", "at").await;
 
     fast_forward(&db, Duration::from_secs(2)).await;
     eventually(
