@@ -104,10 +104,7 @@ async fn one_user_cannot_read_another_users_token() {
     let alice = app.client(&issuer, "agent-a", "alice").await;
     let bob = app.client(&issuer, "agent-a", "bob").await;
 
-    alice
-        .store_token("jira", oauth_token("alice-at", "alice-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&alice, "jira", "alice-at").await;
 
     assert!(matches!(
         bob.get_token("jira", Duration::ZERO).await,
@@ -132,19 +129,13 @@ async fn one_agent_cannot_read_another_agents_token_for_the_same_user() {
     let agent_a = app.client(&issuer, "agent-a", "alice").await;
     let agent_b = app.client(&issuer, "agent-b", "alice").await;
 
-    agent_a
-        .store_token("jira", oauth_token("a-at", "a-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&agent_a, "jira", "a-at").await;
 
     assert!(matches!(
         agent_b.get_token("jira", Duration::ZERO).await,
         Err(Error::CredentialNotFound)
     ));
-    agent_b
-        .store_token("jira", oauth_token("b-at", "b-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&agent_b, "jira", "b-at").await;
     assert_eq!(access_token(&agent_a, "jira").await, "a-at");
 
     let mut conn = db.connect().await;
@@ -266,10 +257,7 @@ async fn a_sealed_row_copied_onto_another_users_row_does_not_open() {
     let app = spawn(&db, &issuer).await;
     let alice = app.client(&issuer, "agent-a", "alice").await;
     let mallory = app.client(&issuer, "agent-a", "mallory").await;
-    alice
-        .store_token("jira", oauth_token("alice-secret", "alice-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&alice, "jira", "alice-secret").await;
     store(&mallory, "jira", "mallory-at").await;
 
     // An attacker with write access to the table swaps alice's sealed row into mallory's.
@@ -300,14 +288,8 @@ async fn a_sealed_row_copied_into_another_agents_schema_does_not_open() {
     let app = spawn(&db, &issuer).await;
     let agent_a = app.client(&issuer, "agent-a", "alice").await;
     let agent_b = app.client(&issuer, "agent-b", "alice").await;
-    agent_a
-        .store_token("jira", oauth_token("a-secret", "a-rt", 3600), None)
-        .await
-        .unwrap();
-    agent_b
-        .store_token("jira", oauth_token("b-at", "b-rt", 3600), None)
-        .await
-        .unwrap();
+    store(&agent_a, "jira", "a-secret").await;
+    store(&agent_b, "jira", "b-at").await;
 
     let mut conn = db.connect().await;
     let (a, b) = (schema("agent-a"), schema("agent-b"));

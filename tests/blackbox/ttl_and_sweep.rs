@@ -24,20 +24,26 @@ async fn count_rows(db: &TestDb) -> i64 {
     total
 }
 
+/// Stores `access` for `tool` through `vault`, kept by the vault for `ttl`.
+async fn store_for(
+    vault: &vault_client::Client,
+    tool: &str,
+    access: &str,
+    ttl: Duration,
+) -> vault_client::Stored {
+    vault
+        .store_token(tool, oauth_token(access, "rt", 3600), Some(ttl))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_credential_past_its_ttl_is_never_served_even_before_the_sweep() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
     let vault = app.client(&issuer, "agent-a", "alice").await;
-    let stored = vault
-        .store_token(
-            "jira",
-            oauth_token("short-lived", "rt", 3600),
-            Some(Duration::from_secs(1)),
-        )
-        .await
-        .unwrap();
+    let stored = store_for(&vault, "jira", "short-lived", Duration::from_secs(1)).await;
     assert!(unix(stored.ttl_expires_at) <= now() + 2);
     assert!(vault.get_token("jira", Duration::ZERO).await.is_ok());
 
@@ -69,26 +75,9 @@ async fn a_ttl_longer_than_the_configured_one_is_shortened() {
     let app = spawn_with(&db, &issuer, &[("SECRETS_TTL_SECONDS", "100")]).await;
     let vault = app.client(&issuer, "agent-a", "alice").await;
 
-    let longer = vault
-        .store_token(
-            "jira",
-            oauth_token("at", "rt", 3600),
-            Some(Duration::from_secs(1_000_000)),
-        )
-        .await
-        .unwrap();
-    let default = vault
-        .store_token("stripe", oauth_token("at", "rt", 3600), None)
-        .await
-        .unwrap();
-    let shorter = vault
-        .store_token(
-            "canva",
-            oauth_token("at", "rt", 3600),
-            Some(Duration::from_secs(10)),
-        )
-        .await
-        .unwrap();
+    let longer = store_for(&vault, "jira", "at", Duration::from_secs(1_000_000)).await;
+    let default = store(&vault, "stripe", "at").await;
+    let shorter = store_for(&vault, "canva", "at", Duration::from_secs(10)).await;
 
     assert!(
         (unix(longer.ttl_expires_at) - (now() + 100)).abs() <= 2,
@@ -107,14 +96,7 @@ async fn sweep_respects_its_limit_and_reports_more() {
         let vault = app
             .client(&issuer, "agent-a", &format!("user-{user}"))
             .await;
-        vault
-            .store_token(
-                "jira",
-                oauth_token("at", "rt", 3600),
-                Some(Duration::from_secs(1)),
-            )
-            .await
-            .unwrap();
+        store_for(&vault, "jira", "at", Duration::from_secs(1)).await;
     }
     let keeper = app.client(&issuer, "agent-a", "keeper").await;
     store(&keeper, "jira", "kept").await;
@@ -139,14 +121,7 @@ async fn two_servers_sweeping_at_once_delete_each_row_once() {
     for i in 0..expired {
         let agent = format!("agent-{}", i % 4);
         let vault = first.client(&issuer, &agent, &format!("user-{i}")).await;
-        vault
-            .store_token(
-                "jira",
-                oauth_token("at", "rt", 3600),
-                Some(Duration::from_secs(1)),
-            )
-            .await
-            .unwrap();
+        store_for(&vault, "jira", "at", Duration::from_secs(1)).await;
     }
     fast_forward(&db, Duration::from_secs(2)).await;
 
@@ -184,14 +159,7 @@ async fn the_background_sweeper_deletes_expired_credentials_under_one_lease() {
     let first = spawn_with(&db, &issuer, &extra).await;
     let _second = spawn_with(&db, &issuer, &extra).await;
     let vault = first.client(&issuer, "agent-a", "alice").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token("at", "rt", 3600),
-            Some(Duration::from_secs(1)),
-        )
-        .await
-        .unwrap();
+    store_for(&vault, "jira", "at", Duration::from_secs(1)).await;
     store(&vault, "stripe", "at").await;
 
     fast_forward(&db, Duration::from_secs(2)).await;
