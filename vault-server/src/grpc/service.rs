@@ -272,4 +272,33 @@ impl CredentialVault for CredentialVaultService {
             more: outcome.more,
         }))
     }
+
+    // Replaced by the consent-flow use cases in the following commits.
+    async fn begin_authorization(
+        &self,
+        _request: Request<super::proto::BeginAuthorizationRequest>,
+    ) -> Result<Response<super::proto::BeginAuthorizationResponse>, Status> {
+        Err(Status::unimplemented("BeginAuthorization is not built yet"))
+    }
+
+    async fn complete_authorization(
+        &self,
+        _request: Request<super::proto::CompleteAuthorizationRequest>,
+    ) -> Result<Response<super::proto::CompleteAuthorizationResponse>, Status> {
+        Err(Status::unimplemented("CompleteAuthorization is not built yet"))
+    }
+
+    async fn get_authorization(
+        &self,
+        _request: Request<super::proto::GetAuthorizationRequest>,
+    ) -> Result<Response<super::proto::Authorization>, Status> {
+        Err(Status::unimplemented("GetAuthorization is not built yet"))
+    }
+
+    async fn list_credentials(
+        &self,
+        _request: Request<super::proto::ListCredentialsRequest>,
+    ) -> Result<Response<super::proto::ListCredentialsResponse>, Status> {
+        Err(Status::unimplemented("ListCredentials is not built yet"))
+    }
 }
