@@ -9,6 +9,7 @@
 //! `vault/`, so the two backends differ only in SQL.
 
 mod credentials;
+mod flows;
 mod keys;
 mod leases;
 mod outbox;
@@ -22,6 +23,7 @@ pub use credentials::{
     CredentialKey, CredentialState, CredentialStore, NewCredential, StoredCredential, SweepOutcome,
     Upserted,
 };
+pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
 pub use keys::{AgentRecord, KeyStore, RootKeyRecord};
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
