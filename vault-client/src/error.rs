@@ -18,6 +18,24 @@ pub enum Error {
     /// again.
     #[error("re-authorization required: {0}")]
     ReauthRequired(String),
+    /// No consent flow of the caller has this `authorization_id` (a typo, or another caller's
+    /// id): begin a new flow.
+    #[error("no consent flow of the caller has this authorization id")]
+    AuthorizationNotFound,
+    /// The user has not come back from the provider yet: poll
+    /// [`Client::get_authorization`](crate::Client::get_authorization), then complete.
+    #[error("authorization pending: {0}")]
+    AuthorizationPending(String),
+    /// The consent flow can no longer complete: it expired or already ended
+    /// ([`ErrorReason::AuthorizationExpired`]), or consent or the code was refused
+    /// ([`ErrorReason::AuthorizationDenied`]). Begin a new flow.
+    #[error("authorization ended: {message}")]
+    AuthorizationEnded {
+        /// Why it ended.
+        reason: ErrorReason,
+        /// The server's explanation.
+        message: String,
+    },
     /// The provider is unreachable; the credential is kept. Retry later.
     #[error("provider unavailable: {0}")]
     ProviderUnavailable(String),
@@ -27,7 +45,9 @@ pub enum Error {
     /// The caller may not do this.
     #[error("permission denied: {message}")]
     PermissionDenied {
-        /// Why, such as [`ErrorReason::StoreRefreshTokenDenied`].
+        /// Why, such as [`ErrorReason::StoreRefreshTokenDenied`], or
+        /// [`ErrorReason::AuthorizationMismatch`] for a consent flow another agent or user began
+        /// (which can then no longer complete).
         reason: ErrorReason,
         /// The server's explanation.
         message: String,
@@ -81,10 +101,13 @@ impl Error {
         match self {
             Self::CredentialNotFound => ErrorReason::CredentialNotFound,
             Self::ReauthRequired(_) => ErrorReason::ReauthRequired,
+            Self::AuthorizationNotFound => ErrorReason::AuthorizationNotFound,
+            Self::AuthorizationPending(_) => ErrorReason::AuthorizationPending,
             Self::ProviderUnavailable(_) => ErrorReason::ProviderUnavailable,
             Self::Unauthenticated(_) => ErrorReason::Unauthenticated,
             Self::InvalidArgument { .. } => ErrorReason::InvalidArgument,
             Self::PermissionDenied { reason, .. }
+            | Self::AuthorizationEnded { reason, .. }
             | Self::ResourceExhausted { reason, .. }
             | Self::Unavailable { reason, .. } => *reason,
             Self::Other(status) => reason_of(status),
@@ -134,6 +157,14 @@ impl From<Status> for Error {
             (Code::FailedPrecondition, ErrorReason::ReauthRequired) => {
                 Self::ReauthRequired(message)
             }
+            (Code::NotFound, ErrorReason::AuthorizationNotFound) => Self::AuthorizationNotFound,
+            (Code::FailedPrecondition, ErrorReason::AuthorizationPending) => {
+                Self::AuthorizationPending(message)
+            }
+            (
+                Code::FailedPrecondition,
+                ErrorReason::AuthorizationExpired | ErrorReason::AuthorizationDenied,
+            ) => Self::AuthorizationEnded { reason, message },
             (Code::Unavailable, ErrorReason::ProviderUnavailable) => {
                 Self::ProviderUnavailable(message)
             }
@@ -204,8 +235,65 @@ mod tests {
             ),
             (Code::Unavailable, ErrorReason::StoreUnavailable),
             (Code::Internal, ErrorReason::Internal),
+            (Code::NotFound, ErrorReason::AuthorizationNotFound),
+            (Code::FailedPrecondition, ErrorReason::AuthorizationExpired),
+            (Code::FailedPrecondition, ErrorReason::AuthorizationDenied),
+            (Code::PermissionDenied, ErrorReason::AuthorizationMismatch),
+            (Code::FailedPrecondition, ErrorReason::AuthorizationPending),
         ] {
             assert_eq!(Error::from(status(code, reason)).reason(), reason);
+        }
+    }
+
+    #[test]
+    fn each_consent_flow_reason_lands_on_the_variant_that_says_what_to_do() {
+        assert!(matches!(
+            Error::from(status(Code::NotFound, ErrorReason::AuthorizationNotFound)),
+            Error::AuthorizationNotFound
+        ));
+        assert!(matches!(
+            Error::from(status(
+                Code::FailedPrecondition,
+                ErrorReason::AuthorizationPending
+            )),
+            Error::AuthorizationPending(_)
+        ));
+        for reason in [
+            ErrorReason::AuthorizationExpired,
+            ErrorReason::AuthorizationDenied,
+        ] {
+            assert!(matches!(
+                Error::from(status(Code::FailedPrecondition, reason)),
+                Error::AuthorizationEnded { reason: r, .. } if r == reason
+            ));
+        }
+        assert!(matches!(
+            Error::from(status(
+                Code::PermissionDenied,
+                ErrorReason::AuthorizationMismatch
+            )),
+            Error::PermissionDenied {
+                reason: ErrorReason::AuthorizationMismatch,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_new_reasons_are_read_from_their_wire_names() {
+        for name in [
+            "AUTHORIZATION_NOT_FOUND",
+            "AUTHORIZATION_EXPIRED",
+            "AUTHORIZATION_DENIED",
+            "AUTHORIZATION_MISMATCH",
+            "AUTHORIZATION_PENDING",
+        ] {
+            let status = Status::with_error_details(
+                Code::Aborted,
+                "why",
+                ErrorDetails::with_error_info(name, vault_proto::ERROR_DOMAIN, HashMap::new()),
+            );
+            assert_eq!(Error::from(status).reason().as_str_name(), name);
         }
     }
 
