@@ -43,13 +43,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 pub use error::Error;
 pub use token::{BoxError, TokenSource};
-pub use types::{Owner, Revoked, Stored, Swept, Token, TokenSet};
+pub use types::{
+    Authorization, AuthorizationStart, AuthorizationState, Completed, ConnectionState,
+    CredentialInfo, Owner, Revoked, Stored, Swept, Token, TokenSet,
+};
 /// The generated API, for calls through [`Client::raw`].
 pub use vault_proto as proto;
 pub use vault_proto::{ERROR_DOMAIN, ErrorReason};
 
-/// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep) on
-/// `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.
+/// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep,
+/// GetAuthorization, ListCredentials) on `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.
 /// `PROVIDER_UNAVAILABLE` is not retried: the vault already backs off per credential, and the
 /// caller should decide whether to wait.
 #[derive(Debug, Clone, Copy)]
@@ -476,5 +479,102 @@ impl Client {
             swept: response.swept,
             more: response.more,
         })
+    }
+
+    /// Starts a consent flow for `tool`: send the user's browser to the answer's
+    /// `authorization_url`. `scopes` empty asks for the tool's default scopes. `return_url` is
+    /// where the vault's callback sends the browser afterwards (it must be one the vault
+    /// allows); `None` lets the callback complete the flow itself, where the vault allows that.
+    /// Not retried: each call creates a new flow.
+    pub async fn begin_authorization<S: AsRef<str>>(
+        &self,
+        tool: &str,
+        scopes: impl IntoIterator<Item = S>,
+        return_url: Option<&str>,
+    ) -> Result<AuthorizationStart, Error> {
+        let request_body = proto::BeginAuthorizationRequest {
+            tool: tool.into(),
+            scopes: scopes.into_iter().map(|s| s.as_ref().to_owned()).collect(),
+            return_url: return_url.unwrap_or_default().into(),
+        };
+        let response = self
+            .call(false, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move {
+                    raw.begin_authorization(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        types::start_from(response)
+    }
+
+    /// Exchanges the code of a flow whose callback arrived, and stores the credential. Only the
+    /// (agent, user) that began the flow may complete it, once; before the callback this is
+    /// [`Error::AuthorizationPending`]. Not retried: a flow completes once, so a retry after a
+    /// lost reply would be refused even though the credential was stored; on `Unavailable`,
+    /// ask [`get_authorization`](Self::get_authorization) whether it completed.
+    pub async fn complete_authorization(&self, authorization_id: &str) -> Result<Completed, Error> {
+        let request_body = proto::CompleteAuthorizationRequest {
+            authorization_id: authorization_id.into(),
+        };
+        let response = self
+            .call(false, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move {
+                    raw.complete_authorization(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        types::completed_from(response)
+    }
+
+    /// Where one of the caller's consent flows stands.
+    pub async fn get_authorization(&self, authorization_id: &str) -> Result<Authorization, Error> {
+        let request_body = proto::GetAuthorizationRequest {
+            authorization_id: authorization_id.into(),
+        };
+        let response = self
+            .call(true, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move {
+                    raw.get_authorization(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        types::authorization_from(response)
+    }
+
+    /// The caller's connections, one per tool; never a token.
+    pub async fn list_credentials(&self) -> Result<Vec<CredentialInfo>, Error> {
+        self.list_credentials_for(Owner::default()).await
+    }
+
+    /// Admin: [`list_credentials`](Self::list_credentials) for another user or agent.
+    pub async fn list_credentials_for(&self, owner: Owner) -> Result<Vec<CredentialInfo>, Error> {
+        let request_body = proto::ListCredentialsRequest {
+            user_id: owner.user_id.unwrap_or_default(),
+            agent_id: owner.agent_id.unwrap_or_default(),
+        };
+        let response = self
+            .call(true, |mut raw, header| {
+                let request = request(request_body.clone(), &header);
+                async move {
+                    raw.list_credentials(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        response
+            .credentials
+            .into_iter()
+            .map(types::credential_from)
+            .collect()
     }
 }

@@ -63,7 +63,8 @@ impl From<TokenSet> for proto::OAuthToken {
     }
 }
 
-/// Which credentials of someone other than the caller a revoke deletes: admins only.
+/// Whose credentials an admin call acts on, instead of the caller's: a revoke deletes them, a
+/// list shows them. Admins only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Owner {
     /// Another agent; `None` is the caller's agent.
@@ -111,6 +112,141 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// What CompleteAuthorization answered: the credential it stored, as [`Stored`] (what
+/// StoreToken answers), and the scopes the provider granted. The scopes sit beside `Stored`
+/// rather than in it: StoreToken's reply has none, and `Stored` stays `Copy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The stored credential's generation and vault expiry.
+    pub stored: Stored,
+    /// The scopes the provider granted, which may differ from those asked for.
+    pub scopes: Vec<String>,
+}
+
+/// What BeginAuthorization answered. Neither the URL nor the id is a secret: the URL carries
+/// only the PKCE challenge and a single-use state, and the id only names the flow to its own
+/// (agent, user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationStart {
+    /// The provider's authorization endpoint: send the user's browser here.
+    pub authorization_url: String,
+    /// Names the flow in [`Client::get_authorization`](crate::Client::get_authorization) and
+    /// [`Client::complete_authorization`](crate::Client::complete_authorization).
+    pub authorization_id: String,
+    /// After this the flow can no longer complete.
+    pub expires_at: SystemTime,
+}
+
+/// Where a consent flow stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthorizationState {
+    /// Waiting for the user at the provider.
+    Pending,
+    /// The provider redirected back with a code: complete the flow now.
+    CallbackReceived,
+    /// The credential is stored.
+    Completed,
+    /// The user or the provider refused consent.
+    Denied,
+    /// Not completed in time.
+    Expired,
+    /// Ended without a credential: the code was refused, or the caller did not match.
+    Failed,
+    /// A state this client does not know, from a newer vault, with its wire value. Kept
+    /// rather than refused so that polling a flow does not fail when the vault adds a state;
+    /// it is not [`final`](Self::is_final), so a poll goes on until the flow's `expires_at`.
+    Unknown(i32),
+}
+
+impl AuthorizationState {
+    /// Whether the flow has ended and will not change again: `Completed`, `Denied`,
+    /// `Expired` or `Failed`.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Denied | Self::Expired | Self::Failed
+        )
+    }
+}
+
+/// What GetAuthorization answered: one consent flow of the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// The flow's id, as BeginAuthorization returned it.
+    pub authorization_id: String,
+    /// The tool the flow is for.
+    pub tool: String,
+    /// Where it stands.
+    pub state: AuthorizationState,
+    /// After this the flow can no longer complete.
+    pub expires_at: SystemTime,
+    /// Why the flow ended in `Denied` or `Failed`; never a code or token.
+    pub error: Option<String>,
+}
+
+/// Where a stored credential stands, as ListCredentials reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ConnectionState {
+    /// Usable: GetToken serves (or refreshes) it.
+    Active,
+    /// The provider rejected the grant: the user must consent again.
+    ReauthRequired,
+    /// Past its vault TTL, not yet swept.
+    Expired,
+    /// A state this client does not know, from a newer vault, exactly as it was sent.
+    Unknown(String),
+}
+
+impl ConnectionState {
+    /// The wire string: `ACTIVE`, `REAUTH_REQUIRED`, `EXPIRED`, or the unknown one as sent.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::ReauthRequired => "REAUTH_REQUIRED",
+            Self::Expired => "EXPIRED",
+            Self::Unknown(other) => other,
+        }
+    }
+}
+
+impl From<String> for ConnectionState {
+    fn from(wire: String) -> Self {
+        match wire.as_str() {
+            "ACTIVE" => Self::Active,
+            "REAUTH_REQUIRED" => Self::ReauthRequired,
+            "EXPIRED" => Self::Expired,
+            _ => Self::Unknown(wire),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One of the caller's connections, as ListCredentials answered it. Holds no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialInfo {
+    /// The tool.
+    pub tool: String,
+    /// Whether it is usable.
+    pub state: ConnectionState,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// When the current access token expires, if the provider said.
+    pub access_expires_at: Option<SystemTime>,
+    /// When the vault will delete the credential.
+    pub ttl_expires_at: SystemTime,
+    /// The credential version.
+    pub generation: u64,
+    /// When it was last stored or refreshed.
+    pub updated_at: SystemTime,
+    /// Whether the vault can refresh it without the user.
+    pub has_refresh_token: bool,
+}
+
 /// What Revoke answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Revoked {
@@ -152,6 +288,76 @@ pub(crate) fn stored_from(response: proto::StoreTokenResponse) -> Result<Stored,
     })
 }
 
+/// `field`, which the vault always sets, as an instant.
+fn required(timestamp: Option<prost_types::Timestamp>, field: &str) -> Result<SystemTime, Error> {
+    instant(timestamp.ok_or_else(|| Error::malformed(&format!("no {field}")))?)
+}
+
+pub(crate) fn completed_from(
+    response: proto::CompleteAuthorizationResponse,
+) -> Result<Completed, Error> {
+    Ok(Completed {
+        stored: Stored {
+            generation: response.generation,
+            ttl_expires_at: required(response.ttl_expires_at, "ttl_expires_at")?,
+        },
+        scopes: response.scopes,
+    })
+}
+
+pub(crate) fn start_from(
+    response: proto::BeginAuthorizationResponse,
+) -> Result<AuthorizationStart, Error> {
+    if response.authorization_url.is_empty() || response.authorization_id.is_empty() {
+        return Err(Error::malformed("no authorization_url or authorization_id"));
+    }
+    Ok(AuthorizationStart {
+        authorization_url: response.authorization_url,
+        authorization_id: response.authorization_id,
+        expires_at: required(response.expires_at, "expires_at")?,
+    })
+}
+
+/// The wire state as an [`AuthorizationState`]. `STATE_UNSPECIFIED` is what an unset field
+/// reads as, and the vault never sends it, so it is a malformed reply; any other unknown value
+/// is a state from a newer vault.
+fn state_from(wire: i32) -> Result<AuthorizationState, Error> {
+    use proto::authorization::State;
+    Ok(match State::try_from(wire) {
+        Ok(State::Unspecified) => return Err(Error::malformed("no authorization state")),
+        Ok(State::Pending) => AuthorizationState::Pending,
+        Ok(State::CallbackReceived) => AuthorizationState::CallbackReceived,
+        Ok(State::Completed) => AuthorizationState::Completed,
+        Ok(State::Denied) => AuthorizationState::Denied,
+        Ok(State::Expired) => AuthorizationState::Expired,
+        Ok(State::Failed) => AuthorizationState::Failed,
+        Err(_) => AuthorizationState::Unknown(wire),
+    })
+}
+
+pub(crate) fn authorization_from(response: proto::Authorization) -> Result<Authorization, Error> {
+    Ok(Authorization {
+        state: state_from(response.state)?,
+        expires_at: required(response.expires_at, "expires_at")?,
+        error: Some(response.error).filter(|e| !e.is_empty()),
+        authorization_id: response.authorization_id,
+        tool: response.tool,
+    })
+}
+
+pub(crate) fn credential_from(info: proto::CredentialInfo) -> Result<CredentialInfo, Error> {
+    Ok(CredentialInfo {
+        state: ConnectionState::from(info.state),
+        access_expires_at: info.access_expires_at.map(instant).transpose()?,
+        ttl_expires_at: required(info.ttl_expires_at, "ttl_expires_at")?,
+        updated_at: required(info.updated_at, "updated_at")?,
+        tool: info.tool,
+        scopes: info.scopes,
+        generation: info.generation,
+        has_refresh_token: info.has_refresh_token,
+    })
+}
+
 pub(crate) fn token_from(
     token: Option<proto::AccessToken>,
     refreshed: bool,
@@ -190,6 +396,215 @@ mod tests {
         assert_eq!(wire.refresh_token, "");
         assert_eq!(wire.token_type, "Bearer");
         assert_eq!(wire.expires_at.map(|t| t.seconds), Some(1_700_000_000));
+    }
+
+    fn at(seconds: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos: 0 })
+    }
+
+    fn unix(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    fn wire_authorization(state: i32) -> proto::Authorization {
+        proto::Authorization {
+            authorization_id: "az-1".into(),
+            tool: "jira".into(),
+            state,
+            expires_at: at(1_700_000_600),
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn every_authorization_state_the_proto_names_has_its_variant() {
+        use proto::authorization::State;
+        for (wire, state) in [
+            (State::Pending, AuthorizationState::Pending),
+            (
+                State::CallbackReceived,
+                AuthorizationState::CallbackReceived,
+            ),
+            (State::Completed, AuthorizationState::Completed),
+            (State::Denied, AuthorizationState::Denied),
+            (State::Expired, AuthorizationState::Expired),
+            (State::Failed, AuthorizationState::Failed),
+        ] {
+            let flow = authorization_from(wire_authorization(wire as i32)).unwrap();
+            assert_eq!(flow.state, state);
+        }
+    }
+
+    #[test]
+    fn an_authorization_converts_with_an_empty_error_as_none() {
+        let flow = authorization_from(wire_authorization(1)).unwrap();
+        assert_eq!(
+            flow,
+            Authorization {
+                authorization_id: "az-1".into(),
+                tool: "jira".into(),
+                state: AuthorizationState::Pending,
+                expires_at: unix(1_700_000_600),
+                error: None,
+            }
+        );
+        let denied = authorization_from(proto::Authorization {
+            error: "access_denied".into(),
+            ..wire_authorization(4)
+        })
+        .unwrap();
+        assert_eq!(denied.error.as_deref(), Some("access_denied"));
+    }
+
+    #[test]
+    fn a_state_from_a_newer_vault_is_kept_and_is_not_final() {
+        let flow = authorization_from(wire_authorization(42)).unwrap();
+        assert_eq!(flow.state, AuthorizationState::Unknown(42));
+        assert!(!flow.state.is_final());
+    }
+
+    #[test]
+    fn an_unset_authorization_state_or_expiry_is_a_malformed_reply() {
+        assert!(matches!(
+            authorization_from(wire_authorization(0)),
+            Err(Error::Other(_))
+        ));
+        assert!(matches!(
+            authorization_from(proto::Authorization {
+                expires_at: None,
+                ..wire_authorization(1)
+            }),
+            Err(Error::Other(_))
+        ));
+    }
+
+    #[test]
+    fn only_ended_flows_are_final() {
+        assert!(!AuthorizationState::Pending.is_final());
+        assert!(!AuthorizationState::CallbackReceived.is_final());
+        for state in [
+            AuthorizationState::Completed,
+            AuthorizationState::Denied,
+            AuthorizationState::Expired,
+            AuthorizationState::Failed,
+        ] {
+            assert!(state.is_final(), "{state:?}");
+        }
+    }
+
+    #[test]
+    fn a_started_flow_needs_its_url_id_and_expiry() {
+        let wire = proto::BeginAuthorizationResponse {
+            authorization_url: "https://idp.example/authorize?state=s".into(),
+            authorization_id: "az-1".into(),
+            expires_at: at(1_700_000_600),
+        };
+        let start = start_from(wire.clone()).unwrap();
+        assert_eq!(start.authorization_url, wire.authorization_url);
+        assert_eq!(start.authorization_id, "az-1");
+        assert_eq!(start.expires_at, unix(1_700_000_600));
+        for broken in [
+            proto::BeginAuthorizationResponse {
+                authorization_url: String::new(),
+                ..wire.clone()
+            },
+            proto::BeginAuthorizationResponse {
+                authorization_id: String::new(),
+                ..wire.clone()
+            },
+            proto::BeginAuthorizationResponse {
+                expires_at: None,
+                ..wire
+            },
+        ] {
+            assert!(start_from(broken).is_err());
+        }
+    }
+
+    #[test]
+    fn a_completed_flow_answers_what_store_token_does_and_the_granted_scopes() {
+        let completed = completed_from(proto::CompleteAuthorizationResponse {
+            generation: 3,
+            ttl_expires_at: at(1_700_086_400),
+            scopes: vec!["read".into()],
+        })
+        .unwrap();
+        assert_eq!(
+            completed,
+            Completed {
+                stored: Stored {
+                    generation: 3,
+                    ttl_expires_at: unix(1_700_086_400),
+                },
+                scopes: vec!["read".into()],
+            }
+        );
+        assert!(
+            completed_from(proto::CompleteAuthorizationResponse {
+                ttl_expires_at: None,
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn connection_states_read_from_their_strings_and_unknown_ones_are_kept() {
+        for (wire, state) in [
+            ("ACTIVE", ConnectionState::Active),
+            ("REAUTH_REQUIRED", ConnectionState::ReauthRequired),
+            ("EXPIRED", ConnectionState::Expired),
+            ("SUSPENDED", ConnectionState::Unknown("SUSPENDED".into())),
+        ] {
+            let read = ConnectionState::from(wire.to_string());
+            assert_eq!(read, state);
+            assert_eq!(read.as_str(), wire);
+        }
+    }
+
+    #[test]
+    fn a_credential_converts_with_an_unset_access_expiry_as_none() {
+        let wire = proto::CredentialInfo {
+            tool: "jira".into(),
+            state: "ACTIVE".into(),
+            scopes: vec!["read".into(), "write".into()],
+            access_expires_at: None,
+            ttl_expires_at: at(1_700_086_400),
+            generation: 2,
+            updated_at: at(1_700_000_000),
+            has_refresh_token: true,
+        };
+        assert_eq!(
+            credential_from(wire.clone()).unwrap(),
+            CredentialInfo {
+                tool: "jira".into(),
+                state: ConnectionState::Active,
+                scopes: vec!["read".into(), "write".into()],
+                access_expires_at: None,
+                ttl_expires_at: unix(1_700_086_400),
+                generation: 2,
+                updated_at: unix(1_700_000_000),
+                has_refresh_token: true,
+            }
+        );
+        let expiring = credential_from(proto::CredentialInfo {
+            access_expires_at: at(1_700_003_600),
+            ..wire.clone()
+        })
+        .unwrap();
+        assert_eq!(expiring.access_expires_at, Some(unix(1_700_003_600)));
+        for broken in [
+            proto::CredentialInfo {
+                ttl_expires_at: None,
+                ..wire.clone()
+            },
+            proto::CredentialInfo {
+                updated_at: None,
+                ..wire
+            },
+        ] {
+            assert!(credential_from(broken).is_err());
+        }
     }
 
     #[test]
