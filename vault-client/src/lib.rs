@@ -27,6 +27,26 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! Without a credential, the vault runs the OAuth consent flow itself: begin it, send the user
+//! to the URL, and complete it once the provider has sent the browser back.
+//!
+//! ```no_run
+//! # async fn demo(vault: vault_client::Client) -> Result<(), vault_client::Error> {
+//! use vault_client::AuthorizationState;
+//!
+//! let flow = vault
+//!     .begin_authorization("jira", ["read:jira-work"], Some("https://app.example/connected"))
+//!     .await?;
+//! println!("open {}", flow.authorization_url);
+//! // … later, when the browser has come back to the return URL:
+//! let status = vault.get_authorization(&flow.authorization_id).await?;
+//! if status.state == AuthorizationState::CallbackReceived {
+//!     let completed = vault.complete_authorization(&flow.authorization_id).await?;
+//!     println!("stored generation {}", completed.stored.generation);
+//! }
+//! # Ok(()) }
+//! ```
 
 mod error;
 mod token;

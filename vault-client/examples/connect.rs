@@ -1,0 +1,60 @@
+//! An agent connecting a user to a tool through the vault's own consent flow: begin it, print
+//! the URL for the user, poll until the provider has sent the browser back, then complete it.
+//!
+//! ```sh
+//! # with `vault-server dev` running and an OAuth provider configured for the tool:
+//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token)
+//! cargo run -p vault-client --example connect -- jira [RETURN_URL] [SCOPE...]
+//! ```
+//! Without a return URL the vault's callback completes the flow itself, where the vault allows
+//! that; either way this example waits for the flow to end.
+
+use std::time::{Duration, SystemTime};
+
+use vault_client::{AuthorizationState, Client, TokenSource};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let tool = args.next().unwrap_or_else(|| "jira".into());
+    let return_url = args.next().filter(|u| !u.is_empty());
+    let scopes: Vec<String> = args.collect();
+    let endpoint = std::env::var("VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
+    let vault = Client::builder(endpoint)
+        .token(TokenSource::fixed(&std::env::var("VAULT_TOKEN")?)?)
+        .connect()
+        .await?;
+
+    let flow = vault
+        .begin_authorization(&tool, &scopes, return_url.as_deref())
+        .await?;
+    println!("open this in a browser:\n{}", flow.authorization_url);
+
+    // Poll until the flow can complete or has ended, and never past its own expiry.
+    loop {
+        let status = vault.get_authorization(&flow.authorization_id).await?;
+        match status.state {
+            AuthorizationState::CallbackReceived => {
+                let completed = vault.complete_authorization(&flow.authorization_id).await?;
+                println!(
+                    "connected {tool}: generation {}, scopes {:?}",
+                    completed.stored.generation, completed.scopes
+                );
+                return Ok(());
+            }
+            AuthorizationState::Completed => {
+                println!("connected {tool}: the vault's callback completed the flow");
+                return Ok(());
+            }
+            state if state.is_final() => {
+                let why = status.error.unwrap_or_default();
+                return Err(format!("{tool} not connected: {state:?} {why}").into());
+            }
+            _ if SystemTime::now() >= flow.expires_at => {
+                return Err(format!("{tool} not connected: the flow expired").into());
+            }
+            // Waiting for the user (or a state a newer vault added): ask again shortly.
+            _ => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
+}
