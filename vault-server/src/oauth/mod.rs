@@ -1,5 +1,6 @@
-//! OAuth2 providers: the registry mapping each tool to its authorization server, and the two
-//! calls the vault makes there — refresh (RFC 6749 §6) and revocation (RFC 7009).
+//! OAuth2 providers: the registry mapping each tool to its authorization server, and what the
+//! vault does there — the consent flow's authorization URL and code exchange (RFC 6749 §4.1 with
+//! PKCE, RFC 7636), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
 mod http;
 mod presets;
@@ -17,7 +18,7 @@ use serde::Deserialize;
 use tokio::sync::RwLock;
 
 pub use http::{HttpError, ProviderHttp};
-pub use provider::Provider;
+pub use provider::{AuthorizationRequest, Provider};
 
 use crate::ids::Tool;
 
@@ -57,12 +58,12 @@ impl ProviderError {
     }
 }
 
-/// A successful refresh.
+/// Tokens from the token endpoint: a successful refresh or code exchange.
 #[derive(Debug)]
 pub struct Refreshed {
     /// The new access token.
     pub access_token: SecretString,
-    /// A rotated refresh token, when the provider issued one.
+    /// A new (on exchange) or rotated (on refresh) refresh token, when the provider issued one.
     pub refresh_token: Option<SecretString>,
     /// Lifetime of the access token, when given.
     pub expires_in: Option<Duration>,
@@ -121,6 +122,39 @@ struct ToolEntry {
     auth_style: Option<String>,
     #[serde(default)]
     scopes: Vec<String>,
+    authorization_url: Option<String>,
+    #[serde(default)]
+    extra_authorize_params: BTreeMap<String, String>,
+    redirect_uri: Option<String>,
+}
+
+/// Authorization-URL parameters the vault sets itself, so a providers file cannot: overriding
+/// any of the first seven would break the flow or its CSRF/PKCE protection. `code_verifier` and
+/// `client_secret` are secrets that must never travel in a browser's URL; `request` and
+/// `request_uri` (RFC 9101) would replace every parameter the vault set; `response_mode` decides
+/// how the response reaches the vault's callback, which is the callback's choice. `nonce` is
+/// allowed: the vault does not set one, and a provider may want it.
+const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "scope",
+    "code_verifier",
+    "client_secret",
+    "request",
+    "request_uri",
+    "response_mode",
+];
+
+/// Whether `key` is a parameter the vault sets on the authorization URL. Compared without case:
+/// a server that reads parameters case-insensitively must not see two of one.
+fn is_reserved_authorize_param(key: &str) -> bool {
+    RESERVED_AUTHORIZE_PARAMS
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(key))
 }
 
 /// The provider registry: one [`Provider`] per configured tool.
@@ -134,6 +168,20 @@ fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("tools.{tool}.{key}: not a URL: {e}"))?;
     if parsed.scheme() != "https" {
         anyhow::bail!("tools.{tool}.{key}: must be an https:// URL");
+    }
+    Ok(value.to_string())
+}
+
+/// An absolute http(s) URL without a fragment (RFC 6749 §3.1.2), for redirect URIs: a local
+/// development callback may be plain http.
+fn redirect_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
+    let parsed = url::Url::parse(value)
+        .map_err(|e| anyhow::anyhow!("tools.{tool}.{key}: not an absolute URL: {e}"))?;
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
+        anyhow::bail!("tools.{tool}.{key}: must be an absolute http:// or https:// URL");
+    }
+    if parsed.fragment().is_some() {
+        anyhow::bail!("tools.{tool}.{key}: must not have a fragment (RFC 6749 §3.1.2)");
     }
     Ok(value.to_string())
 }
@@ -161,9 +209,13 @@ impl Providers {
         )
         .extract()
         .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e}", path.display()))?;
+        Self::from_file(file, path, &http)
+    }
+
+    fn from_file(file: ProvidersFile, path: &Path, http: &ProviderHttp) -> anyhow::Result<Self> {
         let mut by_tool = HashMap::new();
         for (tool, entry) in file.tools {
-            let provider = Self::provider(&tool, entry, path, &http)
+            let provider = Self::provider(&tool, entry, path, http)
                 .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e:#}", path.display()))?;
             by_tool.insert(tool, Arc::new(provider));
         }
@@ -248,6 +300,35 @@ impl Providers {
         if !entry.scopes.is_empty() {
             tracing::debug!(%tool, scopes = ?entry.scopes, "scopes are requested at consent; refresh keeps the granted ones");
         }
+        let authorization_url = entry
+            .authorization_url
+            .or_else(|| preset.map(|p| p.authorization_url.to_string()))
+            .map(|u| {
+                https_url(tool, "authorization_url", &u).and_then(|u| Ok(url::Url::parse(&u)?))
+            })
+            .transpose()?;
+        for key in entry.extra_authorize_params.keys() {
+            if key.is_empty() {
+                anyhow::bail!("tools.{tool}.extra_authorize_params: a key is empty");
+            }
+            if is_reserved_authorize_param(key) {
+                anyhow::bail!(
+                    "tools.{tool}.extra_authorize_params.{key}: the vault sets this parameter itself"
+                );
+            }
+        }
+        // The preset's required parameters first, then the entry's over them.
+        let mut extra_authorize_params: BTreeMap<String, String> = preset
+            .map(|p| p.authorize_params)
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        extra_authorize_params.extend(entry.extra_authorize_params);
+        let redirect_uri = entry
+            .redirect_uri
+            .map(|u| redirect_url(tool, "redirect_uri", &u))
+            .transpose()?;
         Ok(Provider {
             http: http.clone(),
             tool: tool.to_string(),
@@ -262,6 +343,10 @@ impl Providers {
                     https_url(tool, "revocation_url", &u).and_then(|u| Ok(RevocationUrl::new(u)?))
                 })
                 .transpose()?,
+            fixed_authorization_url: authorization_url,
+            extra_authorize_params: extra_authorize_params.into_iter().collect(),
+            scopes: entry.scopes,
+            redirect_uri,
             issuer,
             discovered: RwLock::new(None),
         })
@@ -286,7 +371,28 @@ fn issuer_matches(document: &serde_json::Value, issuer: &str) -> bool {
     document
         .get("issuer")
         .and_then(|v| v.as_str())
-        .is_some_and(|named| named == issuer || named.strip_suffix('/') == Some(issuer))
+        .is_some_and(|named| same_issuer(named, issuer))
+}
+
+/// Whether `named` is the configured `issuer` (stored without a trailing slash), allowing the
+/// one trailing slash a provider may add.
+fn same_issuer(named: &str, issuer: &str) -> bool {
+    named == issuer || named.strip_suffix('/') == Some(issuer)
+}
+
+/// An OAuth error code fit to show a caller: RFC 6749 codes are short ASCII words, but an
+/// extension code is provider-chosen text, so anything else is replaced.
+fn error_code(code: &str) -> &str {
+    if !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        code
+    } else {
+        "unrecognised error"
+    }
 }
 
 /// Maps a failed call to a transient error. Deliberately drops `Parse`'s body: a token response
