@@ -416,7 +416,7 @@ impl Provider {
 
 /// The pure half of [`Provider::check_callback_issuer`]: `promised` is whether the provider's
 /// metadata says every authorization response carries `iss`.
-fn check_issuer(issuer: &str, iss: Option<&str>, promised: bool) -> Result<(), String> {
+pub(super) fn check_issuer(issuer: &str, iss: Option<&str>, promised: bool) -> Result<(), String> {
     match iss {
         Some(named) if same_issuer(named, issuer) => Ok(()),
         Some(_) => Err("the authorization response names another issuer (RFC 9207)".into()),
@@ -467,7 +467,7 @@ fn build_authorization_url(
 }
 
 /// What the vault takes from a successful token response, for refresh and code exchange alike.
-fn tokens(response: &impl TokenResponse) -> Result<Refreshed, ProviderError> {
+pub(super) fn tokens(response: &impl TokenResponse) -> Result<Refreshed, ProviderError> {
     let access = response.access_token().secret();
     if access.is_empty() || access.len() > 16 * 1024 {
         return Err(ProviderError::unavailable(
