@@ -1,5 +1,6 @@
-//! OAuth2 providers: the registry mapping each tool to its authorization server, and the two
-//! calls the vault makes there — refresh (RFC 6749 §6) and revocation (RFC 7009).
+//! OAuth2 providers: the registry mapping each tool to its authorization server, and what the
+//! vault does there — the consent flow's authorization URL and code exchange (RFC 6749 §4.1 with
+//! PKCE, RFC 7636), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
 mod http;
 mod presets;
@@ -17,7 +18,7 @@ use serde::Deserialize;
 use tokio::sync::RwLock;
 
 pub use http::{HttpError, ProviderHttp};
-pub use provider::Provider;
+pub use provider::{AuthorizationRequest, Provider};
 
 use crate::ids::Tool;
 
@@ -57,12 +58,12 @@ impl ProviderError {
     }
 }
 
-/// A successful refresh.
+/// Tokens from the token endpoint: a successful refresh or code exchange.
 #[derive(Debug)]
 pub struct Refreshed {
     /// The new access token.
     pub access_token: SecretString,
-    /// A rotated refresh token, when the provider issued one.
+    /// A new (on exchange) or rotated (on refresh) refresh token, when the provider issued one.
     pub refresh_token: Option<SecretString>,
     /// Lifetime of the access token, when given.
     pub expires_in: Option<Duration>,
@@ -121,6 +122,39 @@ struct ToolEntry {
     auth_style: Option<String>,
     #[serde(default)]
     scopes: Vec<String>,
+    authorization_url: Option<String>,
+    #[serde(default)]
+    extra_authorize_params: BTreeMap<String, String>,
+    redirect_uri: Option<String>,
+}
+
+/// Authorization-URL parameters the vault sets itself, so a providers file cannot: overriding
+/// any of the first seven would break the flow or its CSRF/PKCE protection. `code_verifier` and
+/// `client_secret` are secrets that must never travel in a browser's URL; `request` and
+/// `request_uri` (RFC 9101) would replace every parameter the vault set; `response_mode` decides
+/// how the response reaches the vault's callback, which is the callback's choice. `nonce` is
+/// allowed: the vault does not set one, and a provider may want it.
+const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "scope",
+    "code_verifier",
+    "client_secret",
+    "request",
+    "request_uri",
+    "response_mode",
+];
+
+/// Whether `key` is a parameter the vault sets on the authorization URL. Compared without case:
+/// a server that reads parameters case-insensitively must not see two of one.
+fn is_reserved_authorize_param(key: &str) -> bool {
+    RESERVED_AUTHORIZE_PARAMS
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(key))
 }
 
 /// The provider registry: one [`Provider`] per configured tool.
@@ -134,6 +168,20 @@ fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("tools.{tool}.{key}: not a URL: {e}"))?;
     if parsed.scheme() != "https" {
         anyhow::bail!("tools.{tool}.{key}: must be an https:// URL");
+    }
+    Ok(value.to_string())
+}
+
+/// An absolute http(s) URL without a fragment (RFC 6749 §3.1.2), for redirect URIs: a local
+/// development callback may be plain http.
+fn redirect_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
+    let parsed = url::Url::parse(value)
+        .map_err(|e| anyhow::anyhow!("tools.{tool}.{key}: not an absolute URL: {e}"))?;
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
+        anyhow::bail!("tools.{tool}.{key}: must be an absolute http:// or https:// URL");
+    }
+    if parsed.fragment().is_some() {
+        anyhow::bail!("tools.{tool}.{key}: must not have a fragment (RFC 6749 §3.1.2)");
     }
     Ok(value.to_string())
 }
@@ -161,9 +209,13 @@ impl Providers {
         )
         .extract()
         .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e}", path.display()))?;
+        Self::from_file(file, path, &http)
+    }
+
+    fn from_file(file: ProvidersFile, path: &Path, http: &ProviderHttp) -> anyhow::Result<Self> {
         let mut by_tool = HashMap::new();
         for (tool, entry) in file.tools {
-            let provider = Self::provider(&tool, entry, path, &http)
+            let provider = Self::provider(&tool, entry, path, http)
                 .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e:#}", path.display()))?;
             by_tool.insert(tool, Arc::new(provider));
         }
@@ -248,6 +300,35 @@ impl Providers {
         if !entry.scopes.is_empty() {
             tracing::debug!(%tool, scopes = ?entry.scopes, "scopes are requested at consent; refresh keeps the granted ones");
         }
+        let authorization_url = entry
+            .authorization_url
+            .or_else(|| preset.map(|p| p.authorization_url.to_string()))
+            .map(|u| {
+                https_url(tool, "authorization_url", &u).and_then(|u| Ok(url::Url::parse(&u)?))
+            })
+            .transpose()?;
+        for key in entry.extra_authorize_params.keys() {
+            if key.is_empty() {
+                anyhow::bail!("tools.{tool}.extra_authorize_params: a key is empty");
+            }
+            if is_reserved_authorize_param(key) {
+                anyhow::bail!(
+                    "tools.{tool}.extra_authorize_params.{key}: the vault sets this parameter itself"
+                );
+            }
+        }
+        // The preset's required parameters first, then the entry's over them.
+        let mut extra_authorize_params: BTreeMap<String, String> = preset
+            .map(|p| p.authorize_params)
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        extra_authorize_params.extend(entry.extra_authorize_params);
+        let redirect_uri = entry
+            .redirect_uri
+            .map(|u| redirect_url(tool, "redirect_uri", &u))
+            .transpose()?;
         Ok(Provider {
             http: http.clone(),
             tool: tool.to_string(),
@@ -262,6 +343,10 @@ impl Providers {
                     https_url(tool, "revocation_url", &u).and_then(|u| Ok(RevocationUrl::new(u)?))
                 })
                 .transpose()?,
+            fixed_authorization_url: authorization_url,
+            extra_authorize_params: extra_authorize_params.into_iter().collect(),
+            scopes: entry.scopes,
+            redirect_uri,
             issuer,
             discovered: RwLock::new(None),
         })
@@ -286,7 +371,28 @@ fn issuer_matches(document: &serde_json::Value, issuer: &str) -> bool {
     document
         .get("issuer")
         .and_then(|v| v.as_str())
-        .is_some_and(|named| named == issuer || named.strip_suffix('/') == Some(issuer))
+        .is_some_and(|named| same_issuer(named, issuer))
+}
+
+/// Whether `named` is the configured `issuer` (stored without a trailing slash), allowing the
+/// one trailing slash a provider may add.
+fn same_issuer(named: &str, issuer: &str) -> bool {
+    named == issuer || named.strip_suffix('/') == Some(issuer)
+}
+
+/// An OAuth error code fit to show a caller: RFC 6749 codes are short ASCII words, but an
+/// extension code is provider-chosen text, so anything else is replaced.
+fn error_code(code: &str) -> &str {
+    if !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        code
+    } else {
+        "unrecognised error"
+    }
 }
 
 /// Maps a failed call to a transient error. Deliberately drops `Parse`'s body: a token response
@@ -318,5 +424,318 @@ fn classify<E: oauth2::ErrorResponse + 'static>(
         RequestTokenError::ServerResponse(_) => {
             ProviderError::unavailable("the provider returned an error")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use figment::providers::{Format, Toml};
+    use secrecy::ExposeSecret;
+
+    use super::provider::{Endpoints, check_issuer, tokens};
+    use super::*;
+
+    fn load(toml: &str) -> anyhow::Result<Providers> {
+        let file: ProvidersFile = figment::Figment::from(Toml::string(toml)).extract()?;
+        let http = ProviderHttp::new(None, Duration::from_secs(1), Duration::from_secs(1))?;
+        Providers::from_file(file, Path::new("providers.toml"), &http)
+    }
+
+    fn provider(toml: &str) -> Arc<Provider> {
+        let providers = load(toml).expect("the test's providers file loads");
+        let tool = Tool::parse("t").expect("a valid tool name");
+        providers.get(&tool).expect("the test configures tool t")
+    }
+
+    fn load_error(toml: &str) -> String {
+        format!(
+            "{:#}",
+            load(toml).expect_err("the providers file is refused")
+        )
+    }
+
+    const SCOPES: &[&str] = &["read:jira-work", "offline_access"];
+
+    fn request<'a>(scopes: &'a [String]) -> AuthorizationRequest<'a> {
+        AuthorizationRequest {
+            state: "st4te",
+            code_challenge: "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+            scopes,
+            redirect_uri: "https://vault.example/oauth/callback",
+        }
+    }
+
+    fn query(url: &url::Url) -> Vec<(String, String)> {
+        url.query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    fn param(url: &url::Url, key: &str) -> Vec<String> {
+        query(url)
+            .into_iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    fn filled_discovery(provider: &Provider, authorization: Option<&str>, iss_promised: bool) {
+        let endpoints = Endpoints {
+            token_url: oauth2::TokenUrl::new("https://idp.example/token".into()).unwrap(),
+            revocation_url: None,
+            authorization_url: authorization.map(|u| url::Url::parse(u).unwrap()),
+            iss_parameter_supported: iss_promised,
+        };
+        *provider
+            .discovered
+            .try_write()
+            .expect("no one else holds the cache") = Some((endpoints, Instant::now()));
+    }
+
+    const ATLASSIAN: &str = r#"
+        [tools.t]
+        preset = "atlassian"
+        client_id = "cid"
+        client_secret = "s"
+        scopes = ["read:jira-work", "offline_access"]
+    "#;
+
+    #[tokio::test]
+    async fn the_authorization_url_always_carries_the_flow_and_pkce_parameters() {
+        let jira = provider(ATLASSIAN);
+        let url = jira.authorization_url(&request(&[])).await.unwrap();
+
+        assert_eq!(url.scheme(), "https");
+        assert_eq!(url.host_str(), Some("auth.atlassian.com"));
+        assert_eq!(url.path(), "/authorize");
+        for (key, value) in [
+            ("response_type", "code"),
+            ("client_id", "cid"),
+            ("redirect_uri", "https://vault.example/oauth/callback"),
+            ("state", "st4te"),
+            (
+                "code_challenge",
+                "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+            ),
+            ("code_challenge_method", "S256"),
+        ] {
+            assert_eq!(param(&url, key), [value], "{key}");
+        }
+        assert!(param(&url, "scope").is_empty(), "no scopes, no scope");
+    }
+
+    #[tokio::test]
+    async fn scopes_are_joined_by_spaces() {
+        let jira = provider(ATLASSIAN);
+        let scopes: Vec<String> = SCOPES.iter().map(|s| s.to_string()).collect();
+        assert_eq!(jira.default_scopes(), scopes.as_slice());
+
+        let url = jira.authorization_url(&request(&scopes)).await.unwrap();
+
+        assert_eq!(param(&url, "scope"), ["read:jira-work offline_access"]);
+    }
+
+    #[tokio::test]
+    async fn preset_params_are_present_and_the_files_own_merge_over_them() {
+        let preset_only = provider(ATLASSIAN);
+        let url = preset_only.authorization_url(&request(&[])).await.unwrap();
+        assert_eq!(param(&url, "audience"), ["api.atlassian.com"]);
+        assert_eq!(param(&url, "prompt"), ["consent"]);
+
+        let merged = provider(&format!(
+            "{ATLASSIAN}\n[tools.t.extra_authorize_params]\nprompt = \"login\"\nlogin_hint = \"a@b.example\"\n"
+        ));
+        let url = merged.authorization_url(&request(&[])).await.unwrap();
+        assert_eq!(param(&url, "audience"), ["api.atlassian.com"]);
+        assert_eq!(param(&url, "prompt"), ["login"]);
+        assert_eq!(param(&url, "login_hint"), ["a@b.example"]);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_query_is_kept_but_cannot_set_a_flow_parameter() {
+        let tool = provider(
+            r#"
+            [tools.t]
+            token_url = "https://idp.example/token"
+            authorization_url = "https://idp.example/authorize?tenant=x&state=evil"
+            client_id = "cid"
+            client_secret = "s"
+            "#,
+        );
+        let url = tool.authorization_url(&request(&[])).await.unwrap();
+        assert_eq!(param(&url, "tenant"), ["x"]);
+        assert_eq!(param(&url, "state"), ["st4te"]);
+    }
+
+    #[test]
+    fn a_reserved_extra_param_is_refused_at_load_naming_it() {
+        for key in ["state", "code_challenge_method", "Scope", "code_verifier"] {
+            let error = load_error(&format!(
+                "{ATLASSIAN}\n[tools.t.extra_authorize_params]\n{key} = \"x\"\n"
+            ));
+            assert!(
+                error.contains(&format!("tools.t.extra_authorize_params.{key}")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_http_authorization_url_is_refused() {
+        let error = load_error(
+            r#"
+            [tools.t]
+            token_url = "https://idp.example/token"
+            authorization_url = "http://idp.example/authorize"
+            client_id = "cid"
+            client_secret = "s"
+            "#,
+        );
+        assert!(error.contains("tools.t.authorization_url"), "{error}");
+    }
+
+    #[test]
+    fn a_tool_redirect_uri_must_be_an_absolute_http_url() {
+        let with = |uri: &str| format!("{ATLASSIAN}\nredirect_uri = \"{uri}\"\n");
+        // `redirect_uri` must sit inside [tools.t], before any sub-table.
+        let tool = provider(&with("http://localhost:8080/cb"));
+        assert_eq!(tool.redirect_uri(), Some("http://localhost:8080/cb"));
+        assert_eq!(provider(ATLASSIAN).redirect_uri(), None);
+        for bad in [
+            "/oauth/callback",
+            "ftp://x.example/cb",
+            "https://x.example/cb#f",
+        ] {
+            let error = load_error(&with(bad));
+            assert!(error.contains("tools.t.redirect_uri"), "{bad}: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tool_without_an_authorization_endpoint_still_loads_but_cannot_start_consent() {
+        let tool = provider(
+            r#"
+            [tools.t]
+            token_url = "https://idp.example/token"
+            client_id = "cid"
+            client_secret = "s"
+            "#,
+        );
+        let error = tool.authorization_url(&request(&[])).await.unwrap_err();
+        assert!(matches!(error, ProviderError::Unavailable { .. }));
+    }
+
+    const ISSUER: &str = r#"
+        [tools.t]
+        issuer = "https://idp.example/"
+        client_id = "cid"
+        client_secret = "s"
+    "#;
+
+    #[tokio::test]
+    async fn an_issuer_tool_takes_its_authorization_endpoint_from_discovery() {
+        let tool = provider(ISSUER);
+        filled_discovery(&tool, Some("https://idp.example/auth"), false);
+
+        let url = tool.authorization_url(&request(&[])).await.unwrap();
+
+        assert_eq!(url.path(), "/auth");
+        assert_eq!(param(&url, "code_challenge_method"), ["S256"]);
+    }
+
+    #[test]
+    fn the_binding_of_existing_configurations_is_unchanged() {
+        assert_eq!(provider(ISSUER).binding(), "https://idp.example");
+        assert_eq!(
+            provider(ATLASSIAN).binding(),
+            "issuer= token=https://auth.atlassian.com/oauth/token revocation="
+        );
+    }
+
+    #[test]
+    fn the_callback_issuer_decision() {
+        let issuer = "https://idp.example";
+        assert!(check_issuer(issuer, Some("https://idp.example"), true).is_ok());
+        assert!(check_issuer(issuer, Some("https://idp.example/"), true).is_ok());
+        assert!(check_issuer(issuer, Some("https://evil.example"), false).is_err());
+        assert!(check_issuer(issuer, Some("https://idp.example/x"), false).is_err());
+        assert!(check_issuer(issuer, None, true).is_err());
+        assert!(check_issuer(issuer, None, false).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_callback_issuer_is_checked_against_the_configured_issuer_and_its_metadata() {
+        let promised = provider(ISSUER);
+        filled_discovery(&promised, None, true);
+        assert!(
+            promised
+                .check_callback_issuer(Some("https://idp.example"))
+                .await
+                .is_ok()
+        );
+        assert!(
+            promised
+                .check_callback_issuer(Some("https://evil.example"))
+                .await
+                .is_err()
+        );
+        assert!(promised.check_callback_issuer(None).await.is_err());
+
+        let silent = provider(ISSUER);
+        filled_discovery(&silent, None, false);
+        assert!(silent.check_callback_issuer(None).await.is_ok());
+        assert!(
+            silent
+                .check_callback_issuer(Some("https://evil.example"))
+                .await
+                .is_err()
+        );
+
+        let no_issuer = provider(ATLASSIAN);
+        assert!(
+            no_issuer
+                .check_callback_issuer(Some("https://anyone.example"))
+                .await
+                .is_ok()
+        );
+        assert!(no_issuer.check_callback_issuer(None).await.is_ok());
+    }
+
+    fn token_response(json: &str) -> oauth2::basic::BasicTokenResponse {
+        serde_json::from_str(json).expect("a token response")
+    }
+
+    #[test]
+    fn a_token_response_is_read_the_same_way_for_refresh_and_exchange() {
+        let read = tokens(&token_response(
+            r#"{"access_token":"at","refresh_token":"rt","token_type":"Bearer","expires_in":3600,"scope":"a b"}"#,
+        ))
+        .unwrap();
+        assert_eq!(read.access_token.expose_secret(), "at");
+        assert_eq!(read.refresh_token.unwrap().expose_secret(), "rt");
+        assert_eq!(read.expires_in, Some(Duration::from_secs(3600)));
+        assert_eq!(read.scopes, Some(vec!["a".to_string(), "b".to_string()]));
+
+        let empty = tokens(&token_response(
+            r#"{"access_token":"","token_type":"Bearer"}"#,
+        ));
+        assert!(matches!(empty, Err(ProviderError::Unavailable { .. })));
+        let huge = "a".repeat(16 * 1024 + 1);
+        let oversized = tokens(&token_response(&format!(
+            r#"{{"access_token":"{huge}","token_type":"Bearer"}}"#
+        )));
+        assert!(matches!(oversized, Err(ProviderError::Unavailable { .. })));
+    }
+
+    #[test]
+    fn an_extension_error_code_is_shown_only_when_it_looks_like_one() {
+        assert_eq!(error_code("invalid_client"), "invalid_client");
+        assert_eq!(
+            error_code("see https://idp.example/help?x=1"),
+            "unrecognised error"
+        );
+        assert_eq!(error_code(""), "unrecognised error");
     }
 }

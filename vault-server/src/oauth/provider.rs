@@ -1,25 +1,46 @@
 //! One tool's authorization server and the calls the vault makes there: discovery (RFC 8414),
-//! refresh (RFC 6749 §6) and revocation (RFC 7009).
+//! the consent flow's authorization URL, code exchange and response issuer check (RFC 6749
+//! §4.1, RFC 7636, RFC 9207), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{
-    AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, RevocationErrorResponseType,
-    RevocationUrl, StandardRevocableToken, TokenResponse, TokenUrl,
+    AuthType, AuthorizationCode, ClientId, ClientSecret, PkceCodeVerifier, RedirectUrl,
+    RefreshToken, RequestTokenError, RevocationErrorResponseType, RevocationUrl,
+    StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::RwLock;
 
 use super::{
     AuthStyle, DISCOVERY_TTL, MAX_EXPIRES_IN, MIN_EXPIRES_IN, ProviderError, ProviderHttp,
-    Refreshed, TokenKind, classify, https_url, issuer_matches, revocation_error,
+    Refreshed, TokenKind, classify, error_code, https_url, is_reserved_authorize_param,
+    issuer_matches, revocation_error, same_issuer,
 };
 
 #[derive(Debug, Clone)]
 pub(super) struct Endpoints {
     pub(super) token_url: TokenUrl,
     pub(super) revocation_url: Option<RevocationUrl>,
+    /// Explicit, preset or discovered; `None` when the tool can refresh but not start consent.
+    pub(super) authorization_url: Option<url::Url>,
+    /// RFC 9207: the provider promises an `iss` parameter on every authorization response.
+    pub(super) iss_parameter_supported: bool,
+}
+
+/// What BeginAuthorization puts in the authorization URL.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthorizationRequest<'a> {
+    /// The flow's CSRF token, echoed back to the callback.
+    pub state: &'a str,
+    /// `BASE64URL(SHA256(code_verifier))` (RFC 7636 §4.2); sent with method `S256`.
+    pub code_challenge: &'a str,
+    /// Scopes to ask for; none omits the `scope` parameter (the provider's default applies).
+    pub scopes: &'a [String],
+    /// Where the provider sends the user back; the code exchange must repeat it.
+    pub redirect_uri: &'a str,
 }
 
 /// One tool's authorization server and client registration.
@@ -31,6 +52,14 @@ pub struct Provider {
     /// Explicit or preset endpoints; with an issuer, these override what discovery finds.
     pub(super) fixed_token_url: Option<TokenUrl>,
     pub(super) fixed_revocation_url: Option<RevocationUrl>,
+    /// Explicit or preset authorization endpoint; with an issuer, overrides discovery.
+    pub(super) fixed_authorization_url: Option<url::Url>,
+    /// Added to every authorization URL, preset's merged under the file's; never a reserved key.
+    pub(super) extra_authorize_params: Vec<(String, String)>,
+    /// Asked for at consent when the caller names none.
+    pub(super) scopes: Vec<String>,
+    /// This tool's callback, overriding the server-wide one.
+    pub(super) redirect_uri: Option<String>,
     pub(super) issuer: Option<String>,
     /// RFC 8414 discovery result, re-fetched when a call through it fails.
     pub(super) discovered: RwLock<Option<(Endpoints, Instant)>>,
@@ -45,6 +74,8 @@ impl std::fmt::Debug for Provider {
             .field("client_id", &self.client_id.as_str())
             .field("auth_style", &self.auth_style)
             .field("issuer", &self.issuer)
+            .field("scopes", &self.scopes)
+            .field("redirect_uri", &self.redirect_uri)
             .finish_non_exhaustive()
     }
 }
@@ -55,6 +86,10 @@ impl Provider {
     /// revocation endpoint set explicitly). A stored token is only sent to a provider whose
     /// binding matches, so editing the providers file cannot redirect it. A tool named by its
     /// issuer alone binds to just the issuer, the same value the first version recorded.
+    ///
+    /// The authorization endpoint is deliberately not part of it: no token is ever sent there
+    /// (the browser carries only a code back from it, and that code goes to the token endpoint,
+    /// which is bound), and adding it would change the binding of every existing preset tool.
     pub fn binding(&self) -> String {
         let issuer = self.issuer.as_deref();
         let token = self.fixed_token_url.as_ref().map(|u| u.as_str());
@@ -79,6 +114,8 @@ impl Provider {
                     .clone()
                     .ok_or_else(|| ProviderError::unavailable("no token URL"))?,
                 revocation_url: self.fixed_revocation_url.clone(),
+                authorization_url: self.fixed_authorization_url.clone(),
+                iss_parameter_supported: false,
             });
         };
         let cached = self.discovered.read().await.clone();
@@ -131,9 +168,19 @@ impl Provider {
                 .and_then(|u| https_url(&self.tool, "revocation_endpoint", &u).ok())
                 .and_then(|u| RevocationUrl::new(u).ok())
         });
+        let authorization_url = self.fixed_authorization_url.clone().or_else(|| {
+            field("authorization_endpoint")
+                .and_then(|u| https_url(&self.tool, "authorization_endpoint", &u).ok())
+                .and_then(|u| url::Url::parse(&u).ok())
+        });
         let endpoints = Endpoints {
             token_url,
             revocation_url,
+            authorization_url,
+            iss_parameter_supported: document
+                .get("authorization_response_iss_parameter_supported")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         };
         *self.discovered.write().await = Some((endpoints.clone(), Instant::now()));
         Ok(endpoints)
@@ -190,30 +237,7 @@ impl Provider {
             .request_async(&self.http)
             .await;
         match result {
-            Ok(response) => {
-                let access = response.access_token().secret();
-                if access.is_empty() || access.len() > 16 * 1024 {
-                    return Err(ProviderError::unavailable(
-                        "the provider returned an unusable access token",
-                    ));
-                }
-                Ok(Refreshed {
-                    access_token: SecretString::from(access.clone()),
-                    refresh_token: response
-                        .refresh_token()
-                        .map(|t| t.secret())
-                        .filter(|t| !t.is_empty())
-                        .map(|t| SecretString::from(t.clone())),
-                    // Clamped again here: whatever the provider said, the arithmetic on it stays
-                    // in range (the HTTP layer already normalised the JSON).
-                    expires_in: response
-                        .expires_in()
-                        .map(|d| d.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN)),
-                    scopes: response
-                        .scopes()
-                        .map(|s| s.iter().map(|s| s.to_string()).collect()),
-                })
-            }
+            Ok(response) => tokens(&response),
             Err(RequestTokenError::ServerResponse(response)) => match response.error() {
                 BasicErrorResponseType::InvalidGrant => {
                     Err(ProviderError::GrantRejected("invalid_grant".into()))
@@ -223,7 +247,7 @@ impl Provider {
                 }
                 other => Err(ProviderError::unavailable(format!(
                     "the provider refused the refresh ({}); check the client registration",
-                    other.as_ref()
+                    error_code(other.as_ref())
                 ))),
             },
             Err(err) => {
@@ -231,6 +255,116 @@ impl Provider {
                 Err(classify(err))
             }
         }
+    }
+
+    /// The tool's default scopes (the providers file's `scopes`).
+    pub fn default_scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The tool's own redirect_uri, overriding the server-wide one.
+    pub fn redirect_uri(&self) -> Option<&str> {
+        self.redirect_uri.as_deref()
+    }
+
+    /// The provider's authorization URL for a consent flow: response_type=code, client_id,
+    /// redirect_uri, state, scope (space-joined, omitted when empty), code_challenge and
+    /// code_challenge_method=S256 always, then the extra params. Discovery failure ->
+    /// [`ProviderError::Unavailable`].
+    #[tracing::instrument(skip(self, request), fields(tool = %self.tool))]
+    pub async fn authorization_url(
+        &self,
+        request: &AuthorizationRequest<'_>,
+    ) -> Result<url::Url, ProviderError> {
+        // An explicit or preset endpoint needs no discovery.
+        let endpoint = match &self.fixed_authorization_url {
+            Some(url) => url.clone(),
+            None if self.issuer.is_some() => {
+                self.endpoints().await?.authorization_url.ok_or_else(|| {
+                    ProviderError::unavailable(
+                        "discovery document has no https authorization_endpoint",
+                    )
+                })?
+            }
+            None => {
+                return Err(ProviderError::unavailable(
+                    "no authorization endpoint is configured for this tool",
+                ));
+            }
+        };
+        Ok(build_authorization_url(
+            endpoint,
+            self.client_id.as_str(),
+            request,
+            &self.extra_authorize_params,
+        ))
+    }
+
+    /// Exchanges an authorization code (RFC 6749 §4.1.3) with the PKCE verifier (RFC 7636) and
+    /// the same redirect_uri, authenticating as configured (basic/post). `invalid_grant` (the
+    /// code refused, expired or reused, or the verifier wrong) is
+    /// [`ProviderError::GrantRejected`]; anything else is [`ProviderError::Unavailable`].
+    #[tracing::instrument(skip(self, code, verifier), fields(tool = %self.tool))]
+    pub async fn exchange_code(
+        &self,
+        code: &SecretString,
+        verifier: &SecretString,
+        redirect_uri: &str,
+    ) -> Result<Refreshed, ProviderError> {
+        let redirect = RedirectUrl::new(redirect_uri.to_string())
+            .map_err(|_| ProviderError::unavailable("the redirect URI is not a URL"))?;
+        let endpoints = self.endpoints().await?;
+        let client = self.client(endpoints);
+        let result = client
+            .exchange_code(AuthorizationCode::new(code.expose_secret().to_string()))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().to_string()))
+            .set_redirect_uri(Cow::Owned(redirect))
+            .request_async(&self.http)
+            .await;
+        match result {
+            Ok(response) => tokens(&response),
+            // RFC 6749 §5.2 and RFC 7636 §4.6: a bad, expired or replayed code and a wrong
+            // verifier all answer invalid_grant; only a new consent helps.
+            Err(RequestTokenError::ServerResponse(response))
+                if matches!(response.error(), BasicErrorResponseType::InvalidGrant) =>
+            {
+                Err(ProviderError::GrantRejected("invalid_grant".into()))
+            }
+            Err(RequestTokenError::ServerResponse(response)) => {
+                Err(ProviderError::unavailable(format!(
+                    "the provider refused the code exchange ({}); check the client registration",
+                    error_code(response.error().as_ref())
+                )))
+            }
+            Err(err) => {
+                self.forget_discovery().await;
+                Err(classify(err))
+            }
+        }
+    }
+
+    /// RFC 9207: checks the `iss` parameter of an authorization response. With an issuer
+    /// configured, a present `iss` must be it (allowing a trailing slash), and a missing one is
+    /// refused when the discovery document promises it
+    /// (`authorization_response_iss_parameter_supported`) or cannot be loaded to tell. Without
+    /// an issuer configured, `iss` is ignored. The error is a short message safe to show.
+    #[tracing::instrument(skip(self), fields(tool = %self.tool))]
+    pub async fn check_callback_issuer(&self, iss: Option<&str>) -> Result<(), String> {
+        let Some(issuer) = &self.issuer else {
+            return Ok(());
+        };
+        let promised = match iss {
+            Some(_) => false,
+            // Failing closed: the response may come from a mix-up attacker's server, and
+            // without the metadata the vault cannot know the real one would have said who it is.
+            None => {
+                self.endpoints()
+                    .await
+                    .map_err(|_| "the provider's metadata could not be loaded".to_string())?
+                    .iss_parameter_supported
+            }
+        };
+        check_issuer(issuer, iss, promised)
     }
 
     /// Revokes one token at the provider (RFC 7009). An unknown or already-revoked token is
@@ -278,4 +412,82 @@ impl Provider {
             }
         }
     }
+}
+
+/// The pure half of [`Provider::check_callback_issuer`]: `promised` is whether the provider's
+/// metadata says every authorization response carries `iss`.
+pub(super) fn check_issuer(issuer: &str, iss: Option<&str>, promised: bool) -> Result<(), String> {
+    match iss {
+        Some(named) if same_issuer(named, issuer) => Ok(()),
+        Some(_) => Err("the authorization response names another issuer (RFC 9207)".into()),
+        None if promised => {
+            Err("the authorization response lacks the issuer it must carry (RFC 9207)".into())
+        }
+        None => Ok(()),
+    }
+}
+
+/// `endpoint` with the consent flow's parameters. A query the endpoint already has is kept
+/// (RFC 6749 §3.1), less any parameter the vault sets, so none appears twice.
+fn build_authorization_url(
+    mut endpoint: url::Url,
+    client_id: &str,
+    request: &AuthorizationRequest<'_>,
+    extra: &[(String, String)],
+) -> url::Url {
+    let kept: Vec<(String, String)> = endpoint
+        .query_pairs()
+        .filter(|(key, _)| !is_reserved_authorize_param(key))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    endpoint.set_query(None);
+    {
+        let mut query = endpoint.query_pairs_mut();
+        query.extend_pairs(&kept);
+        query
+            .append_pair("response_type", "code")
+            .append_pair("client_id", client_id)
+            .append_pair("redirect_uri", request.redirect_uri)
+            .append_pair("state", request.state);
+        if !request.scopes.is_empty() {
+            query.append_pair("scope", &request.scopes.join(" "));
+        }
+        query
+            .append_pair("code_challenge", request.code_challenge)
+            .append_pair("code_challenge_method", "S256");
+        // Loading refuses reserved keys; filtered again so no configuration path can override
+        // state or PKCE.
+        query.extend_pairs(
+            extra
+                .iter()
+                .filter(|(key, _)| !is_reserved_authorize_param(key)),
+        );
+    }
+    endpoint
+}
+
+/// What the vault takes from a successful token response, for refresh and code exchange alike.
+pub(super) fn tokens(response: &impl TokenResponse) -> Result<Refreshed, ProviderError> {
+    let access = response.access_token().secret();
+    if access.is_empty() || access.len() > 16 * 1024 {
+        return Err(ProviderError::unavailable(
+            "the provider returned an unusable access token",
+        ));
+    }
+    Ok(Refreshed {
+        access_token: SecretString::from(access.clone()),
+        refresh_token: response
+            .refresh_token()
+            .map(|t| t.secret())
+            .filter(|t| !t.is_empty())
+            .map(|t| SecretString::from(t.clone())),
+        // Clamped again here: whatever the provider said, the arithmetic on it stays in range
+        // (the HTTP layer already normalised the JSON).
+        expires_in: response
+            .expires_in()
+            .map(|d| d.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN)),
+        scopes: response
+            .scopes()
+            .map(|s| s.iter().map(|s| s.to_string()).collect()),
+    })
 }
