@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use sha2::{Digest as _, Sha256};
 use vault_server::config::{Database, DatabaseSettings};
 use vault_server::crypto::SealedCredential;
 use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
-    AgentRecord, CredentialKey, CredentialState, NewCredential, PgStore, RefreshLease,
-    RootKeyRecord, Store, SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialState, FlowChange, FlowStatus, NewCredential, NewFlow,
+    PgStore, RefreshLease, RootKeyRecord, Store, SweepOutcome, Upserted,
 };
 use vault_server::vault::refresh_backoff;
 
@@ -591,6 +593,328 @@ async fn a_named_lease_has_one_holder(store: &Store) {
     );
 }
 
+/// Now plus `seconds` (negative: in the past), to the millisecond: stores keep times to the
+/// millisecond.
+fn in_seconds(seconds: i64) -> DateTime<Utc> {
+    let at = Utc::now() + chrono::Duration::seconds(seconds);
+    DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap()
+}
+
+/// What a test begins a consent flow with: owned, so a [`NewFlow`] can borrow it.
+struct FlowSpec {
+    id: String,
+    state_hash: [u8; 32],
+    issuer: IssuerId,
+    agent: AgentId,
+    namespace: String,
+    user: UserId,
+    tool: Tool,
+    scopes: Vec<String>,
+    return_url: Option<String>,
+    redirect_uri: String,
+    sealed_verifier: Vec<u8>,
+    expires_at: DateTime<Utc>,
+}
+
+impl FlowSpec {
+    /// A flow `id` of alice at agent-a for jira, expiring `expires_in` seconds from now.
+    fn new(id: &str, expires_in: i64) -> Self {
+        Self {
+            id: id.to_string(),
+            state_hash: Sha256::digest(format!("state-of-{id}")).into(),
+            issuer: iss(),
+            agent: agent("agent-a"),
+            namespace: "agent_0123456789abcdef0123456789abcdef01234567".into(),
+            user: user("alice"),
+            tool: tool("jira"),
+            scopes: vec!["read".into(), "write:issues".into()],
+            return_url: Some("https://app.example/back?x=1".into()),
+            redirect_uri: "https://vault.example/oauth/callback".into(),
+            sealed_verifier: format!("sealed-verifier-of-{id}").into_bytes(),
+            expires_at: in_seconds(expires_in),
+        }
+    }
+
+    fn as_new(&self) -> NewFlow<'_> {
+        NewFlow {
+            id: &self.id,
+            state_hash: &self.state_hash,
+            issuer: &self.issuer,
+            agent: &self.agent,
+            namespace: &self.namespace,
+            user: &self.user,
+            tool: &self.tool,
+            scopes: &self.scopes,
+            return_url: self.return_url.as_deref(),
+            redirect_uri: &self.redirect_uri,
+            sealed_verifier: &self.sealed_verifier,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// Begins the flow `id`, expiring `expires_in` seconds from now.
+async fn begun(store: &Store, id: &str, expires_in: i64) -> FlowSpec {
+    let spec = FlowSpec::new(id, expires_in);
+    store.flows.create_flow(&spec.as_new()).await.unwrap();
+    spec
+}
+
+/// A change from `from` to `to` with nothing else written, only while unexpired.
+fn change(from: FlowStatus, to: FlowStatus) -> FlowChange<'static> {
+    FlowChange {
+        from,
+        to,
+        unexpired: true,
+        sealed_code: None,
+        error: None,
+    }
+}
+
+async fn a_flow_reads_back_whole_by_id_and_by_state(store: &Store) {
+    let before = Utc::now() - chrono::Duration::seconds(60);
+    let spec = begun(store, "flow-1", 600).await;
+    let mut unbound = FlowSpec::new("flow-2", 600);
+    unbound.return_url = None;
+    unbound.scopes = Vec::new();
+    store.flows.create_flow(&unbound.as_new()).await.unwrap();
+
+    let by_id = store.flows.flow("flow-1").await.unwrap().expect("by id");
+    let by_state = store
+        .flows
+        .flow_by_state(&spec.state_hash)
+        .await
+        .unwrap()
+        .expect("by state");
+    for flow in [&by_id, &by_state] {
+        assert_eq!(flow.id, spec.id);
+        assert_eq!(flow.issuer, spec.issuer);
+        assert_eq!(flow.agent, spec.agent);
+        assert_eq!(flow.namespace, spec.namespace);
+        assert_eq!(flow.user, spec.user);
+        assert_eq!(flow.tool, spec.tool);
+        assert_eq!(flow.scopes, spec.scopes);
+        assert_eq!(flow.return_url, spec.return_url);
+        assert_eq!(flow.redirect_uri, spec.redirect_uri);
+        assert_eq!(flow.status, FlowStatus::Pending);
+        assert_eq!(flow.error, None);
+        assert_eq!(
+            flow.sealed_verifier.as_deref(),
+            Some(&spec.sealed_verifier[..])
+        );
+        assert_eq!(flow.sealed_code, None);
+        assert_eq!(flow.expires_at, spec.expires_at);
+        assert!(
+            flow.created_at > before
+                && flow.created_at < Utc::now() + chrono::Duration::seconds(60),
+            "created now: {}",
+            flow.created_at
+        );
+    }
+    let unbound_read = store.flows.flow("flow-2").await.unwrap().unwrap();
+    assert_eq!(unbound_read.return_url, None);
+    assert!(unbound_read.scopes.is_empty());
+    assert!(store.flows.flow("flow-3").await.unwrap().is_none());
+    assert!(store.flows.flow_by_state(&[7; 32]).await.unwrap().is_none());
+
+    let mut same_id = FlowSpec::new("flow-1", 600);
+    same_id.state_hash = [9; 32];
+    assert!(
+        store.flows.create_flow(&same_id.as_new()).await.is_err(),
+        "duplicate id"
+    );
+    let mut same_state = FlowSpec::new("flow-4", 600);
+    same_state.state_hash = spec.state_hash;
+    assert!(
+        store.flows.create_flow(&same_state.as_new()).await.is_err(),
+        "duplicate state hash"
+    );
+    assert!(store.flows.flow("flow-4").await.unwrap().is_none());
+}
+
+async fn a_flow_moves_once_and_only_from_the_expected_status(store: &Store) {
+    begun(store, "flow-1", 600).await;
+    let callback = FlowChange {
+        sealed_code: Some(b"sealed-code"),
+        ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
+    };
+    assert!(store.flows.transition("flow-1", callback).await.unwrap());
+    assert!(
+        !store.flows.transition("flow-1", callback).await.unwrap(),
+        "a replayed callback changes nothing"
+    );
+    assert!(
+        !store
+            .flows
+            .transition(
+                "flow-1",
+                change(FlowStatus::Pending, FlowStatus::Exchanging)
+            )
+            .await
+            .unwrap(),
+        "not from a status the flow has left"
+    );
+    assert!(
+        !store
+            .flows
+            .transition(
+                "no-such-flow",
+                change(FlowStatus::Pending, FlowStatus::Failed)
+            )
+            .await
+            .unwrap()
+    );
+    let claim = change(FlowStatus::CallbackReceived, FlowStatus::Exchanging);
+    assert!(store.flows.transition("flow-1", claim).await.unwrap());
+    assert!(
+        !store.flows.transition("flow-1", claim).await.unwrap(),
+        "one completion claims it"
+    );
+
+    let flow = store.flows.flow("flow-1").await.unwrap().unwrap();
+    assert_eq!(flow.status, FlowStatus::Exchanging);
+    assert_eq!(
+        flow.sealed_code.as_deref(),
+        Some(&b"sealed-code"[..]),
+        "kept when not given"
+    );
+    assert!(flow.sealed_verifier.is_some());
+    assert_eq!(flow.error, None);
+}
+
+async fn an_expired_flow_refuses_a_callback_but_can_still_be_ended(store: &Store) {
+    begun(store, "flow-1", -60).await;
+    let callback = FlowChange {
+        sealed_code: Some(b"sealed-code"),
+        ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
+    };
+    assert!(!store.flows.transition("flow-1", callback).await.unwrap());
+    let flow = store.flows.flow("flow-1").await.unwrap().unwrap();
+    assert_eq!(flow.status, FlowStatus::Pending);
+    assert_eq!(flow.sealed_code, None);
+
+    let fail = FlowChange {
+        unexpired: false,
+        error: Some("the authorization expired"),
+        ..change(FlowStatus::Pending, FlowStatus::Failed)
+    };
+    assert!(store.flows.transition("flow-1", fail).await.unwrap());
+    let flow = store.flows.flow("flow-1").await.unwrap().unwrap();
+    assert_eq!(flow.status, FlowStatus::Failed);
+    assert_eq!(flow.error.as_deref(), Some("the authorization expired"));
+}
+
+async fn an_ended_flow_keeps_its_error_and_loses_its_secrets(store: &Store) {
+    for (id, to) in [
+        ("flow-completed", FlowStatus::Completed),
+        ("flow-denied", FlowStatus::Denied),
+        ("flow-failed", FlowStatus::Failed),
+    ] {
+        begun(store, id, 600).await;
+        let callback = FlowChange {
+            sealed_code: Some(b"sealed-code"),
+            ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
+        };
+        assert!(store.flows.transition(id, callback).await.unwrap());
+        let error = (to != FlowStatus::Completed).then_some("access_denied by the user");
+        // Even a code given with the final move is not kept.
+        let end = FlowChange {
+            sealed_code: Some(b"another-sealed-code"),
+            error,
+            ..change(FlowStatus::CallbackReceived, to)
+        };
+        assert!(store.flows.transition(id, end).await.unwrap(), "{id}");
+        let flow = store.flows.flow(id).await.unwrap().unwrap();
+        assert_eq!(flow.status, to);
+        assert_eq!(flow.sealed_verifier, None, "{id}: verifier erased");
+        assert_eq!(flow.sealed_code, None, "{id}: code erased");
+        assert_eq!(flow.error.as_deref(), error, "{id}");
+    }
+}
+
+async fn expired_flows_are_swept_before_the_cut_off_within_the_limit(store: &Store) {
+    for (id, expires_in) in [("old-1", -300), ("old-2", -200), ("old-3", -120)] {
+        begun(store, id, expires_in).await;
+    }
+    begun(store, "recent", -10).await;
+    begun(store, "live", 600).await;
+    let cut_off = in_seconds(-60);
+    assert_eq!(store.flows.sweep_flows(cut_off, 2).await.unwrap(), 2);
+    assert_eq!(store.flows.sweep_flows(cut_off, 10).await.unwrap(), 1);
+    assert_eq!(store.flows.sweep_flows(cut_off, 10).await.unwrap(), 0);
+    for id in ["old-1", "old-2", "old-3"] {
+        assert!(store.flows.flow(id).await.unwrap().is_none(), "{id} swept");
+    }
+    for id in ["recent", "live"] {
+        assert!(store.flows.flow(id).await.unwrap().is_some(), "{id} kept");
+    }
+}
+
+async fn a_users_credentials_are_listed_by_tool_past_their_ttl_included(store: &Store) {
+    let a = registered(store, "agent-a").await;
+    let b = registered(store, "agent-b").await;
+    let (zoom_gen, _) = put(store, &a, "alice", "zoom", 3, 3600).await;
+    let (github_gen, _) = put(store, &a, "alice", "github", 2, 0).await;
+    let alice = user("alice");
+    let jira = tool("jira");
+    let jira_gen = store.credentials.next_generation(&a).await.unwrap();
+    let access_expires_at = in_seconds(1800);
+    store
+        .credentials
+        .upsert(
+            key(&a, &alice, &jira),
+            NewCredential {
+                generation: jira_gen,
+                sealed: &sealed(1),
+                access_expires_at: Some(access_expires_at),
+                ttl_seconds: 7200,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .credentials
+        .mark_reauth_required(key(&a, &alice, &tool("zoom")), zoom_gen)
+        .await
+        .unwrap();
+    put(store, &a, "bob", "jira", 4, 3600).await;
+    put(store, &b, "alice", "slack", 5, 3600).await;
+
+    let listed = store.credentials.list(&a, &alice).await.unwrap();
+    let tools: Vec<&str> = listed.iter().map(|c| c.tool.as_str()).collect();
+    assert_eq!(tools, ["github", "jira", "zoom"]);
+    let now = Utc::now();
+    let (github, jira, zoom) = (&listed[0], &listed[1], &listed[2]);
+    assert_eq!(github.generation, github_gen);
+    assert_eq!(github.state, CredentialState::Active);
+    assert_eq!(github.sealed, sealed(2));
+    assert!(github.ttl_expires_at <= now, "past its TTL, still listed");
+    assert_eq!(github.access_expires_at, None);
+    assert_eq!(jira.generation, jira_gen);
+    assert_eq!(jira.sealed, sealed(1));
+    assert_eq!(jira.access_expires_at, Some(access_expires_at));
+    assert!(jira.ttl_expires_at > now + chrono::Duration::seconds(7000));
+    assert!(jira.updated_at <= now + chrono::Duration::seconds(60));
+    assert!(jira.updated_at > now - chrono::Duration::seconds(60));
+    assert_eq!(zoom.generation, zoom_gen);
+    assert_eq!(zoom.state, CredentialState::ReauthRequired);
+
+    let bobs = store.credentials.list(&a, &user("bob")).await.unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(bobs[0].sealed, sealed(4));
+    let at_b = store.credentials.list(&b, &alice).await.unwrap();
+    assert_eq!(at_b.len(), 1);
+    assert_eq!(at_b[0].tool, tool("slack"));
+    assert!(
+        store
+            .credentials
+            .list(&a, &user("carol"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn postgres(db: &TestDb) -> Store {
     migrated_pg(db, 4).await.1
 }
@@ -640,6 +964,12 @@ conformance!(
     failures_back_off_and_reauth_sticks,
     revocations_queue_atomically_and_are_claimed_once,
     a_named_lease_has_one_holder,
+    a_flow_reads_back_whole_by_id_and_by_state,
+    a_flow_moves_once_and_only_from_the_expected_status,
+    an_expired_flow_refuses_a_callback_but_can_still_be_ended,
+    an_ended_flow_keeps_its_error_and_loses_its_secrets,
+    expired_flows_are_swept_before_the_cut_off_within_the_limit,
+    a_users_credentials_are_listed_by_tool_past_their_ttl_included,
 );
 
 #[tokio::test]
@@ -744,4 +1074,118 @@ async fn a_cancelled_or_severed_read_leaves_the_read_connections_usable() {
     .unwrap();
     let _ = read().await;
     assert_eq!(read().await.unwrap().unwrap().sealed, sealed(7));
+}
+
+/// A login role with no rights of its own, as docs/database-roles.md has operators create for
+/// serving. It owns nothing and holds no rights of its own, so it can be dropped whether or not
+/// the database still exists.
+struct ServingLogin {
+    name: String,
+    admin_url: String,
+}
+
+impl ServingLogin {
+    async fn create(db: &TestDb) -> Self {
+        let login = Self {
+            name: format!("{}_server", db.name),
+            admin_url: std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        };
+        sqlx::raw_sql(&format!("CREATE ROLE {} LOGIN", login.name))
+            .execute(&mut db.connect().await)
+            .await
+            .unwrap();
+        login
+    }
+
+    fn url(&self, db: &TestDb) -> String {
+        let mut url = url::Url::parse(&db.url).unwrap();
+        url.set_username(&self.name).unwrap();
+        url.set_password(None).unwrap();
+        url.to_string()
+    }
+}
+
+impl Drop for ServingLogin {
+    fn drop(&mut self) {
+        let (admin_url, sql) = (
+            self.admin_url.clone(),
+            format!("DROP ROLE IF EXISTS {}", self.name),
+        );
+        // Drop cannot await: a short-lived runtime on its own thread, as for TestDb.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(mut admin) =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await
+                {
+                    let _ = sqlx::raw_sql(&sql).execute(&mut admin).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Flows live in the control schema: a serving login that owns nothing reaches them through the
+/// serving group (migration 0004's grant), while a listing reads under the agent's own role.
+#[tokio::test]
+async fn a_separate_serving_role_keeps_flows_and_lists_credentials() {
+    let db = TestDb::new().await;
+    let login = ServingLogin::create(&db).await;
+    let owner = PgStore::connect(&DatabaseSettings {
+        serving_role: Some(login.name.clone()),
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
+    })
+    .await
+    .unwrap();
+    Store::new(owner).schema.migrate().await.unwrap();
+
+    let serving = Store::new(
+        PgStore::connect(&DatabaseSettings::new(Database::Postgres(
+            login.url(&db).into(),
+        )))
+        .await
+        .unwrap(),
+    );
+    serving.schema.ready().await.unwrap();
+
+    let spec = begun(&serving, "flow-1", 600).await;
+    begun(&serving, "flow-old", -600).await;
+    assert_eq!(
+        serving
+            .flows
+            .flow_by_state(&spec.state_hash)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "flow-1"
+    );
+    assert!(
+        serving
+            .flows
+            .transition(
+                "flow-1",
+                change(FlowStatus::Pending, FlowStatus::CallbackReceived)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        serving.flows.sweep_flows(in_seconds(0), 10).await.unwrap(),
+        1
+    );
+
+    let a = registered(&serving, "agent-a").await;
+    put(&serving, &a, "alice", "jira", 1, 3600).await;
+    let listed = serving.credentials.list(&a, &user("alice")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].sealed, sealed(1));
+    drop(serving);
+    drop(db);
+    drop(login);
 }

@@ -554,8 +554,8 @@ where
 }
 
 /// Moves the times the vault keeps in its agent schemas in `db` (vault TTLs, refresh backoffs
-/// and leases, the outbox's schedule and ages) `by` into the past: what the passing of that much
-/// time does to them, without waiting for it. The vault reads these against the database clock,
+/// and leases, the outbox's schedule and ages) and its consent flows' expiries and ages `by`
+/// into the past: what the passing of that much time does to them, without waiting for it. The vault reads these against the database clock,
 /// so it sees the same as if the time had passed. Not moved: `vault.leases` and the access
 /// token's own expiry, which is sealed inside the credential.
 pub async fn fast_forward(db: &TestDb, by: Duration) {
@@ -565,6 +565,14 @@ pub async fn fast_forward(db: &TestDb, by: Duration) {
         .await
         .unwrap();
     let by = format!("{} milliseconds", by.as_millis());
+    sqlx::raw_sql(&format!(
+        "UPDATE vault.authorization_flows SET
+             expires_at = expires_at - interval '{by}',
+             created_at = created_at - interval '{by}'"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
     for schema in schemas {
         sqlx::raw_sql(&format!(
             "UPDATE \"{schema}\".credentials SET

@@ -39,6 +39,26 @@ pub struct StoredCredential {
     pub sealed: SealedCredential,
 }
 
+/// One credential as a connection list shows it; still sealed (scopes and whether a refresh
+/// token is held are inside).
+#[derive(Debug, Clone)]
+pub struct CredentialSummary {
+    /// The tool.
+    pub tool: Tool,
+    /// Its version.
+    pub generation: Generation,
+    /// Its state.
+    pub state: CredentialState,
+    /// The envelope.
+    pub sealed: SealedCredential,
+    /// When the access token expires, if known.
+    pub access_expires_at: Option<DateTime<Utc>>,
+    /// When it expires from the vault (it may already have: listing does not hide it).
+    pub ttl_expires_at: DateTime<Utc>,
+    /// When it was last written.
+    pub updated_at: DateTime<Utc>,
+}
+
 /// What a write of a new credential version needs.
 #[derive(Debug)]
 pub struct NewCredential<'a> {
@@ -101,6 +121,14 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// The credential, unless absent or past its vault TTL.
     async fn load(&self, key: CredentialKey<'_>) -> Result<Option<StoredCredential>, StoreError>;
+
+    /// Every credential of `user` at this agent, past their vault TTL included (not yet swept),
+    /// ordered by tool.
+    async fn list(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+    ) -> Result<Vec<CredentialSummary>, StoreError>;
 
     /// Deletes one tool's credential, or every tool's when `tool` is `None`; returns how many.
     async fn delete(

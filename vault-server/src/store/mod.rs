@@ -2,8 +2,8 @@
 //! a key or a token in clear.
 //!
 //! The boundary is one trait per table group ([`SchemaStore`], [`KeyStore`],
-//! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`]), gathered in [`Store`]. A new kind of
-//! state (consent flows, registrations, audit records) is a new trait and a new field, and leaves
+//! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`], [`FlowStore`]), gathered in [`Store`].
+//! A new kind of state (registrations, audit records) is a new trait and a new field, and leaves
 //! the others alone. The stores persist what they are told and answer what they are asked:
 //! every policy (backoff, lease lengths, which state follows which) is decided by the caller in
 //! `vault/`, so the two backends differ only in SQL.
@@ -20,8 +20,8 @@ mod sqlite;
 use std::sync::Arc;
 
 pub use credentials::{
-    CredentialKey, CredentialState, CredentialStore, NewCredential, StoredCredential, SweepOutcome,
-    Upserted,
+    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential,
+    StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
 pub use keys::{AgentRecord, KeyStore, RootKeyRecord};
@@ -70,9 +70,15 @@ pub trait SchemaStore: Send + Sync + 'static {
 }
 
 /// A backend: every table group, from one database.
-pub trait Backend: SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore {}
+pub trait Backend:
+    SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore + FlowStore
+{
+}
 
-impl<T: SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore> Backend for T {}
+impl<T: SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore + FlowStore> Backend
+    for T
+{
+}
 
 /// The store, one handle per table group. Cheap to clone; every handle shares the backend's
 /// connections.
@@ -88,6 +94,8 @@ pub struct Store {
     pub leases: Arc<dyn LeaseStore>,
     /// Provider revocations owed.
     pub outbox: Arc<dyn OutboxStore>,
+    /// Consent flows in progress.
+    pub flows: Arc<dyn FlowStore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -105,7 +113,8 @@ impl Store {
             keys: backend.clone(),
             credentials: backend.clone(),
             leases: backend.clone(),
-            outbox: backend,
+            outbox: backend.clone(),
+            flows: backend,
         }
     }
 }

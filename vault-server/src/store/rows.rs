@@ -7,7 +7,8 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    AgentRecord, CredentialState, OutboxEntry, RootKeyRecord, StoreError, StoredCredential,
+    AgentRecord, CredentialState, CredentialSummary, Flow, FlowStatus, OutboxEntry, RootKeyRecord,
+    StoreError, StoredCredential,
 };
 use crate::crypto::{KdfParams, SealedCredential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
@@ -146,6 +147,107 @@ impl TryFrom<CredentialRow> for StoredCredential {
                 other => return Err(StoreError::Corrupt(format!("unknown state {other}"))),
             },
             sealed: sealed(row.key_version, row.wrapped_data_key, row.ciphertext)?,
+        })
+    }
+}
+
+/// A credential as a connection list shows it: `tool`, the [`CredentialRow`] columns, and
+/// `access_expires_at_ms, ttl_expires_at_ms, updated_at_ms`.
+#[derive(sqlx::FromRow)]
+pub(super) struct CredentialSummaryRow {
+    tool: String,
+    #[sqlx(flatten)]
+    credential: CredentialRow,
+    access_expires_at_ms: Option<i64>,
+    ttl_expires_at_ms: i64,
+    updated_at_ms: i64,
+}
+
+impl TryFrom<CredentialSummaryRow> for CredentialSummary {
+    type Error = StoreError;
+
+    fn try_from(row: CredentialSummaryRow) -> Result<Self, StoreError> {
+        let stored = StoredCredential::try_from(row.credential)?;
+        Ok(Self {
+            tool: Tool::parse(row.tool)
+                .map_err(|err| StoreError::Corrupt(format!("credential tool: {err}")))?,
+            generation: stored.generation,
+            state: stored.state,
+            sealed: stored.sealed,
+            access_expires_at: row.access_expires_at_ms.map(from_ms),
+            ttl_expires_at: from_ms(row.ttl_expires_at_ms),
+            updated_at: from_ms(row.updated_at_ms),
+        })
+    }
+}
+
+/// `id, issuer, agent_id, namespace, user_id, tool, scopes, return_url, redirect_uri, status,
+/// error, sealed_verifier, sealed_code, expires_at_ms, created_at_ms` of a consent flow.
+#[derive(sqlx::FromRow)]
+pub(super) struct FlowRow {
+    id: String,
+    issuer: String,
+    agent_id: String,
+    namespace: String,
+    user_id: String,
+    tool: String,
+    scopes: String,
+    return_url: Option<String>,
+    redirect_uri: String,
+    status: i64,
+    error: Option<String>,
+    sealed_verifier: Option<Vec<u8>>,
+    sealed_code: Option<Vec<u8>>,
+    expires_at_ms: i64,
+    created_at_ms: i64,
+}
+
+/// Scopes are stored space-separated, as OAuth's `scope` parameter carries them; a scope token
+/// never contains a space (RFC 6749 §3.3), and one that did could not be read back.
+pub(super) fn joined_scopes(scopes: &[String]) -> Result<String, StoreError> {
+    if let Some(bad) = scopes
+        .iter()
+        .find(|s| s.is_empty() || s.contains(char::is_whitespace))
+    {
+        return Err(StoreError::Corrupt(format!(
+            "scope {bad:?} cannot be stored: empty or contains whitespace"
+        )));
+    }
+    Ok(scopes.join(" "))
+}
+
+impl TryFrom<FlowRow> for Flow {
+    type Error = StoreError;
+
+    fn try_from(row: FlowRow) -> Result<Self, StoreError> {
+        let status = i16::try_from(row.status)
+            .map_err(|_| StoreError::Corrupt(format!("unknown flow status {}", row.status)))
+            .and_then(FlowStatus::from_code)?;
+        Ok(Self {
+            id: row.id,
+            issuer: IssuerId::parse(row.issuer)
+                .map_err(|err| StoreError::Corrupt(format!("flow issuer: {err}")))?,
+            agent: AgentId::parse(row.agent_id)
+                .map_err(|err| StoreError::Corrupt(format!("flow agent: {err}")))?,
+            namespace: row.namespace,
+            user: UserId::parse(row.user_id)
+                .map_err(|err| StoreError::Corrupt(format!("flow user: {err}")))?,
+            tool: Tool::parse(row.tool)
+                .map_err(|err| StoreError::Corrupt(format!("flow tool: {err}")))?,
+            scopes: row
+                .scopes
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            return_url: row.return_url,
+            redirect_uri: row.redirect_uri,
+            status,
+            error: row.error,
+            sealed_verifier: row.sealed_verifier,
+            sealed_code: row.sealed_code,
+            expires_at: from_ms(row.expires_at_ms),
+            created_at: from_ms(row.created_at_ms),
         })
     }
 }

@@ -5,10 +5,10 @@ use sqlx::FromRow as _;
 
 use super::{PgStore, e, quoted};
 use crate::ids::{Generation, Tool, UserId};
-use crate::store::rows::{CredentialRow, generation_of};
+use crate::store::rows::{CredentialRow, CredentialSummaryRow, generation_of};
 use crate::store::{
-    AgentRecord, CredentialKey, CredentialStore, NewCredential, StoreError, StoredCredential,
-    SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialStore, CredentialSummary, NewCredential, StoreError,
+    StoredCredential, SweepOutcome, Upserted,
 };
 
 #[async_trait::async_trait]
@@ -98,6 +98,39 @@ impl CredentialStore for PgStore {
             .map_err(e)?;
         row.map(|row| StoredCredential::try_from(CredentialRow::from_row(&row).map_err(e)?))
             .transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+    ) -> Result<Vec<CredentialSummary>, StoreError> {
+        // Byte order of tool names (COLLATE "C"), the order SQLite gives too.
+        let sql = format!(
+            "SELECT tool, generation, state::int8 AS state, key_version::int8 AS key_version,
+                    wrapped_data_key, ciphertext,
+                    floor(extract(epoch FROM access_expires_at) * 1000)::int8 AS access_expires_at_ms,
+                    floor(extract(epoch FROM ttl_expires_at) * 1000)::int8 AS ttl_expires_at_ms,
+                    floor(extract(epoch FROM updated_at) * 1000)::int8 AS updated_at_ms
+             FROM {}.credentials
+             WHERE user_id = $1
+             ORDER BY tool COLLATE \"C\"",
+            quoted(&agent.namespace)?
+        );
+        let role = if self.agent_roles {
+            Some(self.agent_role(&agent.namespace)?)
+        } else {
+            None
+        };
+        let rows = self
+            .reads
+            .fetch_all(role.as_deref(), sqlx::query(&sql).bind(user.as_str()))
+            .await
+            .map_err(e)?;
+        rows.iter()
+            .map(|row| CredentialSummary::try_from(CredentialSummaryRow::from_row(row).map_err(e)?))
+            .collect()
     }
 
     #[tracing::instrument(skip_all)]

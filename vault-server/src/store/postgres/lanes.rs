@@ -20,6 +20,13 @@ pub(super) struct ReadLanes {
     idle: std::sync::Mutex<Vec<(sqlx::PgConnection, Option<String>)>>,
 }
 
+/// How many rows a read wants.
+#[derive(Clone, Copy)]
+enum Rows {
+    AtMostOne,
+    All,
+}
+
 impl std::fmt::Debug for ReadLanes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadLanes")
@@ -66,12 +73,30 @@ impl ReadLanes {
     }
 
     /// Runs `query` as `role` (a quoted role name; `None`: the login role) on an idle
-    /// connection, waiting for one if all are busy.
+    /// connection, waiting for one if all are busy; at most one row.
     pub(super) async fn fetch_optional(
         &self,
         role: Option<&str>,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Option<sqlx::postgres::PgRow>, sqlx::Error> {
+        Ok(self.fetch(role, query, Rows::AtMostOne).await?.pop())
+    }
+
+    /// As [`Self::fetch_optional`], every row.
+    pub(super) async fn fetch_all(
+        &self,
+        role: Option<&str>,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+        self.fetch(role, query, Rows::All).await
+    }
+
+    async fn fetch(
+        &self,
+        role: Option<&str>,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        rows: Rows,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
         let _permit = self
             .permits
             .acquire()
@@ -89,7 +114,10 @@ impl ReadLanes {
                 conn.execute(switch.as_str()).await?;
                 current = role.map(str::to_string);
             }
-            query.fetch_optional(&mut conn).await
+            match rows {
+                Rows::AtMostOne => Ok(query.fetch_optional(&mut conn).await?.into_iter().collect()),
+                Rows::All => query.fetch_all(&mut conn).await,
+            }
         }
         .await;
         // After any error the connection is not trusted: a terminated backend, for one, first

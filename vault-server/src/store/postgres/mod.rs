@@ -5,6 +5,7 @@
 //! [`quoted`] before they are spliced into SQL; every value is a bind parameter.
 
 mod credentials;
+mod flows;
 mod keys;
 mod lanes;
 mod leases;

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use super::{SqliteStore, e, ms, now_ms};
 use crate::ids::{Generation, Tool, UserId};
-use crate::store::rows::{CredentialRow, from_ms, generation_of};
+use crate::store::rows::{CredentialRow, CredentialSummaryRow, all, from_ms, generation_of};
 use crate::store::{
-    AgentRecord, CredentialKey, CredentialStore, NewCredential, StoreError, StoredCredential,
-    SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialStore, CredentialSummary, NewCredential, StoreError,
+    StoredCredential, SweepOutcome, Upserted,
 };
 
 #[async_trait::async_trait]
@@ -82,6 +82,26 @@ impl CredentialStore for SqliteStore {
         .await
         .map_err(e)?;
         row.map(StoredCredential::try_from).transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list(
+        &self,
+        agent: &AgentRecord,
+        user: &UserId,
+    ) -> Result<Vec<CredentialSummary>, StoreError> {
+        let rows: Vec<CredentialSummaryRow> = sqlx::query_as(
+            "SELECT tool, generation, state, key_version, wrapped_data_key, ciphertext,
+                    access_expires_at AS access_expires_at_ms, ttl_expires_at AS ttl_expires_at_ms,
+                    updated_at AS updated_at_ms
+             FROM credentials WHERE namespace = ? AND user_id = ? ORDER BY tool",
+        )
+        .bind(&agent.namespace)
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        all(rows)
     }
 
     #[tracing::instrument(skip_all)]

@@ -8,6 +8,7 @@
 //! process's clock: the embedded store has one writer process by design.
 
 mod credentials;
+mod flows;
 mod keys;
 mod leases;
 mod outbox;
