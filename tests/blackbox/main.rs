@@ -7,6 +7,7 @@ mod helpers;
 mod api;
 mod auth;
 mod bad_input;
+mod browser;
 mod client;
 mod config;
 mod conformance;

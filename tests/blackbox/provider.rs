@@ -1,7 +1,8 @@
 //! A real OAuth2 authorization server for the refresh and revocation tests: panva's
 //! `oidc-provider` (tests/oidc/provider.mjs) over TLS, with a CA and leaf certificate made here
 //! at test time. Its `/test/*` endpoints mint tokens through a real authorization-code + PKCE
-//! flow, count the calls that reach it, and inject failures.
+//! flow, count the calls that reach it, and inject failures. Its login and consent pages are
+//! real HTML forms, driven by `crate::browser::Browser`.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
@@ -124,6 +125,7 @@ pub struct Ready {
     pub token_endpoint: String,
     pub revocation_endpoint: String,
     pub introspection_endpoint: String,
+    pub authorization_endpoint: String,
     pub client_id: String,
     pub client_secret: String,
     pub port: u16,
@@ -156,10 +158,28 @@ pub struct OidcProvider {
 impl OidcProvider {
     /// Starts a provider on `port` (0 = any) keeping its state in `state_dir`.
     pub fn start(pki: &TestPki, state_dir: &Path, port: u16, access_ttl: u64) -> Self {
+        Self::start_with(pki, state_dir, port, access_ttl, &[])
+    }
+
+    /// [`start`](Self::start), also registering `redirect_uris` (e.g. a vault's
+    /// `http://127.0.0.1:PORT/api/v1/auth/tool/callback`) for both clients. The provider matches
+    /// them exactly, port included.
+    pub fn start_with(
+        pki: &TestPki,
+        state_dir: &Path,
+        port: u16,
+        access_ttl: u64,
+        redirect_uris: &[&str],
+    ) -> Self {
         ensure_npm_packages();
-        let mut child = Command::new("node")
+        let mut command = Command::new("node");
+        command
             .arg(oidc_dir().join("provider.mjs"))
-            .args(["--port", &port.to_string()])
+            .args(["--port", &port.to_string()]);
+        for uri in redirect_uris {
+            command.args(["--redirect-uri", uri]);
+        }
+        let mut child = command
             .arg("--cert")
             .arg(&pki.cert_path)
             .arg("--key")
@@ -271,13 +291,24 @@ impl OidcProvider {
             .unwrap()
     }
 
-    /// RFC 7662 introspection: is `token` active?
-    pub async fn is_active(&self, token: &str) -> bool {
+    /// RFC 7662 introspection of `token` as client `vault-test`: the provider's JSON answer
+    /// (`active`, and for an active token `sub`, `client_id`, `scope`, `exp`, ...). Counted in
+    /// [`stats`](Self::stats) like any introspection.
+    pub async fn introspect(&self, token: &str) -> Value {
         let response = self
             .client_post(&self.ready.introspection_endpoint, &[("token", token)])
             .await;
-        let body: Value = response.json().await.unwrap();
-        body["active"].as_bool().unwrap_or(false)
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "introspection: {status} {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("introspection {text:?}: {e}"))
+    }
+
+    /// RFC 7662 introspection: is `token` active?
+    pub async fn is_active(&self, token: &str) -> bool {
+        self.introspect(token).await["active"]
+            .as_bool()
+            .unwrap_or(false)
     }
 
     /// Revokes `token` directly at the provider, as a user or admin would.
@@ -289,6 +320,29 @@ impl OidcProvider {
             )
             .await;
         assert!(response.status().is_success(), "{}", response.status());
+    }
+
+    /// An authorization-code grant made directly as client `vault-test`, as the vault would
+    /// after its callback; returns the HTTP status and body.
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+        code_verifier: &str,
+    ) -> (u16, Value) {
+        let response = self
+            .client_post(
+                &self.ready.token_endpoint,
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", code),
+                    ("redirect_uri", redirect_uri),
+                    ("code_verifier", code_verifier),
+                ],
+            )
+            .await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// A refresh grant made directly; returns the HTTP status and body.

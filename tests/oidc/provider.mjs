@@ -19,6 +19,8 @@ import { loadOrCreateJson, readJson, writeJsonAtomic } from './lib/atomic-json.m
 import { createFileAdapter } from './lib/file-adapter.mjs';
 import { AuthorizeError, headlessAuthorize } from './lib/headless-authorize.mjs';
 
+// The redirect URI /test/authorize uses; never contacted. Tests that drive
+// the authorization endpoint themselves register theirs with --redirect-uri.
 const REDIRECT_URI = 'https://127.0.0.1/callback';
 
 const CLIENTS = [
@@ -36,7 +38,6 @@ const CLIENTS = [
   ...client,
   grant_types: ['authorization_code', 'refresh_token'],
   response_types: ['code'],
-  redirect_uris: [REDIRECT_URI],
 }));
 
 // Custom scopes stand in for a real provider's API scopes. They must be
@@ -67,7 +68,7 @@ const INJECTED_HANG_MS = 30_000;
 // Command line
 
 const USAGE = 'usage: node provider.mjs --port PORT --cert CERT.pem --key KEY.pem --state-dir DIR'
-  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS]';
+  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]...';
 
 class UsageError extends Error {}
 
@@ -82,6 +83,7 @@ function parseCommandLine() {
         'state-dir': { type: 'string' },
         'access-ttl': { type: 'string', default: '3600' },
         'refresh-ttl': { type: 'string', default: '86400' },
+        'redirect-uri': { type: 'string', multiple: true, default: [] },
       },
       strict: true,
     }));
@@ -98,6 +100,12 @@ function parseCommandLine() {
     if (!Number.isInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}`);
     return n;
   };
+  for (const uri of values['redirect-uri']) {
+    const parsed = URL.parse(uri);
+    if (!parsed || !['http:', 'https:'].includes(parsed.protocol) || parsed.hash) {
+      throw new UsageError(`--redirect-uri must be an http(s) URI without a fragment: ${uri}`);
+    }
+  }
   return {
     port: integer('port', 0),
     cert: fs.readFileSync(values.cert),
@@ -105,6 +113,7 @@ function parseCommandLine() {
     stateDir: path.resolve(values['state-dir']),
     accessTtl: integer('access-ttl', 1),
     refreshTtl: integer('refresh-ttl', 1),
+    redirectUris: values['redirect-uri'],
   };
 }
 
@@ -246,6 +255,18 @@ async function readJsonBody(ctx) {
   }
 }
 
+function escapeHtml(value) {
+  return String(value).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+function htmlPage(title, body) {
+  return `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(title)}</title></head>
+<body><h1>${escapeHtml(title)}</h1>${body}
+</body></html>
+`;
+}
+
 function sendJson(ctx, status, body) {
   ctx.status = status;
   ctx.type = 'application/json';
@@ -290,14 +311,20 @@ async function main() {
 
   const provider = new Provider(issuer, {
     adapter: createFileAdapter(path.join(opts.stateDir, 'store')),
-    clients: CLIENTS,
+    // Web clients: oidc-provider accepts http redirect URIs for them too
+    // (it only forbids http for the implicit grant), and matches them
+    // exactly, port included.
+    clients: CLIENTS.map((client) => ({
+      ...client,
+      redirect_uris: [...new Set([REDIRECT_URI, ...opts.redirectUris])],
+    })),
     jwks: loadSigningJwks(opts.stateDir),
     cookies: { keys: loadCookieKeys(opts.stateDir) },
     scopes: SCOPES,
     routes: ROUTES,
 
-    // Any account id exists; who logs in is chosen by login_hint (see the
-    // interaction handler below).
+    // Any account id exists; who logs in is whatever the login form posts
+    // (see interactionSubmit below).
     findAccount: async (ctx, sub) => ({
       accountId: sub,
       claims: async () => ({ sub }),
@@ -361,24 +388,61 @@ async function main() {
 
   provider.on('server_error', (ctx, err) => console.error('oidc-provider server_error:', err));
 
-  // Headless login + consent: logs in as login_hint (default alice) and
-  // grants everything that was requested. Reached by following the
-  // authorization endpoint's redirect, so it works for /test/authorize and
-  // for any test that drives the authorization endpoint itself.
-  async function headlessInteraction(ctx) {
-    let details;
-    try {
-      details = await provider.interactionDetails(ctx.req, ctx.res);
-    } catch (err) {
-      sendJson(ctx, 400, { error: 'invalid_request', error_description: err.message });
-      return;
+  // The login and consent pages a browser sees. GET renders the current
+  // prompt as an HTML form; the form posts back here, and each POST finishes
+  // its step with the 303 to the authorization endpoint that
+  // interactionResult gives, exactly like a hand-written oidc-provider app.
+  // /test/authorize drives these same forms (lib/headless-authorize.mjs), so
+  // there is one implementation of "the user logs in and consents".
+  async function interactionPage(ctx, uid) {
+    const details = await interactionDetails(ctx);
+    if (!details) return;
+    const { prompt, params, session } = details;
+    const action = (step) => `/interaction/${encodeURIComponent(uid)}/${step}`;
+    ctx.type = 'text/html; charset=utf-8';
+    if (prompt.name === 'login') {
+      ctx.body = htmlPage('Sign in', `
+<form method="post" action="${escapeHtml(action('login'))}">
+  <label>Username <input type="text" name="login" value="${escapeHtml(params.login_hint ?? '')}" autofocus></label>
+  <button type="submit">Sign in</button>
+</form>`);
+    } else if (prompt.name === 'consent') {
+      const requested = [...new Set([
+        ...(prompt.details.missingOIDCScope ?? []),
+        ...Object.values(prompt.details.missingResourceScopes ?? {}).flat(),
+      ])];
+      ctx.body = htmlPage('Authorize access', `
+<p>Signed in as <b id="account">${escapeHtml(session?.accountId ?? '')}</b>.
+<b>${escapeHtml(params.client_id)}</b> asks for:</p>
+<ul>${requested.map((scope) => `<li>${escapeHtml(scope)}</li>`).join('')}</ul>
+<form method="post" action="${escapeHtml(action('confirm'))}">
+  <button type="submit">Allow</button>
+</form>
+<form method="post" action="${escapeHtml(action('abort'))}">
+  <button type="submit">Deny</button>
+</form>`);
+    } else {
+      sendJson(ctx, 400, { error: 'invalid_request', error_description: `unsupported prompt ${prompt.name}` });
     }
+  }
+
+  async function interactionSubmit(ctx, step) {
+    const form = querystring.parse(await readRawBody(ctx.req));
+    const details = await interactionDetails(ctx);
+    if (!details) return;
     const { prompt, params, session } = details;
     let result;
     let merge = false;
-    if (prompt.name === 'login') {
-      result = { login: { accountId: params.login_hint || DEFAULT_USER } };
-    } else if (prompt.name === 'consent') {
+    if (step === 'abort') {
+      result = { error: 'access_denied', error_description: 'End-User aborted interaction' };
+    } else if (step === 'login' && prompt.name === 'login') {
+      const login = typeof form.login === 'string' ? form.login.trim() : '';
+      if (login === '') {
+        sendJson(ctx, 400, { error: 'invalid_request', error_description: 'login is required' });
+        return;
+      }
+      result = { login: { accountId: login } };
+    } else if (step === 'confirm' && prompt.name === 'consent') {
       const grant = details.grantId
         ? await provider.Grant.find(details.grantId)
         : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
@@ -391,13 +455,28 @@ async function main() {
       result = { consent: { grantId: await grant.save() } };
       merge = true; // keep the login result from the previous step
     } else {
-      result = { error: 'access_denied', error_description: `unsupported prompt ${prompt.name}` };
+      sendJson(ctx, 400, {
+        error: 'invalid_request',
+        error_description: `cannot ${step} during the ${prompt.name} prompt`,
+      });
+      return;
     }
     const returnTo = await provider.interactionResult(ctx.req, ctx.res, result, {
       mergeWithLastSubmission: merge,
     });
     ctx.status = 303;
     ctx.redirect(returnTo);
+  }
+
+  // The interaction for this request's cookie, or undefined after answering
+  // 400 (no or expired interaction cookie, e.g. a replayed form).
+  async function interactionDetails(ctx) {
+    try {
+      return await provider.interactionDetails(ctx.req, ctx.res);
+    } catch (err) {
+      sendJson(ctx, 400, { error: 'invalid_request', error_description: err.message });
+      return undefined;
+    }
   }
 
   async function testAuthorize(ctx) {
@@ -469,8 +548,16 @@ async function main() {
       await testEndpoints(ctx);
       return;
     }
-    if (ctx.method === 'GET' && /^\/interaction\/[^/]+$/.test(ctx.path)) {
-      await headlessInteraction(ctx);
+    const interaction = /^\/interaction\/([^/]+)(?:\/(login|confirm|abort))?$/.exec(ctx.path);
+    if (interaction) {
+      const [, uid, step] = interaction;
+      if (ctx.method === 'GET' && !step) {
+        await interactionPage(ctx, uid);
+      } else if (ctx.method === 'POST' && step) {
+        await interactionSubmit(ctx, step);
+      } else {
+        sendJson(ctx, 405, { error: 'invalid_request', error_description: `${ctx.method} ${ctx.path} not allowed` });
+      }
       return;
     }
 

@@ -3,6 +3,7 @@
 // state dir, --port 0, then a SIGKILL + restart on the same port) and checks
 // the contract documented in README.md.
 import { spawn, execFileSync } from 'node:child_process';
+import * as crypto from 'node:crypto';
 import * as assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as https from 'node:https';
@@ -11,9 +12,13 @@ import * as path from 'node:path';
 import { once } from 'node:events';
 import { after, before, test } from 'node:test';
 
+import { CookieJar, postForms } from './lib/headless-authorize.mjs';
+
 const here = path.dirname(new URL(import.meta.url).pathname);
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'oidc-selftest-'));
 const stateDir = path.join(tmp, 'state');
+// Registered with --redirect-uri; never contacted (port 9 is discard).
+const CALLBACK = 'http://127.0.0.1:9/api/v1/auth/tool/callback';
 
 function makePki() {
   const openssl = (...args) => execFileSync('openssl', args, { cwd: tmp, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -37,6 +42,7 @@ async function startProvider(port) {
     '--cert', path.join(tmp, 'leaf.pem'),
     '--key', path.join(tmp, 'leaf.key'),
     '--state-dir', stateDir,
+    '--redirect-uri', CALLBACK,
   ], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   child.stdout.setEncoding('utf8');
@@ -74,6 +80,72 @@ function call(method, url, { form, json, basic, timeoutMs = 10_000 } = {}) {
     req.on('error', reject);
     req.end(body);
   });
+}
+
+/** A cookie-keeping browser that never follows redirects by itself. */
+function browser() {
+  const jar = new CookieJar();
+  return (method, url, form) => new Promise((resolve, reject) => {
+    const headers = { cookie: jar.headerFor(url) };
+    const body = form && new URLSearchParams(form).toString();
+    if (form) headers['content-type'] = 'application/x-www-form-urlencoded';
+    const req = https.request(url, { method, headers, ca, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk) => { text += chunk; });
+      res.on('end', () => {
+        jar.store(res.headers['set-cookie']);
+        const location = res.headers.location && new URL(res.headers.location, url);
+        resolve({ status: res.statusCode, location, body: text });
+      });
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+/** GETs `url` and same-origin redirects until a page (200) or a redirect out of the provider. */
+async function follow(browse, url) {
+  for (let hop = 0; hop < 10; hop += 1) {
+    const res = await browse('GET', url);
+    if (res.status === 200) return { page: res.body, url };
+    assert.equal(res.status, 303, `GET ${url}: ${res.status} ${res.body}`);
+    if (res.location.origin !== ready.issuer) return { exit: res.location };
+    url = res.location.href;
+  }
+  throw new Error('too many redirects');
+}
+
+function authorizationUrl(params = {}) {
+  const verifier = crypto.randomBytes(32).toString('base64url');
+  const state = crypto.randomBytes(8).toString('hex');
+  const url = new URL(ready.authorization_endpoint);
+  url.search = new URLSearchParams({
+    client_id: ready.client_id,
+    response_type: 'code',
+    redirect_uri: CALLBACK,
+    scope: 'openid offline_access read:jira-work',
+    state,
+    code_challenge: crypto.hash('sha256', verifier, 'base64url'),
+    code_challenge_method: 'S256',
+    prompt: 'consent',
+    ...params,
+  }).toString();
+  return { url: url.href, verifier, state };
+}
+
+/** Logs in as `user` through the login form; returns the consent page. */
+async function logIn(browse, authorization, user) {
+  const login = await follow(browse, authorization.url);
+  const [form, ...others] = postForms(login.page, login.url);
+  assert.equal(others.length, 0, login.page);
+  assert.match(form.action, /\/interaction\/[^/]+\/login$/);
+  assert.ok('login' in form.fields, login.page);
+  const posted = await browse('POST', form.action, { ...form.fields, login: user });
+  assert.equal(posted.status, 303, posted.body);
+  const consent = await follow(browse, posted.location.href);
+  assert.ok(consent.page, 'consent page');
+  return consent;
 }
 
 const basic = () => ({ id: ready.client_id, secret: ready.client_secret });
@@ -310,6 +382,74 @@ test('faults can target the revocation endpoint', async () => {
 
 test('bad /test/fail input is rejected', async () => {
   assert.equal((await fail({ mode: 'explode' })).status, 400);
+});
+
+test('a browser logs in and consents through the interaction forms', async () => {
+  const browse = browser();
+  const authorization = authorizationUrl();
+  const consent = await logIn(browse, authorization, 'bob');
+  assert.match(consent.page, /<b id="account">bob<\/b>/);
+  assert.match(consent.page, /read:jira-work/);
+  const forms = postForms(consent.page, consent.url);
+  assert.deepEqual(forms.map((f) => f.action.split('/').pop()), ['confirm', 'abort']);
+  const confirmed = await browse('POST', forms[0].action, forms[0].fields);
+  assert.equal(confirmed.status, 303, confirmed.body);
+  const { exit } = await follow(browse, confirmed.location.href);
+
+  assert.equal(`${exit.origin}${exit.pathname}`, CALLBACK, 'an http loopback redirect_uri is accepted');
+  assert.equal(exit.searchParams.get('state'), authorization.state);
+  assert.equal(exit.searchParams.get('iss'), ready.issuer, 'RFC 9207');
+  const code = exit.searchParams.get('code');
+  assert.ok(code);
+
+  const token = await call('POST', ready.token_endpoint, {
+    basic: basic(),
+    form: {
+      grant_type: 'authorization_code', code, redirect_uri: CALLBACK, code_verifier: authorization.verifier,
+    },
+  });
+  assert.equal(token.status, 200, JSON.stringify(token.body));
+  assert.ok(token.body.refresh_token, 'offline_access granted');
+  const introspection = await call('POST', ready.introspection_endpoint, {
+    basic: basic(), form: { token: token.body.access_token },
+  });
+  assert.equal(introspection.body.active, true);
+  assert.equal(introspection.body.sub, 'bob', 'the user typed into the login form');
+});
+
+test('denying consent redirects with error=access_denied', async () => {
+  const browse = browser();
+  const authorization = authorizationUrl();
+  const consent = await logIn(browse, authorization, 'alice');
+  const abort = postForms(consent.page, consent.url).find((f) => f.action.endsWith('/abort'));
+  const aborted = await browse('POST', abort.action, abort.fields);
+  assert.equal(aborted.status, 303, aborted.body);
+  const { exit } = await follow(browse, aborted.location.href);
+  assert.equal(`${exit.origin}${exit.pathname}`, CALLBACK);
+  assert.equal(exit.searchParams.get('error'), 'access_denied');
+  assert.equal(exit.searchParams.get('error_description'), 'End-User aborted interaction');
+  assert.equal(exit.searchParams.get('state'), authorization.state);
+  assert.equal(exit.searchParams.get('iss'), ready.issuer, 'RFC 9207 covers error responses too');
+  assert.equal(exit.searchParams.get('code'), null);
+});
+
+test('interaction pages escape what they show', async () => {
+  const browse = browser();
+  const login = await follow(browse, authorizationUrl({ login_hint: '"><script>x</script>' }).url);
+  assert.doesNotMatch(login.page, /<script>/);
+  assert.equal(postForms(login.page, login.url)[0].fields.login, '"><script>x</script>');
+});
+
+test('a form posted without its interaction cookie is refused', async () => {
+  const login = await follow(browser(), authorizationUrl().url);
+  const [form] = postForms(login.page, login.url);
+  const res = await browser()('POST', form.action, { login: 'mallory' });
+  assert.equal(res.status, 400, res.body);
+});
+
+test('discovery advertises the iss authorization response parameter', async () => {
+  const res = await call('GET', `${ready.issuer}/.well-known/openid-configuration`);
+  assert.equal(res.body.authorization_response_iss_parameter_supported, true);
 });
 
 test('SIGTERM exits cleanly', async () => {

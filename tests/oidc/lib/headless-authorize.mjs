@@ -1,7 +1,8 @@
 // Headless authorization-code + PKCE flow, driven over real HTTPS against the
-// provider's own public endpoints (authorization, interaction, token), so that
-// tokens handed to the tests come out of exactly the code paths a browser-based
-// login would exercise.
+// provider's own public endpoints (authorization, interaction pages, token) the
+// way a browser would: follow the redirects, fill in and post the login form,
+// post the consent form. Tokens handed to the tests thus come out of exactly
+// the code paths a browser-based login exercises.
 import * as crypto from 'node:crypto';
 import * as https from 'node:https';
 
@@ -40,7 +41,7 @@ function request(url, { method = 'GET', headers = {}, body } = {}) {
  * are scoped to per-interaction paths (/interaction/<uid>, /auth/<uid>) and
  * deleted by re-setting them with an expiry in the past.
  */
-class CookieJar {
+export class CookieJar {
   #cookies = new Map(); // `${path}\0${name}` -> { name, value, path }
 
   store(setCookieHeaders = []) {
@@ -72,6 +73,33 @@ class CookieJar {
   }
 }
 
+const decodeEntities = (text) => text
+  .replace(/&#(\d+);/g, (_, code) => String.fromCharCode(Number(code)))
+  .replace(/&quot;/g, '"')
+  .replace(/&lt;/g, '<')
+  .replace(/&gt;/g, '>')
+  .replace(/&amp;/g, '&');
+
+/**
+ * The POST forms of an interaction page (ours, see provider.mjs), as
+ * { action, fields: { name: value } } with the action resolved against the
+ * page URL. Enough HTML parsing for pages this harness renders itself.
+ */
+export function postForms(html, pageUrl) {
+  const attribute = (tag, name) => {
+    const match = new RegExp(`\\b${name}="([^"]*)"`).exec(tag);
+    return match ? decodeEntities(match[1]) : undefined;
+  };
+  return [...html.matchAll(/(<form\b[^>]*>)([\s\S]*?)<\/form>/g)]
+    .filter(([, tag]) => attribute(tag, 'method')?.toLowerCase() === 'post')
+    .map(([, tag, inner]) => ({
+      action: new URL(attribute(tag, 'action') ?? '', pageUrl).href,
+      fields: Object.fromEntries([...inner.matchAll(/<input\b[^>]*>/g)]
+        .map(([input]) => [attribute(input, 'name'), attribute(input, 'value') ?? ''])
+        .filter(([name]) => name !== undefined)),
+    }));
+}
+
 export class AuthorizeError extends Error {
   constructor(message, details) {
     super(message);
@@ -85,7 +113,7 @@ export class AuthorizeError extends Error {
  * @param {object} o
  * @param {string} o.issuer             e.g. https://127.0.0.1:1234
  * @param {object} o.client             { client_id, client_secret, token_endpoint_auth_method, redirect_uri }
- * @param {string} o.user               account id to log in as (sent as login_hint)
+ * @param {string} o.user               account id to log in as (typed into the login form; also sent as login_hint)
  * @param {string} o.scope
  * @param {object} o.internalHeaders    headers that mark these calls as the harness's own
  * @param {object} o.routes             provider route paths { authorization, token }
@@ -113,18 +141,36 @@ export async function headlessAuthorize({
     prompt: 'consent',
   }).toString();
 
-  // Follow authorization -> interaction (login) -> resume -> interaction
-  // (consent) -> resume -> redirect_uri by hand, carrying cookies, until the
-  // provider redirects to the client's redirect_uri.
+  // authorization -> login page -> (post login) -> authorization -> consent
+  // page -> (post confirm) -> authorization -> redirect_uri, carrying cookies,
+  // until the provider redirects to the client's redirect_uri (not followed).
   const jar = new CookieJar();
   let url = authorizationUrl.href;
+  let submit; // the form to post instead of GETting url
   let location;
   for (let hop = 0; ; hop += 1) {
-    if (hop === 10) throw new AuthorizeError('too many redirects in authorization flow', { url });
-    const res = await request(url, {
-      headers: { ...internalHeaders, cookie: jar.headerFor(url) },
-    });
+    if (hop === 20) throw new AuthorizeError('too many steps in authorization flow', { url });
+    const headers = { ...internalHeaders, cookie: jar.headerFor(url) };
+    let body;
+    if (submit) {
+      headers['content-type'] = 'application/x-www-form-urlencoded';
+      body = new URLSearchParams(submit).toString();
+    }
+    const res = await request(url, { method: submit ? 'POST' : 'GET', headers, body });
     jar.store(res.headers['set-cookie']);
+    submit = undefined;
+    if (res.status === 200 && res.headers['content-type']?.startsWith('text/html')) {
+      const forms = postForms(res.body, url);
+      const login = forms.find((form) => 'login' in form.fields);
+      const confirm = forms.find((form) => form.action.endsWith('/confirm'));
+      const next = login ?? confirm;
+      if (!next) {
+        throw new AuthorizeError(`no login or consent form on the page at ${url}`, { body: res.body });
+      }
+      url = next.action;
+      submit = login ? { ...login.fields, login: user } : confirm.fields;
+      continue;
+    }
     if (res.status < 300 || res.status >= 400 || !res.headers.location) {
       throw new AuthorizeError(`authorization flow stopped with HTTP ${res.status} at ${url}`, { body: res.body });
     }
