@@ -269,6 +269,8 @@ impl Issuer {
 /// A vault server running in this process.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The consent callback's address, when it serves one.
+    pub callback: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -311,15 +313,29 @@ pub async fn try_spawn_on(
     extra: &[(&str, &str)],
     listener: Option<tokio::net::TcpListener>,
 ) -> anyhow::Result<TestApp> {
+    try_spawn_listeners(db, issuer, extra, listener, None).await
+}
+
+/// Starts a vault on the given gRPC and consent-callback listeners (each bound by the test), or
+/// on ports of its own when `None`.
+pub async fn try_spawn_listeners(
+    db: &TestDb,
+    issuer: &Issuer,
+    extra: &[(&str, &str)],
+    listener: Option<tokio::net::TcpListener>,
+    callback: Option<tokio::net::TcpListener>,
+) -> anyhow::Result<TestApp> {
     let settings = Settings::load(&Source::from_pairs(settings_pairs(db, issuer, extra)))?;
-    let app = Application::build_on(settings, listener).await?;
+    let app = Application::build_on_listeners(settings, listener, callback).await?;
     let addr = app.local_addr();
+    let callback = app.callback_addr();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
     Ok(TestApp {
         addr,
+        callback,
         shutdown: Some(tx),
         handle: Some(handle),
     })

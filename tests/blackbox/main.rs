@@ -11,6 +11,7 @@ mod browser;
 mod client;
 mod config;
 mod conformance;
+mod consent;
 mod hardening;
 mod lifecycle;
 mod provider;

@@ -54,6 +54,7 @@ fn start_dev_with(data_dir: &Path, extra: &[(&str, &str)]) -> Dev {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("VAULT_DATA_DIR", data_dir)
         .env("VAULT_LISTEN", "127.0.0.1:0")
+        .env("VAULT_CALLBACK_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .envs(extra.iter().copied())
         .stdout(Stdio::piped())
@@ -119,7 +120,7 @@ fn the_readme_walkthrough_runs_on_what_dev_prints() {
         .iter()
         .filter(|l| l.starts_with("buf curl"))
         .collect();
-    assert_eq!(buf_lines.len(), 2, "{banner}");
+    assert_eq!(buf_lines.len(), 3, "{banner}");
     assert!(
         dev.lines.iter().any(|l| l.starts_with("grpcurl ")),
         "{banner}"
@@ -204,4 +205,81 @@ async fn dev_never_connects_to_a_database_named_in_the_environment() {
             .await
             .unwrap();
     assert_eq!(schemas, 0, "nothing was created in the named database");
+}
+
+#[tokio::test]
+async fn the_consent_flow_runs_in_dev_on_what_it_prints() {
+    use crate::browser::Browser;
+    use crate::provider::{OidcProvider, TestPki};
+
+    let bin = buf_bin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    // dev binds the callback itself, so the port is chosen here and registered at the provider
+    // first (loopback only; the port is free when dev binds it a moment later).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/api/v1/auth/tool/callback");
+    let state = dir.path().join("provider-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let provider = OidcProvider::start_with(&pki, &state, 0, 3600, &[redirect_uri.as_str()]);
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, &provider.ready.client_secret).unwrap();
+    let providers = dir.path().join("providers.toml");
+    std::fs::write(
+        &providers,
+        format!(
+            "[tools.jira]\nissuer = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nscopes = [\"openid\", \"offline_access\", \"read:jira-work\"]\nextra_authorize_params = {{ prompt = \"consent\" }}\n",
+            provider.ready.issuer,
+            provider.ready.client_id,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let dev = start_dev_with(
+        &dir.path().join("vault-data"),
+        &[
+            ("VAULT_PROVIDERS_FILE", providers.to_str().unwrap()),
+            ("VAULT_PROVIDER_CA_FILE", pki.ca_path.to_str().unwrap()),
+            ("VAULT_CALLBACK_LISTEN", listen.as_str()),
+        ],
+    );
+    let banner = dev.lines.join("\n");
+    let token = dev
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("export VAULT_TOKEN="))
+        .expect("a caller token")
+        .to_string();
+    let buf = |rpc: &str| {
+        dev.lines
+            .iter()
+            .find(|l| l.starts_with("buf curl") && l.ends_with(rpc))
+            .unwrap_or_else(|| panic!("a buf curl line for {rpc}: {banner}"))
+            .clone()
+    };
+
+    let (ok, begun) = run_shell(&buf("/BeginAuthorization"), &token, &bin);
+    assert!(ok, "BeginAuthorization failed: {begun}");
+    let begun: serde_json::Value = serde_json::from_str(&begun).unwrap();
+    let url = begun["authorizationUrl"]
+        .as_str()
+        .expect("an authorization URL");
+
+    let browser = Browser::new(&pki);
+    let callback = browser.consent(url, "demo-user").await.unwrap();
+    assert!(callback.as_str().starts_with(&redirect_uri), "{callback}");
+    let (status, _, page) = browser.visit(&callback).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("connected"), "{page}");
+
+    let (ok, fetched) = run_shell(&buf("/GetToken"), &token, &bin);
+    assert!(ok, "GetToken failed: {fetched}");
+    let fetched: serde_json::Value = serde_json::from_str(&fetched).unwrap();
+    let access = fetched["token"]["accessToken"].as_str().unwrap();
+    assert!(provider.is_active(access).await);
 }

@@ -20,10 +20,10 @@ use std::path::PathBuf;
 use secrecy::SecretString;
 
 pub use docs::{docs_table, effective};
-pub use rules::{check_jwks_url, database_transport_risk, decode_root_key};
+pub use rules::{check_jwks_url, check_web_url, database_transport_risk, decode_root_key};
 pub use settings::{
-    Database, DatabaseSettings, JwksSource, JwtSettings, RootKeySetting, Settings, TlsSettings,
-    TrustedIssuer, data_dir,
+    CallbackSettings, Database, DatabaseSettings, JwksSource, JwtSettings, RootKeySetting,
+    Settings, TlsSettings, TrustedIssuer, data_dir,
 };
 pub use source::Source;
 pub use value::{Accepts, Described, List};
@@ -197,6 +197,25 @@ value::settings! {
         vault_tls_key_file: Option<PathBuf> = None, "a PEM file";
         /// Require client certificates from this CA (mutual TLS).
         vault_tls_client_ca_file: Option<PathBuf> = None, "a PEM file";
+        /// The consent flow's callback, served over HTTP apart from gRPC because browsers reach
+        /// it and agents do not: `GET /api/v1/auth/tool/callback` and `GET /healthz`. Unset: no
+        /// callback listener (BeginAuthorization still works when another replica serves it).
+        /// With `VAULT_TLS_CERT_FILE` it serves HTTPS with the same certificate; without TLS it
+        /// must be a loopback address unless `VAULT_ALLOW_PLAINTEXT=true`.
+        vault_callback_listen: Option<SocketAddr> = None, "host:port";
+        /// The public URL of the callback, as the browser reaches it (through any proxy), sent to
+        /// providers as `redirect_uri`; a tool's `redirect_uri` overrides it. `https://`, or
+        /// `http://` to a loopback host.
+        oauth_tool_redirect_uri: Option<String> = None, "a URL";
+        /// Prefixes a BeginAuthorization `return_url` must start with (scheme, host and port
+        /// equal, path on a `/` boundary), comma-separated. Empty: every `return_url` is refused.
+        vault_oauth_return_urls: List = List::default(), "comma-separated URLs";
+        /// `allow` lets a flow begun without `return_url` complete at the callback itself, for
+        /// whoever holds the browser (the caller that began it is not checked again). `dev`
+        /// allows it.
+        vault_oauth_unbound_callback: String = "deny".into(), "deny, allow";
+        /// How long a consent flow may take from BeginAuthorization to CompleteAuthorization.
+        vault_oauth_flow_ttl_seconds: u64 = 600, 60..=3600;
         /// `true` lets gRPC listen without TLS on a network address, with one warning at startup.
         /// Only for a deployment behind a mesh sidecar (Istio, Linkerd) that terminates mTLS in
         /// front of the vault: caller JWTs and access tokens cross that hop.
@@ -218,6 +237,7 @@ impl Config {
             self.store_refresh_tokens().err(),
             self.tls().err(),
             self.plaintext_problem(),
+            self.callback().err(),
         ];
         let mut problems = self.out_of_range();
         problems.extend(checks.into_iter().flatten());

@@ -129,7 +129,26 @@ pub fn mint(
 }
 
 /// The banner `dev` prints once it listens.
-pub fn banner(addr: std::net::SocketAddr, files: &DevFiles, store: &str, token: &str) -> String {
+pub fn banner(
+    addr: std::net::SocketAddr,
+    callback: Option<std::net::SocketAddr>,
+    files: &DevFiles,
+    store: &str,
+    token: &str,
+) -> String {
+    let consent = match callback {
+        Some(callback) => format!(
+            "\n\
+or let the vault run the consent flow (the tool needs an entry in VAULT_PROVIDERS_FILE; the\n\
+callback listens on http://{callback}): begin, open the authorization_url it answers in a\n\
+browser and consent, then GetToken (above) works:\n\
+\n\
+grpcurl -plaintext -H \"authorization: Bearer $VAULT_TOKEN\" -d '{begin_request}' {addr} vault.v1.CredentialVault/BeginAuthorization\n\
+buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{begin_request}' http://{addr}/vault.v1.CredentialVault/BeginAuthorization\n",
+            begin_request = r#"{"tool":"jira"}"#,
+        ),
+        None => String::new(),
+    };
     let store_request = r#"{"tool":"jira","token":{"access_token":"demo-access-token","refresh_token":"demo-refresh-token","expires_at":"2030-01-01T00:00:00Z","scopes":["read:jira-work"]}}"#;
     let get_request = r#"{"tool":"jira"}"#;
     format!(
@@ -154,7 +173,7 @@ or with buf curl:\n\
 \n\
 buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{store_request}' http://{addr}/vault.v1.CredentialVault/StoreToken\n\
 buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{get_request}' http://{addr}/vault.v1.CredentialVault/GetToken\n\
-\n\
+{consent}\n\
 more tokens: vault-server token --agent demo-agent --user someone-else [--store] [--admin]\n",
         dir = files.dir.display(),
     )

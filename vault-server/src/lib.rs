@@ -6,6 +6,7 @@
 //! [`auth`]. [`startup`] wires them; [`config`] reads settings.
 
 pub mod auth;
+pub mod callback;
 pub mod config;
 pub mod crypto;
 pub mod dev;

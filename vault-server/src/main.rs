@@ -212,6 +212,37 @@ async fn dev() -> anyhow::Result<()> {
         ("VAULT_JWT_JWKS_URL", ""),
         ("VAULT_JWT_JWKS_FILE", jwks.as_str()),
     ]);
+    // The consent flow works out of the box: a callback on loopback, which completes flows
+    // begun without a return_url, so one browser is enough to try it.
+    let callback_listen = if source.is_set("VAULT_CALLBACK_LISTEN") {
+        source.read()?.0.vault_callback_listen
+    } else {
+        Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8250)))
+    };
+    let callback =
+        match callback_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on VAULT_CALLBACK_LISTEN={addr}: {e}")
+            })?),
+            None => None,
+        };
+    let mut defaults = Vec::new();
+    if let Some(listener) = &callback
+        && !source.is_set("OAUTH_TOOL_REDIRECT_URI")
+    {
+        defaults.push((
+            "OAUTH_TOOL_REDIRECT_URI",
+            format!(
+                "http://{}{}",
+                listener.local_addr()?,
+                vault_server::callback::CALLBACK_PATH
+            ),
+        ));
+    }
+    if !source.is_set("VAULT_OAUTH_UNBOUND_CALLBACK") {
+        defaults.push(("VAULT_OAUTH_UNBOUND_CALLBACK", "allow".to_string()));
+    }
+    let source = source.with_overrides(defaults.iter().map(|(k, v)| (*k, v.as_str())));
     let settings = Settings::load(&source)?;
     let store = match &settings.database.database {
         vault_server::config::Database::Postgres(_) => {
@@ -222,7 +253,7 @@ async fn dev() -> anyhow::Result<()> {
     };
     let audience = settings.jwt.audience.clone();
     let store_scope = settings.jwt.store_scope.clone();
-    let app = Application::build(settings).await?;
+    let app = Application::build_on_listeners(settings, None, callback).await?;
     // The walkthrough stores a token as a gateway would, so the printed token may write.
     let token = vault_server::dev::mint(
         &dir,
@@ -234,7 +265,13 @@ async fn dev() -> anyhow::Result<()> {
     )?;
     println!(
         "{}",
-        vault_server::dev::banner(app.local_addr(), &files, &store, &token)
+        vault_server::dev::banner(
+            app.local_addr(),
+            app.callback_addr(),
+            &files,
+            &store,
+            &token
+        )
     );
     app.run_until_stopped(shutdown_signal()).await
 }

@@ -14,12 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::auth::Verifier;
+use crate::callback::CallbackServer;
 use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
 use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, CredentialVaultService, proto};
 use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
-use crate::vault::{Vault, VaultOptions, unlock_root_key};
+use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
 
 /// How long shutdown waits for background jobs and for detached refreshes and revocations
 /// (both at once) before it gives up on them.
@@ -31,6 +32,7 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// A built, bound, not yet serving vault.
 pub struct Application {
     listener: TcpListener,
+    callback: Option<CallbackServer>,
     local_addr: SocketAddr,
     vault: Arc<Vault>,
     verifier: Arc<Verifier>,
@@ -56,6 +58,16 @@ impl Application {
     pub async fn build_on(
         settings: Settings,
         listener: Option<TcpListener>,
+    ) -> anyhow::Result<Self> {
+        Self::build_on_listeners(settings, listener, None).await
+    }
+
+    /// [`Application::build_on`], with the consent callback's listener bound by the caller too
+    /// (instead of binding `VAULT_CALLBACK_LISTEN`).
+    pub async fn build_on_listeners(
+        settings: Settings,
+        listener: Option<TcpListener>,
+        callback: Option<TcpListener>,
     ) -> anyhow::Result<Self> {
         // Read first, as a bad key file is a configuration error and stops startup before the
         // database is touched.
@@ -106,6 +118,12 @@ impl Application {
             sweep_revokes: settings.sweep_revokes,
             agent_creation_per_minute: settings.agent_creation_per_minute,
             refresh_cooldown: settings.refresh_cooldown,
+            consent: ConsentOptions {
+                redirect_uri: settings.callback.redirect_uri.clone(),
+                return_urls: settings.callback.return_urls.clone(),
+                unbound: settings.callback.unbound,
+                flow_ttl: settings.callback.flow_ttl,
+            },
         };
         let vault = Arc::new(Vault::new(store, root, providers, options));
         let issuers: Vec<_> = settings
@@ -122,8 +140,18 @@ impl Application {
             })?,
         };
         let local_addr = listener.local_addr()?;
+        let callback = match (callback, settings.callback.listen) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on VAULT_CALLBACK_LISTEN={addr}: {e}")
+            })?),
+            (None, None) => None,
+        }
+        .map(|listener| CallbackServer::new(listener, settings.tls.as_ref()))
+        .transpose()?;
         Ok(Self {
             listener,
+            callback,
             local_addr,
             vault,
             verifier,
@@ -141,6 +169,11 @@ impl Application {
         self.local_addr
     }
 
+    /// The consent callback's bound address, when this replica serves it.
+    pub fn callback_addr(&self) -> Option<SocketAddr> {
+        self.callback.as_ref().map(CallbackServer::local_addr)
+    }
+
     /// Serves until `shutdown` completes; then reports NOT_SERVING, stops accepting, and waits
     /// up to the grace period for in-flight calls.
     pub async fn run_until_stopped(
@@ -149,6 +182,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            callback,
             local_addr,
             vault,
             verifier,
@@ -174,6 +208,7 @@ impl Application {
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
+        let draining = CancellationToken::new();
         let mut jobs = Jobs::new();
         let sweeper = Sweeper {
             store: vault.store().clone(),
@@ -187,6 +222,11 @@ impl Application {
             interval: settings.revocation_retry_interval,
         };
         jobs.spawn("revocation outbox", |shutdown| outbox.run(shutdown));
+        let callback = callback.map(|server| {
+            let stop = draining.clone();
+            let vault = Arc::clone(&vault);
+            tokio::spawn(server.run(vault, stop, settings.shutdown_grace))
+        });
         let jwks = JwksRefresh {
             verifier: Arc::clone(&verifier),
         };
@@ -195,7 +235,6 @@ impl Application {
         // while the vault reports NOT_SERVING.
         let cancel = jobs.stop_signal();
 
-        let draining = CancellationToken::new();
         let delay = settings.shutdown_delay;
         let signal = {
             let draining = draining.clone();
@@ -251,6 +290,13 @@ impl Application {
                 Ok(())
             }
         };
+        // The callback stops with gRPC; it finishes its own connections within the grace period.
+        draining.cancel();
+        if let Some(callback) = callback
+            && let Err(err) = callback.await
+        {
+            tracing::error!(error = %err, "the callback server failed");
+        }
         // Bounded: the process must exit even if a provider or the database hangs.
         tokio::join!(
             jobs.shutdown(JOBS_STOP_WITHIN),

@@ -10,7 +10,9 @@ use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use super::settings::{Database, JwksSource, RootKeySetting, TlsSettings, TrustedIssuer};
+use super::settings::{
+    CallbackSettings, Database, JwksSource, RootKeySetting, TlsSettings, TrustedIssuer,
+};
 use super::{Config, ConfigError};
 use crate::ids::IssuerId;
 
@@ -224,6 +226,73 @@ impl Config {
             )
         })
     }
+}
+
+impl Config {
+    /// The consent flow's settings, each URL checked.
+    pub(super) fn callback(&self) -> Result<CallbackSettings, ConfigError> {
+        let redirect_uri = self
+            .oauth_tool_redirect_uri
+            .as_deref()
+            .map(|text| {
+                check_web_url(text).map_err(|p| ConfigError::new("OAUTH_TOOL_REDIRECT_URI", p))
+            })
+            .transpose()?;
+        let return_urls = self
+            .vault_oauth_return_urls
+            .0
+            .iter()
+            .map(|text| {
+                check_web_url(text).map_err(|p| {
+                    ConfigError::new(
+                        "VAULT_OAUTH_RETURN_URLS",
+                        format!("{:?} {p}", super::value::truncate(text)),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let unbound = match self.vault_oauth_unbound_callback.trim() {
+            "allow" => true,
+            "deny" => false,
+            other => {
+                return Err(ConfigError::new(
+                    "VAULT_OAUTH_UNBOUND_CALLBACK",
+                    format!(
+                        "must be deny or allow, got {:?}",
+                        super::value::truncate(other)
+                    ),
+                ));
+            }
+        };
+        if let Some(listen) = self.vault_callback_listen {
+            let plaintext = matches!(self.tls(), Ok(None));
+            if plaintext && !listen.ip().is_loopback() && !self.vault_allow_plaintext {
+                return Err(ConfigError::new(
+                    "VAULT_CALLBACK_LISTEN",
+                    format!(
+                        "{listen} is reachable from the network but no TLS is configured (VAULT_TLS_CERT_FILE, VAULT_TLS_KEY_FILE); authorization codes would cross it in clear. Set VAULT_ALLOW_PLAINTEXT=true only behind a proxy that terminates TLS"
+                    ),
+                ));
+            }
+        }
+        Ok(CallbackSettings {
+            listen: self.vault_callback_listen,
+            redirect_uri,
+            return_urls,
+            unbound,
+            flow_ttl: std::time::Duration::from_secs(self.vault_oauth_flow_ttl_seconds),
+        })
+    }
+}
+
+/// A URL a browser is sent to: `https://`, or `http://` to a loopback host; no user info, no
+/// fragment.
+pub fn check_web_url(text: &str) -> Result<url::Url, &'static str> {
+    let url = check_jwks_url(text)?;
+    if url.fragment().is_some() {
+        return Err("must not contain a fragment");
+    }
+    Ok(url)
 }
 
 /// The 32 key bytes that root key text (base64) stands for, or why it stands for none.

@@ -114,6 +114,23 @@ pub struct Settings {
     pub agent_creation_per_minute: u32,
     /// Least time between two refreshes of a still-valid credential.
     pub refresh_cooldown: Duration,
+    /// The consent flow: its callback listener and URLs.
+    pub callback: CallbackSettings,
+}
+
+/// The consent flow's settings.
+#[derive(Debug, Clone)]
+pub struct CallbackSettings {
+    /// Where the callback listens, when this replica serves it.
+    pub listen: Option<SocketAddr>,
+    /// `OAUTH_TOOL_REDIRECT_URI`: the callback's public URL.
+    pub redirect_uri: Option<url::Url>,
+    /// Allowed `return_url` prefixes.
+    pub return_urls: Vec<url::Url>,
+    /// A flow without `return_url` may complete at the callback.
+    pub unbound: bool,
+    /// How long a flow lives.
+    pub flow_ttl: Duration,
 }
 
 /// Server TLS: a certificate chain and key, and optionally a CA that client certificates must
@@ -214,6 +231,7 @@ impl Settings {
             sweep_revokes: c.vault_sweep_revoke_at_provider,
             agent_creation_per_minute: c.vault_agent_creation_per_minute as u32,
             refresh_cooldown: seconds(c.vault_refresh_cooldown_seconds),
+            callback: c.callback()?,
         })
     }
 }

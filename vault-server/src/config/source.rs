@@ -93,6 +93,13 @@ impl Source {
         self
     }
 
+    /// Whether `name` was given a non-empty value by any source.
+    pub fn is_set(&self, name: &str) -> bool {
+        self.values
+            .get(&name.to_ascii_lowercase())
+            .is_some_and(|(_, value)| value.as_str().is_none_or(|text| !text.trim().is_empty()))
+    }
+
     /// Explicit pairs, for tests and embedding: `[("VAULT_LISTEN", "127.0.0.1:0"), ...]`.
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         Self::default().with_overrides(pairs)

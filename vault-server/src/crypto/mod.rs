@@ -6,10 +6,12 @@
 //! generation or key version fails to open instead of decrypting into the wrong place.
 
 mod envelope;
+mod flow;
 mod keyring;
 mod keys;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
+pub use flow::{FlowBinding, FlowSecret, open_flow_secret, seal_flow_secret};
 pub use keyring::{Keyring, Unlocked};
 pub use keys::{AgentKey, KdfParams, RootKey, RootKeySource};
 

@@ -8,15 +8,18 @@ use tonic::{Request, Response, Status};
 
 use super::proto::credential_vault_server::CredentialVault;
 use super::proto::{
-    AccessToken, GetTokenRequest, GetTokenResponse, OAuthToken, RefreshRequest, RefreshResponse,
-    RevokeRequest, RevokeResponse, StoreTokenRequest, StoreTokenResponse, SweepRequest,
-    SweepResponse,
+    AccessToken, Authorization, BeginAuthorizationRequest, BeginAuthorizationResponse,
+    CompleteAuthorizationRequest, CompleteAuthorizationResponse, CredentialInfo,
+    GetAuthorizationRequest, GetTokenRequest, GetTokenResponse, ListCredentialsRequest,
+    ListCredentialsResponse, OAuthToken, RefreshRequest, RefreshResponse, RevokeRequest,
+    RevokeResponse, StoreTokenRequest, StoreTokenResponse, SweepRequest, SweepResponse,
+    authorization,
 };
 use super::status::{invalid_argument, log_failure};
 use crate::auth::Caller;
 use crate::ids::{AgentId, Generation, Tool, UserId};
 use crate::secret::TokenSet;
-use crate::vault::{IssuedToken, RevokeTarget, Vault, VaultError};
+use crate::vault::{AuthorizationState, IssuedToken, RevokeTarget, Vault, VaultError};
 
 /// Largest access or refresh token accepted.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -137,6 +140,42 @@ fn token_set(token: Option<OAuthToken>) -> Result<TokenSet, Status> {
     })
 }
 
+/// The admin-only `agent_id` and `user_id` of a request, each `None` when empty.
+fn owner(agent_id: String, user_id: String) -> Result<(Option<AgentId>, Option<UserId>), Status> {
+    let agent = (!agent_id.is_empty())
+        .then(|| AgentId::parse(agent_id).map_err(|err| invalid_argument("agent_id", err.0)))
+        .transpose()?;
+    let user = (!user_id.is_empty())
+        .then(|| UserId::parse(user_id).map_err(|err| invalid_argument("user_id", err.0)))
+        .transpose()?;
+    Ok((agent, user))
+}
+
+/// An `authorization_id` as BeginAuthorization makes them: unpadded base64url, bounded.
+fn authorization_id(value: String) -> Result<String, Status> {
+    if value.is_empty() {
+        return Err(invalid_argument("authorization_id", "is required"));
+    }
+    if value.len() > 64
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid_argument(
+            "authorization_id",
+            "is not an id BeginAuthorization returned",
+        ));
+    }
+    Ok(value)
+}
+
+fn datetime(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
 fn non_negative(field: &'static str, value: i64) -> Result<u64, Status> {
     u64::try_from(value).map_err(|_| invalid_argument(field, "must not be negative"))
 }
@@ -168,10 +207,7 @@ impl CredentialVault for CredentialVaultService {
         )?;
         Ok(Response::new(StoreTokenResponse {
             generation: stored.generation.get(),
-            ttl_expires_at: Some(prost_types::Timestamp {
-                seconds: stored.ttl_expires_at.timestamp(),
-                nanos: stored.ttl_expires_at.timestamp_subsec_nanos() as i32,
-            }),
+            ttl_expires_at: Some(datetime(stored.ttl_expires_at)),
         }))
     }
 
@@ -220,28 +256,15 @@ impl CredentialVault for CredentialVaultService {
     ) -> Result<Response<RevokeResponse>, Status> {
         let caller = caller(&request)?;
         let body = request.into_inner();
+        let (agent, user) = owner(body.agent_id, body.user_id)?;
         let target = RevokeTarget {
             tool: if body.tool.is_empty() {
                 None
             } else {
                 Some(tool("tool", body.tool)?)
             },
-            user: if body.user_id.is_empty() {
-                None
-            } else {
-                Some(
-                    UserId::parse(body.user_id)
-                        .map_err(|err| invalid_argument("user_id", err.0))?,
-                )
-            },
-            agent: if body.agent_id.is_empty() {
-                None
-            } else {
-                Some(
-                    AgentId::parse(body.agent_id)
-                        .map_err(|err| invalid_argument("agent_id", err.0))?,
-                )
-            },
+            agent,
+            user,
         };
         let revoked = answer(
             "Revoke",
@@ -273,32 +296,96 @@ impl CredentialVault for CredentialVaultService {
         }))
     }
 
-    // Replaced by the consent-flow use cases in the following commits.
     async fn begin_authorization(
         &self,
-        _request: Request<super::proto::BeginAuthorizationRequest>,
-    ) -> Result<Response<super::proto::BeginAuthorizationResponse>, Status> {
-        Err(Status::unimplemented("BeginAuthorization is not built yet"))
+        request: Request<BeginAuthorizationRequest>,
+    ) -> Result<Response<BeginAuthorizationResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let tool = tool("tool", body.tool)?;
+        let return_url = (!body.return_url.is_empty()).then_some(body.return_url.as_str());
+        let begun = answer(
+            "BeginAuthorization",
+            self.vault
+                .begin_authorization(&caller, &tool, body.scopes, return_url)
+                .await,
+        )?;
+        Ok(Response::new(BeginAuthorizationResponse {
+            authorization_url: begun.authorization_url.into(),
+            authorization_id: begun.authorization_id,
+            expires_at: Some(datetime(begun.expires_at)),
+        }))
     }
 
     async fn complete_authorization(
         &self,
-        _request: Request<super::proto::CompleteAuthorizationRequest>,
-    ) -> Result<Response<super::proto::CompleteAuthorizationResponse>, Status> {
-        Err(Status::unimplemented("CompleteAuthorization is not built yet"))
+        request: Request<CompleteAuthorizationRequest>,
+    ) -> Result<Response<CompleteAuthorizationResponse>, Status> {
+        let caller = caller(&request)?;
+        let id = authorization_id(request.into_inner().authorization_id)?;
+        let completed = answer(
+            "CompleteAuthorization",
+            self.vault.complete_authorization(&caller, &id).await,
+        )?;
+        Ok(Response::new(CompleteAuthorizationResponse {
+            generation: completed.stored.generation.get(),
+            ttl_expires_at: Some(datetime(completed.stored.ttl_expires_at)),
+            scopes: completed.scopes,
+        }))
     }
 
     async fn get_authorization(
         &self,
-        _request: Request<super::proto::GetAuthorizationRequest>,
-    ) -> Result<Response<super::proto::Authorization>, Status> {
-        Err(Status::unimplemented("GetAuthorization is not built yet"))
+        request: Request<GetAuthorizationRequest>,
+    ) -> Result<Response<Authorization>, Status> {
+        let caller = caller(&request)?;
+        let id = authorization_id(request.into_inner().authorization_id)?;
+        let view = answer(
+            "GetAuthorization",
+            self.vault.get_authorization(&caller, &id).await,
+        )?;
+        let state = match view.state {
+            AuthorizationState::Pending => authorization::State::Pending,
+            AuthorizationState::CallbackReceived => authorization::State::CallbackReceived,
+            AuthorizationState::Completed => authorization::State::Completed,
+            AuthorizationState::Denied => authorization::State::Denied,
+            AuthorizationState::Expired => authorization::State::Expired,
+            AuthorizationState::Failed => authorization::State::Failed,
+        };
+        Ok(Response::new(Authorization {
+            authorization_id: view.authorization_id,
+            tool: view.tool.as_str().to_string(),
+            state: state.into(),
+            expires_at: Some(datetime(view.expires_at)),
+            error: view.error.unwrap_or_default(),
+        }))
     }
 
     async fn list_credentials(
         &self,
-        _request: Request<super::proto::ListCredentialsRequest>,
-    ) -> Result<Response<super::proto::ListCredentialsResponse>, Status> {
-        Err(Status::unimplemented("ListCredentials is not built yet"))
+        request: Request<ListCredentialsRequest>,
+    ) -> Result<Response<ListCredentialsResponse>, Status> {
+        let caller = caller(&request)?;
+        let body = request.into_inner();
+        let (agent, user) = owner(body.agent_id, body.user_id)?;
+        let listed = answer(
+            "ListCredentials",
+            self.vault.list_credentials(&caller, agent, user).await,
+        )?;
+        Ok(Response::new(ListCredentialsResponse {
+            credentials: listed
+                .into_iter()
+                .map(|c| CredentialInfo {
+                    tool: c.tool.as_str().to_string(),
+                    state: c.state.to_string(),
+                    scopes: c.scopes,
+                    access_expires_at: c.access_expires_at.map(datetime),
+                    ttl_expires_at: Some(datetime(c.ttl_expires_at)),
+                    generation: c.generation.get(),
+                    updated_at: Some(datetime(c.updated_at)),
+                    has_refresh_token: c.has_refresh_token,
+                })
+                .collect(),
+        }))
     }
 }

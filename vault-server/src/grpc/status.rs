@@ -92,6 +92,31 @@ impl From<VaultError> for Status {
                 details.set_retry_info(Some(retry_after));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }
+            VaultError::AuthorizationNotFound => with_reason(
+                Code::NotFound,
+                ErrorReason::AuthorizationNotFound,
+                err.to_string(),
+            ),
+            VaultError::AuthorizationExpired(message) => with_reason(
+                Code::FailedPrecondition,
+                ErrorReason::AuthorizationExpired,
+                message,
+            ),
+            VaultError::AuthorizationDenied(message) => with_reason(
+                Code::FailedPrecondition,
+                ErrorReason::AuthorizationDenied,
+                message,
+            ),
+            VaultError::AuthorizationMismatch => with_reason(
+                Code::PermissionDenied,
+                ErrorReason::AuthorizationMismatch,
+                err.to_string(),
+            ),
+            VaultError::AuthorizationPending => with_reason(
+                Code::FailedPrecondition,
+                ErrorReason::AuthorizationPending,
+                err.to_string(),
+            ),
             VaultError::Unavailable(_) => with_reason(
                 Code::Unavailable,
                 ErrorReason::StoreUnavailable,
@@ -113,8 +138,15 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         | VaultError::PermissionDenied(_)
         | VaultError::RefreshTokenDenied
         | VaultError::RateLimited { .. }
-        | VaultError::InvalidArgument { .. } => {
+        | VaultError::InvalidArgument { .. }
+        | VaultError::AuthorizationNotFound
+        | VaultError::AuthorizationExpired(_)
+        | VaultError::AuthorizationDenied(_)
+        | VaultError::AuthorizationPending => {
             tracing::info!(rpc, error = %err, "call refused");
+        }
+        VaultError::AuthorizationMismatch => {
+            tracing::warn!(rpc, error = %err, "consent flow completed by another caller; refused and burned");
         }
         VaultError::ProviderUnavailable(_) => {
             tracing::warn!(rpc, error = %err, "provider unavailable")

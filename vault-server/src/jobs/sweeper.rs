@@ -69,5 +69,12 @@ impl Sweeper {
         if total > 0 {
             tracing::info!(swept = total, "background sweep");
         }
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(crate::vault::FLOW_RETENTION).unwrap_or_default();
+        match self.store.flows.sweep_flows(before, self.batch).await {
+            Ok(0) => {}
+            Ok(flows) => tracing::info!(flows, "swept ended consent flows"),
+            Err(err) => tracing::warn!(error = %err, "sweeping consent flows failed"),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The use cases: store, get, refresh, revoke, sweep. Identity arrives as a verified [`Caller`];
 //! nothing here knows gRPC. Data flows one way: this module → {store, crypto, oauth}.
 
+mod authorization;
 mod refresh;
 mod revocation;
 
@@ -8,6 +9,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use authorization::{
+    AuthorizationState, AuthorizationView, BegunAuthorization, CallbackOutcome, CallbackParams,
+    CompletedAuthorization, ConnectionInfo, ConsentOptions, FLOW_RETENTION, pkce_challenge,
+    return_url_allowed,
+};
 pub use refresh::refresh_backoff;
 pub use revocation::outbox_backoff;
 
@@ -64,6 +70,21 @@ pub enum VaultError {
         /// When a retry may succeed.
         retry_after: Duration,
     },
+    /// No consent flow of the caller has this id.
+    #[error("no consent flow of this caller has this authorization_id")]
+    AuthorizationNotFound,
+    /// The flow expired or already ended.
+    #[error("{0}")]
+    AuthorizationExpired(String),
+    /// Consent was refused, or the provider refused the code.
+    #[error("{0}")]
+    AuthorizationDenied(String),
+    /// Another agent or user tried to complete the flow; it is burned.
+    #[error("this consent flow was begun by another agent or user; it can no longer be completed")]
+    AuthorizationMismatch,
+    /// The user has not come back from the provider yet.
+    #[error("the user has not finished at the provider yet; poll GetAuthorization, then complete")]
+    AuthorizationPending,
     /// The database is unreachable or saturated. Retry later.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
@@ -244,6 +265,8 @@ pub struct VaultOptions {
     /// not force are answered with the current token for this long. Bounds how often callers
     /// can make the vault call a provider (refresh amplification).
     pub refresh_cooldown: Duration,
+    /// The consent flow.
+    pub consent: ConsentOptions,
 }
 
 /// The vault's use cases over a store, the root key and the provider registry.
@@ -451,21 +474,35 @@ impl Vault {
             .ok_or_else(|| {
                 VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
             })?;
+        self.write_credential(&entry, &caller.user, tool, &tokens, ttl)
+            .await
+    }
+
+    /// Seals `tokens` at the agent's next generation and writes them, unless a newer
+    /// generation won meanwhile.
+    async fn write_credential(
+        &self,
+        entry: &AgentEntry,
+        user: &UserId,
+        tool: &Tool,
+        tokens: &TokenSet,
+        ttl: u64,
+    ) -> Result<StoredToken, VaultError> {
         let generation = self
             .store
             .credentials
             .next_generation(&entry.record)
             .await?;
         let binding = Binding {
-            agent: &caller.agent,
-            user: &caller.user,
+            agent: &entry.record.agent,
+            user,
             tool,
             generation,
         };
-        let sealed = seal_credential(&entry.key, binding, &tokens);
+        let sealed = seal_credential(&entry.key, binding, tokens);
         let key = CredentialKey {
             agent: &entry.record,
-            user: &caller.user,
+            user,
             tool,
         };
         let outcome = self
@@ -486,7 +523,7 @@ impl Vault {
         let ttl_expires_at = match outcome {
             Upserted::Written { ttl_expires_at } => ttl_expires_at,
             Upserted::Superseded => {
-                tracing::info!(%generation, "a concurrent, newer StoreToken won");
+                tracing::info!(%generation, "a concurrent, newer write won");
                 Utc::now() + chrono::Duration::seconds(ttl as i64)
             }
         };
@@ -701,6 +738,14 @@ impl Vault {
             .credentials
             .sweep(limit, dry_run, self.options.sweep_revokes)
             .await?;
+        if !dry_run {
+            // Consent flows end with their credentials' sweep, kept a while after expiry so that
+            // GetAuthorization can still say what became of them.
+            let before =
+                Utc::now() - chrono::Duration::from_std(FLOW_RETENTION).unwrap_or_default();
+            let flows = self.store.flows.sweep_flows(before, limit).await?;
+            tracing::info!(flows, "swept ended consent flows");
+        }
         tracing::info!(swept = outcome.swept, more = outcome.more, dry_run, "sweep");
         Ok(outcome)
     }

@@ -1,0 +1,994 @@
+//! Acquisition: the OAuth consent flow (authorization code + PKCE S256), bound to the (agent,
+//! user) that began it, and the connection list a user interface shows.
+//!
+//! Begin records a flow (its `state` only as a hash, its PKCE verifier sealed under the agent
+//! key) and answers with the provider's authorization URL. The provider's redirect reaches
+//! [`Vault::callback`], which records the code (sealed too) and sends the browser to the
+//! gateway's `return_url`. Complete, called by the same (agent, user), exchanges the code and
+//! stores the credential. Each step is a compare-and-set on the flow's status, so it happens
+//! once across replicas.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use super::{AgentEntry, StoredToken, Vault, VaultError};
+use crate::auth::Caller;
+use crate::crypto::{
+    Binding, FlowBinding, FlowSecret, open_credential, open_flow_secret, random_bytes,
+    seal_flow_secret,
+};
+use crate::ids::{AgentId, Tool, UserId};
+use crate::oauth::{AuthorizationRequest, ProviderError};
+use crate::secret::TokenSet;
+use crate::store::{CredentialState, Flow, FlowChange, FlowStatus, NewFlow};
+
+/// Most scopes a flow may ask for, and the longest scope.
+const MAX_SCOPES: usize = 64;
+const MAX_SCOPE_BYTES: usize = 256;
+/// Longest `return_url` accepted.
+const MAX_RETURN_URL_BYTES: usize = 2048;
+/// Longest value of a callback parameter the vault reads.
+const MAX_CALLBACK_PARAM_BYTES: usize = 4096;
+/// How long a flow is kept after it expired, so that GetAuthorization can still say so.
+pub const FLOW_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The consent flow's settings.
+#[derive(Debug, Clone, Default)]
+pub struct ConsentOptions {
+    /// `OAUTH_TOOL_REDIRECT_URI`.
+    pub redirect_uri: Option<url::Url>,
+    /// Allowed `return_url` prefixes.
+    pub return_urls: Vec<url::Url>,
+    /// Flows without `return_url` complete at the callback.
+    pub unbound: bool,
+    /// How long a flow lives.
+    pub flow_ttl: Duration,
+}
+
+/// What BeginAuthorization answers.
+#[derive(Debug, Clone)]
+pub struct BegunAuthorization {
+    /// Where to send the user's browser.
+    pub authorization_url: url::Url,
+    /// Names the flow.
+    pub authorization_id: String,
+    /// When it can no longer complete.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What CompleteAuthorization answers.
+#[derive(Debug, Clone)]
+pub struct CompletedAuthorization {
+    /// The stored credential.
+    pub stored: StoredToken,
+    /// The scopes granted.
+    pub scopes: Vec<String>,
+}
+
+/// A flow's state as the caller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizationState {
+    /// The user is at the provider.
+    Pending,
+    /// The provider sent a code; Complete exchanges it.
+    CallbackReceived,
+    /// The credential is stored.
+    Completed,
+    /// Consent was refused.
+    Denied,
+    /// Not completed in time.
+    Expired,
+    /// Ended without a credential.
+    Failed,
+}
+
+/// One flow, for GetAuthorization.
+#[derive(Debug, Clone)]
+pub struct AuthorizationView {
+    /// Its id.
+    pub authorization_id: String,
+    /// The tool.
+    pub tool: Tool,
+    /// Where it is.
+    pub state: AuthorizationState,
+    /// When it expires.
+    pub expires_at: DateTime<Utc>,
+    /// Why it was denied or failed.
+    pub error: Option<String>,
+}
+
+/// The parameters of a provider's redirect to the callback, unchecked.
+#[derive(Debug, Default)]
+pub struct CallbackParams {
+    /// `state`.
+    pub state: Option<String>,
+    /// `code`; a secret.
+    pub code: Option<SecretString>,
+    /// `error` (RFC 6749 §4.1.2.1).
+    pub error: Option<String>,
+    /// `iss` (RFC 9207).
+    pub iss: Option<String>,
+}
+
+/// What the callback does with the browser.
+#[derive(Debug)]
+pub enum CallbackOutcome {
+    /// Send it to the gateway's `return_url`, which now carries `authorization_id`.
+    Redirect(url::Url),
+    /// An unbound flow completed here: show "done".
+    Completed {
+        /// The tool now connected.
+        tool: Tool,
+    },
+    /// Show what went wrong; safe to show (never a code, token or echo of the input).
+    Refused(String),
+}
+
+/// A connection, for ListCredentials.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The tool.
+    pub tool: Tool,
+    /// `ACTIVE`, `REAUTH_REQUIRED` or `EXPIRED`.
+    pub state: &'static str,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// When the access token expires, if known.
+    pub access_expires_at: Option<DateTime<Utc>>,
+    /// When the vault deletes it.
+    pub ttl_expires_at: DateTime<Utc>,
+    /// Its version.
+    pub generation: crate::ids::Generation,
+    /// Last written.
+    pub updated_at: DateTime<Utc>,
+    /// A refresh token is held.
+    pub has_refresh_token: bool,
+}
+
+/// Random bytes as unpadded base64url.
+fn random_text(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    random_bytes(&mut buf);
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+fn sha256(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// The S256 challenge of a PKCE verifier (RFC 7636 §4.2).
+pub fn pkce_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(sha256(verifier))
+}
+
+/// Whether `url` may be a `return_url`: same scheme, host and port as an allowed prefix, and a
+/// path equal to the prefix's or below it on a `/` boundary. No user info, no fragment.
+pub fn return_url_allowed(url: &url::Url, allowed: &[url::Url]) -> bool {
+    if !url.username().is_empty() || url.password().is_some() || url.fragment().is_some() {
+        return false;
+    }
+    allowed.iter().any(|prefix| {
+        if url.scheme() != prefix.scheme()
+            || url.host() != prefix.host()
+            || url.port_or_known_default() != prefix.port_or_known_default()
+        {
+            return false;
+        }
+        let (path, base) = (url.path(), prefix.path());
+        let base_dir = base.trim_end_matches('/');
+        path == base || path == base_dir || path.starts_with(&format!("{base_dir}/"))
+    })
+}
+
+fn scopes_problem(scopes: &[String]) -> Option<String> {
+    if scopes.len() > MAX_SCOPES {
+        return Some(format!("at most {MAX_SCOPES} scopes"));
+    }
+    scopes
+        .iter()
+        .any(|s| {
+            s.is_empty()
+                || s.len() > MAX_SCOPE_BYTES
+                || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        })
+        .then(|| {
+            format!(
+                "each scope must be 1..{MAX_SCOPE_BYTES} printable ASCII characters without spaces, quotes or backslashes (RFC 6749 §3.3)"
+            )
+        })
+}
+
+/// A short, safe rendition of a provider's `error` code for the flow's record: the RFC 6749
+/// alphabet only, bounded.
+fn error_code(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || *c == '.')
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "unknown_error".into()
+    } else {
+        clean
+    }
+}
+
+/// The state a caller sees: expiry wins over an unfinished status, and a claimed exchange is
+/// still "callback received".
+fn visible_state(flow: &Flow, now: DateTime<Utc>) -> AuthorizationState {
+    match flow.status {
+        FlowStatus::Completed => AuthorizationState::Completed,
+        FlowStatus::Denied => AuthorizationState::Denied,
+        FlowStatus::Failed => AuthorizationState::Failed,
+        _ if flow.expires_at <= now => AuthorizationState::Expired,
+        FlowStatus::Pending => AuthorizationState::Pending,
+        FlowStatus::CallbackReceived | FlowStatus::Exchanging => {
+            AuthorizationState::CallbackReceived
+        }
+    }
+}
+
+/// Why a flow in `state` cannot be completed, as the caller's error.
+fn not_completable(flow: &Flow, state: AuthorizationState) -> VaultError {
+    let detail = flow.error.clone().unwrap_or_default();
+    match state {
+        AuthorizationState::Pending => VaultError::AuthorizationPending,
+        AuthorizationState::Expired => VaultError::AuthorizationExpired(
+            "the consent flow expired before it completed; begin a new one".into(),
+        ),
+        AuthorizationState::Completed => VaultError::AuthorizationExpired(
+            "the consent flow has already completed; it completes only once".into(),
+        ),
+        AuthorizationState::CallbackReceived => VaultError::AuthorizationExpired(
+            "the consent flow is being completed by another call".into(),
+        ),
+        AuthorizationState::Denied => VaultError::AuthorizationDenied(format!(
+            "consent was refused ({detail}); begin a new flow"
+        )),
+        AuthorizationState::Failed => VaultError::AuthorizationDenied(format!(
+            "the consent flow failed ({detail}); begin a new flow"
+        )),
+    }
+}
+
+impl Vault {
+    /// Starts a consent flow for the caller's (agent, user) and `tool`.
+    #[tracing::instrument(skip(self, caller, scopes, return_url), fields(agent = %caller.agent, tool = %tool))]
+    pub async fn begin_authorization(
+        &self,
+        caller: &Caller,
+        tool: &Tool,
+        scopes: Vec<String>,
+        return_url: Option<&str>,
+    ) -> Result<BegunAuthorization, VaultError> {
+        if !caller.store {
+            return Err(VaultError::PermissionDenied(format!(
+                "BeginAuthorization needs the {} scope in the caller token: acquiring a credential is a write",
+                self.options.store_scope
+            )));
+        }
+        let consent = &self.options.consent;
+        let return_url = match return_url {
+            Some(text) => {
+                let invalid = |problem: String| VaultError::InvalidArgument {
+                    field: "return_url",
+                    problem,
+                };
+                if text.len() > MAX_RETURN_URL_BYTES {
+                    return Err(invalid(format!(
+                        "must be at most {MAX_RETURN_URL_BYTES} bytes"
+                    )));
+                }
+                let url =
+                    url::Url::parse(text).map_err(|_| invalid("must be an absolute URL".into()))?;
+                if !return_url_allowed(&url, &consent.return_urls) {
+                    return Err(invalid(
+                        "is not under any of the server's VAULT_OAUTH_RETURN_URLS".into(),
+                    ));
+                }
+                Some(url)
+            }
+            None if consent.unbound => None,
+            None => {
+                return Err(VaultError::InvalidArgument {
+                    field: "return_url",
+                    problem: "is required: this server completes flows only for the caller that began them (VAULT_OAUTH_UNBOUND_CALLBACK=deny)".into(),
+                });
+            }
+        };
+        let provider = self
+            .providers
+            .get(tool)
+            .ok_or_else(|| VaultError::InvalidArgument {
+                field: "tool",
+                problem: format!("no OAuth provider is configured for tool {tool}"),
+            })?;
+        let scopes = if scopes.is_empty() {
+            provider.default_scopes().to_vec()
+        } else {
+            scopes
+        };
+        if let Some(problem) = scopes_problem(&scopes) {
+            return Err(VaultError::InvalidArgument {
+                field: "scopes",
+                problem,
+            });
+        }
+        let redirect_uri = match provider.redirect_uri() {
+            Some(uri) => uri.to_string(),
+            None => consent
+                .redirect_uri
+                .as_ref()
+                .map(url::Url::to_string)
+                .ok_or_else(|| VaultError::InvalidArgument {
+                    field: "tool",
+                    problem: format!(
+                        "tool {tool} has no redirect URI: the server needs OAUTH_TOOL_REDIRECT_URI or tools.{tool}.redirect_uri"
+                    ),
+                })?,
+        };
+        let entry = self
+            .agent_entry(&caller.issuer, &caller.agent, true)
+            .await?
+            .ok_or_else(|| {
+                VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
+            })?;
+
+        let id = random_text(16);
+        let state = zeroize::Zeroizing::new(random_text(32));
+        let verifier = zeroize::Zeroizing::new(random_text(32));
+        let challenge = pkce_challenge(&verifier);
+        let authorization_url = provider
+            .authorization_url(&AuthorizationRequest {
+                state: &state,
+                code_challenge: &challenge,
+                scopes: &scopes,
+                redirect_uri: &redirect_uri,
+            })
+            .await
+            .map_err(provider_error)?;
+        ensure_pkce(&authorization_url, &challenge)?;
+
+        let binding = FlowBinding {
+            agent: &caller.agent,
+            user: &caller.user,
+            tool,
+            flow: &id,
+        };
+        let sealed_verifier = seal_flow_secret(
+            &entry.key,
+            binding,
+            FlowSecret::Verifier,
+            verifier.as_bytes(),
+        );
+        let ttl = chrono::Duration::from_std(consent.flow_ttl)
+            .map_err(|e| VaultError::Unexpected(e.into()))?;
+        let expires_at = Utc::now() + ttl;
+        self.store
+            .flows
+            .create_flow(&NewFlow {
+                id: &id,
+                state_hash: &sha256(&state),
+                issuer: &caller.issuer,
+                agent: &caller.agent,
+                namespace: &entry.record.namespace,
+                user: &caller.user,
+                tool,
+                scopes: &scopes,
+                return_url: return_url.as_ref().map(url::Url::as_str),
+                redirect_uri: &redirect_uri,
+                sealed_verifier: &sealed_verifier,
+                expires_at,
+            })
+            .await?;
+        tracing::info!(authorization_id = %id, bound = return_url.is_some(), "consent flow begun");
+        Ok(BegunAuthorization {
+            authorization_url,
+            authorization_id: id,
+            expires_at,
+        })
+    }
+
+    /// The provider's redirect back to the vault.
+    #[tracing::instrument(skip_all)]
+    pub async fn callback(&self, params: CallbackParams) -> CallbackOutcome {
+        match self.take_callback(params).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                tracing::warn!(error = %crate::telemetry::error_chain(&err), "consent callback failed");
+                CallbackOutcome::Refused(
+                    "The vault could not record this sign-in. Try again from the application."
+                        .into(),
+                )
+            }
+        }
+    }
+
+    async fn take_callback(&self, params: CallbackParams) -> Result<CallbackOutcome, VaultError> {
+        let refused = |text: &str| Ok(CallbackOutcome::Refused(text.to_string()));
+        let too_long = [&params.state, &params.error, &params.iss]
+            .into_iter()
+            .flatten()
+            .any(|v| v.len() > MAX_CALLBACK_PARAM_BYTES)
+            || params
+                .code
+                .as_ref()
+                .is_some_and(|c| c.expose_secret().len() > MAX_CALLBACK_PARAM_BYTES);
+        if too_long {
+            return refused("This sign-in response is malformed.");
+        }
+        let Some(state) = params.state.as_deref().filter(|s| !s.is_empty()) else {
+            return refused(
+                "This sign-in response carries no state; it was not sent by this vault's flow.",
+            );
+        };
+        let Some(flow) = self.store.flows.flow_by_state(&sha256(state)).await? else {
+            tracing::warn!("consent callback with an unknown state (forged, or from a swept flow)");
+            return refused("This sign-in link is not valid. Start again from the application.");
+        };
+        let now = Utc::now();
+        if flow.status != FlowStatus::Pending {
+            tracing::warn!(authorization_id = %flow.id, status = ?flow.status, "consent callback replayed");
+            return refused(
+                "This sign-in link was already used. Start again from the application.",
+            );
+        }
+        if flow.expires_at <= now {
+            tracing::info!(authorization_id = %flow.id, "consent callback after the flow expired");
+            return refused(
+                "This sign-in took too long and has expired. Start again from the application.",
+            );
+        }
+        let provider = self.providers.get(&flow.tool);
+        if let Some(error) = params.error.as_deref() {
+            let code = error_code(error);
+            let (to, text) = if code == "access_denied" {
+                (
+                    FlowStatus::Denied,
+                    "Access was not granted, so nothing was connected.",
+                )
+            } else {
+                (
+                    FlowStatus::Failed,
+                    "The provider reported an error, so nothing was connected.",
+                )
+            };
+            self.end_flow(&flow, FlowStatus::Pending, to, &code).await?;
+            tracing::info!(authorization_id = %flow.id, error = %code, "provider refused consent");
+            return refused(text);
+        }
+        let Some(provider) = provider else {
+            self.end_flow(
+                &flow,
+                FlowStatus::Pending,
+                FlowStatus::Failed,
+                "tool_not_configured",
+            )
+            .await?;
+            return refused("This tool is no longer configured in the vault.");
+        };
+        if let Err(problem) = provider.check_callback_issuer(params.iss.as_deref()).await {
+            tracing::warn!(authorization_id = %flow.id, %problem, "consent callback from the wrong issuer (RFC 9207)");
+            self.end_flow(
+                &flow,
+                FlowStatus::Pending,
+                FlowStatus::Failed,
+                "issuer_mismatch",
+            )
+            .await?;
+            return refused("This sign-in response did not come from the expected provider.");
+        }
+        let Some(code) = params.code.filter(|c| !c.expose_secret().is_empty()) else {
+            self.end_flow(&flow, FlowStatus::Pending, FlowStatus::Failed, "no_code")
+                .await?;
+            return refused("The provider sent no authorization code.");
+        };
+        let entry = self.flow_agent(&flow).await?;
+        let sealed_code = seal_flow_secret(
+            &entry.key,
+            flow_binding(&flow),
+            FlowSecret::Code,
+            code.expose_secret().as_bytes(),
+        );
+        let moved = self
+            .store
+            .flows
+            .transition(
+                &flow.id,
+                FlowChange {
+                    from: FlowStatus::Pending,
+                    to: FlowStatus::CallbackReceived,
+                    unexpired: true,
+                    sealed_code: Some(&sealed_code),
+                    error: None,
+                },
+            )
+            .await?;
+        if !moved {
+            return refused(
+                "This sign-in link was already used or has expired. Start again from the application.",
+            );
+        }
+        tracing::info!(authorization_id = %flow.id, "consent callback received");
+        match &flow.return_url {
+            Some(return_url) => {
+                let mut url = url::Url::parse(return_url).map_err(|e| {
+                    VaultError::Unexpected(anyhow::anyhow!("stored return_url: {e}"))
+                })?;
+                url.query_pairs_mut()
+                    .append_pair("authorization_id", &flow.id);
+                Ok(CallbackOutcome::Redirect(url))
+            }
+            None if self.options.consent.unbound => {
+                let mut flow = flow;
+                flow.sealed_code = Some(sealed_code);
+                flow.status = FlowStatus::CallbackReceived;
+                match self.exchange(&flow, &entry).await {
+                    Ok(_) => Ok(CallbackOutcome::Completed {
+                        tool: flow.tool.clone(),
+                    }),
+                    Err(err) => {
+                        tracing::info!(authorization_id = %flow.id, error = %err, "unbound consent flow did not complete");
+                        refused(match err {
+                            VaultError::AuthorizationDenied(_) => {
+                                "The provider refused the authorization code, so nothing was connected."
+                            }
+                            VaultError::ProviderUnavailable(_) => {
+                                "The provider could not be reached to finish connecting. Try again."
+                            }
+                            _ => "The vault could not finish connecting this tool.",
+                        })
+                    }
+                }
+            }
+            None => {
+                self.end_flow(
+                    &flow,
+                    FlowStatus::CallbackReceived,
+                    FlowStatus::Failed,
+                    "unbound_callback_denied",
+                )
+                .await?;
+                refused("This vault does not complete sign-ins without the application.")
+            }
+        }
+    }
+
+    /// Exchanges the flow's code and stores the credential, for the caller that began it.
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
+    pub async fn complete_authorization(
+        &self,
+        caller: &Caller,
+        authorization_id: &str,
+    ) -> Result<CompletedAuthorization, VaultError> {
+        if !caller.store {
+            return Err(VaultError::PermissionDenied(format!(
+                "CompleteAuthorization needs the {} scope in the caller token: it stores a credential",
+                self.options.store_scope
+            )));
+        }
+        let flow = self
+            .store
+            .flows
+            .flow(authorization_id)
+            .await?
+            .ok_or(VaultError::AuthorizationNotFound)?;
+        if flow.issuer != caller.issuer || flow.agent != caller.agent || flow.user != caller.user {
+            tracing::warn!(authorization_id = %flow.id, "consent flow completed by another agent or user; burning it");
+            self.burn(&flow).await?;
+            return Err(VaultError::AuthorizationMismatch);
+        }
+        let state = visible_state(&flow, Utc::now());
+        if state != AuthorizationState::CallbackReceived
+            || flow.status != FlowStatus::CallbackReceived
+        {
+            return Err(not_completable(&flow, state));
+        }
+        let entry = self.flow_agent(&flow).await?;
+        self.exchange(&flow, &entry).await
+    }
+
+    /// Claims a flow in `CallbackReceived`, exchanges its code and stores the credential.
+    async fn exchange(
+        &self,
+        flow: &Flow,
+        entry: &AgentEntry,
+    ) -> Result<CompletedAuthorization, VaultError> {
+        let claimed = self
+            .store
+            .flows
+            .transition(
+                &flow.id,
+                FlowChange {
+                    from: FlowStatus::CallbackReceived,
+                    to: FlowStatus::Exchanging,
+                    unexpired: true,
+                    sealed_code: None,
+                    error: None,
+                },
+            )
+            .await?;
+        if !claimed {
+            let now = self.store.flows.flow(&flow.id).await?;
+            return Err(match now {
+                Some(now) => not_completable(&now, visible_state(&now, Utc::now())),
+                None => VaultError::AuthorizationNotFound,
+            });
+        }
+        let binding = flow_binding(flow);
+        let open = |kind, sealed: &Option<Vec<u8>>| {
+            let sealed = sealed.as_deref().ok_or_else(|| {
+                VaultError::Unexpected(anyhow::anyhow!("flow {} lost its {kind:?}", flow.id))
+            })?;
+            let clear = open_flow_secret(&entry.key, binding, kind, sealed).map_err(|_| {
+                tracing::error!(authorization_id = %flow.id, ?kind, "a flow secret does not open for its flow");
+                VaultError::Unexpected(anyhow::anyhow!("flow secret does not open"))
+            })?;
+            String::from_utf8(clear.to_vec())
+                .map(SecretString::from)
+                .map_err(|_| VaultError::Unexpected(anyhow::anyhow!("flow secret is not text")))
+        };
+        let opened = open(FlowSecret::Verifier, &flow.sealed_verifier)
+            .and_then(|v| Ok((v, open(FlowSecret::Code, &flow.sealed_code)?)));
+        let (verifier, code) = match opened {
+            Ok(pair) => pair,
+            Err(err) => {
+                self.end_flow(
+                    flow,
+                    FlowStatus::Exchanging,
+                    FlowStatus::Failed,
+                    "internal_error",
+                )
+                .await?;
+                return Err(err);
+            }
+        };
+        let provider = match self.providers.get(&flow.tool) {
+            Some(provider) => provider,
+            None => {
+                self.end_flow(
+                    flow,
+                    FlowStatus::Exchanging,
+                    FlowStatus::Failed,
+                    "tool_not_configured",
+                )
+                .await?;
+                return Err(VaultError::AuthorizationDenied(format!(
+                    "tool {} is no longer configured; begin a new flow once it is",
+                    flow.tool
+                )));
+            }
+        };
+        let obtained = match provider
+            .exchange_code(&code, &verifier, &flow.redirect_uri)
+            .await
+        {
+            Ok(obtained) => obtained,
+            Err(ProviderError::GrantRejected(reason)) => {
+                self.end_flow(
+                    flow,
+                    FlowStatus::Exchanging,
+                    FlowStatus::Failed,
+                    &format!("code_rejected: {reason}"),
+                )
+                .await?;
+                return Err(VaultError::AuthorizationDenied(format!(
+                    "the provider refused the authorization code ({reason}); begin a new flow"
+                )));
+            }
+            Err(ProviderError::Unavailable { message, .. }) => {
+                // The code may still be good: let a retry within the expiry try again.
+                self.store
+                    .flows
+                    .transition(
+                        &flow.id,
+                        FlowChange {
+                            from: FlowStatus::Exchanging,
+                            to: FlowStatus::CallbackReceived,
+                            unexpired: false,
+                            sealed_code: None,
+                            error: None,
+                        },
+                    )
+                    .await?;
+                return Err(VaultError::ProviderUnavailable(message));
+            }
+        };
+        let now = Utc::now().timestamp();
+        let scopes = obtained.scopes.unwrap_or_else(|| flow.scopes.clone());
+        let tokens = TokenSet {
+            access_token: obtained.access_token,
+            refresh_token: obtained.refresh_token,
+            token_type: "Bearer".into(),
+            expires_at: obtained
+                .expires_in
+                .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
+            scopes: scopes.clone(),
+            provider: Some(provider.binding()),
+            obtained_at: Some(now),
+        };
+        let stored = self
+            .write_credential(
+                entry,
+                &flow.user,
+                &flow.tool,
+                &tokens,
+                self.options.secrets_ttl_seconds,
+            )
+            .await?;
+        self.store
+            .flows
+            .transition(
+                &flow.id,
+                FlowChange {
+                    from: FlowStatus::Exchanging,
+                    to: FlowStatus::Completed,
+                    unexpired: false,
+                    sealed_code: None,
+                    error: None,
+                },
+            )
+            .await?;
+        tracing::info!(authorization_id = %flow.id, generation = %stored.generation, "consent flow completed");
+        Ok(CompletedAuthorization { stored, scopes })
+    }
+
+    /// The state of one of the caller's flows; another caller's is not found.
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
+    pub async fn get_authorization(
+        &self,
+        caller: &Caller,
+        authorization_id: &str,
+    ) -> Result<AuthorizationView, VaultError> {
+        let flow = self
+            .store
+            .flows
+            .flow(authorization_id)
+            .await?
+            .filter(|f| {
+                f.issuer == caller.issuer && f.agent == caller.agent && f.user == caller.user
+            })
+            .ok_or(VaultError::AuthorizationNotFound)?;
+        Ok(AuthorizationView {
+            state: visible_state(&flow, Utc::now()),
+            authorization_id: flow.id,
+            tool: flow.tool,
+            expires_at: flow.expires_at,
+            error: flow.error,
+        })
+    }
+
+    /// The connections of the caller, or (admin) of another user or agent of its issuer.
+    #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
+    pub async fn list_credentials(
+        &self,
+        caller: &Caller,
+        agent: Option<AgentId>,
+        user: Option<UserId>,
+    ) -> Result<Vec<ConnectionInfo>, VaultError> {
+        let agent = agent.unwrap_or_else(|| caller.agent.clone());
+        let user = user.unwrap_or_else(|| caller.user.clone());
+        if (agent != caller.agent || user != caller.user) && !caller.admin {
+            return Err(VaultError::PermissionDenied(
+                "listing another user's or agent's credentials needs the vault:admin scope".into(),
+            ));
+        }
+        let Some(entry) = self.agent_entry(&caller.issuer, &agent, false).await? else {
+            return Ok(Vec::new());
+        };
+        let now = Utc::now();
+        let mut out = Vec::new();
+        for row in self.store.credentials.list(&entry.record, &user).await? {
+            let binding = Binding {
+                agent: &agent,
+                user: &user,
+                tool: &row.tool,
+                generation: row.generation,
+            };
+            let Ok(tokens) = open_credential(&entry.key, binding, &row.sealed) else {
+                tracing::error!(tool = %row.tool, generation = %row.generation, "stored credential does not open for its row; not listed");
+                continue;
+            };
+            let access_expired = row.access_expires_at.is_some_and(|at| at <= now);
+            let state = if row.state == CredentialState::ReauthRequired {
+                "REAUTH_REQUIRED"
+            } else if row.ttl_expires_at <= now
+                || (access_expired && tokens.refresh_token.is_none())
+            {
+                "EXPIRED"
+            } else {
+                "ACTIVE"
+            };
+            out.push(ConnectionInfo {
+                tool: row.tool,
+                state,
+                has_refresh_token: tokens.refresh_token.is_some(),
+                scopes: tokens.scopes,
+                access_expires_at: row.access_expires_at,
+                ttl_expires_at: row.ttl_expires_at,
+                generation: row.generation,
+                updated_at: row.updated_at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The registry entry of the agent that began `flow`.
+    async fn flow_agent(&self, flow: &Flow) -> Result<Arc<AgentEntry>, VaultError> {
+        self.agent_entry(&flow.issuer, &flow.agent, false)
+            .await?
+            .ok_or_else(|| {
+                VaultError::Unexpected(anyhow::anyhow!(
+                    "the agent of flow {} is not registered",
+                    flow.id
+                ))
+            })
+    }
+
+    /// Ends a flow in `to` with `error`, if it is still in `from`.
+    async fn end_flow(
+        &self,
+        flow: &Flow,
+        from: FlowStatus,
+        to: FlowStatus,
+        error: &str,
+    ) -> Result<bool, VaultError> {
+        Ok(self
+            .store
+            .flows
+            .transition(
+                &flow.id,
+                FlowChange {
+                    from,
+                    to,
+                    unexpired: false,
+                    sealed_code: None,
+                    error: Some(error),
+                },
+            )
+            .await?)
+    }
+
+    /// Fails a flow whatever unfinished status it is in: a mismatched completion means its
+    /// link reached someone else, so nobody may complete it.
+    async fn burn(&self, flow: &Flow) -> Result<(), VaultError> {
+        let mut status = flow.status;
+        // Each miss means a concurrent step moved it; a flow only moves forward, so this ends.
+        while !status.is_final() {
+            if self
+                .end_flow(flow, status, FlowStatus::Failed, "caller_mismatch")
+                .await?
+            {
+                return Ok(());
+            }
+            status = match self.store.flows.flow(&flow.id).await? {
+                Some(now) => now.status,
+                None => return Ok(()),
+            };
+        }
+        Ok(())
+    }
+}
+
+fn flow_binding(flow: &Flow) -> FlowBinding<'_> {
+    FlowBinding {
+        agent: &flow.agent,
+        user: &flow.user,
+        tool: &flow.tool,
+        flow: &flow.id,
+    }
+}
+
+fn provider_error(err: ProviderError) -> VaultError {
+    match err {
+        ProviderError::GrantRejected(reason) => VaultError::ProviderUnavailable(format!(
+            "the provider refused the client ({reason}); check the tool's registration"
+        )),
+        ProviderError::Unavailable { message, .. } => VaultError::ProviderUnavailable(message),
+    }
+}
+
+/// The last line of defence for PKCE: an authorization URL without our S256 challenge is never
+/// handed out, whatever the provider configuration says.
+fn ensure_pkce(url: &url::Url, challenge: &str) -> Result<(), VaultError> {
+    let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    let has = |name: &str, value: &str| {
+        pairs.iter().filter(|(k, _)| k == name).count() == 1
+            && pairs.iter().any(|(k, v)| k == name && v == value)
+    };
+    if has("code_challenge", challenge) && has("code_challenge_method", "S256") {
+        Ok(())
+    } else {
+        Err(VaultError::Unexpected(anyhow::anyhow!(
+            "the authorization URL lacks the PKCE S256 challenge; refusing to hand it out"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(list: &[&str]) -> Vec<url::Url> {
+        list.iter().map(|u| url::Url::parse(u).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_return_url_must_sit_under_an_allowed_prefix_on_a_path_boundary() {
+        let allowed = urls(&["https://app.example/oauth/done", "http://127.0.0.1:8080/"]);
+        let ok = |u: &str| return_url_allowed(&url::Url::parse(u).unwrap(), &allowed);
+        assert!(ok("https://app.example/oauth/done"));
+        assert!(ok("https://app.example/oauth/done?x=1"));
+        assert!(ok("https://app.example/oauth/done/step"));
+        assert!(ok("https://app.example:443/oauth/done"));
+        assert!(ok("http://127.0.0.1:8080/anything"));
+        assert!(!ok("https://app.example/oauth/done-evil"));
+        assert!(!ok("https://app.example/oauth"));
+        assert!(!ok("https://app.example.evil.com/oauth/done"));
+        assert!(!ok("http://app.example/oauth/done"));
+        assert!(!ok("https://app.example:8443/oauth/done"));
+        assert!(!ok("https://user@app.example/oauth/done"));
+        assert!(!ok("https://app.example/oauth/done#frag"));
+        assert!(!ok("http://127.0.0.1:8081/anything"));
+        assert!(!return_url_allowed(
+            &url::Url::parse("https://app.example/oauth/done").unwrap(),
+            &[]
+        ));
+    }
+
+    #[test]
+    fn the_pkce_challenge_is_unpadded_base64url_of_sha256() {
+        // Computed independently: base64.urlsafe_b64encode(hashlib.sha256(v).digest()) in Python.
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWxOEjXk"),
+            "O_uB6U03gRg--6ORZ0ZVqgZbsQmdYdFwf4Y3sAFCu7I"
+        );
+    }
+
+    #[test]
+    fn an_authorization_url_without_the_s256_challenge_is_never_handed_out() {
+        let good = url::Url::parse(
+            "https://as.example/auth?code_challenge=abc&code_challenge_method=S256",
+        )
+        .unwrap();
+        assert!(ensure_pkce(&good, "abc").is_ok());
+        for bad in [
+            "https://as.example/auth?client_id=x",
+            "https://as.example/auth?code_challenge=abc",
+            "https://as.example/auth?code_challenge=abc&code_challenge_method=plain",
+            "https://as.example/auth?code_challenge=other&code_challenge_method=S256",
+            "https://as.example/auth?code_challenge=abc&code_challenge=evil&code_challenge_method=S256",
+        ] {
+            assert!(
+                ensure_pkce(&url::Url::parse(bad).unwrap(), "abc").is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn scopes_are_checked_against_the_rfc_alphabet() {
+        assert!(scopes_problem(&["read:jira-work".into()]).is_none());
+        assert!(scopes_problem(&["".into()]).is_some());
+        assert!(scopes_problem(&["a b".into()]).is_some());
+        assert!(scopes_problem(&["a\"b".into()]).is_some());
+        assert!(scopes_problem(&vec!["s".to_string(); MAX_SCOPES + 1]).is_some());
+    }
+
+    #[test]
+    fn a_provider_error_code_is_reduced_to_its_safe_alphabet() {
+        assert_eq!(error_code("access_denied"), "access_denied");
+        assert_eq!(
+            error_code("<script>alert(1)</script>"),
+            "scriptalert1script"
+        );
+        assert_eq!(error_code("\u{0}"), "unknown_error");
+        assert_eq!(error_code(&"x".repeat(500)).len(), 64);
+    }
+}
