@@ -264,18 +264,25 @@ async fn a_bound_consent_flow_stores_the_providers_token_and_refresh_works() {
         AuthorizationState::Completed
     );
     // The secrets are gone once the flow has ended.
-    let (verifier, code): (Option<Vec<u8>>, Option<Vec<u8>>) =
+    let (sealed_verifier, sealed_code): (Option<Vec<u8>>, Option<Vec<u8>>) =
         sqlx::query_as("SELECT sealed_verifier, sealed_code FROM vault.authorization_flows")
             .fetch_one(&mut conn)
             .await
             .unwrap();
-    assert!(verifier.is_none() && code.is_none());
+    assert!(sealed_verifier.is_none() && sealed_code.is_none());
 
     // The refresh token came from the vault's own exchange, and refreshes.
     let refreshed = vault.refresh("jira", None).await.unwrap();
     assert!(refreshed.refreshed);
     assert_ne!(refreshed.access_token, token.access_token);
     assert!(w.provider.is_active(&refreshed.access_token).await);
+
+    // Nothing secret of the flow reached the logs.
+    let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    assert!(logs.contains("consent flow completed"), "the log capture works");
+    for secret in [&code, &state, &token.access_token, &refreshed.access_token] {
+        assert!(!logs.contains(secret.as_str()), "a flow secret appeared in the logs");
+    }
 }
 
 #[tokio::test]
