@@ -46,27 +46,7 @@ impl Consent {
         let state = dir.path().join("provider-state");
         std::fs::create_dir_all(&state).unwrap();
         let provider = OidcProvider::start_with(&pki, &state, 0, 3600, &[redirect_uri.as_str()]);
-        let secret = dir.path().join("client-secret");
-        std::fs::write(&secret, &provider.ready.client_secret).unwrap();
-        let providers = dir.path().join("providers.toml");
-        std::fs::write(
-            &providers,
-            format!(
-                r#"
-[tools.jira]
-issuer = "{issuer}"
-client_id = "{client_id}"
-client_secret_file = "{secret}"
-scopes = ["openid", "offline_access", "read:jira-work"]
-# oidc-provider grants offline_access (a refresh token) only with prompt=consent.
-extra_authorize_params = {{ prompt = "consent" }}
-"#,
-                issuer = provider.ready.issuer,
-                client_id = provider.ready.client_id,
-                secret = secret.display(),
-            ),
-        )
-        .unwrap();
+        let providers = consent_providers_file(dir.path(), &provider.ready);
         let browser = Browser::new(&pki);
         Self {
             db,
@@ -145,6 +125,17 @@ fn to_replica(callback: &Url, app: &TestApp) -> Url {
 /// Delivers the provider's redirect; returns the status and where the vault sends the browser.
 async fn deliver(browser: &Browser, callback: &Url) -> (u16, Option<String>, String) {
     browser.visit(callback).await
+}
+
+/// `url` with its parameter `name` replaced by `value`.
+fn with_param(url: &Url, name: &str, value: &str) -> Url {
+    let mut out = url.clone();
+    out.query_pairs_mut().clear();
+    for (k, v) in url.query_pairs() {
+        let v = if k == name { value.into() } else { v };
+        out.query_pairs_mut().append_pair(&k, &v);
+    }
+    out
 }
 
 fn query(url: &str, name: &str) -> Option<String> {
@@ -279,9 +270,15 @@ async fn a_bound_consent_flow_stores_the_providers_token_and_refresh_works() {
 
     // Nothing secret of the flow reached the logs.
     let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
-    assert!(logs.contains("consent flow completed"), "the log capture works");
+    assert!(
+        logs.contains("consent flow completed"),
+        "the log capture works"
+    );
     for secret in [&code, &state, &token.access_token, &refreshed.access_token] {
-        assert!(!logs.contains(secret.as_str()), "a flow secret appeared in the logs");
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a flow secret appeared in the logs"
+        );
     }
 }
 
@@ -385,17 +382,7 @@ async fn replays_forgeries_denials_and_rejected_codes_each_end_in_their_state() 
 
     // A code the provider refuses: the callback carries the right state and a wrong code.
     let (id, url) = w.begin(&app, "agent-a", "bob").await;
-    let mut wrong = w.consent(&url, "bob").await;
-    let pairs: Vec<(String, String)> = wrong.query_pairs().into_owned().collect();
-    wrong.query_pairs_mut().clear();
-    for (k, v) in pairs {
-        let v = if k == "code" {
-            "not-the-code".to_string()
-        } else {
-            v
-        };
-        wrong.query_pairs_mut().append_pair(&k, &v);
-    }
+    let wrong = with_param(&w.consent(&url, "bob").await, "code", "not-the-code");
     assert_eq!(deliver(&w.browser, &wrong).await.0, 303);
     let err = bob.complete_authorization(&id).await.unwrap_err();
     assert_eq!(err.reason(), ErrorReason::AuthorizationDenied, "{err}");
@@ -406,17 +393,7 @@ async fn replays_forgeries_denials_and_rejected_codes_each_end_in_their_state() 
 
     // A callback naming another issuer (RFC 9207).
     let (id, url) = w.begin(&app, "agent-a", "bob").await;
-    let mut mixed = w.consent(&url, "bob").await;
-    let pairs: Vec<(String, String)> = mixed.query_pairs().into_owned().collect();
-    mixed.query_pairs_mut().clear();
-    for (k, v) in pairs {
-        let v = if k == "iss" {
-            "https://127.0.0.1:1".to_string()
-        } else {
-            v
-        };
-        mixed.query_pairs_mut().append_pair(&k, &v);
-    }
+    let mixed = with_param(&w.consent(&url, "bob").await, "iss", "https://127.0.0.1:1");
     assert_eq!(deliver(&w.browser, &mixed).await.0, 400);
     assert_eq!(
         bob.get_authorization(&id).await.unwrap().state,

@@ -397,3 +397,30 @@ client_secret_file = "{secret}"
     std::fs::write(&path, toml).unwrap();
     path
 }
+
+/// A providers file whose `jira` tool is this provider, by its issuer, as the consent flow
+/// uses it: default scopes with `offline_access`, and `prompt=consent`, without which
+/// oidc-provider grants no refresh token.
+pub fn consent_providers_file(dir: &Path, ready: &Ready) -> PathBuf {
+    let secret = dir.join("consent-client-secret");
+    std::fs::write(&secret, &ready.client_secret).unwrap();
+    let path = dir.join("consent-providers.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[tools.jira]
+issuer = "{issuer}"
+client_id = "{client_id}"
+client_secret_file = "{secret}"
+scopes = ["openid", "offline_access", "read:jira-work"]
+extra_authorize_params = {{ prompt = "consent" }}
+"#,
+            issuer = ready.issuer,
+            client_id = ready.client_id,
+            secret = secret.display(),
+        ),
+    )
+    .unwrap();
+    path
+}

@@ -226,19 +226,7 @@ async fn the_consent_flow_runs_in_dev_on_what_it_prints() {
     let state = dir.path().join("provider-state");
     std::fs::create_dir_all(&state).unwrap();
     let provider = OidcProvider::start_with(&pki, &state, 0, 3600, &[redirect_uri.as_str()]);
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, &provider.ready.client_secret).unwrap();
-    let providers = dir.path().join("providers.toml");
-    std::fs::write(
-        &providers,
-        format!(
-            "[tools.jira]\nissuer = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nscopes = [\"openid\", \"offline_access\", \"read:jira-work\"]\nextra_authorize_params = {{ prompt = \"consent\" }}\n",
-            provider.ready.issuer,
-            provider.ready.client_id,
-            secret.display()
-        ),
-    )
-    .unwrap();
+    let providers = crate::provider::consent_providers_file(dir.path(), &provider.ready);
     let listen = format!("127.0.0.1:{port}");
     let dev = start_dev_with(
         &dir.path().join("vault-data"),

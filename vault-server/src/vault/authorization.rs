@@ -464,29 +464,16 @@ impl Vault {
             return refused(text);
         }
         let Some(provider) = provider else {
-            self.end_flow(
-                &flow,
-                FlowStatus::Pending,
-                FlowStatus::Failed,
-                "tool_not_configured",
-            )
-            .await?;
+            self.fail_pending(&flow, "tool_not_configured").await?;
             return refused("This tool is no longer configured in the vault.");
         };
         if let Err(problem) = provider.check_callback_issuer(params.iss.as_deref()).await {
             tracing::warn!(authorization_id = %flow.id, %problem, "consent callback from the wrong issuer (RFC 9207)");
-            self.end_flow(
-                &flow,
-                FlowStatus::Pending,
-                FlowStatus::Failed,
-                "issuer_mismatch",
-            )
-            .await?;
+            self.fail_pending(&flow, "issuer_mismatch").await?;
             return refused("This sign-in response did not come from the expected provider.");
         }
         let Some(code) = params.code.filter(|c| !c.expose_secret().is_empty()) else {
-            self.end_flow(&flow, FlowStatus::Pending, FlowStatus::Failed, "no_code")
-                .await?;
+            self.fail_pending(&flow, "no_code").await?;
             return refused("The provider sent no authorization code.");
         };
         let entry = self.flow_agent(&flow).await?;
@@ -853,6 +840,12 @@ impl Vault {
                 },
             )
             .await?)
+    }
+
+    /// Fails a flow still waiting for its callback.
+    async fn fail_pending(&self, flow: &Flow, error: &str) -> Result<bool, VaultError> {
+        self.end_flow(flow, FlowStatus::Pending, FlowStatus::Failed, error)
+            .await
     }
 
     /// Fails a flow whatever unfinished status it is in: a mismatched completion means its
