@@ -848,6 +848,11 @@ async fn expired_flows_are_swept_before_the_cut_off_within_the_limit(store: &Sto
     for id in ["recent", "live"] {
         assert!(store.flows.flow(id).await.unwrap().is_some(), "{id} kept");
     }
+    // A flow kept past its expiry keeps its record, not its secrets.
+    let recent = store.flows.flow("recent").await.unwrap().unwrap();
+    assert!(recent.sealed_verifier.is_none() && recent.sealed_code.is_none());
+    let live = store.flows.flow("live").await.unwrap().unwrap();
+    assert!(live.sealed_verifier.is_some());
 }
 
 async fn a_users_credentials_are_listed_by_tool_past_their_ttl_included(store: &Store) {

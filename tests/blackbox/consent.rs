@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use tokio::net::TcpListener;
 use url::Url;
 use vault_client::{AuthorizationState, ErrorReason};
@@ -209,28 +210,23 @@ async fn a_bound_consent_flow_stores_the_providers_token_and_refresh_works() {
         AuthorizationState::CallbackReceived
     );
 
-    // Neither the state nor the code is kept in clear.
+    // Neither the state nor the code is kept in clear, nor in hex or base64, in any column.
     let code = query(callback.as_str(), "code").unwrap();
     let mut conn = w.db.connect().await;
-    type Row = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<u8>);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT sealed_verifier, sealed_code, state_hash FROM vault.authorization_flows",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT row_to_json(f)::text FROM vault.authorization_flows f")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
     assert_eq!(rows.len(), 1);
-    for blob in [
-        rows[0].0.clone().unwrap(),
-        rows[0].1.clone().unwrap(),
-        rows[0].2.clone(),
-    ] {
-        for secret in [&code, &state] {
-            assert!(
-                !blob
-                    .windows(12)
-                    .any(|w| secret.as_bytes().windows(12).any(|s| s == w))
-            );
+    assert!(rows[0].contains("sealed_code"), "{}", rows[0]);
+    for secret in [&code, &state] {
+        for form in [
+            secret.to_string(),
+            hex::encode(secret),
+            base64::engine::general_purpose::STANDARD.encode(secret),
+        ] {
+            assert!(!rows[0].contains(&form), "a flow secret is stored readable");
         }
     }
 
@@ -349,7 +345,8 @@ async fn replays_forgeries_denials_and_rejected_codes_each_end_in_their_state() 
 
     // A forged state, and one that echoes markup.
     let (_, url) = w.begin(&app, "agent-a", "alice").await;
-    let mut forged = w.consent(&url, "alice").await;
+    let original = w.consent(&url, "alice").await;
+    let mut forged = original.clone();
     let code = query(forged.as_str(), "code").unwrap();
     forged
         .query_pairs_mut()
@@ -362,6 +359,15 @@ async fn replays_forgeries_denials_and_rejected_codes_each_end_in_their_state() 
         !page.contains("<script>") && !page.contains(&code),
         "{page}"
     );
+    // The forgery changed nothing: the real callback still completes the real flow.
+    assert_eq!(deliver(&w.browser, &original).await.0, 303);
+    // A HEAD never runs the callback.
+    let head = reqwest::Client::new()
+        .head(original.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status().as_u16(), 405);
 
     // The user refuses consent.
     let (id, url) = w.begin(&app, "agent-a", "bob").await;
@@ -467,6 +473,7 @@ async fn a_return_url_must_be_allowed_and_required_unless_unbound_callbacks_are(
     let app = w.vault().await;
     let alice = app.client(&w.issuer, "agent-a", "alice").await;
     for bad in [
+        "http://127.0.0.1:9/connected?authorization_id=planted",
         "http://127.0.0.1:9/connected-elsewhere",
         "http://127.0.0.1:10/connected",
         "https://evil.example/connected",
@@ -568,6 +575,21 @@ async fn list_credentials_shows_each_connection_through_its_life() {
             .unwrap()
             .len(),
         2
+    );
+    assert!(
+        admin
+            .list_credentials_for(owner("agent-b", "alice"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let bob = app.client(&w.issuer, "agent-b", "alice").await;
+    assert_eq!(
+        bob.list_credentials_for(owner("agent-a", "alice"))
+            .await
+            .unwrap_err()
+            .reason(),
+        ErrorReason::PermissionDenied
     );
     let bob = app.client(&w.issuer, "agent-a", "bob").await;
     assert_eq!(

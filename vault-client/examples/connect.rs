@@ -1,5 +1,11 @@
 //! An agent connecting a user to a tool through the vault's own consent flow: begin it, print
-//! the URL for the user, poll until the provider has sent the browser back, then complete it.
+//! the URL for the user, and watch the flow until it ends.
+//!
+//! This example never calls CompleteAuthorization. A bound flow (with a return URL) must be
+//! completed by the gateway's handler of that URL, as the user whose browser arrived there:
+//! that is what binds the credential to the person who consented. Completing a flow as soon as
+//! polling shows its callback would store whoever consented under the caller that began it,
+//! which is exactly the account-swap the binding exists to stop.
 //!
 //! ```sh
 //! # with `vault-server dev` running and an OAuth provider configured for the tool:
@@ -7,7 +13,7 @@
 //! cargo run -p vault-client --example connect -- jira [RETURN_URL] [SCOPE...]
 //! ```
 //! Without a return URL the vault's callback completes the flow itself, where the vault allows
-//! that; either way this example waits for the flow to end.
+//! that (`dev` does); with one, the gateway serving that URL completes it.
 
 use std::time::{Duration, SystemTime};
 
@@ -34,16 +40,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         let status = vault.get_authorization(&flow.authorization_id).await?;
         match status.state {
-            AuthorizationState::CallbackReceived => {
-                let completed = vault.complete_authorization(&flow.authorization_id).await?;
-                println!(
-                    "connected {tool}: generation {}, scopes {:?}",
-                    completed.stored.generation, completed.scopes
-                );
-                return Ok(());
-            }
             AuthorizationState::Completed => {
-                println!("connected {tool}: the vault's callback completed the flow");
+                println!("connected {tool}");
                 return Ok(());
             }
             state if state.is_final() => {
@@ -53,7 +51,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ if SystemTime::now() >= flow.expires_at => {
                 return Err(format!("{tool} not connected: the flow expired").into());
             }
-            // Waiting for the user (or a state a newer vault added): ask again shortly.
+            // Waiting for the user, or for the gateway's return-URL handler to complete it (or a
+            // state a newer vault added): ask again shortly.
             _ => tokio::time::sleep(Duration::from_secs(2)).await,
         }
     }

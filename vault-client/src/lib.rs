@@ -531,7 +531,13 @@ impl Client {
     }
 
     /// Exchanges the code of a flow whose callback arrived, and stores the credential. Only the
-    /// (agent, user) that began the flow may complete it, once; before the callback this is
+    /// (agent, user) that began the flow may complete it, once.
+    ///
+    /// Call it from the handler of the flow's `return_url`, as the user whose browser session
+    /// arrived there, with the `authorization_id` the redirect carries; never because polling
+    /// shows the callback arrived. The binding stops an account swap only if the completing
+    /// caller is the person who consented: someone who begins a flow and sends its URL to a
+    /// victim must not be the one who completes it. Before the callback this is
     /// [`Error::AuthorizationPending`]. Not retried: a flow completes once, so a retry after a
     /// lost reply would be refused even though the credential was stored; on `Unavailable`,
     /// ask [`get_authorization`](Self::get_authorization) whether it completed.

@@ -33,6 +33,11 @@ pub const HEALTH_PATH: &str = "/healthz";
 const MAX_QUERY_BYTES: usize = 16 * 1024;
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; past it, new ones wait in the kernel's backlog. Browsers
+/// reach this listener, so it must not be able to exhaust the process's descriptors.
+const MAX_CONNECTIONS: usize = 1024;
+/// Longest a callback request may take (a code exchange is bounded by the provider timeout).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The bound callback listener.
 pub struct CallbackServer {
@@ -73,8 +78,16 @@ impl CallbackServer {
     pub async fn run(self, vault: Arc<Vault>, stop: CancellationToken, grace: Duration) {
         let app = router(vault);
         let graceful = GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tracing::info!(local_addr = %self.local_addr, tls = self.tls.is_some(), "consent callback listening");
         loop {
+            let slot = tokio::select! {
+                () = stop.cancelled() => break,
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let (stream, peer) = tokio::select! {
                 () = stop.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
@@ -89,7 +102,9 @@ impl CallbackServer {
             };
             let _ = stream.set_nodelay(true);
             let service = TowerToHyperService::new(app.clone());
-            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only: browsers follow a redirect fine with it, and it keeps HTTP/2's stream
+            // and keep-alive limits out of what a public listener must get right.
+            let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
             builder
                 .http1()
                 .timer(TokioTimer::new())
@@ -102,6 +117,7 @@ impl CallbackServer {
                         .into_owned();
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(err) = conn.await {
                             tracing::debug!(%peer, error = %err, "callback connection ended");
                         }
@@ -111,6 +127,7 @@ impl CallbackServer {
                     let acceptor = acceptor.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let stream = match tokio::time::timeout(
                             HANDSHAKE_TIMEOUT,
                             acceptor.accept(stream),
@@ -170,19 +187,28 @@ fn acceptor(tls: &crate::config::TlsSettings) -> anyhow::Result<tokio_rustls::Tl
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| anyhow::anyhow!("VAULT_TLS_CERT_FILE / VAULT_TLS_KEY_FILE: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn router(vault: Arc<Vault>) -> Router {
     Router::new()
-        .route(CALLBACK_PATH, get(callback))
+        // Exactly GET: a HEAD would run the callback's side effects without showing the result.
+        .route(CALLBACK_PATH, get(callback).head(not_allowed))
         .route(
             HEALTH_PATH,
             get(|| async { page(StatusCode::OK, "ok", "Serving.") }),
         )
         .fallback(|| async { page(StatusCode::NOT_FOUND, "Not found", "There is nothing here.") })
         .with_state(vault)
+}
+
+async fn not_allowed() -> Response {
+    page(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Not allowed",
+        "Only GET is served here.",
+    )
 }
 
 /// Reads the callback's parameters. A parameter sent twice is refused (RFC 6749 §3.1).
@@ -215,7 +241,14 @@ async fn callback(State(vault): State<Arc<Vault>>, RawQuery(query): RawQuery) ->
         Ok(params) => params,
         Err(problem) => return page(StatusCode::BAD_REQUEST, "Sign-in failed", problem),
     };
-    match vault.callback(params).await {
+    let Ok(outcome) = tokio::time::timeout(REQUEST_TIMEOUT, vault.callback(params)).await else {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is taking too long",
+            "The vault is still finishing. Check the application in a moment.",
+        );
+    };
+    match outcome {
         CallbackOutcome::Redirect(to) => {
             let mut response = StatusCode::SEE_OTHER.into_response();
             match HeaderValue::from_str(to.as_str()) {
@@ -243,6 +276,11 @@ async fn callback(State(vault): State<Arc<Vault>>, RawQuery(query): RawQuery) ->
         CallbackOutcome::Refused(problem) => {
             page(StatusCode::BAD_REQUEST, "Sign-in failed", &escape(&problem))
         }
+        CallbackOutcome::Unavailable(problem) => page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in could not finish",
+            &escape(&problem),
+        ),
     }
 }
 

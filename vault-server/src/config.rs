@@ -211,8 +211,9 @@ value::settings! {
         /// equal, path on a `/` boundary), comma-separated. Empty: every `return_url` is refused.
         vault_oauth_return_urls: List = List::default(), "comma-separated URLs";
         /// `allow` lets a flow begun without `return_url` complete at the callback itself, for
-        /// whoever holds the browser (the caller that began it is not checked again). `dev`
-        /// allows it.
+        /// whoever holds the browser: it turns session binding off for such flows (anyone who
+        /// begins one and sends its URL to a victim gets the victim's account under their own
+        /// identity), so startup warns unless the redirect URI is on loopback. `dev` allows it.
         vault_oauth_unbound_callback: String = "deny".into(), "deny, allow";
         /// How long a consent flow may take from BeginAuthorization to CompleteAuthorization.
         vault_oauth_flow_ttl_seconds: u64 = 600, 60..=3600;

@@ -214,18 +214,20 @@ async fn dev() -> anyhow::Result<()> {
     ]);
     // The consent flow works out of the box: a callback on loopback, which completes flows
     // begun without a return_url, so one browser is enough to try it.
-    let callback_listen = if source.is_set("VAULT_CALLBACK_LISTEN") {
-        source.read()?.0.vault_callback_listen
-    } else {
-        Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8250)))
-    };
-    let callback =
-        match callback_listen {
+    let callback = if source.is_set("VAULT_CALLBACK_LISTEN") {
+        match source.read()?.0.vault_callback_listen {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 anyhow::anyhow!("cannot listen on VAULT_CALLBACK_LISTEN={addr}: {e}")
             })?),
             None => None,
-        };
+        }
+    } else {
+        // The usual port when it is free; any free port otherwise (the banner names it).
+        match tokio::net::TcpListener::bind(DEV_CALLBACK).await {
+            Ok(listener) => Some(listener),
+            Err(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+        }
+    };
     let mut defaults = Vec::new();
     if let Some(listener) = &callback
         && !source.is_set("OAUTH_TOOL_REDIRECT_URI")
@@ -275,6 +277,9 @@ async fn dev() -> anyhow::Result<()> {
     );
     app.run_until_stopped(shutdown_signal()).await
 }
+
+/// Where `dev` serves the consent callback unless told otherwise.
+const DEV_CALLBACK: &str = "127.0.0.1:8250";
 
 /// Completes on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {

@@ -76,6 +76,24 @@ impl Application {
         {
             tracing::warn!(listen = %settings.listen, "VAULT_ALLOW_PLAINTEXT=true: serving gRPC without TLS on a network address; only safe behind a sidecar that terminates mTLS");
         }
+        if settings.callback.unbound {
+            let loopback =
+                settings
+                    .callback
+                    .redirect_uri
+                    .as_ref()
+                    .is_some_and(|uri| match uri.host() {
+                        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+                        None => false,
+                    });
+            if !loopback {
+                tracing::warn!(
+                    "VAULT_OAUTH_UNBOUND_CALLBACK=allow: consent flows begun without return_url complete for whoever holds the browser, without session binding; only for a single-user or development deployment"
+                );
+            }
+        }
         let store = crate::store::open(&settings.database).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the database (VAULT_DATABASE_URL): {}",

@@ -58,6 +58,17 @@ impl ProviderError {
     }
 }
 
+/// Why a callback's `iss` (RFC 9207) was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackIssuerError {
+    /// It names another issuer, or lacks one the provider promised: refuse the response.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The provider's metadata cannot be loaded now to tell; the response may be fine later.
+    #[error("{0}")]
+    Unverifiable(String),
+}
+
 /// Tokens from the token endpoint: a successful refresh or code exchange.
 #[derive(Debug)]
 pub struct Refreshed {
@@ -174,15 +185,11 @@ fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
 
 /// An absolute http(s) URL without a fragment (RFC 6749 §3.1.2), for redirect URIs: a local
 /// development callback may be plain http.
+/// A redirect URI: where the provider sends the browser with a code, so `https://`, or
+/// `http://` to a loopback host only (RFC 9700 §2.6); no user info, no fragment.
 fn redirect_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
-    let parsed = url::Url::parse(value)
-        .map_err(|e| anyhow::anyhow!("tools.{tool}.{key}: not an absolute URL: {e}"))?;
-    if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
-        anyhow::bail!("tools.{tool}.{key}: must be an absolute http:// or https:// URL");
-    }
-    if parsed.fragment().is_some() {
-        anyhow::bail!("tools.{tool}.{key}: must not have a fragment (RFC 6749 §3.1.2)");
-    }
+    crate::config::check_web_url(value)
+        .map_err(|problem| anyhow::anyhow!("tools.{tool}.{key}: {problem}"))?;
     Ok(value.to_string())
 }
 
@@ -607,6 +614,7 @@ mod tests {
             "/oauth/callback",
             "ftp://x.example/cb",
             "https://x.example/cb#f",
+            "http://vault.example/cb",
         ] {
             let error = load_error(&with(bad));
             assert!(error.contains("tools.t.redirect_uri"), "{bad}: {error}");

@@ -349,7 +349,10 @@ impl Provider {
     /// (`authorization_response_iss_parameter_supported`) or cannot be loaded to tell. Without
     /// an issuer configured, `iss` is ignored. The error is a short message safe to show.
     #[tracing::instrument(skip(self), fields(tool = %self.tool))]
-    pub async fn check_callback_issuer(&self, iss: Option<&str>) -> Result<(), String> {
+    pub async fn check_callback_issuer(
+        &self,
+        iss: Option<&str>,
+    ) -> Result<(), super::CallbackIssuerError> {
         let Some(issuer) = &self.issuer else {
             return Ok(());
         };
@@ -360,11 +363,15 @@ impl Provider {
             None => {
                 self.endpoints()
                     .await
-                    .map_err(|_| "the provider's metadata could not be loaded".to_string())?
+                    .map_err(|_| {
+                        super::CallbackIssuerError::Unverifiable(
+                            "the provider's metadata could not be loaded".to_string(),
+                        )
+                    })?
                     .iss_parameter_supported
             }
         };
-        check_issuer(issuer, iss, promised)
+        check_issuer(issuer, iss, promised).map_err(super::CallbackIssuerError::Mismatch)
     }
 
     /// Revokes one token at the provider (RFC 7009). An unknown or already-revoked token is

@@ -156,6 +156,8 @@ pub trait FlowStore: Send + Sync + 'static {
     /// status erases both sealed secrets; `sealed_code` and `error` are written when given.
     async fn transition(&self, id: &str, change: FlowChange<'_>) -> Result<bool, StoreError>;
 
-    /// Deletes up to `limit` flows that expired before `before`; returns how many.
+    /// Deletes up to `limit` flows that expired before `before`; returns how many. Also erases
+    /// the sealed secrets of every flow already past its expiry (by the database clock), so
+    /// nothing of a flow outlives it but its record.
     async fn sweep_flows(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
 }

@@ -16,6 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
+use tracing::Instrument as _;
 
 use super::{AgentEntry, StoredToken, Vault, VaultError};
 use crate::auth::Caller;
@@ -24,7 +25,7 @@ use crate::crypto::{
     seal_flow_secret,
 };
 use crate::ids::{AgentId, Tool, UserId};
-use crate::oauth::{AuthorizationRequest, ProviderError};
+use crate::oauth::{AuthorizationRequest, CallbackIssuerError, ProviderError, TokenKind};
 use crate::secret::TokenSet;
 use crate::store::{CredentialState, Flow, FlowChange, FlowStatus, NewFlow};
 
@@ -128,6 +129,8 @@ pub enum CallbackOutcome {
     },
     /// Show what went wrong; safe to show (never a code, token or echo of the input).
     Refused(String),
+    /// The vault failed, not the request: show this and let the browser retry.
+    Unavailable(String),
 }
 
 /// A connection, for ListCredentials.
@@ -245,9 +248,8 @@ fn not_completable(flow: &Flow, state: AuthorizationState) -> VaultError {
         AuthorizationState::Completed => VaultError::AuthorizationExpired(
             "the consent flow has already completed; it completes only once".into(),
         ),
-        AuthorizationState::CallbackReceived => VaultError::AuthorizationExpired(
-            "the consent flow is being completed by another call".into(),
-        ),
+        // Claimed by a completion still exchanging the code: its outcome is not known yet.
+        AuthorizationState::CallbackReceived => VaultError::AuthorizationPending,
         AuthorizationState::Denied => VaultError::AuthorizationDenied(format!(
             "consent was refused ({detail}); begin a new flow"
         )),
@@ -287,6 +289,11 @@ impl Vault {
                 }
                 let url =
                     url::Url::parse(text).map_err(|_| invalid("must be an absolute URL".into()))?;
+                if url.query_pairs().any(|(k, _)| k == "authorization_id") {
+                    return Err(invalid(
+                        "must not carry authorization_id; the callback adds it".into(),
+                    ));
+                }
                 if !return_url_allowed(&url, &consent.return_urls) {
                     return Err(invalid(
                         "is not under any of the server's VAULT_OAUTH_RETURN_URLS".into(),
@@ -397,12 +404,12 @@ impl Vault {
 
     /// The provider's redirect back to the vault.
     #[tracing::instrument(skip_all)]
-    pub async fn callback(&self, params: CallbackParams) -> CallbackOutcome {
+    pub async fn callback(self: &Arc<Self>, params: CallbackParams) -> CallbackOutcome {
         match self.take_callback(params).await {
             Ok(outcome) => outcome,
             Err(err) => {
                 tracing::warn!(error = %crate::telemetry::error_chain(&err), "consent callback failed");
-                CallbackOutcome::Refused(
+                CallbackOutcome::Unavailable(
                     "The vault could not record this sign-in. Try again from the application."
                         .into(),
                 )
@@ -410,7 +417,10 @@ impl Vault {
         }
     }
 
-    async fn take_callback(&self, params: CallbackParams) -> Result<CallbackOutcome, VaultError> {
+    async fn take_callback(
+        self: &Arc<Self>,
+        params: CallbackParams,
+    ) -> Result<CallbackOutcome, VaultError> {
         let refused = |text: &str| Ok(CallbackOutcome::Refused(text.to_string()));
         let too_long = [&params.state, &params.error, &params.iss]
             .into_iter()
@@ -445,7 +455,26 @@ impl Vault {
                 "This sign-in took too long and has expired. Start again from the application.",
             );
         }
-        let provider = self.providers.get(&flow.tool);
+        let Some(provider) = self.providers.get(&flow.tool) else {
+            self.fail_pending(&flow, "tool_not_configured").await?;
+            return refused("This tool is no longer configured in the vault.");
+        };
+        // RFC 9207 §2.4: error responses are checked too, so a mix-up cannot deny a flow.
+        match provider.check_callback_issuer(params.iss.as_deref()).await {
+            Ok(()) => {}
+            Err(CallbackIssuerError::Unverifiable(problem)) => {
+                tracing::warn!(authorization_id = %flow.id, %problem, "cannot check the callback's issuer now");
+                return Ok(CallbackOutcome::Unavailable(
+                    "The vault cannot verify this sign-in right now. Reload this page in a moment."
+                        .into(),
+                ));
+            }
+            Err(CallbackIssuerError::Mismatch(problem)) => {
+                tracing::warn!(authorization_id = %flow.id, %problem, "consent callback from the wrong issuer (RFC 9207)");
+                self.fail_pending(&flow, "issuer_mismatch").await?;
+                return refused("This sign-in response did not come from the expected provider.");
+            }
+        }
         if let Some(error) = params.error.as_deref() {
             let code = error_code(error);
             let (to, text) = if code == "access_denied" {
@@ -462,15 +491,6 @@ impl Vault {
             self.end_flow(&flow, FlowStatus::Pending, to, &code).await?;
             tracing::info!(authorization_id = %flow.id, error = %code, "provider refused consent");
             return refused(text);
-        }
-        let Some(provider) = provider else {
-            self.fail_pending(&flow, "tool_not_configured").await?;
-            return refused("This tool is no longer configured in the vault.");
-        };
-        if let Err(problem) = provider.check_callback_issuer(params.iss.as_deref()).await {
-            tracing::warn!(authorization_id = %flow.id, %problem, "consent callback from the wrong issuer (RFC 9207)");
-            self.fail_pending(&flow, "issuer_mismatch").await?;
-            return refused("This sign-in response did not come from the expected provider.");
         }
         let Some(code) = params.code.filter(|c| !c.expose_secret().is_empty()) else {
             self.fail_pending(&flow, "no_code").await?;
@@ -527,7 +547,7 @@ impl Vault {
                                 "The provider refused the authorization code, so nothing was connected."
                             }
                             VaultError::ProviderUnavailable(_) => {
-                                "The provider could not be reached to finish connecting. Try again."
+                                "The provider could not be reached to finish connecting. Start again from the application."
                             }
                             _ => "The vault could not finish connecting this tool.",
                         })
@@ -550,7 +570,7 @@ impl Vault {
     /// Exchanges the flow's code and stores the credential, for the caller that began it.
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn complete_authorization(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         authorization_id: &str,
     ) -> Result<CompletedAuthorization, VaultError> {
@@ -581,8 +601,25 @@ impl Vault {
         self.exchange(&flow, &entry).await
     }
 
-    /// Claims a flow in `CallbackReceived`, exchanges its code and stores the credential.
+    /// Claims a flow in `CallbackReceived`, exchanges its code and stores the credential, to
+    /// the end even if the caller hangs up: a code spent at the provider whose tokens were then
+    /// dropped would orphan a grant there.
     async fn exchange(
+        self: &Arc<Self>,
+        flow: &Flow,
+        entry: &Arc<AgentEntry>,
+    ) -> Result<CompletedAuthorization, VaultError> {
+        let (this, flow, entry) = (Arc::clone(self), flow.clone(), Arc::clone(entry));
+        self.detached
+            .spawn(
+                async move { this.exchange_detached(&flow, &entry).await }
+                    .instrument(tracing::Span::current()),
+            )
+            .await
+            .map_err(|err| VaultError::Unexpected(anyhow::anyhow!("exchange task failed: {err}")))?
+    }
+
+    async fn exchange_detached(
         &self,
         flow: &Flow,
         entry: &AgentEntry,
@@ -700,7 +737,7 @@ impl Vault {
             provider: Some(provider.binding()),
             obtained_at: Some(now),
         };
-        let stored = self
+        let stored = match self
             .write_credential(
                 entry,
                 &flow.user,
@@ -708,8 +745,35 @@ impl Vault {
                 &tokens,
                 self.options.secrets_ttl_seconds,
             )
-            .await?;
-        self.store
+            .await
+        {
+            Ok(stored) => stored,
+            Err(err) => {
+                // The code is spent: give the provider its tokens back rather than leave a grant
+                // nobody holds, and end the flow (both best effort: the store may be down).
+                tracing::error!(authorization_id = %flow.id, error = %err, "storing the credential from a code exchange failed; revoking its tokens at the provider");
+                let token = tokens
+                    .refresh_token
+                    .as_ref()
+                    .map_or((&tokens.access_token, TokenKind::Access), |refresh| {
+                        (refresh, TokenKind::Refresh)
+                    });
+                if let Err(revoke) = provider.revoke(token.0, token.1).await {
+                    tracing::warn!(authorization_id = %flow.id, error = %revoke, "could not revoke the orphaned grant");
+                }
+                let _ = self
+                    .end_flow(
+                        flow,
+                        FlowStatus::Exchanging,
+                        FlowStatus::Failed,
+                        "store_failed",
+                    )
+                    .await;
+                return Err(err);
+            }
+        };
+        let completed = self
+            .store
             .flows
             .transition(
                 &flow.id,
@@ -722,6 +786,10 @@ impl Vault {
                 },
             )
             .await?;
+        if !completed {
+            // Only this call moves a flow out of Exchanging; a lost update is a broken invariant.
+            tracing::error!(authorization_id = %flow.id, "a claimed flow left Exchanging under its claimant");
+        }
         tracing::info!(authorization_id = %flow.id, generation = %stored.generation, "consent flow completed");
         Ok(CompletedAuthorization { stored, scopes })
     }
@@ -848,12 +916,13 @@ impl Vault {
             .await
     }
 
-    /// Fails a flow whatever unfinished status it is in: a mismatched completion means its
-    /// link reached someone else, so nobody may complete it.
+    /// Fails a flow that has not yet been claimed for its exchange: a mismatched completion
+    /// means its link reached someone else, so nobody may complete it. A flow whose exchange the
+    /// rightful caller already claimed is left to finish.
     async fn burn(&self, flow: &Flow) -> Result<(), VaultError> {
         let mut status = flow.status;
         // Each miss means a concurrent step moved it; a flow only moves forward, so this ends.
-        while !status.is_final() {
+        while matches!(status, FlowStatus::Pending | FlowStatus::CallbackReceived) {
             if self
                 .end_flow(flow, status, FlowStatus::Failed, "caller_mismatch")
                 .await?

@@ -111,6 +111,13 @@ impl FlowStore for PgStore {
         .await
         .map_err(e)?
         .rows_affected();
+        sqlx::query(
+            "UPDATE vault.authorization_flows SET sealed_verifier = NULL, sealed_code = NULL
+             WHERE expires_at < now() AND (sealed_verifier IS NOT NULL OR sealed_code IS NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
         Ok(swept)
     }
 }

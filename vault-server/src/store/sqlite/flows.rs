@@ -106,6 +106,14 @@ impl FlowStore for SqliteStore {
         .await
         .map_err(e)?
         .rows_affected();
+        sqlx::query(
+            "UPDATE authorization_flows SET sealed_verifier = NULL, sealed_code = NULL
+             WHERE expires_at < ? AND (sealed_verifier IS NOT NULL OR sealed_code IS NOT NULL)",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
         Ok(swept)
     }
 }
