@@ -10,6 +10,7 @@ pub mod callback;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod egress;
 pub mod grpc;
 pub mod ids;
 pub mod jobs;
