@@ -76,7 +76,10 @@ fn jwt(c: &mut Criterion) {
     ]))
     .expect("valid settings");
     let verifier = runtime
-        .block_on(Verifier::new(settings.jwt))
+        .block_on(Verifier::new(
+            settings.jwt,
+            vault_server::http::Outbound::new(&settings.providers.http()).expect("no CA file"),
+        ))
         .expect("the JWKS file loads");
     let token = issuer
         .token("agent-042", "user-0042", Duration::from_secs(3600))

@@ -289,6 +289,9 @@ pub fn settings_pairs<'a>(
         ("VAULT_JWT_ISSUER", issuer.iss.as_str()),
         ("VAULT_JWT_JWKS_FILE", issuer.jwks_path.to_str().unwrap()),
         ("VAULT_SHUTDOWN_GRACE_SECONDS", "5"),
+        // The test providers run on loopback and their discovery documents name it; a test of
+        // the egress guard sets this to empty.
+        ("VAULT_EGRESS_ALLOW_CIDRS", "127.0.0.0/8,::1/128"),
     ];
     for (key, value) in extra {
         pairs.retain(|(k, _)| k != key);

@@ -174,6 +174,13 @@ value::settings! {
         vault_provider_connect_timeout_seconds: u64 = 5, 1..=60;
         /// Provider call limit, the whole exchange.
         vault_provider_timeout_seconds: u64 = 15, 1..=120;
+        /// URLs the vault learns from a response (a discovery document's token and revocation
+        /// endpoints) are fetched only over `https` and only when every address their host
+        /// resolves to is public; loopback, private, link-local, CGNAT, unique-local, multicast,
+        /// documentation and other special ranges (and their IPv4-mapped and NAT64 forms) are
+        /// refused unless inside one of these CIDRs. URLs in settings and the providers file are
+        /// trusted. `dev` sets `127.0.0.0/8,::1/128`.
+        vault_egress_allow_cidrs: List = List::default(), "comma-separated CIDRs";
         /// First per-credential backoff after a transient provider failure (doubling;
         /// `Retry-After` honoured).
         vault_refresh_backoff_base_seconds: u64 = 1, 1..=3600;
@@ -239,6 +246,7 @@ impl Config {
             self.tls().err(),
             self.plaintext_problem(),
             self.callback().err(),
+            self.egress().err(),
         ];
         let mut problems = self.out_of_range();
         problems.extend(checks.into_iter().flatten());

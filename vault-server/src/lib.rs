@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod dev;
 pub mod egress;
 pub mod grpc;
+pub mod http;
 pub mod ids;
 pub mod jobs;
 pub mod oauth;

@@ -244,6 +244,13 @@ async fn dev() -> anyhow::Result<()> {
     if !source.is_set("VAULT_OAUTH_UNBOUND_CALLBACK") {
         defaults.push(("VAULT_OAUTH_UNBOUND_CALLBACK", "allow".to_string()));
     }
+    // Local development runs its authorization servers on loopback, discovered endpoints too.
+    if !source.is_set("VAULT_EGRESS_ALLOW_CIDRS") {
+        defaults.push((
+            "VAULT_EGRESS_ALLOW_CIDRS",
+            "127.0.0.0/8,::1/128".to_string(),
+        ));
+    }
     let source = source.with_overrides(defaults.iter().map(|(k, v)| (*k, v.as_str())));
     let settings = Settings::load(&source)?;
     let store = match &settings.database.database {

@@ -115,12 +115,14 @@ impl Application {
             })?;
         }
         let root = unlock_root_key(&store, root_source).await?;
+        // The one outbound client: JWKS and every provider call share its limits and policy.
+        let outbound = crate::http::Outbound::new(&settings.providers.http())?;
         let verifier = Arc::new(
-            Verifier::new(settings.jwt.clone())
+            Verifier::new(settings.jwt.clone(), outbound.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot load issuer keys: {e:#}"))?,
         );
-        let providers = crate::oauth::Providers::load(&settings.providers)?;
+        let providers = crate::oauth::Providers::load(&settings.providers, &outbound)?;
         let options = VaultOptions {
             secrets_ttl_seconds: settings.secrets_ttl_seconds,
             // Outlives one provider call (connect + total timeout) with room to write the result.

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use super::jwks::{KeySet, VerificationKey};
 use super::{ADMIN_SCOPE, AuthError, Caller};
 use crate::config::{JwksSource, JwtSettings, TrustedIssuer};
+use crate::http::{HttpError, Origin, Outbound};
 use crate::ids::{AgentId, IssuerId, UserId};
 
 /// Most verified tokens remembered at once; past it the oldest are evicted.
@@ -154,7 +155,7 @@ pub struct Verifier {
     settings: JwtSettings,
     issuers: HashMap<String, IssuerKeys>,
     verified: VerifiedCache,
-    http: reqwest::Client,
+    http: Outbound,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -174,13 +175,8 @@ fn now_unix() -> i64 {
 
 impl Verifier {
     /// Loads every issuer's keys once; fails if any cannot be loaded.
-    pub async fn new(settings: JwtSettings) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("credential-vault/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+    /// JWKS URLs are configured: fetched through `http` on its configured path.
+    pub async fn new(settings: JwtSettings, http: Outbound) -> anyhow::Result<Self> {
         let mut issuers = HashMap::new();
         for trusted in &settings.issuers {
             let (keys, max_age) = fetch(&trusted.jwks, &http)
@@ -578,10 +574,7 @@ fn max_age(header: &str) -> Option<Duration> {
 
 /// Loads a key set and, from a URL, the response's max-age. Reads at most [`MAX_JWKS_BYTES`],
 /// within the client's timeouts.
-async fn fetch(
-    source: &JwksSource,
-    http: &reqwest::Client,
-) -> anyhow::Result<(KeySet, Option<Duration>)> {
+async fn fetch(source: &JwksSource, http: &Outbound) -> anyhow::Result<(KeySet, Option<Duration>)> {
     let (bytes, max_age) = match source {
         JwksSource::File(path) => {
             let size = tokio::fs::metadata(path)
@@ -597,26 +590,21 @@ async fn fetch(
             (bytes, None)
         }
         JwksSource::Url(url) => {
-            let mut response = http.get(url.clone()).send().await?.error_for_status()?;
+            let response = http
+                .get(Origin::Configured, url, MAX_JWKS_BYTES)
+                .await
+                .map_err(|e| match e {
+                    HttpError::TooLarge => {
+                        anyhow::anyhow!("the JWKS response is larger than 1 MiB")
+                    }
+                    other => anyhow::anyhow!("JWKS {other}"),
+                })?;
             let max_age = response
-                .headers()
+                .headers
                 .get(reqwest::header::CACHE_CONTROL)
                 .and_then(|v| v.to_str().ok())
                 .and_then(max_age);
-            if response
-                .content_length()
-                .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-            {
-                anyhow::bail!("the JWKS response is larger than 1 MiB");
-            }
-            let mut bytes = Vec::new();
-            while let Some(chunk) = response.chunk().await? {
-                if bytes.len() + chunk.len() > MAX_JWKS_BYTES {
-                    anyhow::bail!("the JWKS response is larger than 1 MiB");
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            (bytes, max_age)
+            (response.body, max_age)
         }
     };
     Ok((KeySet::from_json(&bytes)?, max_age))
@@ -699,7 +687,10 @@ mod tests {
         let other_key = TestKey::new("o1");
         publish(&dir.path().join("jwks.json"), &[&key]);
         publish(&dir.path().join("other-jwks.json"), &[&other_key]);
-        let verifier = Verifier::new(settings(dir.path(), leeway)).await.unwrap();
+        let http = Outbound::new(&crate::http::HttpSettings::default()).unwrap();
+        let verifier = Verifier::new(settings(dir.path(), leeway), http)
+            .await
+            .unwrap();
         Fixture {
             dir,
             key,

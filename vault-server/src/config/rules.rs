@@ -229,6 +229,12 @@ impl Config {
 }
 
 impl Config {
+    /// `VAULT_EGRESS_ALLOW_CIDRS`, each CIDR parsed.
+    pub(super) fn egress(&self) -> Result<crate::egress::EgressPolicy, ConfigError> {
+        crate::egress::EgressPolicy::parse(&self.vault_egress_allow_cidrs.0.join(","))
+            .map_err(|p| ConfigError::new("VAULT_EGRESS_ALLOW_CIDRS", p))
+    }
+
     /// The consent flow's settings, each URL checked.
     pub(super) fn callback(&self) -> Result<CallbackSettings, ConfigError> {
         let redirect_uri = self

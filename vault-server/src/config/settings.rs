@@ -207,6 +207,7 @@ impl Settings {
             ca_file: c.vault_provider_ca_file.clone(),
             connect_timeout: seconds(c.vault_provider_connect_timeout_seconds),
             timeout: seconds(c.vault_provider_timeout_seconds),
+            egress: c.egress()?,
         };
         // The casts below are within range: validation bounds both far below u32::MAX.
         Ok(Self {

@@ -17,9 +17,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use tokio::sync::RwLock;
 
-pub use http::{HttpError, ProviderHttp};
+pub use http::ProviderHttp;
 pub use provider::{AuthorizationRequest, Provider};
 
+use crate::http::{HttpError, Outbound};
 use crate::ids::Tool;
 
 /// How client credentials travel on token and revocation calls.
@@ -110,6 +111,20 @@ pub struct ProviderSettings {
     pub connect_timeout: Duration,
     /// `VAULT_PROVIDER_TIMEOUT_SECONDS`.
     pub timeout: Duration,
+    /// `VAULT_EGRESS_ALLOW_CIDRS`: where derived URLs may go beyond public addresses.
+    pub egress: crate::egress::EgressPolicy,
+}
+
+impl ProviderSettings {
+    /// The outbound client's settings: these limits apply to every request the vault makes.
+    pub fn http(&self) -> crate::http::HttpSettings {
+        crate::http::HttpSettings {
+            ca_file: self.ca_file.clone(),
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+            egress: self.egress.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +198,14 @@ fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
     Ok(value.to_string())
 }
 
+/// A URL the operator wrote for the vault to call: `https://`, or `http://` to a loopback host;
+/// its destination is trusted (an authorization server may live on a private address).
+fn configured_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
+    crate::http::check_configured(value)
+        .map_err(|problem| anyhow::anyhow!("tools.{tool}.{key}: {problem}"))?;
+    Ok(value.to_string())
+}
+
 /// An absolute http(s) URL without a fragment (RFC 6749 §3.1.2), for redirect URIs: a local
 /// development callback may be plain http.
 /// A redirect URI: where the provider sends the browser with a code, so `https://`, or
@@ -202,12 +225,9 @@ impl Providers {
     }
 
     /// Loads `VAULT_PROVIDERS_FILE`, resolving client secrets now so a missing one stops startup.
-    pub fn load(settings: &ProviderSettings) -> anyhow::Result<Self> {
-        let http = ProviderHttp::new(
-            settings.ca_file.as_deref(),
-            settings.connect_timeout,
-            settings.timeout,
-        )?;
+    /// Every provider call goes through `outbound`.
+    pub fn load(settings: &ProviderSettings, outbound: &Outbound) -> anyhow::Result<Self> {
+        let http = ProviderHttp::new(outbound.clone());
         let Some(path) = &settings.file else {
             return Ok(Self::none());
         };
@@ -262,7 +282,7 @@ impl Providers {
             .or_else(|| preset.and_then(|p| p.revocation_url.map(str::to_string)));
         let issuer = entry
             .issuer
-            .map(|i| https_url(tool, "issuer", i.trim_end_matches('/')))
+            .map(|i| configured_url(tool, "issuer", i.trim_end_matches('/')))
             .transpose()?;
         if token_url.is_none() && issuer.is_none() {
             anyhow::bail!("tools.{tool}: needs token_url, issuer or preset");
@@ -343,11 +363,12 @@ impl Providers {
             client_secret: SecretString::from(client_secret),
             auth_style,
             fixed_token_url: token_url
-                .map(|u| https_url(tool, "token_url", &u).and_then(|u| Ok(TokenUrl::new(u)?)))
+                .map(|u| configured_url(tool, "token_url", &u).and_then(|u| Ok(TokenUrl::new(u)?)))
                 .transpose()?,
             fixed_revocation_url: revocation_url
                 .map(|u| {
-                    https_url(tool, "revocation_url", &u).and_then(|u| Ok(RevocationUrl::new(u)?))
+                    configured_url(tool, "revocation_url", &u)
+                        .and_then(|u| Ok(RevocationUrl::new(u)?))
                 })
                 .transpose()?,
             fixed_authorization_url: authorization_url,
@@ -405,9 +426,15 @@ fn error_code(code: &str) -> &str {
 /// Maps a failed call to a transient error. Deliberately drops `Parse`'s body: a token response
 /// that failed to parse may still contain tokens.
 fn classify<E: oauth2::ErrorResponse + 'static>(
+    tool: &str,
     err: RequestTokenError<HttpError, E>,
 ) -> ProviderError {
     match err {
+        // The rule and address, which the operator needs to fix the allow list or the provider;
+        // already logged at warning where it was refused.
+        RequestTokenError::Request(refused @ HttpError::Refused(_)) => {
+            ProviderError::unavailable(format!("tool {tool}: {}", refused.caller_message()))
+        }
         RequestTokenError::Request(HttpError::Status {
             status,
             retry_after,
@@ -446,7 +473,11 @@ mod tests {
 
     fn load(toml: &str) -> anyhow::Result<Providers> {
         let file: ProvidersFile = figment::Figment::from(Toml::string(toml)).extract()?;
-        let http = ProviderHttp::new(None, Duration::from_secs(1), Duration::from_secs(1))?;
+        let http = ProviderHttp::new(Outbound::new(&crate::http::HttpSettings {
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        })?);
         Providers::from_file(file, Path::new("providers.toml"), &http)
     }
 
@@ -491,7 +522,9 @@ mod tests {
     fn filled_discovery(provider: &Provider, authorization: Option<&str>, iss_promised: bool) {
         let endpoints = Endpoints {
             token_url: oauth2::TokenUrl::new("https://idp.example/token".into()).unwrap(),
+            token_origin: crate::http::Origin::Derived,
             revocation_url: None,
+            revocation_origin: crate::http::Origin::Derived,
             authorization_url: authorization.map(|u| url::Url::parse(u).unwrap()),
             iss_parameter_supported: iss_promised,
         };

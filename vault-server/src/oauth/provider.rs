@@ -14,6 +14,8 @@ use oauth2::{
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::RwLock;
 
+use crate::http::Origin;
+
 use super::{
     AuthStyle, DISCOVERY_TTL, MAX_EXPIRES_IN, MIN_EXPIRES_IN, ProviderError, ProviderHttp,
     Refreshed, TokenKind, classify, error_code, https_url, is_reserved_authorize_param,
@@ -23,7 +25,10 @@ use super::{
 #[derive(Debug, Clone)]
 pub(super) struct Endpoints {
     pub(super) token_url: TokenUrl,
+    /// Configured, or read from the discovery document (and then held to the egress policy).
+    pub(super) token_origin: Origin,
     pub(super) revocation_url: Option<RevocationUrl>,
+    pub(super) revocation_origin: Origin,
     /// Explicit, preset or discovered; `None` when the tool can refresh but not start consent.
     pub(super) authorization_url: Option<url::Url>,
     /// RFC 9207: the provider promises an `iss` parameter on every authorization response.
@@ -113,7 +118,9 @@ impl Provider {
                     .fixed_token_url
                     .clone()
                     .ok_or_else(|| ProviderError::unavailable("no token URL"))?,
+                token_origin: Origin::Configured,
                 revocation_url: self.fixed_revocation_url.clone(),
+                revocation_origin: Origin::Configured,
                 authorization_url: self.fixed_authorization_url.clone(),
                 iss_parameter_supported: false,
             });
@@ -129,7 +136,11 @@ impl Provider {
             "/.well-known/oauth-authorization-server",
             "/.well-known/openid-configuration",
         ] {
-            match self.http.get_json(&format!("{issuer}{suffix}")).await {
+            match self
+                .http
+                .get_json(Origin::Configured, &format!("{issuer}{suffix}"))
+                .await
+            {
                 // RFC 8414 §3.3: the document must name exactly the issuer it was fetched
                 // for, or its endpoints belong to someone else.
                 Ok(json) if issuer_matches(&json, issuer) => {
@@ -154,6 +165,15 @@ impl Provider {
                 .and_then(|v| v.as_str())
                 .map(str::to_string)
         };
+        let origin = |fixed: bool| {
+            if fixed {
+                Origin::Configured
+            } else {
+                Origin::Derived
+            }
+        };
+        let token_origin = origin(self.fixed_token_url.is_some());
+        let revocation_origin = origin(self.fixed_revocation_url.is_some());
         let token_url = match &self.fixed_token_url {
             Some(url) => url.clone(),
             None => field("token_endpoint")
@@ -175,7 +195,9 @@ impl Provider {
         });
         let endpoints = Endpoints {
             token_url,
+            token_origin,
             revocation_url,
+            revocation_origin,
             authorization_url,
             iss_parameter_supported: document
                 .get("authorization_response_iss_parameter_supported")
@@ -230,11 +252,12 @@ impl Provider {
     #[tracing::instrument(skip(self, refresh_token), fields(tool = %self.tool))]
     pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Refreshed, ProviderError> {
         let endpoints = self.endpoints().await?;
+        let http = self.http.to(endpoints.token_origin);
         let client = self.client(endpoints);
         let token = RefreshToken::new(refresh_token.expose_secret().to_string());
         let result = client
             .exchange_refresh_token(&token)
-            .request_async(&self.http)
+            .request_async(&http)
             .await;
         match result {
             Ok(response) => tokens(&response),
@@ -252,7 +275,7 @@ impl Provider {
             },
             Err(err) => {
                 self.forget_discovery().await;
-                Err(classify(err))
+                Err(classify(&self.tool, err))
             }
         }
     }
@@ -314,12 +337,13 @@ impl Provider {
         let redirect = RedirectUrl::new(redirect_uri.to_string())
             .map_err(|_| ProviderError::unavailable("the redirect URI is not a URL"))?;
         let endpoints = self.endpoints().await?;
+        let http = self.http.to(endpoints.token_origin);
         let client = self.client(endpoints);
         let result = client
             .exchange_code(AuthorizationCode::new(code.expose_secret().to_string()))
             .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().to_string()))
             .set_redirect_uri(Cow::Owned(redirect))
-            .request_async(&self.http)
+            .request_async(&http)
             .await;
         match result {
             Ok(response) => tokens(&response),
@@ -338,7 +362,7 @@ impl Provider {
             }
             Err(err) => {
                 self.forget_discovery().await;
-                Err(classify(err))
+                Err(classify(&self.tool, err))
             }
         }
     }
@@ -384,6 +408,7 @@ impl Provider {
                 "the provider has no revocation endpoint",
             ));
         }
+        let http = self.http.to(endpoints.revocation_origin);
         let client = self.client(endpoints);
         let secret = token.expose_secret().to_string();
         let revocable = match kind {
@@ -395,7 +420,7 @@ impl Provider {
         let request = client
             .revoke_token(revocable)
             .map_err(|e| ProviderError::unavailable(format!("revocation is misconfigured: {e}")))?;
-        match request.request_async(&self.http).await {
+        match request.request_async(&http).await {
             Ok(()) => Ok(()),
             // RFC 7009 §2.2.1: a server that cannot revoke access tokens says so; the refresh
             // token's revocation covers them.
@@ -415,7 +440,7 @@ impl Provider {
             }
             Err(err) => {
                 self.forget_discovery().await;
-                Err(classify(err))
+                Err(classify(&self.tool, err))
             }
         }
     }
