@@ -12,6 +12,7 @@ mod client;
 mod config;
 mod conformance;
 mod consent;
+mod egress;
 mod hardening;
 mod lifecycle;
 mod provider;
