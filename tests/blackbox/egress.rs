@@ -172,12 +172,15 @@ async fn a_discovered_token_endpoint_on_loopback_is_refused_unless_allowed() {
         ]
     };
 
-    // Unset: loopback is refused for derived URLs.
-    let refusing = settings("");
+    // Unset: loopback is refused for derived URLs. The server runs as its own process, so
+    // that its refusal counter reaches a collector.
+    let (collector, otlp) = crate::telemetry::Collector::start().await;
+    let mut refusing = settings("");
+    refusing.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
     let refusing: Vec<(&str, &str)> = refusing.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = spawn_with(&db, &issuer, &refusing).await;
+    let app = start_binary(&settings_pairs(&db, &issuer, &refusing)).await;
     let grant = provider.authorize("alice").await;
-    let vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = app.client_with(&issuer.token("agent-a", "alice")).await;
     vault
         .store_token(
             "jira",
@@ -203,7 +206,15 @@ async fn a_discovered_token_endpoint_on_loopback_is_refused_unless_allowed() {
         (0, 0),
         "no token call reached the provider"
     );
-    drop(app);
+    drop(vault);
+    // SIGTERM flushes the last metric points.
+    assert!(app.terminate().await.success());
+    let refusals = collector.counter("vault.egress.refusals", "rule");
+    assert!(
+        refusals.get("loopback").is_some_and(|n| *n >= 1),
+        "{refusals:?}"
+    );
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
 
     // Allowed: the same flow succeeds (bob: alice's credential is in backoff now).
     let allowing = settings("127.0.0.0/8");

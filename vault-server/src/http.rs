@@ -277,12 +277,40 @@ fn configured_url_problem(url: &url::Url) -> Option<&'static str> {
     }
 }
 
-/// A refused derived fetch: logged here, once, at warning; the caller gets the same words.
+/// Refused derived fetches, exported as the OpenTelemetry counter `vault.egress.refusals`
+/// (attribute `rule`: `loopback`, `private`, `not_https`, …) through the global meter provider.
+fn refusals() -> &'static opentelemetry::metrics::Counter<u64> {
+    static COUNTER: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| {
+        opentelemetry::global::meter(crate::telemetry::SCOPE)
+            .u64_counter("vault.egress.refusals")
+            .with_description("Outbound fetches of derived URLs refused by the egress policy")
+            .build()
+    })
+}
+
+/// The counter's attribute for a refusal: the rule, never the address.
+fn rule_label(refused: &Refused) -> String {
+    match refused {
+        Refused::Address { rule, .. } => format!("{rule:?}").to_ascii_lowercase(),
+        Refused::NotHttps => "not_https".into(),
+        Refused::UserInfo => "user_info".into(),
+        Refused::NoAddress => "no_address".into(),
+    }
+}
+
+/// A refused derived fetch: logged here, once, at warning, and counted; the caller gets the
+/// same words.
 fn refusal(url: &url::Url, refused: &Refused) -> HttpError {
     tracing::warn!(
         host = url.host_str().unwrap_or(""),
         rule = %refused,
         "egress refused a derived URL; no connection was made"
+    );
+    refusals().add(
+        1,
+        &[opentelemetry::KeyValue::new("rule", rule_label(refused))],
     );
     HttpError::Refused(refused.to_string())
 }
