@@ -139,6 +139,12 @@ fn with_param(url: &Url, name: &str, value: &str) -> Url {
     out
 }
 
+/// `vault` holds no credential for the tool.
+async fn assert_nothing_stored(vault: &vault_client::Client) {
+    let err = vault.get_token("jira", Duration::ZERO).await.unwrap_err();
+    assert_eq!(err.reason(), ErrorReason::CredentialNotFound, "{err}");
+}
+
 fn query(url: &str, name: &str) -> Option<String> {
     Url::parse(url)
         .unwrap()
@@ -152,14 +158,7 @@ async fn a_bound_consent_flow_stores_the_providers_token_and_refresh_works() {
     let mut w = Consent::new().await;
     let app = w.vault().await;
     let vault = app.client(&w.issuer, "agent-a", "alice").await;
-    assert_eq!(
-        vault
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap_err()
-            .reason(),
-        ErrorReason::CredentialNotFound
-    );
+    assert_nothing_stored(&vault).await;
 
     let begun = vault
         .begin_authorization("jira", NO_SCOPES, Some(RETURN_URL))
@@ -300,14 +299,7 @@ async fn completing_as_another_user_or_agent_is_refused_and_burns_the_flow() {
         );
         for (agent, user) in [("agent-a", "alice"), intruder] {
             let vault = app.client(&w.issuer, agent, user).await;
-            assert_eq!(
-                vault
-                    .get_token("jira", Duration::ZERO)
-                    .await
-                    .unwrap_err()
-                    .reason(),
-                ErrorReason::CredentialNotFound
-            );
+            assert_nothing_stored(&vault).await;
         }
         // Another caller cannot even see the flow.
         assert_eq!(
@@ -406,16 +398,7 @@ async fn replays_forgeries_denials_and_rejected_codes_each_end_in_their_state() 
         AuthorizationState::Failed
     );
 
-    for vault in [&bob] {
-        assert_eq!(
-            vault
-                .get_token("jira", Duration::ZERO)
-                .await
-                .unwrap_err()
-                .reason(),
-            ErrorReason::CredentialNotFound
-        );
-    }
+    assert_nothing_stored(&bob).await;
     assert!(is_serving(&app.endpoint()).await);
 }
 
@@ -448,14 +431,7 @@ async fn an_expired_flow_takes_no_callback_and_cannot_complete() {
         let err = alice.complete_authorization(id).await.unwrap_err();
         assert_eq!(err.reason(), ErrorReason::AuthorizationExpired, "{err}");
     }
-    assert_eq!(
-        alice
-            .get_token("jira", Duration::ZERO)
-            .await
-            .unwrap_err()
-            .reason(),
-        ErrorReason::CredentialNotFound
-    );
+    assert_nothing_stored(&alice).await;
 
     // Swept an hour after expiry, with the credentials.
     fast_forward(&w.db, Duration::from_secs(3600)).await;
