@@ -15,6 +15,7 @@ mod consent;
 mod egress;
 mod hardening;
 mod lifecycle;
+mod mcp;
 mod provider;
 mod refresh;
 mod telemetry;

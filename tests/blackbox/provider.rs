@@ -126,6 +126,9 @@ pub struct Ready {
     pub revocation_endpoint: String,
     pub introspection_endpoint: String,
     pub authorization_endpoint: String,
+    /// RFC 7591 dynamic registration; only with `--registration`.
+    #[serde(default)]
+    pub registration_endpoint: Option<String>,
     pub client_id: String,
     pub client_secret: String,
     pub port: u16,
@@ -138,6 +141,9 @@ pub struct Stats {
     pub refresh_calls: u64,
     pub revocation_calls: u64,
     pub introspection_calls: u64,
+    /// POSTs to the registration endpoint; always 0 without `--registration`.
+    #[serde(default)]
+    pub registration_calls: u64,
 }
 
 /// Tokens from a real authorization-code + PKCE flow.
@@ -171,6 +177,20 @@ impl OidcProvider {
         access_ttl: u64,
         redirect_uris: &[&str],
     ) -> Self {
+        Self::start_with_flags(pki, state_dir, port, access_ttl, redirect_uris, &[])
+    }
+
+    /// [`start_with`](Self::start_with), passing `flags` to `provider.mjs` as well: e.g.
+    /// `--registration` (RFC 7591) and `--resource` (RFC 8707), as an MCP server's
+    /// authorization server needs. See `tests/oidc/README.md`.
+    pub fn start_with_flags(
+        pki: &TestPki,
+        state_dir: &Path,
+        port: u16,
+        access_ttl: u64,
+        redirect_uris: &[&str],
+        flags: &[&str],
+    ) -> Self {
         ensure_npm_packages();
         let mut command = Command::new("node");
         command
@@ -179,6 +199,7 @@ impl OidcProvider {
         for uri in redirect_uris {
             command.args(["--redirect-uri", uri]);
         }
+        command.args(flags);
         let mut child = command
             .arg("--cert")
             .arg(&pki.cert_path)
@@ -255,6 +276,38 @@ impl OidcProvider {
             .post_json("/test/authorize", json!({"user": user, "scope": "openid offline_access read:jira-work", "client_id": self.ready.client_id}))
             .await;
         serde_json::from_value(value).unwrap()
+    }
+
+    /// [`authorize`](Self::authorize) with an RFC 8707 `resource`: the access token's audience
+    /// is `resource` (the provider must run with `--resource`).
+    pub async fn authorize_for(&self, user: &str, resource: &str) -> Grant {
+        let value = self
+            .post_json(
+                "/test/authorize",
+                json!({"user": user, "scope": "openid offline_access read:jira-work",
+                       "client_id": self.ready.client_id, "resource": resource}),
+            )
+            .await;
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// RFC 7591 dynamic registration of `metadata` at the provider's registration endpoint
+    /// (the provider must run with `--registration`); returns the HTTP status and body.
+    pub async fn register_client(&self, metadata: Value) -> (u16, Value) {
+        let endpoint = self
+            .ready
+            .registration_endpoint
+            .as_deref()
+            .expect("the provider runs with --registration");
+        let response = self
+            .http
+            .post(endpoint)
+            .json(&metadata)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn stats(&self) -> Stats {

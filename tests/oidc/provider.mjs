@@ -53,6 +53,7 @@ const ROUTES = {
   token: '/token',
   revocation: '/token/revocation',
   introspection: '/token/introspection',
+  registration: '/reg',
 };
 
 // POST path -> which counter/fault bucket it belongs to.
@@ -60,6 +61,7 @@ const COUNTED_ENDPOINTS = new Map([
   [ROUTES.token, 'token'],
   [ROUTES.revocation, 'revocation'],
   [ROUTES.introspection, 'introspection'],
+  [ROUTES.registration, 'registration'],
 ]);
 
 const INJECTED_HANG_MS = 30_000;
@@ -68,7 +70,7 @@ const INJECTED_HANG_MS = 30_000;
 // Command line
 
 const USAGE = 'usage: node provider.mjs --port PORT --cert CERT.pem --key KEY.pem --state-dir DIR'
-  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]...';
+  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]... [--registration] [--resource]';
 
 class UsageError extends Error {}
 
@@ -84,6 +86,8 @@ function parseCommandLine() {
         'access-ttl': { type: 'string', default: '3600' },
         'refresh-ttl': { type: 'string', default: '86400' },
         'redirect-uri': { type: 'string', multiple: true, default: [] },
+        registration: { type: 'boolean', default: false },
+        resource: { type: 'boolean', default: false },
       },
       strict: true,
     }));
@@ -114,6 +118,8 @@ function parseCommandLine() {
     accessTtl: integer('access-ttl', 1),
     refreshTtl: integer('refresh-ttl', 1),
     redirectUris: values['redirect-uri'],
+    registration: values.registration,
+    resource: values.resource,
   };
 }
 
@@ -146,19 +152,23 @@ class Stats {
     token_calls: 0, refresh_calls: 0, revocation_calls: 0, introspection_calls: 0,
   });
 
-  constructor(file) {
+  // registration_calls only exists with --registration, so that the
+  // counters of a provider without it keep their historical shape.
+  constructor(file, { registration = false } = {}) {
     this.file = file;
-    this.counts = { ...Stats.ZERO, ...readJson(file, {}) };
+    this.zero = registration ? { ...Stats.ZERO, registration_calls: 0 } : Stats.ZERO;
+    this.counts = { ...this.zero, ...readJson(file, {}) };
   }
 
   record(endpoint, grantType) {
+    if (!(`${endpoint}_calls` in this.counts)) return;
     this.counts[`${endpoint}_calls`] += 1;
     if (endpoint === 'token' && grantType === 'refresh_token') this.counts.refresh_calls += 1;
     writeJsonAtomic(this.file, this.counts);
   }
 
   reset() {
-    this.counts = { ...Stats.ZERO };
+    this.counts = { ...this.zero };
     writeJsonAtomic(this.file, this.counts);
   }
 }
@@ -279,7 +289,7 @@ async function main() {
   const opts = parseCommandLine();
   fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
 
-  const stats = new Stats(path.join(opts.stateDir, 'stats.json'));
+  const stats = new Stats(path.join(opts.stateDir, 'stats.json'), { registration: opts.registration });
   const faults = new Faults();
 
   // Requests the harness makes to itself carry this header, so they are
@@ -363,6 +373,25 @@ async function main() {
         // Both clients are the vault's own confidential clients.
         allowedPolicy: async () => true,
       },
+      // RFC 7591, open to anyone (no initial access token), as the MCP
+      // authorization specification expects of an authorization server.
+      registration: { enabled: opts.registration, initialAccessToken: false },
+      // RFC 8707. oidc-provider enables resource indicators by default but
+      // refuses every resource until told which ones exist; with --resource
+      // any absolute URI is a resource server whose access tokens are opaque
+      // (so the resource server must introspect them) with that audience.
+      ...(opts.resource ? {
+        resourceIndicators: {
+          enabled: true,
+          defaultResource: async (ctx, client, oneOf) => oneOf,
+          getResourceServerInfo: async (ctx, resourceIndicator) => ({
+            scope: SCOPES.join(' '),
+            audience: resourceIndicator,
+            accessTokenFormat: 'opaque',
+          }),
+          useGrantedResource: async () => true,
+        },
+      } : {}),
     },
 
     ttl: {
@@ -493,6 +522,7 @@ async function main() {
         client: { ...client, redirect_uri: REDIRECT_URI },
         user: body.user ?? DEFAULT_USER,
         scope: body.scope ?? DEFAULT_SCOPE,
+        resource: body.resource,
         internalHeaders: { [internalHeader]: internalToken },
         routes: ROUTES,
       });
@@ -610,6 +640,7 @@ async function main() {
     revocation_endpoint: `${issuer}${ROUTES.revocation}`,
     introspection_endpoint: `${issuer}${ROUTES.introspection}`,
     authorization_endpoint: `${issuer}${ROUTES.authorization}`,
+    registration_endpoint: opts.registration ? `${issuer}${ROUTES.registration}` : undefined,
     client_id: defaultClient.client_id,
     client_secret: defaultClient.client_secret,
     post_client_id: postClient.client_id,

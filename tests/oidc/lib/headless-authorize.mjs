@@ -115,11 +115,12 @@ export class AuthorizeError extends Error {
  * @param {object} o.client             { client_id, client_secret, token_endpoint_auth_method, redirect_uri }
  * @param {string} o.user               account id to log in as (typed into the login form; also sent as login_hint)
  * @param {string} o.scope
+ * @param {string} [o.resource]         RFC 8707 resource indicator, sent on the authorization request
  * @param {object} o.internalHeaders    headers that mark these calls as the harness's own
  * @param {object} o.routes             provider route paths { authorization, token }
  */
 export async function headlessAuthorize({
-  issuer, client, user, scope, internalHeaders, routes,
+  issuer, client, user, scope, resource, internalHeaders, routes,
 }) {
   const codeVerifier = crypto.randomBytes(32).toString('base64url');
   const codeChallenge = crypto.hash('sha256', codeVerifier, 'base64url');
@@ -139,6 +140,7 @@ export async function headlessAuthorize({
     // any authorization request whose prompt does not include consent, and
     // no offline_access means no refresh token.
     prompt: 'consent',
+    ...(resource === undefined ? {} : { resource }),
   }).toString();
 
   // authorization -> login page -> (post login) -> authorization -> consent
