@@ -15,6 +15,7 @@ mod consent;
 mod egress;
 mod hardening;
 mod lifecycle;
+mod mcp_probe;
 mod provider;
 mod refresh;
 mod telemetry;
