@@ -16,6 +16,7 @@ mod egress;
 mod hardening;
 mod lifecycle;
 mod mcp;
+mod mcp_probe;
 mod provider;
 mod refresh;
 mod telemetry;

@@ -57,6 +57,23 @@ enum Command {
         #[arg(long)]
         docs: bool,
     },
+    /// Discover an MCP server's authorization as the MCP specification's clients do (its 401
+    /// challenge, RFC 9728 protected-resource metadata, then RFC 8414 or OpenID metadata of its
+    /// authorization server), print what was found, and exit non-zero with the first violation.
+    /// Reads VAULT_PROVIDER_CA_FILE, VAULT_PROVIDER_CONNECT_TIMEOUT_SECONDS,
+    /// VAULT_PROVIDER_TIMEOUT_SECONDS and VAULT_EGRESS_ALLOW_CIDRS (URLs the server names must
+    /// pass it). Makes no registration.
+    McpProbe {
+        /// The MCP server's URL: https://, or http:// to a loopback host.
+        url: String,
+        /// The tool name errors mention.
+        #[arg(long, default_value = "probe")]
+        tool: String,
+        /// Also register the vault as a client. Not built yet: after discovery, says so and
+        /// exits with status 2.
+        #[arg(long)]
+        register: bool,
+    },
     /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
     Keygen {
         /// Where to write it; refuses to overwrite.
@@ -99,10 +116,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            match err.downcast_ref::<ExitWith>() {
+                Some(exit) => ExitCode::from(exit.0),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
+
+/// A failure that asks for its own exit status instead of 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+struct ExitWith(u8, String);
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -176,6 +201,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Err(vault_server::config::Problems(problems).into())
         }
+        Command::McpProbe {
+            url,
+            tool,
+            register,
+        } => mcp_probe(&url, &tool, register).await,
         Command::Keygen { out } => {
             vault_server::dev::write_root_key(&out)?;
             println!("wrote a new root key to {}", out.display());
@@ -283,6 +313,119 @@ async fn dev() -> anyhow::Result<()> {
         )
     );
     app.run_until_stopped(shutdown_signal()).await
+}
+
+/// `mcp-probe`: only the outbound-HTTP settings are read, so a probe needs no database or keys.
+async fn mcp_probe(url: &str, tool: &str, register: bool) -> anyhow::Result<()> {
+    let (config, mut problems) = Source::from_env()?.read()?;
+    problems.extend(config.validate());
+    problems
+        .retain(|p| p.name.starts_with("VAULT_PROVIDER_") || p.name == "VAULT_EGRESS_ALLOW_CIDRS");
+    if !problems.is_empty() {
+        return Err(vault_server::config::Problems(problems).into());
+    }
+    let egress =
+        vault_server::egress::EgressPolicy::parse(&config.vault_egress_allow_cidrs.0.join(","))
+            .map_err(|e| anyhow::anyhow!("VAULT_EGRESS_ALLOW_CIDRS: {e}"))?;
+    let outbound = vault_server::http::Outbound::new(&vault_server::http::HttpSettings {
+        ca_file: config.vault_provider_ca_file.clone(),
+        connect_timeout: std::time::Duration::from_secs(
+            config.vault_provider_connect_timeout_seconds,
+        ),
+        timeout: std::time::Duration::from_secs(config.vault_provider_timeout_seconds),
+        egress,
+    })?;
+    let server = vault_server::http::check_configured(url)
+        .map_err(|problem| anyhow::anyhow!("{url}: {problem}"))?;
+    let found = vault_server::oauth::mcp::discover(&outbound, tool, &server).await?;
+    let none = || "none".to_string();
+    let joined = |items: &[String]| {
+        if items.is_empty() {
+            none()
+        } else {
+            items.join(" ")
+        }
+    };
+    let optional = |url: &Option<url::Url>| url.as_ref().map_or_else(none, |u| u.to_string());
+    let server_meta = &found.authorization_server;
+    println!("mcp server: {server}");
+    println!("resource: {}", found.resource);
+    match &found.challenge {
+        Some(challenge) => println!(
+            "challenge: Bearer resource_metadata={} scope={} error={}",
+            challenge.resource_metadata.clone().unwrap_or_else(none),
+            challenge.scope.clone().unwrap_or_else(none),
+            challenge.error.clone().unwrap_or_else(none),
+        ),
+        None => println!("challenge: none (no Bearer WWW-Authenticate; well-known URIs used)"),
+    }
+    println!(
+        "protected resource metadata: {}",
+        found.resource_metadata_url
+    );
+    println!(
+        "authorization servers: {}",
+        found.authorization_servers.join(" ")
+    );
+    println!(
+        "resource scopes_supported: {}",
+        joined(&found.scopes_supported)
+    );
+    println!("authorization server: {}", server_meta.issuer);
+    println!(
+        "authorization server metadata: {}",
+        server_meta.metadata_url
+    );
+    println!(
+        "authorization_endpoint: {}",
+        server_meta.authorization_endpoint
+    );
+    println!("token_endpoint: {}", server_meta.token_endpoint);
+    println!(
+        "revocation_endpoint: {}",
+        optional(&server_meta.revocation_endpoint)
+    );
+    println!(
+        "registration_endpoint: {}",
+        optional(&server_meta.registration_endpoint)
+    );
+    println!(
+        "code_challenge_methods_supported: {} (S256 supported)",
+        server_meta.code_challenge_methods_supported.join(" ")
+    );
+    println!(
+        "token_endpoint_auth_methods_supported: {}",
+        joined(&server_meta.token_endpoint_auth_methods_supported)
+    );
+    println!(
+        "client_id_metadata_document_supported: {}",
+        server_meta.client_id_metadata_document_supported
+    );
+    println!(
+        "authorization_response_iss_parameter_supported: {}",
+        server_meta.authorization_response_iss_parameter_supported
+    );
+    println!(
+        "server scopes_supported: {}",
+        joined(&server_meta.scopes_supported)
+    );
+    let registration = match (
+        server_meta.client_id_metadata_document_supported,
+        &server_meta.registration_endpoint,
+    ) {
+        (true, _) => "client ID metadata document (preferred by MCP 2025-11-25)",
+        (false, Some(_)) => "dynamic client registration (RFC 7591)",
+        (false, None) => "none advertised: a pre-registered client_id is needed",
+    };
+    println!("registration: {registration}");
+    if register {
+        return Err(ExitWith(
+            2,
+            "registration is not built yet; nothing was registered".into(),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Where `dev` serves the consent callback unless told otherwise.

@@ -3,6 +3,7 @@
 //! PKCE, RFC 7636), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
 mod http;
+pub mod mcp;
 mod presets;
 mod provider;
 
