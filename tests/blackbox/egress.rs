@@ -181,14 +181,7 @@ async fn a_discovered_token_endpoint_on_loopback_is_refused_unless_allowed() {
     let app = start_binary(&settings_pairs(&db, &issuer, &refusing)).await;
     let grant = provider.authorize("alice").await;
     let vault = app.client_with(&issuer.token("agent-a", "alice")).await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            None,
-        )
-        .await
-        .unwrap();
+    store_grant(&vault, "jira", &grant, -60).await;
     provider.reset_stats().await;
 
     let refused = vault.refresh("jira", None).await;
@@ -222,14 +215,7 @@ async fn a_discovered_token_endpoint_on_loopback_is_refused_unless_allowed() {
     let app = spawn_with(&db, &issuer, &allowing).await;
     let grant = provider.authorize("bob").await;
     let vault = app.client(&issuer, "agent-a", "bob").await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            None,
-        )
-        .await
-        .unwrap();
+    store_grant(&vault, "jira", &grant, -60).await;
     let refreshed = vault.refresh("jira", None).await.unwrap();
     assert!(refreshed.refreshed);
     assert_eq!(provider.stats().await.refresh_calls, 1);

@@ -477,3 +477,21 @@ extra_authorize_params = {{ prompt = "consent" }}
     .unwrap();
     path
 }
+
+/// Stores `grant` for `tool` as a gateway would, its access token expiring in `expires_in`
+/// seconds (negative: already expired).
+pub async fn store_grant(
+    vault: &vault_client::Client,
+    tool: &str,
+    grant: &Grant,
+    expires_in: i64,
+) -> vault_client::Stored {
+    vault
+        .store_token(
+            tool,
+            crate::helpers::oauth_token(&grant.access_token, &grant.refresh_token, expires_in),
+            None,
+        )
+        .await
+        .unwrap()
+}

@@ -335,14 +335,7 @@ async fn provider_errors_back_off_and_a_still_valid_token_is_served_meanwhile() 
     assert_eq!(w.provider.stats().await.refresh_calls, 1);
 
     // Expired, and the provider says 429 with Retry-After: 2.
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            None,
-        )
-        .await
-        .unwrap();
+    store_grant(&vault, "jira", &grant, -60).await;
     w.provider.reset_stats().await;
     w.provider.fail_next("429", 1).await;
     assert!(matches!(
@@ -450,14 +443,7 @@ async fn refresh_with_an_old_generation_returns_the_current_token_without_a_prov
         )
         .await
         .unwrap();
-    let current = vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, 3600),
-            None,
-        )
-        .await
-        .unwrap();
+    let current = store_grant(&vault, "jira", &grant, 3600).await;
     w.provider.reset_stats().await;
 
     let token = vault.refresh("jira", Some(old.generation)).await.unwrap();
@@ -486,14 +472,7 @@ async fn refresh_outcomes_are_counted_and_the_provider_call_is_traced_over_otlp(
     let grant = w.provider.authorize("alice").await;
     let jwt = w.issuer.token("agent-a", "alice");
     let vault = server.client_with(&jwt).await;
-    vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, -60),
-            None,
-        )
-        .await
-        .unwrap();
+    store_grant(&vault, "jira", &grant, -60).await;
     let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
     assert!(token.refreshed);
 
@@ -590,14 +569,7 @@ async fn callers_cannot_amplify_refreshes_of_a_still_valid_token() {
     let grant = w.provider.authorize("alice").await;
     let vault = app.client(&w.issuer, "agent-a", "alice").await;
     // Valid for another ten minutes: nothing forces a refresh but the callers' asks.
-    let stored = vault
-        .store_token(
-            "jira",
-            oauth_token(&grant.access_token, &grant.refresh_token, 600),
-            None,
-        )
-        .await
-        .unwrap();
+    let stored = store_grant(&vault, "jira", &grant, 600).await;
     w.provider.reset_stats().await;
 
     for _ in 0..30 {
