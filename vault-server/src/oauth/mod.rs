@@ -6,6 +6,7 @@ mod http;
 pub mod mcp;
 mod presets;
 mod provider;
+pub mod registration;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
