@@ -66,11 +66,16 @@ const COUNTED_ENDPOINTS = new Map([
 
 const INJECTED_HANG_MS = 30_000;
 
+// The extra client metadata property whose validator implements
+// --registration-secret-ttl (see the provider configuration).
+const SECRET_TTL_HOOK = 'x_test_secret_ttl_hook';
+
 // ---------------------------------------------------------------------------
 // Command line
 
 const USAGE = 'usage: node provider.mjs --port PORT --cert CERT.pem --key KEY.pem --state-dir DIR'
-  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]... [--registration] [--resource]';
+  + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]... [--registration]'
+  + ' [--registration-secret-ttl SECONDS] [--client-id-metadata] [--resource]';
 
 class UsageError extends Error {}
 
@@ -87,6 +92,8 @@ function parseCommandLine() {
         'refresh-ttl': { type: 'string', default: '86400' },
         'redirect-uri': { type: 'string', multiple: true, default: [] },
         registration: { type: 'boolean', default: false },
+        'registration-secret-ttl': { type: 'string' },
+        'client-id-metadata': { type: 'boolean', default: false },
         resource: { type: 'boolean', default: false },
       },
       strict: true,
@@ -110,6 +117,9 @@ function parseCommandLine() {
       throw new UsageError(`--redirect-uri must be an http(s) URI without a fragment: ${uri}`);
     }
   }
+  if (values['registration-secret-ttl'] !== undefined && !values.registration) {
+    throw new UsageError('--registration-secret-ttl needs --registration');
+  }
   return {
     port: integer('port', 0),
     cert: fs.readFileSync(values.cert),
@@ -119,6 +129,9 @@ function parseCommandLine() {
     refreshTtl: integer('refresh-ttl', 1),
     redirectUris: values['redirect-uri'],
     registration: values.registration,
+    registrationSecretTtl: values['registration-secret-ttl'] === undefined
+      ? undefined : integer('registration-secret-ttl', 1),
+    clientIdMetadata: values['client-id-metadata'],
     resource: values.resource,
   };
 }
@@ -152,12 +165,24 @@ class Stats {
     token_calls: 0, refresh_calls: 0, revocation_calls: 0, introspection_calls: 0,
   });
 
-  // registration_calls only exists with --registration, so that the
-  // counters of a provider without it keep their historical shape.
-  constructor(file, { registration = false } = {}) {
+  // registration_calls only exists with --registration, and cimd_fetches
+  // with --client-id-metadata, so that the counters of a provider without
+  // them keep their historical shape.
+  constructor(file, { registration = false, clientIdMetadata = false } = {}) {
     this.file = file;
-    this.zero = registration ? { ...Stats.ZERO, registration_calls: 0 } : Stats.ZERO;
+    this.zero = {
+      ...Stats.ZERO,
+      ...(registration ? { registration_calls: 0 } : {}),
+      ...(clientIdMetadata ? { cimd_fetches: 0 } : {}),
+    };
     this.counts = { ...this.zero, ...readJson(file, {}) };
+  }
+
+  /** One client ID metadata document about to be fetched (not served from cache). */
+  recordCimdFetch() {
+    if (!('cimd_fetches' in this.counts)) return;
+    this.counts.cimd_fetches += 1;
+    writeJsonAtomic(this.file, this.counts);
   }
 
   record(endpoint, grantType) {
@@ -289,7 +314,10 @@ async function main() {
   const opts = parseCommandLine();
   fs.mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
 
-  const stats = new Stats(path.join(opts.stateDir, 'stats.json'), { registration: opts.registration });
+  const stats = new Stats(path.join(opts.stateDir, 'stats.json'), {
+    registration: opts.registration,
+    clientIdMetadata: opts.clientIdMetadata,
+  });
   const faults = new Faults();
 
   // Requests the harness makes to itself carry this header, so they are
@@ -344,6 +372,46 @@ async function main() {
 
     pkce: { required: () => true },
 
+    // --registration-secret-ttl. oidc-provider always registers a secret
+    // with client_secret_expires_at 0 (never) and only lets registration
+    // policies change that, which need adapter-backed initial access tokens;
+    // open registration has none. The hook it does offer is the
+    // extraClientMetadata validator, which may modify the metadata being
+    // built: it runs for every Client built (registration, and every load
+    // from the adapter), so it acts only on a registration request. The
+    // dummy property exists only to make oidc-provider call the validator.
+    ...(opts.registrationSecretTtl ? {
+      extraClientMetadata: {
+        properties: [SECRET_TTL_HOOK],
+        validator: (ctx, key, value, metadata) => {
+          delete metadata[SECRET_TTL_HOOK];
+          if (ctx?.oidc?.route === 'registration' && metadata.client_secret) {
+            metadata.client_secret_expires_at = Math.floor(Date.now() / 1000)
+              + opts.registrationSecretTtl;
+          }
+        },
+      },
+    } : {}),
+
+    // --client-id-metadata. TEST-ONLY: oidc-provider refuses to fetch a
+    // client ID metadata document from a special-use address (loopback,
+    // private ranges) by passing an SSRF-screening undici dispatcher in
+    // options.dispatcher (lib/helpers/fetch_request.js). Every test process
+    // runs on 127.0.0.1, so for a loopback host only the dispatcher is
+    // dropped and the plain global fetch is used; every other host keeps the
+    // screening. The document is fetched over HTTPS; the test CA is trusted
+    // through NODE_EXTRA_CA_CERTS, set by whoever spawns this process.
+    ...(opts.clientIdMetadata ? {
+      fetch: (url, options) => {
+        const { hostname } = new URL(String(url));
+        if (['127.0.0.1', 'localhost', '[::1]'].includes(hostname)) {
+          const { dispatcher, ...rest } = options;
+          return globalThis.fetch(url, rest);
+        }
+        return globalThis.fetch(url, options);
+      },
+    } : {}),
+
     // The library default already does this; stated explicitly because it
     // is the contract the tests rely on. `offline_access` only reaches the
     // code if the authorization request carried prompt=consent (otherwise
@@ -376,6 +444,22 @@ async function main() {
       // RFC 7591, open to anyone (no initial access token), as the MCP
       // authorization specification expects of an authorization server.
       registration: { enabled: opts.registration, initialAccessToken: false },
+      // draft-ietf-oauth-client-id-metadata-document (experimental in
+      // oidc-provider 9.x; the ack is the draft version it implements).
+      // Discovery then advertises client_id_metadata_document_supported, and
+      // an https client_id that is no registered client is fetched as its
+      // metadata document (cached for max-age, at least 30 s).
+      ...(opts.clientIdMetadata ? {
+        clientIdMetadataDocument: {
+          enabled: true,
+          ack: 'draft-02',
+          // Called only when the document is not cached, just before fetching.
+          allowFetch: async () => {
+            stats.recordCimdFetch();
+            return true;
+          },
+        },
+      } : {}),
       // RFC 8707. oidc-provider enables resource indicators by default but
       // refuses every resource until told which ones exist; with --resource
       // any absolute URI is a resource server whose access tokens are opaque
@@ -546,6 +630,8 @@ async function main() {
       case 'POST /test/reset-stats':
         stats.reset();
         return sendJson(ctx, 200, stats.counts);
+      case 'POST /test/clients/delete':
+        return deleteClient(ctx);
       case 'POST /test/fail': {
         const body = await readJsonBody(ctx);
         try {
@@ -558,6 +644,37 @@ async function main() {
       default:
         return sendJson(ctx, 404, { error: `no test endpoint ${route}` });
     }
+  }
+
+  // Forgets a dynamically registered client, as a real server may (expiry,
+  // clean-up, an administrator): its next token call gets invalid_client.
+  // Client.find always reads the adapter before its own cache of dynamic
+  // clients (that cache is keyed by the metadata's hash and only consulted
+  // for what the adapter returned), so removing the adapter's entry is enough.
+  async function deleteClient(ctx) {
+    const raw = await readRawBody(ctx.req);
+    let clientId;
+    if (ctx.is('application/json')) {
+      try {
+        clientId = JSON.parse(raw)?.client_id;
+      } catch {
+        return sendJson(ctx, 400, { error: 'request body must be JSON' });
+      }
+    } else {
+      clientId = querystring.parse(raw).client_id;
+    }
+    if (typeof clientId !== 'string' || clientId === '') {
+      return sendJson(ctx, 400, { error: 'client_id is required' });
+    }
+    if (CLIENTS.some((c) => c.client_id === clientId)) {
+      return sendJson(ctx, 400, { error: `${clientId} is a static client and cannot be deleted` });
+    }
+    const { adapter } = provider.Client;
+    if (!(await adapter.find(clientId))) {
+      return sendJson(ctx, 404, { error: 'no such registered client', client_id: clientId });
+    }
+    await adapter.destroy(clientId);
+    return sendJson(ctx, 200, { deleted: clientId });
   }
 
   async function injectFault(ctx, mode) {

@@ -452,6 +452,140 @@ test('discovery advertises the iss authorization response parameter', async () =
   assert.equal(res.body.authorization_response_iss_parameter_supported, true);
 });
 
+// A second provider with the MCP registration features, in its own state dir.
+// --client-id-metadata fetches documents over HTTPS from loopback, trusting
+// the test CA through NODE_EXTRA_CA_CERTS, as the Rust harness spawns it.
+let mcp;
+let mcpReady;
+let documentServer;
+
+async function startMcpProvider() {
+  mcp = spawn(process.execPath, [
+    path.join(here, 'provider.mjs'),
+    '--port', '0',
+    '--cert', path.join(tmp, 'leaf.pem'),
+    '--key', path.join(tmp, 'leaf.key'),
+    '--state-dir', path.join(tmp, 'mcp-state'),
+    '--redirect-uri', CALLBACK,
+    '--registration',
+    '--registration-secret-ttl', '600',
+    '--client-id-metadata',
+  ], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, NODE_EXTRA_CA_CERTS: path.join(tmp, 'ca.pem') },
+  });
+  let out = '';
+  mcp.stdout.setEncoding('utf8');
+  mcp.stdout.on('data', (chunk) => { out += chunk; });
+  while (!out.includes('\n')) {
+    const [code] = await Promise.race([once(mcp, 'exit'), once(mcp.stdout, 'data')]);
+    if (typeof code === 'number') throw new Error(`provider exited with ${code}`);
+  }
+  mcpReady = JSON.parse(out);
+}
+
+after(async () => {
+  documentServer?.close();
+  if (mcp && mcp.exitCode === null) {
+    mcp.kill('SIGKILL');
+    await once(mcp, 'exit');
+  }
+});
+
+const register = (json) => call('POST', mcpReady.registration_endpoint, { json });
+const REGISTRATION = {
+  redirect_uris: [CALLBACK],
+  grant_types: ['authorization_code', 'refresh_token'],
+  response_types: ['code'],
+  token_endpoint_auth_method: 'client_secret_basic',
+  client_name: 'credential-vault',
+};
+
+test('registration answers a confidential client whose secret expires after the ttl', async () => {
+  await startMcpProvider();
+  const before = Math.floor(Date.now() / 1000);
+  const res = await register(REGISTRATION);
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  assert.equal(typeof res.body.client_id, 'string');
+  assert.equal(typeof res.body.client_secret, 'string');
+  assert.equal(res.body.token_endpoint_auth_method, 'client_secret_basic');
+  assert.deepEqual(res.body.redirect_uris, [CALLBACK]);
+  assert.ok(res.body.client_secret_expires_at >= before + 600, JSON.stringify(res.body));
+  assert.ok(res.body.client_secret_expires_at <= Math.floor(Date.now() / 1000) + 600);
+  assert.equal(res.body.x_test_secret_ttl_hook, undefined);
+  const pub = await register({ ...REGISTRATION, token_endpoint_auth_method: 'none' });
+  assert.equal(pub.status, 201, JSON.stringify(pub.body));
+  assert.equal(pub.body.client_secret, undefined);
+  assert.equal(pub.body.client_secret_expires_at, undefined);
+  assert.equal((await call('GET', `${mcpReady.issuer}/test/stats`)).body.registration_calls, 2);
+});
+
+test('a deleted registration is invalid_client at the token endpoint', async () => {
+  const { body: client } = await register(REGISTRATION);
+  const tokenCall = () => call('POST', `${mcpReady.issuer}/token`, {
+    basic: { id: client.client_id, secret: client.client_secret },
+    form: { grant_type: 'refresh_token', refresh_token: 'not-a-refresh-token' },
+  });
+  // Authenticated, so the failure is about the grant.
+  const before = await tokenCall();
+  assert.equal(before.body.error, 'invalid_grant', JSON.stringify(before.body));
+  const deleted = await call('POST', `${mcpReady.issuer}/test/clients/delete`, {
+    form: { client_id: client.client_id },
+  });
+  assert.equal(deleted.status, 200, JSON.stringify(deleted.body));
+  const afterDelete = await tokenCall();
+  assert.equal(afterDelete.status, 401);
+  assert.equal(afterDelete.body.error, 'invalid_client');
+  const again = await call('POST', `${mcpReady.issuer}/test/clients/delete`, {
+    json: { client_id: client.client_id },
+  });
+  assert.equal(again.status, 404);
+  const fixed = await call('POST', `${mcpReady.issuer}/test/clients/delete`, {
+    json: { client_id: 'vault-test' },
+  });
+  assert.equal(fixed.status, 400);
+});
+
+test('with --client-id-metadata a loopback https metadata document is fetched', async () => {
+  const discovery = await call('GET', `${mcpReady.issuer}/.well-known/openid-configuration`);
+  assert.equal(discovery.body.client_id_metadata_document_supported, true);
+
+  documentServer = https.createServer({
+    cert: fs.readFileSync(path.join(tmp, 'leaf.pem')),
+    key: fs.readFileSync(path.join(tmp, 'leaf.key')),
+  }, (req, res) => {
+    const { port } = documentServer.address();
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({
+      client_id: `https://127.0.0.1:${port}/client.json`,
+      client_name: 'credential-vault',
+      redirect_uris: [`https://127.0.0.1:${port}/callback`],
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      token_endpoint_auth_method: 'none',
+    }));
+  });
+  await new Promise((resolve) => { documentServer.listen(0, '127.0.0.1', resolve); });
+  const { port } = documentServer.address();
+  const clientId = `https://127.0.0.1:${port}/client.json`;
+  const verifier = crypto.randomBytes(32).toString('base64url');
+  const url = new URL(`${mcpReady.issuer}/auth`);
+  url.search = new URLSearchParams({
+    client_id: clientId,
+    response_type: 'code',
+    redirect_uri: `https://127.0.0.1:${port}/callback`,
+    scope: 'openid',
+    state: 'x',
+    code_challenge: crypto.hash('sha256', verifier, 'base64url'),
+    code_challenge_method: 'S256',
+  }).toString();
+  // The client resolved: the provider moves on to its login page.
+  const res = await browser()('GET', url.href);
+  assert.equal(res.status, 303, res.body);
+  assert.match(res.location.pathname, /^\/interaction\//, res.location.href);
+  assert.equal((await call('GET', `${mcpReady.issuer}/test/stats`)).body.cimd_fetches, 1);
+});
+
 test('SIGTERM exits cleanly', async () => {
   child.kill('SIGTERM');
   const [code] = await once(child, 'exit');
