@@ -10,7 +10,8 @@ use vault_server::crypto::SealedCredential;
 use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
     AgentRecord, CredentialKey, CredentialState, FlowChange, FlowStatus, NewCredential, NewFlow,
-    PgStore, RefreshLease, RootKeyRecord, Store, SweepOutcome, Upserted,
+    NewRegistration, PgStore, RefreshLease, Registration, RootKeyRecord, Store, SweepOutcome,
+    Upserted,
 };
 use vault_server::vault::refresh_backoff;
 
@@ -920,6 +921,252 @@ async fn a_users_credentials_are_listed_by_tool_past_their_ttl_included(store: &
     );
 }
 
+const AS_ISSUER: &str = "https://auth.example.com";
+
+/// What a test saves as a client registration: owned, so a [`NewRegistration`] can borrow it.
+struct RegistrationSpec {
+    tool: Tool,
+    issuer: String,
+    client_id: String,
+    sealed_secret: Option<Vec<u8>>,
+    auth_method: String,
+    secret_expires_at: Option<DateTime<Utc>>,
+    redirect_uris: Vec<String>,
+}
+
+impl RegistrationSpec {
+    /// A confidential client `client_id` for `tool` at `issuer`, its secret expiring in an hour.
+    fn new(tool_name: &str, issuer: &str, client_id: &str) -> Self {
+        Self {
+            tool: tool(tool_name),
+            issuer: issuer.to_string(),
+            client_id: client_id.to_string(),
+            sealed_secret: Some(format!("sealed-secret-of-{client_id}").into_bytes()),
+            auth_method: "client_secret_basic".into(),
+            secret_expires_at: Some(in_seconds(3600)),
+            // Not in sorted order: the order saved is the order read back.
+            redirect_uris: vec![
+                "https://vault.example/oauth/callback".into(),
+                "https://b.vault.example/oauth/callback?x=1&y=2".into(),
+                "http://127.0.0.1:8080/cb".into(),
+            ],
+        }
+    }
+
+    /// The same client as a public one: no secret, nothing to expire.
+    fn public(tool_name: &str, issuer: &str, client_id: &str) -> Self {
+        Self {
+            sealed_secret: None,
+            auth_method: "none".into(),
+            secret_expires_at: None,
+            ..Self::new(tool_name, issuer, client_id)
+        }
+    }
+
+    fn as_new(&self) -> NewRegistration<'_> {
+        NewRegistration {
+            tool: &self.tool,
+            issuer: &self.issuer,
+            client_id: &self.client_id,
+            sealed_secret: self.sealed_secret.as_deref(),
+            auth_method: &self.auth_method,
+            secret_expires_at: self.secret_expires_at,
+            redirect_uris: &self.redirect_uris,
+        }
+    }
+
+    /// Saves it.
+    async fn save(&self, store: &Store) {
+        store
+            .registrations
+            .save_registration(&self.as_new())
+            .await
+            .unwrap();
+    }
+
+    /// Asserts that `read` is this registration, saved between `after` and now.
+    fn assert_read_back(&self, read: &Registration, after: DateTime<Utc>) {
+        assert_eq!(read.tool, self.tool);
+        assert_eq!(read.issuer, self.issuer);
+        assert_eq!(read.client_id, self.client_id);
+        assert_eq!(read.sealed_secret, self.sealed_secret);
+        assert_eq!(read.auth_method, self.auth_method);
+        assert_eq!(read.secret_expires_at, self.secret_expires_at);
+        assert_eq!(read.redirect_uris, self.redirect_uris);
+        assert!(
+            read.registered_at >= after
+                && read.registered_at < Utc::now() + chrono::Duration::seconds(60),
+            "registered now: {} (after {after})",
+            read.registered_at
+        );
+    }
+}
+
+/// The registration of `tool_name` at `issuer`, if any.
+async fn registration_of(store: &Store, tool_name: &str, issuer: &str) -> Option<Registration> {
+    store
+        .registrations
+        .registration(&tool(tool_name), issuer)
+        .await
+        .unwrap()
+}
+
+async fn a_registration_reads_back_whole_with_or_without_a_secret(store: &Store) {
+    let before = Utc::now() - chrono::Duration::seconds(60);
+    assert!(registration_of(store, "jira", AS_ISSUER).await.is_none());
+
+    let confidential = RegistrationSpec::new("jira", AS_ISSUER, "client-1");
+    confidential.save(store).await;
+    let public = RegistrationSpec::public("zoom", AS_ISSUER, "client-2");
+    public.save(store).await;
+
+    let read = registration_of(store, "jira", AS_ISSUER).await.unwrap();
+    confidential.assert_read_back(&read, before);
+    let read = registration_of(store, "zoom", AS_ISSUER).await.unwrap();
+    public.assert_read_back(&read, before);
+    assert_eq!(read.sealed_secret, None);
+    assert_eq!(read.secret_expires_at, None);
+
+    let mut no_uris = RegistrationSpec::new("slack", AS_ISSUER, "client-3");
+    no_uris.redirect_uris = Vec::new();
+    no_uris.save(store).await;
+    let read = registration_of(store, "slack", AS_ISSUER).await.unwrap();
+    assert!(read.redirect_uris.is_empty());
+
+    let mut unstorable = RegistrationSpec::new("github", AS_ISSUER, "client-4");
+    unstorable.redirect_uris = vec!["https://a.example/cb\nhttps://b.example/cb".into()];
+    assert!(
+        store
+            .registrations
+            .save_registration(&unstorable.as_new())
+            .await
+            .is_err(),
+        "a redirect URI with a line break would read back as two"
+    );
+    assert!(registration_of(store, "github", AS_ISSUER).await.is_none());
+}
+
+async fn saving_a_registration_again_replaces_it(store: &Store) {
+    RegistrationSpec::new("jira", AS_ISSUER, "client-1")
+        .save(store)
+        .await;
+    let first = registration_of(store, "jira", AS_ISSUER).await.unwrap();
+
+    // A public client in its place: every field is replaced, including the ones it lacks.
+    let mut second = RegistrationSpec::public("jira", AS_ISSUER, "client-2");
+    second.redirect_uris = vec!["https://vault.example/oauth/other-callback".into()];
+    second.save(store).await;
+    let read = registration_of(store, "jira", AS_ISSUER).await.unwrap();
+    second.assert_read_back(&read, first.registered_at);
+
+    let third = RegistrationSpec::new("jira", AS_ISSUER, "client-3");
+    third.save(store).await;
+    let read = registration_of(store, "jira", AS_ISSUER).await.unwrap();
+    third.assert_read_back(&read, first.registered_at);
+}
+
+async fn a_registration_is_forgotten_only_while_its_client_is_current(store: &Store) {
+    RegistrationSpec::new("jira", AS_ISSUER, "client-1")
+        .save(store)
+        .await;
+    let fresh = RegistrationSpec::new("jira", AS_ISSUER, "client-2");
+    fresh.save(store).await;
+    let jira = tool("jira");
+
+    // A replica that saw client-1 rejected, after another saved client-2 in its place.
+    assert!(
+        !store
+            .registrations
+            .forget_registration(&jira, AS_ISSUER, "client-1")
+            .await
+            .unwrap(),
+        "a stale client deletes nothing"
+    );
+    let kept = registration_of(store, "jira", AS_ISSUER).await.unwrap();
+    assert_eq!(kept.client_id, "client-2");
+    assert_eq!(kept.sealed_secret, fresh.sealed_secret);
+
+    assert!(
+        store
+            .registrations
+            .forget_registration(&jira, AS_ISSUER, "client-2")
+            .await
+            .unwrap()
+    );
+    assert!(registration_of(store, "jira", AS_ISSUER).await.is_none());
+    assert!(
+        !store
+            .registrations
+            .forget_registration(&jira, AS_ISSUER, "client-2")
+            .await
+            .unwrap(),
+        "nothing left to forget"
+    );
+}
+
+async fn registrations_of_other_tools_and_issuers_are_independent(store: &Store) {
+    const OTHER_ISSUER: &str = "https://login.example.org/tenant-1";
+    let specs = [
+        RegistrationSpec::new("jira", AS_ISSUER, "jira-at-auth"),
+        RegistrationSpec::new("jira", OTHER_ISSUER, "jira-at-login"),
+        RegistrationSpec::public("zoom", AS_ISSUER, "zoom-at-auth"),
+        RegistrationSpec::new("zoom", OTHER_ISSUER, "zoom-at-login"),
+    ];
+    let before = Utc::now() - chrono::Duration::seconds(60);
+    for spec in &specs {
+        spec.save(store).await;
+    }
+    for spec in &specs {
+        let read = registration_of(store, spec.tool.as_str(), &spec.issuer)
+            .await
+            .unwrap();
+        spec.assert_read_back(&read, before);
+    }
+    assert!(registration_of(store, "slack", AS_ISSUER).await.is_none());
+    assert!(
+        registration_of(store, "jira", "https://auth.example.com/")
+            .await
+            .is_none(),
+        "the issuer is matched exactly"
+    );
+
+    // Replacing one and forgetting another leave the rest alone.
+    let replaced = RegistrationSpec::new("jira", AS_ISSUER, "jira-at-auth-2");
+    replaced.save(store).await;
+    assert!(
+        !store
+            .registrations
+            .forget_registration(&tool("zoom"), OTHER_ISSUER, "zoom-at-auth")
+            .await
+            .unwrap(),
+        "another issuer's client of the same tool"
+    );
+    assert!(
+        !store
+            .registrations
+            .forget_registration(&tool("jira"), OTHER_ISSUER, "zoom-at-login")
+            .await
+            .unwrap(),
+        "another tool's client at the same issuer"
+    );
+    assert!(
+        store
+            .registrations
+            .forget_registration(&tool("zoom"), OTHER_ISSUER, "zoom-at-login")
+            .await
+            .unwrap()
+    );
+    assert!(registration_of(store, "zoom", OTHER_ISSUER).await.is_none());
+    let read = registration_of(store, "jira", AS_ISSUER).await.unwrap();
+    replaced.assert_read_back(&read, before);
+    for spec in [&specs[1], &specs[2]] {
+        let read = registration_of(store, spec.tool.as_str(), &spec.issuer)
+            .await
+            .unwrap();
+        spec.assert_read_back(&read, before);
+    }
+}
+
 async fn postgres(db: &TestDb) -> Store {
     migrated_pg(db, 4).await.1
 }
@@ -975,6 +1222,10 @@ conformance!(
     an_ended_flow_keeps_its_error_and_loses_its_secrets,
     expired_flows_are_swept_before_the_cut_off_within_the_limit,
     a_users_credentials_are_listed_by_tool_past_their_ttl_included,
+    a_registration_reads_back_whole_with_or_without_a_secret,
+    saving_a_registration_again_replaces_it,
+    a_registration_is_forgotten_only_while_its_client_is_current,
+    registrations_of_other_tools_and_issuers_are_independent,
 );
 
 #[tokio::test]
@@ -1135,10 +1386,11 @@ impl Drop for ServingLogin {
     }
 }
 
-/// Flows live in the control schema: a serving login that owns nothing reaches them through the
-/// serving group (migration 0004's grant), while a listing reads under the agent's own role.
+/// Flows and client registrations live in the control schema: a serving login that owns nothing
+/// reaches them through the serving group (migrations 0004's and 0005's grants), while a listing
+/// reads under the agent's own role.
 #[tokio::test]
-async fn a_separate_serving_role_keeps_flows_and_lists_credentials() {
+async fn a_separate_serving_role_keeps_flows_and_registrations_and_lists_credentials() {
     let db = TestDb::new().await;
     let login = ServingLogin::create(&db).await;
     let owner = PgStore::connect(&DatabaseSettings {
@@ -1183,6 +1435,27 @@ async fn a_separate_serving_role_keeps_flows_and_lists_credentials() {
     assert_eq!(
         serving.flows.sweep_flows(in_seconds(0), 10).await.unwrap(),
         1
+    );
+
+    RegistrationSpec::new("jira", AS_ISSUER, "client-1")
+        .save(&serving)
+        .await;
+    RegistrationSpec::new("jira", AS_ISSUER, "client-2")
+        .save(&serving)
+        .await;
+    assert_eq!(
+        registration_of(&serving, "jira", AS_ISSUER)
+            .await
+            .unwrap()
+            .client_id,
+        "client-2"
+    );
+    assert!(
+        serving
+            .registrations
+            .forget_registration(&tool("jira"), AS_ISSUER, "client-2")
+            .await
+            .unwrap()
     );
 
     let a = registered(&serving, "agent-a").await;

@@ -9,11 +9,13 @@ mod envelope;
 mod flow;
 mod keyring;
 mod keys;
+mod registration;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
 pub use flow::{FlowBinding, FlowSecret, open_flow_secret, seal_flow_secret};
 pub use keyring::{Keyring, Unlocked};
 pub use keys::{AgentKey, KdfParams, RootKey, RootKeySource};
+pub use registration::{open_client_secret, seal_client_secret};
 
 /// A seal did not open: wrong key, wrong binding, or tampered bytes. Deliberately says no more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

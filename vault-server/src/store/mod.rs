@@ -2,9 +2,9 @@
 //! a key or a token in clear.
 //!
 //! The boundary is one trait per table group ([`SchemaStore`], [`KeyStore`],
-//! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`], [`FlowStore`]), gathered in [`Store`].
-//! A new kind of state (registrations, audit records) is a new trait and a new field, and leaves
-//! the others alone. The stores persist what they are told and answer what they are asked:
+//! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`], [`FlowStore`], [`RegistrationStore`]),
+//! gathered in [`Store`]. A new kind of state (audit records, say) is a new trait and a new
+//! field, and leaves the others alone. The stores persist what they are told and answer what they are asked:
 //! every policy (backoff, lease lengths, which state follows which) is decided by the caller in
 //! `vault/`, so the two backends differ only in SQL.
 
@@ -14,6 +14,7 @@ mod keys;
 mod leases;
 mod outbox;
 mod postgres;
+mod registrations;
 mod rows;
 mod sqlite;
 
@@ -28,6 +29,7 @@ pub use keys::{AgentRecord, KeyStore, RootKeyRecord};
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
 pub use postgres::{PgStore, drop_database_and_roles, namespace_for};
+pub use registrations::{NewRegistration, Registration, RegistrationStore};
 pub use sqlite::SqliteStore;
 
 /// What can go wrong below the service.
@@ -71,12 +73,19 @@ pub trait SchemaStore: Send + Sync + 'static {
 
 /// A backend: every table group, from one database.
 pub trait Backend:
-    SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore + FlowStore
+    SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore + FlowStore + RegistrationStore
 {
 }
 
-impl<T: SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore + FlowStore> Backend
-    for T
+impl<
+    T: SchemaStore
+        + KeyStore
+        + CredentialStore
+        + LeaseStore
+        + OutboxStore
+        + FlowStore
+        + RegistrationStore,
+> Backend for T
 {
 }
 
@@ -96,6 +105,8 @@ pub struct Store {
     pub outbox: Arc<dyn OutboxStore>,
     /// Consent flows in progress.
     pub flows: Arc<dyn FlowStore>,
+    /// Dynamic client registrations at authorization servers, shared by every replica.
+    pub registrations: Arc<dyn RegistrationStore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -114,7 +125,8 @@ impl Store {
             credentials: backend.clone(),
             leases: backend.clone(),
             outbox: backend.clone(),
-            flows: backend,
+            flows: backend.clone(),
+            registrations: backend,
         }
     }
 }

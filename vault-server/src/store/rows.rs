@@ -7,8 +7,8 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    AgentRecord, CredentialState, CredentialSummary, Flow, FlowStatus, OutboxEntry, RootKeyRecord,
-    StoreError, StoredCredential,
+    AgentRecord, CredentialState, CredentialSummary, Flow, FlowStatus, OutboxEntry, Registration,
+    RootKeyRecord, StoreError, StoredCredential,
 };
 use crate::crypto::{KdfParams, SealedCredential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
@@ -248,6 +248,58 @@ impl TryFrom<FlowRow> for Flow {
             sealed_code: row.sealed_code,
             expires_at: from_ms(row.expires_at_ms),
             created_at: from_ms(row.created_at_ms),
+        })
+    }
+}
+
+/// `tool, issuer, client_id, sealed_secret, auth_method, secret_expires_at_ms, redirect_uris,
+/// registered_at_ms` of a client registration.
+#[derive(sqlx::FromRow)]
+pub(super) struct RegistrationRow {
+    tool: String,
+    issuer: String,
+    client_id: String,
+    sealed_secret: Option<Vec<u8>>,
+    auth_method: String,
+    secret_expires_at_ms: Option<i64>,
+    redirect_uris: String,
+    registered_at_ms: i64,
+}
+
+/// Redirect URIs are stored one per line, in order. A URI never contains a line break (RFC 3986
+/// has no unescaped whitespace), and an empty one could not be told from none, so either is
+/// refused rather than stored to read back as something else.
+pub(super) fn joined_redirect_uris(uris: &[String]) -> Result<String, StoreError> {
+    if let Some(bad) = uris
+        .iter()
+        .find(|u| u.is_empty() || u.contains(['\n', '\r']))
+    {
+        return Err(StoreError::Corrupt(format!(
+            "redirect URI {bad:?} cannot be stored: empty or contains a line break"
+        )));
+    }
+    Ok(uris.join("\n"))
+}
+
+impl TryFrom<RegistrationRow> for Registration {
+    type Error = StoreError;
+
+    fn try_from(row: RegistrationRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            tool: Tool::parse(row.tool)
+                .map_err(|err| StoreError::Corrupt(format!("registration tool: {err}")))?,
+            issuer: row.issuer,
+            client_id: row.client_id,
+            sealed_secret: row.sealed_secret,
+            auth_method: row.auth_method,
+            secret_expires_at: row.secret_expires_at_ms.map(from_ms),
+            redirect_uris: row
+                .redirect_uris
+                .split('\n')
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect(),
+            registered_at: from_ms(row.registered_at_ms),
         })
     }
 }

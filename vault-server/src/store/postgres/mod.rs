@@ -10,6 +10,7 @@ mod keys;
 mod lanes;
 mod leases;
 mod outbox;
+mod registrations;
 mod schema;
 
 use std::time::Duration;

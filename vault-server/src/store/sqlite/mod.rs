@@ -12,6 +12,7 @@ mod flows;
 mod keys;
 mod leases;
 mod outbox;
+mod registrations;
 mod schema;
 
 use std::path::Path;
