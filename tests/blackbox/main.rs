@@ -17,6 +17,7 @@ mod hardening;
 mod lifecycle;
 mod mcp;
 mod mcp_probe;
+mod mcp_tools;
 mod provider;
 mod refresh;
 mod telemetry;

@@ -64,10 +64,17 @@ impl McpServer {
     /// tokens by introspection as `issuer`'s client `vault-test`. `extra_args` go to
     /// `server.mjs` as they are (e.g. `["--as-override", URL]`; see `tests/mcp/README.md`).
     pub fn start(pki: &TestPki, issuer: &Ready, extra_args: &[&str]) -> Self {
+        Self::start_on(pki, issuer, 0, extra_args)
+    }
+
+    /// [`start`](Self::start) on `port` (0: a free one), e.g. to replace a server at the same
+    /// URL.
+    pub fn start_on(pki: &TestPki, issuer: &Ready, port: u16, extra_args: &[&str]) -> Self {
         ensure_npm_packages();
+        let port = port.to_string();
         let mut child = Command::new("node")
             .arg(mcp_dir().join("server.mjs"))
-            .args(["--port", "0", "--issuer", &issuer.issuer])
+            .args(["--port", &port, "--issuer", &issuer.issuer])
             .args(["--introspection-client-id", &issuer.client_id])
             .args(["--introspection-client-secret", &issuer.client_secret])
             .arg("--cert")
@@ -172,12 +179,19 @@ impl McpServer {
     }
 }
 
-impl Drop for McpServer {
-    fn drop(&mut self) {
+impl McpServer {
+    /// Kills the server now (its port is free when this returns).
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -186,7 +186,7 @@ fn outbound(pki: &TestPki, allow: &str) -> Outbound {
 
 /// Runs `vault-server mcp-probe` with exactly `pairs` as its environment (plus PATH) on a
 /// blocking thread, so this runtime keeps serving the canned server: (exit code, stdout, stderr).
-async fn probe(args: &[&str], pairs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+pub(crate) async fn probe(args: &[&str], pairs: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut command = std::process::Command::new(binary());
     command
         .arg("mcp-probe")
@@ -344,6 +344,16 @@ async fn a_derived_metadata_url_on_loopback_is_refused_without_a_request() {
     let pki = TestPki::new();
     let server = CannedServer::start(&pki).await;
     server.serve_good();
+    // A challenge naming a URL that is not one the vault would compute from the configured
+    // one: learned from a response, so derived.
+    let challenge = format!(
+        r#"Bearer resource_metadata="{}""#,
+        server.url("/elsewhere/prm")
+    );
+    server.route(
+        "/mcp",
+        response("401 Unauthorized", &[("WWW-Authenticate", &challenge)], b""),
+    );
     let mcp = url::Url::parse(&server.url("/mcp")).unwrap();
 
     let err = discover(&outbound(&pki, ""), "jira", &mcp)
@@ -355,7 +365,28 @@ async fn a_derived_metadata_url_on_loopback_is_refused_without_a_request() {
     assert!(text.contains("is loopback"), "{text}");
     // The configured MCP URL was called; the URL its answer named was not.
     assert_eq!(server.hits("/mcp"), 1);
-    assert_eq!(server.hits("/.well-known/oauth-protected-resource/mcp"), 0);
+    assert_eq!(server.hits("/elsewhere/prm"), 0);
+}
+
+#[tokio::test]
+async fn the_well_known_metadata_of_the_configured_server_is_as_trusted_as_its_url() {
+    let pki = TestPki::new();
+    let server = CannedServer::start(&pki).await;
+    server.serve_good();
+    let mcp = url::Url::parse(&server.url("/mcp")).unwrap();
+
+    // Loopback is not allowed: the protected-resource metadata at the configured server's own
+    // well-known URI is read, and the authorization server it names (learned from that
+    // answer) is refused without a request.
+    let err = discover(&outbound(&pki, ""), "jira", &mcp)
+        .await
+        .unwrap_err();
+
+    let text = err.to_string();
+    assert!(text.contains("authorization server metadata"), "{text}");
+    assert!(text.contains("is loopback"), "{text}");
+    assert_eq!(server.hits("/.well-known/oauth-protected-resource/mcp"), 1);
+    assert_eq!(server.hits("/.well-known/oauth-authorization-server/as"), 0);
 }
 
 #[tokio::test]
@@ -388,9 +419,11 @@ async fn mcp_probe_prints_the_endpoints_and_exits_non_zero_on_the_first_violatio
     }
     assert!(stdout.contains("(S256 supported)"), "{stdout}");
 
+    // --register needs the redirect URI to register, and says so before any request.
     let (code, _, stderr) = probe(&[&mcp, "--register"], &env).await;
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("registration is not built yet"), "{stderr}");
+    assert!(stderr.contains("OAUTH_TOOL_REDIRECT_URI"), "{stderr}");
+    assert_eq!(server.hits("/as/register"), 0);
 
     server.route(
         "/.well-known/oauth-authorization-server/as",
@@ -405,7 +438,7 @@ async fn mcp_probe_prints_the_endpoints_and_exits_non_zero_on_the_first_violatio
     );
 
     server.serve_good();
-    let hits_before = server.hits("/.well-known/oauth-protected-resource/mcp");
+    let hits_before = server.hits("/.well-known/oauth-authorization-server/as");
     let (code, _, stderr) = probe(
         &[&mcp],
         &[
@@ -416,8 +449,9 @@ async fn mcp_probe_prints_the_endpoints_and_exits_non_zero_on_the_first_violatio
     .await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("is loopback"), "{stderr}");
+    // The configured server's own metadata is read; the authorization server it names is not.
     assert_eq!(
-        server.hits("/.well-known/oauth-protected-resource/mcp"),
+        server.hits("/.well-known/oauth-authorization-server/as"),
         hits_before
     );
 }

@@ -201,6 +201,9 @@ impl OidcProvider {
         }
         command.args(flags);
         let mut child = command
+            // Node trusts the test CA for what the provider fetches itself (a client ID
+            // metadata document served by the vault over TLS).
+            .env("NODE_EXTRA_CA_CERTS", &pki.ca_path)
             .arg("--cert")
             .arg(&pki.cert_path)
             .arg("--key")
@@ -317,6 +320,13 @@ impl OidcProvider {
 
     pub async fn reset_stats(&self) {
         self.post_json("/test/reset-stats", json!({})).await;
+    }
+
+    /// Deletes the dynamically registered client `client_id`: the provider answers
+    /// `invalid_client` to it from then on.
+    pub async fn delete_client(&self, client_id: &str) {
+        self.post_json("/test/clients/delete", json!({ "client_id": client_id }))
+            .await;
     }
 
     /// The next `count` token-endpoint calls fail with `mode` (`500`, `429`, `timeout`).

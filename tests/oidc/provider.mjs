@@ -75,7 +75,7 @@ const SECRET_TTL_HOOK = 'x_test_secret_ttl_hook';
 
 const USAGE = 'usage: node provider.mjs --port PORT --cert CERT.pem --key KEY.pem --state-dir DIR'
   + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]... [--registration]'
-  + ' [--registration-secret-ttl SECONDS] [--client-id-metadata] [--resource]';
+  + ' [--registration-secret-ttl SECONDS] [--client-id-metadata] [--resource] [--strict-resource]';
 
 class UsageError extends Error {}
 
@@ -95,6 +95,7 @@ function parseCommandLine() {
         'registration-secret-ttl': { type: 'string' },
         'client-id-metadata': { type: 'boolean', default: false },
         resource: { type: 'boolean', default: false },
+        'strict-resource': { type: 'boolean', default: false },
       },
       strict: true,
     }));
@@ -117,6 +118,9 @@ function parseCommandLine() {
       throw new UsageError(`--redirect-uri must be an http(s) URI without a fragment: ${uri}`);
     }
   }
+  if (values['strict-resource'] && !values.resource) {
+    throw new UsageError('--strict-resource needs --resource');
+  }
   if (values['registration-secret-ttl'] !== undefined && !values.registration) {
     throw new UsageError('--registration-secret-ttl needs --registration');
   }
@@ -133,6 +137,7 @@ function parseCommandLine() {
       ? undefined : integer('registration-secret-ttl', 1),
     clientIdMetadata: values['client-id-metadata'],
     resource: values.resource,
+    strictResource: values['strict-resource'],
   };
 }
 
@@ -467,13 +472,17 @@ async function main() {
       ...(opts.resource ? {
         resourceIndicators: {
           enabled: true,
-          defaultResource: async (ctx, client, oneOf) => oneOf,
+          // --strict-resource: a token request must name its resource itself;
+          // one that does not gets no audience (and an MCP server refuses the
+          // token), so a client that forgets RFC 8707 on the token endpoint
+          // is caught.
+          defaultResource: async (ctx, client, oneOf) => (opts.strictResource ? undefined : oneOf),
           getResourceServerInfo: async (ctx, resourceIndicator) => ({
             scope: SCOPES.join(' '),
             audience: resourceIndicator,
             accessTokenFormat: 'opaque',
           }),
-          useGrantedResource: async () => true,
+          useGrantedResource: async () => !opts.strictResource,
         },
       } : {}),
     },

@@ -199,8 +199,31 @@ fn router(vault: Arc<Vault>) -> Router {
             HEALTH_PATH,
             get(|| async { page(StatusCode::OK, "ok", "Serving.") }),
         )
+        .route(
+            crate::oauth::clients::METADATA_DOCUMENT_PATH,
+            get(client_metadata),
+        )
         .fallback(|| async { page(StatusCode::NOT_FOUND, "Not found", "There is nothing here.") })
         .with_state(vault)
+}
+
+/// The vault's Client ID Metadata Document, which authorization servers fetch to learn who the
+/// `client_id` URL is; nothing in it is secret.
+async fn client_metadata(State(vault): State<Arc<Vault>>) -> Response {
+    let Some(document) = vault.client_metadata_document() else {
+        return page(StatusCode::NOT_FOUND, "Not found", "There is nothing here.");
+    };
+    let mut response = (StatusCode::OK, document.to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    response
 }
 
 async fn not_allowed() -> Response {

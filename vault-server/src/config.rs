@@ -174,13 +174,21 @@ value::settings! {
         vault_provider_connect_timeout_seconds: u64 = 5, 1..=60;
         /// Provider call limit, the whole exchange.
         vault_provider_timeout_seconds: u64 = 15, 1..=120;
-        /// URLs the vault learns from a response (a discovery document's token and revocation
+        /// URLs the vault learns from a response (a discovery document's endpoints; an MCP
+        /// server's challenge, its authorization servers, their metadata and registration
         /// endpoints) are fetched only over `https` and only when every address their host
         /// resolves to is public; loopback, private, link-local, CGNAT, unique-local, multicast,
         /// documentation and other special ranges (and their IPv4-mapped and NAT64 forms) are
         /// refused unless inside one of these CIDRs. URLs in settings and the providers file are
         /// trusted. `dev` sets `127.0.0.0/8,::1/128`.
         vault_egress_allow_cidrs: List = List::default(), "comma-separated CIDRs";
+        /// Fixed answers for host names in those derived URLs, used instead of DNS and still
+        /// held to the rule above (for pinned names, and tests).
+        vault_egress_hosts: List = List::default(), "comma-separated name=address";
+        /// How long discovered metadata is trusted before it is fetched again: an issuer's
+        /// (RFC 8414) and an MCP server's protected-resource and authorization-server metadata
+        /// (RFC 9728). A failed call through discovered endpoints fetches them again at once.
+        vault_discovery_ttl_seconds: u64 = 3600, 0..=86_400;
         /// First per-credential backoff after a transient provider failure (doubling;
         /// `Retry-After` honoured).
         vault_refresh_backoff_base_seconds: u64 = 1, 1..=3600;
@@ -205,7 +213,8 @@ value::settings! {
         /// Require client certificates from this CA (mutual TLS).
         vault_tls_client_ca_file: Option<PathBuf> = None, "a PEM file";
         /// The consent flow's callback, served over HTTP apart from gRPC because browsers reach
-        /// it and agents do not: `GET /api/v1/auth/tool/callback` and `GET /healthz`. Unset: no
+        /// it and agents do not: `GET /api/v1/auth/tool/callback`, `GET /healthz` and the
+        /// vault's client metadata document (`GET /api/v1/auth/tool/client-metadata`). Unset: no
         /// callback listener (BeginAuthorization still works when another replica serves it).
         /// With `VAULT_TLS_CERT_FILE` it serves HTTPS with the same certificate; without TLS it
         /// must be a loopback address unless `VAULT_ALLOW_PLAINTEXT=true`.

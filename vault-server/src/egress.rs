@@ -134,10 +134,12 @@ pub fn classify(ip: IpAddr) -> Option<Rule> {
     }
 }
 
-/// `VAULT_EGRESS_ALLOW_CIDRS`: the non-public ranges a derived URL may still reach.
+/// `VAULT_EGRESS_ALLOW_CIDRS`: the non-public ranges a derived URL may still reach; and
+/// `VAULT_EGRESS_HOSTS`: fixed answers for names in derived URLs, screened like DNS answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EgressPolicy {
     allow: Vec<IpNet>,
+    hosts: std::collections::BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl EgressPolicy {
@@ -153,7 +155,39 @@ impl EgressPolicy {
                     .map_err(|_| format!("{part:?} is not a CIDR such as 10.0.0.0/8 or ::1/128"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { allow })
+        Ok(Self {
+            allow,
+            hosts: Default::default(),
+        })
+    }
+
+    /// Adds fixed answers, `name=address` comma-separated (a name may repeat for several
+    /// addresses): a derived URL naming the host connects to those, after screening, without a
+    /// DNS query. For pinned names and for tests.
+    pub fn with_hosts(mut self, text: &str) -> Result<Self, String> {
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, address) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not name=address"))?;
+            let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            if name.is_empty() || name.parse::<IpAddr>().is_ok() {
+                return Err(format!("{part:?}: the name must be a host name"));
+            }
+            let address: IpAddr = address
+                .trim()
+                .parse()
+                .map_err(|_| format!("{part:?}: {address:?} is not an IP address"))?;
+            self.hosts.entry(name).or_default().push(address);
+        }
+        Ok(self)
+    }
+
+    /// The fixed answer for `name`, if one is configured.
+    pub fn pinned(&self, name: &str) -> Option<Vec<SocketAddr>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.hosts
+            .get(&name)
+            .map(|addrs| addrs.iter().map(|ip| SocketAddr::new(*ip, 0)).collect())
     }
 
     /// Whether `ip` may be connected to for a derived URL: public, or inside an allowed CIDR.
@@ -481,6 +515,37 @@ mod tests {
             assert_eq!(url.host(), *host, "{text}");
             let got = policy.check_url(&url).map_err(|e| e.to_string());
             assert_eq!(got, expected.map_err(str::to_string), "{text}");
+        }
+    }
+
+    #[test]
+    fn pinned_hosts_answer_without_dns_and_are_screened_like_dns() {
+        let policy = EgressPolicy::parse("")
+            .unwrap()
+            .with_hosts("as.test.invalid=127.0.0.1, AS.test.invalid=::1,public.example.=8.8.8.8")
+            .unwrap();
+        let pinned = policy.pinned("as.test.invalid.").unwrap();
+        assert_eq!(pinned.len(), 2);
+        assert!(matches!(
+            policy.screen(pinned),
+            Err(Refused::Address { .. })
+        ));
+        assert!(
+            policy
+                .screen(policy.pinned("public.example").unwrap())
+                .is_ok()
+        );
+        assert_eq!(policy.pinned("other.example"), None);
+        for bad in [
+            "as.test",
+            "=127.0.0.1",
+            "x=localhost",
+            "127.0.0.1=127.0.0.1",
+        ] {
+            assert!(
+                EgressPolicy::parse("").unwrap().with_hosts(bad).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -115,8 +115,10 @@ impl reqwest::dns::Resolve for Screening {
         let egress = Arc::clone(&self.egress);
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let found: Vec<SocketAddr> = match egress.pinned(&host) {
+                Some(pinned) => pinned,
+                None => tokio::net::lookup_host((host.as_str(), 0)).await?.collect(),
+            };
             let checked = egress.screen(found)?;
             Ok(Box::new(checked.into_iter()) as reqwest::dns::Addrs)
         })

@@ -69,8 +69,9 @@ enum Command {
         /// The tool name errors mention.
         #[arg(long, default_value = "probe")]
         tool: String,
-        /// Also register the vault as a client. Not built yet: after discovery, says so and
-        /// exits with status 2.
+        /// Also register a client by dynamic client registration (RFC 7591) with redirect URI
+        /// OAUTH_TOOL_REDIRECT_URI, and print its client_id (never its secret). The
+        /// registration is not saved: the vault registers itself at first use.
         #[arg(long)]
         register: bool,
     },
@@ -319,14 +320,19 @@ async fn dev() -> anyhow::Result<()> {
 async fn mcp_probe(url: &str, tool: &str, register: bool) -> anyhow::Result<()> {
     let (config, mut problems) = Source::from_env()?.read()?;
     problems.extend(config.validate());
-    problems
-        .retain(|p| p.name.starts_with("VAULT_PROVIDER_") || p.name == "VAULT_EGRESS_ALLOW_CIDRS");
+    problems.retain(|p| {
+        p.name.starts_with("VAULT_PROVIDER_")
+            || p.name.starts_with("VAULT_EGRESS_")
+            || (register && p.name == "OAUTH_TOOL_REDIRECT_URI")
+    });
     if !problems.is_empty() {
         return Err(vault_server::config::Problems(problems).into());
     }
     let egress =
         vault_server::egress::EgressPolicy::parse(&config.vault_egress_allow_cidrs.0.join(","))
-            .map_err(|e| anyhow::anyhow!("VAULT_EGRESS_ALLOW_CIDRS: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("VAULT_EGRESS_ALLOW_CIDRS: {e}"))?
+            .with_hosts(&config.vault_egress_hosts.0.join(","))
+            .map_err(|e| anyhow::anyhow!("VAULT_EGRESS_HOSTS: {e}"))?;
     let outbound = vault_server::http::Outbound::new(&vault_server::http::HttpSettings {
         ca_file: config.vault_provider_ca_file.clone(),
         connect_timeout: std::time::Duration::from_secs(
@@ -419,12 +425,64 @@ async fn mcp_probe(url: &str, tool: &str, register: bool) -> anyhow::Result<()> 
     };
     println!("registration: {registration}");
     if register {
+        probe_registration(&outbound, tool, server_meta, &config).await?;
+    }
+    Ok(())
+}
+
+/// `mcp-probe --register`: one dynamic client registration, printed and not saved.
+async fn probe_registration(
+    outbound: &vault_server::http::Outbound,
+    tool: &str,
+    server: &vault_server::oauth::mcp::AuthorizationServer,
+    config: &vault_server::config::Config,
+) -> anyhow::Result<()> {
+    use vault_server::oauth::registration::{ClientMetadata, choose_auth_method, register};
+    let Some(redirect) = config.oauth_tool_redirect_uri.clone() else {
         return Err(ExitWith(
             2,
-            "registration is not built yet; nothing was registered".into(),
+            "--register needs OAUTH_TOOL_REDIRECT_URI, the redirect URI to register".into(),
         )
         .into());
-    }
+    };
+    let Some(endpoint) = &server.registration_endpoint else {
+        return Err(ExitWith(
+            1,
+            "registration_endpoint: the authorization server offers no dynamic client registration"
+                .into(),
+        )
+        .into());
+    };
+    let method = choose_auth_method(&server.token_endpoint_auth_methods_supported)
+        .map_err(|rule| ExitWith(1, rule))?;
+    let redirect_uris = [redirect];
+    let registered = register(
+        outbound,
+        tool,
+        vault_server::http::Origin::Derived,
+        endpoint,
+        &ClientMetadata {
+            client_name: "credential-vault (mcp-probe)",
+            redirect_uris: &redirect_uris,
+            auth_method: method,
+            scope: None,
+        },
+    )
+    .await?;
+    println!(
+        "registered: client_id={} token_endpoint_auth_method={} client_secret={} expires={}",
+        registered.client_id,
+        registered.auth_method.as_str(),
+        if registered.client_secret.is_some() {
+            "issued (not shown)"
+        } else {
+            "none"
+        },
+        registered
+            .secret_expires_at
+            .map_or_else(|| "never".to_string(), |at| at.to_rfc3339()),
+    );
+    println!("not saved: the vault registers itself at first use");
     Ok(())
 }
 

@@ -122,13 +122,25 @@ impl Application {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot load issuer keys: {e:#}"))?,
         );
-        let providers = crate::oauth::Providers::load(&settings.providers, &outbound)?;
+        // Outlives one provider call (connect + total timeout) with room to write the result.
+        let provider_lease = settings.providers.connect_timeout
+            + settings.providers.timeout
+            + Duration::from_secs(10);
+        // MCP tools without a configured client register the vault; that needs the redirect URI
+        // to register.
+        let registrar = settings.callback.redirect_uri.as_ref().map(|redirect| {
+            Arc::new(crate::oauth::Registrar::new(
+                store.clone(),
+                &root,
+                outbound.clone(),
+                redirect.to_string(),
+                provider_lease,
+            ))
+        });
+        let providers = crate::oauth::Providers::load(&settings.providers, &outbound, registrar)?;
         let options = VaultOptions {
             secrets_ttl_seconds: settings.secrets_ttl_seconds,
-            // Outlives one provider call (connect + total timeout) with room to write the result.
-            refresh_lease: settings.providers.connect_timeout
-                + settings.providers.timeout
-                + Duration::from_secs(10),
+            refresh_lease: provider_lease,
             backoff_base: settings.backoff_base,
             backoff_cap: settings.backoff_cap,
             revocation_max_age: settings.revocation_max_age,

@@ -232,7 +232,9 @@ impl Config {
     /// `VAULT_EGRESS_ALLOW_CIDRS`, each CIDR parsed.
     pub(super) fn egress(&self) -> Result<crate::egress::EgressPolicy, ConfigError> {
         crate::egress::EgressPolicy::parse(&self.vault_egress_allow_cidrs.0.join(","))
-            .map_err(|p| ConfigError::new("VAULT_EGRESS_ALLOW_CIDRS", p))
+            .map_err(|p| ConfigError::new("VAULT_EGRESS_ALLOW_CIDRS", p))?
+            .with_hosts(&self.vault_egress_hosts.0.join(","))
+            .map_err(|p| ConfigError::new("VAULT_EGRESS_HOSTS", p))
     }
 
     /// The consent flow's settings, each URL checked.

@@ -208,6 +208,7 @@ impl Settings {
             connect_timeout: seconds(c.vault_provider_connect_timeout_seconds),
             timeout: seconds(c.vault_provider_timeout_seconds),
             egress: c.egress()?,
+            discovery_ttl: seconds(c.vault_discovery_ttl_seconds),
         };
         // The casts below are within range: validation bounds both far below u32::MAX.
         Ok(Self {

@@ -26,6 +26,11 @@ impl ProviderHttp {
         Self { outbound }
     }
 
+    /// The shared client itself, for discovery and registration.
+    pub fn outbound(&self) -> &Outbound {
+        &self.outbound
+    }
+
     /// GET returning JSON, for discovery documents.
     pub async fn get_json(
         &self,

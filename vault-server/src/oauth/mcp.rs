@@ -4,9 +4,9 @@
 //! then its first authorization server's metadata (RFC 8414, or OpenID discovery), each looked
 //! up in the order the specification gives and checked before anything in it is used.
 //!
-//! Only the MCP server's URL is configured. Every other URL here was named by a response, so it
-//! is fetched as [`Origin::Derived`] and held to the egress policy: a server must not be able to
-//! point the vault at its own network. Errors name the tool and the rule broken, never a body.
+//! Only the MCP server's URL is configured, and with it the well-known URIs computed from it.
+//! Every other URL here was named by a response, so it is fetched as [`Origin::Derived`] and held
+//! to the egress policy: a server must not be able to point the vault at its own network. Errors name the tool and the rule broken, never a body.
 
 use url::Url;
 
@@ -208,18 +208,33 @@ pub async fn discover(
 
     // (b) The protected-resource metadata: the challenge's URL alone when it names one,
     // otherwise the well-known URIs in order.
-    let candidates = match challenge
+    // The well-known URIs are computed from the configured URL, not learned from a response,
+    // so they are as trusted as it is; a URL the challenge names is derived, unless it is one of
+    // them.
+    let well_known = protected_resource_metadata_urls(mcp_server);
+    let candidates: Vec<(Url, Origin)> = match challenge
         .as_ref()
         .and_then(|c| c.resource_metadata.as_deref())
     {
-        Some(named) => vec![Url::parse(named).map_err(|_| {
-            invalid(
-                Step::McpServer,
-                "the WWW-Authenticate resource_metadata is not an absolute URL (RFC 9728 §5.1)"
-                    .into(),
-            )
-        })?],
-        None => protected_resource_metadata_urls(mcp_server),
+        Some(named) => {
+            let url = Url::parse(named).map_err(|_| {
+                invalid(
+                    Step::McpServer,
+                    "the WWW-Authenticate resource_metadata is not an absolute URL (RFC 9728 §5.1)"
+                        .into(),
+                )
+            })?;
+            let origin = if well_known.contains(&url) {
+                Origin::Configured
+            } else {
+                Origin::Derived
+            };
+            vec![(url, origin)]
+        }
+        None => well_known
+            .into_iter()
+            .map(|url| (url, Origin::Configured))
+            .collect(),
     };
     let (resource_metadata_url, prm) =
         first_document(outbound, tool, Step::ResourceMetadata, &candidates)
@@ -280,7 +295,11 @@ pub async fn discover(
 
     // (c) The first authorization server's metadata.
     let issuer = &authorization_servers[0];
-    let candidates = authorization_server_metadata_urls(&issuers[0]);
+    // Named by the protected-resource metadata: derived.
+    let candidates: Vec<(Url, Origin)> = authorization_server_metadata_urls(&issuers[0])
+        .into_iter()
+        .map(|url| (url, Origin::Derived))
+        .collect();
     let (metadata_url, document) =
         first_document(outbound, tool, Step::ServerMetadata, &candidates)
             .await?
@@ -402,23 +421,23 @@ async fn fetch(
     Ok(fetched)
 }
 
-/// GETs each candidate (derived) in order and returns the first 2xx JSON object; `Err(status)`
-/// is the last status when none had one. A refusal, transport failure, redirect or a 2xx that
-/// is not a JSON object stops the search: the server answered, wrongly.
+/// GETs each candidate, as its origin, in order and returns the first 2xx JSON object;
+/// `Err(status)` is the last status when none had one. A refusal, transport failure, redirect or
+/// a 2xx that is not a JSON object stops the search: the server answered, wrongly.
 async fn first_document(
     outbound: &Outbound,
     tool: &str,
     step: Step,
-    candidates: &[Url],
+    candidates: &[(Url, Origin)],
 ) -> Result<Result<(Url, serde_json::Value), u16>, DiscoveryError> {
     let mut last = 0;
-    for url in candidates {
+    for (url, origin) in candidates {
         let mut request = reqwest::Request::new(reqwest::Method::GET, url.clone());
         request.headers_mut().insert(
             reqwest::header::ACCEPT,
             reqwest::header::HeaderValue::from_static("application/json"),
         );
-        let fetched = fetch(outbound, tool, step, Origin::Derived, request).await?;
+        let fetched = fetch(outbound, tool, step, *origin, request).await?;
         if !fetched.status.is_success() {
             tracing::debug!(tool, %url, status = fetched.status.as_u16(), "no document here");
             last = fetched.status.as_u16();
@@ -457,8 +476,11 @@ fn quote(value: &str) -> String {
     format!("{short:?}{ellipsis}")
 }
 
-fn list(urls: &[Url]) -> String {
-    urls.iter().map(Url::as_str).collect::<Vec<_>>().join(", ")
+fn list(urls: &[(Url, Origin)]) -> String {
+    urls.iter()
+        .map(|(url, _)| url.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The canonical URI of an MCP server (MCP authorization, "Canonical Server URI"; RFC 8707 §2):

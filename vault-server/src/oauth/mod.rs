@@ -2,6 +2,7 @@
 //! vault does there — the consent flow's authorization URL and code exchange (RFC 6749 §4.1 with
 //! PKCE, RFC 7636), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
+pub mod clients;
 mod http;
 pub mod mcp;
 mod presets;
@@ -19,6 +20,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use tokio::sync::RwLock;
 
+pub use clients::Registrar;
 pub use http::ProviderHttp;
 pub use provider::{AuthorizationRequest, Provider};
 
@@ -32,6 +34,31 @@ pub enum AuthStyle {
     Basic,
     /// Form body (`client_secret_post`).
     Post,
+}
+
+/// The client the vault is at an authorization server: configured, or registered by the vault.
+#[derive(Clone)]
+pub struct ClientCredentials {
+    /// `client_id`.
+    pub id: ClientId,
+    /// The client secret; `None` for a public client (PKCE only).
+    pub secret: Option<SecretString>,
+    /// How the secret travels.
+    pub auth_style: AuthStyle,
+    /// Registered by the vault (RFC 7591), so renewed when the server rejects it; a configured
+    /// client is the operator's to fix.
+    pub registered: bool,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("id", &self.id.as_str())
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("auth_style", &self.auth_style)
+            .field("registered", &self.registered)
+            .finish()
+    }
 }
 
 /// What a provider call can end in.
@@ -99,9 +126,6 @@ pub const MIN_EXPIRES_IN: Duration = Duration::from_secs(1);
 /// Longest access-token lifetime taken from a provider: a year.
 pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(365 * 86_400);
 
-/// How long a discovery document is trusted before it is fetched again.
-const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
-
 /// Provider settings from the environment.
 #[derive(Debug, Clone, Default)]
 pub struct ProviderSettings {
@@ -115,6 +139,8 @@ pub struct ProviderSettings {
     pub timeout: Duration,
     /// `VAULT_EGRESS_ALLOW_CIDRS`: where derived URLs may go beyond public addresses.
     pub egress: crate::egress::EgressPolicy,
+    /// `VAULT_DISCOVERY_TTL_SECONDS`: how long discovered metadata is trusted.
+    pub discovery_ttl: Duration,
 }
 
 impl ProviderSettings {
@@ -140,10 +166,11 @@ struct ProvidersFile {
 #[serde(deny_unknown_fields)]
 struct ToolEntry {
     preset: Option<String>,
+    mcp_server: Option<String>,
     issuer: Option<String>,
     token_url: Option<String>,
     revocation_url: Option<String>,
-    client_id: String,
+    client_id: Option<String>,
     client_secret_env: Option<String>,
     client_secret_file: Option<PathBuf>,
     client_secret: Option<String>,
@@ -189,6 +216,15 @@ fn is_reserved_authorize_param(key: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Providers {
     by_tool: Arc<HashMap<String, Arc<Provider>>>,
+    registrar: Option<Arc<Registrar>>,
+}
+
+/// How a tool's entry is loaded: what every provider shares.
+struct Loading<'a> {
+    file: &'a Path,
+    http: &'a ProviderHttp,
+    discovery_ttl: Duration,
+    registrar: Option<&'a Arc<Registrar>>,
 }
 
 fn https_url(tool: &str, key: &str, value: &str) -> anyhow::Result<String> {
@@ -223,12 +259,18 @@ impl Providers {
     pub fn none() -> Self {
         Self {
             by_tool: Arc::new(HashMap::new()),
+            registrar: None,
         }
     }
 
     /// Loads `VAULT_PROVIDERS_FILE`, resolving client secrets now so a missing one stops startup.
-    /// Every provider call goes through `outbound`.
-    pub fn load(settings: &ProviderSettings, outbound: &Outbound) -> anyhow::Result<Self> {
+    /// Every provider call goes through `outbound`; MCP tools without a configured client
+    /// register through `registrar`.
+    pub fn load(
+        settings: &ProviderSettings,
+        outbound: &Outbound,
+        registrar: Option<Arc<Registrar>>,
+    ) -> anyhow::Result<Self> {
         let http = ProviderHttp::new(outbound.clone());
         let Some(path) = &settings.file else {
             return Ok(Self::none());
@@ -238,62 +280,178 @@ impl Providers {
         )
         .extract()
         .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e}", path.display()))?;
-        Self::from_file(file, path, &http)
+        let loading = Loading {
+            file: path,
+            http: &http,
+            discovery_ttl: settings.discovery_ttl,
+            registrar: registrar.as_ref(),
+        };
+        Self::from_file(file, &loading)
     }
 
-    fn from_file(file: ProvidersFile, path: &Path, http: &ProviderHttp) -> anyhow::Result<Self> {
+    fn from_file(file: ProvidersFile, loading: &Loading<'_>) -> anyhow::Result<Self> {
         let mut by_tool = HashMap::new();
         for (tool, entry) in file.tools {
-            let provider = Self::provider(&tool, entry, path, http)
-                .map_err(|e| anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e:#}", path.display()))?;
+            let provider = Self::provider(&tool, entry, loading).map_err(|e| {
+                anyhow::anyhow!("VAULT_PROVIDERS_FILE ({}): {e:#}", loading.file.display())
+            })?;
             by_tool.insert(tool, Arc::new(provider));
         }
         tracing::info!(tools = by_tool.len(), "loaded OAuth provider registry");
+        let registrar = by_tool
+            .values()
+            .any(|p| p.registrar.is_some())
+            .then(|| loading.registrar.cloned())
+            .flatten();
         Ok(Self {
             by_tool: Arc::new(by_tool),
+            registrar,
         })
     }
 
-    fn provider(
+    /// The registrar, when a tool registers the vault: it serves the vault's client metadata
+    /// document.
+    pub fn registrar(&self) -> Option<&Arc<Registrar>> {
+        self.registrar.as_ref()
+    }
+
+    /// A tool configured by `mcp_server`: the MCP server's URL (https, or http on loopback for
+    /// development), and optionally a pre-registered client; everything else is discovered.
+    fn mcp_provider(
         tool: &str,
+        server: &str,
         entry: ToolEntry,
-        file: &Path,
-        http: &ProviderHttp,
+        loading: &Loading<'_>,
     ) -> anyhow::Result<Provider> {
-        Tool::parse(tool).map_err(|e| anyhow::anyhow!("tools.{tool}: tool name {e}"))?;
-        let preset = match &entry.preset {
-            Some(name) => Some(presets::preset(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "tools.{tool}.preset: unknown preset {name:?} (known: {})",
-                    presets::NAMES
-                )
-            })?),
-            None => None,
+        let server = configured_url(tool, "mcp_server", server)?;
+        let server = url::Url::parse(&server)?;
+        for (key, set) in [
+            ("preset", entry.preset.is_some()),
+            ("issuer", entry.issuer.is_some()),
+            ("token_url", entry.token_url.is_some()),
+            ("revocation_url", entry.revocation_url.is_some()),
+            ("authorization_url", entry.authorization_url.is_some()),
+            (
+                "auth_style",
+                entry.auth_style.is_some() && entry.client_id.is_none(),
+            ),
+        ] {
+            if set {
+                anyhow::bail!(
+                    "tools.{tool}.{key}: an mcp_server tool discovers its authorization server; remove {key}"
+                );
+            }
+        }
+        Self::check_extra_params(tool, &entry.extra_authorize_params)?;
+        if entry
+            .extra_authorize_params
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("resource"))
+        {
+            anyhow::bail!(
+                "tools.{tool}.extra_authorize_params.resource: the vault sends the MCP server's canonical URI itself"
+            );
+        }
+        let client = match entry.client_id {
+            Some(id) => {
+                let secret = Self::client_secret(
+                    tool,
+                    entry.client_secret_env,
+                    entry.client_secret_file,
+                    entry.client_secret,
+                    loading.file,
+                    true,
+                )?;
+                Some(ClientCredentials {
+                    id: ClientId::new(id),
+                    secret,
+                    auth_style: Self::auth_style(tool, entry.auth_style.as_deref(), None)?,
+                    registered: false,
+                })
+            }
+            None => {
+                if entry.client_secret_env.is_some()
+                    || entry.client_secret_file.is_some()
+                    || entry.client_secret.is_some()
+                {
+                    anyhow::bail!("tools.{tool}: a client secret needs client_id");
+                }
+                if loading.registrar.is_none() {
+                    anyhow::bail!(
+                        "tools.{tool}: without client_id the vault registers itself, which needs OAUTH_TOOL_REDIRECT_URI"
+                    );
+                }
+                None
+            }
         };
-        let auth_style = match entry.auth_style.as_deref() {
+        let redirect_uri = entry
+            .redirect_uri
+            .map(|u| redirect_url(tool, "redirect_uri", &u))
+            .transpose()?;
+        Ok(Provider {
+            http: loading.http.clone(),
+            tool: tool.to_string(),
+            registrar: if client.is_none() {
+                loading.registrar.cloned()
+            } else {
+                None
+            },
+            client,
+            fixed_token_url: None,
+            fixed_revocation_url: None,
+            fixed_authorization_url: None,
+            extra_authorize_params: entry.extra_authorize_params.into_iter().collect(),
+            scopes: entry.scopes,
+            redirect_uri,
+            issuer: None,
+            mcp: Some(provider::McpSource {
+                resource: mcp::canonical_resource(&server),
+                server,
+            }),
+            discovered: RwLock::new(None),
+            discovery_ttl: loading.discovery_ttl,
+        })
+    }
+
+    fn auth_style(
+        tool: &str,
+        named: Option<&str>,
+        preset: Option<presets::Preset>,
+    ) -> anyhow::Result<AuthStyle> {
+        Ok(match named {
             Some("basic") => AuthStyle::Basic,
             Some("post") => AuthStyle::Post,
             Some(other) => anyhow::bail!("tools.{tool}.auth_style: {other:?} is not basic or post"),
             None => preset.map_or(AuthStyle::Basic, |p| p.auth_style),
-        };
-        let token_url = entry
-            .token_url
-            .or_else(|| preset.map(|p| p.token_url.to_string()));
-        let revocation_url = entry
-            .revocation_url
-            .or_else(|| preset.and_then(|p| p.revocation_url.map(str::to_string)));
-        let issuer = entry
-            .issuer
-            .map(|i| configured_url(tool, "issuer", i.trim_end_matches('/')))
-            .transpose()?;
-        if token_url.is_none() && issuer.is_none() {
-            anyhow::bail!("tools.{tool}: needs token_url, issuer or preset");
+        })
+    }
+
+    fn check_extra_params(tool: &str, params: &BTreeMap<String, String>) -> anyhow::Result<()> {
+        for key in params.keys() {
+            if key.is_empty() {
+                anyhow::bail!("tools.{tool}.extra_authorize_params: a key is empty");
+            }
+            if is_reserved_authorize_param(key) {
+                anyhow::bail!(
+                    "tools.{tool}.extra_authorize_params.{key}: the vault sets this parameter itself"
+                );
+            }
         }
-        let client_secret = match (
-            entry.client_secret_env,
-            entry.client_secret_file,
-            entry.client_secret,
-        ) {
+        Ok(())
+    }
+
+    /// The client secret from exactly one of its three sources; with `optional`, none is a
+    /// public client.
+    fn client_secret(
+        tool: &str,
+        env: Option<String>,
+        path: Option<PathBuf>,
+        inline: Option<String>,
+        file: &Path,
+        optional: bool,
+    ) -> anyhow::Result<Option<SecretString>> {
+        let secret = match (env, path, inline) {
+            (None, None, None) if optional => return Ok(None),
             (Some(var), None, None) => std::env::var(&var).map_err(|_| {
                 anyhow::anyhow!(
                     "tools.{tool}.client_secret_env: environment variable {var} is not set"
@@ -323,9 +481,65 @@ impl Providers {
                 "tools.{tool}: set exactly one of client_secret_env, client_secret_file, client_secret"
             ),
         };
-        if client_secret.is_empty() {
+        if secret.is_empty() {
             anyhow::bail!("tools.{tool}: the client secret is empty");
         }
+        Ok(Some(SecretString::from(secret)))
+    }
+
+    fn provider(tool: &str, entry: ToolEntry, loading: &Loading<'_>) -> anyhow::Result<Provider> {
+        Tool::parse(tool).map_err(|e| anyhow::anyhow!("tools.{tool}: tool name {e}"))?;
+        if let Some(server) = entry.mcp_server.clone() {
+            return Self::mcp_provider(tool, &server, entry, loading);
+        }
+        // A preset without a client: the provider's MCP server, which needs none.
+        if entry.client_id.is_none()
+            && let Some(preset) = entry.preset.as_deref().and_then(presets::preset)
+        {
+            let entry = ToolEntry {
+                preset: None,
+                ..entry
+            };
+            return Self::mcp_provider(tool, preset.mcp_server, entry, loading);
+        }
+        let file = loading.file;
+        let http = loading.http;
+        let preset = match &entry.preset {
+            Some(name) => Some(presets::preset(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "tools.{tool}.preset: unknown preset {name:?} (known: {})",
+                    presets::NAMES
+                )
+            })?),
+            None => None,
+        };
+        let auth_style = Self::auth_style(tool, entry.auth_style.as_deref(), preset)?;
+        let Some(client_id) = entry.client_id else {
+            anyhow::bail!(
+                "tools.{tool}.client_id: missing (only an mcp_server tool can register itself)"
+            );
+        };
+        let token_url = entry
+            .token_url
+            .or_else(|| preset.map(|p| p.token_url.to_string()));
+        let revocation_url = entry
+            .revocation_url
+            .or_else(|| preset.and_then(|p| p.revocation_url.map(str::to_string)));
+        let issuer = entry
+            .issuer
+            .map(|i| configured_url(tool, "issuer", i.trim_end_matches('/')))
+            .transpose()?;
+        if token_url.is_none() && issuer.is_none() {
+            anyhow::bail!("tools.{tool}: needs token_url, issuer or preset");
+        }
+        let client_secret = Self::client_secret(
+            tool,
+            entry.client_secret_env,
+            entry.client_secret_file,
+            entry.client_secret,
+            file,
+            false,
+        )?;
         if !entry.scopes.is_empty() {
             tracing::debug!(%tool, scopes = ?entry.scopes, "scopes are requested at consent; refresh keeps the granted ones");
         }
@@ -336,16 +550,7 @@ impl Providers {
                 https_url(tool, "authorization_url", &u).and_then(|u| Ok(url::Url::parse(&u)?))
             })
             .transpose()?;
-        for key in entry.extra_authorize_params.keys() {
-            if key.is_empty() {
-                anyhow::bail!("tools.{tool}.extra_authorize_params: a key is empty");
-            }
-            if is_reserved_authorize_param(key) {
-                anyhow::bail!(
-                    "tools.{tool}.extra_authorize_params.{key}: the vault sets this parameter itself"
-                );
-            }
-        }
+        Self::check_extra_params(tool, &entry.extra_authorize_params)?;
         // The preset's required parameters first, then the entry's over them.
         let mut extra_authorize_params: BTreeMap<String, String> = preset
             .map(|p| p.authorize_params)
@@ -361,9 +566,12 @@ impl Providers {
         Ok(Provider {
             http: http.clone(),
             tool: tool.to_string(),
-            client_id: ClientId::new(entry.client_id),
-            client_secret: SecretString::from(client_secret),
-            auth_style,
+            client: Some(ClientCredentials {
+                id: ClientId::new(client_id),
+                secret: client_secret,
+                auth_style,
+                registered: false,
+            }),
             fixed_token_url: token_url
                 .map(|u| configured_url(tool, "token_url", &u).and_then(|u| Ok(TokenUrl::new(u)?)))
                 .transpose()?,
@@ -378,7 +586,10 @@ impl Providers {
             scopes: entry.scopes,
             redirect_uri,
             issuer,
+            mcp: None,
+            registrar: None,
             discovered: RwLock::new(None),
+            discovery_ttl: loading.discovery_ttl,
         })
     }
 
@@ -480,7 +691,15 @@ mod tests {
             timeout: Duration::from_secs(1),
             ..Default::default()
         })?);
-        Providers::from_file(file, Path::new("providers.toml"), &http)
+        Providers::from_file(
+            file,
+            &Loading {
+                file: Path::new("providers.toml"),
+                http: &http,
+                discovery_ttl: Duration::from_secs(3600),
+                registrar: None,
+            },
+        )
     }
 
     fn provider(toml: &str) -> Arc<Provider> {
@@ -529,6 +748,8 @@ mod tests {
             revocation_origin: crate::http::Origin::Derived,
             authorization_url: authorization.map(|u| url::Url::parse(u).unwrap()),
             iss_parameter_supported: iss_promised,
+            issuer: Some("https://idp.example".into()),
+            server: None,
         };
         *provider
             .discovered
@@ -690,9 +911,9 @@ mod tests {
 
     #[test]
     fn the_binding_of_existing_configurations_is_unchanged() {
-        assert_eq!(provider(ISSUER).binding(), "https://idp.example");
+        assert_eq!(provider(ISSUER).unresolved_binding(), "https://idp.example");
         assert_eq!(
-            provider(ATLASSIAN).binding(),
+            provider(ATLASSIAN).unresolved_binding(),
             "issuer= token=https://auth.atlassian.com/oauth/token revocation="
         );
     }

@@ -15,6 +15,9 @@ pub struct Preset {
     pub revocation_url: Option<&'static str>,
     /// How the provider wants client credentials on token calls.
     pub auth_style: super::AuthStyle,
+    /// The provider's published remote MCP server, used when the entry names no `client_id`:
+    /// discovery and registration replace the app registration the REST endpoints need.
+    pub mcp_server: &'static str,
 }
 
 /// The preset named `name`, if there is one.
@@ -31,6 +34,8 @@ pub fn preset(name: &str) -> Option<Preset> {
             token_url: "https://auth.atlassian.com/oauth/token",
             revocation_url: None,
             auth_style: Post,
+            // https://support.atlassian.com/atlassian-rovo-mcp-server/ (Streamable HTTP).
+            mcp_server: "https://mcp.atlassian.com/v1/mcp",
         }),
         // https://docs.stripe.com/connect/oauth-reference — POST /oauth/token with the platform
         // secret as client_secret. Stripe disconnects accounts with /oauth/deauthorize, which is
@@ -42,6 +47,8 @@ pub fn preset(name: &str) -> Option<Preset> {
             token_url: "https://connect.stripe.com/oauth/token",
             revocation_url: None,
             auth_style: Post,
+            // https://docs.stripe.com/mcp (remote server, OAuth).
+            mcp_server: "https://mcp.stripe.com",
         }),
         // https://developers.cloudflare.com/fundamentals/oauth/integrate-with-cloudflare/ — the
         // authorization, token and revoke endpoints are listed together there.
@@ -51,6 +58,9 @@ pub fn preset(name: &str) -> Option<Preset> {
             token_url: "https://dash.cloudflare.com/oauth2/token",
             revocation_url: Some("https://dash.cloudflare.com/oauth2/revoke"),
             auth_style: Basic,
+            // https://developers.cloudflare.com/agents/model-context-protocol/mcp-servers-for-cloudflare/
+            // (the Workers Bindings server; the others differ only in the host name).
+            mcp_server: "https://bindings.mcp.cloudflare.com/mcp",
         }),
         // https://www.canva.dev/docs/connect/api-reference/authentication/ — basic auth is the
         // recommended client authentication for both endpoints. The authorization URL is from
@@ -62,6 +72,8 @@ pub fn preset(name: &str) -> Option<Preset> {
             token_url: "https://api.canva.com/rest/v1/oauth/token",
             revocation_url: Some("https://api.canva.com/rest/v1/oauth/revoke"),
             auth_style: Basic,
+            // https://www.canva.dev/docs/mcp/ (Canva's remote MCP server).
+            mcp_server: "https://mcp.canva.com/mcp",
         }),
         _ => None,
     }
@@ -84,9 +96,13 @@ mod tests {
     #[test]
     fn every_preset_endpoint_is_https() {
         for preset in all() {
-            for url in [preset.authorization_url, preset.token_url]
-                .into_iter()
-                .chain(preset.revocation_url)
+            for url in [
+                preset.authorization_url,
+                preset.token_url,
+                preset.mcp_server,
+            ]
+            .into_iter()
+            .chain(preset.revocation_url)
             {
                 assert_eq!(url::Url::parse(url).unwrap().scheme(), "https", "{url}");
             }

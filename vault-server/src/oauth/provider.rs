@@ -3,21 +3,24 @@
 //! §4.1, RFC 7636, RFC 9207), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
 use std::borrow::Cow;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{
-    AuthType, AuthorizationCode, ClientId, ClientSecret, PkceCodeVerifier, RedirectUrl,
-    RefreshToken, RequestTokenError, RevocationErrorResponseType, RevocationUrl,
-    StandardRevocableToken, TokenResponse, TokenUrl,
+    AuthType, AuthorizationCode, ClientSecret, PkceCodeVerifier, RedirectUrl, RefreshToken,
+    RequestTokenError, RevocationErrorResponseType, RevocationUrl, StandardRevocableToken,
+    TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::RwLock;
 
 use crate::http::Origin;
 
+use super::clients::Registrar;
+use super::mcp::AuthorizationServer;
 use super::{
-    AuthStyle, DISCOVERY_TTL, MAX_EXPIRES_IN, MIN_EXPIRES_IN, ProviderError, ProviderHttp,
+    AuthStyle, ClientCredentials, MAX_EXPIRES_IN, MIN_EXPIRES_IN, ProviderError, ProviderHttp,
     Refreshed, TokenKind, classify, error_code, https_url, is_reserved_authorize_param,
     issuer_matches, revocation_error, same_issuer,
 };
@@ -33,6 +36,19 @@ pub(super) struct Endpoints {
     pub(super) authorization_url: Option<url::Url>,
     /// RFC 9207: the provider promises an `iss` parameter on every authorization response.
     pub(super) iss_parameter_supported: bool,
+    /// The issuer these endpoints belong to: configured, or discovered for an MCP tool.
+    pub(super) issuer: Option<String>,
+    /// An MCP tool's authorization server metadata, for client registration.
+    pub(super) server: Option<Arc<AuthorizationServer>>,
+}
+
+/// A tool that is only an MCP server URL: everything else is discovered (RFC 9728, RFC 8414).
+#[derive(Debug)]
+pub(super) struct McpSource {
+    /// The configured MCP server URL.
+    pub(super) server: url::Url,
+    /// Its canonical URI, sent as `resource` (RFC 8707) on authorize, token and refresh.
+    pub(super) resource: String,
 }
 
 /// What BeginAuthorization puts in the authorization URL.
@@ -51,9 +67,8 @@ pub struct AuthorizationRequest<'a> {
 /// One tool's authorization server and client registration.
 pub struct Provider {
     pub(super) tool: String,
-    pub(super) client_id: ClientId,
-    pub(super) client_secret: SecretString,
-    pub(super) auth_style: AuthStyle,
+    /// The configured client; `None` for an MCP tool that registers itself.
+    pub(super) client: Option<ClientCredentials>,
     /// Explicit or preset endpoints; with an issuer, these override what discovery finds.
     pub(super) fixed_token_url: Option<TokenUrl>,
     pub(super) fixed_revocation_url: Option<RevocationUrl>,
@@ -66,8 +81,15 @@ pub struct Provider {
     /// This tool's callback, overriding the server-wide one.
     pub(super) redirect_uri: Option<String>,
     pub(super) issuer: Option<String>,
-    /// RFC 8414 discovery result, re-fetched when a call through it fails.
+    /// Set for a tool configured by `mcp_server` alone.
+    pub(super) mcp: Option<McpSource>,
+    /// Registers the vault at an MCP tool's authorization server; `None` when a client is
+    /// configured.
+    pub(super) registrar: Option<Arc<Registrar>>,
+    /// RFC 8414 (or MCP) discovery result, re-fetched when a call through it fails.
     pub(super) discovered: RwLock<Option<(Endpoints, Instant)>>,
+    /// How long a discovery result is trusted.
+    pub(super) discovery_ttl: Duration,
     /// The shared HTTP client every call to the provider goes through.
     pub(super) http: ProviderHttp,
 }
@@ -76,9 +98,9 @@ impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provider")
             .field("tool", &self.tool)
-            .field("client_id", &self.client_id.as_str())
-            .field("auth_style", &self.auth_style)
+            .field("client", &self.client)
             .field("issuer", &self.issuer)
+            .field("mcp", &self.mcp)
             .field("scopes", &self.scopes)
             .field("redirect_uri", &self.redirect_uri)
             .finish_non_exhaustive()
@@ -95,7 +117,38 @@ impl Provider {
     /// The authorization endpoint is deliberately not part of it: no token is ever sent there
     /// (the browser carries only a code back from it, and that code goes to the token endpoint,
     /// which is bound), and adding it would change the binding of every existing preset tool.
-    pub fn binding(&self) -> String {
+    ///
+    /// An MCP tool binds to its resource and to the issuer discovery names now, so a credential
+    /// is never sent to an authorization server other than the one that minted it.
+    pub async fn binding(&self) -> Result<String, ProviderError> {
+        match &self.mcp {
+            Some(mcp) => {
+                let endpoints = self.endpoints().await?;
+                Ok(mcp_binding(
+                    &mcp.resource,
+                    endpoints.issuer.as_deref().unwrap_or(""),
+                ))
+            }
+            None => Ok(self.configured_binding()),
+        }
+    }
+
+    /// The binding to record when [`Self::binding`] cannot be resolved now: for an MCP tool it
+    /// names no issuer, so it matches none and the credential is never refreshed through an
+    /// unverified server.
+    pub fn unresolved_binding(&self) -> String {
+        match &self.mcp {
+            Some(mcp) => mcp_binding(&mcp.resource, ""),
+            None => self.configured_binding(),
+        }
+    }
+
+    /// The `resource` (RFC 8707) this tool's tokens are for: an MCP tool's canonical URI.
+    pub fn resource(&self) -> Option<&str> {
+        self.mcp.as_ref().map(|m| m.resource.as_str())
+    }
+
+    fn configured_binding(&self) -> String {
         let issuer = self.issuer.as_deref();
         let token = self.fixed_token_url.as_ref().map(|u| u.as_str());
         let revocation = self.fixed_revocation_url.as_ref().map(|u| u.as_str());
@@ -111,6 +164,17 @@ impl Provider {
     }
 
     async fn endpoints(&self) -> Result<Endpoints, ProviderError> {
+        if let Some(mcp) = &self.mcp {
+            let cached = self.discovered.read().await.clone();
+            if let Some((endpoints, at)) = cached
+                && at.elapsed() < self.discovery_ttl
+            {
+                return Ok(endpoints);
+            }
+            let endpoints = self.discover_mcp(mcp).await?;
+            *self.discovered.write().await = Some((endpoints.clone(), Instant::now()));
+            return Ok(endpoints);
+        }
         let Some(issuer) = &self.issuer else {
             return Ok(Endpoints {
                 // Loading guarantees a token URL when there is no issuer.
@@ -123,11 +187,13 @@ impl Provider {
                 revocation_origin: Origin::Configured,
                 authorization_url: self.fixed_authorization_url.clone(),
                 iss_parameter_supported: false,
+                issuer: None,
+                server: None,
             });
         };
         let cached = self.discovered.read().await.clone();
         if let Some((endpoints, at)) = cached
-            && at.elapsed() < DISCOVERY_TTL
+            && at.elapsed() < self.discovery_ttl
         {
             return Ok(endpoints);
         }
@@ -203,20 +269,79 @@ impl Provider {
                 .get("authorization_response_iss_parameter_supported")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
+            issuer: Some(issuer.clone()),
+            server: None,
         };
         *self.discovered.write().await = Some((endpoints.clone(), Instant::now()));
         Ok(endpoints)
     }
 
+    /// Discovery for a tool that is only an MCP server URL. Every endpoint was named by a
+    /// response, so each call to it is held to the egress policy.
+    async fn discover_mcp(&self, mcp: &McpSource) -> Result<Endpoints, ProviderError> {
+        let found = super::mcp::discover(self.http.outbound(), &self.tool, &mcp.server)
+            .await
+            .map_err(|e| {
+                tracing::info!(tool = %self.tool, error = %e, "MCP discovery failed");
+                ProviderError::unavailable(e.to_string())
+            })?;
+        let server = found.authorization_server;
+        Ok(Endpoints {
+            token_url: TokenUrl::from_url(server.token_endpoint.clone()),
+            token_origin: Origin::Derived,
+            revocation_url: server
+                .revocation_endpoint
+                .clone()
+                .map(RevocationUrl::from_url),
+            revocation_origin: Origin::Derived,
+            authorization_url: Some(server.authorization_endpoint.clone()),
+            iss_parameter_supported: server.authorization_response_iss_parameter_supported,
+            issuer: Some(server.issuer.clone()),
+            server: Some(Arc::new(server)),
+        })
+    }
+
     async fn forget_discovery(&self) {
-        if self.issuer.is_some() {
+        if self.issuer.is_some() || self.mcp.is_some() {
             *self.discovered.write().await = None;
         }
     }
 
+    /// The client to call `endpoints` as: the configured one, or the vault's registration at an
+    /// MCP tool's authorization server (made now if there is none).
+    async fn credentials(&self, endpoints: &Endpoints) -> Result<ClientCredentials, ProviderError> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        match (&self.registrar, &endpoints.server) {
+            (Some(registrar), Some(server)) => {
+                registrar
+                    .client(&self.tool, server, self.redirect_uri.as_deref())
+                    .await
+            }
+            _ => Err(ProviderError::unavailable(format!(
+                "tool {}: no client is configured or registered",
+                self.tool
+            ))),
+        }
+    }
+
+    /// After the authorization server answered `invalid_client` to a registered client: drops
+    /// the registration, so the next use registers anew (once; never in a loop).
+    async fn client_rejected(&self, endpoints: &Endpoints, client: &ClientCredentials) {
+        if !client.registered {
+            return;
+        }
+        if let (Some(registrar), Some(issuer)) = (&self.registrar, &endpoints.issuer) {
+            registrar
+                .forget(&self.tool, issuer, client.id.as_str())
+                .await;
+        }
+    }
+
     fn client(
-        &self,
-        endpoints: Endpoints,
+        endpoints: &Endpoints,
+        credentials: &ClientCredentials,
     ) -> oauth2::basic::BasicClient<
         oauth2::EndpointNotSet,
         oauth2::EndpointNotSet,
@@ -224,16 +349,19 @@ impl Provider {
         oauth2::EndpointMaybeSet,
         oauth2::EndpointSet,
     > {
-        BasicClient::new(self.client_id.clone())
-            .set_client_secret(ClientSecret::new(
-                self.client_secret.expose_secret().to_string(),
-            ))
-            .set_auth_type(match self.auth_style {
-                AuthStyle::Basic => AuthType::BasicAuth,
-                AuthStyle::Post => AuthType::RequestBody,
-            })
-            .set_token_uri(endpoints.token_url)
-            .set_revocation_url_option(endpoints.revocation_url)
+        let client = BasicClient::new(credentials.id.clone())
+            .set_token_uri(endpoints.token_url.clone())
+            .set_revocation_url_option(endpoints.revocation_url.clone());
+        match &credentials.secret {
+            // A public client (RFC 7591 `none`, PKCE only) names itself in the body.
+            None => client.set_auth_type(AuthType::RequestBody),
+            Some(secret) => client
+                .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
+                .set_auth_type(match credentials.auth_style {
+                    AuthStyle::Basic => AuthType::BasicAuth,
+                    AuthStyle::Post => AuthType::RequestBody,
+                }),
+        }
     }
 
     /// Whether revocation at the provider is possible for this tool.
@@ -241,7 +369,7 @@ impl Provider {
         if self.fixed_revocation_url.is_some() {
             return true;
         }
-        self.issuer.is_some()
+        (self.issuer.is_some() || self.mcp.is_some())
             && self
                 .endpoints()
                 .await
@@ -252,13 +380,15 @@ impl Provider {
     #[tracing::instrument(skip(self, refresh_token), fields(tool = %self.tool))]
     pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Refreshed, ProviderError> {
         let endpoints = self.endpoints().await?;
+        let credentials = self.credentials(&endpoints).await?;
         let http = self.http.to(endpoints.token_origin);
-        let client = self.client(endpoints);
+        let client = Self::client(&endpoints, &credentials);
         let token = RefreshToken::new(refresh_token.expose_secret().to_string());
-        let result = client
-            .exchange_refresh_token(&token)
-            .request_async(&http)
-            .await;
+        let mut request = client.exchange_refresh_token(&token);
+        if let Some(resource) = self.resource() {
+            request = request.add_extra_param("resource", resource.to_string());
+        }
+        let result = request.request_async(&http).await;
         match result {
             Ok(response) => tokens(&response),
             Err(RequestTokenError::ServerResponse(response)) => match response.error() {
@@ -267,6 +397,12 @@ impl Provider {
                 }
                 BasicErrorResponseType::UnauthorizedClient => {
                     Err(ProviderError::GrantRejected("unauthorized_client".into()))
+                }
+                // The refresh token belongs to the client that was rejected; a new
+                // registration cannot use it, so only a new consent helps.
+                BasicErrorResponseType::InvalidClient if credentials.registered => {
+                    self.client_rejected(&endpoints, &credentials).await;
+                    Err(ProviderError::GrantRejected(REGISTRATION_REJECTED.into()))
                 }
                 other => Err(ProviderError::unavailable(format!(
                     "the provider refused the refresh ({}); check the client registration",
@@ -299,6 +435,28 @@ impl Provider {
         &self,
         request: &AuthorizationRequest<'_>,
     ) -> Result<url::Url, ProviderError> {
+        if self.mcp.is_some() {
+            let endpoints = self.endpoints().await?;
+            let credentials = self.credentials(&endpoints).await?;
+            let endpoint = endpoints.authorization_url.clone().ok_or_else(|| {
+                ProviderError::unavailable("discovery found no authorization_endpoint")
+            })?;
+            let mut extra = self.extra_authorize_params.clone();
+            if let Some(resource) = self.resource() {
+                extra.push(("resource".into(), resource.to_string()));
+            }
+            return Ok(build_authorization_url(
+                endpoint,
+                credentials.id.as_str(),
+                request,
+                &extra,
+            ));
+        }
+        let Some(client) = &self.client else {
+            return Err(ProviderError::unavailable(
+                "no client is configured for this tool",
+            ));
+        };
         // An explicit or preset endpoint needs no discovery.
         let endpoint = match &self.fixed_authorization_url {
             Some(url) => url.clone(),
@@ -317,7 +475,7 @@ impl Provider {
         };
         Ok(build_authorization_url(
             endpoint,
-            self.client_id.as_str(),
+            client.id.as_str(),
             request,
             &self.extra_authorize_params,
         ))
@@ -337,14 +495,17 @@ impl Provider {
         let redirect = RedirectUrl::new(redirect_uri.to_string())
             .map_err(|_| ProviderError::unavailable("the redirect URI is not a URL"))?;
         let endpoints = self.endpoints().await?;
+        let credentials = self.credentials(&endpoints).await?;
         let http = self.http.to(endpoints.token_origin);
-        let client = self.client(endpoints);
-        let result = client
+        let client = Self::client(&endpoints, &credentials);
+        let mut request = client
             .exchange_code(AuthorizationCode::new(code.expose_secret().to_string()))
             .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose_secret().to_string()))
-            .set_redirect_uri(Cow::Owned(redirect))
-            .request_async(&http)
-            .await;
+            .set_redirect_uri(Cow::Owned(redirect));
+        if let Some(resource) = self.resource() {
+            request = request.add_extra_param("resource", resource.to_string());
+        }
+        let result = request.request_async(&http).await;
         match result {
             Ok(response) => tokens(&response),
             // RFC 6749 §5.2 and RFC 7636 §4.6: a bad, expired or replayed code and a wrong
@@ -353,6 +514,13 @@ impl Provider {
                 if matches!(response.error(), BasicErrorResponseType::InvalidGrant) =>
             {
                 Err(ProviderError::GrantRejected("invalid_grant".into()))
+            }
+            Err(RequestTokenError::ServerResponse(response))
+                if credentials.registered
+                    && matches!(response.error(), BasicErrorResponseType::InvalidClient) =>
+            {
+                self.client_rejected(&endpoints, &credentials).await;
+                Err(ProviderError::GrantRejected(REGISTRATION_REJECTED.into()))
             }
             Err(RequestTokenError::ServerResponse(response)) => {
                 Err(ProviderError::unavailable(format!(
@@ -377,8 +545,24 @@ impl Provider {
         &self,
         iss: Option<&str>,
     ) -> Result<(), super::CallbackIssuerError> {
-        let Some(issuer) = &self.issuer else {
-            return Ok(());
+        let discovered;
+        let issuer = match (&self.issuer, &self.mcp) {
+            (Some(issuer), _) => issuer,
+            // An MCP tool's issuer is the one discovery names now.
+            (None, Some(_)) => {
+                discovered = self
+                    .endpoints()
+                    .await
+                    .map_err(|_| {
+                        super::CallbackIssuerError::Unverifiable(
+                            "the provider's metadata could not be loaded".to_string(),
+                        )
+                    })?
+                    .issuer
+                    .unwrap_or_default();
+                &discovered
+            }
+            (None, None) => return Ok(()),
         };
         let promised = match iss {
             Some(_) => false,
@@ -408,8 +592,9 @@ impl Provider {
                 "the provider has no revocation endpoint",
             ));
         }
+        let credentials = self.credentials(&endpoints).await?;
         let http = self.http.to(endpoints.revocation_origin);
-        let client = self.client(endpoints);
+        let client = Self::client(&endpoints, &credentials);
         let secret = token.expose_secret().to_string();
         let revocable = match kind {
             TokenKind::Access => {
@@ -444,6 +629,14 @@ impl Provider {
             }
         }
     }
+}
+
+/// What the vault says when the authorization server no longer knows its registered client.
+const REGISTRATION_REJECTED: &str = "invalid_client: the authorization server rejected the vault's registration; it is renewed at the next authorization";
+
+/// What an MCP tool's credential is bound to: its resource and the issuer that minted it.
+fn mcp_binding(resource: &str, issuer: &str) -> String {
+    format!("mcp resource={resource} issuer={issuer}")
 }
 
 /// The pure half of [`Provider::check_callback_issuer`]: `promised` is whether the provider's

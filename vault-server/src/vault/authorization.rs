@@ -734,7 +734,12 @@ impl Vault {
                 .expires_in
                 .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
             scopes: scopes.clone(),
-            provider: Some(provider.binding()),
+            provider: Some(
+                provider
+                    .binding()
+                    .await
+                    .unwrap_or_else(|_| provider.unresolved_binding()),
+            ),
             obtained_at: Some(now),
         };
         let stored = match self

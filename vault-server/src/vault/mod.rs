@@ -326,6 +326,11 @@ const fn is_expired(expires_at: Option<i64>, now: i64) -> bool {
 }
 
 impl Vault {
+    /// The vault's Client ID Metadata Document, when an MCP tool may use one.
+    pub fn client_metadata_document(&self) -> Option<serde_json::Value> {
+        self.providers.registrar()?.metadata_document()
+    }
+
     /// A vault over `store`, whose root key has already been unlocked.
     pub fn new(store: Store, root: RootKey, providers: Providers, options: VaultOptions) -> Self {
         Self {
@@ -464,7 +469,17 @@ impl Vault {
             return Err(VaultError::RefreshTokenDenied);
         }
         // The credential remembers which authorization server it belongs to (DESIGN §6).
-        tokens.provider = self.providers.get(tool).map(|p| p.binding());
+        tokens.provider = match self.providers.get(tool) {
+            // An MCP tool's binding names the issuer discovery finds; when it cannot be found
+            // now, the credential binds to no issuer and is never refreshed through one.
+            Some(provider) => Some(
+                provider
+                    .binding()
+                    .await
+                    .unwrap_or_else(|_| provider.unresolved_binding()),
+            ),
+            None => None,
+        };
         tokens.obtained_at = Some(Utc::now().timestamp());
         let max = self.options.secrets_ttl_seconds;
         let ttl = ttl_seconds.map_or(max, |t| t.min(max));

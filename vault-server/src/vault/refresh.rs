@@ -140,11 +140,15 @@ impl Vault {
                 return Ok(Self::issue(current.tokens, current.generation, true));
             }
             // Checked before the lease: a refusal must not leave the row leased.
+            let binding = provider
+                .binding()
+                .await
+                .map_err(|e| VaultError::ProviderUnavailable(e.to_string()))?;
             if current
                 .tokens
                 .provider
                 .as_ref()
-                .is_some_and(|bound| *bound != provider.binding())
+                .is_some_and(|bound| *bound != binding)
             {
                 // The tool's authorization server changed since the credential was stored:
                 // its refresh token belongs to the old one and is never sent to the new one.
@@ -218,7 +222,10 @@ impl Vault {
                 "no refresh token is stored for tool {tool}"
             )));
         };
-        let binding = provider.binding();
+        let binding = provider
+            .binding()
+            .await
+            .unwrap_or_else(|_| provider.unresolved_binding());
         match provider.refresh(&refresh_token).await {
             Ok(fresh) => {
                 let now = Utc::now().timestamp();

@@ -135,10 +135,11 @@ impl Vault {
         };
         let tokens = open_credential(&entry.key, binding, &item.sealed)
             .map_err(|_| "the queued credential does not open for its binding".to_string())?;
+        let current = provider.binding().await.map_err(|e| e.to_string())?;
         if tokens
             .provider
             .as_ref()
-            .is_some_and(|bound| *bound != provider.binding())
+            .is_some_and(|bound| *bound != current)
         {
             // Its tokens belong to the authorization server the credential was stored for;
             // sending them to whatever the tool names now would leak them.
