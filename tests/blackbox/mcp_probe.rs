@@ -107,6 +107,12 @@ impl CannedServer {
                     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
                     let reply = routes.lock().unwrap().get(&path).cloned();
                     let reply = reply.unwrap_or_else(|| response("404 Not Found", &[], b""));
+                    if reply.is_empty() {
+                        // A server that never answers: hold the connection until the client
+                        // gives up.
+                        let _ = stream.read(&mut buf).await;
+                        return;
+                    }
                     let _ = stream.write_all(&reply).await;
                     let _ = stream.shutdown().await;
                 });
@@ -454,4 +460,194 @@ async fn mcp_probe_prints_the_endpoints_and_exits_non_zero_on_the_first_violatio
         server.hits("/.well-known/oauth-authorization-server/as"),
         hits_before
     );
+}
+
+/// A reply that never comes (see [`CannedServer`]).
+fn hang() -> Arc<Vec<u8>> {
+    Arc::new(Vec::new())
+}
+
+#[tokio::test]
+async fn an_mcp_tool_with_bad_metadata_is_refused_clearly_and_the_vault_keeps_serving() {
+    use crate::helpers::*;
+    let pki = TestPki::new();
+    let server = CannedServer::start(&pki).await;
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.toml");
+    std::fs::write(
+        &providers,
+        format!("[tools.jira]\nmcp_server = \"{}\"\n", server.url("/mcp")),
+    )
+    .unwrap();
+    let (providers, ca) = (
+        providers.display().to_string(),
+        pki.ca_path.display().to_string(),
+    );
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_PROVIDERS_FILE", providers.as_str()),
+            ("VAULT_PROVIDER_CA_FILE", ca.as_str()),
+            ("VAULT_PROVIDER_TIMEOUT_SECONDS", "1"),
+            // Every Begin discovers again, so each case is seen.
+            ("VAULT_DISCOVERY_TTL_SECONDS", "0"),
+            (
+                "OAUTH_TOOL_REDIRECT_URI",
+                "http://127.0.0.1:9/api/v1/auth/tool/callback",
+            ),
+            ("VAULT_OAUTH_RETURN_URLS", "http://127.0.0.1:9/"),
+        ],
+    )
+    .await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+    let metadata = "/.well-known/oauth-authorization-server/as";
+    let oversized = format!(
+        "{{\"issuer\":\"{}\",\"pad\":\"{}\"}}",
+        server.url("/as"),
+        "x".repeat(2 * 1024 * 1024)
+    );
+    // (what is broken, how, the rule the error names)
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "an http authorization server",
+            Box::new(|| {
+                server.route(
+                    "/.well-known/oauth-protected-resource/mcp",
+                    json_response(&json!({
+                        "resource": server.url("/mcp"),
+                        "authorization_servers": [format!("http://127.0.0.1:{}/as", server.port)],
+                    })),
+                )
+            }),
+            "is not an https URL",
+        ),
+        (
+            "another issuer",
+            Box::new(|| {
+                server.route(
+                    metadata,
+                    json_response(&server.server_metadata(json!({"issuer": server.url("/x")}))),
+                )
+            }),
+            "RFC 8414 §3.3",
+        ),
+        (
+            "a redirect",
+            Box::new(|| {
+                server.route(
+                    metadata,
+                    response(
+                        "307 Temporary Redirect",
+                        &[("Location", "https://127.0.0.1:9/")],
+                        b"",
+                    ),
+                )
+            }),
+            "a redirect; discovery follows none",
+        ),
+        (
+            "a 2 MiB document",
+            Box::new(|| {
+                server.route(
+                    metadata,
+                    response(
+                        "200 OK",
+                        &[("Content-Type", "application/json")],
+                        oversized.as_bytes(),
+                    ),
+                )
+            }),
+            "response too large",
+        ),
+        (
+            "a hanging server",
+            Box::new(|| server.route(metadata, hang())),
+            "unreachable",
+        ),
+    ];
+    for (case, break_it, rule) in cases {
+        server.serve_good();
+        break_it();
+        let err = vault
+            .begin_authorization("jira", &[] as &[&str], Some("http://127.0.0.1:9/done"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.reason(),
+            vault_client::ErrorReason::ProviderUnavailable,
+            "{case}: {err}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("tool jira"), "{case}: {message}");
+        assert!(message.contains(rule), "{case}: {message}");
+        assert!(is_serving(&app.endpoint()).await, "{case}");
+    }
+    assert_eq!(server.hits("/as/register"), 0, "nothing was registered");
+}
+
+#[tokio::test]
+async fn a_registration_endpoint_on_a_refused_address_is_not_contacted() {
+    use crate::helpers::*;
+    let pki = TestPki::new();
+    let server = CannedServer::start(&pki).await;
+    let elsewhere = crate::mcp_tools::Untouched::bind("127.0.0.2:0");
+    server.serve_good();
+    // Everything at 127.0.0.1 is allowed; the registration endpoint the metadata names is not.
+    server.route(
+        "/.well-known/oauth-authorization-server/as",
+        json_response(&server.server_metadata(json!({
+            "registration_endpoint": format!("https://127.0.0.2:{}/register", elsewhere.port()),
+        }))),
+    );
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.toml");
+    std::fs::write(
+        &providers,
+        format!("[tools.jira]\nmcp_server = \"{}\"\n", server.url("/mcp")),
+    )
+    .unwrap();
+    let (providers, ca) = (
+        providers.display().to_string(),
+        pki.ca_path.display().to_string(),
+    );
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_PROVIDERS_FILE", providers.as_str()),
+            ("VAULT_PROVIDER_CA_FILE", ca.as_str()),
+            ("VAULT_EGRESS_ALLOW_CIDRS", "127.0.0.1/32"),
+            (
+                "OAUTH_TOOL_REDIRECT_URI",
+                "http://127.0.0.1:9/api/v1/auth/tool/callback",
+            ),
+            ("VAULT_OAUTH_RETURN_URLS", "http://127.0.0.1:9/"),
+        ],
+    )
+    .await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+
+    let err = vault
+        .begin_authorization("jira", &[] as &[&str], Some("http://127.0.0.1:9/done"))
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        err.reason(),
+        vault_client::ErrorReason::ProviderUnavailable,
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("jira"), "{message}");
+    assert!(
+        message.contains("address 127.0.0.2 is loopback"),
+        "{message}"
+    );
+    assert!(!elsewhere.was_contacted());
 }

@@ -384,24 +384,24 @@ async fn where_the_server_accepts_client_id_metadata_documents_the_vault_serves_
 }
 
 /// A listener standing in for a server the vault must not contact; it only counts.
-struct Untouched {
+pub(crate) struct Untouched {
     listener: std::net::TcpListener,
 }
 
 impl Untouched {
-    fn bind(addr: &str) -> Self {
+    pub(crate) fn bind(addr: &str) -> Self {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         Self { listener }
     }
 
-    fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.listener.local_addr().unwrap().port()
     }
 
     /// Whether anyone connected. A connection is in the backlog as soon as its client's
     /// connect returned, so after the vault answered there is nothing left to wait for.
-    fn was_contacted(&self) -> bool {
+    pub(crate) fn was_contacted(&self) -> bool {
         match self.listener.accept() {
             Ok(_) => true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
@@ -524,4 +524,22 @@ async fn mcp_probe_finds_the_real_servers_endpoints_and_registers_only_when_aske
     assert!(out.contains("registered: client_id="), "{out}");
     assert!(out.contains("client_secret=issued (not shown)"), "{out}");
     assert_eq!(w.provider.stats().await.registration_calls, 1);
+}
+
+#[tokio::test]
+async fn revocation_goes_to_the_discovered_endpoint_as_the_registered_client() {
+    let mut w = World::new(&[]).await;
+    let app = w.vault(&[]).await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
+    w.connect(&vault, "alice").await;
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
+    assert!(w.mcp.call_whoami(&token.access_token).await.is_ok());
+
+    let revoked = vault.revoke(Some("jira"), true).await.unwrap();
+
+    // oidc-provider only lets the client a token was issued to revoke it.
+    assert_eq!((revoked.revoked, revoked.provider_revoked), (1, 1));
+    assert!(!w.provider.is_active(&token.access_token).await);
+    let (status, _) = w.mcp.call_whoami(&token.access_token).await.unwrap_err();
+    assert_eq!(status, 401);
 }
