@@ -462,6 +462,51 @@ async fn mcp_probe_prints_the_endpoints_and_exits_non_zero_on_the_first_violatio
     );
 }
 
+/// A vault whose one tool, `jira`, is the canned server's `/mcp`, and a client of it.
+struct VaultOf {
+    app: crate::helpers::TestApp,
+    vault: vault_client::Client,
+    _db: crate::helpers::TestDb,
+    _dir: tempfile::TempDir,
+}
+
+impl VaultOf {
+    async fn start(pki: &TestPki, server: &CannedServer, more: &[(&str, &str)]) -> Self {
+        use crate::helpers::*;
+        let db = TestDb::new().await;
+        let issuer = Issuer::new();
+        let dir = tempfile::tempdir().unwrap();
+        let providers = dir.path().join("providers.toml");
+        std::fs::write(
+            &providers,
+            format!("[tools.jira]\nmcp_server = \"{}\"\n", server.url("/mcp")),
+        )
+        .unwrap();
+        let (providers, ca) = (
+            providers.display().to_string(),
+            pki.ca_path.display().to_string(),
+        );
+        let mut settings = vec![
+            ("VAULT_PROVIDERS_FILE", providers.as_str()),
+            ("VAULT_PROVIDER_CA_FILE", ca.as_str()),
+            (
+                "OAUTH_TOOL_REDIRECT_URI",
+                "http://127.0.0.1:9/api/v1/auth/tool/callback",
+            ),
+            ("VAULT_OAUTH_RETURN_URLS", "http://127.0.0.1:9/"),
+        ];
+        settings.extend_from_slice(more);
+        let app = spawn_with(&db, &issuer, &settings).await;
+        let vault = app.client(&issuer, "agent-a", "alice").await;
+        Self {
+            app,
+            vault,
+            _db: db,
+            _dir: dir,
+        }
+    }
+}
+
 /// A reply that never comes (see [`CannedServer`]).
 fn hang() -> Arc<Vec<u8>> {
     Arc::new(Vec::new())
@@ -472,37 +517,17 @@ async fn an_mcp_tool_with_bad_metadata_is_refused_clearly_and_the_vault_keeps_se
     use crate::helpers::*;
     let pki = TestPki::new();
     let server = CannedServer::start(&pki).await;
-    let db = TestDb::new().await;
-    let issuer = Issuer::new();
-    let dir = tempfile::tempdir().unwrap();
-    let providers = dir.path().join("providers.toml");
-    std::fs::write(
-        &providers,
-        format!("[tools.jira]\nmcp_server = \"{}\"\n", server.url("/mcp")),
-    )
-    .unwrap();
-    let (providers, ca) = (
-        providers.display().to_string(),
-        pki.ca_path.display().to_string(),
-    );
-    let app = spawn_with(
-        &db,
-        &issuer,
+    let vault_of = VaultOf::start(
+        &pki,
+        &server,
         &[
-            ("VAULT_PROVIDERS_FILE", providers.as_str()),
-            ("VAULT_PROVIDER_CA_FILE", ca.as_str()),
             ("VAULT_PROVIDER_TIMEOUT_SECONDS", "1"),
             // Every Begin discovers again, so each case is seen.
             ("VAULT_DISCOVERY_TTL_SECONDS", "0"),
-            (
-                "OAUTH_TOOL_REDIRECT_URI",
-                "http://127.0.0.1:9/api/v1/auth/tool/callback",
-            ),
-            ("VAULT_OAUTH_RETURN_URLS", "http://127.0.0.1:9/"),
         ],
     )
     .await;
-    let vault = app.client(&issuer, "agent-a", "alice").await;
+    let (app, vault) = (&vault_of.app, &vault_of.vault);
     let metadata = "/.well-known/oauth-authorization-server/as";
     let oversized = format!(
         "{{\"issuer\":\"{}\",\"pad\":\"{}\"}}",
@@ -591,7 +616,6 @@ async fn an_mcp_tool_with_bad_metadata_is_refused_clearly_and_the_vault_keeps_se
 
 #[tokio::test]
 async fn a_registration_endpoint_on_a_refused_address_is_not_contacted() {
-    use crate::helpers::*;
     let pki = TestPki::new();
     let server = CannedServer::start(&pki).await;
     let elsewhere = crate::mcp_tools::Untouched::bind("127.0.0.2:0");
@@ -603,35 +627,13 @@ async fn a_registration_endpoint_on_a_refused_address_is_not_contacted() {
             "registration_endpoint": format!("https://127.0.0.2:{}/register", elsewhere.port()),
         }))),
     );
-    let db = TestDb::new().await;
-    let issuer = Issuer::new();
-    let dir = tempfile::tempdir().unwrap();
-    let providers = dir.path().join("providers.toml");
-    std::fs::write(
-        &providers,
-        format!("[tools.jira]\nmcp_server = \"{}\"\n", server.url("/mcp")),
-    )
-    .unwrap();
-    let (providers, ca) = (
-        providers.display().to_string(),
-        pki.ca_path.display().to_string(),
-    );
-    let app = spawn_with(
-        &db,
-        &issuer,
-        &[
-            ("VAULT_PROVIDERS_FILE", providers.as_str()),
-            ("VAULT_PROVIDER_CA_FILE", ca.as_str()),
-            ("VAULT_EGRESS_ALLOW_CIDRS", "127.0.0.1/32"),
-            (
-                "OAUTH_TOOL_REDIRECT_URI",
-                "http://127.0.0.1:9/api/v1/auth/tool/callback",
-            ),
-            ("VAULT_OAUTH_RETURN_URLS", "http://127.0.0.1:9/"),
-        ],
+    let vault_of = VaultOf::start(
+        &pki,
+        &server,
+        &[("VAULT_EGRESS_ALLOW_CIDRS", "127.0.0.1/32")],
     )
     .await;
-    let vault = app.client(&issuer, "agent-a", "alice").await;
+    let vault = &vault_of.vault;
 
     let err = vault
         .begin_authorization("jira", &[] as &[&str], Some("http://127.0.0.1:9/done"))
