@@ -613,6 +613,7 @@ struct FlowSpec {
     scopes: Vec<String>,
     return_url: Option<String>,
     redirect_uri: String,
+    provider_binding: Option<String>,
     sealed_verifier: Vec<u8>,
     expires_at: DateTime<Utc>,
 }
@@ -631,6 +632,9 @@ impl FlowSpec {
             scopes: vec!["read".into(), "write:issues".into()],
             return_url: Some("https://app.example/back?x=1".into()),
             redirect_uri: "https://vault.example/oauth/callback".into(),
+            provider_binding: Some(
+                "mcp resource=https://mcp.example/mcp issuer=https://as.example client=c1".into(),
+            ),
             sealed_verifier: format!("sealed-verifier-of-{id}").into_bytes(),
             expires_at: in_seconds(expires_in),
         }
@@ -648,6 +652,7 @@ impl FlowSpec {
             scopes: &self.scopes,
             return_url: self.return_url.as_deref(),
             redirect_uri: &self.redirect_uri,
+            provider_binding: self.provider_binding.as_deref(),
             sealed_verifier: &self.sealed_verifier,
             expires_at: self.expires_at,
         }
@@ -697,6 +702,7 @@ async fn a_flow_reads_back_whole_by_id_and_by_state(store: &Store) {
         assert_eq!(flow.scopes, spec.scopes);
         assert_eq!(flow.return_url, spec.return_url);
         assert_eq!(flow.redirect_uri, spec.redirect_uri);
+        assert_eq!(flow.provider_binding, spec.provider_binding);
         assert_eq!(flow.status, FlowStatus::Pending);
         assert_eq!(flow.error, None);
         assert_eq!(

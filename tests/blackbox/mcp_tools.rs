@@ -249,20 +249,49 @@ async fn a_registration_the_server_rejects_is_renewed_at_the_next_authorization(
 }
 
 #[tokio::test]
-async fn an_expiring_registration_is_renewed_before_use() {
-    // Secrets expire in 30 s: inside the vault's renewal margin, so each use registers anew.
-    let mut w = World::new(&["--registration-secret-ttl", "30"]).await;
+async fn an_expiring_registration_is_renewed_before_use_and_only_then() {
+    // A short-lived secret (60 s) is still used while it is valid: no registration per use.
+    let mut w = World::new(&["--registration-secret-ttl", "60"]).await;
     let app = w.vault(&[]).await;
     let vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let begin = || vault.begin_authorization("jira", NO_SCOPES, Some(RETURN_URL));
+    begin().await.unwrap();
+    begin().await.unwrap();
+    assert_eq!(w.provider.stats().await.registration_calls, 1);
 
-    for _ in 0..2 {
-        vault
-            .begin_authorization("jira", NO_SCOPES, Some(RETURN_URL))
-            .await
-            .unwrap();
-    }
+    // Its expiry comes (moved, rather than waited for): the next use registers anew.
+    let mut conn = w.db.connect().await;
+    sqlx::query(
+        "UPDATE vault.client_registrations
+         SET secret_expires_at = now() - interval '1 second', registered_at = now() - interval '1 minute'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    begin().await.unwrap();
+    begin().await.unwrap();
 
     assert_eq!(w.provider.stats().await.registration_calls, 2);
+}
+
+#[tokio::test]
+async fn concurrent_first_uses_on_one_replica_register_once() {
+    let mut w = World::new(&[]).await;
+    let app = w.vault(&[]).await;
+    let alice = app.client(&w.issuer, "agent-a", "alice").await;
+    let bob = app.client(&w.issuer, "agent-a", "bob").await;
+
+    let (one, two) = tokio::join!(
+        alice.begin_authorization("jira", NO_SCOPES, Some(RETURN_URL)),
+        bob.begin_authorization("jira", NO_SCOPES, Some(RETURN_URL)),
+    );
+
+    let client = |url: &str| param(&Url::parse(url).unwrap(), "client_id").unwrap();
+    assert_eq!(
+        client(&one.unwrap().authorization_url),
+        client(&two.unwrap().authorization_url)
+    );
+    assert_eq!(w.provider.stats().await.registration_calls, 1);
 }
 
 #[tokio::test]
@@ -542,4 +571,59 @@ async fn revocation_goes_to_the_discovered_endpoint_as_the_registered_client() {
     assert!(!w.provider.is_active(&token.access_token).await);
     let (status, _) = w.mcp.call_whoami(&token.access_token).await.unwrap_err();
     assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_flow_whose_authorization_server_changes_mid_flow_sends_its_code_nowhere() {
+    let mut w = World::new(&[]).await;
+    let app = w.vault(&[("VAULT_DISCOVERY_TTL_SECONDS", "0")]).await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
+    let begun = vault
+        .begin_authorization("jira", NO_SCOPES, Some(RETURN_URL))
+        .await
+        .unwrap();
+    let browser = Browser::new(&w.pki);
+    let callback = browser
+        .consent(&begun.authorization_url, "alice")
+        .await
+        .unwrap();
+
+    // Between the callback and the exchange, the MCP server starts naming another server.
+    let other_state = w.dir.path().join("other-provider");
+    std::fs::create_dir_all(&other_state).unwrap();
+    let other = OidcProvider::start_with_flags(
+        &w.pki,
+        &other_state,
+        0,
+        3600,
+        &[],
+        &["--registration", "--resource"],
+    );
+    let (status, _, body) = browser.visit(&callback).await;
+    assert_eq!(
+        status, 303,
+        "the callback is checked against the flow's own issuer: {body}"
+    );
+    let port = w.mcp.ready.port;
+    w.mcp.stop();
+    w.mcp = McpServer::start_on(
+        &w.pki,
+        &w.provider.ready,
+        port,
+        &["--as-override", &other.ready.issuer],
+    );
+
+    let err = vault
+        .complete_authorization(&begun.authorization_id)
+        .await
+        .unwrap_err();
+
+    assert_eq!(err.reason(), ErrorReason::AuthorizationDenied, "{err}");
+    assert_eq!(w.provider.stats().await.token_calls, 0);
+    let elsewhere = other.stats().await;
+    assert_eq!(
+        (elsewhere.token_calls, elsewhere.registration_calls),
+        (0, 0),
+        "{elsewhere:?}"
+    );
 }

@@ -8,6 +8,8 @@
 //! whose secret expired, whose redirect URI is no longer the configured one, or that the server
 //! rejected (`invalid_client`) is replaced at its next use, once.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -43,6 +45,8 @@ pub struct Registrar {
     metadata_url: Option<url::Url>,
     /// Outlives one registration call.
     lease: Duration,
+    /// One registering task per (tool, issuer) in this process: the lease is per process.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Registrar {
@@ -74,6 +78,7 @@ impl Registrar {
             redirect_uri,
             metadata_url,
             lease,
+            gates: Mutex::default(),
         }
     }
 
@@ -121,6 +126,13 @@ impl Registrar {
             .map_err(|e| ProviderError::unavailable(format!("tool {tool}: {e}")))?;
         let issuer = server.issuer.as_str();
         let lease = format!("client-registration {tool} {issuer}");
+        // Tasks of this process take turns (the named lease only tells processes apart); the
+        // second finds the first one's registration saved.
+        let gate = {
+            let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(gates.entry(lease.clone()).or_default())
+        };
+        let _turn = gate.lock().await;
         let deadline = Instant::now() + self.lease + Duration::from_secs(5);
         loop {
             if let Some(client) = self.saved(&tool, issuer, redirect).await? {
@@ -134,9 +146,10 @@ impl Registrar {
                 .map_err(store_error)?;
             if taken {
                 // Another replica may have saved one between the read and the lease.
-                let outcome = match self.saved(&tool, issuer, redirect).await? {
-                    Some(client) => Ok(client),
-                    None => self.register(&tool, server, endpoint, redirect).await,
+                let outcome = match self.saved(&tool, issuer, redirect).await {
+                    Ok(Some(client)) => Ok(client),
+                    Ok(None) => self.register(&tool, server, endpoint, redirect).await,
+                    Err(e) => Err(e),
                 };
                 // Released at once, so a renewal on another replica need not wait it out.
                 let _ = self
@@ -205,10 +218,12 @@ impl Registrar {
             tracing::info!(%tool, "the redirect URI changed since the vault registered; registering again");
             return None;
         }
-        if saved
-            .secret_expires_at
-            .is_some_and(|at| at <= Utc::now() + EXPIRY_MARGIN)
-        {
+        // Renewed a little before it expires: a minute early, or a quarter of its life for a
+        // short-lived one, so it is never renewed on every use.
+        if saved.secret_expires_at.is_some_and(|at| {
+            let margin = EXPIRY_MARGIN.min((at - saved.registered_at) / 4);
+            at - margin <= Utc::now()
+        }) {
             tracing::info!(%tool, "the registered client secret expired; registering again");
             return None;
         }

@@ -167,7 +167,8 @@ const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","param
 /// Finds and checks the authorization of the MCP server at `mcp_server` for `tool`: the
 /// challenge, the protected-resource metadata, and the first authorization server's metadata.
 /// `mcp_server` is configured; every URL a response names is fetched as derived.
-#[tracing::instrument(skip(outbound))]
+// The URL is not recorded: a server's query may carry a key.
+#[tracing::instrument(skip(outbound, mcp_server))]
 pub async fn discover(
     outbound: &Outbound,
     tool: &str,
@@ -332,12 +333,12 @@ fn server_metadata(
     metadata_url: Url,
     document: &serde_json::Value,
 ) -> Result<AuthorizationServer, String> {
-    // RFC 8414 §3.3: the document must be the issuer's own, or its endpoints are someone
-    // else's. One trailing slash is forgiven either way: the two spellings name one location.
+    // RFC 8414 §3.3: the document must be the issuer's own, identical to the identifier it
+    // was fetched for, or its endpoints are someone else's (and RFC 9207's `iss` is compared
+    // with the same string).
     let named = document.get("issuer").and_then(|v| v.as_str());
-    let trim = |s: &str| s.strip_suffix('/').unwrap_or(s).to_string();
     match named {
-        Some(named) if trim(named) == trim(issuer) => {}
+        Some(named) if named == issuer => {}
         Some(named) => {
             return Err(format!(
                 "issuer {} is not the authorization server {} whose metadata was requested \
@@ -476,9 +477,14 @@ fn quote(value: &str) -> String {
     format!("{short:?}{ellipsis}")
 }
 
+/// The URLs tried, for a message: without their query, which may carry a key.
 fn list(urls: &[(Url, Origin)]) -> String {
     urls.iter()
-        .map(|(url, _)| url.as_str())
+        .map(|(url, _)| {
+            let mut shown = url.clone();
+            shown.set_query(None);
+            shown.to_string()
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -908,9 +914,10 @@ mod tests {
         let issuer = "https://auth.example.com/tenant1";
         let table = [
             (serde_json::json!({}), None),
+            // RFC 8414 §3.3: identical, so not even a trailing slash differs.
             (
                 serde_json::json!({"issuer": "https://auth.example.com/tenant1/"}),
-                None,
+                Some("RFC 8414 §3.3"),
             ),
             (
                 serde_json::json!({"issuer": "https://auth.example.com/tenant2"}),

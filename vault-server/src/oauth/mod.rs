@@ -68,6 +68,10 @@ pub enum ProviderError {
     /// new consent helps. Retrying would be futile.
     #[error("the provider rejected the grant ({0})")]
     GrantRejected(String),
+    /// The tool now resolves to another authorization server or client than the one the
+    /// credential or flow is bound to: nothing was sent, and only a new consent helps.
+    #[error("{0}")]
+    ServerChanged(String),
     /// Unreachable, slow, 5xx, 429, or an unusable answer: the credential is kept and the call
     /// may be retried after `retry_after` if the provider said.
     #[error("{message}")]
@@ -327,7 +331,10 @@ impl Providers {
         let server = url::Url::parse(&server)?;
         for (key, set) in [
             ("preset", entry.preset.is_some()),
-            ("issuer", entry.issuer.is_some()),
+            (
+                "issuer",
+                entry.issuer.is_some() && entry.client_id.is_none(),
+            ),
             ("token_url", entry.token_url.is_some()),
             ("revocation_url", entry.revocation_url.is_some()),
             ("authorization_url", entry.authorization_url.is_some()),
@@ -352,6 +359,12 @@ impl Providers {
                 "tools.{tool}.extra_authorize_params.resource: the vault sends the MCP server's canonical URI itself"
             );
         }
+        // A pre-registered client belongs to one authorization server: `issuer` names it, and
+        // a client secret is only ever sent there.
+        let issuer = entry
+            .issuer
+            .map(|i| configured_url(tool, "issuer", i.trim_end_matches('/')))
+            .transpose()?;
         let client = match entry.client_id {
             Some(id) => {
                 let secret = Self::client_secret(
@@ -362,6 +375,11 @@ impl Providers {
                     loading.file,
                     true,
                 )?;
+                if secret.is_some() && issuer.is_none() {
+                    anyhow::bail!(
+                        "tools.{tool}.issuer: an mcp_server tool with a client secret needs the issuer the client is registered at, so the secret never goes to another"
+                    );
+                }
                 Some(ClientCredentials {
                     id: ClientId::new(id),
                     secret,
@@ -403,7 +421,7 @@ impl Providers {
             extra_authorize_params: entry.extra_authorize_params.into_iter().collect(),
             scopes: entry.scopes,
             redirect_uri,
-            issuer: None,
+            issuer,
             mcp: Some(provider::McpSource {
                 resource: mcp::canonical_resource(&server),
                 server,
@@ -768,7 +786,7 @@ mod tests {
     #[tokio::test]
     async fn the_authorization_url_always_carries_the_flow_and_pkce_parameters() {
         let jira = provider(ATLASSIAN);
-        let url = jira.authorization_url(&request(&[])).await.unwrap();
+        let url = jira.authorization_url(&request(&[])).await.unwrap().0;
 
         assert_eq!(url.scheme(), "https");
         assert_eq!(url.host_str(), Some("auth.atlassian.com"));
@@ -795,7 +813,7 @@ mod tests {
         let scopes: Vec<String> = SCOPES.iter().map(|s| s.to_string()).collect();
         assert_eq!(jira.default_scopes(), scopes.as_slice());
 
-        let url = jira.authorization_url(&request(&scopes)).await.unwrap();
+        let url = jira.authorization_url(&request(&scopes)).await.unwrap().0;
 
         assert_eq!(param(&url, "scope"), ["read:jira-work offline_access"]);
     }
@@ -803,14 +821,18 @@ mod tests {
     #[tokio::test]
     async fn preset_params_are_present_and_the_files_own_merge_over_them() {
         let preset_only = provider(ATLASSIAN);
-        let url = preset_only.authorization_url(&request(&[])).await.unwrap();
+        let url = preset_only
+            .authorization_url(&request(&[]))
+            .await
+            .unwrap()
+            .0;
         assert_eq!(param(&url, "audience"), ["api.atlassian.com"]);
         assert_eq!(param(&url, "prompt"), ["consent"]);
 
         let merged = provider(&format!(
             "{ATLASSIAN}\n[tools.t.extra_authorize_params]\nprompt = \"login\"\nlogin_hint = \"a@b.example\"\n"
         ));
-        let url = merged.authorization_url(&request(&[])).await.unwrap();
+        let url = merged.authorization_url(&request(&[])).await.unwrap().0;
         assert_eq!(param(&url, "audience"), ["api.atlassian.com"]);
         assert_eq!(param(&url, "prompt"), ["login"]);
         assert_eq!(param(&url, "login_hint"), ["a@b.example"]);
@@ -827,7 +849,7 @@ mod tests {
             client_secret = "s"
             "#,
         );
-        let url = tool.authorization_url(&request(&[])).await.unwrap();
+        let url = tool.authorization_url(&request(&[])).await.unwrap().0;
         assert_eq!(param(&url, "tenant"), ["x"]);
         assert_eq!(param(&url, "state"), ["st4te"]);
     }
@@ -903,7 +925,7 @@ mod tests {
         let tool = provider(ISSUER);
         filled_discovery(&tool, Some("https://idp.example/auth"), false);
 
-        let url = tool.authorization_url(&request(&[])).await.unwrap();
+        let url = tool.authorization_url(&request(&[])).await.unwrap().0;
 
         assert_eq!(url.path(), "/auth");
         assert_eq!(param(&url, "code_challenge_method"), ["S256"]);
@@ -935,24 +957,24 @@ mod tests {
         filled_discovery(&promised, None, true);
         assert!(
             promised
-                .check_callback_issuer(Some("https://idp.example"))
+                .check_callback_issuer(Some("https://idp.example"), None)
                 .await
                 .is_ok()
         );
         assert!(
             promised
-                .check_callback_issuer(Some("https://evil.example"))
+                .check_callback_issuer(Some("https://evil.example"), None)
                 .await
                 .is_err()
         );
-        assert!(promised.check_callback_issuer(None).await.is_err());
+        assert!(promised.check_callback_issuer(None, None).await.is_err());
 
         let silent = provider(ISSUER);
         filled_discovery(&silent, None, false);
-        assert!(silent.check_callback_issuer(None).await.is_ok());
+        assert!(silent.check_callback_issuer(None, None).await.is_ok());
         assert!(
             silent
-                .check_callback_issuer(Some("https://evil.example"))
+                .check_callback_issuer(Some("https://evil.example"), None)
                 .await
                 .is_err()
         );
@@ -960,11 +982,11 @@ mod tests {
         let no_issuer = provider(ATLASSIAN);
         assert!(
             no_issuer
-                .check_callback_issuer(Some("https://anyone.example"))
+                .check_callback_issuer(Some("https://anyone.example"), None)
                 .await
                 .is_ok()
         );
-        assert!(no_issuer.check_callback_issuer(None).await.is_ok());
+        assert!(no_issuer.check_callback_issuer(None, None).await.is_ok());
     }
 
     fn token_response(json: &str) -> oauth2::basic::BasicTokenResponse {
@@ -1001,5 +1023,53 @@ mod tests {
             "unrecognised error"
         );
         assert_eq!(error_code(""), "unrecognised error");
+    }
+
+    #[test]
+    fn an_mcp_tool_with_a_client_secret_names_the_issuer_it_belongs_to() {
+        let error = load_error(
+            r#"
+            [tools.t]
+            mcp_server = "https://mcp.example/mcp"
+            client_id = "cid"
+            client_secret = "s"
+            "#,
+        );
+        assert!(error.contains("tools.t.issuer"), "{error}");
+        let public = provider(
+            r#"
+            [tools.t]
+            mcp_server = "https://mcp.example/mcp"
+            client_id = "cid"
+            "#,
+        );
+        assert_eq!(public.resource(), Some("https://mcp.example/mcp"));
+        let pinned = provider(
+            r#"
+            [tools.t]
+            mcp_server = "https://mcp.example/mcp"
+            issuer = "https://as.example"
+            client_id = "cid"
+            client_secret = "s"
+            "#,
+        );
+        assert_eq!(pinned.resource(), Some("https://mcp.example/mcp"));
+        let error = load_error(
+            r#"
+            [tools.t]
+            mcp_server = "https://mcp.example/mcp"
+            token_url = "https://as.example/token"
+            client_id = "cid"
+            "#,
+        );
+        assert!(error.contains("tools.t.token_url"), "{error}");
+    }
+
+    #[test]
+    fn a_preset_without_a_client_is_its_mcp_server() {
+        // Loaded here without a registrar, so the MCP path says what it needs.
+        let error = load_error("[tools.t]\npreset = \"canva\"\n");
+        assert!(error.contains("OAUTH_TOOL_REDIRECT_URI"), "{error}");
+        assert_eq!(provider(ATLASSIAN).resource(), None);
     }
 }

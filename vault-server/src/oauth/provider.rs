@@ -118,29 +118,66 @@ impl Provider {
     /// (the browser carries only a code back from it, and that code goes to the token endpoint,
     /// which is bound), and adding it would change the binding of every existing preset tool.
     ///
-    /// An MCP tool binds to its resource and to the issuer discovery names now, so a credential
-    /// is never sent to an authorization server other than the one that minted it.
+    /// An MCP tool binds to its resource, the issuer discovery names and the vault's client
+    /// there, so a credential is never sent to an authorization server other than the one that
+    /// minted it, nor under another client than the one it was issued to.
     pub async fn binding(&self) -> Result<String, ProviderError> {
-        match &self.mcp {
-            Some(mcp) => {
-                let endpoints = self.endpoints().await?;
-                Ok(mcp_binding(
-                    &mcp.resource,
-                    endpoints.issuer.as_deref().unwrap_or(""),
-                ))
-            }
-            None => Ok(self.configured_binding()),
-        }
+        Ok(self.resolve(None).await?.binding)
+    }
+
+    /// Whether a credential bound to `bound` may still go where the tool resolves to now;
+    /// [`ProviderError::ServerChanged`] when it may not. Registers nowhere new to find out.
+    pub async fn check_bound(&self, bound: Option<&str>) -> Result<(), ProviderError> {
+        self.resolve(bound).await.map(|_| ())
     }
 
     /// The binding to record when [`Self::binding`] cannot be resolved now: for an MCP tool it
-    /// names no issuer, so it matches none and the credential is never refreshed through an
-    /// unverified server.
+    /// names no issuer or client, so it matches none and the credential is never refreshed
+    /// through an unverified server.
     pub fn unresolved_binding(&self) -> String {
         match &self.mcp {
-            Some(mcp) => mcp_binding(&mcp.resource, ""),
+            Some(mcp) => mcp_binding(&mcp.resource, "", ""),
             None => self.configured_binding(),
         }
+    }
+
+    /// Endpoints, client and binding, looked up once for one operation: every request of the
+    /// operation goes where this says. With `bound`, it must be what the credential or flow is
+    /// bound to ([`ProviderError::ServerChanged`] otherwise); the issuer is compared before the
+    /// client is looked up, so the vault never registers at a server it will not use.
+    async fn resolve(&self, bound: Option<&str>) -> Result<Resolved, ProviderError> {
+        let endpoints = self.endpoints().await?;
+        if self.mcp.is_some()
+            && let Some(issuer) = bound.and_then(|b| binding_field(b, "issuer"))
+            && endpoints.issuer.as_deref() != Some(issuer)
+        {
+            return Err(self.changed());
+        }
+        let credentials = self.credentials(&endpoints).await?;
+        let binding = match &self.mcp {
+            Some(mcp) => mcp_binding(
+                &mcp.resource,
+                endpoints.issuer.as_deref().unwrap_or(""),
+                credentials.id.as_str(),
+            ),
+            None => self.configured_binding(),
+        };
+        if bound.is_some_and(|bound| bound != binding) {
+            return Err(self.changed());
+        }
+        Ok(Resolved {
+            endpoints,
+            credentials,
+            binding,
+        })
+    }
+
+    fn changed(&self) -> ProviderError {
+        tracing::warn!(tool = %self.tool, "the tool's authorization server or client changed since the credential or flow was bound; nothing is sent");
+        ProviderError::ServerChanged(format!(
+            "tool {} now names a different authorization server or client than the one this was issued by",
+            self.tool
+        ))
     }
 
     /// The `resource` (RFC 8707) this tool's tokens are for: an MCP tool's canonical URI.
@@ -308,9 +345,24 @@ impl Provider {
     }
 
     /// The client to call `endpoints` as: the configured one, or the vault's registration at an
-    /// MCP tool's authorization server (made now if there is none).
+    /// MCP tool's authorization server (made now if there is none). A configured client of an
+    /// MCP tool is only used at the issuer it was configured for, so its secret never goes to a
+    /// server the metadata names later.
     async fn credentials(&self, endpoints: &Endpoints) -> Result<ClientCredentials, ProviderError> {
         if let Some(client) = &self.client {
+            if self.mcp.is_some()
+                && let Some(configured) = &self.issuer
+                && endpoints
+                    .issuer
+                    .as_deref()
+                    .is_none_or(|found| !same_issuer(found, configured))
+            {
+                return Err(ProviderError::unavailable(format!(
+                    "tool {}: the MCP server names authorization server {}, not the configured issuer {configured} its client belongs to",
+                    self.tool,
+                    endpoints.issuer.as_deref().unwrap_or("(none)")
+                )));
+            }
             return Ok(client.clone());
         }
         match (&self.registrar, &endpoints.server) {
@@ -337,6 +389,20 @@ impl Provider {
                 .forget(&self.tool, issuer, client.id.as_str())
                 .await;
         }
+    }
+
+    /// A consent bound to `bound` came back with `unauthorized_client` or `invalid_client`
+    /// (RFC 6749 §4.1.2.1): if that client is the vault's registration, drop it so the next
+    /// Begin registers anew.
+    pub async fn client_refused_at_authorization(&self, bound: &str) {
+        let (Some(registrar), Some(issuer), Some(client)) = (
+            &self.registrar,
+            binding_field(bound, "issuer"),
+            binding_client(bound),
+        ) else {
+            return;
+        };
+        registrar.forget(&self.tool, issuer, client).await;
     }
 
     fn client(
@@ -378,9 +444,21 @@ impl Provider {
 
     /// Exchanges `refresh_token` for new tokens.
     #[tracing::instrument(skip(self, refresh_token), fields(tool = %self.tool))]
-    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<Refreshed, ProviderError> {
-        let endpoints = self.endpoints().await?;
-        let credentials = self.credentials(&endpoints).await?;
+    ///
+    /// `bound` is the credential's binding: when the provider now resolves to another
+    /// authorization server or client, nothing is sent ([`ProviderError::ServerChanged`]).
+    /// Returns the binding the new tokens belong to.
+    pub async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        bound: Option<&str>,
+    ) -> Result<(Refreshed, String), ProviderError> {
+        let resolved = self.resolve(bound).await?;
+        let Resolved {
+            endpoints,
+            credentials,
+            binding,
+        } = resolved;
         let http = self.http.to(endpoints.token_origin);
         let client = Self::client(&endpoints, &credentials);
         let token = RefreshToken::new(refresh_token.expose_secret().to_string());
@@ -390,7 +468,7 @@ impl Provider {
         }
         let result = request.request_async(&http).await;
         match result {
-            Ok(response) => tokens(&response),
+            Ok(response) => Ok((tokens(&response)?, binding)),
             Err(RequestTokenError::ServerResponse(response)) => match response.error() {
                 BasicErrorResponseType::InvalidGrant => {
                     Err(ProviderError::GrantRejected("invalid_grant".into()))
@@ -431,13 +509,18 @@ impl Provider {
     /// code_challenge_method=S256 always, then the extra params. Discovery failure ->
     /// [`ProviderError::Unavailable`].
     #[tracing::instrument(skip(self, request), fields(tool = %self.tool))]
+    ///
+    /// Returns the URL and the binding it was made for, which the flow keeps.
     pub async fn authorization_url(
         &self,
         request: &AuthorizationRequest<'_>,
-    ) -> Result<url::Url, ProviderError> {
+    ) -> Result<(url::Url, String), ProviderError> {
         if self.mcp.is_some() {
-            let endpoints = self.endpoints().await?;
-            let credentials = self.credentials(&endpoints).await?;
+            let Resolved {
+                endpoints,
+                credentials,
+                binding,
+            } = self.resolve(None).await?;
             let endpoint = endpoints.authorization_url.clone().ok_or_else(|| {
                 ProviderError::unavailable("discovery found no authorization_endpoint")
             })?;
@@ -445,11 +528,9 @@ impl Provider {
             if let Some(resource) = self.resource() {
                 extra.push(("resource".into(), resource.to_string()));
             }
-            return Ok(build_authorization_url(
-                endpoint,
-                credentials.id.as_str(),
-                request,
-                &extra,
+            return Ok((
+                build_authorization_url(endpoint, credentials.id.as_str(), request, &extra),
+                binding,
             ));
         }
         let Some(client) = &self.client else {
@@ -473,11 +554,14 @@ impl Provider {
                 ));
             }
         };
-        Ok(build_authorization_url(
-            endpoint,
-            client.id.as_str(),
-            request,
-            &self.extra_authorize_params,
+        Ok((
+            build_authorization_url(
+                endpoint,
+                client.id.as_str(),
+                request,
+                &self.extra_authorize_params,
+            ),
+            self.configured_binding(),
         ))
     }
 
@@ -491,11 +575,17 @@ impl Provider {
         code: &SecretString,
         verifier: &SecretString,
         redirect_uri: &str,
-    ) -> Result<Refreshed, ProviderError> {
+        bound: Option<&str>,
+    ) -> Result<(Refreshed, String), ProviderError> {
         let redirect = RedirectUrl::new(redirect_uri.to_string())
             .map_err(|_| ProviderError::unavailable("the redirect URI is not a URL"))?;
-        let endpoints = self.endpoints().await?;
-        let credentials = self.credentials(&endpoints).await?;
+        // The code and verifier go only to the server and client the flow began with.
+        let resolved = self.resolve(bound).await?;
+        let Resolved {
+            endpoints,
+            credentials,
+            binding,
+        } = resolved;
         let http = self.http.to(endpoints.token_origin);
         let client = Self::client(&endpoints, &credentials);
         let mut request = client
@@ -507,7 +597,7 @@ impl Provider {
         }
         let result = request.request_async(&http).await;
         match result {
-            Ok(response) => tokens(&response),
+            Ok(response) => Ok((tokens(&response)?, binding)),
             // RFC 6749 §5.2 and RFC 7636 §4.6: a bad, expired or replayed code and a wrong
             // verifier all answer invalid_grant; only a new consent helps.
             Err(RequestTokenError::ServerResponse(response))
@@ -541,27 +631,24 @@ impl Provider {
     /// (`authorization_response_iss_parameter_supported`) or cannot be loaded to tell. Without
     /// an issuer configured, `iss` is ignored. The error is a short message safe to show.
     #[tracing::instrument(skip(self), fields(tool = %self.tool))]
+    ///
+    /// An MCP tool's issuer is the one its flow began with (`bound`), never what discovery
+    /// names at callback time.
     pub async fn check_callback_issuer(
         &self,
         iss: Option<&str>,
+        bound: Option<&str>,
     ) -> Result<(), super::CallbackIssuerError> {
-        let discovered;
-        let issuer = match (&self.issuer, &self.mcp) {
-            (Some(issuer), _) => issuer,
-            // An MCP tool's issuer is the one discovery names now.
-            (None, Some(_)) => {
-                discovered = self
-                    .endpoints()
-                    .await
-                    .map_err(|_| {
-                        super::CallbackIssuerError::Unverifiable(
-                            "the provider's metadata could not be loaded".to_string(),
-                        )
-                    })?
-                    .issuer
-                    .unwrap_or_default();
-                &discovered
-            }
+        let issuer = match (&self.mcp, &self.issuer) {
+            (Some(_), _) => bound
+                .and_then(|b| binding_field(b, "issuer"))
+                .filter(|i| !i.is_empty())
+                .ok_or_else(|| {
+                    super::CallbackIssuerError::Mismatch(
+                        "the flow does not record the authorization server it began with".into(),
+                    )
+                })?,
+            (None, Some(issuer)) => issuer.as_str(),
             (None, None) => return Ok(()),
         };
         let promised = match iss {
@@ -585,14 +672,25 @@ impl Provider {
     /// Revokes one token at the provider (RFC 7009). An unknown or already-revoked token is
     /// success: revocation is idempotent.
     #[tracing::instrument(skip(self, token), fields(tool = %self.tool, ?kind))]
-    pub async fn revoke(&self, token: &SecretString, kind: TokenKind) -> Result<(), ProviderError> {
-        let endpoints = self.endpoints().await?;
+    ///
+    /// `bound` is the credential's binding, held as in [`Self::refresh`].
+    pub async fn revoke(
+        &self,
+        token: &SecretString,
+        kind: TokenKind,
+        bound: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let resolved = self.resolve(bound).await?;
+        let Resolved {
+            endpoints,
+            credentials,
+            ..
+        } = resolved;
         if endpoints.revocation_url.is_none() {
             return Err(ProviderError::unavailable(
                 "the provider has no revocation endpoint",
             ));
         }
-        let credentials = self.credentials(&endpoints).await?;
         let http = self.http.to(endpoints.revocation_origin);
         let client = Self::client(&endpoints, &credentials);
         let secret = token.expose_secret().to_string();
@@ -634,9 +732,34 @@ impl Provider {
 /// What the vault says when the authorization server no longer knows its registered client.
 const REGISTRATION_REJECTED: &str = "invalid_client: the authorization server rejected the vault's registration; it is renewed at the next authorization";
 
-/// What an MCP tool's credential is bound to: its resource and the issuer that minted it.
-fn mcp_binding(resource: &str, issuer: &str) -> String {
-    format!("mcp resource={resource} issuer={issuer}")
+/// One operation's endpoints, client, and the binding they make.
+struct Resolved {
+    endpoints: Endpoints,
+    credentials: ClientCredentials,
+    binding: String,
+}
+
+/// What an MCP tool's credential is bound to: its resource, the issuer that minted it and the
+/// client it was issued to (last: a client ID is the one field that may hold spaces).
+fn mcp_binding(resource: &str, issuer: &str, client: &str) -> String {
+    format!("mcp resource={resource} issuer={issuer} client={client}")
+}
+
+/// A space-free field (`resource`, `issuer`) of an MCP binding.
+fn binding_field<'a>(binding: &'a str, key: &str) -> Option<&'a str> {
+    binding
+        .strip_prefix("mcp ")?
+        .split(' ')
+        .find_map(|part| part.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The client of an MCP binding.
+fn binding_client(binding: &str) -> Option<&str> {
+    binding
+        .strip_prefix("mcp ")?
+        .split_once(" client=")
+        .map(|(_, client)| client)
+        .filter(|c| !c.is_empty())
 }
 
 /// The pure half of [`Provider::check_callback_issuer`]: `promised` is whether the provider's
@@ -715,4 +838,26 @@ pub(super) fn tokens(response: &impl TokenResponse) -> Result<Refreshed, Provide
             .scopes()
             .map(|s| s.iter().map(|s| s.to_string()).collect()),
     })
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+
+    #[test]
+    fn an_mcp_binding_reads_back_its_issuer_and_client() {
+        let bound = mcp_binding("https://mcp.example/mcp", "https://as.example", "c 1");
+        assert_eq!(binding_field(&bound, "issuer"), Some("https://as.example"));
+        assert_eq!(
+            binding_field(&bound, "resource"),
+            Some("https://mcp.example/mcp")
+        );
+        assert_eq!(binding_client(&bound), Some("c 1"));
+        assert_eq!(binding_field("https://idp.example", "issuer"), None);
+        assert_eq!(
+            binding_field("issuer=https://idp.example token= revocation=", "issuer"),
+            None
+        );
+        assert_eq!(binding_client(&mcp_binding("r", "", "")), None);
+    }
 }

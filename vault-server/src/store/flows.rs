@@ -83,6 +83,9 @@ pub struct NewFlow<'a> {
     pub return_url: Option<&'a str>,
     /// The `redirect_uri` sent to the provider (the code exchange repeats it).
     pub redirect_uri: &'a str,
+    /// The authorization server and client the authorization URL named (a provider binding);
+    /// the callback and the exchange are held to it.
+    pub provider_binding: Option<&'a str>,
     /// The PKCE verifier, sealed under the agent key.
     pub sealed_verifier: &'a [u8],
     /// After this the flow cannot take a callback or complete.
@@ -110,6 +113,8 @@ pub struct Flow {
     pub return_url: Option<String>,
     /// The `redirect_uri` sent to the provider.
     pub redirect_uri: String,
+    /// The provider binding the flow began with.
+    pub provider_binding: Option<String>,
     /// Its status.
     pub status: FlowStatus,
     /// Why it was denied or failed; safe to show (never a code or token).

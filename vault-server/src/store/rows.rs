@@ -181,8 +181,9 @@ impl TryFrom<CredentialSummaryRow> for CredentialSummary {
     }
 }
 
-/// `id, issuer, agent_id, namespace, user_id, tool, scopes, return_url, redirect_uri, status,
-/// error, sealed_verifier, sealed_code, expires_at_ms, created_at_ms` of a consent flow.
+/// `id, issuer, agent_id, namespace, user_id, tool, scopes, return_url, redirect_uri,
+/// provider_binding, status, error, sealed_verifier, sealed_code, expires_at_ms, created_at_ms`
+/// of a consent flow.
 #[derive(sqlx::FromRow)]
 pub(super) struct FlowRow {
     id: String,
@@ -194,6 +195,7 @@ pub(super) struct FlowRow {
     scopes: String,
     return_url: Option<String>,
     redirect_uri: String,
+    provider_binding: Option<String>,
     status: i64,
     error: Option<String>,
     sealed_verifier: Option<Vec<u8>>,
@@ -242,6 +244,7 @@ impl TryFrom<FlowRow> for Flow {
                 .collect(),
             return_url: row.return_url,
             redirect_uri: row.redirect_uri,
+            provider_binding: row.provider_binding,
             status,
             error: row.error,
             sealed_verifier: row.sealed_verifier,

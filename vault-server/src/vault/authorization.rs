@@ -351,7 +351,7 @@ impl Vault {
         let state = zeroize::Zeroizing::new(random_text(32));
         let verifier = zeroize::Zeroizing::new(random_text(32));
         let challenge = pkce_challenge(&verifier);
-        let authorization_url = provider
+        let (authorization_url, provider_binding) = provider
             .authorization_url(&AuthorizationRequest {
                 state: &state,
                 code_challenge: &challenge,
@@ -390,6 +390,7 @@ impl Vault {
                 scopes: &scopes,
                 return_url: return_url.as_ref().map(url::Url::as_str),
                 redirect_uri: &redirect_uri,
+                provider_binding: Some(&provider_binding),
                 sealed_verifier: &sealed_verifier,
                 expires_at,
             })
@@ -460,7 +461,11 @@ impl Vault {
             return refused("This tool is no longer configured in the vault.");
         };
         // RFC 9207 §2.4: error responses are checked too, so a mix-up cannot deny a flow.
-        match provider.check_callback_issuer(params.iss.as_deref()).await {
+        let bound = flow.provider_binding.as_deref();
+        match provider
+            .check_callback_issuer(params.iss.as_deref(), bound)
+            .await
+        {
             Ok(()) => {}
             Err(CallbackIssuerError::Unverifiable(problem)) => {
                 tracing::warn!(authorization_id = %flow.id, %problem, "cannot check the callback's issuer now");
@@ -490,6 +495,13 @@ impl Vault {
             };
             self.end_flow(&flow, FlowStatus::Pending, to, &code).await?;
             tracing::info!(authorization_id = %flow.id, error = %code, "provider refused consent");
+            // The server no longer knows the vault's registered client: renew it at the next
+            // Begin instead of handing out a dead client ID.
+            if matches!(code.as_str(), "unauthorized_client" | "invalid_client")
+                && let Some(bound) = bound
+            {
+                provider.client_refused_at_authorization(bound).await;
+            }
             return refused(text);
         }
         let Some(code) = params.code.filter(|c| !c.expose_secret().is_empty()) else {
@@ -689,8 +701,13 @@ impl Vault {
                 )));
             }
         };
-        let obtained = match provider
-            .exchange_code(&code, &verifier, &flow.redirect_uri)
+        let (obtained, binding) = match provider
+            .exchange_code(
+                &code,
+                &verifier,
+                &flow.redirect_uri,
+                flow.provider_binding.as_deref(),
+            )
             .await
         {
             Ok(obtained) => obtained,
@@ -704,6 +721,18 @@ impl Vault {
                 .await?;
                 return Err(VaultError::AuthorizationDenied(format!(
                     "the provider refused the authorization code ({reason}); begin a new flow"
+                )));
+            }
+            Err(ProviderError::ServerChanged(reason)) => {
+                self.end_flow(
+                    flow,
+                    FlowStatus::Exchanging,
+                    FlowStatus::Failed,
+                    "provider_changed",
+                )
+                .await?;
+                return Err(VaultError::AuthorizationDenied(format!(
+                    "{reason}; the code was not sent there; begin a new flow"
                 )));
             }
             Err(ProviderError::Unavailable { message, .. }) => {
@@ -734,12 +763,8 @@ impl Vault {
                 .expires_in
                 .map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
             scopes: scopes.clone(),
-            provider: Some(
-                provider
-                    .binding()
-                    .await
-                    .unwrap_or_else(|_| provider.unresolved_binding()),
-            ),
+            // The server and client that exchanged the code minted these tokens.
+            provider: Some(binding),
             obtained_at: Some(now),
         };
         let stored = match self
@@ -763,7 +788,10 @@ impl Vault {
                     .map_or((&tokens.access_token, TokenKind::Access), |refresh| {
                         (refresh, TokenKind::Refresh)
                     });
-                if let Err(revoke) = provider.revoke(token.0, token.1).await {
+                if let Err(revoke) = provider
+                    .revoke(token.0, token.1, tokens.provider.as_deref())
+                    .await
+                {
                     tracing::warn!(authorization_id = %flow.id, error = %revoke, "could not revoke the orphaned grant");
                 }
                 let _ = self
@@ -958,6 +986,7 @@ fn provider_error(err: ProviderError) -> VaultError {
             "the provider refused the client ({reason}); check the tool's registration"
         )),
         ProviderError::Unavailable { message, .. } => VaultError::ProviderUnavailable(message),
+        ProviderError::ServerChanged(message) => VaultError::ProviderUnavailable(message),
     }
 }
 

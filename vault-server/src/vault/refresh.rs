@@ -140,16 +140,13 @@ impl Vault {
                 return Ok(Self::issue(current.tokens, current.generation, true));
             }
             // Checked before the lease: a refusal must not leave the row leased.
-            let binding = provider
-                .binding()
-                .await
-                .map_err(|e| VaultError::ProviderUnavailable(e.to_string()))?;
-            if current
-                .tokens
-                .provider
-                .as_ref()
-                .is_some_and(|bound| *bound != binding)
-            {
+            let check = provider
+                .check_bound(current.tokens.provider.as_deref())
+                .await;
+            if let Err(ProviderError::Unavailable { message, .. }) = &check {
+                return Err(VaultError::ProviderUnavailable(message.clone()));
+            }
+            if check.is_err() {
                 // The tool's authorization server changed since the credential was stored:
                 // its refresh token belongs to the old one and is never sent to the new one.
                 tracing::warn!(%tool, "the tool's provider changed since the credential was stored; not refreshing");
@@ -222,12 +219,13 @@ impl Vault {
                 "no refresh token is stored for tool {tool}"
             )));
         };
-        let binding = provider
-            .binding()
+        // Checked again inside the call, against the endpoints it sends to: discovery may have
+        // changed its answer since the check before the lease.
+        match provider
+            .refresh(&refresh_token, tokens.provider.as_deref())
             .await
-            .unwrap_or_else(|_| provider.unresolved_binding());
-        match provider.refresh(&refresh_token).await {
-            Ok(fresh) => {
+        {
+            Ok((fresh, binding)) => {
                 let now = Utc::now().timestamp();
                 let renewed = TokenSet {
                     access_token: fresh.access_token,
@@ -279,6 +277,17 @@ impl Vault {
                 self.outcomes.record("superseded");
                 let latest = self.open_current(caller, tool).await?;
                 Ok(Self::issue(latest.tokens, latest.generation, false))
+            }
+            Err(ProviderError::ServerChanged(message)) => {
+                // Nothing was sent; release the lease at once and keep the credential as it
+                // is (its access token may still be good where it belongs).
+                self.store
+                    .leases
+                    .record_refresh_failure(key, generation, Duration::ZERO)
+                    .await?;
+                Err(VaultError::ReauthRequired(format!(
+                    "{message}; the user must authorize again"
+                )))
             }
             Err(ProviderError::GrantRejected(code)) => {
                 self.store

@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use super::{AgentEntry, Revoked, Vault, VaultError};
 use crate::crypto::{Binding, open_credential};
 use crate::ids::{Tool, UserId};
-use crate::oauth::TokenKind;
+use crate::oauth::{ProviderError, TokenKind};
 use crate::store::{AgentRecord, OutboxEntry};
 
 /// How long a delivery attempt holds an outbox entry before another replica may take it.
@@ -135,28 +135,30 @@ impl Vault {
         };
         let tokens = open_credential(&entry.key, binding, &item.sealed)
             .map_err(|_| "the queued credential does not open for its binding".to_string())?;
-        let current = provider.binding().await.map_err(|e| e.to_string())?;
-        if tokens
-            .provider
-            .as_ref()
-            .is_some_and(|bound| *bound != current)
+        // Its tokens belong to the authorization server (and client) the credential was stored
+        // for; each call checks that against where it would send them, and sends nothing
+        // elsewhere.
+        let bound = tokens.provider.as_deref();
+        let provider = &provider;
+        let revoke = |token, kind| async move {
+            match provider.revoke(token, kind, bound).await {
+                Ok(()) => Ok(true),
+                Err(ProviderError::ServerChanged(_)) => {
+                    tracing::warn!(tool = %item.tool, "the tool's provider changed since the credential was stored; not revoking there");
+                    Ok(false)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        // The refresh token first: RFC 7009 lets the server revoke the whole grant with it.
+        if let Some(refresh) = &tokens.refresh_token
+            && !revoke(refresh, TokenKind::Refresh).await?
         {
-            // Its tokens belong to the authorization server the credential was stored for;
-            // sending them to whatever the tool names now would leak them.
-            tracing::warn!(tool = %item.tool, "the tool's provider changed since the credential was stored; not revoking there");
             return Ok(Delivery::NotApplicable);
         }
-        // The refresh token first: RFC 7009 lets the server revoke the whole grant with it.
-        if let Some(refresh) = &tokens.refresh_token {
-            provider
-                .revoke(refresh, TokenKind::Refresh)
-                .await
-                .map_err(|e| e.to_string())?;
+        if !revoke(&tokens.access_token, TokenKind::Access).await? {
+            return Ok(Delivery::NotApplicable);
         }
-        provider
-            .revoke(&tokens.access_token, TokenKind::Access)
-            .await
-            .map_err(|e| e.to_string())?;
         Ok(Delivery::Revoked)
     }
 

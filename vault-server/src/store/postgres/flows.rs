@@ -11,7 +11,7 @@ use crate::store::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow, StoreError}
 
 /// The columns of [`FlowRow`]; times rounded down to the millisecond.
 const FLOW_COLUMNS: &str = "id, issuer, agent_id, namespace, user_id, tool, scopes, return_url,
-    redirect_uri, status::int8 AS status, error, sealed_verifier, sealed_code,
+    redirect_uri, provider_binding, status::int8 AS status, error, sealed_verifier, sealed_code,
     floor(extract(epoch FROM expires_at) * 1000)::int8 AS expires_at_ms,
     floor(extract(epoch FROM created_at) * 1000)::int8 AS created_at_ms";
 
@@ -22,8 +22,9 @@ impl FlowStore for PgStore {
         sqlx::query(
             "INSERT INTO vault.authorization_flows
                  (id, state_hash, issuer, agent_id, namespace, user_id, tool, scopes, return_url,
-                  redirect_uri, status, sealed_verifier, expires_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now(), now())",
+                  redirect_uri, status, sealed_verifier, expires_at, provider_binding,
+                  created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now(), now())",
         )
         .bind(flow.id)
         .bind(flow.state_hash.as_slice())
@@ -38,6 +39,7 @@ impl FlowStore for PgStore {
         .bind(FlowStatus::Pending.code())
         .bind(flow.sealed_verifier)
         .bind(flow.expires_at)
+        .bind(flow.provider_binding)
         .execute(&self.pool)
         .await
         .map_err(e)?;

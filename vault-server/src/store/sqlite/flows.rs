@@ -8,7 +8,8 @@ use crate::store::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow, StoreError}
 
 /// The columns of [`FlowRow`].
 const FLOW_COLUMNS: &str = "id, issuer, agent_id, namespace, user_id, tool, scopes, return_url,
-    redirect_uri, status, error, sealed_verifier, sealed_code, expires_at AS expires_at_ms,
+    redirect_uri, provider_binding, status, error, sealed_verifier, sealed_code,
+    expires_at AS expires_at_ms,
     created_at AS created_at_ms";
 
 #[async_trait::async_trait]
@@ -18,8 +19,9 @@ impl FlowStore for SqliteStore {
         sqlx::query(
             "INSERT INTO authorization_flows
                  (id, state_hash, issuer, agent_id, namespace, user_id, tool, scopes, return_url,
-                  redirect_uri, status, sealed_verifier, expires_at, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+                  redirect_uri, status, sealed_verifier, expires_at, provider_binding,
+                  created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?15, ?14, ?14)",
         )
         .bind(flow.id)
         .bind(flow.state_hash.as_slice())
@@ -35,6 +37,7 @@ impl FlowStore for SqliteStore {
         .bind(flow.sealed_verifier)
         .bind(flow.expires_at.timestamp_millis())
         .bind(now_ms())
+        .bind(flow.provider_binding)
         .execute(&self.pool)
         .await
         .map_err(e)?;
