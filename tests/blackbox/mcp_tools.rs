@@ -627,3 +627,41 @@ async fn a_flow_whose_authorization_server_changes_mid_flow_sends_its_code_nowhe
         "{elsewhere:?}"
     );
 }
+
+#[tokio::test]
+async fn without_configured_scopes_consent_asks_for_what_the_mcp_server_advertises() {
+    let mut w = World::new(&[]).await;
+    std::fs::write(
+        &w.providers_path,
+        format!("[tools.jira]\nmcp_server = \"{}\"\n", w.mcp.ready.url),
+    )
+    .unwrap();
+    let app = w.vault(&[]).await;
+    let vault = app.client(&w.issuer, "agent-a", "alice").await;
+
+    let begun = vault
+        .begin_authorization("jira", NO_SCOPES, Some(RETURN_URL))
+        .await
+        .unwrap();
+
+    // No challenge scope from this server: its metadata's scopes_supported.
+    let metadata: serde_json::Value = w
+        .pki
+        .client()
+        .get(&w.mcp.ready.resource_metadata)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let advertised: Vec<&str> = metadata["scopes_supported"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(!advertised.is_empty());
+    let url = Url::parse(&begun.authorization_url).unwrap();
+    assert_eq!(param(&url, "scope"), Some(advertised.join(" ")), "{url}");
+}

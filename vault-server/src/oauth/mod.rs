@@ -768,6 +768,7 @@ mod tests {
             iss_parameter_supported: iss_promised,
             issuer: Some("https://idp.example".into()),
             server: None,
+            discovered_scopes: Vec::new(),
         };
         *provider
             .discovered

@@ -40,6 +40,9 @@ pub(super) struct Endpoints {
     pub(super) issuer: Option<String>,
     /// An MCP tool's authorization server metadata, for client registration.
     pub(super) server: Option<Arc<AuthorizationServer>>,
+    /// The scopes an MCP server asks for: its challenge's `scope`, else its metadata's
+    /// `scopes_supported` (the MCP specification's scope selection).
+    pub(super) discovered_scopes: Vec<String>,
 }
 
 /// A tool that is only an MCP server URL: everything else is discovered (RFC 9728, RFC 8414).
@@ -226,6 +229,7 @@ impl Provider {
                 iss_parameter_supported: false,
                 issuer: None,
                 server: None,
+                discovered_scopes: Vec::new(),
             });
         };
         let cached = self.discovered.read().await.clone();
@@ -308,6 +312,7 @@ impl Provider {
                 .unwrap_or(false),
             issuer: Some(issuer.clone()),
             server: None,
+            discovered_scopes: Vec::new(),
         };
         *self.discovered.write().await = Some((endpoints.clone(), Instant::now()));
         Ok(endpoints)
@@ -323,7 +328,16 @@ impl Provider {
                 ProviderError::unavailable(e.to_string())
             })?;
         let server = found.authorization_server;
+        let discovered_scopes = match found.challenge.as_ref().and_then(|c| c.scope.as_deref()) {
+            Some(scope) => scope
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            None => found.scopes_supported.clone(),
+        };
         Ok(Endpoints {
+            discovered_scopes,
             token_url: TokenUrl::from_url(server.token_endpoint.clone()),
             token_origin: Origin::Derived,
             revocation_url: server
@@ -497,6 +511,16 @@ impl Provider {
     /// The tool's default scopes (the providers file's `scopes`).
     pub fn default_scopes(&self) -> &[String] {
         &self.scopes
+    }
+
+    /// The scopes a consent asks for when the caller names none: the providers file's, else
+    /// for an MCP tool what its server asks for (the challenge's `scope`, then
+    /// `scopes_supported`), else none (the provider's default applies).
+    pub async fn consent_scopes(&self) -> Result<Vec<String>, ProviderError> {
+        if !self.scopes.is_empty() || self.mcp.is_none() {
+            return Ok(self.scopes.clone());
+        }
+        Ok(self.endpoints().await?.discovered_scopes)
     }
 
     /// The tool's own redirect_uri, overriding the server-wide one.

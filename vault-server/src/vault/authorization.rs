@@ -317,7 +317,7 @@ impl Vault {
                 problem: format!("no OAuth provider is configured for tool {tool}"),
             })?;
         let scopes = if scopes.is_empty() {
-            provider.default_scopes().to_vec()
+            provider.consent_scopes().await.map_err(provider_error)?
         } else {
             scopes
         };
