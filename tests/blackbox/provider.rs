@@ -131,7 +131,31 @@ pub struct Ready {
     pub registration_endpoint: Option<String>,
     pub client_id: String,
     pub client_secret: String,
+    /// The vault's caller clients; only with `--caller-tokens`.
+    #[serde(default)]
+    pub caller_tokens: Option<CallerTokens>,
     pub port: u16,
+}
+
+/// With `--caller-tokens`: the vault as a resource server of the provider, and the confidential
+/// clients that get client-credentials JWT access tokens for it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CallerTokens {
+    /// The RFC 8707 resource indicator that names the vault.
+    pub resource: String,
+    /// The `aud` of those tokens.
+    pub audience: String,
+    pub agent_claim: String,
+    pub clients: Vec<CallerClient>,
+}
+
+/// A client-credentials client; `agent_id` is the agent claim its tokens carry, if any.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CallerClient {
+    pub client_id: String,
+    pub client_secret: String,
+    #[serde(default)]
+    pub agent_id: Option<String>,
 }
 
 /// Calls that reached the provider, counted on its side.

@@ -40,6 +40,43 @@ const CLIENTS = [
   response_types: ['code'],
 }));
 
+// --caller-tokens: confidential clients that get client-credentials JWT
+// access tokens for the vault itself (the recipe of docs/production.md). Each
+// is a service identity of its own, as in an identity provider: the token's
+// `sub` is its client_id, and `agent_id` (when set) is the extra claim the
+// vault reads as the agent. `vault-caller-no-agent` stands for a client whose
+// claim mapping was forgotten.
+const CALLER_CLIENTS = [
+  {
+    client_id: 'vault-gateway',
+    client_secret: 'vault-gateway-secret-0123456789abcdef',
+    agent_id: 'support-agent',
+  },
+  {
+    client_id: 'vault-caller-no-agent',
+    client_secret: 'vault-caller-no-agent-secret-0123456789abcdef',
+  },
+].map(({ agent_id: agentId, ...client }) => ({
+  client: {
+    ...client,
+    token_endpoint_auth_method: 'client_secret_basic',
+    // What the client may ask for: never vault:admin, which the vault's
+    // operators grant to a separate client of their own.
+    scope: 'vault:store',
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+  },
+  agentId,
+}));
+
+// The resource indicator (RFC 8707) that names the vault, and the audience
+// its JWT access tokens carry (the vault's default VAULT_JWT_AUDIENCE).
+const VAULT_RESOURCE = 'urn:credential-vault';
+const VAULT_AUDIENCE = 'credential-vault';
+const VAULT_SCOPES = ['vault:store', 'vault:admin'];
+const AGENT_CLAIM = 'agent_id';
+
 // Custom scopes stand in for a real provider's API scopes. They must be
 // declared here: oidc-provider silently drops scopes it does not know.
 const SCOPES = ['openid', 'offline_access', 'read:jira-work', 'write:jira-work'];
@@ -75,7 +112,8 @@ const SECRET_TTL_HOOK = 'x_test_secret_ttl_hook';
 
 const USAGE = 'usage: node provider.mjs --port PORT --cert CERT.pem --key KEY.pem --state-dir DIR'
   + ' [--access-ttl SECONDS] [--refresh-ttl SECONDS] [--redirect-uri URI]... [--registration]'
-  + ' [--registration-secret-ttl SECONDS] [--client-id-metadata] [--resource] [--strict-resource]';
+  + ' [--registration-secret-ttl SECONDS] [--client-id-metadata] [--resource] [--strict-resource]'
+  + ' [--caller-tokens]';
 
 class UsageError extends Error {}
 
@@ -96,6 +134,7 @@ function parseCommandLine() {
         'client-id-metadata': { type: 'boolean', default: false },
         resource: { type: 'boolean', default: false },
         'strict-resource': { type: 'boolean', default: false },
+        'caller-tokens': { type: 'boolean', default: false },
       },
       strict: true,
     }));
@@ -138,6 +177,7 @@ function parseCommandLine() {
     clientIdMetadata: values['client-id-metadata'],
     resource: values.resource,
     strictResource: values['strict-resource'],
+    callerTokens: values['caller-tokens'],
   };
 }
 
@@ -280,7 +320,8 @@ function authMethodMismatch(ctx, form) {
     if (method) return undefined;
     method = 'client_secret_post';
   }
-  const client = CLIENTS.find((c) => c.client_id === clientId);
+  const client = [...CLIENTS, ...CALLER_CLIENTS.map((c) => c.client)]
+    .find((c) => c.client_id === clientId);
   if (!client || !method || client.token_endpoint_auth_method === method) return undefined;
   return `client ${client.client_id} must authenticate with ${client.token_endpoint_auth_method}, not ${method}`;
 }
@@ -311,6 +352,20 @@ function sendJson(ctx, status, body) {
   ctx.status = status;
   ctx.type = 'application/json';
   ctx.body = JSON.stringify(body);
+}
+
+/**
+ * The vault as an RFC 8707 resource server: JWT access tokens (RFC 9068,
+ * RS256 under the provider's signing key, published at jwks_uri) with the
+ * vault's audience and only the vault's scopes.
+ */
+function vaultResourceServer() {
+  return {
+    scope: VAULT_SCOPES.join(' '),
+    audience: VAULT_AUDIENCE,
+    accessTokenFormat: 'jwt',
+    jwt: { sign: { alg: 'RS256' } },
+  };
 }
 
 // ---------------------------------------------------------------------------
@@ -357,14 +412,29 @@ async function main() {
     // Web clients: oidc-provider accepts http redirect URIs for them too
     // (it only forbids http for the implicit grant), and matches them
     // exactly, port included.
-    clients: CLIENTS.map((client) => ({
-      ...client,
-      redirect_uris: [...new Set([REDIRECT_URI, ...opts.redirectUris])],
-    })),
+    clients: [
+      ...CLIENTS.map((client) => ({
+        ...client,
+        redirect_uris: [...new Set([REDIRECT_URI, ...opts.redirectUris])],
+      })),
+      ...(opts.callerTokens ? CALLER_CLIENTS.map((c) => c.client) : []),
+    ],
     jwks: loadSigningJwks(opts.stateDir),
     cookies: { keys: loadCookieKeys(opts.stateDir) },
-    scopes: SCOPES,
+    scopes: opts.callerTokens ? [...SCOPES, ...VAULT_SCOPES] : SCOPES,
     routes: ROUTES,
+
+    // --caller-tokens: the agent claim on the vault's JWT access tokens,
+    // hard-coded per client like an identity provider's claim mapper.
+    // oidc-provider calls this for every token it issues; only a client
+    // credentials token of a caller client gets the claim.
+    ...(opts.callerTokens ? {
+      extraTokenClaims: async (ctx, token) => {
+        if (token.kind !== 'ClientCredentials') return undefined;
+        const caller = CALLER_CLIENTS.find((c) => c.client.client_id === token.clientId);
+        return caller?.agentId ? { [AGENT_CLAIM]: caller.agentId } : undefined;
+      },
+    } : {}),
 
     // Any account id exists; who logs in is whatever the login form posts
     // (see interactionSubmit below).
@@ -465,6 +535,8 @@ async function main() {
           },
         },
       } : {}),
+      // --caller-tokens: the client credentials grant (RFC 6749 4.4).
+      clientCredentials: { enabled: opts.callerTokens },
       // RFC 8707. oidc-provider enables resource indicators by default but
       // refuses every resource until told which ones exist; with --resource
       // any absolute URI is a resource server whose access tokens are opaque
@@ -477,12 +549,26 @@ async function main() {
           // token), so a client that forgets RFC 8707 on the token endpoint
           // is caught.
           defaultResource: async (ctx, client, oneOf) => (opts.strictResource ? undefined : oneOf),
-          getResourceServerInfo: async (ctx, resourceIndicator) => ({
-            scope: SCOPES.join(' '),
-            audience: resourceIndicator,
-            accessTokenFormat: 'opaque',
-          }),
+          getResourceServerInfo: async (ctx, resourceIndicator) => (
+            opts.callerTokens && resourceIndicator === VAULT_RESOURCE
+              ? vaultResourceServer()
+              : {
+                scope: SCOPES.join(' '),
+                audience: resourceIndicator,
+                accessTokenFormat: 'opaque',
+              }),
           useGrantedResource: async () => !opts.strictResource,
+        },
+      } : {}),
+      // --caller-tokens alone: the vault is the only resource server; any
+      // other resource is refused (invalid_target) as without the flag.
+      ...(opts.callerTokens && !opts.resource ? {
+        resourceIndicators: {
+          enabled: true,
+          getResourceServerInfo: async (ctx, resourceIndicator) => {
+            if (resourceIndicator !== VAULT_RESOURCE) throw new errors.InvalidTarget();
+            return vaultResourceServer();
+          },
         },
       } : {}),
     },
@@ -771,6 +857,18 @@ async function main() {
     client_secret: defaultClient.client_secret,
     post_client_id: postClient.client_id,
     post_client_secret: postClient.client_secret,
+    ...(opts.callerTokens ? {
+      caller_tokens: {
+        resource: VAULT_RESOURCE,
+        audience: VAULT_AUDIENCE,
+        agent_claim: AGENT_CLAIM,
+        clients: CALLER_CLIENTS.map(({ client, agentId }) => ({
+          client_id: client.client_id,
+          client_secret: client.client_secret,
+          agent_id: agentId,
+        })),
+      },
+    } : {}),
     port,
   })}\n`);
   console.error(`oidc test provider ready at ${issuer} (state in ${opts.stateDir})`);
