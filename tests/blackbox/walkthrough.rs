@@ -138,23 +138,39 @@ pub(crate) fn spawn_dev(cwd: Option<&Path>, extra: &[(&str, &str)]) -> Dev {
 }
 
 /// The commands of the fenced `sh` blocks in `file` (relative to the repository) under the
-/// heading `heading`, up to the next heading: one entry per command, `\`-continued lines joined,
-/// comments and blank lines left out.
+/// heading `heading`, up to the next heading.
 pub(crate) fn documented_commands(file: &str, heading: &str) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = read_document(file);
     let mut lines = text.lines().skip_while(|l| *l != heading);
     assert!(lines.next().is_some(), "{file} has a heading `{heading}`");
+    let mut in_block = false;
+    let section: Vec<&str> = lines
+        .take_while(|l| {
+            in_block ^= l.starts_with("```");
+            in_block || l.starts_with("```") || !l.starts_with('#')
+        })
+        .collect();
+    commands_in(&section.join("\n"))
+}
+
+/// `file`, relative to the repository.
+pub(crate) fn read_document(file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The commands of the fenced `sh` blocks in a Markdown `text`: one entry per command,
+/// `\`-continued lines joined, comments and blank lines left out.
+pub(crate) fn commands_in(text: &str) -> Vec<String> {
     // None: prose; Some(true): inside a ```sh block; Some(false): inside another block.
     let mut fence = None::<bool>;
     let (mut commands, mut pending) = (Vec::new(), String::new());
-    for line in lines {
+    for line in text.lines() {
         match fence {
-            None if line.starts_with('#') => break,
             None if line.starts_with("```") => fence = Some(line == "```sh"),
-            None | Some(false) if !line.starts_with("```") => {}
             Some(_) if line.starts_with("```") => fence = None,
-            _ => {
+            None | Some(false) => {}
+            Some(true) => {
                 let line = line.trim();
                 if pending.is_empty() && (line.is_empty() || line.starts_with('#')) {
                     continue;
