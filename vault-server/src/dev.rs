@@ -162,13 +162,13 @@ pub fn banner(
     let get_request = r#"{"tool":"jira"}"#;
     let consent = match callback {
         Some(callback) => format!(
-            "\n\
-or let the vault run the consent flow (the tool needs an entry in VAULT_PROVIDERS_FILE; the\n\
+            "or let the vault run the consent flow (the tool needs an entry in VAULT_PROVIDERS_FILE; the\n\
 callback listens on http://{callback}): begin, open the authorization_url it answers in a\n\
 browser and consent, then GetToken (above) works:\n\
 \n\
 {begin}\n\
-{begin_grpcurl}\n",
+{begin_grpcurl}\n\
+\n",
             begin = buf(get_request, "BeginAuthorization"),
             begin_grpcurl = grpcurl(get_request, "BeginAuthorization"),
         ),
@@ -205,11 +205,12 @@ or with the Rust client's examples:\n\
 {EXAMPLE} gateway_store_token -- jira demo-access-token demo-refresh-token 3600\n\
 {EXAMPLE} agent_get_token -- jira\n\
 \n\
-another user of the same agent sees nothing of demo-user's:\n\
+{consent}another user of the same agent sees nothing of demo-user's:\n\
 \n\
 export VAULT_TOKEN=$({SERVER} token --user someone-else)\n\
 {EXAMPLE} agent_get_token -- jira\n\
-{consent}\n\
+\n\
+admin calls (Sweep, another user's credentials, with a --admin token): docs/operations.md\n\
 more tokens: {SERVER} token --agent AGENT --user USER [--store] [--admin] [--ttl SECONDS]\n",
         dir = files.dir.display(),
         store_buf = buf(store_request, "StoreToken"),
