@@ -18,6 +18,7 @@ mod lifecycle;
 mod mcp;
 mod mcp_probe;
 mod mcp_tools;
+mod operations;
 mod production;
 mod provider;
 mod refresh;

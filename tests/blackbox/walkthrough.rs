@@ -1,5 +1,7 @@
-//! The README's newcomer path, for real: `vault-server dev` in an empty directory, then the
-//! `buf curl` commands it printed, run by a shell with the token it printed.
+//! The README's newcomer path, for real: `vault-server dev` in an empty directory, then every
+//! command of the README's walkthrough as `dev` printed it, run by a shell with only the
+//! variables the README names. Also the machinery that runs a document's commands
+//! ([`documented_commands`], [`Launchers`], [`run_documented`]), which `operations` shares.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -30,9 +32,10 @@ fn buf_bin_dir() -> PathBuf {
     dir.join("bin")
 }
 
-struct Dev {
+/// A running `vault-server dev` and the banner it printed.
+pub(crate) struct Dev {
     child: std::process::Child,
-    lines: Vec<String>,
+    pub(crate) lines: Vec<String>,
 }
 
 impl Drop for Dev {
@@ -42,25 +45,80 @@ impl Drop for Dev {
     }
 }
 
+impl Dev {
+    /// The address it listens on, from its `export VAULT_ADDR=http://…` line.
+    pub(crate) fn addr(&self) -> String {
+        self.export("VAULT_ADDR")
+            .strip_prefix("http://")
+            .expect("VAULT_ADDR is an http:// URL")
+            .to_string()
+    }
+
+    /// The value of the banner's `export NAME=…` line.
+    pub(crate) fn export(&self, name: &str) -> String {
+        let prefix = format!("export {name}=");
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("dev printed no `{prefix}` line: {}", self.lines.join("\n")))
+            .to_string()
+    }
+
+    /// The banner line a documented command stands for: the same text once dev's address (a
+    /// free port here) is written as the default `127.0.0.1:50051`, or, for a documented line
+    /// ending in `…` (the token), the line it begins.
+    pub(crate) fn line_for(&self, documented: &str) -> String {
+        let addr = self.addr();
+        let as_documented = |line: &str| line.replace(&addr, "127.0.0.1:50051");
+        let found = match documented.strip_suffix('…') {
+            Some(start) => self
+                .lines
+                .iter()
+                .find(|l| as_documented(l).starts_with(start)),
+            None => self.lines.iter().find(|l| as_documented(l) == documented),
+        };
+        found
+            .unwrap_or_else(|| {
+                panic!(
+                    "the README says\n{documented}\nbut dev printed no such command:\n{}",
+                    self.lines.join("\n")
+                )
+            })
+            .clone()
+    }
+}
+
 /// Starts `vault-server dev` with only PATH and the given variables, and reads its banner.
 fn start_dev(data_dir: &Path) -> Dev {
     start_dev_with(data_dir, &[])
 }
 
 fn start_dev_with(data_dir: &Path, extra: &[(&str, &str)]) -> Dev {
-    let mut child = Command::new(binary())
+    let data_dir = data_dir.to_str().unwrap();
+    let mut env = vec![("VAULT_DATA_DIR", data_dir)];
+    env.extend_from_slice(extra);
+    spawn_dev(None, &env)
+}
+
+/// Starts `vault-server dev` in `cwd` (its data directory is then `cwd/vault-data`, as for a
+/// reader of the README) with only PATH, a free port for gRPC and the callback (tests run side
+/// by side), and `extra`; reads its banner.
+pub(crate) fn spawn_dev(cwd: Option<&Path>, extra: &[(&str, &str)]) -> Dev {
+    let mut command = Command::new(binary());
+    command
         .arg("dev")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("VAULT_DATA_DIR", data_dir)
         .env("VAULT_LISTEN", "127.0.0.1:0")
         .env("VAULT_CALLBACK_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .envs(extra.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let mut child = command.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -79,17 +137,141 @@ fn start_dev_with(data_dir: &Path, extra: &[(&str, &str)]) -> Dev {
     Dev { child, lines }
 }
 
-fn run_shell(line: &str, token: &str, bin: &Path) -> (bool, String) {
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+/// The commands of the fenced `sh` blocks in `file` (relative to the repository) under the
+/// heading `heading`, up to the next heading.
+pub(crate) fn documented_commands(file: &str, heading: &str) -> Vec<String> {
+    let text = read_document(file);
+    let mut lines = text.lines().skip_while(|l| *l != heading);
+    assert!(lines.next().is_some(), "{file} has a heading `{heading}`");
+    let mut in_block = false;
+    let section: Vec<&str> = lines
+        .take_while(|l| {
+            in_block ^= l.starts_with("```");
+            in_block || l.starts_with("```") || !l.starts_with('#')
+        })
+        .collect();
+    commands_in(&section.join("\n"))
+}
+
+/// `file`, relative to the repository.
+pub(crate) fn read_document(file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The commands of the fenced `sh` blocks in a Markdown `text`: one entry per command,
+/// `\`-continued lines joined, comments and blank lines left out.
+pub(crate) fn commands_in(text: &str) -> Vec<String> {
+    // None: prose; Some(true): inside a ```sh block; Some(false): inside another block.
+    let mut fence = None::<bool>;
+    let (mut commands, mut pending) = (Vec::new(), String::new());
+    for line in text.lines() {
+        match fence {
+            None if line.starts_with("```") => fence = Some(line == "```sh"),
+            Some(_) if line.starts_with("```") => fence = None,
+            None | Some(false) => {}
+            Some(true) => {
+                let line = line.trim();
+                if pending.is_empty() && (line.is_empty() || line.starts_with('#')) {
+                    continue;
+                }
+                match line.strip_suffix('\\') {
+                    Some(start) => {
+                        pending.push_str(start.trim_end());
+                        pending.push(' ');
+                    }
+                    None => {
+                        pending.push_str(line);
+                        commands.push(std::mem::take(&mut pending));
+                    }
+                }
+            }
+        }
+    }
+    commands
+}
+
+/// What the documented launchers stand for here. A reader runs `cargo run --release …` and
+/// `npx --yes @bufbuild/buf`; the test runs the same programs already built for it: the
+/// `vault-server` binary under test, the client examples built in the test profile (see
+/// [`examples_dir`]) and `buf` from the committed lockfile (no download). Only the launcher is
+/// swapped; the rest of each command runs as written. A launcher not in this list, such as a
+/// `cargo run` in another profile, fails the test: the documents use the profile `dev` was
+/// built with, so that nothing is built twice.
+pub(crate) struct Launchers {
+    server: String,
+    buf: PathBuf,
+}
+
+impl Launchers {
+    pub(crate) fn new() -> Self {
+        Self {
+            server: binary().to_string(),
+            buf: buf_bin_dir().join("buf"),
+        }
+    }
+
+    /// `command` with its launcher replaced by the program it runs.
+    pub(crate) fn local(&self, command: &str) -> String {
+        let mut local = command
+            .replace("cargo run --release -q -p vault-server --", &self.server)
+            .replace("cargo run --release -p vault-server --", &self.server)
+            .replace("npx --yes @bufbuild/buf", self.buf.to_str().unwrap());
+        let example = "cargo run --release -p vault-client --example ";
+        while let Some(at) = local.find(example) {
+            let rest = &local[at + example.len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            let after = &rest[name.len()..];
+            let after = after.strip_prefix(" --").unwrap_or(after);
+            let program = examples_dir().join(&name);
+            assert!(program.is_file(), "no client example named {name}");
+            local = format!("{}{}{after}", &local[..at], program.to_str().unwrap());
+        }
+        assert!(
+            !local.contains("cargo ") && !local.contains("npx "),
+            "`{command}` uses a launcher the walkthrough does not (another cargo profile?)"
+        );
+        local
+    }
+}
+
+/// The client examples, built once per run in the profile the tests were built in. A release
+/// build here would compile the whole dependency tree a second time for no coverage the debug
+/// build lacks. `cargo test --workspace` (the README's and CI's test command) has already built
+/// them into `target/debug/examples` with the workspace's features, so this `cargo build` finds
+/// them fresh and returns at once; under a narrower `cargo test -p vault-server` it compiles the
+/// three small example binaries (and whatever the workspace's feature set adds), once.
+fn examples_dir() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile_dir = Path::new(binary()).parent().unwrap().to_path_buf();
+            let target_dir = profile_dir.parent().unwrap();
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--quiet", "--workspace", "--examples"])
+                .env("CARGO_TARGET_DIR", target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the client examples failed");
+            profile_dir.join("examples")
+        })
+        .clone()
+}
+
+/// Runs one command with `sh` in `cwd`, with only PATH and `env`: nothing else of the test's
+/// environment leaks in.
+pub(crate) fn run_shell_in(line: &str, env: &[(String, String)], cwd: &Path) -> (bool, String) {
     let output = Command::new("sh")
         .arg("-c")
         .arg(line)
-        .env("PATH", path)
-        .env("VAULT_TOKEN", token)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(cwd)
         .output()
         .unwrap();
     let text = format!(
@@ -100,43 +282,106 @@ fn run_shell(line: &str, token: &str, bin: &Path) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Runs a documented command as a reader's shell would: an `export NAME=…` line sets NAME for
+/// the commands after it and answers its value; any other line answers (success, output).
+pub(crate) fn run_documented(
+    launchers: &Launchers,
+    line: &str,
+    env: &mut Vec<(String, String)>,
+    cwd: &Path,
+) -> (bool, String) {
+    let local = launchers.local(line);
+    if let Some((name, _)) = line
+        .strip_prefix("export ")
+        .and_then(|rest| rest.split_once('='))
+    {
+        let (ok, value) = run_shell_in(&format!("{local}\nprintf %s \"${name}\""), env, cwd);
+        assert!(ok && !value.is_empty(), "`{line}` failed: {value}");
+        env.retain(|(k, _)| k != name);
+        env.push((name.to_string(), value.clone()));
+        return (true, value);
+    }
+    run_shell_in(&local, env, cwd)
+}
+
 #[test]
 fn the_readme_walkthrough_runs_on_what_dev_prints() {
-    let bin = buf_bin_dir();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("vault-data");
-    let dev = start_dev(&data_dir);
-
+    let launchers = Launchers::new();
+    // A fresh directory stands for the checkout: `dev` keeps ./vault-data there and `token`
+    // finds its key there, as when both run from the repository root.
+    let checkout = tempfile::tempdir().unwrap();
+    let run = documented_commands("README.md", "## Run");
+    assert_eq!(run, ["cargo run --release -p vault-server -- dev"]);
+    assert_eq!(launchers.local(&run[0]), format!("{} dev", binary()));
+    let dev = spawn_dev(Some(checkout.path()), &[]);
     let banner = dev.lines.join("\n");
     assert!(banner.contains("DEVELOPMENT MODE"), "{banner}");
-    let token = dev
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("export VAULT_TOKEN="))
-        .expect("a caller token")
-        .to_string();
-    let buf_lines: Vec<&String> = dev
-        .lines
-        .iter()
-        .filter(|l| l.starts_with("buf curl"))
-        .collect();
-    assert_eq!(buf_lines.len(), 3, "{banner}");
+    let demo_token = dev.export("VAULT_TOKEN");
+
+    // Each README command is a line dev printed; the test runs that line, in README order.
+    let mut env = Vec::new();
+    let mut ran = Vec::new();
+    for documented in documented_commands("README.md", "## Walkthrough") {
+        let line = dev.line_for(&documented);
+        let (ok, out) = run_documented(&launchers, &line, &mut env, checkout.path());
+        assert!(ok, "`{documented}` failed:\n{out}");
+        let as_demo_user = env
+            .iter()
+            .any(|(k, v)| k == "VAULT_TOKEN" && *v == demo_token);
+        let step = if line.starts_with("export VAULT_ADDR=") {
+            assert_eq!(out, format!("http://{}", dev.addr()));
+            "address"
+        } else if line.starts_with("export VAULT_TOKEN=") {
+            assert_eq!(out.split('.').count(), 3, "a JWT: {out}");
+            "token"
+        } else if line.ends_with("/StoreToken\"") {
+            assert!(out.contains("\"generation\""), "{out}");
+            "StoreToken"
+        } else if line.ends_with("/GetToken\"") {
+            assert!(out.contains("demo-access-token"), "{out}");
+            assert!(
+                !out.contains("demo-refresh-token"),
+                "a refresh token never leaves the vault"
+            );
+            "GetToken"
+        } else if line.contains("--example gateway_store_token ") {
+            assert!(out.contains("stored jira"), "{out}");
+            "gateway example"
+        } else if line.contains("--example agent_get_token ") && as_demo_user {
+            assert!(out.contains("token for jira"), "{out}");
+            assert!(
+                !out.contains("demo-access-token"),
+                "the example never prints it"
+            );
+            "agent example"
+        } else if line.contains("--example agent_get_token ") {
+            assert!(out.contains("no credential for jira"), "{out}");
+            "another user's agent example"
+        } else {
+            panic!("the test does not know what `{documented}` should do: add it here")
+        };
+        ran.push(step);
+    }
+    assert_eq!(
+        ran,
+        [
+            "address",
+            "token",
+            "StoreToken",
+            "GetToken",
+            "gateway example",
+            "agent example",
+            "token",
+            "another user's agent example"
+        ],
+        "the walkthrough's steps"
+    );
     assert!(
         dev.lines.iter().any(|l| l.starts_with("grpcurl ")),
         "{banner}"
     );
 
-    let (ok, stored) = run_shell(buf_lines[0], &token, &bin);
-    assert!(ok, "StoreToken through reflection failed: {stored}");
-    assert!(stored.contains("\"generation\""), "{stored}");
-    let (ok, fetched) = run_shell(buf_lines[1], &token, &bin);
-    assert!(ok, "GetToken through reflection failed: {fetched}");
-    assert!(fetched.contains("demo-access-token"), "{fetched}");
-    assert!(
-        !fetched.contains("demo-refresh-token"),
-        "a refresh token never leaves the vault"
-    );
-
+    let data_dir = checkout.path().join("vault-data");
     for file in ["root.key", "dev-issuer.pem", "dev-jwks.json", "vault.db"] {
         assert!(data_dir.join(file).exists(), "{file} in the data directory");
     }
@@ -149,18 +394,6 @@ fn the_readme_walkthrough_runs_on_what_dev_prints() {
             .mode();
         assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
     }
-
-    // `token` mints with the same key; another user sees nothing of demo-user's.
-    let minted = Command::new(binary())
-        .args(["token", "--agent", "demo-agent", "--user", "someone-else"])
-        .env_clear()
-        .env("VAULT_DATA_DIR", &data_dir)
-        .output()
-        .unwrap();
-    assert!(minted.status.success());
-    let other = String::from_utf8(minted.stdout).unwrap().trim().to_string();
-    let (ok, denied) = run_shell(buf_lines[1], &other, &bin);
-    assert!(!ok && denied.contains("not_found"), "{denied}");
 }
 
 #[test]
@@ -212,7 +445,6 @@ async fn the_consent_flow_runs_in_dev_on_what_it_prints() {
     use crate::browser::Browser;
     use crate::provider::{OidcProvider, TestPki};
 
-    let bin = buf_bin_dir();
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     // dev binds the callback itself, so the port is chosen here and registered at the provider
@@ -236,22 +468,25 @@ async fn the_consent_flow_runs_in_dev_on_what_it_prints() {
             ("VAULT_CALLBACK_LISTEN", listen.as_str()),
         ],
     );
-    let banner = dev.lines.join("\n");
-    let token = dev
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("export VAULT_TOKEN="))
-        .expect("a caller token")
-        .to_string();
-    let buf = |rpc: &str| {
-        dev.lines
-            .iter()
-            .find(|l| l.starts_with("buf curl") && l.ends_with(rpc))
-            .unwrap_or_else(|| panic!("a buf curl line for {rpc}: {banner}"))
-            .clone()
-    };
+    let launchers = Launchers::new();
+    // The README's consent block, as dev printed it: start dev, begin, (browser), GetToken.
+    let documented = documented_commands("README.md", "### The consent flow in `dev`");
+    assert_eq!(documented.len(), 3, "{documented:?}");
+    assert_eq!(
+        documented[0],
+        "VAULT_PROVIDERS_FILE=providers.toml cargo run --release -p vault-server -- dev"
+    );
+    let mut env = vec![
+        ("VAULT_ADDR".to_string(), dev.export("VAULT_ADDR")),
+        ("VAULT_TOKEN".to_string(), dev.export("VAULT_TOKEN")),
+    ];
+    let cwd = dir.path();
+    let begin = dev.line_for(&documented[1]);
+    assert!(begin.ends_with("/BeginAuthorization\""), "{begin}");
+    let get = dev.line_for(&documented[2]);
+    assert!(get.ends_with("/GetToken\""), "{get}");
 
-    let (ok, begun) = run_shell(&buf("/BeginAuthorization"), &token, &bin);
+    let (ok, begun) = run_documented(&launchers, &begin, &mut env, cwd);
     assert!(ok, "BeginAuthorization failed: {begun}");
     let begun: serde_json::Value = serde_json::from_str(&begun).unwrap();
     let url = begun["authorizationUrl"]
@@ -265,7 +500,7 @@ async fn the_consent_flow_runs_in_dev_on_what_it_prints() {
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("connected"), "{page}");
 
-    let (ok, fetched) = run_shell(&buf("/GetToken"), &token, &bin);
+    let (ok, fetched) = run_documented(&launchers, &get, &mut env, cwd);
     assert!(ok, "GetToken failed: {fetched}");
     let fetched: serde_json::Value = serde_json::from_str(&fetched).unwrap();
     let access = fetched["token"]["accessToken"].as_str().unwrap();

@@ -1,9 +1,9 @@
 //! An agent fetching the access token for a tool, acting for the user its JWT names.
 //!
 //! ```sh
-//! # with `vault-server dev` running:
-//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token)
-//! cargo run -p vault-client --example agent_get_token -- jira
+//! # with `vault-server dev` running and its `export VAULT_ADDR=…` line pasted:
+//! export VAULT_TOKEN=$(cargo run --release -q -p vault-server -- token)
+//! cargo run --release -p vault-client --example agent_get_token -- jira
 //! ```
 //! `VAULT_TOKEN_FILE` (a file re-read when it changes) is used instead of `VAULT_TOKEN` when set.
 

@@ -8,9 +8,10 @@
 //! which is exactly the account-swap the binding exists to stop.
 //!
 //! ```sh
-//! # with `vault-server dev` running and an OAuth provider configured for the tool:
-//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token)
-//! cargo run -p vault-client --example connect -- jira [RETURN_URL] [SCOPE...]
+//! # with `vault-server dev` running (its `export VAULT_ADDR=…` line pasted) and an OAuth
+//! # provider configured for the tool:
+//! export VAULT_TOKEN=$(cargo run --release -q -p vault-server -- token)
+//! cargo run --release -p vault-client --example connect -- jira [RETURN_URL] [SCOPE...]
 //! ```
 //! Without a return URL the vault's callback completes the flow itself, where the vault allows
 //! that (`dev` does); with one, the gateway serving that URL completes it.

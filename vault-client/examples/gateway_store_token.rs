@@ -1,9 +1,9 @@
 //! A gateway storing the token set a user just granted, at the end of an OAuth2 consent flow.
 //!
 //! ```sh
-//! # with `vault-server dev` running:
-//! export VAULT_TOKEN=$(cargo run -q -p vault-server -- token --store)   # a gateway token: StoreToken needs vault:store
-//! cargo run -p vault-client --example gateway_store_token -- jira ACCESS REFRESH 3600
+//! # with `vault-server dev` running and its `export VAULT_ADDR=…` line pasted:
+//! export VAULT_TOKEN=$(cargo run --release -q -p vault-server -- token --store)   # a gateway token: StoreToken needs vault:store
+//! cargo run --release -p vault-client --example gateway_store_token -- jira ACCESS REFRESH 3600
 //! ```
 //! `VAULT_TOKEN_FILE` (a file holding the gateway's token) is used instead of `VAULT_TOKEN` when
 //! set; it is read here, before any call, not inside one.

@@ -128,7 +128,19 @@ pub fn mint(
     )?)
 }
 
-/// The banner `dev` prints once it listens.
+/// How the README and the banner call `buf` without installing it: `npx --yes` so a fresh
+/// machine is not asked a question first.
+pub const BUF: &str = "npx --yes @bufbuild/buf";
+/// How the README and the banner run `vault-server` itself: the release profile `dev` was
+/// started with (`cargo run --release -p vault-server -- dev`), so nothing is built twice.
+pub const SERVER: &str = "cargo run --release -q -p vault-server --";
+/// How the README and the banner run a client example, in that same profile.
+pub const EXAMPLE: &str = "cargo run --release -p vault-client --example";
+
+/// The banner `dev` prints once it listens: every command in it is ready to paste, in the
+/// profile `dev` was built with. The README's walkthrough is these lines, word for word
+/// (`walkthrough::the_readme_walkthrough_runs_on_what_dev_prints` holds them equal), and
+/// `$VAULT_ADDR` / `$VAULT_TOKEN` are exactly what the client examples read.
 pub fn banner(
     addr: std::net::SocketAddr,
     callback: Option<std::net::SocketAddr>,
@@ -136,21 +148,32 @@ pub fn banner(
     store: &str,
     token: &str,
 ) -> String {
+    let buf = |request: &str, rpc: &str| {
+        format!(
+            "{BUF} curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{request}' \"$VAULT_ADDR/vault.v1.CredentialVault/{rpc}\""
+        )
+    };
+    let grpcurl = |request: &str, rpc: &str| {
+        format!(
+            "grpcurl -plaintext -H \"authorization: Bearer $VAULT_TOKEN\" -d '{request}' {addr} vault.v1.CredentialVault/{rpc}"
+        )
+    };
+    let store_request = r#"{"tool":"jira","token":{"access_token":"demo-access-token","refresh_token":"demo-refresh-token","expires_at":"2030-01-01T00:00:00Z"}}"#;
+    let get_request = r#"{"tool":"jira"}"#;
     let consent = match callback {
         Some(callback) => format!(
-            "\n\
-or let the vault run the consent flow (the tool needs an entry in VAULT_PROVIDERS_FILE; the\n\
+            "or let the vault run the consent flow (the tool needs an entry in VAULT_PROVIDERS_FILE; the\n\
 callback listens on http://{callback}): begin, open the authorization_url it answers in a\n\
 browser and consent, then GetToken (above) works:\n\
 \n\
-grpcurl -plaintext -H \"authorization: Bearer $VAULT_TOKEN\" -d '{begin_request}' {addr} vault.v1.CredentialVault/BeginAuthorization\n\
-buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{begin_request}' http://{addr}/vault.v1.CredentialVault/BeginAuthorization\n",
-            begin_request = r#"{"tool":"jira"}"#,
+{begin}\n\
+{begin_grpcurl}\n\
+\n",
+            begin = buf(get_request, "BeginAuthorization"),
+            begin_grpcurl = grpcurl(get_request, "BeginAuthorization"),
         ),
         None => String::new(),
     };
-    let store_request = r#"{"tool":"jira","token":{"access_token":"demo-access-token","refresh_token":"demo-refresh-token","expires_at":"2030-01-01T00:00:00Z","scopes":["read:jira-work"]}}"#;
-    let get_request = r#"{"tool":"jira"}"#;
     format!(
         "\n\
 =====================================================================\n\
@@ -160,21 +183,39 @@ buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAU
 \n\
 listening on {addr}, embedded store {store}\n\
 \n\
-caller token (agent demo-agent, user demo-user, scope vault:store, valid 1 h):\n\
+in another shell, from this directory: where the vault listens, and a caller token (agent\n\
+demo-agent, user demo-user, scope vault:store, valid 1 h); the client examples read both:\n\
 \n\
+export VAULT_ADDR=http://{addr}\n\
 export VAULT_TOKEN={token}\n\
 \n\
-store a token, then read it back, with grpcurl (server reflection, no .proto needed):\n\
+store a token set as a gateway would after consent, then read it back as the agent would\n\
+(server reflection, no .proto needed):\n\
 \n\
-grpcurl -plaintext -H \"authorization: Bearer $VAULT_TOKEN\" -d '{store_request}' {addr} vault.v1.CredentialVault/StoreToken\n\
-grpcurl -plaintext -H \"authorization: Bearer $VAULT_TOKEN\" -d '{get_request}' {addr} vault.v1.CredentialVault/GetToken\n\
+{store_buf}\n\
+{get_buf}\n\
 \n\
-or with buf curl:\n\
+or with grpcurl:\n\
 \n\
-buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{store_request}' http://{addr}/vault.v1.CredentialVault/StoreToken\n\
-buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $VAULT_TOKEN\" -d '{get_request}' http://{addr}/vault.v1.CredentialVault/GetToken\n\
-{consent}\n\
-more tokens: vault-server token --agent demo-agent --user someone-else [--store] [--admin]\n",
+{store_grpcurl}\n\
+{get_grpcurl}\n\
+\n\
+or with the Rust client's examples:\n\
+\n\
+{EXAMPLE} gateway_store_token -- jira demo-access-token demo-refresh-token 3600\n\
+{EXAMPLE} agent_get_token -- jira\n\
+\n\
+{consent}another user of the same agent sees nothing of demo-user's:\n\
+\n\
+export VAULT_TOKEN=$({SERVER} token --user someone-else)\n\
+{EXAMPLE} agent_get_token -- jira\n\
+\n\
+admin calls (Sweep, another user's credentials, with a --admin token): docs/operations.md\n\
+more tokens: {SERVER} token --agent AGENT --user USER [--store] [--admin] [--ttl SECONDS]\n",
         dir = files.dir.display(),
+        store_buf = buf(store_request, "StoreToken"),
+        get_buf = buf(get_request, "GetToken"),
+        store_grpcurl = grpcurl(store_request, "StoreToken"),
+        get_grpcurl = grpcurl(get_request, "GetToken"),
     )
 }
