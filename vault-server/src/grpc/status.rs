@@ -38,7 +38,12 @@ pub fn invalid_argument(field: &str, problem: &str) -> Status {
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
-            AuthError::Missing | AuthError::Malformed(_) | AuthError::Refused(_) => with_reason(
+            AuthError::Missing
+            | AuthError::Malformed(_)
+            | AuthError::Refused(_)
+            | AuthError::WrongAudience { .. }
+            | AuthError::UntrustedIssuer { .. }
+            | AuthError::AgentClaim { .. } => with_reason(
                 Code::Unauthenticated,
                 ErrorReason::Unauthenticated,
                 err.to_string(),
