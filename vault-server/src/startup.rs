@@ -18,7 +18,7 @@ use crate::callback::CallbackServer;
 use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
 use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
-use crate::grpc::{AuthLayer, CredentialVaultService, proto};
+use crate::grpc::{AuthLayer, CredentialVaultService, SizeLimitLayer, proto};
 use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
 
@@ -238,6 +238,7 @@ impl Application {
             Arc::clone(&vault),
             settings.sweep_batch,
         ))
+        // The backstop behind `SizeLimitLayer`, which answers first with the vault's own error.
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let draining = CancellationToken::new();
@@ -303,6 +304,8 @@ impl Application {
             .timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .layer(AuthLayer::new(verifier))
+            // Inside the auth layer: only an authenticated caller learns the limit.
+            .layer(SizeLimitLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
