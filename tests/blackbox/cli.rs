@@ -1,0 +1,43 @@
+//! The command line as an operator meets it on the first day: `keygen` into a new directory,
+//! `migrate` and `sweep` refusing to guess a database, `help settings`, and the startup lines
+//! that say what a valid configuration quietly turns off.
+
+use std::process::Command;
+
+use crate::helpers::*;
+
+/// Runs the binary with only `pairs` (plus PATH) as its environment, in `dir`; returns
+/// (success, stdout, stderr).
+fn run_in(dir: &std::path::Path, args: &[&str], pairs: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in pairs {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[cfg(unix)]
+#[test]
+fn keygen_creates_a_missing_directory_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("new/keys/root.key");
+    let (ok, stdout, stderr) = run_in(dir.path(), &["keygen", "--out", out.to_str().unwrap()], &[]);
+    assert!(ok, "{stdout}{stderr}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("new")), 0o700);
+    assert_eq!(mode(&dir.path().join("new/keys")), 0o700);
+    assert_eq!(mode(&out), 0o600);
+    let key = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(key.trim().len(), 44, "base64 of 32 bytes");
+}
