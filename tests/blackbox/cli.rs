@@ -41,3 +41,20 @@ fn keygen_creates_a_missing_directory_readable_by_its_owner_only() {
     let key = std::fs::read_to_string(&out).unwrap();
     assert_eq!(key.trim().len(), 44, "base64 of 32 bytes");
 }
+
+#[test]
+fn migrate_and_sweep_without_a_database_refuse_naming_vault_database_url() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["migrate"][..], &["sweep", "--dry-run"][..]] {
+        let (ok, stdout, stderr) = run_in(dir.path(), args, &[]);
+        assert!(!ok, "{args:?}: {stdout}");
+        assert!(
+            stderr.contains("VAULT_DATABASE_URL is not set") && stderr.contains("dev"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "no embedded store was created in the working directory"
+    );
+}

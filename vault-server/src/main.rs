@@ -138,14 +138,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Migrate => {
-            let settings = DatabaseSettings::load(&Source::from_env()?)?;
+            let source = Source::from_env()?;
+            let settings = DatabaseSettings::load(&source)?;
+            require_database(&source, "migrate")?;
             let store = vault_server::store::open(&settings.for_migration()).await?;
             store.schema.migrate().await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Sweep { limit, dry_run } => {
-            let settings = DatabaseSettings::load(&Source::from_env()?)?;
+            let source = Source::from_env()?;
+            let settings = DatabaseSettings::load(&source)?;
+            require_database(&source, "sweep")?;
             let store = vault_server::store::open(&settings).await?;
             if settings.migrate_url.is_some() {
                 store.schema.ready().await?;
@@ -217,6 +221,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `migrate` and `sweep` act on a deployment's database. Without one configured they refuse:
+/// defaulting to the embedded file would migrate or sweep a fresh `./vault-data` store that no
+/// server reads, and report success. Only `dev` uses the embedded store unasked.
+fn require_database(source: &Source, command: &str) -> anyhow::Result<()> {
+    if source.is_set("VAULT_DATABASE_URL") {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "VAULT_DATABASE_URL is not set: `{command}` works on the database a deployment serves \
+         from, so set VAULT_DATABASE_URL to it (postgres://…, or sqlite://PATH for an embedded \
+         store); only `vault-server dev` defaults to the embedded store in VAULT_DATA_DIR"
+    )
 }
 
 async fn dev() -> anyhow::Result<()> {
