@@ -58,3 +58,22 @@ fn migrate_and_sweep_without_a_database_refuse_naming_vault_database_url() {
         "no embedded store was created in the working directory"
     );
 }
+
+#[test]
+fn help_settings_prints_what_config_docs_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, docs, stderr) = run_in(dir.path(), &["config", "--docs"], &[]);
+    assert!(ok, "{stderr}");
+    assert!(docs.contains("VAULT_DATABASE_URL"), "{docs}");
+    let (ok, help, stderr) = run_in(dir.path(), &["help", "settings"], &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(help, docs);
+
+    let (ok, top, _) = run_in(dir.path(), &["--help"], &[]);
+    assert!(ok);
+    assert!(top.contains("help settings"), "--help points at it: {top}");
+    let (ok, sweep, _) = run_in(dir.path(), &["help", "sweep"], &[]);
+    assert!(ok && sweep.contains("--dry-run"), "{sweep}");
+    let (ok, _, stderr) = run_in(dir.path(), &["help", "nonsense"], &[]);
+    assert!(!ok && stderr.contains("nonsense"), "{stderr}");
+}

@@ -9,7 +9,14 @@ use vault_server::startup::Application;
 
 /// Credential vault for AI agents: delegated OAuth2 credentials over gRPC.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    // Our own `help`, so that `help settings` can list the settings.
+    disable_help_subcommand = true,
+    after_help = "Settings come from VAULT_* variables and the VAULT_CONFIG file; \
+                  `vault-server help settings` lists every one with its default and range."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -74,6 +81,12 @@ enum Command {
         /// registration is not saved: the vault registers itself at first use.
         #[arg(long)]
         register: bool,
+    },
+    /// Print this help, a command's help (`help sweep`), or `help settings`: every setting with
+    /// its default, accepted values and meaning (as `config --docs`).
+    Help {
+        /// `settings`, or a command.
+        topic: Vec<String>,
     },
     /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
     Keygen {
@@ -193,6 +206,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Help { topic } => help(&topic),
         Command::Config { docs: true } => {
             print!("{}", vault_server::config::docs_table());
             Ok(())
@@ -221,6 +235,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `help [TOPIC...]`: the settings table for `settings`, else the help of the command named.
+fn help(topic: &[String]) -> anyhow::Result<()> {
+    if topic == ["settings"] {
+        print!("{}", vault_server::config::docs_table());
+        return Ok(());
+    }
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let mut current = &mut command;
+    for name in topic {
+        current = current.find_subcommand_mut(name).ok_or_else(|| {
+            anyhow::anyhow!("no such command or topic: {name} (try `vault-server help`)")
+        })?;
+    }
+    current.print_help()?;
+    Ok(())
 }
 
 /// `migrate` and `sweep` act on a deployment's database. Without one configured they refuse:
