@@ -77,3 +77,41 @@ fn help_settings_prints_what_config_docs_prints() {
     let (ok, _, stderr) = run_in(dir.path(), &["help", "nonsense"], &[]);
     assert!(!ok && stderr.contains("nonsense"), "{stderr}");
 }
+
+/// Serves `issuer`'s JWKS over plain http on loopback; returns its URL.
+async fn serve_jwks(issuer: &Issuer) -> String {
+    let jwks = std::fs::read_to_string(&issuer.jwks_path).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], jwks) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}/jwks.json")
+}
+
+#[tokio::test]
+async fn startup_says_when_providers_are_off_and_when_issuer_keys_come_over_plain_http() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let jwks_url = serve_jwks(&issuer).await;
+    let mut pairs = settings_pairs(&db, &issuer, &[("VAULT_JWT_JWKS_URL", jwks_url.as_str())]);
+    pairs.retain(|(k, _)| *k != "VAULT_JWT_JWKS_FILE");
+    let server = start_binary(&pairs).await;
+    let lines = server.stderr_lines.lock().unwrap().join("\n");
+    assert!(
+        lines.contains(
+            "refresh and revocation at providers are off: VAULT_PROVIDERS_FILE is not set"
+        ),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("issuer keys are fetched over plain http on localhost")
+            && lines.contains(&jwks_url),
+        "{lines}"
+    );
+}

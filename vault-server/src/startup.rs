@@ -94,6 +94,7 @@ impl Application {
                 );
             }
         }
+        log_startup_notes(&settings);
         let store = crate::store::open(&settings.database).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the database (VAULT_DATABASE_URL): {}",
@@ -339,6 +340,25 @@ impl Application {
         );
         tracing::info!("stopped");
         result
+    }
+}
+
+/// One line each for settings that are valid but quietly turn something off or down, so an
+/// operator reading the startup log learns it before a user does.
+fn log_startup_notes(settings: &Settings) {
+    if settings.providers.file.is_none() {
+        tracing::info!(
+            "refresh and revocation at providers are off: VAULT_PROVIDERS_FILE is not set"
+        );
+    }
+    for trusted in &settings.jwt.issuers {
+        // Configuration accepts http:// only to a loopback host; say so anyway, as whoever can
+        // bind that port on this machine can sign caller tokens.
+        if let crate::config::JwksSource::Url(url) = &trusted.jwks
+            && url.scheme() == "http"
+        {
+            tracing::warn!(issuer = %trusted.issuer, jwks_url = %url, "issuer keys are fetched over plain http on localhost: any local process that binds that port can sign caller tokens; use https outside development");
+        }
     }
 }
 
