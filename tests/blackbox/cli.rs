@@ -115,3 +115,50 @@ async fn startup_says_when_providers_are_off_and_when_issuer_keys_come_over_plai
         "{lines}"
     );
 }
+
+/// Every `npx` the project tells a reader (or a test) to run answers npm's install question
+/// itself: on a fresh machine a bare `npx @bufbuild/buf` stops to ask.
+#[test]
+fn every_npx_command_in_the_docs_and_the_dev_banner_says_yes() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = vec![root.join("README.md")];
+    for dir in [
+        "docs",
+        "vault-server/src",
+        "vault-client/examples",
+        "tests/blackbox",
+    ] {
+        let mut pending = vec![root.join(dir)];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.map(Result::unwrap) {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if path.extension().is_some_and(|e| e == "md" || e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    let npx = "npx ";
+    let mut bare = Vec::new();
+    // This file names the bare form on purpose.
+    for file in files
+        .iter()
+        .filter(|f| !f.ends_with("tests/blackbox/cli.rs"))
+    {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (number, line) in text.lines().enumerate() {
+            for (at, _) in line.match_indices(npx) {
+                if !line[at + npx.len()..].starts_with("--yes") {
+                    bare.push(format!("{}:{}: {line}", file.display(), number + 1));
+                }
+            }
+        }
+    }
+    assert!(files.len() > 10, "the files were found: {files:?}");
+    assert!(bare.is_empty(), "npx without --yes:\n{}", bare.join("\n"));
+}
