@@ -1,6 +1,6 @@
 //! The command line as an operator meets it on the first day: `keygen` into a new directory,
-//! `migrate` and `sweep` refusing to guess a database, `help settings`, and the startup lines
-//! that say what a valid configuration quietly turns off.
+//! `migrate` and `sweep` refusing to guess a database, `help settings`, the startup lines that
+//! say what a valid configuration quietly turns off, and no `npx` in the docs that stops to ask.
 
 use std::process::Command;
 
