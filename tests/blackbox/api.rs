@@ -63,6 +63,35 @@ async fn storing_again_replaces_the_token_with_a_newer_generation() {
     assert_eq!(token.generation, second.generation);
 }
 
+/// Generations are per agent (README): a replaced credential never gets back a number the
+/// deleted one had, so nothing computed for the old one can be taken for the new one.
+#[tokio::test]
+async fn a_credential_deleted_and_stored_again_never_reuses_a_generation() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+
+    let old = store(&vault, "jira", "at-1").await;
+    let other_tool = store(&vault, "github", "gh-1").await;
+    assert!(
+        other_tool.generation > old.generation,
+        "one counter per agent, not per credential"
+    );
+    assert_eq!(vault.revoke(Some("jira"), false).await.unwrap().revoked, 1);
+    let new = store(&vault, "jira", "at-2").await;
+
+    assert!(
+        new.generation > other_tool.generation,
+        "{new:?} after {old:?}"
+    );
+    let token = vault.get_token("jira", Duration::ZERO).await.unwrap();
+    assert_eq!(
+        (token.access_token.as_str(), token.generation),
+        ("at-2", new.generation)
+    );
+}
+
 #[tokio::test]
 async fn concurrent_stores_leave_the_newest_generation() {
     let db = TestDb::new().await;

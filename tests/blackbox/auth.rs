@@ -279,3 +279,86 @@ async fn sweep_needs_the_admin_scope() {
     let admin = app.admin(&issuer, "agent-a", "alice").await;
     assert!(admin.sweep(0, true).await.is_ok());
 }
+
+/// The message of a refused call, which must be UNAUTHENTICATED.
+fn refusal(result: Result<vault_client::Token, Error>) -> String {
+    match result {
+        Err(Error::Unauthenticated(message)) => message,
+        other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_names_the_audience_the_issuers_and_the_agent_claim_expected() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let other = Issuer::named("https://other-issuer.test");
+    let issuers = format!("{},{}", issuer.iss, other.iss);
+    let jwks = format!(
+        "{},{}",
+        issuer.jwks_path.display(),
+        other.jwks_path.display()
+    );
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_JWT_ISSUER", issuers.as_str()),
+            ("VAULT_JWT_JWKS_FILE", jwks.as_str()),
+            ("VAULT_JWT_AGENT_CLAIM", "azp"),
+        ],
+    )
+    .await;
+    let key = &issuer.keys[0];
+    let mut claims = issuer.claims("ignored", "alice");
+    claims["azp"] = json!("agent-a");
+
+    let mut wrong_aud = claims.clone();
+    wrong_aud["aud"] = json!("some-other-service");
+    let message = refusal(get_with(&app, &key.sign(&wrong_aud)).await);
+    assert!(
+        message.contains("audience mismatch")
+            && message.contains(&format!("\"{AUDIENCE}\""))
+            && message.contains("VAULT_JWT_AUDIENCE"),
+        "{message}"
+    );
+
+    let mut wrong_iss = claims.clone();
+    wrong_iss["iss"] = json!("https://evil.example");
+    let message = refusal(get_with(&app, &key.sign(&wrong_iss)).await);
+    assert!(
+        message.contains("issuer not accepted")
+            && message.contains(&format!("\"{}\"", issuer.iss))
+            && message.contains(&format!("\"{}\"", other.iss))
+            && message.contains("VAULT_JWT_ISSUER"),
+        "{message}"
+    );
+
+    let mut no_agent = claims.clone();
+    no_agent.as_object_mut().unwrap().remove("azp");
+    let message = refusal(get_with(&app, &key.sign(&no_agent)).await);
+    assert!(
+        message.contains("agent claim \"azp\"")
+            && message.contains("VAULT_JWT_AGENT_CLAIM")
+            && message.contains("missing"),
+        "{message}"
+    );
+    let mut bad_agent = claims.clone();
+    bad_agent["azp"] = json!("");
+    let message = refusal(get_with(&app, &key.sign(&bad_agent)).await);
+    assert!(
+        message.contains("agent claim \"azp\"") && message.contains("not a valid agent id"),
+        "{message}"
+    );
+
+    // Public configuration only: nothing about where the keys are or what they are.
+    for message in [
+        refusal(get_with(&app, &key.sign(&wrong_aud)).await),
+        refusal(get_with(&app, &key.sign(&wrong_iss)).await),
+    ] {
+        assert!(
+            !message.contains("jwks") && !message.contains(&key.kid),
+            "{message}"
+        );
+    }
+}

@@ -5,6 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
 use vault_client::proto::{GetTokenRequest, StoreTokenRequest};
 use vault_client::{Error, Owner};
 
@@ -150,7 +151,7 @@ async fn each_bad_field_is_named() {
 }
 
 #[tokio::test]
-async fn a_request_over_one_mebibyte_is_refused_and_the_server_stays_healthy() {
+async fn a_request_over_one_mebibyte_is_refused_naming_the_limit_and_the_server_stays_healthy() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let app = spawn(&db, &issuer).await;
@@ -167,13 +168,27 @@ async fn a_request_over_one_mebibyte_is_refused_and_the_server_stays_healthy() {
         })
         .await;
     let status = result.unwrap_err();
-    assert!(
-        matches!(
-            status.code(),
-            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
-        ),
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let info = status.get_error_details().error_info().cloned();
+    assert_eq!(
+        info.as_ref().map(|i| i.reason.as_str()),
+        Some("REQUEST_TOO_LARGE"),
         "{status:?}"
     );
+    assert_eq!(
+        info.unwrap()
+            .metadata
+            .get("limit_bytes")
+            .map(String::as_str),
+        Some("1048576")
+    );
+    match Error::from(status) {
+        Error::ResourceExhausted { reason, message } => {
+            assert_eq!(reason, vault_client::ErrorReason::RequestTooLarge);
+            assert!(message.contains("at most 1048576 bytes"), "{message}");
+        }
+        other => panic!("expected ResourceExhausted, got {other:?}"),
+    }
 
     let big_header = "x".repeat(64 * 1024);
     let mut refused = vault.raw();

@@ -250,3 +250,107 @@ async fn migrate_and_sweep_commands_work_against_the_database() {
     let (ok, stderr) = run_binary_to_exit(&["sweep", "--dry-run"], &pairs);
     assert!(ok, "{stderr}");
 }
+
+/// Every file that reflection serves for `request`, and their imports, as a client resolves them.
+async fn reflected_files(
+    client: &mut tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient<
+        tonic::transport::Channel,
+    >,
+    symbol: &str,
+) -> Vec<prost_types::FileDescriptorProto> {
+    use prost::Message as _;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut files: Vec<prost_types::FileDescriptorProto> = Vec::new();
+    let mut wanted = vec![MessageRequest::FileContainingSymbol(symbol.into())];
+    while let Some(request) = wanted.pop() {
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request.clone()),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(found)) = response.message_response else {
+            panic!("reflection cannot resolve {request:?}: {response:?}");
+        };
+        for bytes in found.file_descriptor_proto {
+            let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+            if files.iter().any(|f| f.name == file.name) {
+                continue;
+            }
+            for import in &file.dependency {
+                if !files.iter().any(|f| f.name() == import) {
+                    wanted.push(MessageRequest::FileByFilename(import.clone()));
+                }
+            }
+            files.push(file);
+        }
+    }
+    files
+}
+
+/// What grpcurl does with an error: it looks the detail's type up through reflection and
+/// decodes it. Without `google/rpc/error_details.proto` served, grpcurl printed the ErrorInfo as
+/// base64 ("google.rpc.ErrorInfo is not recognized"). `buf curl` is no help here: it decodes
+/// details only of types compiled into buf itself, whatever reflection serves.
+#[tokio::test]
+async fn a_reflection_client_decodes_an_errors_details_with_the_types_reflection_serves() {
+    use prost::Message as _;
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let vault = app.client(&issuer, "agent-a", "alice").await;
+    let status = vault
+        .raw()
+        .get_token(vault_client::proto::GetTokenRequest {
+            tool: "jira".into(),
+            min_valid_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    let details = tonic_types::pb::Status::decode(status.details())
+        .unwrap()
+        .details;
+    assert_eq!(details.len(), 1, "{status:?}");
+    let type_name = details[0].type_url.rsplit('/').next().unwrap().to_string();
+    assert_eq!(type_name, "google.rpc.ErrorInfo");
+
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            channel(&app.endpoint()).await,
+        );
+    let files = reflected_files(&mut reflection, &type_name).await;
+    let names: Vec<&str> = files.iter().map(|f| f.name()).collect();
+    assert!(
+        names.contains(&"google/rpc/error_details.proto"),
+        "{names:?}"
+    );
+    assert!(
+        !reflected_files(&mut reflection, "google.rpc.Status")
+            .await
+            .is_empty(),
+        "google/rpc/status.proto is served too"
+    );
+
+    let pool =
+        prost_reflect::DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet {
+            file: files,
+        })
+        .unwrap();
+    let info = prost_reflect::DynamicMessage::decode(
+        pool.get_message_by_name(&type_name).unwrap(),
+        details[0].value.as_slice(),
+    )
+    .unwrap();
+    let field = |name: &str| {
+        info.get_field_by_name(name)
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap()
+    };
+    assert_eq!(field("reason"), "CREDENTIAL_NOT_FOUND");
+    assert_eq!(field("domain"), "vault.v1");
+}

@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod bad_input;
 mod browser;
+mod cli;
 mod client;
 mod config;
 mod conformance;

@@ -1,36 +1,35 @@
 //! An agent fetching the access token for a tool, acting for the user its JWT names.
 //!
 //! ```sh
-//! # with `vault-server dev` running and its `export VAULT_ADDR=…` line pasted:
-//! export VAULT_TOKEN=$(cargo run --release -q -p vault-server -- token)
+//! # with `vault-server dev` running, and the VAULT_ADDR and VAULT_TOKEN it prints exported:
 //! cargo run --release -p vault-client --example agent_get_token -- jira
 //! ```
 //! `VAULT_TOKEN_FILE` (a file re-read when it changes) is used instead of `VAULT_TOKEN` when set.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use vault_client::{Client, Error, TokenSource};
+use vault_client::{Client, Error};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tool = std::env::args().nth(1).unwrap_or_else(|| "jira".into());
-    let endpoint = std::env::var("VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
-    let source = match std::env::var("VAULT_TOKEN_FILE") {
-        Ok(path) => TokenSource::file(path),
-        Err(_) => TokenSource::fixed(&std::env::var("VAULT_TOKEN")?)?,
-    };
-    let vault = Client::builder(endpoint).token(source).connect().await?;
+    // Names a missing VAULT_ADDR or VAULT_TOKEN, and where to get them.
+    let env = vault_client::env::from_env()?;
+    let vault = Client::builder(env.address.clone())
+        .token(env.token_source()?)
+        .connect()
+        .await?;
 
     // Ask for a token valid at least a minute: long enough for the tool call we are about to make.
     match vault.get_token(&tool, Duration::from_secs(60)).await {
         Ok(token) => {
             // A real agent would now call the tool with `Authorization: Bearer <access_token>`.
             // The token itself is never printed.
-            let valid_for = token
+            let expires = token
                 .expires_at
-                .and_then(|at| at.duration_since(SystemTime::now()).ok());
+                .map_or_else(|| "no expiry given".to_string(), vault_client::rfc3339);
             println!(
-                "{} token for {tool}: generation {}, valid for {valid_for:?}{}",
+                "{} token for {tool}: generation {}, expires {expires}{}",
                 token.token_type,
                 token.generation,
                 if token.refreshed {

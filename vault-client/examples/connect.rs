@@ -8,9 +8,8 @@
 //! which is exactly the account-swap the binding exists to stop.
 //!
 //! ```sh
-//! # with `vault-server dev` running (its `export VAULT_ADDR=…` line pasted) and an OAuth
-//! # provider configured for the tool:
-//! export VAULT_TOKEN=$(cargo run --release -q -p vault-server -- token)
+//! # with `vault-server dev` running and an OAuth provider configured for the tool, and the
+//! # VAULT_ADDR and VAULT_TOKEN it prints exported:
 //! cargo run --release -p vault-client --example connect -- jira [RETURN_URL] [SCOPE...]
 //! ```
 //! Without a return URL the vault's callback completes the flow itself, where the vault allows
@@ -18,7 +17,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use vault_client::{AuthorizationState, Client, TokenSource};
+use vault_client::{AuthorizationState, Client};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,16 +25,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tool = args.next().unwrap_or_else(|| "jira".into());
     let return_url = args.next().filter(|u| !u.is_empty());
     let scopes: Vec<String> = args.collect();
-    let endpoint = std::env::var("VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
-    let vault = Client::builder(endpoint)
-        .token(TokenSource::fixed(&std::env::var("VAULT_TOKEN")?)?)
+    // Names a missing VAULT_ADDR or VAULT_TOKEN, and where to get them.
+    let env = vault_client::env::from_env()?;
+    let vault = Client::builder(env.address.clone())
+        .token(env.token_source()?)
         .connect()
         .await?;
 
     let flow = vault
         .begin_authorization(&tool, &scopes, return_url.as_deref())
         .await?;
-    println!("open this in a browser:\n{}", flow.authorization_url);
+    println!(
+        "open this in a browser before {}:\n{}",
+        vault_client::rfc3339(flow.expires_at),
+        flow.authorization_url
+    );
 
     // Poll until the flow can complete or has ended, and never past its own expiry.
     loop {

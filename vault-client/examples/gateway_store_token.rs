@@ -1,15 +1,16 @@
 //! A gateway storing the token set a user just granted, at the end of an OAuth2 consent flow.
 //!
 //! ```sh
-//! # with `vault-server dev` running and its `export VAULT_ADDR=…` line pasted:
-//! export VAULT_TOKEN=$(cargo run --release -q -p vault-server -- token --store)   # a gateway token: StoreToken needs vault:store
+//! # with `vault-server dev` running, and the VAULT_ADDR and VAULT_TOKEN it prints exported (its
+//! # token has vault:store, which StoreToken needs: a gateway's token, not an agent's):
 //! cargo run --release -p vault-client --example gateway_store_token -- jira ACCESS REFRESH 3600
 //! ```
 //! `VAULT_TOKEN_FILE` (a file holding the gateway's token) is used instead of `VAULT_TOKEN` when
 //! set; it is read here, before any call, not inside one.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
+use vault_client::env::CallerToken;
 use vault_client::{Client, ErrorReason, TokenSet, TokenSource};
 
 #[tokio::main]
@@ -22,13 +23,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let expires_in =
         Duration::from_secs(args.next().map(|s| s.parse()).transpose()?.unwrap_or(3600));
 
-    let endpoint = std::env::var("VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
-    let jwt = match std::env::var("VAULT_TOKEN_FILE") {
-        Ok(path) => tokio::fs::read_to_string(path).await?,
-        Err(_) => std::env::var("VAULT_TOKEN")?,
+    // Names a missing VAULT_ADDR or VAULT_TOKEN, and where to get them.
+    let env = vault_client::env::from_env()?;
+    let jwt = match &env.token {
+        CallerToken::File(path) => tokio::fs::read_to_string(path).await?,
+        CallerToken::Fixed(jwt) => jwt.clone(),
     };
-    let vault = Client::builder(endpoint)
-        .token(TokenSource::fixed(&jwt)?)
+    let vault = Client::builder(env.address.clone())
+        .token(TokenSource::fixed(jwt.trim())?)
         .connect()
         .await?;
 
@@ -52,10 +54,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Err(other) => return Err(other.into()),
     };
-    let kept_until = stored.ttl_expires_at.duration_since(UNIX_EPOCH)?.as_secs();
     println!(
-        "stored {tool}: generation {}, kept until {kept_until} (unix seconds)",
-        stored.generation
+        "stored {tool}: generation {}, kept until {}",
+        stored.generation,
+        vault_client::rfc3339(stored.ttl_expires_at)
     );
 
     // A clone shares the connection and methods take `&self`, so another task needs no lock.

@@ -63,7 +63,8 @@ pub enum Error {
     /// A limit was hit (request size, rate).
     #[error("resource exhausted: {message}")]
     ResourceExhausted {
-        /// [`ErrorReason::AgentCreationRateLimited`], or unspecified for a size limit.
+        /// [`ErrorReason::AgentCreationRateLimited`], or [`ErrorReason::RequestTooLarge`] for a
+        /// request over the vault's size limit (the message names the limit; do not retry).
         reason: ErrorReason,
         /// The server's explanation.
         message: String,
@@ -240,6 +241,7 @@ mod tests {
             (Code::FailedPrecondition, ErrorReason::AuthorizationDenied),
             (Code::PermissionDenied, ErrorReason::AuthorizationMismatch),
             (Code::FailedPrecondition, ErrorReason::AuthorizationPending),
+            (Code::ResourceExhausted, ErrorReason::RequestTooLarge),
         ] {
             assert_eq!(Error::from(status(code, reason)).reason(), reason);
         }

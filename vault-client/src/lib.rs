@@ -48,6 +48,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod env;
 mod error;
 mod token;
 mod types;
@@ -65,7 +66,7 @@ pub use error::Error;
 pub use token::{BoxError, TokenSource};
 pub use types::{
     Authorization, AuthorizationStart, AuthorizationState, Completed, ConnectionState,
-    CredentialInfo, Owner, Revoked, Stored, Swept, Token, TokenSet,
+    CredentialInfo, Owner, Revoked, Stored, Swept, Token, TokenSet, rfc3339,
 };
 /// The generated API, for calls through [`Client::raw`].
 pub use vault_proto as proto;

@@ -373,9 +373,26 @@ pub(crate) fn token_from(
     })
 }
 
+/// `at` as RFC 3339 in UTC to the second (`2026-11-30T17:28:07Z`), for printing the times the
+/// vault answers with; a time before 1970 prints as 1970.
+pub fn rfc3339(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at.max(SystemTime::UNIX_EPOCH))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_print_as_rfc_3339_in_utc() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_523_687);
+        assert_eq!(rfc3339(at), "2025-11-30T17:28:07Z");
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00Z"
+        );
+    }
 
     #[test]
     fn a_fraction_of_a_second_rounds_up_so_it_never_reads_as_zero() {

@@ -13,7 +13,9 @@ mod generated {
 // At the root, so paths read as in the proto: `vault_proto::GetTokenRequest`.
 pub use generated::*;
 
-/// Encoded `FileDescriptorSet` of the vault API, for server reflection.
+/// Encoded `FileDescriptorSet` of the vault API, for server reflection, with the
+/// `google.rpc` error types (`Status`, `ErrorInfo`, `BadRequest`, `RetryInfo`, ...) its error
+/// statuses carry, so reflection clients decode an error's details.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/vault_descriptor.bin"));
 
@@ -68,5 +70,20 @@ mod tests {
             .expect("the vault file is in the set");
         assert!(file.service.iter().any(|s| s.name() == "CredentialVault"));
         assert!(file.enum_type.iter().any(|e| e.name() == "ErrorReason"));
+    }
+
+    #[test]
+    fn the_descriptor_set_names_the_error_detail_types_by_their_usual_paths() {
+        let set: prost_types::FileDescriptorSet =
+            prost::Message::decode(super::FILE_DESCRIPTOR_SET).expect("build.rs encoded it");
+        let names: Vec<&str> = set.file.iter().map(|f| f.name()).collect();
+        for name in [
+            "google/rpc/status.proto",
+            "google/rpc/error_details.proto",
+            "google/protobuf/any.proto",
+            "google/protobuf/duration.proto",
+        ] {
+            assert!(names.contains(&name), "{name} in {names:?}");
+        }
     }
 }

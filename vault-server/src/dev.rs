@@ -68,8 +68,21 @@ impl DevFiles {
     }
 }
 
-/// Writes a new random root key (base64 text, mode 0600); refuses to overwrite.
+/// Writes a new random root key (base64 text, mode 0600); refuses to overwrite. Missing parent
+/// directories are created 0700: a key file is only as private as the directory it sits in.
 pub fn write_root_key(path: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(parent)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+    }
     let key = RootKey::generate();
     let mut text = zeroize::Zeroizing::new(
         base64::engine::general_purpose::STANDARD.encode(key.expose_bytes()),

@@ -9,7 +9,14 @@ use vault_server::startup::Application;
 
 /// Credential vault for AI agents: delegated OAuth2 credentials over gRPC.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    // Our own `help`, so that `help settings` can list the settings.
+    disable_help_subcommand = true,
+    after_help = "Settings come from VAULT_* variables and the VAULT_CONFIG file; \
+                  `vault-server help settings` lists every one with its default and range."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -75,6 +82,12 @@ enum Command {
         #[arg(long)]
         register: bool,
     },
+    /// Print this help, a command's help (`help sweep`), or `help settings`: every setting with
+    /// its default, accepted values and meaning (as `config --docs`).
+    Help {
+        /// `settings`, or a command.
+        topic: Vec<String>,
+    },
     /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
     Keygen {
         /// Where to write it; refuses to overwrite.
@@ -138,14 +151,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Migrate => {
-            let settings = DatabaseSettings::load(&Source::from_env()?)?;
+            let source = Source::from_env()?;
+            let settings = DatabaseSettings::load(&source)?;
+            require_database(&source, "migrate")?;
             let store = vault_server::store::open(&settings.for_migration()).await?;
             store.schema.migrate().await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Sweep { limit, dry_run } => {
-            let settings = DatabaseSettings::load(&Source::from_env()?)?;
+            let source = Source::from_env()?;
+            let settings = DatabaseSettings::load(&source)?;
+            require_database(&source, "sweep")?;
             let store = vault_server::store::open(&settings).await?;
             if settings.migrate_url.is_some() {
                 store.schema.ready().await?;
@@ -189,6 +206,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Help { topic } => help(&topic),
         Command::Config { docs: true } => {
             print!("{}", vault_server::config::docs_table());
             Ok(())
@@ -217,6 +235,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `help [TOPIC...]`: the settings table for `settings`, else the help of the command named.
+fn help(topic: &[String]) -> anyhow::Result<()> {
+    if topic == ["settings"] {
+        print!("{}", vault_server::config::docs_table());
+        return Ok(());
+    }
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let mut current = &mut command;
+    for name in topic {
+        current = current.find_subcommand_mut(name).ok_or_else(|| {
+            anyhow::anyhow!("no such command or topic: {name} (try `vault-server help`)")
+        })?;
+    }
+    current.print_help()?;
+    Ok(())
+}
+
+/// `migrate` and `sweep` act on a deployment's database. Without one configured they refuse:
+/// defaulting to the embedded file would migrate or sweep a fresh `./vault-data` store that no
+/// server reads, and report success. Only `dev` uses the embedded store unasked.
+fn require_database(source: &Source, command: &str) -> anyhow::Result<()> {
+    if source.is_set("VAULT_DATABASE_URL") {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "VAULT_DATABASE_URL is not set: `{command}` works on the database a deployment serves \
+         from, so set VAULT_DATABASE_URL to it (postgres://…, or sqlite://PATH for an embedded \
+         store); only `vault-server dev` defaults to the embedded store in VAULT_DATA_DIR"
+    )
 }
 
 async fn dev() -> anyhow::Result<()> {

@@ -18,7 +18,7 @@ use crate::callback::CallbackServer;
 use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
 use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
-use crate::grpc::{AuthLayer, CredentialVaultService, proto};
+use crate::grpc::{AuthLayer, CredentialVaultService, SizeLimitLayer, proto};
 use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
 
@@ -94,6 +94,7 @@ impl Application {
                 );
             }
         }
+        log_startup_notes(&settings);
         let store = crate::store::open(&settings.database).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the database (VAULT_DATABASE_URL): {}",
@@ -238,6 +239,7 @@ impl Application {
             Arc::clone(&vault),
             settings.sweep_batch,
         ))
+        // The backstop behind `SizeLimitLayer`, which answers first with the vault's own error.
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let draining = CancellationToken::new();
@@ -303,6 +305,8 @@ impl Application {
             .timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .layer(AuthLayer::new(verifier))
+            // Inside the auth layer: only an authenticated caller learns the limit.
+            .layer(SizeLimitLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -336,6 +340,25 @@ impl Application {
         );
         tracing::info!("stopped");
         result
+    }
+}
+
+/// One line each for settings that are valid but quietly turn something off or down, so an
+/// operator reading the startup log learns it before a user does.
+fn log_startup_notes(settings: &Settings) {
+    if settings.providers.file.is_none() {
+        tracing::info!(
+            "refresh and revocation at providers are off: VAULT_PROVIDERS_FILE is not set"
+        );
+    }
+    for trusted in &settings.jwt.issuers {
+        // Configuration accepts http:// only to a loopback host; say so anyway, as whoever can
+        // bind that port on this machine can sign caller tokens.
+        if let crate::config::JwksSource::Url(url) = &trusted.jwks
+            && url.scheme() == "http"
+        {
+            tracing::warn!(issuer = %trusted.issuer, jwks_url = %url, "issuer keys are fetched over plain http on localhost: any local process that binds that port can sign caller tokens; use https outside development");
+        }
     }
 }
 

@@ -59,6 +59,31 @@ pub enum AuthError {
     /// The token is well-formed but not acceptable.
     #[error("caller token refused: {0}")]
     Refused(&'static str),
+    /// `aud` does not contain this vault's audience. The audience is public configuration, so
+    /// naming it tells the caller's operator what to mint without giving anything away.
+    #[error(
+        "caller token refused: audience mismatch: aud must contain {expected:?} (VAULT_JWT_AUDIENCE)"
+    )]
+    WrongAudience {
+        /// The configured audience.
+        expected: String,
+    },
+    /// `iss` is none of the configured issuers (named: they are public; their keys never are).
+    #[error(
+        "caller token refused: issuer not accepted: iss must be one of {accepted} (VAULT_JWT_ISSUER)"
+    )]
+    UntrustedIssuer {
+        /// The configured issuers, quoted and comma-separated.
+        accepted: String,
+    },
+    /// The configured agent claim is missing or does not hold a valid agent id.
+    #[error("caller token refused: the agent claim {claim:?} (VAULT_JWT_AGENT_CLAIM) {problem}")]
+    AgentClaim {
+        /// The claim looked for.
+        claim: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// The issuer's keys could not be fetched to check a new `kid`.
     #[error("issuer keys unavailable")]
     KeysUnavailable,

@@ -251,7 +251,7 @@ impl Verifier {
         let issuer = self
             .issuers
             .get(unverified_issuer(token)?.as_str())
-            .ok_or(AuthError::Refused("untrusted issuer"))?;
+            .ok_or_else(|| untrusted_issuer(&self.settings))?;
         if issuer.stale_for() > self.settings.jwks_max_stale {
             return Err(AuthError::KeysUnavailable);
         }
@@ -390,6 +390,18 @@ fn refresh_interval(settings: &JwtSettings, max_age: Option<Duration>) -> Durati
     max_age.map_or(ceiling, |age| age.clamp(floor, ceiling))
 }
 
+/// The refusal of an `iss` that is not configured, naming the ones that are.
+fn untrusted_issuer(settings: &JwtSettings) -> AuthError {
+    let accepted: Vec<String> = settings
+        .issuers
+        .iter()
+        .map(|t| format!("{:?}", t.issuer.as_str()))
+        .collect();
+    AuthError::UntrustedIssuer {
+        accepted: accepted.join(", "),
+    }
+}
+
 /// The `iss` of a token before its signature is checked, to choose the key set. Only a string
 /// names an issuer: an array (or anything else) is refused.
 fn unverified_issuer(token: &str) -> Result<String, AuthError> {
@@ -440,7 +452,7 @@ fn check_claims(
 ) -> Result<(Caller, i64), AuthError> {
     match claims.get("iss") {
         Some(Value::String(iss)) if iss == issuer.as_str() => {}
-        Some(Value::String(_)) => return Err(AuthError::Refused("untrusted issuer")),
+        Some(Value::String(_)) => return Err(untrusted_issuer(settings)),
         Some(_) => return Err(AuthError::Refused("iss must be a single string")),
         None => return Err(AuthError::Refused("iss is missing")),
     }
@@ -452,7 +464,9 @@ fn check_claims(
         None => return Err(AuthError::Refused("aud is missing")),
     };
     if !audience_ok {
-        return Err(AuthError::Refused("wrong audience"));
+        return Err(AuthError::WrongAudience {
+            expected: audience.to_string(),
+        });
     }
 
     let leeway = i64::try_from(settings.leeway_seconds).unwrap_or(i64::MAX);
@@ -515,14 +529,17 @@ fn check_claims(
         .and_then(|s| {
             UserId::parse(s).map_err(|_| AuthError::Refused("sub is not a valid user id"))
         })?;
-    let agent = claims
-        .get(&settings.agent_claim)
-        .and_then(Value::as_str)
-        .ok_or(AuthError::Refused("the agent claim is missing"))
-        .and_then(|s| {
-            AgentId::parse(s)
-                .map_err(|_| AuthError::Refused("the agent claim is not a valid agent id"))
-        })?;
+    let agent_claim = |problem| AuthError::AgentClaim {
+        claim: settings.agent_claim.clone(),
+        problem,
+    };
+    let agent = match claims.get(&settings.agent_claim) {
+        None => return Err(agent_claim("is missing")),
+        Some(Value::String(s)) => {
+            AgentId::parse(s).map_err(|_| agent_claim("is not a valid agent id"))?
+        }
+        Some(_) => return Err(agent_claim("is not a string")),
+    };
     let caller = Caller {
         issuer: issuer.clone(),
         agent,
@@ -799,10 +816,6 @@ mod tests {
                 json!({"iss": [ISSUER, OTHER_ISSUER]}),
                 "iss must be a single string",
             ),
-            (json!({"aud": "credential-vault-2"}), "wrong audience"),
-            (json!({"aud": "Credential-Vault"}), "wrong audience"),
-            (json!({"aud": ["credential"]}), "wrong audience"),
-            (json!({"aud": {"credential-vault": true}}), "wrong audience"),
         ] {
             assert_eq!(
                 f.verifier
@@ -810,6 +823,23 @@ mod tests {
                     .await
                     .unwrap_err(),
                 AuthError::Refused(why),
+                "{patch}"
+            );
+        }
+        for patch in [
+            json!({"aud": "credential-vault-2"}),
+            json!({"aud": "Credential-Vault"}),
+            json!({"aud": ["credential"]}),
+            json!({"aud": {"credential-vault": true}}),
+        ] {
+            assert_eq!(
+                f.verifier
+                    .verify(&refused(patch.clone()))
+                    .await
+                    .unwrap_err(),
+                AuthError::WrongAudience {
+                    expected: "credential-vault".into()
+                },
                 "{patch}"
             );
         }

@@ -13,7 +13,8 @@ use tower::{Layer, Service};
 
 use crate::auth::{AuthError, Caller, Verifier};
 
-const PROTECTED_PREFIX: &str = "/vault.v1.CredentialVault/";
+/// The path prefix of the vault's own calls.
+pub(super) const PROTECTED_PREFIX: &str = "/vault.v1.CredentialVault/";
 
 /// Adds caller authentication to a service.
 #[derive(Debug, Clone)]

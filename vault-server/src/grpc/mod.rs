@@ -3,10 +3,12 @@
 
 mod auth_layer;
 mod service;
+mod size_limit;
 mod status;
 
 pub use auth_layer::AuthLayer;
 pub use service::CredentialVaultService;
+pub use size_limit::SizeLimitLayer;
 
 /// The generated API, from the `vault-proto` crate; the descriptor set for reflection is
 /// `proto::FILE_DESCRIPTOR_SET`.

@@ -35,10 +35,37 @@ pub fn invalid_argument(field: &str, problem: &str) -> Status {
     )
 }
 
+/// A request message over the size limit. RESOURCE_EXHAUSTED rather than tonic's OUT_OF_RANGE:
+/// the gRPC status-code guide names RESOURCE_EXHAUSTED for a message larger than the configured
+/// maximum (gRPC's own implementations send it), while OUT_OF_RANGE means a value past the end
+/// of a range the caller iterates, which a client would read as a bad field.
+pub fn request_too_large(limit: usize, size: usize) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "the request message is {size} bytes; the vault accepts at most {limit} bytes ({} KiB)",
+            limit / 1024
+        ),
+        ErrorDetails::with_error_info(
+            ErrorReason::RequestTooLarge.as_str_name(),
+            ERROR_DOMAIN,
+            HashMap::from([
+                ("limit_bytes".to_string(), limit.to_string()),
+                ("size_bytes".to_string(), size.to_string()),
+            ]),
+        ),
+    )
+}
+
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
-            AuthError::Missing | AuthError::Malformed(_) | AuthError::Refused(_) => with_reason(
+            AuthError::Missing
+            | AuthError::Malformed(_)
+            | AuthError::Refused(_)
+            | AuthError::WrongAudience { .. }
+            | AuthError::UntrustedIssuer { .. }
+            | AuthError::AgentClaim { .. } => with_reason(
                 Code::Unauthenticated,
                 ErrorReason::Unauthenticated,
                 err.to_string(),
