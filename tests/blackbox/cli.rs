@@ -153,7 +153,11 @@ fn every_npx_command_in_the_docs_and_the_dev_banner_says_yes() {
         let text = std::fs::read_to_string(file).unwrap();
         for (number, line) in text.lines().enumerate() {
             for (at, _) in line.match_indices(npx) {
-                if !line[at + npx.len()..].starts_with("--yes") {
+                // A command names a package (or a flag) next; `"npx "` in a string does not.
+                let next = &line[at + npx.len()..];
+                let command =
+                    next.starts_with(|c: char| c == '@' || c == '-' || c.is_alphanumeric());
+                if command && !next.starts_with("--yes") {
                     bare.push(format!("{}:{}: {line}", file.display(), number + 1));
                 }
             }
