@@ -100,6 +100,30 @@ impl World {
             .expect("vault starts")
     }
 
+    /// Restarts the MCP server at the same URL naming a new authorization server, which it
+    /// returns (running, with registration and resource indicators).
+    fn switch_authorization_server(&mut self) -> OidcProvider {
+        let state = self.dir.path().join("other-provider");
+        std::fs::create_dir_all(&state).unwrap();
+        let other = OidcProvider::start_with_flags(
+            &self.pki,
+            &state,
+            0,
+            3600,
+            &[],
+            &["--registration", "--resource"],
+        );
+        let port = self.mcp.ready.port;
+        self.mcp.stop();
+        self.mcp = McpServer::start_on(
+            &self.pki,
+            &self.provider.ready,
+            port,
+            &["--as-override", &other.ready.issuer],
+        );
+        other
+    }
+
     /// Another replica on the same database.
     async fn replica(&self) -> TestApp {
         self.replica_with(&[]).await
@@ -303,24 +327,7 @@ async fn a_credential_is_not_sent_to_an_authorization_server_the_metadata_names_
     let before = w.provider.stats().await;
 
     // The MCP server (same URL) now names another authorization server.
-    let other_state = w.dir.path().join("other-provider");
-    std::fs::create_dir_all(&other_state).unwrap();
-    let other = OidcProvider::start_with_flags(
-        &w.pki,
-        &other_state,
-        0,
-        3600,
-        &[],
-        &["--registration", "--resource"],
-    );
-    let port = w.mcp.ready.port;
-    w.mcp.stop();
-    w.mcp = McpServer::start_on(
-        &w.pki,
-        &w.provider.ready,
-        port,
-        &["--as-override", &other.ready.issuer],
-    );
+    let other = w.switch_authorization_server();
 
     let refused = vault.refresh("jira", None).await.unwrap_err();
 
@@ -589,29 +596,12 @@ async fn a_flow_whose_authorization_server_changes_mid_flow_sends_its_code_nowhe
         .unwrap();
 
     // Between the callback and the exchange, the MCP server starts naming another server.
-    let other_state = w.dir.path().join("other-provider");
-    std::fs::create_dir_all(&other_state).unwrap();
-    let other = OidcProvider::start_with_flags(
-        &w.pki,
-        &other_state,
-        0,
-        3600,
-        &[],
-        &["--registration", "--resource"],
-    );
     let (status, _, body) = browser.visit(&callback).await;
     assert_eq!(
         status, 303,
         "the callback is checked against the flow's own issuer: {body}"
     );
-    let port = w.mcp.ready.port;
-    w.mcp.stop();
-    w.mcp = McpServer::start_on(
-        &w.pki,
-        &w.provider.ready,
-        port,
-        &["--as-override", &other.ready.issuer],
-    );
+    let other = w.switch_authorization_server();
 
     let err = vault
         .complete_authorization(&begun.authorization_id)
