@@ -5,6 +5,7 @@
 //! Layers, top to bottom: [`grpc`] (tonic edge) → [`vault`] (use cases) → [`store`], [`crypto`],
 //! [`auth`]. [`startup`] wires them; [`config`] reads settings.
 
+pub mod audit;
 pub mod auth;
 pub mod callback;
 pub mod config;

@@ -1,0 +1,9 @@
+//! The audit log (issue 15), built from the bottom: what a record holds and how its chain makes
+//! tampering evident. Recording every RPC and background event, the stores, `audit verify` and
+//! the event stream build on these.
+
+pub mod chain;
+pub mod record;
+
+pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
+pub use record::{AuditRecord, Outcome, token_digest};
