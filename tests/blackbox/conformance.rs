@@ -1473,3 +1473,5 @@ async fn a_separate_serving_role_keeps_flows_and_registrations_and_lists_credent
     drop(db);
     drop(login);
 }
+
+mod audit;

@@ -2,12 +2,13 @@
 //! a key or a token in clear.
 //!
 //! The boundary is one trait per table group ([`SchemaStore`], [`KeyStore`],
-//! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`], [`FlowStore`], [`RegistrationStore`]),
-//! gathered in [`Store`]. A new kind of state (audit records, say) is a new trait and a new
-//! field, and leaves the others alone. The stores persist what they are told and answer what they are asked:
-//! every policy (backoff, lease lengths, which state follows which) is decided by the caller in
-//! `vault/`, so the two backends differ only in SQL.
+//! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`], [`FlowStore`], [`RegistrationStore`],
+//! [`AuditStore`]), gathered in [`Store`]. A new kind of state is a new trait and a new field,
+//! and leaves the others alone. The stores persist what they are told and answer what they are
+//! asked: every policy (backoff, lease lengths, which state follows which) is decided by the
+//! caller in `vault/`, so the two backends differ only in SQL.
 
+mod audit;
 mod credentials;
 mod flows;
 mod keys;
@@ -20,6 +21,7 @@ mod sqlite;
 
 use std::sync::Arc;
 
+pub use audit::{AuditStore, Chain};
 pub use credentials::{
     CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential,
     StoredCredential, SweepOutcome, Upserted,
@@ -73,7 +75,14 @@ pub trait SchemaStore: Send + Sync + 'static {
 
 /// A backend: every table group, from one database.
 pub trait Backend:
-    SchemaStore + KeyStore + CredentialStore + LeaseStore + OutboxStore + FlowStore + RegistrationStore
+    SchemaStore
+    + KeyStore
+    + CredentialStore
+    + LeaseStore
+    + OutboxStore
+    + FlowStore
+    + RegistrationStore
+    + AuditStore
 {
 }
 
@@ -84,7 +93,8 @@ impl<
         + LeaseStore
         + OutboxStore
         + FlowStore
-        + RegistrationStore,
+        + RegistrationStore
+        + AuditStore,
 > Backend for T
 {
 }
@@ -107,6 +117,8 @@ pub struct Store {
     pub flows: Arc<dyn FlowStore>,
     /// Dynamic client registrations at authorization servers, shared by every replica.
     pub registrations: Arc<dyn RegistrationStore>,
+    /// The audit chains: one per agent, one for the control plane.
+    pub audit: Arc<dyn AuditStore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -126,7 +138,8 @@ impl Store {
             leases: backend.clone(),
             outbox: backend.clone(),
             flows: backend.clone(),
-            registrations: backend,
+            registrations: backend.clone(),
+            audit: backend,
         }
     }
 }

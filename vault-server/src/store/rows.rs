@@ -10,6 +10,8 @@ use super::{
     AgentRecord, CredentialState, CredentialSummary, Flow, FlowStatus, OutboxEntry, Registration,
     RootKeyRecord, StoreError, StoredCredential,
 };
+use crate::audit::chain::Hash;
+use crate::audit::{Anchor, AuditRecord, Outcome, SignedHead, Stored};
 use crate::crypto::{KdfParams, SealedCredential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 
@@ -356,4 +358,151 @@ where
     T: TryFrom<R, Error = StoreError>,
 {
     rows.into_iter().map(T::try_from).collect()
+}
+
+/// The columns of an audit row as [`AuditRow`] names them, for a backend whose time column is
+/// already unix milliseconds (SQLite); PostgreSQL selects `at_ms` from its `timestamptz`.
+pub(super) const AUDIT_VALUE_COLUMNS: &str = "action, agent, user_id, tool, outcome, generation,
+    caller_iss, caller_jti, caller_digest, verified, peer, trace_id, target, hash";
+
+/// `sequence, at_ms`, then [`AUDIT_VALUE_COLUMNS`], of an audit record.
+#[derive(sqlx::FromRow)]
+pub(super) struct AuditRow {
+    sequence: i64,
+    at_ms: i64,
+    action: String,
+    agent: Option<String>,
+    user_id: Option<String>,
+    tool: Option<String>,
+    outcome: String,
+    generation: Option<i64>,
+    caller_iss: Option<String>,
+    caller_jti: Option<String>,
+    caller_digest: Option<Vec<u8>>,
+    verified: bool,
+    peer: Option<String>,
+    trace_id: Option<String>,
+    target: Option<String>,
+    hash: Vec<u8>,
+}
+
+pub(super) fn hash_of(bytes: Vec<u8>, what: &str) -> Result<Hash, StoreError> {
+    Hash::try_from(bytes.as_slice()).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "{what} is {} bytes, not a SHA-256 hash",
+            bytes.len()
+        ))
+    })
+}
+
+fn u64_of(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
+}
+
+impl TryFrom<AuditRow> for Stored {
+    type Error = StoreError;
+
+    // Values are read back as they are, not checked against the id rules: a record edited in
+    // the database must reach `audit::verify`, which names it, rather than fail to load.
+    fn try_from(row: AuditRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            record: AuditRecord {
+                sequence: u64_of(row.sequence, "audit sequence")?,
+                at_ms: row.at_ms,
+                action: row.action,
+                agent: row.agent,
+                user: row.user_id,
+                tool: row.tool,
+                outcome: match row.outcome.as_str() {
+                    "OK" => Outcome::Ok,
+                    _ => Outcome::Failed(row.outcome),
+                },
+                generation: row
+                    .generation
+                    .map(|g| u64_of(g, "audit generation"))
+                    .transpose()?,
+                caller_iss: row.caller_iss,
+                caller_jti: row.caller_jti,
+                caller_digest: row
+                    .caller_digest
+                    .map(|d| hash_of(d, "caller digest"))
+                    .transpose()?,
+                verified: row.verified,
+                peer: row.peer,
+                trace_id: row.trace_id,
+                target: row.target,
+            },
+            hash: hash_of(row.hash, "audit hash")?,
+        })
+    }
+}
+
+/// `anchor_sequence, anchor_hash` of a chain's head.
+#[derive(sqlx::FromRow)]
+pub(super) struct AnchorRow {
+    anchor_sequence: i64,
+    anchor_hash: Vec<u8>,
+}
+
+impl TryFrom<AnchorRow> for Anchor {
+    type Error = StoreError;
+
+    fn try_from(row: AnchorRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            sequence: u64_of(row.anchor_sequence, "audit anchor")?,
+            hash: hash_of(row.anchor_hash, "audit anchor hash")?,
+        })
+    }
+}
+
+/// `last_sequence, last_hash` of a chain's head: where the next append links on.
+#[derive(sqlx::FromRow)]
+pub(super) struct LastRow {
+    last_sequence: i64,
+    last_hash: Vec<u8>,
+}
+
+impl TryFrom<LastRow> for Anchor {
+    type Error = StoreError;
+
+    fn try_from(row: LastRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            sequence: u64_of(row.last_sequence, "audit head")?,
+            hash: hash_of(row.last_hash, "audit head hash")?,
+        })
+    }
+}
+
+/// `signed_chain, signed_sequence, signed_hash, signed_mac` of a chain's head, all NULL until a
+/// head is saved.
+#[derive(sqlx::FromRow)]
+pub(super) struct SignedHeadRow {
+    signed_chain: Option<String>,
+    signed_sequence: Option<i64>,
+    signed_hash: Option<Vec<u8>>,
+    signed_mac: Option<Vec<u8>>,
+}
+
+impl TryFrom<SignedHeadRow> for Option<SignedHead> {
+    type Error = StoreError;
+
+    fn try_from(row: SignedHeadRow) -> Result<Self, StoreError> {
+        match (
+            row.signed_chain,
+            row.signed_sequence,
+            row.signed_hash,
+            row.signed_mac,
+        ) {
+            (Some(chain), Some(sequence), Some(hash), Some(mac)) => Ok(Some(SignedHead {
+                chain,
+                sequence: u64_of(sequence, "signed head")?,
+                hash: hash_of(hash, "signed head hash")?,
+                mac,
+            })),
+            (None, None, None, None) => Ok(None),
+            _ => Err(StoreError::Corrupt(
+                "a signed audit head is partly stored".into(),
+            )),
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! Schema names come only from [`namespace_for`] (a hash of the agent id) and are re-checked by
 //! [`quoted`] before they are spliced into SQL; every value is a bind parameter.
 
+mod audit;
 mod credentials;
 mod flows;
 mod keys;

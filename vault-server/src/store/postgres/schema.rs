@@ -19,6 +19,10 @@ const AGENT_MIGRATIONS: &[(i32, &str)] = &[
         2,
         include_str!("../../../../migrations/agent/0002_refresh_and_revocation.sql"),
     ),
+    (
+        3,
+        include_str!("../../../../migrations/agent/0003_audit.sql"),
+    ),
 ];
 
 fn latest_agent_version() -> i32 {
