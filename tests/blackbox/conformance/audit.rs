@@ -689,3 +689,50 @@ async fn the_serving_role_appends_and_runs_retention_but_cannot_rewrite_records(
     drop(db);
     drop(login);
 }
+
+/// An agent whose schema predates the audit log gets its audit tables, head row and rights
+/// when `migrate` upgrades it.
+#[tokio::test]
+async fn migrate_gives_an_older_agent_schema_its_audit_chain() {
+    let db = TestDb::new().await;
+    let store = postgres(&db).await;
+    let a = registered(&store, "agent-a").await;
+    let schema = format!("\"{}\"", a.namespace);
+    let mut admin = db.connect().await;
+    // Back to agent schema version 2, as an agent made before this release has it.
+    sqlx::raw_sql(&format!(
+        "DROP TABLE {schema}.audit_log, {schema}.audit_head;
+         UPDATE vault.agents SET schema_version = 2;"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        store
+            .audit
+            .append(Chain::Agent(&a), vec![bare("GetToken", T0)])
+            .await
+            .is_err()
+    );
+
+    store.schema.migrate().await.unwrap();
+    let stored = store
+        .audit
+        .append(Chain::Agent(&a), vec![bare("GetToken", T0)])
+        .await
+        .unwrap();
+    assert_eq!(sequences(&stored), [1]);
+    let agent_role: String = sqlx::query_scalar("SELECT vault.agent_role($1)")
+        .bind(&a.namespace)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        refused(
+            &db.url,
+            Some(&agent_role),
+            &format!("UPDATE {schema}.audit_log SET action = 'forged'")
+        )
+        .await
+    );
+}
