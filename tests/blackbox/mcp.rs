@@ -4,16 +4,14 @@
 //! Also the self-tests proving the harness (and the provider's `--registration` and
 //! `--resource`) behave as the vault's MCP tests will assume.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::provider::{OidcProvider, Ready, TestPki};
+use crate::provider::{OidcProvider, Ready, TestPki, spawn_ready};
 
 fn mcp_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mcp")
@@ -72,7 +70,8 @@ impl McpServer {
     pub fn start_on(pki: &TestPki, issuer: &Ready, port: u16, extra_args: &[&str]) -> Self {
         ensure_npm_packages();
         let port = port.to_string();
-        let mut child = Command::new("node")
+        let mut command = Command::new("node");
+        command
             .arg(mcp_dir().join("server.mjs"))
             .args(["--port", &port, "--issuer", &issuer.issuer])
             .args(["--introspection-client-id", &issuer.client_id])
@@ -83,27 +82,8 @@ impl McpServer {
             .arg(&pki.key_path)
             .arg("--ca")
             .arg(&pki.ca_path)
-            .args(extra_args)
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("node is installed");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the MCP server became ready");
-        let ready: McpReady = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+            .args(extra_args);
+        let (child, ready) = spawn_ready::<McpReady>(&mut command, "the MCP server");
         Self {
             child: Some(child),
             ready,

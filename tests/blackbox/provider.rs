@@ -224,7 +224,7 @@ impl OidcProvider {
             command.args(["--redirect-uri", uri]);
         }
         command.args(flags);
-        let mut child = command
+        command
             // Node trusts the test CA for what the provider fetches itself (a client ID
             // metadata document served by the vault over TLS).
             .env("NODE_EXTRA_CA_CERTS", &pki.ca_path)
@@ -234,27 +234,8 @@ impl OidcProvider {
             .arg(&pki.key_path)
             .arg("--state-dir")
             .arg(state_dir)
-            .args(["--access-ttl", &access_ttl.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("node is installed");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the provider became ready");
-        let ready: Ready = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+            .args(["--access-ttl", &access_ttl.to_string()]);
+        let (child, ready) = spawn_ready::<Ready>(&mut command, "the provider");
         Self {
             child: Some(child),
             ready,
@@ -528,4 +509,34 @@ pub async fn store_grant(
         )
         .await
         .unwrap()
+}
+
+/// Spawns a Node test server (`command`, its stderr shown only with `TEST_LOG`) and waits up
+/// to a minute for the one JSON line it prints when ready: the child and that line, read.
+pub fn spawn_ready<T: serde::de::DeserializeOwned>(
+    command: &mut Command,
+    what: &str,
+) -> (Child, T) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("node is installed");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("{what} did not become ready"));
+    let ready = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("bad ready line from {what} {line:?}: {e}"));
+    (child, ready)
 }
