@@ -22,8 +22,8 @@ use secrecy::SecretString;
 pub use docs::{docs_table, effective};
 pub use rules::{check_jwks_url, check_web_url, database_transport_risk, decode_root_key};
 pub use settings::{
-    CallbackSettings, Database, DatabaseSettings, JwksSource, JwtSettings, RootKeySetting,
-    Settings, TlsSettings, TrustedIssuer, data_dir,
+    AuditSettings, CallbackSettings, Database, DatabaseSettings, JwksSource, JwtSettings,
+    RootKeySetting, Settings, TlsSettings, TrustedIssuer, data_dir,
 };
 pub use source::Source;
 pub use value::{Accepts, Described, List};
@@ -160,6 +160,17 @@ value::settings! {
         /// bursts of as many; beyond it StoreToken for a new agent answers RESOURCE_EXHAUSTED
         /// (reason `AGENT_CREATION_RATE_LIMITED`, with `RetryInfo`) and the refusal is logged.
         vault_agent_creation_per_minute: u64 = 600, 1..=1_000_000;
+        /// `off` stops recording successful GetToken releases in the audit log (the only records
+        /// that may be turned off: writes, refusals, failures and admin calls are always
+        /// recorded, and a call whose record cannot be written fails with `AUDIT_UNAVAILABLE`).
+        vault_audit_releases: String = "on".into(), "on, off";
+        /// Audit records older than this many days are deleted, oldest first and in batches, by
+        /// the replica holding the sweeper's lease; each chain stays verifiable from the anchor
+        /// kept where the deleted prefix ended.
+        vault_audit_retention_days: u64 = 400, 1..=36_500;
+        /// How often each audit chain's head is signed (HMAC under a key derived from the root
+        /// key), so that `audit verify` detects a tail cut from the log after a signing.
+        vault_audit_sign_interval_seconds: u64 = 60, 1..=86_400;
         /// On SIGTERM, report NOT_SERVING this long before closing the listener, so load
         /// balancers stop routing here before connections are refused.
         vault_shutdown_delay_seconds: u64 = 0, 0..=600;

@@ -189,6 +189,17 @@ impl Config {
         }
     }
 
+    pub(super) fn audit_releases(&self) -> Result<bool, ConfigError> {
+        match self.vault_audit_releases.trim() {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => Err(ConfigError::new(
+                "VAULT_AUDIT_RELEASES",
+                format!("must be on or off, got {:?}", super::value::truncate(other)),
+            )),
+        }
+    }
+
     pub(super) fn tls(&self) -> Result<Option<TlsSettings>, ConfigError> {
         let ca = &self.vault_tls_client_ca_file;
         match (&self.vault_tls_cert_file, &self.vault_tls_key_file) {

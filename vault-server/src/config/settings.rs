@@ -116,6 +116,19 @@ pub struct Settings {
     pub refresh_cooldown: Duration,
     /// The consent flow: its callback listener and URLs.
     pub callback: CallbackSettings,
+    /// The audit log.
+    pub audit: AuditSettings,
+}
+
+/// The audit log's settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// Successful GetToken releases are recorded (`VAULT_AUDIT_RELEASES=on`).
+    pub releases: bool,
+    /// Records older than this are deleted by retention.
+    pub retention: Duration,
+    /// How often chain heads are signed.
+    pub sign_interval: Duration,
 }
 
 /// The consent flow's settings.
@@ -234,6 +247,11 @@ impl Settings {
             agent_creation_per_minute: c.vault_agent_creation_per_minute as u32,
             refresh_cooldown: seconds(c.vault_refresh_cooldown_seconds),
             callback: c.callback()?,
+            audit: AuditSettings {
+                releases: c.audit_releases()?,
+                retention: seconds(c.vault_audit_retention_days * 86_400),
+                sign_interval: seconds(c.vault_audit_sign_interval_seconds),
+            },
         })
     }
 }

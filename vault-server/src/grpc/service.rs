@@ -388,4 +388,22 @@ impl CredentialVault for CredentialVaultService {
                 .collect(),
         }))
     }
+
+    type WatchCredentialsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<super::proto::CredentialEvent, Status>> + Send>,
+    >;
+
+    async fn watch_credentials(
+        &self,
+        _request: Request<super::proto::WatchCredentialsRequest>,
+    ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
+        Err(Status::unimplemented("WatchCredentials is not served yet"))
+    }
+
+    async fn list_audit_events(
+        &self,
+        _request: Request<super::proto::ListAuditEventsRequest>,
+    ) -> Result<Response<super::proto::ListAuditEventsResponse>, Status> {
+        Err(Status::unimplemented("ListAuditEvents is not served yet"))
+    }
 }
