@@ -126,6 +126,13 @@ async fn sequences_continue_across_appends_and_pages_follow_them(store: &Store) 
         .await
         .unwrap();
     assert_eq!(sequences(&second), [3, 4, 5]);
+    assert_eq!(
+        store.audit.head(Chain::Agent(&a)).await.unwrap(),
+        Anchor {
+            sequence: 5,
+            hash: second[2].hash
+        }
+    );
     assert_eq!(second[0].hash, link(&first[1].hash, &second[0].record));
     let page = store.audit.records(Chain::Agent(&a), 2, 2).await.unwrap();
     assert_eq!(page, second[..2]);

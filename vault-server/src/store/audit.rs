@@ -50,6 +50,10 @@ pub trait AuditStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Stored>, StoreError>;
 
+    /// Where `chain` ends: its last sequence and hash ([`Anchor::START`] before its first
+    /// record).
+    async fn head(&self, chain: Chain<'_>) -> Result<Anchor, StoreError>;
+
     /// Where the kept part of `chain` starts: [`Anchor::START`] unless retention deleted a
     /// prefix.
     async fn anchor(&self, chain: Chain<'_>) -> Result<Anchor, StoreError>;

@@ -148,6 +148,21 @@ impl AuditStore for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn head(&self, chain: Chain<'_>) -> Result<Anchor, StoreError> {
+        let (mut tx, tables) = self.audit_tx(chain).await?;
+        let row: Option<LastRow> = sqlx::query_as(&format!(
+            "SELECT last_sequence, last_hash FROM {}",
+            tables.head
+        ))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        row.ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))?
+            .try_into()
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn anchor(&self, chain: Chain<'_>) -> Result<Anchor, StoreError> {
         let (mut tx, tables) = self.audit_tx(chain).await?;
         let row: Option<AnchorRow> = sqlx::query_as(&format!(

@@ -112,6 +112,17 @@ impl AuditStore for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn head(&self, chain: Chain<'_>) -> Result<Anchor, StoreError> {
+        let row: Option<LastRow> =
+            sqlx::query_as("SELECT last_sequence, last_hash FROM audit_heads WHERE chain = ?1")
+                .bind(chain.key())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(e)?;
+        row.map_or(Ok(Anchor::START), Anchor::try_from)
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn anchor(&self, chain: Chain<'_>) -> Result<Anchor, StoreError> {
         let row: Option<AnchorRow> =
             sqlx::query_as("SELECT anchor_sequence, anchor_hash FROM audit_heads WHERE chain = ?1")
