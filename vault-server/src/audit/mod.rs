@@ -3,7 +3,9 @@
 //! the event stream build on these.
 
 pub mod chain;
+pub mod changes;
 pub mod record;
 
 pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
+pub use changes::Changes;
 pub use record::{AuditRecord, Outcome, token_digest};
