@@ -132,7 +132,7 @@ impl Vault {
                     tracing::warn!(tool = %item.tool, attempts = item.attempts, %message, "provider revocation failed; will retry");
                     self.store
                         .outbox
-                        .retry_outbox(record, item.id, outbox_backoff(item.attempts), &message)
+                        .retry_outbox(record, item.id, outbox_backoff(item.attempts), message)
                         .await
                         .map(|()| false)
                 }
