@@ -405,3 +405,87 @@ async fn on_sqlite_a_store_that_cannot_be_recorded_fails_and_is_not_visible() {
     let token = alice.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(token.access_token, "at-first");
 }
+
+/// ListAuditEvents through the generated client, as `jwt`.
+async fn list_audit(
+    app: &TestApp,
+    jwt: &str,
+    query: vault_client::proto::ListAuditEventsRequest,
+) -> Result<vault_client::proto::ListAuditEventsResponse, tonic::Status> {
+    let mut client = vault_client::proto::credential_vault_client::CredentialVaultClient::new(
+        channel(&app.endpoint()).await,
+    );
+    let mut request = tonic::Request::new(query);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {jwt}").parse().expect("ASCII token"),
+    );
+    client
+        .list_audit_events(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn an_admin_pages_through_an_agents_audit_log_filtered_by_user_and_tool() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    for (user, tool) in [
+        ("alice", "jira"),
+        ("bob", "jira"),
+        ("alice", "slack"),
+        ("alice", "jira"),
+    ] {
+        let gateway = app.client_with(&issuer.token("agent-a", user)).await;
+        store(&gateway, tool, "at").await;
+    }
+    let admin = issuer.admin_token("agent-a", "root");
+    let query = |after_sequence, limit| vault_client::proto::ListAuditEventsRequest {
+        agent_id: "agent-a".into(),
+        user_id: "alice".into(),
+        tool: "jira".into(),
+        after_sequence,
+        limit,
+    };
+    let first = list_audit(&app, &admin, query(0, 1)).await.unwrap();
+    assert_eq!(first.events.len(), 1);
+    assert_eq!(first.events[0].sequence, 1);
+    assert_eq!(first.events[0].action, "StoreToken");
+    assert_eq!(first.events[0].hash.len(), 64, "hex SHA-256");
+    assert!(!first.events[0].caller_digest.is_empty());
+    let rest = list_audit(&app, &admin, query(first.next_after_sequence, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [4],
+        "bob's and the slack record are filtered out"
+    );
+    assert_eq!(rest.next_after_sequence, 0, "the end of the chain");
+
+    // The control chain: the server's startup is there.
+    let control = list_audit(
+        &app,
+        &admin,
+        vault_client::proto::ListAuditEventsRequest::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(control.events[0].action, "startup");
+
+    // Not for an agent.
+    let refused = list_audit(&app, &issuer.token("agent-a", "alice"), query(0, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let after = list_audit(&app, &admin, query(4, 10)).await.unwrap();
+    assert!(after.events.is_empty());
+    let too_many = list_audit(&app, &admin, query(0, 1001)).await.unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    assert!(
+        too_many.message().contains("limit"),
+        "{}",
+        too_many.message()
+    );
+}

@@ -9,19 +9,21 @@ use tonic::{Request, Response, Status};
 use super::auth_layer::Presented;
 use super::proto::credential_vault_server::CredentialVault;
 use super::proto::{
-    AccessToken, Authorization, BeginAuthorizationRequest, BeginAuthorizationResponse,
+    AccessToken, AuditEvent, Authorization, BeginAuthorizationRequest, BeginAuthorizationResponse,
     CompleteAuthorizationRequest, CompleteAuthorizationResponse, CredentialInfo,
-    GetAuthorizationRequest, GetTokenRequest, GetTokenResponse, ListCredentialsRequest,
-    ListCredentialsResponse, OAuthToken, RefreshRequest, RefreshResponse, RevokeRequest,
-    RevokeResponse, StoreTokenRequest, StoreTokenResponse, SweepRequest, SweepResponse,
-    authorization,
+    GetAuthorizationRequest, GetTokenRequest, GetTokenResponse, ListAuditEventsRequest,
+    ListAuditEventsResponse, ListCredentialsRequest, ListCredentialsResponse, OAuthToken,
+    RefreshRequest, RefreshResponse, RevokeRequest, RevokeResponse, StoreTokenRequest,
+    StoreTokenResponse, SweepRequest, SweepResponse, authorization,
 };
 use super::status::{audit_unavailable, invalid_argument, log_failure, reason_of};
 use crate::audit::{Call, Origin, Outcome};
 use crate::auth::Caller;
 use crate::ids::{AgentId, Generation, Tool, UserId};
 use crate::secret::TokenSet;
-use crate::vault::{AuthorizationState, IssuedToken, RevokeTarget, Vault, VaultError};
+use crate::vault::{
+    AuditQuery, AuthorizationState, IssuedToken, MAX_AUDIT_PAGE, RevokeTarget, Vault, VaultError,
+};
 
 /// Largest access or refresh token accepted.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -503,8 +505,64 @@ impl CredentialVault for CredentialVaultService {
 
     async fn list_audit_events(
         &self,
-        _request: Request<super::proto::ListAuditEventsRequest>,
-    ) -> Result<Response<super::proto::ListAuditEventsResponse>, Status> {
-        Err(Status::unimplemented("ListAuditEvents is not served yet"))
+        request: Request<ListAuditEventsRequest>,
+    ) -> Result<Response<ListAuditEventsResponse>, Status> {
+        let caller = caller(&request)?;
+        let call = start(&request, "ListAuditEvents", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let (agent, user) = owner(body.agent_id, body.user_id)?;
+            let tool = if body.tool.is_empty() {
+                None
+            } else {
+                Some(tool("tool", body.tool)?)
+            };
+            if body.limit > MAX_AUDIT_PAGE {
+                return Err(invalid_argument(
+                    "limit",
+                    &format!("must be at most {MAX_AUDIT_PAGE}"),
+                ));
+            }
+            let query = AuditQuery {
+                agent,
+                user,
+                tool,
+                after: body.after_sequence,
+                limit: if body.limit == 0 { 100 } else { body.limit },
+            };
+            let page = answer(
+                "ListAuditEvents",
+                self.vault.list_audit_events(&call, &caller, query).await,
+            )?;
+            Ok(Response::new(ListAuditEventsResponse {
+                events: page.records.into_iter().map(audit_event).collect(),
+                next_after_sequence: page.next_after,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
+    }
+}
+
+/// An audit record as ListAuditEvents shows it.
+fn audit_event(stored: crate::audit::Stored) -> AuditEvent {
+    let record = stored.record;
+    AuditEvent {
+        sequence: record.sequence,
+        at: chrono::DateTime::from_timestamp_millis(record.at_ms).map(datetime),
+        action: record.action,
+        agent_id: record.agent.unwrap_or_default(),
+        user_id: record.user.unwrap_or_default(),
+        tool: record.tool.unwrap_or_default(),
+        outcome: record.outcome.as_str().to_string(),
+        generation: record.generation.unwrap_or_default(),
+        caller_iss: record.caller_iss.unwrap_or_default(),
+        caller_jti: record.caller_jti.unwrap_or_default(),
+        caller_digest: record.caller_digest.map(hex::encode).unwrap_or_default(),
+        verified: record.verified,
+        peer: record.peer.unwrap_or_default(),
+        trace_id: record.trace_id.unwrap_or_default(),
+        target: record.target.unwrap_or_default(),
+        hash: hex::encode(stored.hash),
     }
 }

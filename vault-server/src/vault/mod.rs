@@ -838,6 +838,110 @@ impl Vault {
     }
 }
 
+/// Most audit records one ListAuditEvents page returns.
+pub const MAX_AUDIT_PAGE: u32 = 1000;
+
+/// What ListAuditEvents asks for.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Whose chain (of the caller's issuer); `None`: the control plane's.
+    pub agent: Option<AgentId>,
+    /// Only this user's records.
+    pub user: Option<UserId>,
+    /// Only this tool's records.
+    pub tool: Option<Tool>,
+    /// Records after this sequence.
+    pub after: u64,
+    /// At most this many (1..=[`MAX_AUDIT_PAGE`]).
+    pub limit: u32,
+}
+
+/// One page of audit records.
+#[derive(Debug, Clone)]
+pub struct AuditPage {
+    /// The records, in sequence order.
+    pub records: Vec<crate::audit::Stored>,
+    /// Where the next page starts; 0 when the chain's end was reached.
+    pub next_after: u64,
+}
+
+impl Vault {
+    /// Pages through an audit chain (admin only). Filters apply to the records read, so a page
+    /// may hold fewer than `limit` records before the chain's end; at most ten pages' worth is
+    /// read per call, and `next_after` says where to go on.
+    pub async fn list_audit_events(
+        &self,
+        call: &Call,
+        caller: &Caller,
+        query: AuditQuery,
+    ) -> Result<AuditPage, VaultError> {
+        if !caller.admin {
+            return Err(VaultError::PermissionDenied(
+                "ListAuditEvents needs the vault:admin scope".into(),
+            ));
+        }
+        let owner = match &query.agent {
+            Some(agent) => {
+                call.acting_on(agent, query.user.as_ref());
+                match self.agent_entry(&caller.issuer, agent, false).await? {
+                    Some(entry) => {
+                        call.on_agent(&entry.record);
+                        Owner::Agent(Arc::new(entry.record.clone()))
+                    }
+                    None => {
+                        return Ok(AuditPage {
+                            records: Vec::new(),
+                            next_after: 0,
+                        });
+                    }
+                }
+            }
+            None => Owner::Control,
+        };
+        let limit = query.limit.clamp(1, MAX_AUDIT_PAGE);
+        let mut records = Vec::new();
+        let mut after = query.after;
+        for _ in 0..10 {
+            let page = self
+                .store
+                .audit
+                .records(owner.chain(), after, limit)
+                .await?;
+            let end = page.len() < limit as usize;
+            for stored in page {
+                after = stored.record.sequence;
+                let wanted = query
+                    .user
+                    .as_ref()
+                    .is_none_or(|u| stored.record.user.as_deref() == Some(u.as_str()))
+                    && query
+                        .tool
+                        .as_ref()
+                        .is_none_or(|t| stored.record.tool.as_deref() == Some(t.as_str()));
+                if wanted {
+                    records.push(stored);
+                    if records.len() == limit as usize {
+                        return Ok(AuditPage {
+                            records,
+                            next_after: after,
+                        });
+                    }
+                }
+            }
+            if end {
+                return Ok(AuditPage {
+                    records,
+                    next_after: 0,
+                });
+            }
+        }
+        Ok(AuditPage {
+            records,
+            next_after: after,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
