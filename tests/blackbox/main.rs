@@ -5,6 +5,7 @@
 mod helpers;
 
 mod api;
+mod audit_cli;
 mod auth;
 mod bad_input;
 mod browser;
