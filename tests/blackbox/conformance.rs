@@ -1176,6 +1176,53 @@ async fn registrations_of_other_tools_and_issuers_are_independent(store: &Store)
     }
 }
 
+async fn agents_are_listed_in_pages_in_namespace_order(store: &Store) {
+    assert!(store.keys.agents(None, 10).await.unwrap().is_empty());
+    let other = IssuerId::parse("https://other.test").unwrap();
+    let mut made = Vec::new();
+    for id in ["agent-a", "agent-b", "agent-c", "agent-d", "agent-e"] {
+        made.push(registered(store, id).await);
+    }
+    // The same agent id under another issuer is another agent.
+    made.push(
+        store
+            .keys
+            .create_agent(&other, &agent("agent-a"), b"wrapped-agent-key", 1)
+            .await
+            .unwrap(),
+    );
+    let mut expected: Vec<_> = made.iter().map(|a| a.namespace.clone()).collect();
+    expected.sort();
+
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.keys.agents(after.as_deref(), 4).await.unwrap();
+        assert!(page.len() <= 4);
+        listed.extend(page.iter().map(|a| a.namespace.clone()));
+        match page.last() {
+            Some(last) if page.len() == 4 => after = Some(last.namespace.clone()),
+            _ => break,
+        }
+    }
+    assert_eq!(listed, expected, "every agent once, in namespace order");
+
+    let whole = store.keys.agents(None, 100).await.unwrap();
+    let a_other = whole.iter().find(|a| a.issuer == other).unwrap();
+    assert_eq!(
+        (a_other.agent.as_str(), a_other.wrapped_key.as_slice()),
+        ("agent-a", &b"wrapped-agent-key"[..])
+    );
+    assert!(
+        store
+            .keys
+            .agents(Some(expected.last().unwrap()), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn postgres(db: &TestDb) -> Store {
     migrated_pg(db, 4).await.1
 }
@@ -1235,6 +1282,7 @@ conformance!(
     saving_a_registration_again_replaces_it,
     a_registration_is_forgotten_only_while_its_client_is_current,
     registrations_of_other_tools_and_issuers_are_independent,
+    agents_are_listed_in_pages_in_namespace_order,
 );
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod helpers;
 
 mod api;
 mod audit;
+mod audit_cli;
 mod auth;
 mod bad_input;
 mod browser;

@@ -22,8 +22,8 @@ use secrecy::SecretString;
 pub use docs::{docs_table, effective};
 pub use rules::{check_jwks_url, check_web_url, database_transport_risk, decode_root_key};
 pub use settings::{
-    AuditSettings, CallbackSettings, Database, DatabaseSettings, JwksSource, JwtSettings,
-    RootKeySetting, Settings, TlsSettings, TrustedIssuer, data_dir,
+    AuditSettings, CallbackSettings, DataSettings, Database, DatabaseSettings, JwksSource,
+    JwtSettings, RootKeySetting, Settings, TlsSettings, TrustedIssuer, data_dir,
 };
 pub use source::Source;
 pub use value::{Accepts, Described, List};

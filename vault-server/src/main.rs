@@ -88,11 +88,45 @@ enum Command {
         /// `settings`, or a command.
         topic: Vec<String>,
     },
+    /// The audit log: verify its hash chains, or export its records. Reads VAULT_DATABASE_URL
+    /// (and, for `verify`, the root key as `serve` does).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
     Keygen {
         /// Where to write it; refuses to overwrite.
         #[arg(long, default_value = "vault-root.key")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the control chain and every agent's chain (or the agent named) from its anchor,
+    /// checking every record's hash and sequence and the head signed under the root key. Prints
+    /// each broken chain with its first broken record, then a summary; exits 1 if any is broken.
+    Verify {
+        /// Only this agent's chain (under every issuer that has such an agent, unless --issuer).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only agents of this issuer (the exact `iss`).
+        #[arg(long)]
+        issuer: Option<String>,
+    },
+    /// Write the records stamped at or after --since to stdout as JSON lines, chain by chain
+    /// (every chain, or the agent named). Shows a progress bar on stderr at a terminal.
+    Export {
+        /// An RFC 3339 time (2026-01-31T00:00:00Z) or a span back from now (30m, 24h, 7d, 2w).
+        #[arg(long)]
+        since: String,
+        /// Only this agent's chain (under every issuer that has such an agent, unless --issuer).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only agents of this issuer (the exact `iss`).
+        #[arg(long)]
+        issuer: Option<String>,
     },
 }
 
@@ -225,6 +259,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             tool,
             register,
         } => mcp_probe(&url, &tool, register).await,
+        Command::Audit { command } => audit(command).await,
         Command::Keygen { out } => {
             vault_server::dev::write_root_key(&out)?;
             println!("wrote a new root key to {}", out.display());
@@ -232,6 +267,41 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "use it with VAULT_ROOT_KEY_FILE={}; losing it loses every credential",
                 out.display()
             );
+            Ok(())
+        }
+    }
+}
+
+/// `audit verify` and `audit export`; the work is in `vault_server::audit::cli`.
+async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    use vault_server::audit::cli;
+    let source = Source::from_env()?;
+    require_database(&source, "audit")?;
+    match command {
+        AuditCommand::Verify { agent, issuer } => {
+            let which = cli::Which::parse(agent.as_deref(), issuer.as_deref())?;
+            let (store, root) =
+                cli::open(&vault_server::config::DataSettings::load(&source)?).await?;
+            let key = vault_server::audit::HeadKey::derive(&root);
+            drop(root);
+            let report = cli::verify_chains(&store, &key, &which, &mut std::io::stdout()).await?;
+            if report.broken > 0 {
+                return Err(ExitWith(1, format!("{} audit chain(s) broken", report.broken)).into());
+            }
+            Ok(())
+        }
+        AuditCommand::Export {
+            since,
+            agent,
+            issuer,
+        } => {
+            let which = cli::Which::parse(agent.as_deref(), issuer.as_deref())?;
+            let since = cli::parse_since(&since, chrono::Utc::now()).map_err(anyhow::Error::msg)?;
+            let store = cli::open_for_export(&DatabaseSettings::load(&source)?).await?;
+            let progress = std::io::stdout().is_terminal() || std::io::stderr().is_terminal();
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            cli::export(&store, &which, since, progress, &mut out).await?;
             Ok(())
         }
     }

@@ -20,7 +20,7 @@ use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
 use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, CredentialVaultService, SizeLimitLayer, proto};
-use crate::jobs::{Jobs, JwksRefresh, OutboxDelivery, Sweeper};
+use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
 
 /// How long shutdown waits for background jobs and for detached refreshes and revocations
@@ -37,6 +37,7 @@ pub struct Application {
     local_addr: SocketAddr,
     vault: Arc<Vault>,
     verifier: Arc<Verifier>,
+    head_key: crate::audit::HeadKey,
     settings: Settings,
 }
 
@@ -160,6 +161,7 @@ impl Application {
             },
             audit_releases: settings.audit.releases,
         };
+        let head_key = crate::audit::HeadKey::derive(&root);
         let vault = Arc::new(Vault::new(store, root, providers, options));
         let issuers: Vec<_> = settings
             .jwt
@@ -201,6 +203,7 @@ impl Application {
             local_addr,
             vault,
             verifier,
+            head_key,
             settings,
         })
     }
@@ -232,6 +235,7 @@ impl Application {
             local_addr,
             vault,
             verifier,
+            head_key,
             settings,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -262,8 +266,15 @@ impl Application {
             interval: settings.sweep_interval,
             batch: settings.sweep_batch,
             revoke: settings.sweep_revokes,
+            retention: settings.audit.retention,
         };
         jobs.spawn("sweeper", |shutdown| sweeper.run(shutdown));
+        let signer = HeadSigner {
+            store: vault.store().clone(),
+            key: head_key,
+            interval: settings.audit.sign_interval,
+        };
+        jobs.spawn("audit head signer", |shutdown| signer.run(shutdown));
         let outbox = OutboxDelivery {
             vault: Arc::clone(&vault),
             interval: settings.revocation_retry_interval,
@@ -428,7 +439,7 @@ fn server_tls(
 
 /// The root key named by the settings: decoded, or read from its file, or the passphrase that
 /// derives it.
-fn root_key_source(setting: &RootKeySetting) -> Result<RootKeySource, ConfigError> {
+pub fn root_key_source(setting: &RootKeySetting) -> Result<RootKeySource, ConfigError> {
     let key = |bytes: zeroize::Zeroizing<[u8; 32]>| RootKeySource::Key(RootKey::from_bytes(*bytes));
     match setting {
         RootKeySetting::Key(text) => decode_root_key(text.expose_secret())

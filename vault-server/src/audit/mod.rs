@@ -1,10 +1,11 @@
 //! The audit log (issue 15), built from the bottom: what a record holds and how its chain makes
 //! tampering evident. Recording every RPC and background event, the stores, `audit verify` and
-//! the event stream build on these.
+//! the event stream build on these; [`cli`] holds the `audit verify` and `audit export` commands.
 
 pub mod call;
 pub mod chain;
 pub mod changes;
+pub mod cli;
 pub mod record;
 pub mod recorder;
 

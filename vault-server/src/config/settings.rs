@@ -312,6 +312,33 @@ impl DatabaseSettings {
     }
 }
 
+/// What commands that read a deployment's data offline need (`audit verify`, `audit export`):
+/// its database and its root key. Other settings are not checked.
+#[derive(Debug, Clone)]
+pub struct DataSettings {
+    /// The database.
+    pub database: DatabaseSettings,
+    /// Where the root key comes from.
+    pub root_key: RootKeySetting,
+}
+
+impl DataSettings {
+    /// Reads and validates the database and root key settings alone.
+    pub fn load(source: &Source) -> Result<Self, Problems> {
+        let (config, mut problems) = source.read()?;
+        problems.extend(config.validate());
+        problems
+            .retain(|p| Config::is_database_setting(&p.name) || p.name.starts_with("VAULT_ROOT_"));
+        if !problems.is_empty() {
+            return Err(Problems(problems));
+        }
+        Ok(Self {
+            database: DatabaseSettings::from_config(&config)?,
+            root_key: config.root_key()?,
+        })
+    }
+}
+
 /// `VAULT_DATABASE_MAX_CONNECTIONS` when unset: 4 × cores, 4..32.
 fn default_pool_size() -> u32 {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);

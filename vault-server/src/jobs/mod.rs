@@ -1,10 +1,11 @@
 //! Background work with a lifecycle: the sweeper, the revocation outbox, the JWKS refresher,
-//! and the detached tasks that finish a refresh or a revocation for a caller who hung up.
+//! the audit head signer, and the detached tasks that finish a refresh or a revocation for a caller who hung up.
 //!
 //! Every job is a small type with `run(self, shutdown)`. [`Jobs`] spawns them into one
 //! `JoinSet` under one `CancellationToken`; shutdown cancels the token and waits, for a bounded
 //! time, until each job has returned, so none is cut off in the middle of a write.
 
+mod audit;
 mod detached;
 mod jwks;
 mod outbox;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use audit::{HeadSigner, LEASE as AUDIT_SIGN_LEASE, retain, sign_heads};
 pub use detached::Detached;
 pub use jwks::JwksRefresh;
 pub use outbox::OutboxDelivery;

@@ -24,6 +24,8 @@ pub struct Sweeper {
     pub batch: u32,
     /// Swept credentials are queued for revocation at their provider.
     pub revoke: bool,
+    /// Audit records older than this are deleted after each sweep (`VAULT_AUDIT_RETENTION_DAYS`).
+    pub retention: Duration,
 }
 
 impl Sweeper {
@@ -34,12 +36,24 @@ impl Sweeper {
         let lease = (self.interval * 2).max(Duration::from_secs(10));
         super::every(self.interval, &shutdown, || async {
             match self.store.leases.try_lease(LEASE, holder, lease).await {
-                Ok(true) => self.sweep_once(&shutdown).await,
+                Ok(true) => {
+                    self.sweep_once(&shutdown).await;
+                    self.retain_audit(&shutdown).await;
+                }
                 Ok(false) => tracing::debug!("another replica holds the sweep lease"),
                 Err(err) => tracing::warn!(error = %err, "could not take the sweep lease"),
             }
         })
         .await;
+    }
+
+    /// Audit retention, under the sweep lease so one replica trims at a time.
+    async fn retain_audit(&self, shutdown: &CancellationToken) {
+        match super::audit::retain(&self.store, self.retention, self.batch, shutdown).await {
+            Ok(0) => {}
+            Ok(records) => tracing::info!(records, "deleted audit records past retention"),
+            Err(err) => tracing::warn!(error = %err, "audit retention failed"),
+        }
     }
 
     async fn sweep_once(&self, shutdown: &CancellationToken) {

@@ -64,6 +64,13 @@ pub trait KeyStore: Send + Sync + 'static {
         key_version: u32,
     ) -> Result<AgentRecord, StoreError>;
 
+    /// At most `limit` registered agents in namespace order, those after `after` (a namespace)
+    /// when given: pages through every agent without loading them all at once, for work that
+    /// walks every agent (signing audit heads, retention, `audit verify`). Agents from before
+    /// identities named their issuer ([`KeyStore::legacy_agents`]) are not listed until adopted.
+    async fn agents(&self, after: Option<&str>, limit: u32)
+    -> Result<Vec<AgentRecord>, StoreError>;
+
     /// Agents registered before identities named their issuer: (agent, key version, wrapped
     /// key). Their keys are wrapped without an issuer binding.
     async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError>;
@@ -76,4 +83,39 @@ pub trait KeyStore: Send + Sync + 'static {
         issuer: &IssuerId,
         wrapped_key: &[u8],
     ) -> Result<bool, StoreError>;
+}
+
+/// Every registered agent, a page at a time in namespace order ([`KeyStore::agents`]).
+pub struct AgentPages<'a> {
+    keys: &'a dyn KeyStore,
+    page: u32,
+    after: Option<String>,
+    done: bool,
+}
+
+impl<'a> AgentPages<'a> {
+    /// Pages of at most `page` agents (at least 1) from `keys`.
+    pub fn new(keys: &'a dyn KeyStore, page: u32) -> Self {
+        Self {
+            keys,
+            page: page.max(1),
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, or `None` once every agent was returned.
+    pub async fn next(&mut self) -> Result<Option<Vec<AgentRecord>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.keys.agents(self.after.as_deref(), self.page).await?;
+        // A short page is the last: no need to ask for an empty one.
+        self.done = page.len() < self.page as usize;
+        match page.last() {
+            Some(last) => self.after = Some(last.namespace.clone()),
+            None => return Ok(None),
+        }
+        Ok(Some(page))
+    }
 }

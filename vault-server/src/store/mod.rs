@@ -27,7 +27,7 @@ pub use credentials::{
     StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
-pub use keys::{AgentRecord, KeyStore, RootKeyRecord};
+pub use keys::{AgentPages, AgentRecord, KeyStore, RootKeyRecord};
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
 pub use postgres::{PgStore, drop_database_and_roles, namespace_for};

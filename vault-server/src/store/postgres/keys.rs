@@ -135,6 +135,26 @@ impl KeyStore for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn agents(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        // Keyset paging on the unique schema name: each page is one index range scan.
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents
+             WHERE issuer <> '' AND schema_name > $1
+             ORDER BY schema_name LIMIT $2"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        crate::store::rows::all(rows)
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError> {
         let rows: Vec<LegacyAgentRow> = sqlx::query_as(
             "SELECT agent_id, key_version::int8 AS key_version, wrapped_key

@@ -88,6 +88,26 @@ impl KeyStore for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn agents(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        // Keyset paging on the unique namespace: each page is one index range scan.
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents
+             WHERE issuer <> '' AND namespace > ?
+             ORDER BY namespace LIMIT ?"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        all(rows)
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn legacy_agents(&self) -> Result<Vec<(AgentId, u32, Vec<u8>)>, StoreError> {
         let rows: Vec<LegacyAgentRow> = sqlx::query_as(
             "SELECT agent_id, key_version, wrapped_key FROM agents WHERE issuer = ''",
