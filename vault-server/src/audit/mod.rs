@@ -4,8 +4,10 @@
 
 pub mod chain;
 pub mod changes;
+pub mod events;
 pub mod record;
 
 pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
 pub use changes::Changes;
+pub use events::{EventKind, authorization_id, event_kind};
 pub use record::{AuditRecord, Outcome, token_digest};

@@ -16,6 +16,7 @@ use super::proto::{
     authorization,
 };
 use super::status::{invalid_argument, log_failure};
+use super::watch::{EventStream, Watchers};
 use crate::auth::Caller;
 use crate::ids::{AgentId, Generation, Tool, UserId};
 use crate::secret::TokenSet;
@@ -34,12 +35,34 @@ const MAX_SWEEP_LIMIT: u32 = 100_000;
 pub struct CredentialVaultService {
     vault: Arc<Vault>,
     sweep_batch: u32,
+    watchers: Arc<Watchers>,
 }
 
 impl CredentialVaultService {
-    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`.
+    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`. Watch streams hear
+    /// of new audit records only from their own backstop timer until [`Self::watching`].
     pub fn new(vault: Arc<Vault>, sweep_batch: u32) -> Self {
-        Self { vault, sweep_batch }
+        let watchers = Watchers::new(
+            vault.store().clone(),
+            crate::audit::Changes::default(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        Self {
+            vault,
+            sweep_batch,
+            watchers,
+        }
+    }
+
+    /// Wakes watch streams with `changes` (the channel the audit appends publish to), and ends
+    /// them all when `stop` is cancelled (so draining never waits on a stream).
+    pub fn watching(
+        mut self,
+        changes: crate::audit::Changes,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        self.watchers = Watchers::new(self.vault.store().clone(), changes, stop);
+        self
     }
 }
 
@@ -389,15 +412,15 @@ impl CredentialVault for CredentialVaultService {
         }))
     }
 
-    type WatchCredentialsStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<super::proto::CredentialEvent, Status>> + Send>,
-    >;
+    type WatchCredentialsStream = EventStream;
 
     async fn watch_credentials(
         &self,
-        _request: Request<super::proto::WatchCredentialsRequest>,
+        request: Request<super::proto::WatchCredentialsRequest>,
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
-        Err(Status::unimplemented("WatchCredentials is not served yet"))
+        self.watchers
+            .watch(caller(&request)?, request.into_inner())
+            .await
     }
 
     async fn list_audit_events(
