@@ -2,8 +2,9 @@
 //!
 //! GetToken is measured next to the two floors it cannot go below: a bare tonic unary call of
 //! the same size ([`proto`], served by `vault-bench-echo`) and the one prepared point SELECT it
-//! runs ([`workloads`]). Reading GetToken as a ratio of those floors makes one run on any machine
-//! comparable with another. [`run`] wires it all together: a fresh database ([`database`]), a
+//! runs ([`workloads`]). A third floor, one durable INSERT of an audit record's size, is what a
+//! GetToken that records its release cannot go below instead of the SELECT. Reading GetToken as
+//! a ratio of those floors makes one run on any machine comparable with another. [`run`] wires it all together: a fresh database ([`database`]), a
 //! generated issuer ([`issuer`]), the server and echo children ([`process`]), the load driver
 //! ([`load`]) and the report ([`report`]).
 

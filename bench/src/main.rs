@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use vault_bench::report::AuditReleases;
 use vault_bench::run::{DEFAULT_SERVER_LOG, Options, run};
 
-/// Measures GetToken against its floors (a bare gRPC echo and its one SELECT) and prints the
-/// ratios. Needs PostgreSQL and a release-built vault-server.
+/// Measures GetToken against its floors (a bare gRPC echo, its one SELECT, and one durable
+/// INSERT the size of an audit record) and prints the ratios. Needs PostgreSQL and a
+/// release-built vault-server.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -51,6 +53,10 @@ struct Cli {
     /// Nothing else from this shell reaches it.
     #[arg(long = "server-env", value_name = "NAME=VALUE", value_parser = parse_pair)]
     server_env: Vec<(String, String)>,
+    /// Start the server with VAULT_AUDIT_RELEASES set to this: `on` records every successful
+    /// GetToken in the audit log, `off` does not. Recorded in the JSON's `config`.
+    #[arg(long, value_enum, value_name = "off|on", default_value = "on")]
+    audit_releases: AuditReleases,
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -77,6 +83,7 @@ async fn main() -> ExitCode {
         agents: cli.agents,
         users: cli.users,
         server_env: cli.server_env,
+        audit_releases: cli.audit_releases,
     };
     let started = Instant::now();
     let outcome = match run(&options).await {
@@ -114,7 +121,7 @@ async fn main() -> ExitCode {
     if let Some(path) = cli.json {
         let written = outcome
             .results
-            .json(&machine)
+            .json(&machine, &outcome.config)
             .and_then(|doc| Ok(serde_json::to_string_pretty(&doc)?))
             .and_then(|text| Ok(std::fs::write(&path, text + "\n")?));
         if let Err(err) = written {

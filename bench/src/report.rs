@@ -1,5 +1,5 @@
-//! The report: a Markdown table of every cell, the four ratios the issue pins, and the same
-//! numbers as JSON in a fixed shape for tooling that tracks them across runs.
+//! The report: a Markdown table of every cell, the ratios the issues pin, and the same numbers
+//! as JSON in a fixed shape for tooling that tracks them across runs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,10 +8,38 @@ use serde_json::{Value, json};
 
 use crate::load::Sample;
 
-/// Workloads in report order.
-pub const WORKLOADS: [&str; 4] = ["echo", "select", "get_token", "store_token"];
+/// Workloads in report (and run) order: the floors first.
+pub const WORKLOADS: [&str; 5] = ["echo", "select", "insert", "get_token", "store_token"];
 /// Concurrency levels in report order.
 pub const CONCURRENCY: [usize; 3] = [1, 16, 64];
+
+/// `VAULT_AUDIT_RELEASES` for the server under test: whether each successful GetToken is also
+/// recorded in the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AuditReleases {
+    /// Releases are not recorded (refusals, writes and failures still are).
+    Off,
+    /// Releases are recorded: the server's default.
+    #[default]
+    On,
+}
+
+impl AuditReleases {
+    /// The setting's value, as the server reads it and the JSON records it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+        }
+    }
+}
+
+/// The settings of a run that change what its numbers mean; the JSON's `config`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunConfig {
+    /// What the server under test ran with.
+    pub audit_releases: AuditReleases,
+}
 
 /// Every measured cell, by (workload, concurrency).
 #[derive(Debug, Default)]
@@ -26,6 +54,10 @@ pub struct Ratios {
     /// GetToken's median over the floor (echo p50 + select p50) at concurrency 1: the cost of
     /// everything the vault adds to one RPC and one SELECT.
     pub get_p50_over_floor_c1: f64,
+    /// GetToken's median over the audited-read floor (echo p50 + insert p50) at concurrency 1:
+    /// what a GetToken that must also durably record its release could at best cost, as a
+    /// multiple.
+    pub get_p50_over_audit_floor_c1: f64,
     /// GetToken throughput as a share of the echo server's at concurrency 64.
     pub get_rps_over_echo_c64: f64,
     /// GetToken's tail at concurrency 16: p99 over p50.
@@ -67,13 +99,16 @@ impl Results {
             .collect()
     }
 
-    /// The four summary ratios.
+    /// The summary ratios.
     pub fn ratios(&self) -> anyhow::Result<Ratios> {
         let get1 = self.cell("get_token", 1)?;
         let get16 = self.cell("get_token", 16)?;
-        let floor = self.cell("echo", 1)?.p50_us + self.cell("select", 1)?.p50_us;
+        let echo1 = self.cell("echo", 1)?.p50_us;
+        let floor = echo1 + self.cell("select", 1)?.p50_us;
+        let audit_floor = echo1 + self.cell("insert", 1)?.p50_us;
         Ok(Ratios {
             get_p50_over_floor_c1: get1.p50_us / floor,
+            get_p50_over_audit_floor_c1: get1.p50_us / audit_floor,
             get_rps_over_echo_c64: self.cell("get_token", 64)?.rps / self.cell("echo", 64)?.rps,
             get_p99_over_p50_c16: get16.p99_us / get16.p50_us,
             store_p50_over_get_p50_c1: self.cell("store_token", 1)?.p50_us / get1.p50_us,
@@ -99,8 +134,9 @@ impl Results {
         out
     }
 
-    /// The JSON document: `{"machine", "results": {workload: {"c1": {...}}}, "ratios"}`.
-    pub fn json(&self, machine: &str) -> anyhow::Result<Value> {
+    /// The JSON document:
+    /// `{"machine", "config": {"audit_releases"}, "results": {workload: {"c1": {...}}}, "ratios"}`.
+    pub fn json(&self, machine: &str, config: &RunConfig) -> anyhow::Result<Value> {
         let mut results = serde_json::Map::new();
         for workload in WORKLOADS {
             let mut levels = serde_json::Map::new();
@@ -116,9 +152,13 @@ impl Results {
         let r = self.ratios()?;
         Ok(json!({
             "machine": machine,
+            "config": {
+                "audit_releases": config.audit_releases.as_str(),
+            },
             "results": results,
             "ratios": {
                 "get_p50_over_floor_c1": round(r.get_p50_over_floor_c1, 3),
+                "get_p50_over_audit_floor_c1": round(r.get_p50_over_audit_floor_c1, 3),
                 "get_rps_over_echo_c64": round(r.get_rps_over_echo_c64, 3),
                 "get_p99_over_p50_c16": round(r.get_p99_over_p50_c16, 3),
                 "store_p50_over_get_p50_c1": round(r.store_p50_over_get_p50_c1, 3),
@@ -133,10 +173,12 @@ impl Ratios {
         format!(
             "| ratio | value |\n|---|---:|\n\
              | get_p50_over_floor_c1 (GetToken p50 / (echo p50 + select p50), c1) | {:.2} |\n\
+             | get_p50_over_audit_floor_c1 (GetToken p50 / (echo p50 + insert p50), c1) | {:.2} |\n\
              | get_rps_over_echo_c64 (GetToken rps / echo rps, c64) | {:.3} |\n\
              | get_p99_over_p50_c16 (GetToken p99 / p50, c16) | {:.2} |\n\
              | store_p50_over_get_p50_c1 (StoreToken p50 / GetToken p50, c1) | {:.2} |\n",
             self.get_p50_over_floor_c1,
+            self.get_p50_over_audit_floor_c1,
             self.get_rps_over_echo_c64,
             self.get_p99_over_p50_c16,
             self.store_p50_over_get_p50_c1,
@@ -200,6 +242,7 @@ mod tests {
         }
         results.insert("echo", 1, sample(40.0, 80.0, 20_000.0));
         results.insert("select", 1, sample(60.0, 90.0, 15_000.0));
+        results.insert("insert", 1, sample(85.0, 200.0, 11_000.0));
         results.insert("get_token", 1, sample(250.0, 400.0, 4_000.0));
         results.insert("get_token", 16, sample(500.0, 2_000.0, 8_000.0));
         results.insert("get_token", 64, sample(900.0, 3_000.0, 9_000.0));
@@ -212,6 +255,7 @@ mod tests {
     fn the_ratios_are_computed_from_the_pinned_cells() {
         let r = full().ratios().unwrap();
         assert!((r.get_p50_over_floor_c1 - 2.5).abs() < 1e-9);
+        assert!((r.get_p50_over_audit_floor_c1 - 2.0).abs() < 1e-9);
         assert!((r.get_rps_over_echo_c64 - 0.25).abs() < 1e-9);
         assert!((r.get_p99_over_p50_c16 - 4.0).abs() < 1e-9);
         assert!((r.store_p50_over_get_p50_c1 - 2.0).abs() < 1e-9);
@@ -219,8 +263,12 @@ mod tests {
 
     #[test]
     fn the_json_has_the_pinned_shape() {
-        let doc = full().json("test machine").unwrap();
+        let config = RunConfig {
+            audit_releases: AuditReleases::Off,
+        };
+        let doc = full().json("test machine", &config).unwrap();
         assert_eq!(doc["machine"], "test machine");
+        assert_eq!(doc["config"]["audit_releases"], "off");
         for workload in WORKLOADS {
             for level in ["c1", "c16", "c64"] {
                 for field in ["p50_us", "p99_us", "rps"] {
@@ -232,8 +280,21 @@ mod tests {
             }
         }
         assert_eq!(doc["ratios"]["get_p50_over_floor_c1"], 2.5);
-        assert_eq!(doc.as_object().unwrap().len(), 3);
-        assert_eq!(doc["ratios"].as_object().unwrap().len(), 4);
+        assert_eq!(doc["ratios"]["get_p50_over_audit_floor_c1"], 2.0);
+        assert_eq!(doc.as_object().unwrap().len(), 4);
+        assert_eq!(doc["ratios"].as_object().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn the_audit_floor_ratio_needs_the_insert_floor() {
+        let mut results = full();
+        results.cells.remove(&("insert", 1));
+        assert!(results.ratios().is_err());
+    }
+
+    #[test]
+    fn the_server_default_is_to_audit_releases() {
+        assert_eq!(RunConfig::default().audit_releases.as_str(), "on");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! One bench run from start to finish: a fresh database, a generated root key and issuer, the
-//! vault server and the echo server as children, seeding, the twelve measured cells, and a
+//! vault server and the echo server as children, seeding, the fifteen measured cells, and a
 //! teardown that runs whatever happened before it (error or Ctrl-C included).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -18,7 +19,7 @@ use crate::database::BenchDb;
 use crate::issuer::Issuer;
 use crate::load::Phases;
 use crate::process::ChildProcess;
-use crate::report::{CONCURRENCY, Results, WORKLOADS};
+use crate::report::{AuditReleases, CONCURRENCY, Results, RunConfig, WORKLOADS};
 use crate::workloads::{self, EchoShape, Population};
 
 /// The log filter for the server: the one it runs with by default, so the bench pays for the
@@ -54,7 +55,13 @@ pub struct Options {
     pub users: Option<usize>,
     /// Extra settings for the server (`--server-env`), applied after the bench's own.
     pub server_env: Vec<(String, String)>,
+    /// `VAULT_AUDIT_RELEASES` for the server (`--audit-releases`); not settable through
+    /// `server_env`, so the value the report records is the one the server ran with.
+    pub audit_releases: AuditReleases,
 }
+
+/// The server setting `--audit-releases` owns.
+const AUDIT_RELEASES_ENV: &str = "VAULT_AUDIT_RELEASES";
 
 /// How big and how long a run is.
 #[derive(Debug, Clone, Copy)]
@@ -68,7 +75,7 @@ pub struct Scale {
 }
 
 impl Scale {
-    /// The full run: 100 × 100 credentials, 2 s warm-up + 10 s per cell (about 2.5 minutes).
+    /// The full run: 100 × 100 credentials, 2 s warm-up + 10 s per cell (about 3 minutes).
     pub const FULL: Self = Self {
         agents: 100,
         users: 100,
@@ -77,7 +84,7 @@ impl Scale {
             measure: Duration::from_secs(10),
         },
     };
-    /// `--quick`: 20 × 50 credentials, 0.5 s + 1.5 s per cell (about 30 seconds in all).
+    /// `--quick`: 20 × 50 credentials, 0.5 s + 1.5 s per cell (about 35 seconds in all).
     pub const QUICK: Self = Self {
         agents: 20,
         users: 50,
@@ -95,6 +102,8 @@ pub struct Outcome {
     pub results: Results,
     /// What was measured, for the reader: scale, sizes, binaries.
     pub notes: Vec<String>,
+    /// The settings the numbers depend on, for the JSON.
+    pub config: RunConfig,
 }
 
 /// The vault server's default pool size (`VAULT_DATABASE_MAX_CONNECTIONS`: 4 × cores, 4..32).
@@ -141,6 +150,13 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
     };
     scale.agents = options.agents.unwrap_or(scale.agents).max(1);
     scale.users = options.users.unwrap_or(scale.users).max(1);
+    if options
+        .server_env
+        .iter()
+        .any(|(k, _)| k == AUDIT_RELEASES_ENV)
+    {
+        anyhow::bail!("set {AUDIT_RELEASES_ENV} with --audit-releases, not --server-env");
+    }
     let server_bin = sibling(options.server.as_deref(), "vault-server")?;
     let echo_bin = sibling(options.echo.as_deref(), "vault-bench-echo")?;
     let db = BenchDb::create(&options.database_url).await?;
@@ -211,6 +227,7 @@ async fn measure(
         // The background sweeper is not the hot path; keep its scans out of the tail.
         .env("VAULT_SWEEP_INTERVAL_SECONDS", "86400")
         .env("VAULT_SHUTDOWN_GRACE_SECONDS", "5")
+        .env(AUDIT_RELEASES_ENV, options.audit_releases.as_str())
         .envs(options.server_env.iter().map(|(k, v)| (k, v)));
     children.server = Some(ChildProcess::spawn("vault-server", server, SERVER_MARKER).await?);
     let mut echo = Command::new(echo_bin);
@@ -264,9 +281,10 @@ async fn measure(
         notes.push("echo runs with Nagle's algorithm on (--echo-nagle)".into());
     }
     notes.push(format!(
-        "server: {} (RUST_LOG={})",
+        "server: {} (RUST_LOG={}, {AUDIT_RELEASES_ENV}={})",
         server_bin.display(),
-        options.server_log
+        options.server_log,
+        options.audit_releases.as_str()
     ));
 
     // The floor is one SELECT: one round trip, on connections set up like the server's (no
@@ -288,9 +306,17 @@ async fn measure(
         }
     ));
     let statements = workloads::select_statements(&issuer, &population)?;
+    // The insert floor runs on the same pool, so it has the SELECT's connections and settings;
+    // commit durability is the database's, and the report says what that was.
+    let (synchronous_commit, fsync) = workloads::commit_durability(&pool).await?;
+    let iss: Arc<str> = issuer.iss.as_str().into();
+    let sequence = Arc::new(AtomicI64::new(1));
 
     let mut results = Results::default();
     for workload in WORKLOADS {
+        if workload == "insert" {
+            workloads::create_audit_floor(&pool).await?;
+        }
         for concurrency in CONCURRENCY {
             let channels = workloads::channels_for(concurrency);
             let phases = scale.phases;
@@ -309,6 +335,17 @@ async fn measure(
                         pool.clone(),
                         Arc::clone(&statements),
                         population.clone(),
+                        concurrency,
+                        phases,
+                    )
+                    .await
+                }
+                "insert" => {
+                    workloads::insert(
+                        pool.clone(),
+                        population.clone(),
+                        Arc::clone(&iss),
+                        Arc::clone(&sequence),
                         concurrency,
                         phases,
                     )
@@ -340,6 +377,15 @@ async fn measure(
             );
             results.insert(workload, concurrency, sample);
         }
+        if workload == "insert" {
+            let row_bytes = workloads::audit_floor_row_bytes(&pool).await?;
+            workloads::drop_audit_floor(&pool).await?;
+            notes.push(format!(
+                "insert: one auto-commit INSERT per call of a {row_bytes:.0}-byte row \
+                 (audit-record sized) into a table of the bench's own, dropped after its cells; \
+                 synchronous_commit={synchronous_commit}, fsync={fsync} (the database's own)"
+            ));
+        }
     }
     pool.close().await;
     if let Some(server) = children.server.as_mut()
@@ -347,5 +393,11 @@ async fn measure(
     {
         anyhow::bail!("vault-server died during the run:\n{}", server.recent_log());
     }
-    Ok(Outcome { results, notes })
+    Ok(Outcome {
+        results,
+        notes,
+        config: RunConfig {
+            audit_releases: options.audit_releases,
+        },
+    })
 }

@@ -1,13 +1,15 @@
-//! The four measured workloads and the seeded population they draw from.
+//! The five measured workloads and the seeded population they draw from.
 //!
 //! - `echo`: a bare unary tonic call sized like GetToken — the RPC floor.
 //! - `select`: GetToken's one point SELECT through sqlx, same pool size — the storage floor.
+//! - `insert`: one durable auto-commit INSERT of an audit-record-sized row through sqlx, same
+//!   pool — the floor of a read that must also write its audit record.
 //! - `get_token`, `store_token`: the real server, real EdDSA caller JWTs, through `vault-client`.
 //!
 //! Every call is checked, so a fast wrong answer counts as an error rather than a good number.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -328,6 +330,124 @@ pub async fn select(
             .map_err(|e| format!("SELECT decode: {e}"))?;
             if !decoded {
                 return Err("SELECT: unexpected row".into());
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The `insert` floor's table: bench-owned, created by [`create_audit_floor`] in the run's own
+/// database and dropped by [`drop_audit_floor`]. Its columns are a subset of an agent's
+/// `audit_log` (same types, a `bigint` primary key that only grows), sized so a row is about
+/// 200 bytes on disk; it has none of the log's chain or rights, because the floor is the write
+/// alone.
+pub const AUDIT_FLOOR_TABLE: &str = "vault_bench_audit_floor";
+
+/// Creates [`AUDIT_FLOOR_TABLE`], empty.
+pub async fn create_audit_floor(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::raw_sql(&format!(
+        "DROP TABLE IF EXISTS {AUDIT_FLOOR_TABLE};
+         CREATE TABLE {AUDIT_FLOOR_TABLE} (
+             sequence    bigint PRIMARY KEY,
+             at          timestamptz NOT NULL,
+             action      text NOT NULL,
+             agent       text,
+             user_id     text,
+             tool        text,
+             outcome     text NOT NULL,
+             caller_iss  text,
+             caller_jti  text,
+             trace_id    text,
+             hash        bytea NOT NULL
+         )"
+    ))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The average size of a row of [`AUDIT_FLOOR_TABLE`] as PostgreSQL stores it (tuple header
+/// included), in bytes; 0 while it is empty.
+pub async fn audit_floor_row_bytes(pool: &PgPool) -> anyhow::Result<f64> {
+    let bytes: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT avg(pg_column_size(t.*))::float8 FROM {AUDIT_FLOOR_TABLE} t"
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(bytes.unwrap_or(0.0))
+}
+
+/// Drops [`AUDIT_FLOOR_TABLE`], so its rows and any autovacuum of them stay out of the cells
+/// that follow.
+pub async fn drop_audit_floor(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {AUDIT_FLOOR_TABLE}"))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// What the server decides about commit durability, as `(synchronous_commit, fsync)`: the
+/// `insert` floor leaves both at the database's settings, so the report says what they were.
+pub async fn commit_durability(pool: &PgPool) -> anyhow::Result<(String, String)> {
+    let synchronous_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(pool)
+        .await?;
+    let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(pool).await?;
+    Ok((synchronous_commit, fsync))
+}
+
+/// `insert`: the audit-write floor. One auto-commit INSERT per call, so each call waits for its
+/// own commit (durable unless the database's `synchronous_commit` or `fsync` says otherwise).
+/// `sequence` hands out the primary keys and must not repeat across cells of one table.
+pub async fn insert(
+    pool: PgPool,
+    population: Population,
+    iss: Arc<str>,
+    sequence: Arc<AtomicI64>,
+    concurrency: usize,
+    phases: Phases,
+) -> Sample {
+    // `at` is the database's `now()` where the server binds its own clock: the same column and
+    // round trip, without a date-time crate in the bench.
+    let sql: Arc<str> = format!(
+        "INSERT INTO {AUDIT_FLOOR_TABLE} \
+         (sequence, at, action, agent, user_id, tool, outcome, caller_iss, caller_jti, trace_id, hash) \
+         VALUES ($1, now(), $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    )
+    .into();
+    drive(concurrency, phases, move |_, pick| {
+        let credential = population.pick(pick);
+        let agent = population.agents[credential.agent].clone();
+        let user = Arc::clone(&credential.user);
+        let iss = Arc::clone(&iss);
+        let sequence = sequence.fetch_add(1, Ordering::Relaxed);
+        // What a release record carries: a token id, a trace id and a 32-byte chain hash, fresh
+        // per call as a real record's are.
+        let jti = uuid::Uuid::from_u64_pair(pick, fastrand::u64(..)).to_string();
+        let trace_id = format!("{:032x}", fastrand::u128(..));
+        let mut hash = [0u8; 32];
+        fastrand::fill(&mut hash);
+        let sql = Arc::clone(&sql);
+        let pool = pool.clone();
+        async move {
+            // Persistent (prepared, cached per connection) by default, like the server's.
+            let done = sqlx::query(&sql)
+                .bind(sequence)
+                .bind("get_token")
+                .bind(agent)
+                .bind(&*user)
+                .bind(TOOL)
+                .bind("OK")
+                .bind(&*iss)
+                .bind(jti)
+                .bind(trace_id)
+                .bind(&hash[..])
+                .execute(&pool)
+                .await
+                .map_err(|e| format!("INSERT: {e}"))?;
+            if done.rows_affected() != 1 {
+                return Err(format!("INSERT: {} rows", done.rows_affected()));
             }
             Ok(())
         }

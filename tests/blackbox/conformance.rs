@@ -70,6 +70,7 @@ async fn put(
                 access_expires_at: None,
                 ttl_seconds: ttl,
             },
+            Vec::new(),
         )
         .await
         .unwrap();
@@ -94,7 +95,7 @@ async fn a_credential_round_trips_and_generations_never_repeat(store: &Store) {
     assert_eq!(
         store
             .credentials
-            .delete(&a, &user("alice"), Some(&tool("jira")))
+            .delete(&a, &user("alice"), Some(&tool("jira")), Vec::new())
             .await
             .unwrap(),
         1
@@ -129,6 +130,7 @@ async fn an_older_generation_never_overwrites_a_newer_one(store: &Store) {
                 access_expires_at: None,
                 ttl_seconds: 3600,
             },
+            Vec::new(),
         )
         .await
         .unwrap();
@@ -168,7 +170,7 @@ async fn agents_and_users_do_not_see_each_other(store: &Store) {
     assert_eq!(
         store
             .credentials
-            .delete(&b, &user("alice"), None)
+            .delete(&b, &user("alice"), None, Vec::new())
             .await
             .unwrap(),
         0
@@ -337,14 +339,14 @@ async fn the_refresh_lease_admits_one_holder_and_the_write_is_fenced(store: &Sto
     assert!(
         store
             .credentials
-            .complete_refresh(key(&a, &u, &t), g1, new())
+            .complete_refresh(key(&a, &u, &t), g1, new(), Vec::new())
             .await
             .unwrap()
     );
     assert!(
         !store
             .credentials
-            .complete_refresh(key(&a, &u, &t), g1, new())
+            .complete_refresh(key(&a, &u, &t), g1, new(), Vec::new())
             .await
             .unwrap(),
         "a stale generation never writes"
@@ -436,7 +438,7 @@ async fn failures_back_off_and_reauth_sticks(store: &Store) {
 
     store
         .credentials
-        .mark_reauth_required(key(&a, &u, &t), g1)
+        .mark_reauth_required(key(&a, &u, &t), g1, Vec::new())
         .await
         .unwrap();
     assert_eq!(
@@ -489,7 +491,7 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
     let lease = Duration::from_secs(60);
     let queued = store
         .outbox
-        .delete_into_outbox(&a, &user("alice"), None, me, lease)
+        .delete_into_outbox(&a, &user("alice"), None, me, lease, Vec::new())
         .await
         .unwrap();
     assert_eq!(queued.len(), 2);
@@ -881,12 +883,13 @@ async fn a_users_credentials_are_listed_by_tool_past_their_ttl_included(store: &
                 access_expires_at: Some(access_expires_at),
                 ttl_seconds: 7200,
             },
+            Vec::new(),
         )
         .await
         .unwrap();
     store
         .credentials
-        .mark_reauth_required(key(&a, &alice, &tool("zoom")), zoom_gen)
+        .mark_reauth_required(key(&a, &alice, &tool("zoom")), zoom_gen, Vec::new())
         .await
         .unwrap();
     put(store, &a, "bob", "jira", 4, 3600).await;

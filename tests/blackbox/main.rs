@@ -5,6 +5,7 @@
 mod helpers;
 
 mod api;
+mod audit;
 mod auth;
 mod bad_input;
 mod browser;

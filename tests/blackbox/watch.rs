@@ -357,7 +357,6 @@ async fn an_invalid_tool_is_refused() {
 // What follows needs the RPCs to write their audit records.
 
 #[tokio::test]
-#[ignore = "needs the RPCs to write their audit records (issue 15, in progress)"]
 async fn a_watcher_on_one_replica_sees_a_store_on_another_within_a_second() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
@@ -382,7 +381,6 @@ async fn a_watcher_on_one_replica_sees_a_store_on_another_within_a_second() {
 }
 
 #[tokio::test]
-#[ignore = "needs the RPCs to write their audit records (issue 15, in progress)"]
 async fn a_raw_watch_dropped_and_resumed_misses_and_repeats_nothing() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
@@ -430,7 +428,6 @@ async fn a_raw_watch_dropped_and_resumed_misses_and_repeats_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "needs the RPCs to write their audit records (issue 15, in progress)"]
 async fn the_client_watch_resumes_across_a_vault_restart_without_a_gap_or_a_repeat() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
@@ -460,7 +457,6 @@ async fn the_client_watch_resumes_across_a_vault_restart_without_a_gap_or_a_repe
 }
 
 #[tokio::test]
-#[ignore = "needs the RPCs to write their audit records (issue 15, in progress)"]
 async fn a_watch_filtered_by_tool_sees_that_tool_and_nobody_sees_another_users_events() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
@@ -494,7 +490,6 @@ async fn a_watch_filtered_by_tool_sees_that_tool_and_nobody_sees_another_users_e
 }
 
 #[tokio::test]
-#[ignore = "needs the RPCs to write their audit records (issue 15, in progress)"]
 async fn on_sqlite_a_watcher_sees_a_store_on_the_same_vault() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
@@ -510,7 +505,7 @@ async fn on_sqlite_a_watcher_sees_a_store_on_the_same_vault() {
 }
 
 #[tokio::test]
-#[ignore = "needs the RPCs to write their audit records (issue 15, in progress)"]
+#[ignore = "no flow event reaches the watcher within 10 s yet: to investigate (flow records' tool, target or action names)"]
 async fn consent_completed_on_one_replica_wakes_the_agent_watching_on_another() {
     let mut w = Consent::new().await;
     let a = w.vault().await;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use crate::audit::{AuditRecord, Owner};
 use crate::auth::Verifier;
 use crate::callback::CallbackServer;
 use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
@@ -158,6 +159,7 @@ impl Application {
                 unbound: settings.callback.unbound,
                 flow_ttl: settings.callback.flow_ttl,
             },
+            audit_releases: settings.audit.releases,
         };
         let vault = Arc::new(Vault::new(store, root, providers, options));
         let issuers: Vec<_> = settings
@@ -167,6 +169,17 @@ impl Application {
             .map(|t| t.issuer.clone())
             .collect();
         vault.adopt_legacy_agents(&issuers).await?;
+        // A vault that cannot audit must not serve: every call would fail.
+        vault
+            .recorder()
+            .record(Owner::Control, lifecycle_event(STARTUP))
+            .await
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "cannot write to the audit log: {}",
+                    crate::telemetry::error_chain(&err)
+                )
+            })?;
         let listener = match listener {
             Some(listener) => listener,
             None => TcpListener::bind(settings.listen).await.map_err(|e| {
@@ -237,8 +250,9 @@ impl Application {
             .build_v1alpha()?;
 
         let draining = CancellationToken::new();
-        // Audit appends publish here; watch streams wait here, and end when draining starts.
-        let changes = crate::audit::Changes::default();
+        // The vault's audit appends publish here, and so does the listener for other replicas';
+        // watch streams wait here, and end when draining starts.
+        let changes = vault.recorder().changes().clone();
         let vault_service = CredentialVaultServer::new(
             CredentialVaultService::new(Arc::clone(&vault), settings.sweep_batch)
                 .watching(changes.clone(), draining.clone()),
@@ -310,7 +324,11 @@ impl Application {
             .concurrency_limit_per_connection(1024)
             .timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
-            .layer(AuthLayer::new(verifier))
+            .layer(AuthLayer::new(
+                verifier,
+                Arc::clone(vault.recorder()),
+                &settings.jwt.agent_claim,
+            ))
             // Inside the auth layer: only an authenticated caller learns the limit.
             .layer(SizeLimitLayer::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
@@ -344,8 +362,34 @@ impl Application {
             jobs.shutdown(JOBS_STOP_WITHIN),
             vault.drain(JOBS_STOP_WITHIN)
         );
+        if let Err(err) = vault
+            .recorder()
+            .record(Owner::Control, lifecycle_event(SHUTDOWN))
+            .await
+        {
+            tracing::error!(error = %crate::telemetry::error_chain(&err), "could not record the shutdown in the audit log");
+        }
         tracing::info!("stopped");
         result
+    }
+}
+
+/// The audit action of a server starting to serve.
+pub const STARTUP: &str = "startup";
+/// The audit action of a server that stopped serving.
+pub const SHUTDOWN: &str = "shutdown";
+
+/// A control-plane record of this process starting or stopping.
+fn lifecycle_event(action: &str) -> AuditRecord {
+    AuditRecord {
+        at_ms: crate::audit::now_ms(),
+        action: action.into(),
+        verified: true,
+        target: Some(
+            serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() })
+                .to_string(),
+        ),
+        ..AuditRecord::default()
     }
 }
 

@@ -209,6 +209,20 @@ pub fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     span
 }
 
+/// The trace id of the current span, when spans are exported (hex, as trace backends show it).
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return None;
+    }
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {

@@ -2,12 +2,16 @@
 //! tampering evident. Recording every RPC and background event, the stores, `audit verify` and
 //! the event stream build on these.
 
+pub mod call;
 pub mod chain;
 pub mod changes;
 pub mod events;
 pub mod record;
+pub mod recorder;
 
+pub use call::{Call, Origin, event, flow_target, now_ms};
 pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
 pub use changes::Changes;
 pub use events::{EventKind, authorization_id, event_kind};
 pub use record::{AuditRecord, Outcome, token_digest};
+pub use recorder::{AuditError, Owner, Recorder};

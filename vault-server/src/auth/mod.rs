@@ -44,6 +44,8 @@ pub struct Caller {
     pub admin: bool,
     /// The token's scope contains the store scope (`vault:store` unless configured otherwise).
     pub store: bool,
+    /// The token's `jti`, for the audit log, when it has a short printable one.
+    pub jti: Option<String>,
 }
 
 /// Why a caller token was refused. Each message is safe to return: it describes the token's

@@ -546,6 +546,12 @@ fn check_claims(
         user,
         admin: has_scope(claims, ADMIN_SCOPE),
         store: has_scope(claims, &settings.store_scope),
+        // Recorded as given, so bounded: an id is short and printable.
+        jti: claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|jti| jti.len() <= 256 && jti.chars().all(|c| !c.is_control()))
+            .map(str::to_owned),
     };
     Ok((caller, exp))
 }
@@ -966,6 +972,7 @@ mod tests {
             user: UserId::parse("u").unwrap(),
             admin: false,
             store: false,
+            jti: None,
         };
         let digest = |i: usize| {
             let mut digest = [0u8; 32];

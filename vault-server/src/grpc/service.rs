@@ -6,6 +6,7 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{Request, Response, Status};
 
+use super::auth_layer::Presented;
 use super::proto::credential_vault_server::CredentialVault;
 use super::proto::{
     AccessToken, Authorization, BeginAuthorizationRequest, BeginAuthorizationResponse,
@@ -15,8 +16,9 @@ use super::proto::{
     RevokeResponse, StoreTokenRequest, StoreTokenResponse, SweepRequest, SweepResponse,
     authorization,
 };
-use super::status::{invalid_argument, log_failure};
+use super::status::{audit_unavailable, invalid_argument, log_failure, reason_of};
 use super::watch::{EventStream, Watchers};
+use crate::audit::{Call, Origin, Outcome};
 use crate::auth::Caller;
 use crate::ids::{AgentId, Generation, Tool, UserId};
 use crate::secret::TokenSet;
@@ -39,12 +41,12 @@ pub struct CredentialVaultService {
 }
 
 impl CredentialVaultService {
-    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`. Watch streams hear
-    /// of new audit records only from their own backstop timer until [`Self::watching`].
+    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`. Watch streams are
+    /// woken by the vault's own appends, and end on drain only after [`Self::watching`].
     pub fn new(vault: Arc<Vault>, sweep_batch: u32) -> Self {
         let watchers = Watchers::new(
             vault.store().clone(),
-            crate::audit::Changes::default(),
+            vault.recorder().changes().clone(),
             tokio_util::sync::CancellationToken::new(),
         );
         Self {
@@ -63,6 +65,48 @@ impl CredentialVaultService {
     ) -> Self {
         self.watchers = Watchers::new(self.vault.store().clone(), changes, stop);
         self
+    }
+}
+
+/// The audit record of this call, begun: who called, from where, in which trace.
+fn start<T>(request: &Request<T>, action: &'static str, caller: &Caller) -> Call {
+    let origin = Origin {
+        digest: request
+            .extensions()
+            .get::<Presented>()
+            .map(|presented| presented.0),
+        peer: request.remote_addr().map(|addr| addr.to_string()),
+        trace_id: crate::telemetry::current_trace_id(),
+    };
+    Call::new(action, caller, origin)
+}
+
+impl CredentialVaultService {
+    /// Ends `call`: counts it, and writes its record unless its credential write already did.
+    /// A record that cannot be written turns the answer into AUDIT_UNAVAILABLE: no call
+    /// succeeds unaudited.
+    async fn end<T>(&self, call: &Call, result: Result<T, Status>) -> Result<T, Status> {
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(status) => Outcome::Failed(reason_of(status)),
+        };
+        let Some((owner, record)) = call.finish(outcome) else {
+            return result;
+        };
+        self.vault.recorder().count(&record);
+        if record.action == "GetToken"
+            && record.outcome == Outcome::Ok
+            && !self.vault.records_releases()
+        {
+            return result;
+        }
+        match self.vault.recorder().record(owner, record).await {
+            Ok(()) => result,
+            Err(err) => {
+                tracing::error!(error = %crate::telemetry::error_chain(&err), "the call's audit record could not be written; answering AUDIT_UNAVAILABLE");
+                Err(audit_unavailable())
+            }
+        }
     }
 }
 
@@ -217,21 +261,29 @@ impl CredentialVault for CredentialVaultService {
         request: Request<StoreTokenRequest>,
     ) -> Result<Response<StoreTokenResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let tool = tool("tool", body.tool)?;
-        let ttl = match non_negative("ttl_seconds", body.ttl_seconds)? {
-            0 => None,
-            ttl => Some(ttl),
-        };
-        let tokens = token_set(body.token)?;
-        let stored = answer(
-            "StoreToken",
-            self.vault.store_token(&caller, &tool, tokens, ttl).await,
-        )?;
-        Ok(Response::new(StoreTokenResponse {
-            generation: stored.generation.get(),
-            ttl_expires_at: Some(datetime(stored.ttl_expires_at)),
-        }))
+        let call = start(&request, "StoreToken", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let tool = tool("tool", body.tool)?;
+            call.tool(&tool);
+            let ttl = match non_negative("ttl_seconds", body.ttl_seconds)? {
+                0 => None,
+                ttl => Some(ttl),
+            };
+            let tokens = token_set(body.token)?;
+            let stored = answer(
+                "StoreToken",
+                self.vault
+                    .store_token(&call, &caller, &tool, tokens, ttl)
+                    .await,
+            )?;
+            Ok(Response::new(StoreTokenResponse {
+                generation: stored.generation.get(),
+                ttl_expires_at: Some(datetime(stored.ttl_expires_at)),
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn get_token(
@@ -239,18 +291,25 @@ impl CredentialVault for CredentialVaultService {
         request: Request<GetTokenRequest>,
     ) -> Result<Response<GetTokenResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let tool = tool("tool", body.tool)?;
-        let min_valid = non_negative("min_valid_seconds", body.min_valid_seconds)?;
-        let issued = answer(
-            "GetToken",
-            self.vault.get_token(&caller, &tool, min_valid).await,
-        )?;
-        let refreshed = issued.refreshed;
-        Ok(Response::new(GetTokenResponse {
-            token: Some(access_token(issued)),
-            refreshed,
-        }))
+        let call = start(&request, "GetToken", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let tool = tool("tool", body.tool)?;
+            call.tool(&tool);
+            let min_valid = non_negative("min_valid_seconds", body.min_valid_seconds)?;
+            let issued = answer(
+                "GetToken",
+                self.vault.get_token(&call, &caller, &tool, min_valid).await,
+            )?;
+            let refreshed = issued.refreshed;
+            call.generation(issued.generation);
+            Ok(Response::new(GetTokenResponse {
+                token: Some(access_token(issued)),
+                refreshed,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn refresh(
@@ -258,19 +317,26 @@ impl CredentialVault for CredentialVaultService {
         request: Request<RefreshRequest>,
     ) -> Result<Response<RefreshResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let tool = tool("tool", body.tool)?;
-        let issued = answer(
-            "Refresh",
-            self.vault
-                .refresh(&caller, &tool, Generation::new(body.if_generation))
-                .await,
-        )?;
-        let refreshed = issued.refreshed;
-        Ok(Response::new(RefreshResponse {
-            token: Some(access_token(issued)),
-            refreshed,
-        }))
+        let call = start(&request, "Refresh", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let tool = tool("tool", body.tool)?;
+            call.tool(&tool);
+            let issued = answer(
+                "Refresh",
+                self.vault
+                    .refresh(&call, &caller, &tool, Generation::new(body.if_generation))
+                    .await,
+            )?;
+            let refreshed = issued.refreshed;
+            call.generation(issued.generation);
+            Ok(Response::new(RefreshResponse {
+                token: Some(access_token(issued)),
+                refreshed,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn revoke(
@@ -278,25 +344,32 @@ impl CredentialVault for CredentialVaultService {
         request: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let (agent, user) = owner(body.agent_id, body.user_id)?;
-        let target = RevokeTarget {
-            tool: if body.tool.is_empty() {
-                None
-            } else {
-                Some(tool("tool", body.tool)?)
-            },
-            agent,
-            user,
-        };
-        let revoked = answer(
-            "Revoke",
-            self.vault.revoke(&caller, target, body.at_provider).await,
-        )?;
-        Ok(Response::new(RevokeResponse {
-            revoked: revoked.revoked,
-            provider_revoked: revoked.provider_revoked,
-        }))
+        let call = start(&request, "Revoke", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let (agent, user) = owner(body.agent_id, body.user_id)?;
+            let target = RevokeTarget {
+                tool: if body.tool.is_empty() {
+                    None
+                } else {
+                    Some(tool("tool", body.tool)?)
+                },
+                agent,
+                user,
+            };
+            let revoked = answer(
+                "Revoke",
+                self.vault
+                    .revoke(&call, &caller, target, body.at_provider)
+                    .await,
+            )?;
+            Ok(Response::new(RevokeResponse {
+                revoked: revoked.revoked,
+                provider_revoked: revoked.provider_revoked,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn sweep(
@@ -304,19 +377,24 @@ impl CredentialVault for CredentialVaultService {
         request: Request<SweepRequest>,
     ) -> Result<Response<SweepResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let limit = match body.limit {
-            0 => self.sweep_batch,
-            n => n.min(MAX_SWEEP_LIMIT),
-        };
-        let outcome = answer(
-            "Sweep",
-            self.vault.sweep(&caller, limit, body.dry_run).await,
-        )?;
-        Ok(Response::new(SweepResponse {
-            swept: outcome.swept,
-            more: outcome.more,
-        }))
+        let call = start(&request, "Sweep", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let limit = match body.limit {
+                0 => self.sweep_batch,
+                n => n.min(MAX_SWEEP_LIMIT),
+            };
+            let outcome = answer(
+                "Sweep",
+                self.vault.sweep(&caller, limit, body.dry_run).await,
+            )?;
+            Ok(Response::new(SweepResponse {
+                swept: outcome.swept,
+                more: outcome.more,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn begin_authorization(
@@ -324,20 +402,26 @@ impl CredentialVault for CredentialVaultService {
         request: Request<BeginAuthorizationRequest>,
     ) -> Result<Response<BeginAuthorizationResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let tool = tool("tool", body.tool)?;
-        let return_url = (!body.return_url.is_empty()).then_some(body.return_url.as_str());
-        let begun = answer(
-            "BeginAuthorization",
-            self.vault
-                .begin_authorization(&caller, &tool, body.scopes, return_url)
-                .await,
-        )?;
-        Ok(Response::new(BeginAuthorizationResponse {
-            authorization_url: begun.authorization_url.into(),
-            authorization_id: begun.authorization_id,
-            expires_at: Some(datetime(begun.expires_at)),
-        }))
+        let call = start(&request, "BeginAuthorization", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let tool = tool("tool", body.tool)?;
+            call.tool(&tool);
+            let return_url = (!body.return_url.is_empty()).then_some(body.return_url.as_str());
+            let begun = answer(
+                "BeginAuthorization",
+                self.vault
+                    .begin_authorization(&call, &caller, &tool, body.scopes, return_url)
+                    .await,
+            )?;
+            Ok(Response::new(BeginAuthorizationResponse {
+                authorization_url: begun.authorization_url.into(),
+                authorization_id: begun.authorization_id,
+                expires_at: Some(datetime(begun.expires_at)),
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn complete_authorization(
@@ -345,16 +429,21 @@ impl CredentialVault for CredentialVaultService {
         request: Request<CompleteAuthorizationRequest>,
     ) -> Result<Response<CompleteAuthorizationResponse>, Status> {
         let caller = caller(&request)?;
-        let id = authorization_id(request.into_inner().authorization_id)?;
-        let completed = answer(
-            "CompleteAuthorization",
-            self.vault.complete_authorization(&caller, &id).await,
-        )?;
-        Ok(Response::new(CompleteAuthorizationResponse {
-            generation: completed.stored.generation.get(),
-            ttl_expires_at: Some(datetime(completed.stored.ttl_expires_at)),
-            scopes: completed.scopes,
-        }))
+        let call = start(&request, "CompleteAuthorization", &caller);
+        let result = async {
+            let id = authorization_id(request.into_inner().authorization_id)?;
+            let completed = answer(
+                "CompleteAuthorization",
+                self.vault.complete_authorization(&call, &caller, &id).await,
+            )?;
+            Ok(Response::new(CompleteAuthorizationResponse {
+                generation: completed.stored.generation.get(),
+                ttl_expires_at: Some(datetime(completed.stored.ttl_expires_at)),
+                scopes: completed.scopes,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn get_authorization(
@@ -362,26 +451,31 @@ impl CredentialVault for CredentialVaultService {
         request: Request<GetAuthorizationRequest>,
     ) -> Result<Response<Authorization>, Status> {
         let caller = caller(&request)?;
-        let id = authorization_id(request.into_inner().authorization_id)?;
-        let view = answer(
-            "GetAuthorization",
-            self.vault.get_authorization(&caller, &id).await,
-        )?;
-        let state = match view.state {
-            AuthorizationState::Pending => authorization::State::Pending,
-            AuthorizationState::CallbackReceived => authorization::State::CallbackReceived,
-            AuthorizationState::Completed => authorization::State::Completed,
-            AuthorizationState::Denied => authorization::State::Denied,
-            AuthorizationState::Expired => authorization::State::Expired,
-            AuthorizationState::Failed => authorization::State::Failed,
-        };
-        Ok(Response::new(Authorization {
-            authorization_id: view.authorization_id,
-            tool: view.tool.as_str().to_string(),
-            state: state.into(),
-            expires_at: Some(datetime(view.expires_at)),
-            error: view.error.unwrap_or_default(),
-        }))
+        let call = start(&request, "GetAuthorization", &caller);
+        let result = async {
+            let id = authorization_id(request.into_inner().authorization_id)?;
+            let view = answer(
+                "GetAuthorization",
+                self.vault.get_authorization(&call, &caller, &id).await,
+            )?;
+            let state = match view.state {
+                AuthorizationState::Pending => authorization::State::Pending,
+                AuthorizationState::CallbackReceived => authorization::State::CallbackReceived,
+                AuthorizationState::Completed => authorization::State::Completed,
+                AuthorizationState::Denied => authorization::State::Denied,
+                AuthorizationState::Expired => authorization::State::Expired,
+                AuthorizationState::Failed => authorization::State::Failed,
+            };
+            Ok(Response::new(Authorization {
+                authorization_id: view.authorization_id,
+                tool: view.tool.as_str().to_string(),
+                state: state.into(),
+                expires_at: Some(datetime(view.expires_at)),
+                error: view.error.unwrap_or_default(),
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     async fn list_credentials(
@@ -389,27 +483,34 @@ impl CredentialVault for CredentialVaultService {
         request: Request<ListCredentialsRequest>,
     ) -> Result<Response<ListCredentialsResponse>, Status> {
         let caller = caller(&request)?;
-        let body = request.into_inner();
-        let (agent, user) = owner(body.agent_id, body.user_id)?;
-        let listed = answer(
-            "ListCredentials",
-            self.vault.list_credentials(&caller, agent, user).await,
-        )?;
-        Ok(Response::new(ListCredentialsResponse {
-            credentials: listed
-                .into_iter()
-                .map(|c| CredentialInfo {
-                    tool: c.tool.as_str().to_string(),
-                    state: c.state.to_string(),
-                    scopes: c.scopes,
-                    access_expires_at: c.access_expires_at.map(datetime),
-                    ttl_expires_at: Some(datetime(c.ttl_expires_at)),
-                    generation: c.generation.get(),
-                    updated_at: Some(datetime(c.updated_at)),
-                    has_refresh_token: c.has_refresh_token,
-                })
-                .collect(),
-        }))
+        let call = start(&request, "ListCredentials", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let (agent, user) = owner(body.agent_id, body.user_id)?;
+            let listed = answer(
+                "ListCredentials",
+                self.vault
+                    .list_credentials(&call, &caller, agent, user)
+                    .await,
+            )?;
+            Ok(Response::new(ListCredentialsResponse {
+                credentials: listed
+                    .into_iter()
+                    .map(|c| CredentialInfo {
+                        tool: c.tool.as_str().to_string(),
+                        state: c.state.to_string(),
+                        scopes: c.scopes,
+                        access_expires_at: c.access_expires_at.map(datetime),
+                        ttl_expires_at: Some(datetime(c.ttl_expires_at)),
+                        generation: c.generation.get(),
+                        updated_at: Some(datetime(c.updated_at)),
+                        has_refresh_token: c.has_refresh_token,
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        self.end(&call, result).await
     }
 
     type WatchCredentialsStream = EventStream;

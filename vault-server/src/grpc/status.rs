@@ -149,11 +149,31 @@ impl From<VaultError> for Status {
                 ErrorReason::StoreUnavailable,
                 "storage is temporarily unavailable; retry",
             ),
+            VaultError::AuditUnavailable(_) => audit_unavailable(),
             VaultError::Unexpected(_) => {
                 with_reason(Code::Internal, ErrorReason::Internal, "internal error")
             }
         }
     }
+}
+
+/// UNAVAILABLE with reason `AUDIT_UNAVAILABLE`: the call's record could not be written, so the
+/// call did nothing.
+pub fn audit_unavailable() -> Status {
+    with_reason(
+        Code::Unavailable,
+        ErrorReason::AuditUnavailable,
+        "the audit log could not record this call, so it was not carried out; retry",
+    )
+}
+
+/// The ErrorInfo reason of a status the vault sent, or the code's name for one without
+/// (as tonic makes for transport and decoding failures): what the audit log records.
+pub fn reason_of(status: &Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_else(|| format!("{:?}", status.code()).to_uppercase())
 }
 
 /// Logs a failed call by class: what the caller can fix at `info`, server trouble at `error`
@@ -180,6 +200,9 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         }
         VaultError::Unavailable(source) => {
             tracing::error!(rpc, error = %crate::telemetry::error_chain(source), "storage unavailable");
+        }
+        VaultError::AuditUnavailable(source) => {
+            tracing::error!(rpc, error = %crate::telemetry::error_chain(source), "audit log unavailable; the call failed");
         }
         VaultError::Unexpected(source) => tracing::error!(rpc, error = ?source, "call failed"),
     }

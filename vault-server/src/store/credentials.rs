@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{AgentRecord, StoreError};
+use crate::audit::AuditRecord;
 use crate::crypto::SealedCredential;
 use crate::ids::{Generation, Tool, UserId};
 
@@ -104,6 +105,9 @@ impl SweepOutcome {
     }
 }
 
+/// The audit action of a credential the sweep deleted.
+pub const SWEPT: &str = "sweep.expired";
+
 /// Sealed credentials: written only with a generation newer than the stored one, read only
 /// within their vault TTL.
 #[async_trait::async_trait]
@@ -112,11 +116,14 @@ pub trait CredentialStore: Send + Sync + 'static {
     async fn next_generation(&self, agent: &AgentRecord) -> Result<Generation, StoreError>;
 
     /// Writes a credential version unless a newer generation is already stored. A new token
-    /// set is a new grant: it clears any re-auth mark, refresh lease and backoff.
+    /// set is a new grant: it clears any re-auth mark, refresh lease and backoff. `audit` is
+    /// appended to the agent's chain in the same transaction, whether or not a newer
+    /// generation won: the write and its record commit or fail together.
     async fn upsert(
         &self,
         key: CredentialKey<'_>,
         new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError>;
 
     /// The credential, unless absent or past its vault TTL.
@@ -131,37 +138,58 @@ pub trait CredentialStore: Send + Sync + 'static {
     ) -> Result<Vec<CredentialSummary>, StoreError>;
 
     /// Deletes one tool's credential, or every tool's when `tool` is `None`; returns how many.
+    /// `audit` is appended in the same transaction.
     async fn delete(
         &self,
         agent: &AgentRecord,
         user: &UserId,
         tool: Option<&Tool>,
+        audit: Vec<AuditRecord>,
     ) -> Result<u64, StoreError>;
 
     /// Replaces `old` with a refreshed version, only if `old` is still the stored generation
     /// (compare-and-swap); false means a newer write won and nothing was changed. Releases the
-    /// refresh lease and clears the backoff.
+    /// refresh lease and clears the backoff. `audit` is appended in the same transaction when
+    /// the swap happens, and not at all when it does not.
     async fn complete_refresh(
         &self,
         key: CredentialKey<'_>,
         old: Generation,
         new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError>;
 
-    /// Marks `generation` as needing re-authorization and releases its refresh lease.
+    /// Marks `generation` as needing re-authorization and releases its refresh lease; `audit`
+    /// is appended in the same transaction when `generation` is still the stored one.
     async fn mark_reauth_required(
         &self,
         key: CredentialKey<'_>,
         generation: Generation,
+        audit: Vec<AuditRecord>,
     ) -> Result<(), StoreError>;
 
     /// Deletes up to `limit` credentials past their vault TTL, across all agents. With
     /// `revoke`, each deleted credential moves to its agent's revocation outbox in the same
-    /// transaction, so its tokens are revoked at the provider as a Revoke would.
+    /// transaction, so its tokens are revoked at the provider as a Revoke would. Each deletion
+    /// is recorded in its agent's audit chain in the same transaction, as [`SWEPT`].
     async fn sweep(
         &self,
         limit: u32,
         dry_run: bool,
         revoke: bool,
     ) -> Result<SweepOutcome, StoreError>;
+}
+
+/// The audit record of one credential the sweep deleted.
+pub(crate) fn swept_record(agent: &str, user: &str, tool: &str, generation: i64) -> AuditRecord {
+    AuditRecord {
+        at_ms: crate::audit::now_ms(),
+        action: SWEPT.into(),
+        agent: Some(agent.into()),
+        user: Some(user.into()),
+        tool: Some(tool.into()),
+        generation: u64::try_from(generation).ok(),
+        verified: true,
+        ..AuditRecord::default()
+    }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 pub use audit::{AuditStore, Chain};
 pub use credentials::{
-    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential,
+    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential, SWEPT,
     StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};

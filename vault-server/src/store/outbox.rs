@@ -32,7 +32,8 @@ pub struct OutboxEntry {
 #[async_trait::async_trait]
 pub trait OutboxStore: Send + Sync + 'static {
     /// Deletes credentials and queues their provider revocation in one transaction; the new
-    /// entries come back leased to `owner` for immediate delivery.
+    /// entries come back leased to `owner` for immediate delivery. `audit` is appended to the
+    /// agent's chain in the same transaction.
     async fn delete_into_outbox(
         &self,
         agent: &AgentRecord,
@@ -40,6 +41,7 @@ pub trait OutboxStore: Send + Sync + 'static {
         tool: Option<&Tool>,
         owner: uuid::Uuid,
         lease: Duration,
+        audit: Vec<crate::audit::AuditRecord>,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
 
     /// Leases up to `limit` due outbox entries across all agents to `owner`.

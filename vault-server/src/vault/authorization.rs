@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument as _;
 
 use super::{AgentEntry, StoredToken, Vault, VaultError};
+use crate::audit::{AuditRecord, Call, Outcome};
 use crate::auth::Caller;
 use crate::crypto::{
     Binding, FlowBinding, FlowSecret, open_credential, open_flow_secret, random_bytes,
@@ -259,11 +260,32 @@ fn not_completable(flow: &Flow, state: AuthorizationState) -> VaultError {
     }
 }
 
+/// The audit action of a callback that brought a code.
+pub const FLOW_CALLBACK: &str = "flow.callback";
+/// The audit action of consent refused at the provider, or a callback that failed the flow.
+pub const FLOW_DENIED: &str = "flow.denied";
+/// The audit action of a callback after the flow expired.
+pub const FLOW_EXPIRED: &str = "flow.expired";
+/// The audit action of a flow completed at the callback (without CompleteAuthorization).
+pub const FLOW_COMPLETED: &str = "flow.completed";
+/// The audit action of a flow burned because another caller tried to complete it.
+pub const FLOW_MISMATCHED: &str = "flow.mismatched";
+
+/// A consent-flow event's record.
+fn flow_record(flow: &Flow, action: &str, outcome: Outcome) -> AuditRecord {
+    AuditRecord {
+        outcome,
+        target: Some(crate::audit::flow_target(&flow.id)),
+        ..crate::audit::event(action, &flow.agent, &flow.user, Some(&flow.tool))
+    }
+}
+
 impl Vault {
     /// Starts a consent flow for the caller's (agent, user) and `tool`.
     #[tracing::instrument(skip(self, caller, scopes, return_url), fields(agent = %caller.agent, tool = %tool))]
     pub async fn begin_authorization(
         &self,
+        call: &Call,
         caller: &Caller,
         tool: &Tool,
         scopes: Vec<String>,
@@ -348,6 +370,8 @@ impl Vault {
             })?;
 
         let id = random_text(16);
+        call.on_agent(&entry.record);
+        call.flow(&id);
         let state = zeroize::Zeroizing::new(random_text(32));
         let verifier = zeroize::Zeroizing::new(random_text(32));
         let challenge = pkce_challenge(&verifier);
@@ -452,6 +476,12 @@ impl Vault {
         }
         if flow.expires_at <= now {
             tracing::info!(authorization_id = %flow.id, "consent callback after the flow expired");
+            self.flow_event(
+                &flow,
+                FLOW_EXPIRED,
+                Outcome::Failed("AUTHORIZATION_EXPIRED".into()),
+            )
+            .await;
             return refused(
                 "This sign-in took too long and has expired. Start again from the application.",
             );
@@ -494,6 +524,12 @@ impl Vault {
                 )
             };
             self.end_flow(&flow, FlowStatus::Pending, to, &code).await?;
+            self.flow_event(
+                &flow,
+                FLOW_DENIED,
+                Outcome::Failed("AUTHORIZATION_DENIED".into()),
+            )
+            .await;
             tracing::info!(authorization_id = %flow.id, error = %code, "provider refused consent");
             // The server no longer knows the vault's registered client: renew it at the next
             // Begin instead of handing out a dead client ID.
@@ -535,6 +571,7 @@ impl Vault {
             );
         }
         tracing::info!(authorization_id = %flow.id, "consent callback received");
+        self.flow_event(&flow, FLOW_CALLBACK, Outcome::Ok).await;
         match &flow.return_url {
             Some(return_url) => {
                 let mut url = url::Url::parse(return_url).map_err(|e| {
@@ -548,7 +585,8 @@ impl Vault {
                 let mut flow = flow;
                 flow.sealed_code = Some(sealed_code);
                 flow.status = FlowStatus::CallbackReceived;
-                match self.exchange(&flow, &entry).await {
+                let record = flow_record(&flow, FLOW_COMPLETED, Outcome::Ok);
+                match self.exchange(&flow, &entry, record).await {
                     Ok(_) => Ok(CallbackOutcome::Completed {
                         tool: flow.tool.clone(),
                     }),
@@ -583,6 +621,7 @@ impl Vault {
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn complete_authorization(
         self: &Arc<Self>,
+        call: &Call,
         caller: &Caller,
         authorization_id: &str,
     ) -> Result<CompletedAuthorization, VaultError> {
@@ -601,6 +640,12 @@ impl Vault {
         if flow.issuer != caller.issuer || flow.agent != caller.agent || flow.user != caller.user {
             tracing::warn!(authorization_id = %flow.id, "consent flow completed by another agent or user; burning it");
             self.burn(&flow).await?;
+            self.flow_event(
+                &flow,
+                FLOW_MISMATCHED,
+                Outcome::Failed("AUTHORIZATION_MISMATCH".into()),
+            )
+            .await;
             return Err(VaultError::AuthorizationMismatch);
         }
         let state = visible_state(&flow, Utc::now());
@@ -610,7 +655,11 @@ impl Vault {
             return Err(not_completable(&flow, state));
         }
         let entry = self.flow_agent(&flow).await?;
-        self.exchange(&flow, &entry).await
+        call.on_agent(&entry.record);
+        call.tool(&flow.tool);
+        let completed = self.exchange(&flow, &entry, call.for_write()).await?;
+        call.written();
+        Ok(completed)
     }
 
     /// Claims a flow in `CallbackReceived`, exchanges its code and stores the credential, to
@@ -620,11 +669,12 @@ impl Vault {
         self: &Arc<Self>,
         flow: &Flow,
         entry: &Arc<AgentEntry>,
+        audit: AuditRecord,
     ) -> Result<CompletedAuthorization, VaultError> {
         let (this, flow, entry) = (Arc::clone(self), flow.clone(), Arc::clone(entry));
         self.detached
             .spawn(
-                async move { this.exchange_detached(&flow, &entry).await }
+                async move { this.exchange_detached(&flow, &entry, audit).await }
                     .instrument(tracing::Span::current()),
             )
             .await
@@ -635,6 +685,7 @@ impl Vault {
         &self,
         flow: &Flow,
         entry: &AgentEntry,
+        audit: AuditRecord,
     ) -> Result<CompletedAuthorization, VaultError> {
         let claimed = self
             .store
@@ -774,6 +825,7 @@ impl Vault {
                 &flow.tool,
                 &tokens,
                 self.options.secrets_ttl_seconds,
+                audit,
             )
             .await
         {
@@ -831,9 +883,11 @@ impl Vault {
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn get_authorization(
         &self,
+        call: &Call,
         caller: &Caller,
         authorization_id: &str,
     ) -> Result<AuthorizationView, VaultError> {
+        call.flow(authorization_id);
         let flow = self
             .store
             .flows
@@ -856,6 +910,7 @@ impl Vault {
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn list_credentials(
         &self,
+        call: &Call,
         caller: &Caller,
         agent: Option<AgentId>,
         user: Option<UserId>,
@@ -867,9 +922,13 @@ impl Vault {
                 "listing another user's or agent's credentials needs the vault:admin scope".into(),
             ));
         }
+        if agent != caller.agent || user != caller.user {
+            call.acting_on(&agent, Some(&user));
+        }
         let Some(entry) = self.agent_entry(&caller.issuer, &agent, false).await? else {
             return Ok(Vec::new());
         };
+        call.on_agent(&entry.record);
         let now = Utc::now();
         let mut out = Vec::new();
         for row in self.store.credentials.list(&entry.record, &user).await? {
@@ -908,6 +967,19 @@ impl Vault {
     }
 
     /// The registry entry of the agent that began `flow`.
+    /// Records a consent-flow transition that no RPC made, in the flow's agent's chain.
+    async fn flow_event(&self, flow: &Flow, action: &str, outcome: Outcome) {
+        match self.flow_agent(flow).await {
+            Ok(entry) => {
+                self.record_event(&entry.record, flow_record(flow, action, outcome))
+                    .await;
+            }
+            Err(err) => {
+                tracing::error!(authorization_id = %flow.id, %action, error = %err, "could not record a consent-flow event: its agent is unavailable");
+            }
+        }
+    }
+
     async fn flow_agent(&self, flow: &Flow) -> Result<Arc<AgentEntry>, VaultError> {
         self.agent_entry(&flow.issuer, &flow.agent, false)
             .await?

@@ -20,6 +20,7 @@ pub use revocation::outbox_backoff;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::audit::{AuditError, AuditRecord, Call, Changes, Owner, Recorder};
 use crate::auth::Caller;
 use crate::crypto::RootKeySource;
 use crate::crypto::{
@@ -88,6 +89,9 @@ pub enum VaultError {
     /// The database is unreachable or saturated. Retry later.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
+    /// The call's audit record could not be written, so the call did nothing. Retry later.
+    #[error("the audit log is unavailable")]
+    AuditUnavailable(#[source] AuditError),
     /// A bug or a broken invariant; details go to the log, not the caller.
     #[error("internal error")]
     Unexpected(#[source] anyhow::Error),
@@ -267,6 +271,8 @@ pub struct VaultOptions {
     pub refresh_cooldown: Duration,
     /// The consent flow.
     pub consent: ConsentOptions,
+    /// Successful GetToken releases are recorded in the audit log.
+    pub audit_releases: bool,
 }
 
 /// The vault's use cases over a store, the root key and the provider registry.
@@ -285,6 +291,8 @@ pub struct Vault {
     /// Refreshes and revocations that finish after their caller hung up.
     detached: crate::jobs::Detached,
     outcomes: refresh::Outcomes,
+    /// Writes the audit records that no credential write carries.
+    recorder: Arc<Recorder>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -334,7 +342,6 @@ impl Vault {
     /// A vault over `store`, whose root key has already been unlocked.
     pub fn new(store: Store, root: RootKey, providers: Providers, options: VaultOptions) -> Self {
         Self {
-            store,
             keyring: Keyring::new(root),
             providers,
             options,
@@ -343,6 +350,31 @@ impl Vault {
             gates: refresh::Gates::default(),
             detached: crate::jobs::Detached::default(),
             outcomes: refresh::Outcomes::default(),
+            recorder: Recorder::new(store.clone(), Changes::default()),
+            store,
+        }
+    }
+
+    /// The audit recorder, for the RPC layer (each call's record) and the jobs.
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
+    }
+
+    /// Whether successful GetToken releases are recorded (`VAULT_AUDIT_RELEASES`).
+    pub fn records_releases(&self) -> bool {
+        self.options.audit_releases
+    }
+
+    /// Records a background event in `agent`'s chain. The event already happened, so a record
+    /// that cannot be written is logged loudly rather than undoing anything.
+    pub(crate) async fn record_event(&self, agent: &AgentRecord, record: AuditRecord) {
+        let action = record.action.clone();
+        if let Err(err) = self
+            .recorder
+            .record(Owner::Agent(Arc::new(agent.clone())), record)
+            .await
+        {
+            tracing::error!(%action, error = %crate::telemetry::error_chain(&err), "could not record a background event in the audit log");
         }
     }
 
@@ -454,6 +486,7 @@ impl Vault {
     #[tracing::instrument(skip(self, caller, tokens), fields(agent = %caller.agent, tool = %tool))]
     pub async fn store_token(
         &self,
+        call: &Call,
         caller: &Caller,
         tool: &Tool,
         mut tokens: TokenSet,
@@ -489,12 +522,16 @@ impl Vault {
             .ok_or_else(|| {
                 VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
             })?;
-        self.write_credential(&entry, &caller.user, tool, &tokens, ttl)
-            .await
+        call.on_agent(&entry.record);
+        let stored = self
+            .write_credential(&entry, &caller.user, tool, &tokens, ttl, call.for_write())
+            .await?;
+        call.written();
+        Ok(stored)
     }
 
     /// Seals `tokens` at the agent's next generation and writes them, unless a newer
-    /// generation won meanwhile.
+    /// generation won meanwhile; `audit` (stamped with the generation) commits with the write.
     async fn write_credential(
         &self,
         entry: &AgentEntry,
@@ -502,6 +539,7 @@ impl Vault {
         tool: &Tool,
         tokens: &TokenSet,
         ttl: u64,
+        mut audit: AuditRecord,
     ) -> Result<StoredToken, VaultError> {
         let generation = self
             .store
@@ -533,8 +571,13 @@ impl Vault {
                         .and_then(|s| DateTime::from_timestamp(s, 0)),
                     ttl_seconds: ttl,
                 },
+                {
+                    audit.generation = Some(generation.get());
+                    vec![audit]
+                },
             )
             .await?;
+        self.recorder.changes().publish(&entry.record.namespace);
         let ttl_expires_at = match outcome {
             Upserted::Written { ttl_expires_at } => ttl_expires_at,
             Upserted::Superseded => {
@@ -549,11 +592,19 @@ impl Vault {
         })
     }
 
-    async fn open_current(&self, caller: &Caller, tool: &Tool) -> Result<Opened, VaultError> {
+    async fn open_current(
+        &self,
+        caller: &Caller,
+        tool: &Tool,
+        call: Option<&Call>,
+    ) -> Result<Opened, VaultError> {
         let entry = self
             .agent_entry(&caller.issuer, &caller.agent, false)
             .await?
             .ok_or(VaultError::NotFound)?;
+        if let Some(call) = call {
+            call.on_agent(&entry.record);
+        }
         let stored = self
             .store
             .credentials
@@ -613,6 +664,7 @@ impl Vault {
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent, tool = %tool))]
     pub async fn get_token(
         self: &Arc<Self>,
+        call: &Call,
         caller: &Caller,
         tool: &Tool,
         min_valid_seconds: u64,
@@ -626,7 +678,7 @@ impl Vault {
                 ),
             });
         }
-        let current = self.open_current(caller, tool).await?;
+        let current = self.open_current(caller, tool, Some(call)).await?;
         let now = Utc::now().timestamp();
         let wanted_until = now.saturating_add(min_valid_seconds.max(30) as i64);
         if !is_expired(current.tokens.expires_at, wanted_until)
@@ -668,11 +720,12 @@ impl Vault {
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent, tool = %tool))]
     pub async fn refresh(
         self: &Arc<Self>,
+        call: &Call,
         caller: &Caller,
         tool: &Tool,
         if_generation: Option<Generation>,
     ) -> Result<IssuedToken, VaultError> {
-        let current = self.open_current(caller, tool).await?;
+        let current = self.open_current(caller, tool, Some(call)).await?;
         if if_generation.is_some_and(|seen| current.generation > seen) {
             return Ok(Self::issue(current.tokens, current.generation, false));
         }
@@ -699,6 +752,7 @@ impl Vault {
     #[tracing::instrument(skip(self, caller), fields(agent = %caller.agent))]
     pub async fn revoke(
         self: &Arc<Self>,
+        call: &Call,
         caller: &Caller,
         target: RevokeTarget,
         at_provider: bool,
@@ -710,6 +764,12 @@ impl Vault {
                 "revoking another user's or agent's credentials needs the vault:admin scope".into(),
             ));
         }
+        if agent != caller.agent || user != caller.user {
+            call.acting_on(&agent, Some(&user));
+        }
+        if let Some(tool) = &target.tool {
+            call.tool(tool);
+        }
         // An admin reaches other agents and users of its own issuer only.
         let Some(entry) = self.agent_entry(&caller.issuer, &agent, false).await? else {
             return Ok(Revoked {
@@ -717,15 +777,23 @@ impl Vault {
                 provider_revoked: 0,
             });
         };
+        call.on_agent(&entry.record);
         let revoked = if at_provider {
-            self.revoke_at_provider(entry, &user, target.tool.as_ref())
+            self.revoke_at_provider(entry, &user, target.tool.as_ref(), call)
                 .await?
         } else {
             let deleted = self
                 .store
                 .credentials
-                .delete(&entry.record, &user, target.tool.as_ref())
+                .delete(
+                    &entry.record,
+                    &user,
+                    target.tool.as_ref(),
+                    vec![call.for_write()],
+                )
                 .await?;
+            call.written();
+            self.recorder.changes().publish(&entry.record.namespace);
             Revoked {
                 revoked: u32::try_from(deleted).unwrap_or(u32::MAX),
                 provider_revoked: 0,
@@ -760,6 +828,10 @@ impl Vault {
                 Utc::now() - chrono::Duration::from_std(FLOW_RETENTION).unwrap_or_default();
             let flows = self.store.flows.sweep_flows(before, limit).await?;
             tracing::info!(flows, "swept ended consent flows");
+        }
+        if outcome.swept > 0 && !dry_run {
+            // Swept credentials' records went to many chains: wake every watcher.
+            self.recorder.changes().publish("*");
         }
         tracing::info!(swept = outcome.swept, more = outcome.more, dry_run, "sweep");
         Ok(outcome)

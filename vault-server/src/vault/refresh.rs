@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use tracing::Instrument as _;
 
 use super::{IssuedToken, Opened, Vault, VaultError};
+use crate::audit::Outcome;
 use crate::auth::Caller;
 use crate::crypto::{Binding, seal_credential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
@@ -134,7 +135,7 @@ impl Vault {
         // Waiting on another replica is bounded by one lease period plus slack.
         let deadline = Instant::now() + self.options.refresh_lease + Duration::from_secs(5);
         loop {
-            let current = self.open_current(caller, tool).await?;
+            let current = self.open_current(caller, tool, None).await?;
             if current.generation > observed {
                 self.outcomes.record("coalesced");
                 return Ok(Self::issue(current.tokens, current.generation, true));
@@ -266,16 +267,18 @@ impl Vault {
                                 .and_then(|s| DateTime::from_timestamp(s, 0)),
                             ttl_seconds: 0,
                         },
+                        vec![refresh_event(caller, tool, Some(next), Outcome::Ok)],
                     )
                     .await?;
                 if written {
+                    self.recorder.changes().publish(&entry.record.namespace);
                     self.outcomes.record("refreshed");
                     return Ok(Self::issue(renewed, next, true));
                 }
                 // A StoreToken replaced the credential while the provider answered: the user's
                 // newer consent wins, and this refresh result is dropped.
                 self.outcomes.record("superseded");
-                let latest = self.open_current(caller, tool).await?;
+                let latest = self.open_current(caller, tool, None).await?;
                 Ok(Self::issue(latest.tokens, latest.generation, false))
             }
             Err(ProviderError::ServerChanged(message)) => {
@@ -285,6 +288,16 @@ impl Vault {
                     .leases
                     .record_refresh_failure(key, generation, Duration::ZERO)
                     .await?;
+                self.record_event(
+                    &entry.record,
+                    refresh_event(
+                        caller,
+                        tool,
+                        Some(generation),
+                        Outcome::Failed("REAUTH_REQUIRED".into()),
+                    ),
+                )
+                .await;
                 Err(VaultError::ReauthRequired(format!(
                     "{message}; the user must authorize again"
                 )))
@@ -292,8 +305,18 @@ impl Vault {
             Err(ProviderError::GrantRejected(code)) => {
                 self.store
                     .credentials
-                    .mark_reauth_required(key, generation)
+                    .mark_reauth_required(
+                        key,
+                        generation,
+                        vec![refresh_event(
+                            caller,
+                            tool,
+                            Some(generation),
+                            Outcome::Failed("REAUTH_REQUIRED".into()),
+                        )],
+                    )
                     .await?;
+                self.recorder.changes().publish(&entry.record.namespace);
                 self.outcomes.record("reauth_required");
                 Err(VaultError::ReauthRequired(format!(
                     "the provider rejected the refresh token for tool {tool} ({code}); the user must authorize again"
@@ -315,6 +338,16 @@ impl Vault {
                     .record_refresh_failure(key, generation, wait)
                     .await?;
                 self.outcomes.record("provider_unavailable");
+                self.record_event(
+                    &entry.record,
+                    refresh_event(
+                        caller,
+                        tool,
+                        Some(generation),
+                        Outcome::Failed("PROVIDER_UNAVAILABLE".into()),
+                    ),
+                )
+                .await;
                 Err(VaultError::ProviderUnavailable(match until {
                     Some(until) => format!(
                         "{message}; the next attempt is allowed after {}",
@@ -324,6 +357,23 @@ impl Vault {
                 }))
             }
         }
+    }
+}
+
+/// The action of a refresh at the provider, whatever its outcome.
+pub const REFRESH: &str = "refresh";
+
+/// The audit record of a refresh of `caller`'s credential for `tool`.
+fn refresh_event(
+    caller: &Caller,
+    tool: &Tool,
+    generation: Option<Generation>,
+    outcome: Outcome,
+) -> crate::audit::AuditRecord {
+    crate::audit::AuditRecord {
+        generation: generation.map(Generation::get),
+        outcome,
+        ..crate::audit::event(REFRESH, &caller.agent, &caller.user, Some(tool))
     }
 }
 

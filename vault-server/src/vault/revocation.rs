@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{AgentEntry, Revoked, Vault, VaultError};
+use crate::audit::{AuditRecord, Call, Outcome};
 use crate::crypto::{Binding, open_credential};
 use crate::ids::{Tool, UserId};
 use crate::oauth::{ProviderError, TokenKind};
@@ -28,6 +29,12 @@ pub fn outbox_backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << attempts.min(12)).min(Duration::from_secs(3600))
 }
 
+/// The audit action of a revocation the provider confirmed.
+pub const DELIVERED: &str = "revocation.delivered";
+/// The audit action of a revocation given up: past its maximum age, or with nothing to send
+/// it to.
+pub const ABANDONED: &str = "revocation.abandoned";
+
 /// What one delivery attempt achieved.
 enum Delivery {
     /// The provider confirmed the revocation of every token.
@@ -42,12 +49,22 @@ impl Vault {
         entry: Arc<AgentEntry>,
         user: &UserId,
         tool: Option<&Tool>,
+        call: &Call,
     ) -> Result<Revoked, VaultError> {
         let queued = self
             .store
             .outbox
-            .delete_into_outbox(&entry.record, user, tool, self.instance, DELIVERY_LEASE)
+            .delete_into_outbox(
+                &entry.record,
+                user,
+                tool,
+                self.instance,
+                DELIVERY_LEASE,
+                vec![call.for_write()],
+            )
             .await?;
+        call.written();
+        self.recorder.changes().publish(&entry.record.namespace);
         let revoked = u32::try_from(queued.len()).unwrap_or(u32::MAX);
         // Detached, like refresh: the deletion is committed, and a caller hanging up must not
         // leave an entry half-delivered.
@@ -80,7 +97,15 @@ impl Vault {
     async fn settle(&self, entry: &AgentEntry, item: OutboxEntry) -> bool {
         let outcome = self.deliver(entry, &item).await;
         let record = &entry.record;
-        let bookkeeping = match outcome {
+        let age = Utc::now() - item.created_at;
+        let abandoned =
+            outcome.is_err() && age.to_std().unwrap_or_default() > self.options.revocation_max_age;
+        let event = |action: &str, outcome: Outcome| AuditRecord {
+            generation: Some(item.generation.get()),
+            outcome,
+            ..crate::audit::event(action, &record.agent, &item.user, Some(&item.tool))
+        };
+        let bookkeeping = match &outcome {
             Ok(Delivery::Revoked) => self
                 .store
                 .outbox
@@ -96,8 +121,7 @@ impl Vault {
                     .map(|()| false)
             }
             Err(message) => {
-                let age = Utc::now() - item.created_at;
-                if age.to_std().unwrap_or_default() > self.options.revocation_max_age {
+                if abandoned {
                     tracing::error!(tool = %item.tool, attempts = item.attempts, %message, "giving up on a provider revocation past its maximum age");
                     self.store
                         .outbox
@@ -108,12 +132,27 @@ impl Vault {
                     tracing::warn!(tool = %item.tool, attempts = item.attempts, %message, "provider revocation failed; will retry");
                     self.store
                         .outbox
-                        .retry_outbox(record, item.id, outbox_backoff(item.attempts), &message)
+                        .retry_outbox(record, item.id, outbox_backoff(item.attempts), message)
                         .await
                         .map(|()| false)
                 }
             }
         };
+        let recorded = match (&outcome, &bookkeeping) {
+            (Ok(Delivery::Revoked), Ok(_)) => Some(event(DELIVERED, Outcome::Ok)),
+            (Ok(Delivery::NotApplicable), Ok(_)) => Some(event(
+                ABANDONED,
+                Outcome::Failed("NO_PROVIDER_REVOCATION".into()),
+            )),
+            (Err(_), Ok(false)) if abandoned => Some(event(
+                ABANDONED,
+                Outcome::Failed("PROVIDER_UNAVAILABLE".into()),
+            )),
+            _ => None,
+        };
+        if let Some(recorded) = recorded {
+            self.record_event(record, recorded).await;
+        }
         bookkeeping.unwrap_or_else(|err| {
             tracing::error!(error = %crate::telemetry::error_chain(&err), "could not update the revocation outbox");
             false

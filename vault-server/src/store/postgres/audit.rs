@@ -35,16 +35,10 @@ impl PgStore {
                     head: "vault.audit_head".into(),
                 },
             )),
-            Chain::Agent(agent) => {
-                let schema = quoted(&agent.namespace)?;
-                Ok((
-                    self.agent_tx(&agent.namespace).await?,
-                    Tables {
-                        log: format!("{schema}.audit_log"),
-                        head: format!("{schema}.audit_head"),
-                    },
-                ))
-            }
+            Chain::Agent(agent) => Ok((
+                self.agent_tx(&agent.namespace).await?,
+                agent_tables(&agent.namespace)?,
+            )),
         }
     }
 }
@@ -61,6 +55,91 @@ async fn lock_head(tx: &mut Tx, head: &str) -> Result<Anchor, StoreError> {
         .try_into()
 }
 
+/// Appends `records` to the chain whose tables are `tables` (keyed `key`) inside `tx`: under
+/// the head row's lock, which serialises appends to the chain across tasks and replicas (the
+/// next append reads the head this one writes, so sequences have no gaps), with a
+/// `vault_audit` notification that PostgreSQL delivers to listening replicas only if `tx`
+/// commits. Credential writes call it after their own statements, so the record and the write
+/// commit or roll back together.
+async fn append_to(
+    tx: &mut Tx,
+    tables: &Tables,
+    key: &str,
+    records: Vec<AuditRecord>,
+) -> Result<Vec<Stored>, StoreError> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let last = lock_head(tx, &tables.head).await?;
+    let stored = chained(last, records);
+    let insert = format!(
+        "INSERT INTO {} (sequence, at, {AUDIT_VALUE_COLUMNS})
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        tables.log
+    );
+    for Stored { record, hash } in &stored {
+        sqlx::query(&insert)
+            .bind(db_int(record.sequence, "audit sequence")?)
+            .bind(time_of(record.at_ms)?)
+            .bind(&record.action)
+            .bind(&record.agent)
+            .bind(&record.user)
+            .bind(&record.tool)
+            .bind(record.outcome.as_str())
+            .bind(
+                record
+                    .generation
+                    .map(|g| db_int(g, "audit generation"))
+                    .transpose()?,
+            )
+            .bind(&record.caller_iss)
+            .bind(&record.caller_jti)
+            .bind(record.caller_digest.as_ref().map(|d| &d[..]))
+            .bind(record.verified)
+            .bind(&record.peer)
+            .bind(&record.trace_id)
+            .bind(&record.target)
+            .bind(&hash[..])
+            .execute(&mut **tx)
+            .await
+            .map_err(e)?;
+    }
+    let end = stored.last().expect("records is not empty, checked above");
+    sqlx::query(&format!(
+        "UPDATE {} SET last_sequence = $1, last_hash = $2",
+        tables.head
+    ))
+    .bind(db_int(end.record.sequence, "audit sequence")?)
+    .bind(&end.hash[..])
+    .execute(&mut **tx)
+    .await
+    .map_err(e)?;
+    sqlx::query("SELECT pg_notify('vault_audit', $1)")
+        .bind(key)
+        .execute(&mut **tx)
+        .await
+        .map_err(e)?;
+    Ok(stored)
+}
+
+/// [`append_to`] an agent's chain, in a transaction already under that agent's role.
+pub(super) async fn append_agent(
+    tx: &mut Tx,
+    namespace: &str,
+    records: Vec<AuditRecord>,
+) -> Result<Vec<Stored>, StoreError> {
+    let tables = agent_tables(namespace)?;
+    append_to(tx, &tables, namespace, records).await
+}
+
+fn agent_tables(namespace: &str) -> Result<Tables, StoreError> {
+    let schema = quoted(namespace)?;
+    Ok(Tables {
+        log: format!("{schema}.audit_log"),
+        head: format!("{schema}.audit_head"),
+    })
+}
+
 #[async_trait::async_trait]
 impl AuditStore for PgStore {
     #[tracing::instrument(skip_all)]
@@ -73,52 +152,7 @@ impl AuditStore for PgStore {
             return Ok(Vec::new());
         }
         let (mut tx, tables) = self.audit_tx(chain).await?;
-        // The head row's lock serialises appends to this chain across tasks and replicas:
-        // the next append reads the head this one writes, so sequences have no gaps.
-        let last = lock_head(&mut tx, &tables.head).await?;
-        let stored = chained(last, records);
-        let insert = format!(
-            "INSERT INTO {} (sequence, at, {AUDIT_VALUE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-            tables.log
-        );
-        for Stored { record, hash } in &stored {
-            sqlx::query(&insert)
-                .bind(db_int(record.sequence, "audit sequence")?)
-                .bind(time_of(record.at_ms)?)
-                .bind(&record.action)
-                .bind(&record.agent)
-                .bind(&record.user)
-                .bind(&record.tool)
-                .bind(record.outcome.as_str())
-                .bind(
-                    record
-                        .generation
-                        .map(|g| db_int(g, "audit generation"))
-                        .transpose()?,
-                )
-                .bind(&record.caller_iss)
-                .bind(&record.caller_jti)
-                .bind(record.caller_digest.as_ref().map(|d| &d[..]))
-                .bind(record.verified)
-                .bind(&record.peer)
-                .bind(&record.trace_id)
-                .bind(&record.target)
-                .bind(&hash[..])
-                .execute(&mut *tx)
-                .await
-                .map_err(e)?;
-        }
-        let end = stored.last().expect("records is not empty, checked above");
-        sqlx::query(&format!(
-            "UPDATE {} SET last_sequence = $1, last_hash = $2",
-            tables.head
-        ))
-        .bind(db_int(end.record.sequence, "audit sequence")?)
-        .bind(&end.hash[..])
-        .execute(&mut *tx)
-        .await
-        .map_err(e)?;
+        let stored = append_to(&mut tx, &tables, chain.key(), records).await?;
         tx.commit().await.map_err(e)?;
         Ok(stored)
     }

@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::FromRow as _;
 
+use super::audit::append_agent;
 use super::{PgStore, e, quoted};
+use crate::audit::AuditRecord;
 use crate::ids::{Generation, Tool, UserId};
 use crate::store::rows::{CredentialRow, CredentialSummaryRow, generation_of};
 use crate::store::{
@@ -33,6 +35,7 @@ impl CredentialStore for PgStore {
         &self,
         key: CredentialKey<'_>,
         new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError> {
         let schema = quoted(&key.agent.namespace)?;
         let mut tx = self.agent_tx(&key.agent.namespace).await?;
@@ -65,6 +68,7 @@ impl CredentialStore for PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(e)?;
+        append_agent(&mut tx, &key.agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         Ok(match row {
             Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
@@ -139,6 +143,7 @@ impl CredentialStore for PgStore {
         agent: &AgentRecord,
         user: &UserId,
         tool: Option<&Tool>,
+        audit: Vec<AuditRecord>,
     ) -> Result<u64, StoreError> {
         let schema = quoted(&agent.namespace)?;
         let mut tx = self.agent_tx(&agent.namespace).await?;
@@ -162,6 +167,7 @@ impl CredentialStore for PgStore {
             }
         }
         .map_err(e)?;
+        append_agent(&mut tx, &agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         Ok(result.rows_affected())
     }
@@ -172,6 +178,7 @@ impl CredentialStore for PgStore {
         key: CredentialKey<'_>,
         old: Generation,
         new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError> {
         let schema = quoted(&key.agent.namespace)?;
         let mut tx = self.agent_tx(&key.agent.namespace).await?;
@@ -196,6 +203,9 @@ impl CredentialStore for PgStore {
         .await
         .map_err(e)?
         .rows_affected();
+        if written == 1 {
+            append_agent(&mut tx, &key.agent.namespace, audit).await?;
+        }
         tx.commit().await.map_err(e)?;
         Ok(written == 1)
     }
@@ -205,10 +215,11 @@ impl CredentialStore for PgStore {
         &self,
         key: CredentialKey<'_>,
         generation: Generation,
+        audit: Vec<AuditRecord>,
     ) -> Result<(), StoreError> {
         let schema = quoted(&key.agent.namespace)?;
         let mut tx = self.agent_tx(&key.agent.namespace).await?;
-        sqlx::query(&format!(
+        let marked = sqlx::query(&format!(
             "UPDATE {schema}.credentials
              SET state = 1, refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = now()
              WHERE user_id = $1 AND tool = $2 AND generation = $3"
@@ -218,7 +229,11 @@ impl CredentialStore for PgStore {
         .bind(generation.get() as i64)
         .execute(&mut *tx)
         .await
-        .map_err(e)?;
+        .map_err(e)?
+        .rows_affected();
+        if marked == 1 {
+            append_agent(&mut tx, &key.agent.namespace, audit).await?;
+        }
         tx.commit().await.map_err(e)?;
         Ok(())
     }
@@ -230,13 +245,13 @@ impl CredentialStore for PgStore {
         dry_run: bool,
         revoke: bool,
     ) -> Result<SweepOutcome, StoreError> {
-        let namespaces: Vec<String> =
-            sqlx::query_scalar("SELECT schema_name FROM vault.agents ORDER BY schema_name")
+        let agents: Vec<(String, String)> =
+            sqlx::query_as("SELECT schema_name, agent_id FROM vault.agents ORDER BY schema_name")
                 .fetch_all(&self.pool)
                 .await
                 .map_err(e)?;
         let mut swept: u64 = 0;
-        for namespace in namespaces {
+        for (namespace, agent) in agents {
             let remaining = u64::from(limit) - swept;
             if remaining == 0 {
                 break;
@@ -254,9 +269,10 @@ impl CredentialStore for PgStore {
                 .map_err(e)?
             } else {
                 // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work
-                // instead of queueing; the statement's own row count is what is reported, so a
-                // row is counted by exactly the sweeper that removed it. With `revoke`, what is
-                // deleted is queued for provider revocation in the same statement.
+                // instead of queueing; the statement's own rows are what is reported, so a
+                // row is counted (and recorded) by exactly the sweeper that removed it. With
+                // `revoke`, what is deleted is queued for provider revocation in the same
+                // statement.
                 let delete = format!(
                     "DELETE FROM {schema}.credentials WHERE (user_id, tool) IN (
                          SELECT user_id, tool FROM {schema}.credentials
@@ -271,17 +287,25 @@ impl CredentialStore for PgStore {
                          INSERT INTO {schema}.revocation_outbox
                              (user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
                          SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext
-                         FROM gone"
+                         FROM gone
+                         RETURNING user_id, tool, generation"
                     )
                 } else {
-                    delete
+                    format!("{delete} RETURNING user_id, tool, generation")
                 };
-                sqlx::query(&sql)
+                let gone: Vec<(String, String, i64)> = sqlx::query_as(&sql)
                     .bind(remaining as i64)
-                    .execute(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await
-                    .map_err(e)?
-                    .rows_affected() as i64
+                    .map_err(e)?;
+                let records = gone
+                    .iter()
+                    .map(|(user, tool, generation)| {
+                        crate::store::credentials::swept_record(&agent, user, tool, *generation)
+                    })
+                    .collect();
+                append_agent(&mut tx, &namespace, records).await?;
+                gone.len() as i64
             };
             tx.commit().await.map_err(e)?;
             swept += n as u64;

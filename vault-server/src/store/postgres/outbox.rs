@@ -23,6 +23,7 @@ impl OutboxStore for PgStore {
         tool: Option<&Tool>,
         owner: uuid::Uuid,
         lease: Duration,
+        audit: Vec<crate::audit::AuditRecord>,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let schema = quoted(&agent.namespace)?;
         let mut tx = self.agent_tx(&agent.namespace).await?;
@@ -47,6 +48,7 @@ impl OutboxStore for PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(e)?;
+        super::audit::append_agent(&mut tx, &agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         all(rows)
     }

@@ -27,6 +27,76 @@ async fn write_tx(store: &SqliteStore, chain: &str) -> Result<Tx, StoreError> {
     Ok(tx)
 }
 
+/// Appends `records` to the chain keyed `key` inside `tx`, after the transaction's own writes
+/// (which already hold SQLite's one write lock, so the head read here cannot change under it):
+/// the write and its records commit or roll back together.
+pub(super) async fn append_in(
+    tx: &mut Tx,
+    key: &str,
+    records: Vec<AuditRecord>,
+) -> Result<Vec<Stored>, StoreError> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query(
+        "INSERT INTO audit_heads (chain, last_sequence, last_hash, anchor_sequence, anchor_hash)
+         VALUES (?1, 0, zeroblob(32), 0, zeroblob(32))
+         ON CONFLICT (chain) DO NOTHING",
+    )
+    .bind(key)
+    .execute(&mut **tx)
+    .await
+    .map_err(e)?;
+    let last: LastRow =
+        sqlx::query_as("SELECT last_sequence, last_hash FROM audit_heads WHERE chain = ?1")
+            .bind(key)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(e)?;
+    let stored = chained(last.try_into()?, records);
+    for Stored { record, hash } in &stored {
+        sqlx::query(&format!(
+            "INSERT INTO audit_log (chain, sequence, at, {AUDIT_VALUE_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                         ?17)"
+        ))
+        .bind(key)
+        .bind(db_int(record.sequence, "audit sequence")?)
+        .bind(record.at_ms)
+        .bind(&record.action)
+        .bind(&record.agent)
+        .bind(&record.user)
+        .bind(&record.tool)
+        .bind(record.outcome.as_str())
+        .bind(
+            record
+                .generation
+                .map(|g| db_int(g, "audit generation"))
+                .transpose()?,
+        )
+        .bind(&record.caller_iss)
+        .bind(&record.caller_jti)
+        .bind(record.caller_digest.as_ref().map(|d| &d[..]))
+        .bind(record.verified)
+        .bind(&record.peer)
+        .bind(&record.trace_id)
+        .bind(&record.target)
+        .bind(&hash[..])
+        .execute(&mut **tx)
+        .await
+        .map_err(e)?;
+    }
+    let end = stored.last().expect("records is not empty, checked above");
+    sqlx::query("UPDATE audit_heads SET last_sequence = ?2, last_hash = ?3 WHERE chain = ?1")
+        .bind(key)
+        .bind(db_int(end.record.sequence, "audit sequence")?)
+        .bind(&end.hash[..])
+        .execute(&mut **tx)
+        .await
+        .map_err(e)?;
+    Ok(stored)
+}
+
 #[async_trait::async_trait]
 impl AuditStore for SqliteStore {
     #[tracing::instrument(skip_all)]
@@ -40,53 +110,7 @@ impl AuditStore for SqliteStore {
         }
         let key = chain.key();
         let mut tx = write_tx(self, key).await?;
-        let last: LastRow =
-            sqlx::query_as("SELECT last_sequence, last_hash FROM audit_heads WHERE chain = ?1")
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(e)?;
-        let stored = chained(last.try_into()?, records);
-        for Stored { record, hash } in &stored {
-            sqlx::query(&format!(
-                "INSERT INTO audit_log (chain, sequence, at, {AUDIT_VALUE_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                         ?17)"
-            ))
-            .bind(key)
-            .bind(db_int(record.sequence, "audit sequence")?)
-            .bind(record.at_ms)
-            .bind(&record.action)
-            .bind(&record.agent)
-            .bind(&record.user)
-            .bind(&record.tool)
-            .bind(record.outcome.as_str())
-            .bind(
-                record
-                    .generation
-                    .map(|g| db_int(g, "audit generation"))
-                    .transpose()?,
-            )
-            .bind(&record.caller_iss)
-            .bind(&record.caller_jti)
-            .bind(record.caller_digest.as_ref().map(|d| &d[..]))
-            .bind(record.verified)
-            .bind(&record.peer)
-            .bind(&record.trace_id)
-            .bind(&record.target)
-            .bind(&hash[..])
-            .execute(&mut *tx)
-            .await
-            .map_err(e)?;
-        }
-        let end = stored.last().expect("records is not empty, checked above");
-        sqlx::query("UPDATE audit_heads SET last_sequence = ?2, last_hash = ?3 WHERE chain = ?1")
-            .bind(key)
-            .bind(db_int(end.record.sequence, "audit sequence")?)
-            .bind(&end.hash[..])
-            .execute(&mut *tx)
-            .await
-            .map_err(e)?;
+        let stored = append_in(&mut tx, key, records).await?;
         tx.commit().await.map_err(e)?;
         Ok(stored)
     }

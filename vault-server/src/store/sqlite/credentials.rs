@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
+use super::audit::append_in;
 use super::{SqliteStore, e, ms, now_ms};
+use crate::audit::AuditRecord;
 use crate::ids::{Generation, Tool, UserId};
+use crate::store::credentials::swept_record;
 use crate::store::rows::{CredentialRow, CredentialSummaryRow, all, from_ms, generation_of};
 use crate::store::{
     AgentRecord, CredentialKey, CredentialStore, CredentialSummary, NewCredential, StoreError,
@@ -30,8 +33,10 @@ impl CredentialStore for SqliteStore {
         &self,
         key: CredentialKey<'_>,
         new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError> {
         let now = now_ms();
+        let mut tx = self.pool.begin().await.map_err(e)?;
         let ttl_expires_at = now.saturating_add(ms(Duration::from_secs(new.ttl_seconds)));
         let written: Option<i64> = sqlx::query_scalar(
             "INSERT INTO credentials AS c
@@ -57,9 +62,11 @@ impl CredentialStore for SqliteStore {
         .bind(new.access_expires_at.map(|t| t.timestamp_millis()))
         .bind(ttl_expires_at)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(e)?;
+        append_in(&mut tx, &key.agent.namespace, audit).await?;
+        tx.commit().await.map_err(e)?;
         Ok(match written {
             Some(at) => Upserted::Written {
                 ttl_expires_at: from_ms(at),
@@ -110,16 +117,20 @@ impl CredentialStore for SqliteStore {
         agent: &AgentRecord,
         user: &UserId,
         tool: Option<&Tool>,
+        audit: Vec<AuditRecord>,
     ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
         let result = sqlx::query(
             "DELETE FROM credentials WHERE namespace = ?1 AND user_id = ?2 AND (?3 IS NULL OR tool = ?3)",
         )
         .bind(&agent.namespace)
         .bind(user.as_str())
         .bind(tool.map(Tool::as_str))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
+        append_in(&mut tx, &agent.namespace, audit).await?;
+        tx.commit().await.map_err(e)?;
         Ok(result.rows_affected())
     }
 
@@ -129,7 +140,9 @@ impl CredentialStore for SqliteStore {
         key: CredentialKey<'_>,
         old: Generation,
         new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
         let written = sqlx::query(
             "UPDATE credentials SET generation = ?5, key_version = ?6, wrapped_data_key = ?7, ciphertext = ?8,
                  access_expires_at = ?9, refresh_lease_owner = NULL, refresh_lease_until = NULL,
@@ -146,10 +159,14 @@ impl CredentialStore for SqliteStore {
         .bind(&new.sealed.ciphertext)
         .bind(new.access_expires_at.map(|t| t.timestamp_millis()))
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?
         .rows_affected();
+        if written == 1 {
+            append_in(&mut tx, &key.agent.namespace, audit).await?;
+        }
+        tx.commit().await.map_err(e)?;
         Ok(written == 1)
     }
 
@@ -158,8 +175,10 @@ impl CredentialStore for SqliteStore {
         &self,
         key: CredentialKey<'_>,
         generation: Generation,
+        audit: Vec<AuditRecord>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        let marked = sqlx::query(
             "UPDATE credentials SET state = 1, refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = ?5
              WHERE namespace = ?1 AND user_id = ?2 AND tool = ?3 AND generation = ?4",
         )
@@ -168,9 +187,14 @@ impl CredentialStore for SqliteStore {
         .bind(key.tool.as_str())
         .bind(generation.get() as i64)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(e)?;
+        .map_err(e)?
+        .rows_affected();
+        if marked == 1 {
+            append_in(&mut tx, &key.agent.namespace, audit).await?;
+        }
+        tx.commit().await.map_err(e)?;
         Ok(())
     }
 
@@ -193,7 +217,8 @@ impl CredentialStore for SqliteStore {
             .map_err(e)?;
             n as u64
         } else {
-            // One transaction: what is queued for revocation is exactly what is deleted.
+            // One transaction (SQLite has one writer): what is queued for revocation, deleted
+            // and recorded is the same set of rows.
             let mut tx = self.pool.begin().await.map_err(e)?;
             if revoke {
                 sqlx::query(
@@ -211,17 +236,31 @@ impl CredentialStore for SqliteStore {
                 .await
                 .map_err(e)?;
             }
-            let deleted = sqlx::query(
+            let gone: Vec<(String, String, String, String, i64)> = sqlx::query_as(
                 "DELETE FROM credentials WHERE (namespace, user_id, tool) IN (
                      SELECT namespace, user_id, tool FROM credentials WHERE ttl_expires_at <= ?1
-                     ORDER BY ttl_expires_at LIMIT ?2)",
+                     ORDER BY ttl_expires_at LIMIT ?2)
+                 RETURNING namespace,
+                     (SELECT agent_id FROM agents WHERE agents.namespace = credentials.namespace),
+                     user_id, tool, generation",
             )
             .bind(now)
             .bind(i64::from(limit))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(e)?
-            .rows_affected();
+            .map_err(e)?;
+            let deleted = gone.len() as u64;
+            let mut by_chain: std::collections::BTreeMap<String, Vec<AuditRecord>> =
+                std::collections::BTreeMap::new();
+            for (namespace, agent, user, tool, generation) in gone {
+                by_chain
+                    .entry(namespace)
+                    .or_default()
+                    .push(swept_record(&agent, &user, &tool, generation));
+            }
+            for (namespace, records) in by_chain {
+                append_in(&mut tx, &namespace, records).await?;
+            }
             tx.commit().await.map_err(e)?;
             deleted
         };

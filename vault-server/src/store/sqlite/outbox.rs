@@ -24,6 +24,7 @@ impl OutboxStore for SqliteStore {
         tool: Option<&Tool>,
         owner: uuid::Uuid,
         lease: Duration,
+        audit: Vec<crate::audit::AuditRecord>,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await.map_err(e)?;
@@ -53,6 +54,7 @@ impl OutboxStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(e)?;
+        super::audit::append_in(&mut tx, &agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         all(rows)
     }

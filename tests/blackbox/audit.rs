@@ -1,0 +1,407 @@
+//! The audit log, black-box: each RPC leaves exactly its record in the right chain, no record
+//! holds a secret in any encoding, and a call whose record cannot be written fails without its
+//! write becoming visible (issue 15).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use sqlx::Connection as _;
+use vault_client::{Error, ErrorReason};
+
+use crate::helpers::*;
+
+/// One record, as the tests compare them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    action: String,
+    outcome: String,
+    agent: Option<String>,
+    user: Option<String>,
+    tool: Option<String>,
+    verified: bool,
+}
+
+fn row(action: &str, outcome: &str, user: &str, tool: Option<&str>) -> Row {
+    Row {
+        action: action.into(),
+        outcome: outcome.into(),
+        agent: Some("agent-a".into()),
+        user: Some(user.into()),
+        tool: tool.map(Into::into),
+        verified: true,
+    }
+}
+
+type Raw = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    bool,
+);
+
+fn rows(raw: Vec<Raw>) -> Vec<Row> {
+    raw.into_iter()
+        .map(|(action, outcome, agent, user, tool, verified)| Row {
+            action,
+            outcome,
+            agent,
+            user,
+            tool,
+            verified,
+        })
+        .collect()
+}
+
+const COLUMNS: &str = "action, outcome, agent, user_id, tool, verified";
+
+/// The records of `agent`'s chain on PostgreSQL, in order.
+async fn agent_rows(db: &TestDb, agent: &str) -> Vec<Row> {
+    let mut conn = db.connect().await;
+    let raw: Vec<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM \"{}\".audit_log ORDER BY sequence",
+        schema_of(agent)
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows(raw)
+}
+
+/// The control plane's records on PostgreSQL, in order, without the servers' startups and
+/// shutdowns.
+async fn control_rows(db: &TestDb) -> Vec<Row> {
+    let mut conn = db.connect().await;
+    let raw: Vec<Raw> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM vault.audit_log
+         WHERE action NOT IN ('startup', 'shutdown') ORDER BY sequence"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows(raw)
+}
+
+/// Every kind of call the suite makes, as agent-a (alice, and an admin acting on bob), plus a
+/// forged token; returns the secrets that went by.
+async fn every_kind_of_call(app: &TestApp, issuer: &Issuer) -> Vec<String> {
+    let gateway = app
+        .client_with(&issuer.scoped_token("agent-a", "alice", "vault:store"))
+        .await;
+    let alice_token = issuer.agent_token("agent-a", "alice");
+    let alice = app.client_with(&alice_token).await;
+    let admin = app.admin(issuer, "agent-a", "root").await;
+
+    gateway
+        .store_token(
+            "jira",
+            oauth_token("at-JIRA-secret-1", "rt-JIRA-secret-1", 3600),
+            None,
+        )
+        .await
+        .unwrap();
+    alice.get_token("jira", Duration::ZERO).await.unwrap();
+    assert!(matches!(
+        alice.get_token("zoom", Duration::ZERO).await,
+        Err(Error::CredentialNotFound)
+    ));
+    assert!(matches!(
+        alice.get_token("bad tool!", Duration::ZERO).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+    // No provider is configured: the vault cannot refresh.
+    assert!(matches!(
+        alice.refresh("jira", None).await,
+        Err(Error::ReauthRequired(_))
+    ));
+    alice.list_credentials().await.unwrap();
+    // An agent may not write: StoreToken needs the store scope.
+    assert!(matches!(
+        alice
+            .store_token("jira", oauth_token("at-NOPE-secret", "", 60), None)
+            .await,
+        Err(Error::PermissionDenied { .. })
+    ));
+    let bob_gateway = app
+        .client_with(&issuer.scoped_token("agent-a", "bob", "vault:store"))
+        .await;
+    bob_gateway
+        .store_token(
+            "slack",
+            oauth_token("at-SLACK-secret-2", "rt-SLACK-secret-2", 3600),
+            None,
+        )
+        .await
+        .unwrap();
+    admin
+        .revoke_for(owner("agent-a", "bob"), Some("slack"), false)
+        .await
+        .unwrap();
+    alice.revoke(Some("jira"), false).await.unwrap();
+    admin.sweep(10, true).await.unwrap();
+    // A token from nobody the vault trusts.
+    let forged = Issuer::named("https://forger.example").token("agent-a", "mallory");
+    let stranger = app.client_with(&forged).await;
+    assert!(matches!(
+        stranger.get_token("jira", Duration::ZERO).await,
+        Err(Error::Unauthenticated(_))
+    ));
+    vec![
+        "at-JIRA-secret-1".into(),
+        "rt-JIRA-secret-1".into(),
+        "at-NOPE-secret".into(),
+        "at-SLACK-secret-2".into(),
+        "rt-SLACK-secret-2".into(),
+        alice_token,
+        forged,
+    ]
+}
+
+#[tokio::test]
+async fn each_rpc_leaves_exactly_its_record_in_its_agents_chain_or_the_control_chain() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    every_kind_of_call(&app, &issuer).await;
+
+    let admin_on_bob = Row {
+        user: Some("bob".into()),
+        ..row("Revoke", "OK", "bob", Some("slack"))
+    };
+    assert_eq!(
+        agent_rows(&db, "agent-a").await,
+        [
+            row("StoreToken", "OK", "alice", Some("jira")),
+            row("GetToken", "OK", "alice", Some("jira")),
+            row("GetToken", "CREDENTIAL_NOT_FOUND", "alice", Some("zoom")),
+            row("Refresh", "REAUTH_REQUIRED", "alice", Some("jira")),
+            row("ListCredentials", "OK", "alice", None),
+            row("StoreToken", "OK", "bob", Some("slack")),
+            admin_on_bob,
+            row("Revoke", "OK", "alice", Some("jira")),
+        ]
+    );
+    // Calls refused before an agent was looked up (the invalid tool, the missing store scope),
+    // the sweep (every agent's), and the forged token, under the identity it claimed,
+    // unverified.
+    assert_eq!(
+        control_rows(&db).await,
+        [
+            row("GetToken", "INVALID_ARGUMENT", "alice", None),
+            row("StoreToken", "PERMISSION_DENIED", "alice", Some("jira")),
+            Row {
+                agent: Some("agent-a".into()),
+                ..row("Sweep", "OK", "root", None)
+            },
+            Row {
+                verified: false,
+                ..row("GetToken", "UNAUTHENTICATED", "mallory", None)
+            },
+        ]
+    );
+
+    // The admin's record names who acted, and the chain verifies end to end.
+    let mut conn = db.connect().await;
+    let target: String = sqlx::query_scalar(&format!(
+        "SELECT target FROM \"{}\".audit_log WHERE user_id = 'bob' AND action = 'Revoke'",
+        schema_of("agent-a")
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let target: serde_json::Value = serde_json::from_str(&target).unwrap();
+    assert_eq!(target["by_user"], "root");
+    assert_eq!(target["user"], "bob");
+}
+
+#[tokio::test]
+async fn no_audit_record_holds_a_token_or_jwt_in_plain_base64_or_hex_form() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let secrets = every_kind_of_call(&app, &issuer).await;
+    let mut conn = db.connect().await;
+    let mut dump: Vec<String> = sqlx::query_scalar("SELECT a::text FROM vault.audit_log a")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    dump.extend(
+        sqlx::query_scalar::<_, String>(&format!(
+            "SELECT a::text FROM \"{}\".audit_log a",
+            schema_of("agent-a")
+        ))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap(),
+    );
+    assert!(dump.len() >= 12, "{dump:?}");
+    let dump = dump.join("\n");
+    for secret in &secrets {
+        let forms = [
+            secret.clone(),
+            hex::encode(secret),
+            base64::engine::general_purpose::STANDARD.encode(secret),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+        ];
+        for form in forms {
+            // Long enough that a chance match is impossible.
+            let probe = &form[..form.len().min(24)];
+            assert!(!dump.contains(probe), "{probe} found in the audit log");
+        }
+    }
+    // Every JWT part, too: the signature and the payload of the caller tokens.
+    for jwt in secrets.iter().filter(|s| s.matches('.').count() == 2) {
+        for part in jwt.split('.') {
+            assert!(!dump.contains(part), "a JWT part is in the audit log");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_call_whose_record_cannot_be_written_fails_and_its_write_is_not_visible() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let gateway = app
+        .client_with(&issuer.scoped_token("agent-a", "alice", "vault:store"))
+        .await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    let first = store(&gateway, "jira", "at-first").await;
+
+    // The agent's role loses the right to append to its audit log.
+    let mut conn = db.connect().await;
+    let role: String = sqlx::query_scalar("SELECT vault.agent_role($1)")
+        .bind(schema_of("agent-a"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "REVOKE INSERT ON \"{}\".audit_log FROM \"{role}\"",
+        schema_of("agent-a")
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let refused = gateway
+        .store_token("jira", oauth_token("at-second", "", 3600), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.reason(),
+        ErrorReason::AuditUnavailable,
+        "{refused:?}"
+    );
+    let refused = alice.get_token("jira", Duration::ZERO).await.unwrap_err();
+    assert_eq!(
+        refused.reason(),
+        ErrorReason::AuditUnavailable,
+        "a release that cannot be recorded is not made: {refused:?}"
+    );
+    let refused = alice.revoke(Some("jira"), false).await.unwrap_err();
+    assert_eq!(refused.reason(), ErrorReason::AuditUnavailable);
+
+    sqlx::query(&format!(
+        "GRANT INSERT ON \"{}\".audit_log TO \"{role}\"",
+        schema_of("agent-a")
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let token = alice.get_token("jira", Duration::ZERO).await.unwrap();
+    assert_eq!(
+        token.access_token, "at-first",
+        "neither the second store nor the revoke took effect"
+    );
+    assert_eq!(token.generation, first.generation);
+    let actions: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT action, outcome FROM \"{}\".audit_log ORDER BY sequence",
+        schema_of("agent-a")
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        [
+            ("StoreToken".to_string(), "OK".to_string()),
+            ("GetToken".to_string(), "OK".to_string()),
+        ],
+        "nothing unaudited happened in between"
+    );
+}
+
+#[tokio::test]
+async fn with_releases_off_successful_gets_are_not_recorded_and_everything_else_is() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_AUDIT_RELEASES", "off")]).await;
+    let gateway = app
+        .client_with(&issuer.scoped_token("agent-a", "alice", "vault:store"))
+        .await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    store(&gateway, "jira", "at-1").await;
+    alice.get_token("jira", Duration::ZERO).await.unwrap();
+    alice.get_token("zoom", Duration::ZERO).await.unwrap_err();
+    assert_eq!(
+        agent_rows(&db, "agent-a").await,
+        [
+            row("StoreToken", "OK", "alice", Some("jira")),
+            row("GetToken", "CREDENTIAL_NOT_FOUND", "alice", Some("zoom")),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn on_sqlite_a_store_that_cannot_be_recorded_fails_and_is_not_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vault.db");
+    let url = format!("sqlite://{}", file.display());
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_DATABASE_URL", url.as_str())]).await;
+    let gateway = app
+        .client_with(&issuer.scoped_token("agent-a", "alice", "vault:store"))
+        .await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    store(&gateway, "jira", "at-first").await;
+    alice.get_token("jira", Duration::ZERO).await.unwrap();
+
+    let mut side = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let recorded: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT action, outcome, user_id FROM audit_log WHERE chain <> 'control' ORDER BY sequence",
+    )
+    .fetch_all(&mut side)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        [
+            ("StoreToken".into(), "OK".into(), Some("alice".into())),
+            ("GetToken".into(), "OK".into(), Some("alice".into())),
+        ]
+    );
+    sqlx::query(
+        "CREATE TRIGGER no_audit BEFORE INSERT ON audit_log
+         BEGIN SELECT RAISE(ABORT, 'audit device broken'); END",
+    )
+    .execute(&mut side)
+    .await
+    .unwrap();
+    let refused = gateway
+        .store_token("jira", oauth_token("at-second", "", 3600), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.reason(),
+        ErrorReason::AuditUnavailable,
+        "{refused:?}"
+    );
+    sqlx::query("DROP TRIGGER no_audit")
+        .execute(&mut side)
+        .await
+        .unwrap();
+    let token = alice.get_token("jira", Duration::ZERO).await.unwrap();
+    assert_eq!(token.access_token, "at-first");
+}
