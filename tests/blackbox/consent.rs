@@ -19,9 +19,9 @@ const RETURN_URL: &str = "http://127.0.0.1:9/connected";
 const NO_SCOPES: [&str; 0] = [];
 
 /// A database, an issuer, the provider, and the consent settings that point vaults at it.
-struct Consent {
+pub(crate) struct Consent {
     db: TestDb,
-    issuer: Issuer,
+    pub(crate) issuer: Issuer,
     pki: TestPki,
     provider: OidcProvider,
     _dir: tempfile::TempDir,
@@ -30,11 +30,11 @@ struct Consent {
     /// The first vault's callback listener, bound before the provider learnt its URL.
     callback: Option<TcpListener>,
     redirect_uri: String,
-    browser: Browser,
+    pub(crate) browser: Browser,
 }
 
 impl Consent {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let db = TestDb::new().await;
         let issuer = Issuer::new();
         let pki = TestPki::new();
@@ -77,7 +77,7 @@ impl Consent {
     }
 
     /// A vault serving the callback the provider redirects to.
-    async fn vault(&mut self) -> TestApp {
+    pub(crate) async fn vault(&mut self) -> TestApp {
         self.vault_with(&[]).await
     }
 
@@ -93,13 +93,13 @@ impl Consent {
     }
 
     /// Another replica on the same database, with a callback listener of its own.
-    async fn replica(&self) -> TestApp {
+    pub(crate) async fn replica(&self) -> TestApp {
         let extra = self.extra(&[("VAULT_CALLBACK_LISTEN", "127.0.0.1:0")]);
         spawn_with(&self.db, &self.issuer, &extra).await
     }
 
     /// Begins a bound flow for `tool` as (`agent`, `user`); returns the flow's id and URL.
-    async fn begin(&self, app: &TestApp, agent: &str, user: &str) -> (String, String) {
+    pub(crate) async fn begin(&self, app: &TestApp, agent: &str, user: &str) -> (String, String) {
         let vault = app.client(&self.issuer, agent, user).await;
         let begun = vault
             .begin_authorization("jira", NO_SCOPES, Some(RETURN_URL))
@@ -110,7 +110,7 @@ impl Consent {
 
     /// The user consents at the provider, in a browser of their own; returns the provider's
     /// redirect to the callback.
-    async fn consent(&self, url: &str, user: &str) -> Url {
+    pub(crate) async fn consent(&self, url: &str, user: &str) -> Url {
         Browser::new(&self.pki).consent(url, user).await.unwrap()
     }
 }
@@ -124,7 +124,7 @@ fn to_replica(callback: &Url, app: &TestApp) -> Url {
 }
 
 /// Delivers the provider's redirect; returns the status and where the vault sends the browser.
-async fn deliver(browser: &Browser, callback: &Url) -> (u16, Option<String>, String) {
+pub(crate) async fn deliver(browser: &Browser, callback: &Url) -> (u16, Option<String>, String) {
     browser.visit(callback).await
 }
 

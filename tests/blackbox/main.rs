@@ -28,3 +28,4 @@ mod refresh;
 mod telemetry;
 mod ttl_and_sweep;
 mod walkthrough;
+mod watch;

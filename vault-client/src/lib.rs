@@ -47,11 +47,56 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! An agent that only needs to know when consent is done can watch for it instead of polling:
+//! open the watch before the flow begins (so the completion cannot slip past), then wait for
+//! the completion of that flow and fetch the token. The watch resumes by itself if the
+//! connection drops, without losing or repeating an event.
+//!
+//! ```no_run
+//! # async fn demo(vault: vault_client::Client) -> Result<(), vault_client::Error> {
+//! use std::time::Duration;
+//!
+//! use vault_client::{EventKind, WatchRequest};
+//!
+//! let mut events = vault
+//!     .watch(WatchRequest {
+//!         tool: Some("jira".into()),
+//!         ..WatchRequest::default()
+//!     })
+//!     .await?;
+//! let flow = vault
+//!     .begin_authorization("jira", ["read:jira-work"], None)
+//!     .await?;
+//! println!("open {}", flow.authorization_url);
+//! while let Some(event) = events.next().await {
+//!     let event = event?;
+//!     if event.authorization_id.as_deref() != Some(flow.authorization_id.as_str()) {
+//!         continue;
+//!     }
+//!     match event.kind {
+//!         EventKind::AuthorizationCompleted => {
+//!             let token = vault.get_token("jira", Duration::from_secs(60)).await?;
+//!             println!("connected; generation {}", token.generation);
+//!             break;
+//!         }
+//!         EventKind::AuthorizationDenied
+//!         | EventKind::AuthorizationExpired
+//!         | EventKind::AuthorizationMismatched => {
+//!             println!("consent did not complete: {:?}", event.reason);
+//!             break;
+//!         }
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod env;
 mod error;
 mod token;
 mod types;
+mod watch;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -71,6 +116,7 @@ pub use types::{
 /// The generated API, for calls through [`Client::raw`].
 pub use vault_proto as proto;
 pub use vault_proto::{ERROR_DOMAIN, ErrorReason};
+pub use watch::{CredentialEvent, EventKind, WATCH_AFTER_HEADER, Watch, WatchRequest};
 
 /// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep,
 /// GetAuthorization, ListCredentials) on `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.

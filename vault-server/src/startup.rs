@@ -21,6 +21,7 @@ use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, CredentialVaultService, SizeLimitLayer, proto};
 use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, Sweeper};
+use crate::store::AuditListener;
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
 
 /// How long shutdown waits for background jobs and for detached refreshes and revocations
@@ -252,15 +253,21 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let vault_service = CredentialVaultServer::new(CredentialVaultService::new(
-            Arc::clone(&vault),
-            settings.sweep_batch,
-        ))
+        let draining = CancellationToken::new();
+        // The vault's audit appends publish here, and so does the listener for other replicas';
+        // watch streams wait here, and end when draining starts.
+        let changes = vault.recorder().changes().clone();
+        let vault_service = CredentialVaultServer::new(
+            CredentialVaultService::new(Arc::clone(&vault), settings.sweep_batch)
+                .watching(changes.clone(), draining.clone()),
+        )
         // The backstop behind `SizeLimitLayer`, which answers first with the vault's own error.
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
-        let draining = CancellationToken::new();
         let mut jobs = Jobs::new();
+        if let Some(listener) = AuditListener::for_database(&settings.database, changes)? {
+            jobs.spawn("audit listener", |shutdown| listener.run(shutdown));
+        }
         let sweeper = Sweeper {
             store: vault.store().clone(),
             interval: settings.sweep_interval,

@@ -6,11 +6,13 @@ pub mod call;
 pub mod chain;
 pub mod changes;
 pub mod cli;
+pub mod events;
 pub mod record;
 pub mod recorder;
 
 pub use call::{Call, Origin, event, flow_target, now_ms};
 pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
 pub use changes::Changes;
+pub use events::{EventKind, authorization_id, event_kind};
 pub use record::{AuditRecord, Outcome, token_digest};
 pub use recorder::{AuditError, Owner, Recorder};

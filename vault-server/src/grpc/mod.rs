@@ -5,10 +5,12 @@ mod auth_layer;
 mod service;
 mod size_limit;
 mod status;
+mod watch;
 
 pub use auth_layer::AuthLayer;
 pub use service::CredentialVaultService;
 pub use size_limit::SizeLimitLayer;
+pub use watch::{MAX_WATCHERS_PER_CALLER, WATCH_AFTER_HEADER, Watchers};
 
 /// The generated API, from the `vault-proto` crate; the descriptor set for reflection is
 /// `proto::FILE_DESCRIPTOR_SET`.

@@ -17,6 +17,7 @@ use super::proto::{
     StoreTokenResponse, SweepRequest, SweepResponse, authorization,
 };
 use super::status::{audit_unavailable, invalid_argument, log_failure, reason_of};
+use super::watch::{EventStream, Watchers};
 use crate::audit::{Call, Origin, Outcome};
 use crate::auth::Caller;
 use crate::ids::{AgentId, Generation, Tool, UserId};
@@ -38,12 +39,34 @@ const MAX_SWEEP_LIMIT: u32 = 100_000;
 pub struct CredentialVaultService {
     vault: Arc<Vault>,
     sweep_batch: u32,
+    watchers: Arc<Watchers>,
 }
 
 impl CredentialVaultService {
-    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`.
+    /// Serves `vault`; Sweep with `limit = 0` deletes up to `sweep_batch`. Watch streams are
+    /// woken by the vault's own appends, and end on drain only after [`Self::watching`].
     pub fn new(vault: Arc<Vault>, sweep_batch: u32) -> Self {
-        Self { vault, sweep_batch }
+        let watchers = Watchers::new(
+            vault.store().clone(),
+            vault.recorder().changes().clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        Self {
+            vault,
+            sweep_batch,
+            watchers,
+        }
+    }
+
+    /// Wakes watch streams with `changes` (the channel the audit appends publish to), and ends
+    /// them all when `stop` is cancelled (so draining never waits on a stream).
+    pub fn watching(
+        mut self,
+        changes: crate::audit::Changes,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        self.watchers = Watchers::new(self.vault.store().clone(), changes, stop);
+        self
     }
 }
 
@@ -492,15 +515,20 @@ impl CredentialVault for CredentialVaultService {
         self.end(&call, result).await
     }
 
-    type WatchCredentialsStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<super::proto::CredentialEvent, Status>> + Send>,
-    >;
+    type WatchCredentialsStream = EventStream;
 
     async fn watch_credentials(
         &self,
-        _request: Request<super::proto::WatchCredentialsRequest>,
+        request: Request<super::proto::WatchCredentialsRequest>,
     ) -> Result<Response<Self::WatchCredentialsStream>, Status> {
-        Err(Status::unimplemented("WatchCredentials is not served yet"))
+        let caller = caller(&request)?;
+        let call = start(&request, "WatchCredentials", &caller);
+        let result = self
+            .watchers
+            .watch(&call, caller, request.into_inner())
+            .await;
+        // Recorded when the stream opens (or is refused): its end may be hours away.
+        self.end(&call, result).await
     }
 
     async fn list_audit_events(

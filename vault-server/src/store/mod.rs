@@ -30,7 +30,7 @@ pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
 pub use keys::{AgentPages, AgentRecord, KeyStore, RootKeyRecord};
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
-pub use postgres::{PgStore, drop_database_and_roles, namespace_for};
+pub use postgres::{AUDIT_CHANNEL, AuditListener, PgStore, drop_database_and_roles, namespace_for};
 pub use registrations::{NewRegistration, Registration, RegistrationStore};
 pub use sqlite::SqliteStore;
 

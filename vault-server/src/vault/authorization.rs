@@ -625,6 +625,7 @@ impl Vault {
         caller: &Caller,
         authorization_id: &str,
     ) -> Result<CompletedAuthorization, VaultError> {
+        call.flow(authorization_id);
         if !caller.store {
             return Err(VaultError::PermissionDenied(format!(
                 "CompleteAuthorization needs the {} scope in the caller token: it stores a credential",

@@ -10,6 +10,7 @@ mod flows;
 mod keys;
 mod lanes;
 mod leases;
+mod listen;
 mod outbox;
 mod registrations;
 mod schema;
@@ -25,6 +26,7 @@ use super::StoreError;
 use crate::config::DatabaseSettings;
 use crate::ids::{AgentId, IssuerId};
 use lanes::ReadLanes;
+pub use listen::{AUDIT_CHANNEL, AuditListener};
 
 /// The schema of an agent: `agent_` and 40 hex digits of SHA-256 of the issuer and the id. Fits
 /// PostgreSQL's 63-byte identifier limit, and no agent id can inject anything through it.
