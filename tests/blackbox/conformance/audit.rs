@@ -178,6 +178,32 @@ async fn concurrent_appends_make_one_gap_free_chain(store: &Store) {
     assert_eq!(verify(Anchor::START, &log, None).unwrap().sequence, 50);
 }
 
+async fn one_transaction_appends_to_many_chains_and_each_continues_its_own(store: &Store) {
+    let a = registered(store, "agent-a").await;
+    let b = registered(store, "agent-b").await;
+    store
+        .audit
+        .append(Chain::Agent(&a), vec![full(1)])
+        .await
+        .unwrap();
+    store
+        .audit
+        .append_batches(vec![
+            (Chain::Agent(&b), vec![full(2)]),
+            (Chain::Control, vec![bare("startup", T0)]),
+            (Chain::Agent(&a), vec![full(3), full(4)]),
+            (Chain::Agent(&b), Vec::new()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(sequences(&all_of(store, Chain::Agent(&a)).await), [1, 2, 3]);
+    assert_eq!(sequences(&all_of(store, Chain::Agent(&b)).await), [1]);
+    assert_eq!(sequences(&all_of(store, Chain::Control).await), [1]);
+    for chain in [Chain::Agent(&a), Chain::Agent(&b), Chain::Control] {
+        verified(store, chain, None).await.unwrap();
+    }
+}
+
 async fn each_agent_and_the_control_plane_have_a_chain_of_their_own(store: &Store) {
     let a = registered(store, "agent-a").await;
     let b = registered(store, "agent-b").await;
@@ -403,6 +429,7 @@ conformance!(
     sequences_continue_across_appends_and_pages_follow_them,
     concurrent_appends_make_one_gap_free_chain,
     each_agent_and_the_control_plane_have_a_chain_of_their_own,
+    one_transaction_appends_to_many_chains_and_each_continues_its_own,
     retention_deletes_an_old_prefix_and_the_rest_verifies_from_the_anchor,
     the_latest_signed_head_of_each_chain_is_kept,
 );

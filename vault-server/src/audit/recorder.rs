@@ -1,11 +1,10 @@
 //! Writing audit records that are not part of a credential write: the end of every RPC that
-//! wrote nothing (reads, refusals, failures), and background events. Concurrent records of one
-//! chain share a transaction (group commit): the first waiting record starts a flush, and every
-//! record that arrives while a flush commits goes into the next one, so under load a commit
-//! carries many records and at one caller it carries one. Each caller waits for its own record
+//! wrote nothing (reads, refusals, failures), and background events. Concurrent records share a
+//! transaction whatever their chains (group commit): the first waiting record starts a flush,
+//! and every record that arrives while a flush commits goes into the next one, so under load a
+//! commit carries many records and at one caller it carries one. Each caller waits for its own record
 //! to be durable; a record that cannot be written fails its caller.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::KeyValue;
@@ -44,9 +43,10 @@ impl Owner {
 
 type Waiter = oneshot::Sender<Result<(), Arc<StoreError>>>;
 
+/// Records waiting for the next commit, of every chain, in arrival order.
+#[derive(Default)]
 struct Queue {
-    owner: Owner,
-    pending: Vec<(AuditRecord, Waiter)>,
+    pending: Vec<(Owner, AuditRecord, Waiter)>,
     flushing: bool,
 }
 
@@ -54,7 +54,7 @@ struct Queue {
 pub struct Recorder {
     store: Store,
     changes: Changes,
-    queues: Mutex<HashMap<String, Queue>>,
+    queue: Mutex<Queue>,
     denied: Counter<u64>,
     released: Counter<u64>,
 }
@@ -82,7 +82,7 @@ impl Recorder {
         Arc::new(Self {
             store,
             changes,
-            queues: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Queue::default()),
             denied: opentelemetry::global::meter(crate::telemetry::SCOPE)
                 .u64_counter("vault.audit.denials")
                 .with_description("Calls refused, by reason and action")
@@ -127,28 +127,24 @@ impl Recorder {
         &self.changes
     }
 
-    /// Appends `record` to `owner`'s chain, sharing a transaction with the records of other
-    /// calls waiting at the same time; returns once it is durable. The append itself runs in
-    /// its own task, so a caller that gives up waiting never stalls the others.
+    /// Appends `record` to `owner`'s chain, sharing one transaction with the records of every
+    /// other call waiting at the same time, whatever their chains (a commit's cost is its flush
+    /// to disk, so one commit for many chains is what makes auditing every release affordable);
+    /// returns once it is durable. The append runs in its own task, so a caller that gives up
+    /// waiting never stalls the others.
     pub async fn record(
         self: &Arc<Self>,
         owner: Owner,
         record: AuditRecord,
     ) -> Result<(), AuditError> {
         let (sender, receiver) = oneshot::channel();
-        let key = owner.chain().key().to_string();
         let start = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            let queue = queues.entry(key.clone()).or_insert_with(|| Queue {
-                owner,
-                pending: Vec::new(),
-                flushing: false,
-            });
-            queue.pending.push((record, sender));
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.pending.push((owner, record, sender));
             !std::mem::replace(&mut queue.flushing, true)
         };
         if start {
-            tokio::spawn(Arc::clone(self).flush(key));
+            tokio::spawn(Arc::clone(self).flush());
         }
         match receiver.await {
             Ok(Ok(())) => Ok(()),
@@ -158,38 +154,65 @@ impl Recorder {
         }
     }
 
-    /// Appends what is queued for `key`, batch after batch, until nothing is.
-    async fn flush(self: Arc<Self>, key: String) {
+    /// Appends what is queued, batch after batch, until nothing is.
+    async fn flush(self: Arc<Self>) {
         loop {
-            let (owner, batch) = {
-                let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(queue) = queues.get_mut(&key) else {
-                    return;
-                };
+            let batch: Vec<_> = {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 if queue.pending.is_empty() {
-                    queues.remove(&key);
+                    queue.flushing = false;
                     return;
                 }
                 let take = queue.pending.len().min(MAX_BATCH);
-                let batch: Vec<_> = queue.pending.drain(..take).collect();
-                (queue.owner.clone(), batch)
+                queue.pending.drain(..take).collect()
             };
-            let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let count = records.len();
-            let result = self.store.audit.append(owner.chain(), records).await;
-            let result = match result {
-                Ok(_) => {
-                    self.changes.publish(&key);
-                    Ok(())
+            // Grouped by chain, each chain's records in arrival order.
+            let mut chains: Vec<(String, Owner, Vec<AuditRecord>, Vec<Waiter>)> = Vec::new();
+            for (owner, record, waiter) in batch {
+                let key = owner.chain().key().to_string();
+                match chains.iter_mut().find(|(k, ..)| *k == key) {
+                    Some((_, _, records, waiters)) => {
+                        records.push(record);
+                        waiters.push(waiter);
+                    }
+                    None => chains.push((key, owner, vec![record], vec![waiter])),
                 }
-                Err(err) => {
-                    tracing::error!(chain = %key, records = count, error = %crate::telemetry::error_chain(&err), "audit records could not be written; their calls fail");
-                    Err(Arc::new(err))
+            }
+            let together = self
+                .store
+                .audit
+                .append_batches(
+                    chains
+                        .iter()
+                        .map(|(_, owner, records, _)| (owner.chain(), records.clone()))
+                        .collect(),
+                )
+                .await;
+            for (key, owner, records, waiters) in chains {
+                let result = match &together {
+                    Ok(()) => Ok(()),
+                    // One chain failing must not fail the others' calls: each chain alone.
+                    Err(_) => self
+                        .store
+                        .audit
+                        .append(owner.chain(), records.clone())
+                        .await
+                        .map(drop),
+                };
+                let result = match result {
+                    Ok(()) => {
+                        self.changes.publish(&key);
+                        Ok(())
+                    }
+                    Err(err) => {
+                        tracing::error!(chain = %key, records = records.len(), error = %crate::telemetry::error_chain(&err), "audit records could not be written; their calls fail");
+                        Err(Arc::new(err))
+                    }
+                };
+                for waiter in waiters {
+                    // A caller that stopped waiting needs no answer.
+                    let _ = waiter.send(result.clone());
                 }
-            };
-            for waiter in waiters {
-                // A caller that stopped waiting needs no answer.
-                let _ = waiter.send(result.clone());
             }
         }
     }

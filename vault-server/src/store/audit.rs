@@ -42,6 +42,19 @@ pub trait AuditStore: Send + Sync + 'static {
         records: Vec<AuditRecord>,
     ) -> Result<Vec<Stored>, StoreError>;
 
+    /// Appends each batch to its chain, all in one transaction (one commit, one flush of the
+    /// log, however many chains): what group commit uses. Either every batch is stored or none
+    /// is. The default appends chain by chain.
+    async fn append_batches(
+        &self,
+        batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
+    ) -> Result<(), StoreError> {
+        for (chain, records) in batches {
+            self.append(chain, records).await?;
+        }
+        Ok(())
+    }
+
     /// At most `limit` records of `chain` with a sequence above `after`, in sequence order.
     async fn records(
         &self,

@@ -4,6 +4,8 @@
 
 use chrono::{DateTime, Utc};
 
+use sqlx::Executor as _;
+
 use super::{PgStore, e, quoted};
 use crate::audit::{Anchor, AuditRecord, SignedHead, Stored};
 use crate::store::audit::{chained, db_int};
@@ -155,6 +157,50 @@ impl AuditStore for PgStore {
         let stored = append_to(&mut tx, &tables, chain.key(), records).await?;
         tx.commit().await.map_err(e)?;
         Ok(stored)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn append_batches(
+        &self,
+        batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
+    ) -> Result<(), StoreError> {
+        let mut batches: Vec<_> = batches
+            .into_iter()
+            .filter(|(_, records)| !records.is_empty())
+            .collect();
+        if batches.is_empty() {
+            return Ok(());
+        }
+        // Every replica's flusher locks heads in this one order, so two never wait on each
+        // other in a cycle (a credential write locks only its own chain's head).
+        batches.sort_by(|a, b| a.0.key().cmp(b.0.key()));
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        for (chain, records) in batches {
+            let tables = match chain {
+                Chain::Control => {
+                    if self.agent_roles {
+                        // Back to the login role, which holds the control chain's rights.
+                        tx.execute("SET LOCAL ROLE NONE").await.map_err(e)?;
+                    }
+                    Tables {
+                        log: "vault.audit_log".into(),
+                        head: "vault.audit_head".into(),
+                    }
+                }
+                Chain::Agent(agent) => {
+                    if self.agent_roles {
+                        let role = self.agent_role(&agent.namespace)?;
+                        tx.execute(format!("SET LOCAL ROLE {role}").as_str())
+                            .await
+                            .map_err(e)?;
+                    }
+                    agent_tables(&agent.namespace)?
+                }
+            };
+            append_to(&mut tx, &tables, chain.key(), records).await?;
+        }
+        tx.commit().await.map_err(e)?;
+        Ok(())
     }
 
     #[tracing::instrument(skip_all)]
