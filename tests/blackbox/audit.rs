@@ -21,6 +21,14 @@ struct Row {
     verified: bool,
 }
 
+/// The first record of an agent's chain: its key was made.
+fn key_created() -> Row {
+    Row {
+        user: None,
+        ..row("key.agent_created", "OK", "", None)
+    }
+}
+
 fn row(action: &str, outcome: &str, user: &str, tool: Option<&str>) -> Row {
     Row {
         action: action.into(),
@@ -172,6 +180,7 @@ async fn each_rpc_leaves_exactly_its_record_in_its_agents_chain_or_the_control_c
     assert_eq!(
         agent_rows(&db, "agent-a").await,
         [
+            key_created(),
             row("StoreToken", "OK", "alice", Some("jira")),
             row("GetToken", "OK", "alice", Some("jira")),
             row("GetToken", "CREDENTIAL_NOT_FOUND", "alice", Some("zoom")),
@@ -325,6 +334,7 @@ async fn a_call_whose_record_cannot_be_written_fails_and_its_write_is_not_visibl
     assert_eq!(
         actions,
         [
+            ("key.agent_created".to_string(), "OK".to_string()),
             ("StoreToken".to_string(), "OK".to_string()),
             ("GetToken".to_string(), "OK".to_string()),
         ],
@@ -347,6 +357,7 @@ async fn with_releases_off_successful_gets_are_not_recorded_and_everything_else_
     assert_eq!(
         agent_rows(&db, "agent-a").await,
         [
+            key_created(),
             row("StoreToken", "OK", "alice", Some("jira")),
             row("GetToken", "CREDENTIAL_NOT_FOUND", "alice", Some("zoom")),
         ]
@@ -378,6 +389,7 @@ async fn on_sqlite_a_store_that_cannot_be_recorded_fails_and_is_not_visible() {
     assert_eq!(
         recorded,
         [
+            ("key.agent_created".into(), "OK".into(), None),
             ("StoreToken".into(), "OK".into(), Some("alice".into())),
             ("GetToken".into(), "OK".into(), Some("alice".into())),
         ]
@@ -450,7 +462,7 @@ async fn an_admin_pages_through_an_agents_audit_log_filtered_by_user_and_tool() 
     };
     let first = list_audit(&app, &admin, query(0, 1)).await.unwrap();
     assert_eq!(first.events.len(), 1);
-    assert_eq!(first.events[0].sequence, 1);
+    assert_eq!(first.events[0].sequence, 2, "after the key's creation");
     assert_eq!(first.events[0].action, "StoreToken");
     assert_eq!(first.events[0].hash.len(), 64, "hex SHA-256");
     assert!(!first.events[0].caller_digest.is_empty());
@@ -459,7 +471,7 @@ async fn an_admin_pages_through_an_agents_audit_log_filtered_by_user_and_tool() 
         .unwrap();
     assert_eq!(
         rest.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
-        [4],
+        [5],
         "bob's and the slack record are filtered out"
     );
     assert_eq!(rest.next_after_sequence, 0, "the end of the chain");
@@ -479,7 +491,7 @@ async fn an_admin_pages_through_an_agents_audit_log_filtered_by_user_and_tool() 
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    let after = list_audit(&app, &admin, query(4, 10)).await.unwrap();
+    let after = list_audit(&app, &admin, query(5, 10)).await.unwrap();
     assert!(after.events.is_empty());
     let too_many = list_audit(&app, &admin, query(0, 1001)).await.unwrap_err();
     assert_eq!(too_many.code(), tonic::Code::InvalidArgument);

@@ -160,3 +160,13 @@ pub fn event(action: &str, agent: &AgentId, user: &UserId, tool: Option<&Tool>) 
         ..AuditRecord::default()
     }
 }
+
+/// A background event's record that concerns no user (a key event).
+pub fn event_without_user(action: &str) -> AuditRecord {
+    AuditRecord {
+        at_ms: now_ms(),
+        action: action.into(),
+        verified: true,
+        ..AuditRecord::default()
+    }
+}

@@ -10,7 +10,7 @@ pub mod events;
 pub mod record;
 pub mod recorder;
 
-pub use call::{Call, Origin, event, flow_target, now_ms};
+pub use call::{Call, Origin, event, event_without_user, flow_target, now_ms};
 pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
 pub use changes::Changes;
 pub use events::{EventKind, authorization_id, event_kind};

@@ -462,10 +462,22 @@ impl Vault {
                 self.admit_new_agent(issuer)?;
                 let (version, wrapped) = self.keyring.new_agent_key(issuer, agent);
                 // A concurrent creator may win; then its key is the agent's key.
-                self.store
+                let record = self
+                    .store
                     .keys
                     .create_agent(issuer, agent, &wrapped, version)
-                    .await?
+                    .await?;
+                if record.wrapped_key == wrapped {
+                    // This call made the agent's key: the first record of its chain says so.
+                    let created = AuditRecord {
+                        agent: Some(agent.as_str().into()),
+                        caller_iss: Some(issuer.as_str().into()),
+                        target: Some(format!("{{\"key_version\":{version}}}")),
+                        ..crate::audit::event_without_user(AGENT_KEY_CREATED)
+                    };
+                    self.record_event(&record, created).await;
+                }
+                record
             }
             None => return Ok(None),
         };
@@ -837,6 +849,9 @@ impl Vault {
         Ok(outcome)
     }
 }
+
+/// The audit action of a new agent's key being made (its schema with it).
+pub const AGENT_KEY_CREATED: &str = "key.agent_created";
 
 /// Most audit records one ListAuditEvents page returns.
 pub const MAX_AUDIT_PAGE: u32 = 1000;
