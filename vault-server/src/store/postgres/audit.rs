@@ -45,6 +45,22 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// `columns` of `chain`'s one head row.
+    async fn head_row<R>(&self, chain: Chain<'_>, columns: &str) -> Result<R, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        let (mut tx, tables) = self.audit_tx(chain).await?;
+        let row: Option<R> = sqlx::query_as(&format!("SELECT {columns} FROM {}", tables.head))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        row.ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))
+    }
+}
+
 /// Locks the chain's head row until the transaction ends; returns where the chain ends.
 async fn lock_head(tx: &mut Tx, head: &str) -> Result<Anchor, StoreError> {
     let row: Option<LastRow> = sqlx::query_as(&format!(
@@ -229,31 +245,15 @@ impl AuditStore for PgStore {
 
     #[tracing::instrument(skip_all)]
     async fn head(&self, chain: Chain<'_>) -> Result<Anchor, StoreError> {
-        let (mut tx, tables) = self.audit_tx(chain).await?;
-        let row: Option<LastRow> = sqlx::query_as(&format!(
-            "SELECT last_sequence, last_hash FROM {}",
-            tables.head
-        ))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(e)?;
-        tx.commit().await.map_err(e)?;
-        row.ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))?
+        self.head_row::<LastRow>(chain, "last_sequence, last_hash")
+            .await?
             .try_into()
     }
 
     #[tracing::instrument(skip_all)]
     async fn anchor(&self, chain: Chain<'_>) -> Result<Anchor, StoreError> {
-        let (mut tx, tables) = self.audit_tx(chain).await?;
-        let row: Option<AnchorRow> = sqlx::query_as(&format!(
-            "SELECT anchor_sequence, anchor_hash FROM {}",
-            tables.head
-        ))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(e)?;
-        tx.commit().await.map_err(e)?;
-        row.ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))?
+        self.head_row::<AnchorRow>(chain, "anchor_sequence, anchor_hash")
+            .await?
             .try_into()
     }
 
