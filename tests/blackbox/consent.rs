@@ -444,6 +444,82 @@ async fn an_expired_flow_takes_no_callback_and_cannot_complete() {
 }
 
 #[tokio::test]
+async fn a_flow_that_expires_unobserved_is_ended_by_the_sweep_and_its_expiry_recorded_once() {
+    let mut w = Consent::new().await;
+    let app = w
+        .vault_with(&[("VAULT_OAUTH_FLOW_TTL_SECONDS", "60")])
+        .await;
+    let alice = app.client(&w.issuer, "agent-a", "alice").await;
+    // One flow nobody came back to, one whose callback came but that nobody completed.
+    let (abandoned, _) = w.begin(&app, "agent-a", "alice").await;
+    let (unclaimed, url) = w.begin(&app, "agent-a", "alice").await;
+    let callback = w.consent(&url, "alice").await;
+    assert_eq!(deliver(&w.browser, &callback).await.0, 303);
+    let (live, _) = w.begin(&app, "agent-a", "alice").await;
+
+    fast_forward_flow(&w.db, &abandoned).await;
+    fast_forward_flow(&w.db, &unclaimed).await;
+    let admin = app.admin(&w.issuer, "agent-a", "root").await;
+    admin.sweep(0, false).await.unwrap();
+    // A second pass finds nothing left to end.
+    admin.sweep(0, false).await.unwrap();
+
+    let mut conn = w.db.connect().await;
+    let expired: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT target, outcome FROM \"{}\".audit_log WHERE action = 'flow.expired'
+         ORDER BY sequence",
+        schema_of("agent-a")
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut ids: Vec<String> = expired
+        .iter()
+        .map(|(target, outcome)| {
+            assert_eq!(outcome, "AUTHORIZATION_EXPIRED");
+            let target: serde_json::Value = serde_json::from_str(target).unwrap();
+            target["authorization_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    let mut want = vec![abandoned.clone(), unclaimed.clone()];
+    want.sort();
+    assert_eq!(
+        ids, want,
+        "each expired flow is recorded once, the live one not at all"
+    );
+    for id in [&abandoned, &unclaimed] {
+        assert_eq!(
+            alice.get_authorization(id).await.unwrap().state,
+            AuthorizationState::Expired
+        );
+        let err = alice.complete_authorization(id).await.unwrap_err();
+        assert_eq!(err.reason(), ErrorReason::AuthorizationExpired, "{err}");
+    }
+    assert_eq!(
+        alice.get_authorization(&live).await.unwrap().state,
+        AuthorizationState::Pending
+    );
+    // The callback of an ended flow still says it expired, and records nothing more.
+    let (status, _, page) = deliver(&w.browser, &callback).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("expired"), "{page}");
+}
+
+/// Moves one flow's expiry into the past.
+async fn fast_forward_flow(db: &TestDb, id: &str) {
+    let mut conn = db.connect().await;
+    sqlx::query(
+        "UPDATE vault.authorization_flows SET expires_at = now() - interval '1 second'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn a_return_url_must_be_allowed_and_required_unless_unbound_callbacks_are() {
     let mut w = Consent::new().await;
     let app = w.vault().await;

@@ -239,7 +239,12 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
     assert_eq!(use_case.parent_span_id, get.span_id);
     assert_eq!(attribute(&use_case.attributes, "agent"), Some("agent-a"));
     assert_eq!(attribute(&use_case.attributes, "tool"), Some("jira"));
-    in_get_trace("load");
+    // The read: alone, or carrying the release's audit record with it.
+    assert!(
+        spans.iter().any(|s| s.trace_id == get.trace_id
+            && (s.name == "load" || s.name == "load_releasing")),
+        "no database read in the GetToken trace"
+    );
 
     // StoreToken had no traceparent: a trace of its own, with its database write.
     let store = named("vault.v1.CredentialVault/StoreToken");

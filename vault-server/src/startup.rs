@@ -269,7 +269,7 @@ impl Application {
             jobs.spawn("audit listener", |shutdown| listener.run(shutdown));
         }
         let sweeper = Sweeper {
-            store: vault.store().clone(),
+            vault: Arc::clone(&vault),
             interval: settings.sweep_interval,
             batch: settings.sweep_batch,
             revoke: settings.sweep_revokes,

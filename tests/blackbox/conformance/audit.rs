@@ -11,9 +11,10 @@ use vault_server::audit::{
 };
 use vault_server::config::{Database, DatabaseSettings};
 use vault_server::crypto::RootKey;
-use vault_server::store::{AgentRecord, Chain, PgStore, Store};
+use vault_server::ids::Generation;
+use vault_server::store::{AgentRecord, Chain, NewCredential, PgStore, Release, Store};
 
-use super::{ServingLogin, postgres, registered, sqlite};
+use super::{ServingLogin, key, migrated_pg, postgres, registered, sealed, sqlite, tool, user};
 use crate::helpers::TestDb;
 
 const T0: i64 = 1_764_000_000_123;
@@ -178,7 +179,7 @@ async fn concurrent_appends_make_one_gap_free_chain(store: &Store) {
     assert_eq!(verify(Anchor::START, &log, None).unwrap().sequence, 50);
 }
 
-async fn one_transaction_appends_to_many_chains_and_each_continues_its_own(store: &Store) {
+async fn one_group_appends_to_many_chains_and_each_continues_its_own(store: &Store) {
     let a = registered(store, "agent-a").await;
     let b = registered(store, "agent-b").await;
     store
@@ -195,7 +196,8 @@ async fn one_transaction_appends_to_many_chains_and_each_continues_its_own(store
             (Chain::Agent(&b), Vec::new()),
         ])
         .await
-        .unwrap();
+        .into_iter()
+        .for_each(|result| result.unwrap());
     assert_eq!(sequences(&all_of(store, Chain::Agent(&a)).await), [1, 2, 3]);
     assert_eq!(sequences(&all_of(store, Chain::Agent(&b)).await), [1]);
     assert_eq!(sequences(&all_of(store, Chain::Control).await), [1]);
@@ -429,10 +431,155 @@ conformance!(
     sequences_continue_across_appends_and_pages_follow_them,
     concurrent_appends_make_one_gap_free_chain,
     each_agent_and_the_control_plane_have_a_chain_of_their_own,
-    one_transaction_appends_to_many_chains_and_each_continues_its_own,
+    one_group_appends_to_many_chains_and_each_continues_its_own,
+    a_release_is_recorded_with_its_read_only_when_it_can_be_made,
     retention_deletes_an_old_prefix_and_the_rest_verifies_from_the_anchor,
     the_latest_signed_head_of_each_chain_is_kept,
 );
+
+/// GetToken's record for a release of alice's jira credential at agent-a.
+fn release(valid_until: i64) -> Release {
+    Release {
+        record: AuditRecord {
+            action: "GetToken".into(),
+            generation: None,
+            ..full(2)
+        },
+        valid_until,
+    }
+}
+
+/// Stores alice's jira credential at `a`, its access token valid for `valid_for` seconds.
+async fn stored(store: &Store, a: &AgentRecord, valid_for: i64) -> Generation {
+    let generation = store.credentials.next_generation(a).await.unwrap();
+    let (alice, jira) = (user("alice"), tool("jira"));
+    store
+        .credentials
+        .upsert(
+            key(a, &alice, &jira),
+            NewCredential {
+                generation,
+                sealed: &sealed(1),
+                access_expires_at: Some(chrono::Utc::now() + chrono::Duration::seconds(valid_for)),
+                ttl_seconds: 3600,
+            },
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    generation
+}
+
+/// Whichever way a store answers a release (recorded with its read, or left to the caller),
+/// the credential read is the same, a recorded release carries the generation read and links
+/// into the chain, and a credential that cannot be released as it stands is never recorded.
+async fn a_release_is_recorded_with_its_read_only_when_it_can_be_made(store: &Store) {
+    let a = registered(store, "agent-a").await;
+    let (alice, jira) = (user("alice"), tool("jira"));
+    store
+        .audit
+        .append(Chain::Agent(&a), vec![full(1)])
+        .await
+        .unwrap();
+    let generation = stored(store, &a, 60).await;
+    let now = chrono::Utc::now().timestamp();
+
+    let (loaded, recorded) = store
+        .credentials
+        .load_releasing(key(&a, &alice, &jira), &release(now))
+        .await
+        .unwrap();
+    assert_eq!(loaded.unwrap().generation, generation);
+    let log = all_of(store, Chain::Agent(&a)).await;
+    assert_eq!(log.len(), 1 + usize::from(recorded));
+    if recorded {
+        assert_eq!(log[1].record.action, "GetToken");
+        assert_eq!(log[1].record.generation, Some(generation.get()));
+        assert_eq!(log[1].record.outcome, Outcome::Ok);
+    }
+
+    // Expiring before the caller needs it: read, never recorded as released.
+    let (loaded, late) = store
+        .credentials
+        .load_releasing(key(&a, &alice, &jira), &release(now + 120))
+        .await
+        .unwrap();
+    assert!(loaded.is_some());
+    assert!(!late);
+    // Absent: nothing read, nothing recorded.
+    let (loaded, absent) = store
+        .credentials
+        .load_releasing(key(&a, &user("bob"), &jira), &release(now))
+        .await
+        .unwrap();
+    assert!(loaded.is_none() && !absent);
+
+    store
+        .audit
+        .append(Chain::Agent(&a), vec![full(3)])
+        .await
+        .unwrap();
+    let log = all_of(store, Chain::Agent(&a)).await;
+    assert_eq!(
+        sequences(&log),
+        (1..=2 + u64::from(recorded)).collect::<Vec<_>>()
+    );
+    verified(store, Chain::Agent(&a), None).await.unwrap();
+}
+
+/// Two replicas append to one chain and release from it, each from a head the other keeps
+/// moving: every stale head is caught by the statement that would have moved it, the chain
+/// stays gap-free and verifies, and a replica whose head is current records a release with
+/// its read (the one round trip GetToken's audit costs at one caller).
+#[tokio::test]
+async fn replicas_appending_from_stale_heads_keep_one_chain_and_releases_ride_on_reads() {
+    let db = TestDb::new().await;
+    let (_, one) = migrated_pg(&db, 4).await;
+    let (_, two) = migrated_pg(&db, 4).await;
+    let a = registered(&one, "agent-a").await;
+    let (alice, jira) = (user("alice"), tool("jira"));
+    let generation = stored(&one, &a, 3600).await;
+    let now = chrono::Utc::now().timestamp();
+    let mut expected = 0;
+    for n in 0..10 {
+        one.audit
+            .append(Chain::Agent(&a), vec![full(n)])
+            .await
+            .unwrap();
+        // One's head is current: its release is recorded with the read.
+        let (loaded, recorded) = one
+            .credentials
+            .load_releasing(key(&a, &alice, &jira), &release(now))
+            .await
+            .unwrap();
+        assert_eq!(loaded.unwrap().generation, generation);
+        assert!(recorded, "round {n}: the release rides on the read");
+        for result in two
+            .audit
+            .append_batches(vec![(Chain::Agent(&a), vec![full(n), full(n + 1)])])
+            .await
+        {
+            result.unwrap();
+        }
+        // Now one's head is stale: nothing is recorded, and the caller records it itself.
+        let (_, recorded) = one
+            .credentials
+            .load_releasing(key(&a, &alice, &jira), &release(now))
+            .await
+            .unwrap();
+        assert!(!recorded, "round {n}: a stale head records nothing");
+        expected += 4;
+    }
+    let log = all_of(&one, Chain::Agent(&a)).await;
+    assert_eq!(sequences(&log), (1..=expected).collect::<Vec<_>>());
+    let releases: Vec<_> = log
+        .iter()
+        .filter(|s| s.record.action == "GetToken")
+        .map(|s| s.record.generation)
+        .collect();
+    assert_eq!(releases, vec![Some(generation.get()); 10]);
+    verified(&one, Chain::Agent(&a), None).await.unwrap();
+}
 
 /// The database behind a store, reached around it, as an intruder with SQL access would.
 enum Raw {

@@ -14,5 +14,5 @@ pub use call::{Call, Origin, event, event_without_user, flow_target, now_ms};
 pub use chain::{Anchor, Broken, HeadKey, SignedHead, Stored, link, verify};
 pub use changes::Changes;
 pub use events::{EventKind, authorization_id, event_kind};
-pub use record::{AuditRecord, Outcome, token_digest};
+pub use record::{AuditRecord, GENERATION_FIELD, Outcome, token_digest};
 pub use recorder::{AuditError, Owner, Recorder};

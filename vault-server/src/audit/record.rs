@@ -74,43 +74,88 @@ impl AuditRecord {
     /// length-prefixed and optional ones marked present or absent, so no two records encode
     /// alike and no field can shift into another.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"vault.v1/audit-record");
-        let mut field = |value: Option<&[u8]>| match value {
-            None => out.push(0),
-            Some(bytes) => {
-                out.push(1);
-                out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-                out.extend_from_slice(bytes);
-            }
-        };
-        field(Some(&self.sequence.to_be_bytes()));
-        field(Some(&self.at_ms.to_be_bytes()));
-        field(Some(self.action.as_bytes()));
-        field(self.agent.as_deref().map(str::as_bytes));
-        field(self.user.as_deref().map(str::as_bytes));
-        field(self.tool.as_deref().map(str::as_bytes));
-        field(Some(self.outcome.as_str().as_bytes()));
+        let (mut out, after) = self.canonical_around_generation();
         field(
+            &mut out,
             self.generation
                 .map(u64::to_be_bytes)
                 .as_ref()
                 .map(|b| &b[..]),
         );
-        field(self.caller_iss.as_deref().map(str::as_bytes));
-        field(self.caller_jti.as_deref().map(str::as_bytes));
-        field(self.caller_digest.as_ref().map(|d| &d[..]));
-        field(Some(&[u8::from(self.verified)]));
-        field(self.peer.as_deref().map(str::as_bytes));
-        field(self.trace_id.as_deref().map(str::as_bytes));
-        field(self.target.as_deref().map(str::as_bytes));
+        out.extend_from_slice(&after);
         out
+    }
+
+    /// The canonical encoding without its `generation` field: the bytes before it and the
+    /// bytes after it. A writer that learns the generation only in the database (a release
+    /// audited in the statement that reads the credential) finishes the encoding there, with
+    /// [`GENERATION_FIELD`] and the generation's 8 big-endian bytes between the two.
+    pub fn canonical_around_generation(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut before = Vec::with_capacity(160);
+        before.extend_from_slice(b"vault.v1/audit-record");
+        field(&mut before, Some(&self.sequence.to_be_bytes()));
+        field(&mut before, Some(&self.at_ms.to_be_bytes()));
+        field(&mut before, Some(self.action.as_bytes()));
+        field(&mut before, self.agent.as_deref().map(str::as_bytes));
+        field(&mut before, self.user.as_deref().map(str::as_bytes));
+        field(&mut before, self.tool.as_deref().map(str::as_bytes));
+        field(&mut before, Some(self.outcome.as_str().as_bytes()));
+        let mut after = Vec::with_capacity(160);
+        field(&mut after, self.caller_iss.as_deref().map(str::as_bytes));
+        field(&mut after, self.caller_jti.as_deref().map(str::as_bytes));
+        field(&mut after, self.caller_digest.as_ref().map(|d| &d[..]));
+        field(&mut after, Some(&[u8::from(self.verified)]));
+        field(&mut after, self.peer.as_deref().map(str::as_bytes));
+        field(&mut after, self.trace_id.as_deref().map(str::as_bytes));
+        field(&mut after, self.target.as_deref().map(str::as_bytes));
+        (before, after)
+    }
+}
+
+/// How a present generation field starts in the canonical encoding: present (1), then its
+/// length (8) as 4 big-endian bytes.
+pub const GENERATION_FIELD: [u8; 5] = [1, 0, 0, 0, 8];
+
+/// One field of the canonical encoding: absent (0), or present (1) with its length as 4
+/// big-endian bytes, then its bytes.
+fn field(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        None => out.push(0),
+        Some(bytes) => {
+            out.push(1);
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_encoding_around_the_generation_finishes_to_the_whole_encoding() {
+        let record = AuditRecord {
+            sequence: 7,
+            at_ms: 1_700_000_000_123,
+            action: "GetToken".into(),
+            agent: Some("agent".into()),
+            user: Some("user".into()),
+            tool: Some("jira".into()),
+            generation: Some(0x0102_0304_0506_0708),
+            caller_iss: Some("https://issuer".into()),
+            caller_digest: Some([9; 32]),
+            verified: true,
+            peer: Some("127.0.0.1:1".into()),
+            ..AuditRecord::default()
+        };
+        let (before, after) = record.canonical_around_generation();
+        let mut finished = before;
+        finished.extend_from_slice(&GENERATION_FIELD);
+        finished.extend_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+        finished.extend_from_slice(&after);
+        assert_eq!(finished, record.canonical());
+    }
 
     #[test]
     fn every_field_changes_the_encoding_and_none_can_shift_into_another() {

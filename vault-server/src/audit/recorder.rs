@@ -1,10 +1,11 @@
 //! Writing audit records that are not part of a credential write: the end of every RPC that
-//! wrote nothing (reads, refusals, failures), and background events. Concurrent records share a
-//! transaction whatever their chains (group commit): the first waiting record starts a flush,
-//! and every record that arrives while a flush commits goes into the next one, so under load a
-//! commit carries many records and at one caller it carries one. Each caller waits for its own record
+//! wrote nothing (reads, refusals, failures), and background events. Concurrent records share
+//! commits (group commit): the first waiting record starts a flush, and every record that
+//! arrives while a flush commits goes into the next one, one statement per chain, all chains at
+//! once, so under load a commit carries many records and at one caller it carries one. Each caller waits for its own record
 //! to be durable; a record that cannot be written fails its caller.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::KeyValue;
@@ -41,6 +42,16 @@ impl Owner {
     }
 }
 
+/// A turn granted by [`Recorder::alone`], given back when dropped.
+#[derive(Debug)]
+pub struct Alone<'a>(&'a AtomicBool);
+
+impl Drop for Alone<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 type Waiter = oneshot::Sender<Result<(), Arc<StoreError>>>;
 
 /// Records waiting for the next commit, of every chain, in arrival order.
@@ -55,6 +66,8 @@ pub struct Recorder {
     store: Store,
     changes: Changes,
     queue: Mutex<Queue>,
+    /// A call is writing its record alongside its read ([`Recorder::alone`]).
+    solo: AtomicBool,
     denied: Counter<u64>,
     released: Counter<u64>,
 }
@@ -83,6 +96,7 @@ impl Recorder {
             store,
             changes,
             queue: Mutex::new(Queue::default()),
+            solo: AtomicBool::new(false),
             denied: opentelemetry::global::meter(crate::telemetry::SCOPE)
                 .u64_counter("vault.audit.denials")
                 .with_description("Calls refused, by reason and action")
@@ -121,15 +135,31 @@ impl Recorder {
         }
     }
 
+    /// A turn for a call to write its own record in the statement that reads its credential
+    /// (one round trip and one commit instead of two), granted only while no other record is
+    /// waiting, being written, or written that way: at one caller a call gains a round trip; under
+    /// load it would contend with the group commit for the chain's head, so calls queue as usual.
+    pub fn alone(&self) -> Option<Alone<'_>> {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.flushing || !queue.pending.is_empty() {
+            return None;
+        }
+        self.solo
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| Alone(&self.solo))
+    }
+
     /// The wake-up channel, for watchers and for writers that appended in their own
     /// transaction.
     pub fn changes(&self) -> &Changes {
         &self.changes
     }
 
-    /// Appends `record` to `owner`'s chain, sharing one transaction with the records of every
-    /// other call waiting at the same time, whatever their chains (a commit's cost is its flush
-    /// to disk, so one commit for many chains is what makes auditing every release affordable);
+    /// Appends `record` to `owner`'s chain, sharing a commit with the records of every other
+    /// call waiting at the same time on that chain, and the log's flush with those of other
+    /// chains (a commit's cost is its flush to disk, so sharing it is what makes auditing every
+    /// release affordable);
     /// returns once it is durable. The append runs in its own task, so a caller that gives up
     /// waiting never stalls the others.
     pub async fn record(
@@ -178,7 +208,7 @@ impl Recorder {
                     None => chains.push((key, owner, vec![record], vec![waiter])),
                 }
             }
-            let together = self
+            let results = self
                 .store
                 .audit
                 .append_batches(
@@ -188,17 +218,7 @@ impl Recorder {
                         .collect(),
                 )
                 .await;
-            for (key, owner, records, waiters) in chains {
-                let result = match &together {
-                    Ok(()) => Ok(()),
-                    // One chain failing must not fail the others' calls: each chain alone.
-                    Err(_) => self
-                        .store
-                        .audit
-                        .append(owner.chain(), records.clone())
-                        .await
-                        .map(drop),
-                };
+            for ((key, _, records, waiters), result) in chains.into_iter().zip(results) {
                 let result = match result {
                     Ok(()) => {
                         self.changes.publish(&key);

@@ -42,17 +42,19 @@ pub trait AuditStore: Send + Sync + 'static {
         records: Vec<AuditRecord>,
     ) -> Result<Vec<Stored>, StoreError>;
 
-    /// Appends each batch to its chain, all in one transaction (one commit, one flush of the
-    /// log, however many chains): what group commit uses. Either every batch is stored or none
-    /// is. The default appends chain by chain.
+    /// Appends each batch to its chain, as [`Self::append`] would: what group commit uses.
+    /// Each batch is stored or not on its own, so one broken chain fails only its own records;
+    /// the answers come in the batches' order. The default appends chain by chain (a store
+    /// with one writer gains nothing from more).
     async fn append_batches(
         &self,
         batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
-    ) -> Result<(), StoreError> {
+    ) -> Vec<Result<(), StoreError>> {
+        let mut results = Vec::with_capacity(batches.len());
         for (chain, records) in batches {
-            self.append(chain, records).await?;
+            results.push(self.append(chain, records).await.map(drop));
         }
-        Ok(())
+        results
     }
 
     /// At most `limit` records of `chain` with a sequence above `after`, in sequence order.

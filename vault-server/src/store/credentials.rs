@@ -20,6 +20,15 @@ pub struct CredentialKey<'a> {
     pub tool: &'a Tool,
 }
 
+/// The audit record of a release, for [`CredentialStore::load_releasing`].
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The call's record, outcome OK; its generation is the one read.
+    pub record: crate::audit::AuditRecord,
+    /// Released only if the access token is valid past this (Unix seconds).
+    pub valid_until: i64,
+}
+
 /// Credential state, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialState {
@@ -128,6 +137,22 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// The credential, unless absent or past its vault TTL.
     async fn load(&self, key: CredentialKey<'_>) -> Result<Option<StoredCredential>, StoreError>;
+
+    /// The credential, as [`Self::load`] reads it, and `release`'s audit record appended to the
+    /// agent's chain in the same statement when the credential can be released as it stands
+    /// (usable, and its access token valid past `release.valid_until`), with the generation read:
+    /// one round trip and one commit where a read and then an append take two of each.
+    /// Answers whether the record was written. A store that cannot do both at once (or whose
+    /// chain moved under it) writes nothing and answers false; the caller then records the
+    /// call itself.
+    async fn load_releasing(
+        &self,
+        key: CredentialKey<'_>,
+        release: &Release,
+    ) -> Result<(Option<StoredCredential>, bool), StoreError> {
+        let _ = release;
+        Ok((self.load(key).await?, false))
+    }
 
     /// Every credential of `user` at this agent, past their vault TTL included (not yet swept),
     /// ordered by tool.

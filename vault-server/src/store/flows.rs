@@ -54,6 +54,9 @@ impl FlowStatus {
         })
     }
 
+    /// The statuses of a flow nobody has finished or claimed: it expires in these.
+    pub const UNFINISHED: [Self; 2] = [Self::Pending, Self::CallbackReceived];
+
     /// Whether the flow has ended (its secrets are gone).
     pub const fn is_final(self) -> bool {
         matches!(self, Self::Completed | Self::Denied | Self::Failed)
@@ -160,6 +163,10 @@ pub trait FlowStore: Send + Sync + 'static {
     /// with `unexpired`, not past its expiry); returns whether it moved. Moving to a final
     /// status erases both sealed secrets; `sealed_code` and `error` are written when given.
     async fn transition(&self, id: &str, change: FlowChange<'_>) -> Result<bool, StoreError>;
+
+    /// Up to `limit` flows that expired (by the database clock) before anyone finished them:
+    /// still pending or holding a callback's code, oldest first.
+    async fn expired_unfinished(&self, limit: u32) -> Result<Vec<Flow>, StoreError>;
 
     /// Deletes up to `limit` flows that expired before `before`; returns how many. Also erases
     /// the sealed secrets of every flow already past its expiry (by the database clock), so

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 pub use audit::{AuditStore, Chain};
 pub use credentials::{
-    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential, SWEPT,
-    StoredCredential, SweepOutcome, Upserted,
+    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential, Release,
+    SWEPT, StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
 pub use keys::{AgentPages, AgentRecord, KeyStore, RootKeyRecord};

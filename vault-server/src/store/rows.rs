@@ -458,8 +458,8 @@ impl TryFrom<AnchorRow> for Anchor {
 /// `last_sequence, last_hash` of a chain's head: where the next append links on.
 #[derive(sqlx::FromRow)]
 pub(super) struct LastRow {
-    last_sequence: i64,
-    last_hash: Vec<u8>,
+    pub(super) last_sequence: i64,
+    pub(super) last_hash: Vec<u8>,
 }
 
 impl TryFrom<LastRow> for Anchor {

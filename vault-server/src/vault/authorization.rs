@@ -229,6 +229,7 @@ fn visible_state(flow: &Flow, now: DateTime<Utc>) -> AuthorizationState {
     match flow.status {
         FlowStatus::Completed => AuthorizationState::Completed,
         FlowStatus::Denied => AuthorizationState::Denied,
+        FlowStatus::Failed if flow.error.as_deref() == Some(EXPIRED) => AuthorizationState::Expired,
         FlowStatus::Failed => AuthorizationState::Failed,
         _ if flow.expires_at <= now => AuthorizationState::Expired,
         FlowStatus::Pending => AuthorizationState::Pending,
@@ -266,6 +267,8 @@ pub const FLOW_CALLBACK: &str = "flow.callback";
 pub const FLOW_DENIED: &str = "flow.denied";
 /// The audit action of a callback after the flow expired.
 pub const FLOW_EXPIRED: &str = "flow.expired";
+/// The `error` of a flow ended because it expired before anyone finished it.
+pub const EXPIRED: &str = "expired";
 /// The audit action of a flow completed at the callback (without CompleteAuthorization).
 pub const FLOW_COMPLETED: &str = "flow.completed";
 /// The audit action of a flow burned because another caller tried to complete it.
@@ -468,6 +471,13 @@ impl Vault {
             return refused("This sign-in link is not valid. Start again from the application.");
         };
         let now = Utc::now();
+        if flow.status == FlowStatus::Failed && flow.error.as_deref() == Some(EXPIRED) {
+            // Ended by the sweeper, which recorded its expiry.
+            tracing::info!(authorization_id = %flow.id, "consent callback after the flow expired");
+            return refused(
+                "This sign-in took too long and has expired. Start again from the application.",
+            );
+        }
         if flow.status != FlowStatus::Pending {
             tracing::warn!(authorization_id = %flow.id, status = ?flow.status, "consent callback replayed");
             return refused(
@@ -990,6 +1000,42 @@ impl Vault {
                     flow.id
                 ))
             })
+    }
+
+    /// Ends up to `limit` consent flows that expired before anyone finished them, each with a
+    /// `flow.expired` record, so that a watcher waiting for consent learns the flow is over.
+    /// The record is written first: a pass that stops in between records the expiry again on
+    /// the next pass rather than never. Returns how many flows ended.
+    pub async fn expire_flows(&self, limit: u32) -> Result<u64, VaultError> {
+        let mut ended = 0;
+        for flow in self.store.flows.expired_unfinished(limit).await? {
+            let entry = match self.flow_agent(&flow).await {
+                Ok(entry) => entry,
+                Err(err) => {
+                    // Left for the flow sweep, which deletes it after its retention.
+                    tracing::warn!(authorization_id = %flow.id, error = %err, "an expired consent flow's agent is unavailable; its expiry is not recorded");
+                    continue;
+                }
+            };
+            self.recorder
+                .record(
+                    crate::audit::Owner::Agent(Arc::new(entry.record.clone())),
+                    flow_record(
+                        &flow,
+                        FLOW_EXPIRED,
+                        Outcome::Failed("AUTHORIZATION_EXPIRED".into()),
+                    ),
+                )
+                .await
+                .map_err(VaultError::AuditUnavailable)?;
+            if self
+                .end_flow(&flow, flow.status, FlowStatus::Failed, EXPIRED)
+                .await?
+            {
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 
     /// Ends a flow in `to` with `error`, if it is still in `from`.

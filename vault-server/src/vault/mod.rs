@@ -30,8 +30,8 @@ use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
 use crate::secret::TokenSet;
 use crate::store::{
-    AgentRecord, CredentialKey, CredentialState, NewCredential, RootKeyRecord, Store, StoreError,
-    SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialState, NewCredential, Release, RootKeyRecord, Store,
+    StoreError, SweepOutcome, Upserted,
 };
 
 /// What a use case can answer besides success; named for what the caller can do about it.
@@ -237,6 +237,9 @@ struct Opened {
     entry: Arc<AgentEntry>,
     tokens: TokenSet,
     generation: Generation,
+    /// The call's release record was written with the read
+    /// ([`crate::store::CredentialStore::load_releasing`]).
+    released: bool,
 }
 
 /// An agent's registry entry with its key unwrapped, cached for the life of the process.
@@ -609,6 +612,7 @@ impl Vault {
         caller: &Caller,
         tool: &Tool,
         call: Option<&Call>,
+        release_until: Option<i64>,
     ) -> Result<Opened, VaultError> {
         let entry = self
             .agent_entry(&caller.issuer, &caller.agent, false)
@@ -617,16 +621,24 @@ impl Vault {
         if let Some(call) = call {
             call.on_agent(&entry.record);
         }
-        let stored = self
-            .store
-            .credentials
-            .load(CredentialKey {
-                agent: &entry.record,
-                user: &caller.user,
-                tool,
-            })
-            .await?
-            .ok_or(VaultError::NotFound)?;
+        let key = CredentialKey {
+            agent: &entry.record,
+            user: &caller.user,
+            tool,
+        };
+        let turn = release_until.and_then(|_| self.recorder.alone());
+        let (stored, released) = match (call, release_until, &turn) {
+            (Some(call), Some(valid_until), Some(_)) => {
+                let release = Release {
+                    record: call.for_write(),
+                    valid_until,
+                };
+                self.store.credentials.load_releasing(key, &release).await?
+            }
+            _ => (self.store.credentials.load(key).await?, false),
+        };
+        drop(turn);
+        let stored = stored.ok_or(VaultError::NotFound)?;
         if stored.state == CredentialState::ReauthRequired {
             return Err(VaultError::ReauthRequired(format!(
                 "the provider rejected the grant for tool {tool}; the user must authorize again"
@@ -647,6 +659,7 @@ impl Vault {
             entry,
             tokens,
             generation: stored.generation,
+            released,
         })
     }
 
@@ -690,9 +703,25 @@ impl Vault {
                 ),
             });
         }
-        let current = self.open_current(caller, tool, Some(call)).await?;
         let now = Utc::now().timestamp();
         let wanted_until = now.saturating_add(min_valid_seconds.max(30) as i64);
+        let release_until = self.records_releases().then_some(wanted_until);
+        let current = self
+            .open_current(caller, tool, Some(call), release_until)
+            .await?;
+        if current.released {
+            // The store released it by the same rule as below (usable, and valid past
+            // `wanted_until`) and wrote the call's record with the read.
+            call.generation(current.generation);
+            call.written();
+            let mut record = call.for_write();
+            record.generation = Some(current.generation.get());
+            self.recorder.count(&record);
+            self.recorder
+                .changes()
+                .publish(&current.entry.record.namespace);
+            return Ok(Self::issue(current.tokens, current.generation, false));
+        }
         if !is_expired(current.tokens.expires_at, wanted_until)
             || self.cooling_down(&current.tokens, now)
         {
@@ -737,7 +766,7 @@ impl Vault {
         tool: &Tool,
         if_generation: Option<Generation>,
     ) -> Result<IssuedToken, VaultError> {
-        let current = self.open_current(caller, tool, Some(call)).await?;
+        let current = self.open_current(caller, tool, Some(call), None).await?;
         if if_generation.is_some_and(|seen| current.generation > seen) {
             return Ok(Self::issue(current.tokens, current.generation, false));
         }
@@ -834,12 +863,17 @@ impl Vault {
             .sweep(limit, dry_run, self.options.sweep_revokes)
             .await?;
         if !dry_run {
+            let expired = self.expire_flows(limit).await?;
             // Consent flows end with their credentials' sweep, kept a while after expiry so that
             // GetAuthorization can still say what became of them.
             let before =
                 Utc::now() - chrono::Duration::from_std(FLOW_RETENTION).unwrap_or_default();
             let flows = self.store.flows.sweep_flows(before, limit).await?;
-            tracing::info!(flows, "swept ended consent flows");
+            tracing::info!(
+                expired,
+                flows,
+                "ended expired consent flows and swept old ones"
+            );
         }
         if outcome.swept > 0 && !dry_run {
             // Swept credentials' records went to many chains: wake every watcher.

@@ -135,7 +135,7 @@ impl Vault {
         // Waiting on another replica is bounded by one lease period plus slack.
         let deadline = Instant::now() + self.options.refresh_lease + Duration::from_secs(5);
         loop {
-            let current = self.open_current(caller, tool, None).await?;
+            let current = self.open_current(caller, tool, None, None).await?;
             if current.generation > observed {
                 self.outcomes.record("coalesced");
                 return Ok(Self::issue(current.tokens, current.generation, true));
@@ -209,6 +209,7 @@ impl Vault {
             entry,
             tokens,
             generation,
+            ..
         } = current;
         let key = CredentialKey {
             agent: &entry.record,
@@ -278,7 +279,7 @@ impl Vault {
                 // A StoreToken replaced the credential while the provider answered: the user's
                 // newer consent wins, and this refresh result is dropped.
                 self.outcomes.record("superseded");
-                let latest = self.open_current(caller, tool, None).await?;
+                let latest = self.open_current(caller, tool, None, None).await?;
                 Ok(Self::issue(latest.tokens, latest.generation, false))
             }
             Err(ProviderError::ServerChanged(message)) => {

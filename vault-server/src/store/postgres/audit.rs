@@ -4,13 +4,15 @@
 
 use chrono::{DateTime, Utc};
 
-use sqlx::Executor as _;
-
 use super::{PgStore, e, quoted};
 use crate::audit::{Anchor, AuditRecord, SignedHead, Stored};
 use crate::store::audit::{chained, db_int};
-use crate::store::rows::{AUDIT_VALUE_COLUMNS, AnchorRow, AuditRow, LastRow, SignedHeadRow, all};
-use crate::store::{AuditStore, Chain, StoreError};
+use crate::store::rows::{
+    AUDIT_VALUE_COLUMNS, AnchorRow, AuditRow, CredentialRow, LastRow, SignedHeadRow, all,
+};
+use crate::store::{
+    AuditStore, Chain, CredentialKey, CredentialStore as _, Release, StoreError, StoredCredential,
+};
 
 type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
@@ -29,36 +31,257 @@ impl PgStore {
     /// A transaction on `chain`'s tables: an agent's under its role, the control plane's under
     /// the login role (the serving group's rights).
     async fn audit_tx(&self, chain: Chain<'_>) -> Result<(Tx, Tables), StoreError> {
-        match chain {
-            Chain::Control => Ok((
-                self.pool.begin().await.map_err(e)?,
-                Tables {
-                    log: "vault.audit_log".into(),
-                    head: "vault.audit_head".into(),
-                },
-            )),
-            Chain::Agent(agent) => Ok((
-                self.agent_tx(&agent.namespace).await?,
-                agent_tables(&agent.namespace)?,
-            )),
-        }
+        let tx = match chain {
+            Chain::Control => self.pool.begin().await.map_err(e)?,
+            Chain::Agent(agent) => self.agent_tx(&agent.namespace).await?,
+        };
+        Ok((tx, Self::chain_tables(chain)?))
     }
 }
 
 impl PgStore {
-    /// `columns` of `chain`'s one head row.
+    /// The role `chain`'s tables are reached under, quoted (`None`: the login role's rights).
+    fn chain_role(&self, chain: Chain<'_>) -> Result<Option<String>, StoreError> {
+        match chain {
+            Chain::Agent(agent) if self.agent_roles => self.agent_role(&agent.namespace).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn chain_tables(chain: Chain<'_>) -> Result<Tables, StoreError> {
+        match chain {
+            Chain::Control => Ok(Tables {
+                log: "vault.audit_log".into(),
+                head: "vault.audit_head".into(),
+            }),
+            Chain::Agent(agent) => agent_tables(&agent.namespace),
+        }
+    }
+
+    /// `columns` of `chain`'s one head row: one statement, outside any transaction.
     async fn head_row<R>(&self, chain: Chain<'_>, columns: &str) -> Result<R, StoreError>
     where
         R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
-        let (mut tx, tables) = self.audit_tx(chain).await?;
-        let row: Option<R> = sqlx::query_as(&format!("SELECT {columns} FROM {}", tables.head))
-            .fetch_optional(&mut *tx)
+        let tables = Self::chain_tables(chain)?;
+        let role = self.chain_role(chain)?;
+        let sql = format!("SELECT {columns} FROM {}", tables.head);
+        let row = self
+            .reads
+            .fetch_optional(role.as_deref(), sqlx::query(&sql))
             .await
-            .map_err(e)?;
-        tx.commit().await.map_err(e)?;
-        row.ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))
+            .map_err(e)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))?;
+        R::from_row(&row).map_err(e)
     }
+
+    /// Appends `records` to `chain` on their own: compare-and-set statements outside any
+    /// transaction (each one round trip and one commit), from the remembered head, then from
+    /// the head each failed try found; if the chain is that contended, a transaction that
+    /// queues on the head's lock.
+    async fn append_alone(
+        &self,
+        chain: Chain<'_>,
+        records: Vec<AuditRecord>,
+    ) -> Result<Vec<Stored>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = chain.key();
+        let tables = Self::chain_tables(chain)?;
+        let role = self.chain_role(chain)?;
+        let sql = cas_sql(&tables);
+        let mut head = match self.heads.get(key) {
+            Some(head) => head,
+            None => self.head(chain).await?,
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let stored = chained(head, records.clone());
+            let row = self
+                .reads
+                .fetch_optional(role.as_deref(), cas_query(&sql, key, head, &stored)?)
+                .await
+                .map_err(e)?;
+            match cas_outcome(row, &tables.head)? {
+                Cas::Appended => {
+                    self.heads.set(key, end_of(&stored, head));
+                    return Ok(stored);
+                }
+                Cas::Stale(found) => head = found,
+            }
+        }
+        let (mut tx, tables) = self.audit_tx(chain).await?;
+        let stored = append_to(&mut tx, &tables, key, records, &self.heads).await?;
+        tx.commit().await.map_err(e)?;
+        Ok(stored)
+    }
+}
+
+/// Where this process last saw each chain end: a guess that lets an append compute its hashes
+/// without first reading the head. Every append checks the guess against the stored head in
+/// the statement that moves it (compare-and-set), so a stale guess costs a retry, never a
+/// broken chain; another replica's appends simply make it stale.
+#[derive(Debug, Default)]
+pub(super) struct Heads(std::sync::Mutex<std::collections::HashMap<String, Anchor>>);
+
+/// Most chains [`Heads`] remembers; past it, it starts again (a miss costs one read).
+const REMEMBERED_HEADS: usize = 10_000;
+
+impl Heads {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Anchor>> {
+        // Only single inserts and reads happen under the lock.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, key: &str) -> Option<Anchor> {
+        self.map().get(key).copied()
+    }
+
+    fn set(&self, key: &str, head: Anchor) {
+        let mut map = self.map();
+        if map.len() >= REMEMBERED_HEADS && !map.contains_key(key) {
+            map.clear();
+        }
+        map.insert(key.to_string(), head);
+    }
+}
+
+/// Compare-and-set appends tried before queueing on the head's lock.
+const CAS_ATTEMPTS: usize = 3;
+
+/// What a compare-and-set append found.
+enum Cas {
+    /// The head was where expected; the records are in.
+    Appended,
+    /// The head had moved (to this, as of the statement's snapshot); nothing was written.
+    Stale(Anchor),
+}
+
+/// One statement that appends records to a chain if its head is still where the writer
+/// expected: it moves the head row (which also locks it until the transaction ends), inserts
+/// the records only if the head moved, and queues a `vault_audit` notification that
+/// PostgreSQL delivers to listening replicas on commit. It returns whether the head moved, and
+/// the head as the statement found it. One round trip, where a read of the head under lock and
+/// separate statements would take five.
+fn cas_sql(tables: &Tables) -> String {
+    format!(
+        "WITH moved AS (
+             UPDATE {head} SET last_sequence = $3, last_hash = $4
+             WHERE last_sequence = $1 AND last_hash = $2
+             RETURNING 1
+         ), added AS (
+             INSERT INTO {log} (sequence, at, {AUDIT_VALUE_COLUMNS})
+             SELECT * FROM unnest($5::int8[], $6::timestamptz[], $7::text[], $8::text[],
+                 $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $14::text[],
+                 $15::bytea[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::bytea[])
+             WHERE EXISTS (SELECT 1 FROM moved)
+         ), woke AS (
+             SELECT pg_notify('vault_audit', $21) FROM moved
+         )
+         SELECT (SELECT count(*) FROM woke) AS moved, last_sequence, last_hash FROM {head}",
+        head = tables.head,
+        log = tables.log,
+    )
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// [`cas_sql`] bound for appending `stored` (chained from `expected`) to the chain `key`.
+fn cas_query<'q>(
+    sql: &'q str,
+    key: &str,
+    expected: Anchor,
+    stored: &[Stored],
+) -> Result<PgQuery<'q>, StoreError> {
+    let end = stored.last().ok_or_else(|| {
+        StoreError::Corrupt("an audit append without records reached the database".into())
+    })?;
+    let n = stored.len();
+    let mut sequence = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut action = Vec::with_capacity(n);
+    let mut agent = Vec::with_capacity(n);
+    let mut user = Vec::with_capacity(n);
+    let mut tool = Vec::with_capacity(n);
+    let mut outcome = Vec::with_capacity(n);
+    let mut generation = Vec::with_capacity(n);
+    let mut iss = Vec::with_capacity(n);
+    let mut jti = Vec::with_capacity(n);
+    let mut digest = Vec::with_capacity(n);
+    let mut verified = Vec::with_capacity(n);
+    let mut peer = Vec::with_capacity(n);
+    let mut trace = Vec::with_capacity(n);
+    let mut target = Vec::with_capacity(n);
+    let mut hash = Vec::with_capacity(n);
+    for Stored { record, hash: h } in stored {
+        sequence.push(db_int(record.sequence, "audit sequence")?);
+        at.push(time_of(record.at_ms)?);
+        action.push(record.action.clone());
+        agent.push(record.agent.clone());
+        user.push(record.user.clone());
+        tool.push(record.tool.clone());
+        outcome.push(record.outcome.as_str().to_string());
+        generation.push(
+            record
+                .generation
+                .map(|g| db_int(g, "audit generation"))
+                .transpose()?,
+        );
+        iss.push(record.caller_iss.clone());
+        jti.push(record.caller_jti.clone());
+        digest.push(record.caller_digest.map(|d| d.to_vec()));
+        verified.push(record.verified);
+        peer.push(record.peer.clone());
+        trace.push(record.trace_id.clone());
+        target.push(record.target.clone());
+        hash.push(h.to_vec());
+    }
+    Ok(sqlx::query(sql)
+        .bind(db_int(expected.sequence, "audit sequence")?)
+        .bind(expected.hash.to_vec())
+        .bind(db_int(end.record.sequence, "audit sequence")?)
+        .bind(end.hash.to_vec())
+        .bind(sequence)
+        .bind(at)
+        .bind(action)
+        .bind(agent)
+        .bind(user)
+        .bind(tool)
+        .bind(outcome)
+        .bind(generation)
+        .bind(iss)
+        .bind(jti)
+        .bind(digest)
+        .bind(verified)
+        .bind(peer)
+        .bind(trace)
+        .bind(target)
+        .bind(hash)
+        .bind(key.to_string()))
+}
+
+/// Reads [`cas_sql`]'s answer.
+fn cas_outcome(row: Option<sqlx::postgres::PgRow>, head: &str) -> Result<Cas, StoreError> {
+    use sqlx::Row as _;
+    let row = row.ok_or_else(|| StoreError::Corrupt(format!("{head} has no row")))?;
+    let moved: i64 = row.try_get("moved").map_err(e)?;
+    if moved == 1 {
+        return Ok(Cas::Appended);
+    }
+    let found = LastRow {
+        last_sequence: row.try_get("last_sequence").map_err(e)?,
+        last_hash: row.try_get("last_hash").map_err(e)?,
+    };
+    Ok(Cas::Stale(found.try_into()?))
+}
+
+fn end_of(stored: &[Stored], otherwise: Anchor) -> Anchor {
+    stored.last().map_or(otherwise, |end| Anchor {
+        sequence: end.record.sequence,
+        hash: end.hash,
+    })
 }
 
 /// Locks the chain's head row until the transaction ends; returns where the chain ends.
@@ -73,81 +296,168 @@ async fn lock_head(tx: &mut Tx, head: &str) -> Result<Anchor, StoreError> {
         .try_into()
 }
 
-/// Appends `records` to the chain whose tables are `tables` (keyed `key`) inside `tx`: under
-/// the head row's lock, which serialises appends to the chain across tasks and replicas (the
-/// next append reads the head this one writes, so sequences have no gaps), with a
-/// `vault_audit` notification that PostgreSQL delivers to listening replicas only if `tx`
-/// commits. Credential writes call it after their own statements, so the record and the write
-/// commit or roll back together.
+/// Appends `records` to the chain whose tables are `tables` (keyed `key`) inside `tx`, which
+/// then holds the head row's lock until it ends: appends to one chain queue on it across tasks
+/// and replicas, so sequences have no gaps. The notification reaches listening replicas only if
+/// `tx` commits. Credential writes call it after their own statements, so the record and the
+/// write commit or roll back together. The first try uses the remembered head; if the head
+/// moved, the second locks it first and cannot miss.
 async fn append_to(
     tx: &mut Tx,
     tables: &Tables,
     key: &str,
     records: Vec<AuditRecord>,
+    heads: &Heads,
 ) -> Result<Vec<Stored>, StoreError> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
-    let last = lock_head(tx, &tables.head).await?;
-    let stored = chained(last, records);
-    let insert = format!(
-        "INSERT INTO {} (sequence, at, {AUDIT_VALUE_COLUMNS})
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        tables.log
-    );
-    for Stored { record, hash } in &stored {
-        sqlx::query(&insert)
-            .bind(db_int(record.sequence, "audit sequence")?)
-            .bind(time_of(record.at_ms)?)
-            .bind(&record.action)
-            .bind(&record.agent)
-            .bind(&record.user)
-            .bind(&record.tool)
-            .bind(record.outcome.as_str())
-            .bind(
-                record
-                    .generation
-                    .map(|g| db_int(g, "audit generation"))
-                    .transpose()?,
-            )
-            .bind(&record.caller_iss)
-            .bind(&record.caller_jti)
-            .bind(record.caller_digest.as_ref().map(|d| &d[..]))
-            .bind(record.verified)
-            .bind(&record.peer)
-            .bind(&record.trace_id)
-            .bind(&record.target)
-            .bind(&hash[..])
-            .execute(&mut **tx)
+    let sql = cas_sql(tables);
+    if let Some(guess) = heads.get(key) {
+        let stored = chained(guess, records.clone());
+        let row = cas_query(&sql, key, guess, &stored)?
+            .fetch_optional(&mut **tx)
             .await
             .map_err(e)?;
+        if let Cas::Appended = cas_outcome(row, &tables.head)? {
+            heads.set(key, end_of(&stored, guess));
+            return Ok(stored);
+        }
     }
-    let end = stored.last().expect("records is not empty, checked above");
-    sqlx::query(&format!(
-        "UPDATE {} SET last_sequence = $1, last_hash = $2",
-        tables.head
-    ))
-    .bind(db_int(end.record.sequence, "audit sequence")?)
-    .bind(&end.hash[..])
-    .execute(&mut **tx)
-    .await
-    .map_err(e)?;
-    sqlx::query("SELECT pg_notify('vault_audit', $1)")
-        .bind(key)
-        .execute(&mut **tx)
+    let last = lock_head(tx, &tables.head).await?;
+    let stored = chained(last, records);
+    let row = cas_query(&sql, key, last, &stored)?
+        .fetch_optional(&mut **tx)
         .await
         .map_err(e)?;
-    Ok(stored)
+    match cas_outcome(row, &tables.head)? {
+        Cas::Appended => {
+            heads.set(key, end_of(&stored, last));
+            Ok(stored)
+        }
+        Cas::Stale(_) => Err(StoreError::Corrupt(format!(
+            "{} moved while this transaction held its lock",
+            tables.head
+        ))),
+    }
+}
+
+/// [`crate::store::CredentialStore::load_releasing`]: one statement, under the agent's role,
+/// outside any transaction, that reads the credential and, if it is releasable, computes the
+/// release record's hash from the remembered head, the record's encoding around its generation
+/// and the generation read (`sha256` in SQL, checked against [`crate::audit::link`] here), moves
+/// the head if it is still there, inserts the record and queues the wake-up.
+pub(super) async fn load_releasing(
+    store: &PgStore,
+    key: CredentialKey<'_>,
+    release: &Release,
+) -> Result<(Option<StoredCredential>, bool), StoreError> {
+    let namespace = &key.agent.namespace;
+    let Some(head) = store.heads.get(namespace) else {
+        // Nothing to chain from without a read of the head; the call records itself.
+        return Ok((store.load(key).await?, false));
+    };
+    let schema = quoted(namespace)?;
+    let mut record = release.record.clone();
+    record.sequence = head.sequence + 1;
+    record.outcome = crate::audit::Outcome::Ok;
+    let (before, after) = record.canonical_around_generation();
+    let sql = format!(
+        "WITH cred AS (
+             SELECT generation, state::int8 AS state, key_version::int8 AS key_version,
+                    wrapped_data_key, ciphertext,
+                    state = 0 AND (access_expires_at IS NULL OR access_expires_at > to_timestamp($3))
+                        AS releasable
+             FROM {schema}.credentials
+             WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()
+         ), rec AS (
+             SELECT generation,
+                    sha256($5 || $7 || $8 || int8send(generation) || $9) AS hash
+             FROM cred WHERE releasable
+         ), moved AS (
+             UPDATE {schema}.audit_head SET last_sequence = $4 + 1, last_hash = rec.hash
+             FROM rec WHERE last_sequence = $4 AND last_hash = $5
+             RETURNING rec.generation, rec.hash
+         ), added AS (
+             INSERT INTO {schema}.audit_log (sequence, at, {AUDIT_VALUE_COLUMNS})
+             SELECT $4 + 1, $6, $10, $11, $12, $13, $14, moved.generation, $15, $16, $17, $18,
+                    $19, $20, $21, moved.hash
+             FROM moved
+         ), woke AS (
+             SELECT pg_notify('vault_audit', $22) FROM moved
+         )
+         SELECT cred.generation, cred.state, cred.key_version, cred.wrapped_data_key,
+                cred.ciphertext, (SELECT hash FROM moved) AS released,
+                (SELECT count(*) FROM woke) AS woke
+         FROM cred"
+    );
+    let role = store.chain_role(Chain::Agent(key.agent))?;
+    let query = sqlx::query(&sql)
+        .bind(key.user.as_str())
+        .bind(key.tool.as_str())
+        .bind(release.valid_until as f64)
+        .bind(db_int(head.sequence, "audit sequence")?)
+        .bind(head.hash.to_vec())
+        .bind(time_of(record.at_ms)?)
+        .bind(before)
+        .bind(crate::audit::GENERATION_FIELD.to_vec())
+        .bind(after)
+        .bind(&record.action)
+        .bind(&record.agent)
+        .bind(&record.user)
+        .bind(&record.tool)
+        .bind(record.outcome.as_str())
+        .bind(&record.caller_iss)
+        .bind(&record.caller_jti)
+        .bind(record.caller_digest.map(|d| d.to_vec()))
+        .bind(record.verified)
+        .bind(&record.peer)
+        .bind(&record.trace_id)
+        .bind(&record.target)
+        .bind(namespace.as_str());
+    let Some(row) = store
+        .reads
+        .fetch_optional(role.as_deref(), query)
+        .await
+        .map_err(e)?
+    else {
+        return Ok((None, false));
+    };
+    use sqlx::{FromRow as _, Row as _};
+    let released: Option<Vec<u8>> = row.try_get("released").map_err(e)?;
+    let stored = StoredCredential::try_from(CredentialRow::from_row(&row).map_err(e)?)?;
+    let Some(released) = released else {
+        return Ok((Some(stored), false));
+    };
+    record.generation = Some(stored.generation.get());
+    let hash = crate::audit::link(&head.hash, &record);
+    if released[..] != hash[..] {
+        // The database hashed another encoding than this process would: the chain now fails
+        // `audit verify` at this record. Never expected; loud if it happens.
+        return Err(StoreError::Corrupt(format!(
+            "the release record {} of chain {namespace} was hashed differently in the database",
+            record.sequence
+        )));
+    }
+    store.heads.set(
+        namespace,
+        Anchor {
+            sequence: record.sequence,
+            hash,
+        },
+    );
+    Ok((Some(stored), true))
 }
 
 /// [`append_to`] an agent's chain, in a transaction already under that agent's role.
 pub(super) async fn append_agent(
+    store: &PgStore,
     tx: &mut Tx,
     namespace: &str,
     records: Vec<AuditRecord>,
 ) -> Result<Vec<Stored>, StoreError> {
     let tables = agent_tables(namespace)?;
-    append_to(tx, &tables, namespace, records).await
+    append_to(tx, &tables, namespace, records, &store.heads).await
 }
 
 fn agent_tables(namespace: &str) -> Result<Tables, StoreError> {
@@ -166,57 +476,21 @@ impl AuditStore for PgStore {
         chain: Chain<'_>,
         records: Vec<AuditRecord>,
     ) -> Result<Vec<Stored>, StoreError> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (mut tx, tables) = self.audit_tx(chain).await?;
-        let stored = append_to(&mut tx, &tables, chain.key(), records).await?;
-        tx.commit().await.map_err(e)?;
-        Ok(stored)
+        self.append_alone(chain, records).await
     }
 
+    /// Each chain's batch in its own statement, all at once: PostgreSQL flushes the log once
+    /// for the commits that wait together, so concurrent chains still share a flush, and one
+    /// broken chain fails only its own batch.
     #[tracing::instrument(skip_all)]
     async fn append_batches(
         &self,
         batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
-    ) -> Result<(), StoreError> {
-        let mut batches: Vec<_> = batches
-            .into_iter()
-            .filter(|(_, records)| !records.is_empty())
-            .collect();
-        if batches.is_empty() {
-            return Ok(());
-        }
-        // Every replica's flusher locks heads in this one order, so two never wait on each
-        // other in a cycle (a credential write locks only its own chain's head).
-        batches.sort_by(|a, b| a.0.key().cmp(b.0.key()));
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        for (chain, records) in batches {
-            let tables = match chain {
-                Chain::Control => {
-                    if self.agent_roles {
-                        // Back to the login role, which holds the control chain's rights.
-                        tx.execute("SET LOCAL ROLE NONE").await.map_err(e)?;
-                    }
-                    Tables {
-                        log: "vault.audit_log".into(),
-                        head: "vault.audit_head".into(),
-                    }
-                }
-                Chain::Agent(agent) => {
-                    if self.agent_roles {
-                        let role = self.agent_role(&agent.namespace)?;
-                        tx.execute(format!("SET LOCAL ROLE {role}").as_str())
-                            .await
-                            .map_err(e)?;
-                    }
-                    agent_tables(&agent.namespace)?
-                }
-            };
-            append_to(&mut tx, &tables, chain.key(), records).await?;
-        }
-        tx.commit().await.map_err(e)?;
-        Ok(())
+    ) -> Vec<Result<(), StoreError>> {
+        futures_util::future::join_all(batches.into_iter().map(|(chain, records)| async move {
+            self.append_alone(chain, records).await.map(drop)
+        }))
+        .await
     }
 
     #[tracing::instrument(skip_all)]

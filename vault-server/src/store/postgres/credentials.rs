@@ -68,7 +68,7 @@ impl CredentialStore for PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(e)?;
-        append_agent(&mut tx, &key.agent.namespace, audit).await?;
+        append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         Ok(match row {
             Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
@@ -102,6 +102,15 @@ impl CredentialStore for PgStore {
             .map_err(e)?;
         row.map(|row| StoredCredential::try_from(CredentialRow::from_row(&row).map_err(e)?))
             .transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn load_releasing(
+        &self,
+        key: CredentialKey<'_>,
+        release: &crate::store::Release,
+    ) -> Result<(Option<StoredCredential>, bool), StoreError> {
+        super::audit::load_releasing(self, key, release).await
     }
 
     #[tracing::instrument(skip_all)]
@@ -167,7 +176,7 @@ impl CredentialStore for PgStore {
             }
         }
         .map_err(e)?;
-        append_agent(&mut tx, &agent.namespace, audit).await?;
+        append_agent(self, &mut tx, &agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         Ok(result.rows_affected())
     }
@@ -204,7 +213,7 @@ impl CredentialStore for PgStore {
         .map_err(e)?
         .rows_affected();
         if written == 1 {
-            append_agent(&mut tx, &key.agent.namespace, audit).await?;
+            append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
         }
         tx.commit().await.map_err(e)?;
         Ok(written == 1)
@@ -232,7 +241,7 @@ impl CredentialStore for PgStore {
         .map_err(e)?
         .rows_affected();
         if marked == 1 {
-            append_agent(&mut tx, &key.agent.namespace, audit).await?;
+            append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
         }
         tx.commit().await.map_err(e)?;
         Ok(())
@@ -304,7 +313,7 @@ impl CredentialStore for PgStore {
                         crate::store::credentials::swept_record(&agent, user, tool, *generation)
                     })
                     .collect();
-                append_agent(&mut tx, &namespace, records).await?;
+                append_agent(self, &mut tx, &namespace, records).await?;
                 gone.len() as i64
             };
             tx.commit().await.map_err(e)?;

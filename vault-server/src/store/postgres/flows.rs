@@ -98,6 +98,22 @@ impl FlowStore for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn expired_unfinished(&self, limit: u32) -> Result<Vec<Flow>, StoreError> {
+        let rows: Vec<FlowRow> = sqlx::query_as(&format!(
+            "SELECT {FLOW_COLUMNS} FROM vault.authorization_flows
+             WHERE status IN ($1, $2) AND expires_at <= now()
+             ORDER BY expires_at LIMIT $3"
+        ))
+        .bind(FlowStatus::UNFINISHED[0].code())
+        .bind(FlowStatus::UNFINISHED[1].code())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        rows.into_iter().map(Flow::try_from).collect()
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn sweep_flows(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
         // SKIP LOCKED: concurrent sweepers split the work, and a flow a request is changing
         // right now is left for the next pass.

@@ -127,6 +127,8 @@ pub struct PgStore {
     role_prefix: std::sync::Arc<std::sync::OnceLock<String>>,
     /// A login role that `migrate` makes a member of the serving group.
     serving_role: Option<String>,
+    /// Where this process last saw each audit chain end (a guess every append checks).
+    heads: std::sync::Arc<audit::Heads>,
 }
 
 impl PgStore {
@@ -163,6 +165,7 @@ impl PgStore {
             agent_roles: settings.agent_roles,
             role_prefix: std::sync::Arc::default(),
             serving_role: settings.serving_role.clone(),
+            heads: std::sync::Arc::default(),
         })
     }
 

@@ -48,7 +48,7 @@ impl OutboxStore for PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(e)?;
-        super::audit::append_agent(&mut tx, &agent.namespace, audit).await?;
+        super::audit::append_agent(self, &mut tx, &agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         all(rows)
     }

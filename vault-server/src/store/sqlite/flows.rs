@@ -97,6 +97,23 @@ impl FlowStore for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn expired_unfinished(&self, limit: u32) -> Result<Vec<Flow>, StoreError> {
+        let rows: Vec<FlowRow> = sqlx::query_as(&format!(
+            "SELECT {FLOW_COLUMNS} FROM authorization_flows
+             WHERE status IN (?1, ?2) AND expires_at <= ?3
+             ORDER BY expires_at LIMIT ?4"
+        ))
+        .bind(FlowStatus::UNFINISHED[0].code())
+        .bind(FlowStatus::UNFINISHED[1].code())
+        .bind(now_ms())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        rows.into_iter().map(Flow::try_from).collect()
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn sweep_flows(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
         let swept = sqlx::query(
             "DELETE FROM authorization_flows WHERE id IN (
