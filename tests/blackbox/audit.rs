@@ -278,16 +278,15 @@ async fn a_call_whose_record_cannot_be_written_fails_and_its_write_is_not_visibl
     let alice = app.client(&issuer, "agent-a", "alice").await;
     let first = store(&gateway, "jira", "at-first").await;
 
-    // The agent's role loses the right to append to its audit log.
+    // The agent's audit log refuses every append, whoever makes it (an audit device that is
+    // down: a trigger, since the tests' vault logs in as a superuser, whom no REVOKE binds).
     let mut conn = db.connect().await;
-    let role: String = sqlx::query_scalar("SELECT vault.agent_role($1)")
-        .bind(schema_of("agent-a"))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query(&format!(
-        "REVOKE INSERT ON \"{}\".audit_log FROM \"{role}\"",
-        schema_of("agent-a")
+    let log = format!("\"{}\".audit_log", schema_of("agent-a"));
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION public.audit_device_down() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'audit device down'; END $$;
+         CREATE TRIGGER down BEFORE INSERT ON {log}
+             FOR EACH ROW EXECUTE FUNCTION public.audit_device_down();"
     ))
     .execute(&mut conn)
     .await
@@ -311,13 +310,10 @@ async fn a_call_whose_record_cannot_be_written_fails_and_its_write_is_not_visibl
     let refused = alice.revoke(Some("jira"), false).await.unwrap_err();
     assert_eq!(refused.reason(), ErrorReason::AuditUnavailable);
 
-    sqlx::query(&format!(
-        "GRANT INSERT ON \"{}\".audit_log TO \"{role}\"",
-        schema_of("agent-a")
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    sqlx::raw_sql(&format!("DROP TRIGGER down ON {log}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let token = alice.get_token("jira", Duration::ZERO).await.unwrap();
     assert_eq!(
         token.access_token, "at-first",

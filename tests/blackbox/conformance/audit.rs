@@ -866,6 +866,55 @@ async fn the_serving_role_appends_and_runs_retention_but_cannot_rewrite_records(
             assert!(!refused(&login_url, role, &sql).await, "{role:?}: {sql}");
         }
     }
+
+    // Group commit appends to many agents' chains in one transaction under the serving group,
+    // which may append to them and move their ends, and nothing more: not read an agent's
+    // credentials, not rewrite or delete a record, not move an anchor or a signed head.
+    let b = registered(&serving, "agent-b").await;
+    for result in serving
+        .audit
+        .append_batches(vec![
+            (Chain::Agent(&a), vec![full(1)]),
+            (Chain::Agent(&b), vec![full(2), full(3)]),
+            (Chain::Control, vec![bare("shutdown", 300)]),
+        ])
+        .await
+    {
+        result.unwrap();
+    }
+    assert_eq!(
+        verified(&serving, Chain::Agent(&a), None)
+            .await
+            .unwrap()
+            .sequence,
+        3
+    );
+    assert_eq!(
+        verified(&serving, Chain::Agent(&b), None)
+            .await
+            .unwrap()
+            .sequence,
+        2
+    );
+    for sql in [
+        format!("SELECT count(*) FROM {schema}.credentials"),
+        format!("SELECT count(*) FROM {schema}.audit_log"),
+        format!("UPDATE {schema}.audit_log SET action = 'forged'"),
+        format!("DELETE FROM {schema}.audit_log"),
+        format!("DELETE FROM {schema}.audit_head"),
+        format!("UPDATE {schema}.audit_head SET anchor_sequence = 0"),
+        format!("UPDATE {schema}.audit_head SET signed_mac = NULL"),
+    ] {
+        assert!(refused(&login_url, None, &sql).await, "serving: {sql}");
+    }
+    assert!(
+        !refused(
+            &login_url,
+            None,
+            &format!("UPDATE {schema}.audit_head SET last_sequence = last_sequence"),
+        )
+        .await
+    );
     drop(serving);
     drop(db);
     drop(login);

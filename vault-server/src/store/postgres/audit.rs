@@ -40,14 +40,6 @@ impl PgStore {
 }
 
 impl PgStore {
-    /// The role `chain`'s tables are reached under, quoted (`None`: the login role's rights).
-    fn chain_role(&self, chain: Chain<'_>) -> Result<Option<String>, StoreError> {
-        match chain {
-            Chain::Agent(agent) if self.agent_roles => self.agent_role(&agent.namespace).map(Some),
-            _ => Ok(None),
-        }
-    }
-
     fn chain_tables(chain: Chain<'_>) -> Result<Tables, StoreError> {
         match chain {
             Chain::Control => Ok(Tables {
@@ -64,11 +56,11 @@ impl PgStore {
         R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
     {
         let tables = Self::chain_tables(chain)?;
-        let role = self.chain_role(chain)?;
         let sql = format!("SELECT {columns} FROM {}", tables.head);
+        // Under the login role, whose serving group may read every chain's head.
         let row = self
             .reads
-            .fetch_optional(role.as_deref(), sqlx::query(&sql))
+            .fetch_optional(None, sqlx::query(&sql))
             .await
             .map_err(e)?
             .ok_or_else(|| StoreError::Corrupt(format!("{} has no row", tables.head)))?;
@@ -78,7 +70,8 @@ impl PgStore {
     /// Appends `records` to `chain` on their own: compare-and-set statements outside any
     /// transaction (each one round trip and one commit), from the remembered head, then from
     /// the head each failed try found; if the chain is that contended, a transaction that
-    /// queues on the head's lock.
+    /// queues on the head's lock. Under the login role, whose serving group may append to every
+    /// chain (control migration 0008), so no statement waits for a role switch.
     async fn append_alone(
         &self,
         chain: Chain<'_>,
@@ -89,7 +82,6 @@ impl PgStore {
         }
         let key = chain.key();
         let tables = Self::chain_tables(chain)?;
-        let role = self.chain_role(chain)?;
         let sql = cas_sql(&tables);
         let mut head = match self.heads.get(key) {
             Some(head) => head,
@@ -99,7 +91,7 @@ impl PgStore {
             let stored = chained(head, records.clone());
             let row = self
                 .reads
-                .fetch_optional(role.as_deref(), cas_query(&sql, key, head, &stored)?)
+                .fetch_optional(None, cas_query(&sql, key, head, &stored)?)
                 .await
                 .map_err(e)?;
             match cas_outcome(row, &tables.head)? {
@@ -110,7 +102,7 @@ impl PgStore {
                 Cas::Stale(found) => head = found,
             }
         }
-        let (mut tx, tables) = self.audit_tx(chain).await?;
+        let mut tx = self.pool.begin().await.map_err(e)?;
         let stored = append_to(&mut tx, &tables, key, records, &self.heads).await?;
         tx.commit().await.map_err(e)?;
         Ok(stored)
@@ -391,7 +383,12 @@ pub(super) async fn load_releasing(
                 (SELECT count(*) FROM woke) AS woke
          FROM cred"
     );
-    let role = store.chain_role(Chain::Agent(key.agent))?;
+    // Under the agent's role: the statement reads its credentials.
+    let role = if store.agent_roles {
+        Some(store.agent_role(namespace)?)
+    } else {
+        None
+    };
     let query = sqlx::query(&sql)
         .bind(key.user.as_str())
         .bind(key.tool.as_str())
@@ -479,14 +476,38 @@ impl AuditStore for PgStore {
         self.append_alone(chain, records).await
     }
 
-    /// Each chain's batch in its own statement, all at once: PostgreSQL flushes the log once
-    /// for the commits that wait together, so concurrent chains still share a flush, and one
-    /// broken chain fails only its own batch.
+    /// One transaction for every chain's batch (one commit, one flush of the log), under the
+    /// login role: each chain one compare-and-set statement from its remembered head, heads
+    /// locked in chain-key order so that flushers on two replicas never wait on each other in
+    /// a cycle (a credential write locks only its own chain's head). If the transaction fails,
+    /// each chain is appended alone, so one broken chain fails only its own batch.
     #[tracing::instrument(skip_all)]
     async fn append_batches(
         &self,
         batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
     ) -> Vec<Result<(), StoreError>> {
+        let mut order: Vec<usize> = (0..batches.len())
+            .filter(|&i| !batches[i].1.is_empty())
+            .collect();
+        if order.len() > 1 {
+            order.sort_by(|&a, &b| batches[a].0.key().cmp(batches[b].0.key()));
+            let together = async {
+                let mut tx = self.pool.begin().await.map_err(e)?;
+                for &i in &order {
+                    let (chain, records) = &batches[i];
+                    let tables = Self::chain_tables(*chain)?;
+                    append_to(&mut tx, &tables, chain.key(), records.clone(), &self.heads).await?;
+                }
+                tx.commit().await.map_err(e)
+            }
+            .await;
+            match together {
+                Ok(()) => return batches.iter().map(|_| Ok(())).collect(),
+                Err(err) => {
+                    tracing::warn!(error = %crate::telemetry::error_chain(&err), chains = order.len(), "a group audit append failed; appending each chain alone");
+                }
+            }
+        }
         futures_util::future::join_all(batches.into_iter().map(|(chain, records)| async move {
             self.append_alone(chain, records).await.map(drop)
         }))
