@@ -1320,6 +1320,9 @@ async fn the_server_runs_on_the_embedded_store_and_keeps_tokens_across_restarts(
 async fn migrated_pg(db: &TestDb, max_connections: u32) -> (PgStore, Store) {
     let settings = DatabaseSettings {
         max_connections,
+        // The audit records these tests make are stamped in 2025; a floor of a day lets
+        // retention reach them (the floor itself is tested with the serving role).
+        audit_retention_days: 1,
         ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
     };
     let pg = PgStore::connect(&settings).await.unwrap();

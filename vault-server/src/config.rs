@@ -166,7 +166,8 @@ value::settings! {
         vault_audit_releases: String = "on".into(), "on, off";
         /// Audit records older than this many days are deleted, oldest first and in batches, by
         /// the replica holding the sweeper's lease; each chain stays verifiable from the anchor
-        /// kept where the deleted prefix ended.
+        /// kept where the deleted prefix ended. On PostgreSQL, `migrate` records it as the floor:
+        /// the serving login cannot delete a younger record, whatever it asks for.
         vault_audit_retention_days: u64 = 400, 1..=36_500;
         /// How often each audit chain's head is signed (HMAC under a key derived from the root
         /// key), so that `audit verify` detects a tail cut from the log after a signing.
@@ -276,8 +277,9 @@ impl Config {
     /// Whether `name` is one of the settings `migrate` and `sweep` read, whose problems alone
     /// stop them.
     fn is_database_setting(name: &str) -> bool {
-        // VAULT_DATABASE_* and VAULT_DATA_DIR, which places the embedded store.
-        name.starts_with("VAULT_DATA")
+        // VAULT_DATABASE_* and VAULT_DATA_DIR, which places the embedded store, and the audit
+        // retention, which `migrate` records as the floor of what retention may delete.
+        name.starts_with("VAULT_DATA") || name == "VAULT_AUDIT_RETENTION_DAYS"
     }
 }
 

@@ -787,13 +787,15 @@ async fn refused(login_url: &str, role: Option<&str>, sql: &str) -> bool {
 }
 
 /// The serving role appends, reads, signs and runs retention on both kinds of chain, but may
-/// not rewrite a record, nor remove or add a head row.
+/// not rewrite or delete a record, move an anchor, nor remove or add a head row; retention runs
+/// through the owner's function and stops at the floor `migrate` recorded.
 #[tokio::test]
 async fn the_serving_role_appends_and_runs_retention_but_cannot_rewrite_records() {
     let db = TestDb::new().await;
     let login = ServingLogin::create(&db).await;
     let owner = PgStore::connect(&DatabaseSettings {
         serving_role: Some(login.name.clone()),
+        audit_retention_days: 30,
         ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
     })
     .await
@@ -850,6 +852,9 @@ async fn the_serving_role_appends_and_runs_retention_but_cannot_rewrite_records(
     ] {
         for sql in [
             format!("UPDATE {log} SET action = 'forged'"),
+            format!("DELETE FROM {log}"),
+            format!("UPDATE {head} SET anchor_sequence = 0"),
+            format!("UPDATE {head} SET anchor_hash = last_hash"),
             format!("DELETE FROM {head}"),
             format!(
                 "INSERT INTO {head} (last_sequence, last_hash, anchor_sequence, anchor_hash)
@@ -914,6 +919,60 @@ async fn the_serving_role_appends_and_runs_retention_but_cannot_rewrite_records(
             &format!("UPDATE {schema}.audit_head SET last_sequence = last_sequence"),
         )
         .await
+    );
+
+    // Retention goes through vault.audit_trim, which deletes nothing younger than the
+    // retention `migrate` recorded, whatever cut-off the serving login asks for.
+    let floor: i32 =
+        sqlx::query_scalar("SELECT audit_retention_days FROM vault.instance WHERE id = 1")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(floor, 30, "migrate recorded the configured retention");
+    let mut as_serving = sqlx::PgConnection::connect(&login_url).await.unwrap();
+    for chain in [Chain::Agent(&a), Chain::Control] {
+        // Records of 1970 and 2025 (older than the floor), then one stamped now.
+        let recent = serving
+            .audit
+            .append(
+                chain,
+                vec![bare("GetToken", chrono::Utc::now().timestamp_millis())],
+            )
+            .await
+            .unwrap();
+        let before = serving.audit.records(chain, 0, 100).await.unwrap();
+        let old = before.len() - 1;
+        assert!(old > 0);
+        // A cut-off in the future deletes the old ones and stops at the floor.
+        let deleted: i64 =
+            sqlx::query_scalar("SELECT vault.audit_trim($1, now() + interval '1 day', 1000)")
+                .bind(chain.key())
+                .fetch_one(&mut as_serving)
+                .await
+                .unwrap();
+        assert_eq!(
+            deleted,
+            old as i64,
+            "{}: only what is older than the floor",
+            chain.key()
+        );
+        assert_eq!(
+            serving.audit.records(chain, 0, 100).await.unwrap(),
+            recent,
+            "{}",
+            chain.key()
+        );
+        assert_eq!(
+            verified(&serving, chain, None).await.unwrap().sequence,
+            recent[0].record.sequence
+        );
+    }
+    // And it trims only chains: no other schema's table.
+    assert!(
+        sqlx::query_scalar::<_, i64>("SELECT vault.audit_trim('public', now(), 10)")
+            .fetch_one(&mut as_serving)
+            .await
+            .is_err()
     );
     drop(serving);
     drop(db);

@@ -189,6 +189,9 @@ pub struct DatabaseSettings {
     pub migrate_url: Option<SecretString>,
     /// The login role `migrate` makes a member of the serving group.
     pub serving_role: Option<String>,
+    /// `VAULT_AUDIT_RETENTION_DAYS`, which `migrate` records in the database as the floor below
+    /// which nobody but the owner may delete an audit record (PostgreSQL only).
+    pub audit_retention_days: u32,
 }
 
 impl Settings {
@@ -284,6 +287,7 @@ impl DatabaseSettings {
             agent_roles: c.vault_database_agent_roles,
             migrate_url: c.migrate_url()?,
             serving_role: c.serving_role()?,
+            audit_retention_days: u32::try_from(c.vault_audit_retention_days).unwrap_or(u32::MAX),
         })
     }
 
@@ -308,6 +312,7 @@ impl DatabaseSettings {
             agent_roles: true,
             migrate_url: None,
             serving_role: None,
+            audit_retention_days: 400,
         }
     }
 }

@@ -552,6 +552,9 @@ impl AuditStore for PgStore {
             .try_into()
     }
 
+    /// Through vault.audit_trim (control migration 0009): the vault's own roles may not delete
+    /// a record or move an anchor, and the function deletes nothing younger than the retention
+    /// `migrate` set, whatever `before_ms` says.
     #[tracing::instrument(skip_all)]
     async fn delete_before(
         &self,
@@ -559,42 +562,20 @@ impl AuditStore for PgStore {
         before_ms: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let (mut tx, tables) = self.audit_tx(chain).await?;
-        // Under the head's lock, so the anchor and the records deleted move together.
-        lock_head(&mut tx, &tables.head).await?;
-        let oldest: Vec<(i64, Vec<u8>, bool)> = sqlx::query_as(&format!(
-            // Compared in milliseconds: any cut-off is valid, even one past every timestamp.
-            "SELECT sequence, hash, extract(epoch FROM at) * 1000 < $1
-             FROM {} ORDER BY sequence LIMIT $2",
-            tables.log
-        ))
-        .bind(before_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(e)?;
-        // Only a prefix: a record stamped late by a slow clock stops retention there.
-        let Some((sequence, hash, _)) = oldest.into_iter().take_while(|(_, _, old)| *old).last()
-        else {
-            return Ok(0);
-        };
-        let deleted = sqlx::query(&format!("DELETE FROM {} WHERE sequence <= $1", tables.log))
-            .bind(sequence)
-            .execute(&mut *tx)
+        let deleted: i64 = sqlx::query_scalar("SELECT vault.audit_trim($1, $2, $3)")
+            .bind(chain.key())
+            .bind(
+                DateTime::from_timestamp_millis(before_ms).unwrap_or(if before_ms < 0 {
+                    DateTime::<Utc>::MIN_UTC
+                } else {
+                    DateTime::<Utc>::MAX_UTC
+                }),
+            )
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .fetch_one(&self.pool)
             .await
-            .map_err(e)?
-            .rows_affected();
-        sqlx::query(&format!(
-            "UPDATE {} SET anchor_sequence = $1, anchor_hash = $2",
-            tables.head
-        ))
-        .bind(sequence)
-        .bind(hash)
-        .execute(&mut *tx)
-        .await
-        .map_err(e)?;
-        tx.commit().await.map_err(e)?;
-        Ok(deleted)
+            .map_err(e)?;
+        Ok(u64::try_from(deleted).unwrap_or(0))
     }
 
     #[tracing::instrument(skip_all)]

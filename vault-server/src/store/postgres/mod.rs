@@ -129,6 +129,8 @@ pub struct PgStore {
     serving_role: Option<String>,
     /// Where this process last saw each audit chain end (a guess every append checks).
     heads: std::sync::Arc<audit::Heads>,
+    /// What `migrate` records as the audit retention floor.
+    audit_retention_days: u32,
 }
 
 impl PgStore {
@@ -166,6 +168,7 @@ impl PgStore {
             role_prefix: std::sync::Arc::default(),
             serving_role: settings.serving_role.clone(),
             heads: std::sync::Arc::default(),
+            audit_retention_days: settings.audit_retention_days,
         })
     }
 

@@ -139,6 +139,13 @@ impl SchemaStore for PgStore {
         conn.execute(sqlx::raw_sql("RESET search_path"))
             .await
             .map_err(e)?;
+        // The floor vault.audit_trim holds retention to (control migration 0009): only the
+        // owner, here, may lower it.
+        sqlx::query("UPDATE vault.instance SET audit_retention_days = $1 WHERE id = 1")
+            .bind(i32::try_from(self.audit_retention_days.max(1)).unwrap_or(i32::MAX))
+            .execute(&mut conn)
+            .await
+            .map_err(e)?;
         for (version, template) in AGENT_MIGRATIONS {
             sqlx::query(
                 "INSERT INTO vault.agent_migrations (version, template) VALUES ($1, $2)
