@@ -35,6 +35,9 @@ BEGIN
     ELSE
         RAISE EXCEPTION 'not an audit chain: %', p_chain USING ERRCODE = '22023';
     END IF;
+    IF floor_at IS NULL THEN
+        RAISE EXCEPTION 'no audit retention floor in vault.instance' USING ERRCODE = '55000';
+    END IF;
     IF p_before IS NULL OR p_limit IS NULL OR p_limit < 1 THEN
         RETURN 0;
     END IF;

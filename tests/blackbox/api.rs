@@ -307,6 +307,22 @@ async fn a_sealed_row_copied_onto_another_users_row_does_not_open() {
         matches!(&stolen, Err(Error::Other(status)) if status.code() == tonic::Code::Internal),
         "{stolen:?}"
     );
+    // The audit log never says the token was released: the release recorded with the read (a
+    // lone GetToken's) is retracted by the failure's record.
+    let gets: Vec<(i64, String, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT sequence, outcome, target FROM \"{s}\".audit_log
+         WHERE action = 'GetToken' AND user_id = 'mallory' ORDER BY sequence"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    match &gets[..] {
+        [(released, ok, None), (_, outcome, Some(target))] => {
+            assert_eq!((ok.as_str(), outcome.as_str()), ("OK", "INTERNAL"));
+            assert_eq!(target, &format!("{{\"retracts\":{released}}}"));
+        }
+        other => panic!("unexpected GetToken records: {other:?}"),
+    }
     assert_eq!(access_token(&alice, "jira").await, "alice-secret");
 }
 

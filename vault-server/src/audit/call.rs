@@ -97,6 +97,13 @@ impl Call {
         });
     }
 
+    /// The call recorded a release with its read (at `sequence` of the same chain) and then
+    /// failed before serving it: the failure's record names that record in its `target`, as
+    /// `{"retracts": sequence}`, so nobody reads the release as made.
+    pub fn retracts(&self, sequence: u64) {
+        self.edit(|r| r.target = Some(serde_json::json!({ "retracts": sequence }).to_string()));
+    }
+
     /// The consent flow acted on.
     pub fn flow(&self, authorization_id: &str) {
         self.edit(|r| r.target = Some(flow_target(authorization_id)));

@@ -1,8 +1,8 @@
 //! Writing audit records that are not part of a credential write: the end of every RPC that
 //! wrote nothing (reads, refusals, failures), and background events. Concurrent records share
 //! commits (group commit): the first waiting record starts a flush, and every record that
-//! arrives while a flush commits goes into the next one, one statement per chain, all chains at
-//! once, so under load a commit carries many records and at one caller it carries one. Each caller waits for its own record
+//! arrives while a flush commits goes into the next one (one transaction, whatever their
+//! chains), so under load a commit carries many records and at one caller it carries one. Each caller waits for its own record
 //! to be durable; a record that cannot be written fails its caller.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,9 +157,8 @@ impl Recorder {
     }
 
     /// Appends `record` to `owner`'s chain, sharing a commit with the records of every other
-    /// call waiting at the same time on that chain, and the log's flush with those of other
-    /// chains (a commit's cost is its flush to disk, so sharing it is what makes auditing every
-    /// release affordable);
+    /// call waiting at the same time, whatever their chains (a commit's cost is its flush to
+    /// disk, so sharing it is what makes auditing every release affordable);
     /// returns once it is durable. The append runs in its own task, so a caller that gives up
     /// waiting never stalls the others.
     pub async fn record(

@@ -2,9 +2,10 @@
 //! a head recording how far it went, where retention left it (the anchor) and the latest head
 //! signed under the root key.
 //!
-//! The store assigns sequences and computes hashes itself, under the chain's head lock, so
-//! records appended concurrently by many tasks and replicas still form one gap-free chain: the
-//! caller hands over records, never sequences. What to record, and when to sign a head, is the
+//! The store assigns sequences and computes hashes itself, and moves a chain's head only from
+//! where it found it (a compare-and-set, or under the head's lock), so records appended
+//! concurrently by many tasks and replicas still form one gap-free chain: the caller hands over
+//! records, never sequences. What to record, and when to sign a head, is the
 //! caller's business.
 
 use super::{AgentRecord, StoreError};
@@ -33,9 +34,9 @@ impl Chain<'_> {
 /// Audit chains.
 #[async_trait::async_trait]
 pub trait AuditStore: Send + Sync + 'static {
-    /// Appends `records` to `chain` in one transaction: each gets the next sequence after the
-    /// chain's head (whatever `sequence` it came with) and its hash linked to the one before;
-    /// returns them as stored. Concurrent appends to one chain queue on its head.
+    /// Appends `records` to `chain`, all or none: each gets the next sequence after the chain's
+    /// head (whatever `sequence` it came with) and its hash linked to the one before; returns
+    /// them as stored. Concurrent appends to one chain are serialised on its head.
     async fn append(
         &self,
         chain: Chain<'_>,

@@ -142,16 +142,16 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// agent's chain in the same statement when the credential can be released as it stands
     /// (usable, and its access token valid past `release.valid_until`), with the generation read:
     /// one round trip and one commit where a read and then an append take two of each.
-    /// Answers whether the record was written. A store that cannot do both at once (or whose
-    /// chain moved under it) writes nothing and answers false; the caller then records the
-    /// call itself.
+    /// Answers the sequence of the record written, if one was. A store that cannot do both at
+    /// once (or whose chain moved under it) writes nothing and answers `None`; the caller then
+    /// records the call itself.
     async fn load_releasing(
         &self,
         key: CredentialKey<'_>,
         release: &Release,
-    ) -> Result<(Option<StoredCredential>, bool), StoreError> {
+    ) -> Result<(Option<StoredCredential>, Option<u64>), StoreError> {
         let _ = release;
-        Ok((self.load(key).await?, false))
+        Ok((self.load(key).await?, None))
     }
 
     /// Every credential of `user` at this agent, past their vault TTL included (not yet swept),

@@ -1005,17 +1005,19 @@ impl Vault {
     /// Ends up to `limit` consent flows that expired before anyone finished them, each with a
     /// `flow.expired` record, so that a watcher waiting for consent learns the flow is over.
     /// The record is written first: a pass that stops in between records the expiry again on
-    /// the next pass rather than never. Returns how many flows ended.
+    /// the next pass rather than never (and an admin Sweep racing the sweeper may record one
+    /// twice; nothing can complete an expired flow, so no record contradicts it). Returns how
+    /// many flows ended.
     pub async fn expire_flows(&self, limit: u32) -> Result<u64, VaultError> {
         let mut ended = 0;
         for flow in self.store.flows.expired_unfinished(limit).await? {
-            let entry = match self.flow_agent(&flow).await {
-                Ok(entry) => entry,
-                Err(err) => {
-                    // Left for the flow sweep, which deletes it after its retention.
-                    tracing::warn!(authorization_id = %flow.id, error = %err, "an expired consent flow's agent is unavailable; its expiry is not recorded");
-                    continue;
-                }
+            let Some(entry) = self.agent_entry(&flow.issuer, &flow.agent, false).await? else {
+                // No agent, no chain to record in: end the flow all the same, or it would come
+                // first in every pass and keep the others from expiring.
+                tracing::warn!(authorization_id = %flow.id, "an expired consent flow's agent is not registered; ending it unrecorded");
+                self.end_flow(&flow, flow.status, FlowStatus::Failed, EXPIRED)
+                    .await?;
+                continue;
             };
             self.recorder
                 .record(

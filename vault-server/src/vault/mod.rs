@@ -237,9 +237,9 @@ struct Opened {
     entry: Arc<AgentEntry>,
     tokens: TokenSet,
     generation: Generation,
-    /// The call's release record was written with the read
+    /// The call's release record was written with the read, at this sequence
     /// ([`crate::store::CredentialStore::load_releasing`]).
-    released: bool,
+    released: Option<u64>,
 }
 
 /// An agent's registry entry with its key unwrapped, cached for the life of the process.
@@ -635,7 +635,7 @@ impl Vault {
                 };
                 self.store.credentials.load_releasing(key, &release).await?
             }
-            _ => (self.store.credentials.load(key).await?, false),
+            _ => (self.store.credentials.load(key).await?, None),
         };
         drop(turn);
         let stored = stored.ok_or(VaultError::NotFound)?;
@@ -653,6 +653,10 @@ impl Vault {
         let tokens = open_credential(&entry.key, binding, &stored.sealed).map_err(|_| {
             // Either tampering or a row moved from elsewhere: never serve it, and say so loudly.
             tracing::error!(generation = %stored.generation, "stored credential does not open for its row");
+            if let (Some(call), Some(sequence)) = (call, released) {
+                // Its release was recorded with the read: the failure's record says it was not made.
+                call.retracts(sequence);
+            }
             VaultError::Unexpected(anyhow::anyhow!("credential ciphertext does not open for its binding"))
         })?;
         Ok(Opened {
@@ -709,7 +713,7 @@ impl Vault {
         let current = self
             .open_current(caller, tool, Some(call), release_until)
             .await?;
-        if current.released {
+        if current.released.is_some() {
             // The store released it by the same rule as below (usable, and valid past
             // `wanted_until`) and wrote the call's record with the read.
             call.generation(current.generation);
@@ -863,7 +867,12 @@ impl Vault {
             .sweep(limit, dry_run, self.options.sweep_revokes)
             .await?;
         if !dry_run {
-            let expired = self.expire_flows(limit).await?;
+            // The credentials are swept already: a flow expiry that cannot be recorded now is
+            // left for the next pass, and old flows are swept regardless.
+            let expired = self.expire_flows(limit).await.unwrap_or_else(|err| {
+                tracing::warn!(error = %err, "ending expired consent flows failed");
+                0
+            });
             // Consent flows end with their credentials' sweep, kept a while after expiry so that
             // GetAuthorization can still say what became of them.
             let before =

@@ -99,6 +99,9 @@ impl PgStore {
                     self.heads.set(key, end_of(&stored, head));
                     return Ok(stored);
                 }
+                // The statement's snapshot still showed the expected head: it moved while the
+                // statement waited for its lock. A new statement sees where it went.
+                Cas::Stale(found) if found == head => head = self.head(chain).await?,
                 Cas::Stale(found) => head = found,
             }
         }
@@ -131,6 +134,10 @@ impl Heads {
         self.map().get(key).copied()
     }
 
+    fn forget(&self, key: &str) {
+        self.map().remove(key);
+    }
+
     fn set(&self, key: &str, head: Anchor) {
         let mut map = self.map();
         if map.len() >= REMEMBERED_HEADS && !map.contains_key(key) {
@@ -147,7 +154,9 @@ const CAS_ATTEMPTS: usize = 3;
 enum Cas {
     /// The head was where expected; the records are in.
     Appended,
-    /// The head had moved (to this, as of the statement's snapshot); nothing was written.
+    /// The head was elsewhere; nothing was written. This is the head in the statement's
+    /// snapshot, which can still be the expected one if the head moved while the statement
+    /// waited for its lock.
     Stale(Anchor),
 }
 
@@ -155,7 +164,7 @@ enum Cas {
 /// expected: it moves the head row (which also locks it until the transaction ends), inserts
 /// the records only if the head moved, and queues a `vault_audit` notification that
 /// PostgreSQL delivers to listening replicas on commit. It returns whether the head moved, and
-/// the head as the statement found it. One round trip, where a read of the head under lock and
+/// the head in the statement's snapshot. One round trip, where a read of the head under lock and
 /// separate statements would take five.
 fn cas_sql(tables: &Tables) -> String {
     format!(
@@ -343,11 +352,11 @@ pub(super) async fn load_releasing(
     store: &PgStore,
     key: CredentialKey<'_>,
     release: &Release,
-) -> Result<(Option<StoredCredential>, bool), StoreError> {
+) -> Result<(Option<StoredCredential>, Option<u64>), StoreError> {
     let namespace = &key.agent.namespace;
     let Some(head) = store.heads.get(namespace) else {
         // Nothing to chain from without a read of the head; the call records itself.
-        return Ok((store.load(key).await?, false));
+        return Ok((store.load(key).await?, None));
     };
     let schema = quoted(namespace)?;
     let mut record = release.record.clone();
@@ -418,13 +427,15 @@ pub(super) async fn load_releasing(
         .await
         .map_err(e)?
     else {
-        return Ok((None, false));
+        return Ok((None, None));
     };
     use sqlx::{FromRow as _, Row as _};
     let released: Option<Vec<u8>> = row.try_get("released").map_err(e)?;
     let stored = StoredCredential::try_from(CredentialRow::from_row(&row).map_err(e)?)?;
     let Some(released) = released else {
-        return Ok((Some(stored), false));
+        // Perhaps the head moved: the next append reads it afresh rather than miss with it.
+        store.heads.forget(namespace);
+        return Ok((Some(stored), None));
     };
     record.generation = Some(stored.generation.get());
     let hash = crate::audit::link(&head.hash, &record);
@@ -443,7 +454,7 @@ pub(super) async fn load_releasing(
             hash,
         },
     );
-    Ok((Some(stored), true))
+    Ok((Some(stored), Some(record.sequence)))
 }
 
 /// [`append_to`] an agent's chain, in a transaction already under that agent's role.
@@ -508,10 +519,13 @@ impl AuditStore for PgStore {
                 }
             }
         }
-        futures_util::future::join_all(batches.into_iter().map(|(chain, records)| async move {
-            self.append_alone(chain, records).await.map(drop)
-        }))
-        .await
+        // One chain after another: these statements run on the hot read connections, and may
+        // wait for a head's lock; all at once they could hold every one of them.
+        let mut results = Vec::with_capacity(batches.len());
+        for (chain, records) in batches {
+            results.push(self.append_alone(chain, records).await.map(drop));
+        }
+        results
     }
 
     #[tracing::instrument(skip_all)]

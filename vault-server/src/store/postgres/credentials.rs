@@ -109,7 +109,7 @@ impl CredentialStore for PgStore {
         &self,
         key: CredentialKey<'_>,
         release: &crate::store::Release,
-    ) -> Result<(Option<StoredCredential>, bool), StoreError> {
+    ) -> Result<(Option<StoredCredential>, Option<u64>), StoreError> {
         super::audit::load_releasing(self, key, release).await
     }
 
