@@ -566,7 +566,7 @@ impl AuditStore for PgStore {
             .try_into()
     }
 
-    /// Through vault.audit_trim (control migration 0009): the vault's own roles may not delete
+    /// Through vault.audit_trim (control migration 0008): the vault's own roles may not delete
     /// a record or move an anchor, and the function deletes nothing younger than the retention
     /// `migrate` set, whatever `before_ms` says.
     #[tracing::instrument(skip_all)]

@@ -139,7 +139,7 @@ impl SchemaStore for PgStore {
         conn.execute(sqlx::raw_sql("RESET search_path"))
             .await
             .map_err(e)?;
-        // The floor vault.audit_trim holds retention to (control migration 0009): only the
+        // The floor vault.audit_trim holds retention to (control migration 0008): only the
         // owner, here, may lower it.
         sqlx::query("UPDATE vault.instance SET audit_retention_days = $1 WHERE id = 1")
             .bind(i32::try_from(self.audit_retention_days.max(1)).unwrap_or(i32::MAX))

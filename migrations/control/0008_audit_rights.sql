@@ -1,10 +1,17 @@
--- Retention without a right to delete (issue 15). Until now the serving group (and each agent's
--- role) could DELETE audit records and move a chain's anchor, so whoever held the vault's
--- database login could delete any prefix of a chain, recent records included, and re-anchor it
--- so that `audit verify` still passed. Now only vault.audit_trim, owned by the owner, deletes:
--- a prefix of records older than the retention `migrate` last set here, never younger, with the
--- anchor moved in the same transaction. Nobody but the owner may delete a record or move an
--- anchor; the serving group and the agent roles may only append, move a head's end, and sign it.
+-- Who may do what to the audit log (issue 15).
+--
+-- Group commit: one transaction appends the records of many agents' chains, so it runs under
+-- the serving group rather than one agent's role. The serving group may append records to
+-- every agent's chain and move the end of its head; it may not read an agent's records (or
+-- credentials), rewrite or delete a record, nor move an anchor.
+--
+-- Retention without a right to delete: until now the serving group (and each agent's role)
+-- could DELETE audit records and move a chain's anchor, so whoever held the vault's database
+-- login could delete any prefix of a chain, recent records included, and re-anchor it so that
+-- `audit verify` still passed. Now only vault.audit_trim, owned by the owner, deletes: a
+-- prefix of records older than the retention `migrate` last set here, never younger, with the
+-- anchor moved in the same transaction. The serving group and the agent roles may only append,
+-- move a head's end, and sign it.
 ALTER TABLE vault.instance
     ADD COLUMN IF NOT EXISTS audit_retention_days integer NOT NULL DEFAULT 400
         CHECK (audit_retention_days >= 1);
