@@ -614,17 +614,14 @@ impl AuditStore for PgStore {
 
     #[tracing::instrument(skip_all)]
     async fn signed_head(&self, chain: Chain<'_>) -> Result<Option<SignedHead>, StoreError> {
-        let (mut tx, tables) = self.audit_tx(chain).await?;
-        let row: Option<SignedHeadRow> = sqlx::query_as(&format!(
-            "SELECT signed_chain, signed_sequence, signed_hash, signed_mac FROM {}",
-            tables.head
-        ))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(e)?;
-        tx.commit().await.map_err(e)?;
-        row.map(Option::<SignedHead>::try_from)
-            .transpose()
-            .map(Option::flatten)
+        // One statement under the login role, like the head itself: the signing pass reads
+        // both for every chain each interval.
+        Option::<SignedHead>::try_from(
+            self.head_row::<SignedHeadRow>(
+                chain,
+                "signed_chain, signed_sequence, signed_hash, signed_mac",
+            )
+            .await?,
+        )
     }
 }
