@@ -190,6 +190,23 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
+/// Grants in the policy every run loads: issue 16 asks for its cost with 1,000 agents.
+const POLICY_AGENTS: usize = 1000;
+
+/// A policy granting `agents` agents (`agent-000`…, as the population names them) the bench's
+/// tool one grant each, and a glob grant besides.
+fn policy_text(agents: usize) -> String {
+    let mut text = String::new();
+    for agent in 0..agents {
+        text.push_str(&format!(
+            "[[grants]]\nagents = [\"agent-{agent:03}\"]\ntools = [\"{}\"]\n",
+            workloads::TOOL
+        ));
+    }
+    text.push_str("[[grants]]\nname = \"teams\"\nagents = [\"team-*-bot\"]\ntools = [\"*\"]\n");
+    text
+}
+
 fn subset(channels: &Arc<[Channel]>, count: usize) -> Arc<[Channel]> {
     channels.iter().take(count).cloned().collect()
 }
@@ -210,6 +227,11 @@ async fn measure(
     let pool_size = pool_size();
     let path = std::env::var("PATH").unwrap_or_default();
 
+    // Every run carries a policy of POLICY_AGENTS grants (the seeded agents among them), so the
+    // figures include its evaluation on every call.
+    let policy_dir = tempfile::tempdir()?;
+    let policy_path = policy_dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy_text(POLICY_AGENTS.max(scale.agents)))?;
     let mut server = Command::new(server_bin);
     server
         .arg("serve")
@@ -228,6 +250,7 @@ async fn measure(
         .env("VAULT_SWEEP_INTERVAL_SECONDS", "86400")
         .env("VAULT_SHUTDOWN_GRACE_SECONDS", "5")
         .env(AUDIT_RELEASES_ENV, options.audit_releases.as_str())
+        .env("VAULT_POLICY_FILE", &policy_path)
         .envs(options.server_env.iter().map(|(k, v)| (k, v)));
     children.server = Some(ChildProcess::spawn("vault-server", server, SERVER_MARKER).await?);
     let mut echo = Command::new(echo_bin);
@@ -280,6 +303,10 @@ async fn measure(
     if options.echo_nagle {
         notes.push("echo runs with Nagle's algorithm on (--echo-nagle)".into());
     }
+    notes.push(format!(
+        "policy: {} exact grants and one glob grant loaded (VAULT_POLICY_FILE), checked on every call",
+        POLICY_AGENTS.max(scale.agents)
+    ));
     notes.push(format!(
         "server: {} (RUST_LOG={}, {AUDIT_RELEASES_ENV}={})",
         server_bin.display(),

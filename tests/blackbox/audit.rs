@@ -415,7 +415,7 @@ async fn on_sqlite_a_store_that_cannot_be_recorded_fails_and_is_not_visible() {
 }
 
 /// ListAuditEvents through the generated client, as `jwt`.
-async fn list_audit(
+pub async fn list_audit(
     app: &TestApp,
     jwt: &str,
     query: vault_client::proto::ListAuditEventsRequest,

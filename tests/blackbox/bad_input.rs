@@ -183,7 +183,9 @@ async fn a_request_over_one_mebibyte_is_refused_naming_the_limit_and_the_server_
         Some("1048576")
     );
     match Error::from(status) {
-        Error::ResourceExhausted { reason, message } => {
+        Error::ResourceExhausted {
+            reason, message, ..
+        } => {
             assert_eq!(reason, vault_client::ErrorReason::RequestTooLarge);
             assert!(message.contains("at most 1048576 bytes"), "{message}");
         }

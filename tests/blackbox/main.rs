@@ -22,6 +22,7 @@ mod mcp;
 mod mcp_probe;
 mod mcp_tools;
 mod operations;
+mod policy;
 mod production;
 mod provider;
 mod refresh;

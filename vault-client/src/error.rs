@@ -60,14 +60,18 @@ pub enum Error {
         /// The server's explanation.
         message: String,
     },
-    /// A limit was hit (request size, rate).
+    /// A limit was hit (request size, rate, load).
     #[error("resource exhausted: {message}")]
     ResourceExhausted {
-        /// [`ErrorReason::AgentCreationRateLimited`], or [`ErrorReason::RequestTooLarge`] for a
-        /// request over the vault's size limit (the message names the limit; do not retry).
+        /// [`ErrorReason::RateLimited`] (the caller's own rate), [`ErrorReason::Overloaded`]
+        /// (the replica shed the call), [`ErrorReason::AgentCreationRateLimited`], or
+        /// [`ErrorReason::RequestTooLarge`] for a request over the vault's size limit (the
+        /// message names the limit; do not retry).
         reason: ErrorReason,
         /// The server's explanation.
         message: String,
+        /// When a retry may be admitted (`google.rpc.RetryInfo`), if the vault said.
+        retry_after: Option<std::time::Duration>,
     },
     /// The vault or its storage is unavailable (after retries, for idempotent calls).
     #[error("vault unavailable: {message}")]
@@ -185,9 +189,14 @@ impl From<Status> for Error {
                     .unwrap_or_default();
                 Self::InvalidArgument { field, message }
             }
-            (Code::ResourceExhausted | Code::OutOfRange, _) => {
-                Self::ResourceExhausted { reason, message }
-            }
+            (Code::ResourceExhausted | Code::OutOfRange, _) => Self::ResourceExhausted {
+                reason,
+                message,
+                retry_after: status
+                    .get_error_details()
+                    .retry_info()
+                    .and_then(|info| info.retry_delay),
+            },
             (Code::Unavailable, _) => Self::Unavailable { reason, message },
             // The connection closed before the request could be sent (a vault replica going away
             // mid-handshake): the call never reached the vault, so it is as unavailable as a

@@ -120,6 +120,9 @@ pub use watch::{CredentialEvent, EventKind, WATCH_AFTER_HEADER, Watch, WatchRequ
 
 /// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep,
 /// GetAuthorization, ListCredentials) on `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.
+/// A call refused for the caller's rate limit (`RATE_LIMITED`) or shed under load
+/// (`OVERLOADED`) is retried after the wait its `google.rpc.RetryInfo` gives, within the same
+/// bounds.
 /// `PROVIDER_UNAVAILABLE` is not retried: the vault already backs off per credential, and the
 /// caller should decide whether to wait.
 #[derive(Debug, Clone, Copy)]
@@ -332,9 +335,20 @@ impl Clone for Client {
     }
 }
 
-/// Whether a failed attempt is worth another try.
-fn retryable(error: &Error) -> bool {
-    matches!(error, Error::Unavailable { .. })
+/// How long to wait before trying a failed attempt again, or `None` when another try would not
+/// help. `UNAVAILABLE` waits a random time below the backoff `ceiling` (full jitter). A call the
+/// vault refused for its rate limit or shed under load waits what its `RetryInfo` says, plus a
+/// little jitter so refused callers do not come back in one burst.
+fn retry_wait(error: &Error, ceiling: Duration) -> Option<Duration> {
+    match error {
+        Error::Unavailable { .. } => Some(ceiling.mul_f64(fastrand::f64())),
+        Error::ResourceExhausted {
+            reason: ErrorReason::RateLimited | ErrorReason::Overloaded,
+            retry_after: Some(after),
+            ..
+        } => Some(*after + after.mul_f64(0.1 * fastrand::f64())),
+        _ => None,
+    }
 }
 
 impl Client {
@@ -376,6 +390,12 @@ impl Client {
     pub fn with_bearer(mut self, token: &str) -> Result<Self, Error> {
         self.set_token_source(TokenSource::fixed(token)?);
         Ok(self)
+    }
+
+    /// The same client with another retry policy for idempotent calls.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     /// Replaces the token source for this client (clones keep theirs).
@@ -422,13 +442,11 @@ impl Client {
                 Ok(value) => return Ok(value),
                 Err(status) => Error::from(status),
             };
-            if !retryable(&error) || attempt >= policy.max_attempts.max(1) {
+            let Some(wait) = retry_wait(&error, ceiling) else {
                 return Err(error);
-            }
-            // Full jitter: a uniformly random wait below the ceiling, so retrying clients
-            // spread out instead of arriving together.
-            let wait = ceiling.mul_f64(fastrand::f64());
-            if started.elapsed() + wait >= policy.deadline {
+            };
+            if attempt >= policy.max_attempts.max(1) || started.elapsed() + wait >= policy.deadline
+            {
                 return Err(error);
             }
             tokio::time::sleep(wait).await;

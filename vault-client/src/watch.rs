@@ -267,7 +267,8 @@ mod tests {
         assert!(resumable(&Error::Other(tonic::Status::unknown("reset"))));
         assert!(resumable(&Error::ResourceExhausted {
             reason: ErrorReason::TooManyWatchers,
-            message: String::new()
+            message: String::new(),
+            retry_after: None,
         }));
         assert!(!resumable(&Error::PermissionDenied {
             reason: ErrorReason::PermissionDenied,

@@ -23,7 +23,8 @@ pub use docs::{docs_table, effective};
 pub use rules::{check_jwks_url, check_web_url, database_transport_risk, decode_root_key};
 pub use settings::{
     AuditSettings, CallbackSettings, DataSettings, Database, DatabaseSettings, JwksSource,
-    JwtSettings, RootKeySetting, Settings, TlsSettings, TrustedIssuer, data_dir,
+    JwtSettings, LimitSettings, PolicySettings, RootKeySetting, Settings, TlsSettings,
+    TrustedIssuer, data_dir,
 };
 pub use source::Source;
 pub use value::{Accepts, Described, List};
@@ -245,6 +246,38 @@ value::settings! {
         vault_oauth_unbound_callback: String = "deny".into(), "deny, allow";
         /// How long a consent flow may take from BeginAuthorization to CompleteAuthorization.
         vault_oauth_flow_ttl_seconds: u64 = 600, 60..=3600;
+        /// The policy file (TOML): which tools each agent may use, and for each tool its scope
+        /// ceiling, TTL maximum, rate limits and step-up requirement; see
+        /// [docs/policy.md](docs/policy.md). Unset: every agent may use every tool. Reloaded on
+        /// SIGHUP and when its contents change; a file that does not load stops startup, and on
+        /// reload keeps the previous policy with one error line.
+        vault_policy_file: Option<PathBuf> = None, "a TOML file";
+        /// How often the policy file is checked for changes.
+        vault_policy_reload_seconds: u64 = 5, 1..=3600;
+        /// Calls each agent may make per second, across its users (0: no limit); beyond it a call
+        /// answers RESOURCE_EXHAUSTED (reason `RATE_LIMITED`, with `RetryInfo`). The policy file
+        /// adds per-tool limits on top.
+        vault_limit_agent_per_second: u64 = 0, 0..=1_000_000;
+        /// Calls an agent may make at once before its rate applies (0: one second's worth).
+        vault_limit_agent_burst: u64 = 0, 0..=1_000_000;
+        /// Calls each (agent, user) may make per second (0: no limit).
+        vault_limit_user_per_second: u64 = 0, 0..=1_000_000;
+        /// Calls an (agent, user) may make at once before its rate applies (0: one second's worth).
+        vault_limit_user_burst: u64 = 0, 0..=1_000_000;
+        /// Calls served at once by this replica, over all connections; one more is shed at once
+        /// with RESOURCE_EXHAUSTED (reason `OVERLOADED`) rather than queued. Health checks are
+        /// never shed.
+        vault_max_concurrent_calls: u64 = 1024, 1..=1_000_000;
+        /// Concurrent HTTP/2 streams (calls) one connection may open.
+        vault_http2_max_concurrent_streams: u64 = 256, 1..=10_000;
+        /// HTTP/2 PING sent on a connection this often; a peer that does not answer within
+        /// `VAULT_HTTP2_KEEPALIVE_TIMEOUT_SECONDS` is disconnected.
+        vault_http2_keepalive_seconds: u64 = 30, 1..=3600;
+        /// How long a keepalive PING may go unanswered.
+        vault_http2_keepalive_timeout_seconds: u64 = 10, 1..=600;
+        /// A connection is closed this long after it opened (with a grace period for its calls),
+        /// so clients spread over replicas again and no connection lives forever.
+        vault_max_connection_age_seconds: u64 = 3600, 10..=86_400 * 7;
         /// `true` lets gRPC listen without TLS on a network address, with one warning at startup.
         /// Only for a deployment behind a mesh sidecar (Istio, Linkerd) that terminates mTLS in
         /// front of the vault: caller JWTs and access tokens cross that hop.

@@ -17,6 +17,7 @@ pub mod http;
 pub mod ids;
 pub mod jobs;
 pub mod oauth;
+pub mod policy;
 pub mod secret;
 pub mod startup;
 pub mod store;

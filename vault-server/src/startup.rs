@@ -19,7 +19,7 @@ use crate::callback::CallbackServer;
 use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
 use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
-use crate::grpc::{AuthLayer, CredentialVaultService, SizeLimitLayer, proto};
+use crate::grpc::{AuthLayer, CredentialVaultService, ShedLayer, SizeLimitLayer, proto};
 use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::store::AuditListener;
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
@@ -40,6 +40,8 @@ pub struct Application {
     verifier: Arc<Verifier>,
     head_key: crate::audit::HeadKey,
     settings: Settings,
+    policy: Arc<crate::policy::PolicyHandle>,
+    limits: Arc<crate::policy::Limits>,
 }
 
 impl std::fmt::Debug for Application {
@@ -142,6 +144,14 @@ impl Application {
             ))
         });
         let providers = crate::oauth::Providers::load(&settings.providers, &outbound, registrar)?;
+        let policy = Arc::new(crate::policy::PolicyHandle::load(
+            settings.policy.file.as_deref(),
+            settings.secrets_ttl_seconds,
+        )?);
+        let limits = Arc::new(crate::policy::Limits::new(
+            settings.limits.agent,
+            settings.limits.user,
+        ));
         let options = VaultOptions {
             secrets_ttl_seconds: settings.secrets_ttl_seconds,
             refresh_lease: provider_lease,
@@ -161,6 +171,8 @@ impl Application {
                 flow_ttl: settings.callback.flow_ttl,
             },
             audit_releases: settings.audit.releases,
+            policy: Arc::clone(&policy),
+            limits: Arc::clone(&limits),
         };
         let head_key = crate::audit::HeadKey::derive(&root);
         let vault = Arc::new(Vault::new(store, root, providers, options));
@@ -206,6 +218,8 @@ impl Application {
             verifier,
             head_key,
             settings,
+            policy,
+            limits,
         })
     }
 
@@ -238,6 +252,8 @@ impl Application {
             verifier,
             head_key,
             settings,
+            policy,
+            limits,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -292,6 +308,12 @@ impl Application {
             let vault = Arc::clone(&vault);
             tokio::spawn(server.run(vault, stop, settings.shutdown_grace))
         });
+        let reload = crate::policy::PolicyReload {
+            policy,
+            limits,
+            interval: settings.policy.reload,
+        };
+        jobs.spawn("policy reload", |shutdown| reload.run(shutdown));
         let jwks = JwksRefresh {
             verifier: Arc::clone(&verifier),
         };
@@ -332,7 +354,13 @@ impl Application {
         let server = builder
             .trace_fn(crate::telemetry::rpc_span)
             .http2_max_header_list_size(32 * 1024)
-            .concurrency_limit_per_connection(1024)
+            .max_concurrent_streams(settings.limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(settings.limits.keepalive))
+            .http2_keepalive_timeout(Some(settings.limits.keepalive_timeout))
+            .max_connection_age(settings.limits.max_connection_age)
+            .http2_max_pending_accept_reset_streams(Some(64))
+            .http2_max_local_error_reset_streams(Some(256))
+            .concurrency_limit_per_connection(settings.limits.max_concurrent_streams as usize)
             .timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .layer(AuthLayer::new(
@@ -340,8 +368,13 @@ impl Application {
                 Arc::clone(vault.recorder()),
                 &settings.jwt.agent_claim,
             ))
-            // Inside the auth layer: only an authenticated caller learns the limit.
+            // Inside the auth layer: only an authenticated caller learns the limit. It reads the
+            // whole request message before the call goes on.
             .layer(SizeLimitLayer::new(MAX_REQUEST_BYTES))
+            // Inside both: only work holds a place in the limit, never a caller still sending
+            // its request (a slow or stalled sender cannot crowd others out), and an
+            // unauthenticated flood is refused before it could take one.
+            .layer(ShedLayer::new(settings.limits.max_concurrent_calls))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -81,6 +81,8 @@ const DENIALS: &[&str] = &[
     "AUTHORIZATION_MISMATCH",
     "AGENT_CREATION_RATE_LIMITED",
     "REQUEST_TOO_LARGE",
+    "POLICY_DENIED",
+    "RATE_LIMITED",
 ];
 
 impl std::fmt::Debug for Recorder {

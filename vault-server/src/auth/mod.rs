@@ -46,6 +46,20 @@ pub struct Caller {
     pub store: bool,
     /// The token's `jti`, for the audit log, when it has a short printable one.
     pub jti: Option<String>,
+    /// What the token says about how the user signed in, for the policy's step-up rules.
+    pub step_up: StepUp,
+}
+
+/// The claims of a caller token that prove a recent step-up (OpenID Connect Core §2): how the
+/// user authenticated and when. Only read, never trusted beyond the issuer's signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepUp {
+    /// `acr`, when a short string.
+    pub acr: Option<String>,
+    /// `amr`, its short strings (at most 16).
+    pub amr: Vec<String>,
+    /// `auth_time`, unix seconds.
+    pub auth_time: Option<i64>,
 }
 
 /// Why a caller token was refused. Each message is safe to return: it describes the token's

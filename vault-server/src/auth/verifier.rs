@@ -552,8 +552,31 @@ fn check_claims(
             .and_then(Value::as_str)
             .filter(|jti| jti.len() <= 256 && jti.chars().all(|c| !c.is_control()))
             .map(str::to_owned),
+        step_up: step_up(claims),
     };
     Ok((caller, exp))
+}
+
+/// The step-up claims, each kept only when well-formed and short: a policy compares them with
+/// its own short lists, so anything else is as good as absent.
+fn step_up(claims: &Map<String, Value>) -> super::StepUp {
+    let short = |v: &Value| {
+        v.as_str()
+            .filter(|s| s.len() <= 256 && !s.chars().any(char::is_control))
+            .map(str::to_owned)
+    };
+    super::StepUp {
+        acr: claims.get("acr").and_then(short),
+        amr: claims
+            .get("amr")
+            .and_then(Value::as_array)
+            .map(|values| values.iter().take(16).filter_map(short).collect())
+            .unwrap_or_default(),
+        auth_time: claims
+            .get("auth_time")
+            .and_then(Value::as_i64)
+            .filter(|t| (0..=MAX_NUMERIC_DATE).contains(t)),
+    }
 }
 
 /// Whether `scope` (space-separated string) or `scp` (string or array) grants `wanted` exactly.
@@ -973,6 +996,7 @@ mod tests {
             admin: false,
             store: false,
             jti: None,
+            step_up: super::super::StepUp::default(),
         };
         let digest = |i: usize| {
             let mut digest = [0u8; 32];

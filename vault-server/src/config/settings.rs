@@ -118,6 +118,38 @@ pub struct Settings {
     pub callback: CallbackSettings,
     /// The audit log.
     pub audit: AuditSettings,
+    /// The policy file.
+    pub policy: PolicySettings,
+    /// Rate, concurrency and connection limits.
+    pub limits: LimitSettings,
+}
+
+/// The policy file's settings.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    /// `VAULT_POLICY_FILE`.
+    pub file: Option<PathBuf>,
+    /// How often it is checked for changes.
+    pub reload: Duration,
+}
+
+/// Limits on what callers and connections may cost.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// Per agent.
+    pub agent: Option<crate::policy::Quota>,
+    /// Per (agent, user).
+    pub user: Option<crate::policy::Quota>,
+    /// Calls served at once, over all connections.
+    pub max_concurrent_calls: usize,
+    /// Streams one HTTP/2 connection may open.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive PING period.
+    pub keepalive: Duration,
+    /// How long a PING may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// Longest life of a connection.
+    pub max_connection_age: Duration,
 }
 
 /// The audit log's settings.
@@ -255,8 +287,30 @@ impl Settings {
                 retention: seconds(c.vault_audit_retention_days * 86_400),
                 sign_interval: seconds(c.vault_audit_sign_interval_seconds),
             },
+            policy: PolicySettings {
+                file: c.vault_policy_file.clone(),
+                reload: seconds(c.vault_policy_reload_seconds),
+            },
+            limits: LimitSettings {
+                agent: quota(c.vault_limit_agent_per_second, c.vault_limit_agent_burst),
+                user: quota(c.vault_limit_user_per_second, c.vault_limit_user_burst),
+                max_concurrent_calls: c.vault_max_concurrent_calls as usize,
+                max_concurrent_streams: c.vault_http2_max_concurrent_streams as u32,
+                keepalive: seconds(c.vault_http2_keepalive_seconds),
+                keepalive_timeout: seconds(c.vault_http2_keepalive_timeout_seconds),
+                max_connection_age: seconds(c.vault_max_connection_age_seconds),
+            },
         })
     }
+}
+
+/// A rate setting and its burst (0: one second's worth), or no limit when the rate is 0.
+fn quota(per_second: u64, burst: u64) -> Option<crate::policy::Quota> {
+    // Validation bounds both to 1,000,000, which Quota accepts.
+    (per_second > 0).then(|| {
+        crate::policy::Quota::new(per_second as f64, (burst > 0).then_some(burst as u32))
+            .expect("validated rate and burst")
+    })
 }
 
 impl DatabaseSettings {

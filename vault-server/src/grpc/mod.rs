@@ -3,12 +3,14 @@
 
 mod auth_layer;
 mod service;
+mod shed;
 mod size_limit;
 mod status;
 mod watch;
 
 pub use auth_layer::AuthLayer;
 pub use service::CredentialVaultService;
+pub use shed::{RETRY_AFTER as SHED_RETRY_AFTER, ShedLayer};
 pub use size_limit::SizeLimitLayer;
 pub use watch::{MAX_WATCHERS_PER_CALLER, WATCH_AFTER_HEADER, Watchers};
 

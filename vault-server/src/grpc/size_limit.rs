@@ -84,7 +84,7 @@ where
         let limit = self.limit;
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let (declared, body) = read_prefix(body).await;
+            let (declared, body) = read_prefix(body, limit).await;
             if let Some(size) = declared
                 && size > limit
             {
@@ -101,14 +101,31 @@ where
     }
 }
 
-/// Reads `body` until the first message's prefix is in hand; returns the declared length (none
-/// when the body ends or fails first: tonic reports that as it always did) and a body that
-/// replays what was read, then the rest.
-async fn read_prefix(mut body: Body) -> (Option<usize>, Body) {
+/// Reads `body` until the first message is in hand (its prefix declares its length), or only
+/// the prefix when the message is over `limit`; returns the declared length (none when the
+/// body ends or fails first: tonic reports that as it always did) and a body that replays what
+/// was read, then the rest. Every call of the vault is unary, so tonic would hold the whole
+/// message anyway; reading it here means a caller that sends its message slowly waits outside
+/// the concurrency limit (see `shed`) instead of holding a place in it.
+async fn read_prefix(mut body: Body, limit: usize) -> (Option<usize>, Body) {
     let mut read = VecDeque::new();
     let mut head = BytesMut::new();
     let mut ended = false;
-    while head.len() < PREFIX_LEN {
+    loop {
+        // What is needed: the prefix, then the message it declares, unless that is over the
+        // limit (then the prefix is all the refusal needs).
+        let needed = if head.len() < PREFIX_LEN {
+            PREFIX_LEN
+        } else {
+            let declared = (&head[1..PREFIX_LEN]).get_u32() as usize;
+            if declared > limit {
+                break;
+            }
+            PREFIX_LEN + declared
+        };
+        if head.len() >= needed {
+            break;
+        }
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -186,15 +203,36 @@ mod tests {
     #[tokio::test]
     async fn a_prefix_split_across_frames_is_read_and_the_body_is_replayed_unchanged() {
         let message: &[&[u8]] = &[&[0, 0], &[0, 1, 2], &[7, 7], &[7]];
-        let (declared, body) = read_prefix(chunked(message)).await;
+        let (declared, body) = read_prefix(chunked(message), 1024).await;
         assert_eq!(declared, Some(258));
         let replayed = body.collect().await.unwrap().to_bytes();
         assert_eq!(&replayed[..], &[0, 0, 0, 1, 2, 7, 7, 7]);
     }
 
     #[tokio::test]
+    async fn the_whole_first_message_is_read_before_the_call_goes_on_and_no_more() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, tonic::Status>>(4);
+        for chunk in [&[0u8, 0, 0, 0][..], &[2, 9], &[9]] {
+            tx.send(Ok(Frame::data(Bytes::copy_from_slice(chunk))))
+                .await
+                .unwrap();
+        }
+        // The sender stays open: reading past the message would wait forever.
+        let body = Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let (declared, body) = read_prefix(body, 1024).await;
+        assert_eq!(declared, Some(2));
+        drop(tx);
+        assert_eq!(
+            &body.collect().await.unwrap().to_bytes()[..],
+            &[0, 0, 0, 0, 2, 9, 9]
+        );
+    }
+
+    #[tokio::test]
     async fn a_body_shorter_than_a_prefix_declares_nothing() {
-        let (declared, body) = read_prefix(chunked(&[&[0, 0]])).await;
+        let (declared, body) = read_prefix(chunked(&[&[0, 0]]), 1024).await;
         assert_eq!(declared, None);
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], &[0, 0]);
     }

@@ -57,6 +57,22 @@ pub fn request_too_large(limit: usize, size: usize) -> Status {
     )
 }
 
+/// A call shed at the concurrency limit: RESOURCE_EXHAUSTED, reason `OVERLOADED`, and a short
+/// `RetryInfo` (another replica, or this one a moment later, will serve it).
+pub fn overloaded(limit: usize, retry_after: std::time::Duration) -> Status {
+    let mut details = ErrorDetails::with_error_info(
+        ErrorReason::Overloaded.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::from([("limit".to_string(), limit.to_string())]),
+    );
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("the vault is serving as many calls as it may at once ({limit}); retry shortly"),
+        details,
+    )
+}
+
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
@@ -119,6 +135,27 @@ impl From<VaultError> for Status {
                 details.set_retry_info(Some(retry_after));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }
+            VaultError::CallerRateLimited {
+                bucket,
+                retry_after,
+            } => {
+                let mut details = ErrorDetails::with_error_info(
+                    ErrorReason::RateLimited.as_str_name(),
+                    ERROR_DOMAIN,
+                    HashMap::from([("bucket".to_string(), bucket.to_string())]),
+                );
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, err.to_string(), details)
+            }
+            VaultError::PolicyDenied { rule, message } => Status::with_error_details(
+                Code::PermissionDenied,
+                message,
+                ErrorDetails::with_error_info(
+                    ErrorReason::PolicyDenied.as_str_name(),
+                    ERROR_DOMAIN,
+                    HashMap::from([("rule".to_string(), rule)]),
+                ),
+            ),
             VaultError::AuthorizationNotFound => with_reason(
                 Code::NotFound,
                 ErrorReason::AuthorizationNotFound,
@@ -185,6 +222,8 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         | VaultError::PermissionDenied(_)
         | VaultError::RefreshTokenDenied
         | VaultError::RateLimited { .. }
+        | VaultError::CallerRateLimited { .. }
+        | VaultError::PolicyDenied { .. }
         | VaultError::InvalidArgument { .. }
         | VaultError::AuthorizationNotFound
         | VaultError::AuthorizationExpired(_)

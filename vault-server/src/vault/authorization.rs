@@ -300,6 +300,7 @@ impl Vault {
                 self.options.store_scope
             )));
         }
+        let policy = self.admit(caller, Some(tool))?;
         let consent = &self.options.consent;
         let return_url = match return_url {
             Some(text) => {
@@ -352,6 +353,7 @@ impl Vault {
                 problem,
             });
         }
+        super::within_ceiling(policy.as_deref(), "scopes", tool, &scopes)?;
         let redirect_uri = match provider.redirect_uri() {
             Some(uri) => uri.to_string(),
             None => consent
@@ -665,9 +667,11 @@ impl Vault {
         {
             return Err(not_completable(&flow, state));
         }
+        call.tool(&flow.tool);
+        // The policy in force now decides, not the one the flow began under.
+        self.admit(caller, Some(&flow.tool))?;
         let entry = self.flow_agent(&flow).await?;
         call.on_agent(&entry.record);
-        call.tool(&flow.tool);
         let completed = self.exchange(&flow, &entry, call.for_write()).await?;
         call.written();
         Ok(completed)
@@ -829,17 +833,28 @@ impl Vault {
             provider: Some(binding),
             obtained_at: Some(now),
         };
-        let stored = match self
-            .write_credential(
-                entry,
-                &flow.user,
-                &flow.tool,
-                &tokens,
-                self.options.secrets_ttl_seconds,
-                audit,
-            )
-            .await
+        let policy = self.options.policy.current();
+        let written = match policy
+            .as_deref()
+            .map(|p| p.check_scopes(&flow.tool, &scopes))
         {
+            // The flow asked for scopes within the ceiling; a provider that granted more gets its
+            // grant back rather than the vault holding it.
+            Some(Err(over)) => Err(VaultError::PolicyDenied {
+                rule: over.rule,
+                message: format!("the provider granted scopes {}", over.problem),
+            }),
+            _ => {
+                let ttl = super::ttl_cap(
+                    policy.as_deref(),
+                    &flow.tool,
+                    self.options.secrets_ttl_seconds,
+                );
+                self.write_credential(entry, &flow.user, &flow.tool, &tokens, ttl, audit)
+                    .await
+            }
+        };
+        let stored = match written {
             Ok(stored) => stored,
             Err(err) => {
                 // The code is spent: give the provider its tokens back rather than leave a grant
@@ -862,7 +877,11 @@ impl Vault {
                         flow,
                         FlowStatus::Exchanging,
                         FlowStatus::Failed,
-                        "store_failed",
+                        if matches!(err, VaultError::PolicyDenied { .. }) {
+                            "policy_denied"
+                        } else {
+                            "store_failed"
+                        },
                     )
                     .await;
                 return Err(err);
@@ -898,6 +917,7 @@ impl Vault {
         caller: &Caller,
         authorization_id: &str,
     ) -> Result<AuthorizationView, VaultError> {
+        self.admit(caller, None)?;
         call.flow(authorization_id);
         let flow = self
             .store
@@ -926,6 +946,7 @@ impl Vault {
         agent: Option<AgentId>,
         user: Option<UserId>,
     ) -> Result<Vec<ConnectionInfo>, VaultError> {
+        self.admit(caller, None)?;
         let agent = agent.unwrap_or_else(|| caller.agent.clone());
         let user = user.unwrap_or_else(|| caller.user.clone());
         if (agent != caller.agent || user != caller.user) && !caller.admin {

@@ -28,6 +28,7 @@ use crate::crypto::{
 };
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
+use crate::policy::{Limits, Policy, PolicyHandle};
 use crate::secret::TokenSet;
 use crate::store::{
     AgentRecord, CredentialKey, CredentialState, NewCredential, Release, RootKeyRecord, Store,
@@ -70,6 +71,22 @@ pub enum VaultError {
         message: String,
         /// When a retry may succeed.
         retry_after: Duration,
+    },
+    /// The caller's own rate limit is spent; retry after the given time.
+    #[error("rate limit of this {bucket} reached; retry in {:.1} s", .retry_after.as_secs_f64())]
+    CallerRateLimited {
+        /// `"agent"` or `"user"`: which bucket refused.
+        bucket: &'static str,
+        /// When a retry will be admitted.
+        retry_after: Duration,
+    },
+    /// The operator's policy does not allow this call.
+    #[error("{message}")]
+    PolicyDenied {
+        /// The rule that decided, as the policy file names it.
+        rule: String,
+        /// Safe to show: names the agent, the tool and the rule, never a secret.
+        message: String,
     },
     /// No consent flow of the caller has this id.
     #[error("no consent flow of this caller has this authorization_id")]
@@ -276,6 +293,10 @@ pub struct VaultOptions {
     pub consent: ConsentOptions,
     /// Successful GetToken releases are recorded in the audit log.
     pub audit_releases: bool,
+    /// The operator's policy (`VAULT_POLICY_FILE`), hot-reloaded.
+    pub policy: Arc<PolicyHandle>,
+    /// The global rate limits, per agent and per (agent, user), charged by every call.
+    pub limits: Arc<Limits>,
 }
 
 /// The vault's use cases over a store, the root key and the provider registry.
@@ -326,6 +347,37 @@ impl TokenBucket {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / per_second))
         }
     }
+}
+
+fn limited(limited: crate::policy::Limited) -> VaultError {
+    VaultError::CallerRateLimited {
+        bucket: limited.bucket,
+        retry_after: limited.retry_after,
+    }
+}
+
+/// `scopes` within `tool`'s ceiling under `policy`, or INVALID_ARGUMENT naming `field` and the rule.
+fn within_ceiling(
+    policy: Option<&Policy>,
+    field: &'static str,
+    tool: &Tool,
+    scopes: &[String],
+) -> Result<(), VaultError> {
+    match policy.map(|p| p.check_scopes(tool, scopes)) {
+        Some(Err(over)) => Err(VaultError::InvalidArgument {
+            field,
+            problem: over.problem,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The longest TTL a credential for `tool` may have: the tool's maximum under `policy` when
+/// tighter than the vault's.
+fn ttl_cap(policy: Option<&Policy>, tool: &Tool, secrets_ttl_seconds: u64) -> u64 {
+    policy
+        .and_then(|p| p.max_ttl(tool))
+        .map_or(secrets_ttl_seconds, |max| max.min(secrets_ttl_seconds))
 }
 
 /// Whether a token expiring at `expires_at` (unix seconds; `None` = never) is expired at `now`.
@@ -450,6 +502,44 @@ impl Vault {
         })
     }
 
+    /// Admits a call by `caller` about `tool` (or about no one tool): the policy first, then
+    /// the tool's rate limits, then the global ones. Answers the policy in force, for the call's
+    /// further checks. All in memory.
+    pub(crate) fn admit(
+        &self,
+        caller: &Caller,
+        tool: Option<&Tool>,
+    ) -> Result<Option<Arc<Policy>>, VaultError> {
+        let policy = self.options.policy.current();
+        if let (Some(policy), Some(tool)) = (&policy, tool) {
+            policy
+                .check_use(caller, tool)
+                .map_err(|denied| VaultError::PolicyDenied {
+                    rule: denied.rule,
+                    message: denied.message,
+                })?;
+            if let Some(limits) = policy.limits(tool) {
+                limits.take(caller).map_err(limited)?;
+            }
+        }
+        self.options.limits.take(caller).map_err(limited)?;
+        Ok(policy)
+    }
+
+    /// [`Self::admit`] for GetToken and Refresh, which also need a step-up where the policy
+    /// asks for one.
+    fn admit_release(&self, caller: &Caller, tool: &Tool) -> Result<(), VaultError> {
+        if let Some(policy) = self.admit(caller, Some(tool))? {
+            policy
+                .check_step_up(caller, tool, Utc::now().timestamp())
+                .map_err(|denied| VaultError::PolicyDenied {
+                    rule: denied.rule,
+                    message: denied.message,
+                })?;
+        }
+        Ok(())
+    }
+
     async fn agent_entry(
         &self,
         issuer: &IssuerId,
@@ -516,6 +606,8 @@ impl Vault {
         if tokens.refresh_token.is_some() && !self.options.store_refresh_tokens {
             return Err(VaultError::RefreshTokenDenied);
         }
+        let policy = self.admit(caller, Some(tool))?;
+        within_ceiling(policy.as_deref(), "token.scopes", tool, &tokens.scopes)?;
         // The credential remembers which authorization server it belongs to (DESIGN §6).
         tokens.provider = match self.providers.get(tool) {
             // An MCP tool's binding names the issuer discovery finds; when it cannot be found
@@ -529,7 +621,7 @@ impl Vault {
             None => None,
         };
         tokens.obtained_at = Some(Utc::now().timestamp());
-        let max = self.options.secrets_ttl_seconds;
+        let max = ttl_cap(policy.as_deref(), tool, self.options.secrets_ttl_seconds);
         let ttl = ttl_seconds.map_or(max, |t| t.min(max));
         let entry = self
             .agent_entry(&caller.issuer, &caller.agent, true)
@@ -707,6 +799,7 @@ impl Vault {
                 ),
             });
         }
+        self.admit_release(caller, tool)?;
         let now = Utc::now().timestamp();
         let wanted_until = now.saturating_add(min_valid_seconds.max(30) as i64);
         let release_until = self.records_releases().then_some(wanted_until);
@@ -770,6 +863,7 @@ impl Vault {
         tool: &Tool,
         if_generation: Option<Generation>,
     ) -> Result<IssuedToken, VaultError> {
+        self.admit_release(caller, tool)?;
         let current = self.open_current(caller, tool, Some(call), None).await?;
         if if_generation.is_some_and(|seen| current.generation > seen) {
             return Ok(Self::issue(current.tokens, current.generation, false));
@@ -802,6 +896,7 @@ impl Vault {
         target: RevokeTarget,
         at_provider: bool,
     ) -> Result<Revoked, VaultError> {
+        self.admit(caller, None)?;
         let agent = target.agent.unwrap_or_else(|| caller.agent.clone());
         let user = target.user.unwrap_or_else(|| caller.user.clone());
         if (agent != caller.agent || user != caller.user) && !caller.admin {
@@ -856,6 +951,7 @@ impl Vault {
         limit: u32,
         dry_run: bool,
     ) -> Result<SweepOutcome, VaultError> {
+        self.admit(caller, None)?;
         if !caller.admin {
             return Err(VaultError::PermissionDenied(
                 "Sweep needs the vault:admin scope".into(),
@@ -933,6 +1029,7 @@ impl Vault {
         caller: &Caller,
         query: AuditQuery,
     ) -> Result<AuditPage, VaultError> {
+        self.admit(caller, None)?;
         if !caller.admin {
             return Err(VaultError::PermissionDenied(
                 "ListAuditEvents needs the vault:admin scope".into(),

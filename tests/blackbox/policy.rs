@@ -1,0 +1,560 @@
+//! Issue 16: the policy file (grants, scope ceilings, TTL maxima, step-up), its reloading, the
+//! per-caller rate limits with `RetryInfo`, and load shedding, against a running server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use vault_client::{Error, ErrorReason, RetryPolicy};
+
+use crate::audit::list_audit;
+use crate::hardening::reason;
+use crate::helpers::*;
+
+/// A policy file in a directory of its own.
+struct PolicyFile {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PolicyFile {
+    fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, text).unwrap();
+        Self { path, _dir: dir }
+    }
+
+    /// Replaces the contents at once (write, then rename), as an operator's tooling would.
+    fn replace(&self, text: &str) {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, &self.path).unwrap();
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+const POLICY: &str = r#"
+[[grants]]
+name = "support"
+agents = ["support-*"]
+tools = ["jira", "stripe"]
+
+[tools.stripe]
+scopes = ["read_only", "charges:read"]
+max_ttl_seconds = 3600
+approval = "required"
+
+[approval]
+acr = ["urn:example:mfa"]
+max_age_seconds = 300
+"#;
+
+fn policy_denied(error: &Error) -> &str {
+    match error {
+        Error::PermissionDenied {
+            reason: ErrorReason::PolicyDenied,
+            message,
+        } => message,
+        other => panic!("expected POLICY_DENIED, got {other:?}"),
+    }
+}
+
+/// The outcomes the control chain recorded for `action` on `tool`.
+async fn recorded(app: &TestApp, issuer: &Issuer, action: &str, tool: &str) -> Vec<String> {
+    let page = list_audit(
+        app,
+        &issuer.admin_token("support-ops", "ops"),
+        vault_client::proto::ListAuditEventsRequest {
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    page.events
+        .into_iter()
+        .filter(|e| e.action == action && e.tool == tool)
+        .map(|e| e.outcome)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_policy_allows_what_it_grants_and_denies_the_rest_naming_the_rule_and_auditing_it() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let app = spawn_with(&db, &issuer, &[("VAULT_POLICY_FILE", policy.path())]).await;
+
+    let support = app.client(&issuer, "support-7", "alice").await;
+    store_and_read_back(&support, "jira", "at-jira").await;
+
+    let other_tool = support
+        .store_token("confluence", oauth_token("at", "", 3600), None)
+        .await
+        .unwrap_err();
+    let message = policy_denied(&other_tool);
+    assert!(
+        message.contains("\"support-7\"") && message.contains("grants[0] (\"support\")"),
+        "{message}"
+    );
+    let stranger = app.client(&issuer, "billing", "alice").await;
+    let denied = stranger
+        .get_token("jira", Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        policy_denied(&denied).contains("no grant matches"),
+        "{denied}"
+    );
+
+    // The rule is in the ErrorInfo, for a gateway to act on.
+    let status = crate::hardening::raw_store(
+        &app,
+        &issuer.token("support-7", "alice"),
+        "confluence",
+        oauth_token("at", "", 3600),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(reason(&status), "POLICY_DENIED");
+    use tonic_types::StatusExt as _;
+    let info = status.get_error_details().error_info().cloned().unwrap();
+    assert_eq!(
+        info.metadata.get("rule").map(String::as_str),
+        Some("grants")
+    );
+
+    // Both refusals are in the audit log.
+    assert_eq!(
+        recorded(&app, &issuer, "StoreToken", "confluence").await,
+        ["POLICY_DENIED", "POLICY_DENIED"]
+    );
+    assert_eq!(
+        recorded(&app, &issuer, "GetToken", "jira").await,
+        ["POLICY_DENIED"]
+    );
+}
+
+#[tokio::test]
+async fn scopes_over_the_ceiling_are_refused_and_the_tools_ttl_maximum_applies() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let app = spawn_with(&db, &issuer, &[("VAULT_POLICY_FILE", policy.path())]).await;
+    let gateway = app.client(&issuer, "support-1", "alice").await;
+
+    let mut wide = oauth_token("at", "", 3600);
+    wide.scopes = vec!["read_only".into(), "charges:write".into()];
+    match gateway.store_token("stripe", wide, None).await.unwrap_err() {
+        Error::InvalidArgument { field, message } => {
+            assert_eq!(field, "token.scopes");
+            assert!(
+                message.contains("charges:write over the ceiling of tools.stripe.scopes"),
+                "{message}"
+            );
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    assert_eq!(
+        recorded(&app, &issuer, "StoreToken", "stripe").await,
+        ["INVALID_ARGUMENT"]
+    );
+
+    let mut narrow = oauth_token("at", "", 3600);
+    narrow.scopes = vec!["read_only".into()];
+    let before = now();
+    let stored = gateway
+        .store_token("stripe", narrow, Some(Duration::from_secs(86_400)))
+        .await
+        .unwrap();
+    let ttl = unix(stored.ttl_expires_at) - before;
+    assert!(
+        (3590..=3610).contains(&ttl),
+        "TTL capped at the tool's 3600 s, got {ttl}"
+    );
+    // A tool without a maximum keeps the vault's.
+    let other = gateway
+        .store_token(
+            "jira",
+            oauth_token("at", "", 3600),
+            Some(Duration::from_secs(86_400)),
+        )
+        .await
+        .unwrap();
+    assert!(unix(other.ttl_expires_at) - before >= 86_390);
+}
+
+#[tokio::test]
+async fn a_tool_that_requires_approval_is_released_only_to_a_recent_step_up() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let app = spawn_with(&db, &issuer, &[("VAULT_POLICY_FILE", policy.path())]).await;
+    let gateway = app.client(&issuer, "support-1", "alice").await;
+    let mut token = oauth_token("at-stripe", "", 3600);
+    token.scopes = vec!["read_only".into()];
+    gateway.store_token("stripe", token, None).await.unwrap();
+    // Storing needs no step-up; releasing does.
+    let plain = gateway
+        .get_token("stripe", Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        policy_denied(&plain).contains("requires a recent step-up"),
+        "{plain}"
+    );
+    let forced = gateway.refresh("stripe", None).await.unwrap_err();
+    policy_denied(&forced);
+    // jira needs none.
+    store_and_read_back(&gateway, "jira", "at-jira").await;
+
+    let signed = |acr: &str, auth_time: i64| {
+        let mut claims = issuer.claims("support-1", "alice");
+        claims["acr"] = json!(acr);
+        claims["auth_time"] = json!(auth_time);
+        issuer.keys[0].sign(&claims)
+    };
+    let stepped = app
+        .client_with(&signed("urn:example:mfa", now() - 10))
+        .await;
+    assert_eq!(
+        stepped
+            .get_token("stripe", Duration::ZERO)
+            .await
+            .unwrap()
+            .access_token,
+        "at-stripe"
+    );
+    let stale = app
+        .client_with(&signed("urn:example:mfa", now() - 301))
+        .await;
+    assert!(
+        policy_denied(&stale.get_token("stripe", Duration::ZERO).await.unwrap_err())
+            .contains("auth_time")
+    );
+    let weak = app.client_with(&signed("urn:example:pwd", now())).await;
+    assert!(
+        policy_denied(&weak.get_token("stripe", Duration::ZERO).await.unwrap_err()).contains("acr")
+    );
+}
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_policy() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_POLICY_FILE", policy.path()),
+            ("VAULT_POLICY_RELOAD_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let support = app.client(&issuer, "support-1", "alice").await;
+    store_and_read_back(&support, "jira", "at-jira").await;
+
+    // jira is taken away: the next check of the file notices.
+    policy.replace(&POLICY.replace("tools = [\"jira\", \"stripe\"]", "tools = [\"stripe\"]"));
+    eventually("the reloaded policy denies jira", || async {
+        matches!(
+            support.get_token("jira", Duration::ZERO).await,
+            Err(Error::PermissionDenied {
+                reason: ErrorReason::PolicyDenied,
+                ..
+            })
+        )
+    })
+    .await;
+
+    // A broken file is refused; the policy in force stays (jira still denied, stripe still
+    // granted), and a fixed file is picked up again.
+    let logs = captured_logs();
+    policy.replace("[[grants]\nthis is not toml");
+    eventually("the broken file is reported", || async {
+        String::from_utf8_lossy(&logs.lock().unwrap()).contains("the policy file did not load")
+    })
+    .await;
+    policy_denied(&support.get_token("jira", Duration::ZERO).await.unwrap_err());
+    let mut token = oauth_token("at-stripe", "", 3600);
+    token.scopes = vec!["read_only".into()];
+    support.store_token("stripe", token, None).await.unwrap();
+    policy.replace(POLICY);
+    eventually("the fixed file grants jira again", || async {
+        support.get_token("jira", Duration::ZERO).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_policy_and_a_file_that_does_not_validate_stops_startup() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let mut pairs = settings_pairs(&db, &issuer, &[]);
+    pairs.push(("VAULT_POLICY_FILE", policy.path()));
+    // Far longer than the test: only the signal can reload it.
+    pairs.push(("VAULT_POLICY_RELOAD_SECONDS", "3600"));
+    let server = start_binary(&pairs).await;
+    let support = server
+        .client_with(&issuer.token("support-1", "alice"))
+        .await;
+    store_and_read_back(&support, "jira", "at-jira").await;
+
+    policy.replace(&POLICY.replace("tools = [\"jira\", \"stripe\"]", "tools = [\"stripe\"]"));
+    server.signal("HUP");
+    eventually("SIGHUP reloads the policy", || async {
+        support.get_token("jira", Duration::ZERO).await.is_err()
+    })
+    .await;
+    policy.replace("[tools.jira]\nmax_ttl_seconds = 0\n");
+    server.signal("HUP");
+    eventually(
+        "the invalid file is reported in one line naming the rule",
+        || async {
+            server.stderr_lines.lock().unwrap().iter().any(|line| {
+                line.contains("the policy file did not load")
+                    && line.contains("tools.jira.max_ttl_seconds")
+            })
+        },
+    )
+    .await;
+    assert!(
+        support.get_token("jira", Duration::ZERO).await.is_err(),
+        "old policy kept"
+    );
+    drop(server);
+
+    // The same file stops startup, naming the setting and the rule.
+    let (ok, stderr) = run_binary_to_exit(&["serve"], &pairs);
+    assert!(!ok);
+    assert!(
+        stderr.contains("VAULT_POLICY_FILE") && stderr.contains("tools.jira.max_ttl_seconds"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_spent_rate_limit_answers_retry_info_and_the_client_retries_after_it() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    // Global: 1 call a second per (agent, user), no burst. The policy adds 2 a second per agent
+    // for jira.
+    let policy = PolicyFile::new(
+        "[[grants]]\nagents = [\"*\"]\ntools = [\"*\"]\n[tools.jira]\nlimits.agent = { per_second = 2, burst = 1 }\n",
+    );
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_POLICY_FILE", policy.path()),
+            ("VAULT_LIMIT_USER_PER_SECOND", "1"),
+            ("VAULT_LIMIT_USER_BURST", "1"),
+        ],
+    )
+    .await;
+    let alice = app
+        .client(&issuer, "agent-a", "alice")
+        .await
+        .with_retry(RetryPolicy::none());
+    store(&alice, "slack", "at").await;
+    let refused = alice.get_token("slack", Duration::ZERO).await.unwrap_err();
+    let Error::ResourceExhausted {
+        reason: ErrorReason::RateLimited,
+        retry_after: Some(after),
+        ..
+    } = refused
+    else {
+        panic!("expected RATE_LIMITED with RetryInfo, got {refused:?}");
+    };
+    assert!(
+        after > Duration::ZERO && after <= Duration::from_secs(1),
+        "{after:?}"
+    );
+    // Another user of the agent is not held back by alice's bucket.
+    let bob = app.client(&issuer, "agent-a", "bob").await;
+    store(&bob, "slack", "at-bob").await;
+
+    // The default client waits what RetryInfo says and is admitted: recovery after the window.
+    let patient = app.client(&issuer, "agent-a", "alice").await;
+    assert_eq!(access_token(&patient, "slack").await, "at");
+
+    // The tool's own agent bucket: shared by alice and bob for jira.
+    let carol = app
+        .client(&issuer, "agent-a", "carol")
+        .await
+        .with_retry(RetryPolicy::none());
+    store(&carol, "jira", "at-carol").await;
+    let dave = app
+        .client(&issuer, "agent-a", "dave")
+        .await
+        .with_retry(RetryPolicy::none());
+    match dave
+        .store_token("jira", oauth_token("at", "", 60), None)
+        .await
+    {
+        Err(Error::ResourceExhausted {
+            reason: ErrorReason::RateLimited,
+            retry_after: Some(_),
+            ..
+        }) => {}
+        other => panic!("expected jira's agent bucket to refuse, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn past_the_concurrency_limit_a_call_is_shed_at_once_and_health_still_answers() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    // A provider that accepts connections and never answers: a refresh through it holds its
+    // call in flight for as long as the test needs.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.toml");
+    std::fs::write(
+        &providers,
+        format!(
+            "[tools.slow]\ntoken_url = \"https://{}/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+            hung.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_PROVIDERS_FILE", providers.to_str().unwrap()),
+            ("VAULT_PROVIDER_TIMEOUT_SECONDS", "120"),
+            ("VAULT_MAX_CONCURRENT_CALLS", "1"),
+        ],
+    )
+    .await;
+    let alice = app
+        .client(&issuer, "agent-a", "alice")
+        .await
+        .with_retry(RetryPolicy::none());
+    alice
+        .store_token("slow", oauth_token("expired", "rt", -60), None)
+        .await
+        .unwrap();
+
+    let holding = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.get_token("slow", Duration::ZERO).await }
+    });
+    // The vault has reached the provider: the call holds the only permit.
+    let (_connection, _) = tokio::time::timeout(Duration::from_secs(20), hung.accept())
+        .await
+        .expect("the refresh reaches the provider")
+        .unwrap();
+    let shed = alice.get_token("slow", Duration::ZERO).await.unwrap_err();
+    match &shed {
+        Error::ResourceExhausted {
+            reason: ErrorReason::Overloaded,
+            retry_after: Some(after),
+            ..
+        } => assert!(*after <= Duration::from_secs(1)),
+        other => panic!("expected OVERLOADED, got {other:?}"),
+    }
+    assert!(is_serving(&app.endpoint()).await, "health is never shed");
+    holding.abort();
+}
+
+/// Opens an HTTP/2 connection to `addr` by hand and starts `streams` GetToken calls on it whose
+/// request messages never finish (two bytes of the five-byte prefix, then nothing); returns
+/// once the server has answered a PING sent after them, so it has read them all.
+async fn open_stalled_streams(
+    addr: std::net::SocketAddr,
+    jwt: &str,
+    streams: usize,
+) -> Vec<Box<dyn std::any::Any + Send>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut ping = connection.ping_pong().expect("the first ping_pong");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    for _ in 0..streams {
+        send = send.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/vault.v1.CredentialVault/GetToken"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {jwt}"))
+            .body(())
+            .unwrap();
+        let (response, mut stream) = send.send_request(request, false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from_static(&[0, 0]), false)
+            .unwrap();
+        held.push(Box::new((response, stream)));
+    }
+    ping.ping(h2::Ping::opaque()).await.unwrap();
+    held.push(Box::new((send, ping)));
+    held
+}
+
+#[tokio::test]
+async fn a_stream_flood_and_slowloris_connections_leave_a_well_behaved_client_served() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_MAX_CONCURRENT_CALLS", "4"),
+            ("VAULT_HTTP2_MAX_CONCURRENT_STREAMS", "8"),
+        ],
+    )
+    .await;
+    let good = app
+        .client(&issuer, "agent-a", "alice")
+        .await
+        .with_retry(RetryPolicy::none());
+    store(&good, "jira", "at-good").await;
+
+    // A stream flood from a verified caller: three connections with every stream they may open
+    // stalled mid-request, six times the concurrency limit. They hold no place in it.
+    let flooder = issuer.token("agent-b", "mallory");
+    let mut flood = Vec::new();
+    for _ in 0..3 {
+        flood.push(open_stalled_streams(app.addr, &flooder, 8).await);
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            good.get_token("jira", Duration::ZERO)
+                .await
+                .unwrap()
+                .access_token,
+            "at-good"
+        );
+    }
+
+    // Slowloris: connections that send a piece of the HTTP/2 preface and stall.
+    let mut stalled = Vec::new();
+    for _ in 0..64 {
+        let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, b"PRI * HTTP/2.0\r\n")
+            .await
+            .unwrap();
+        stalled.push(tcp);
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            good.get_token("jira", Duration::ZERO)
+                .await
+                .unwrap()
+                .access_token,
+            "at-good"
+        );
+    }
+    drop((flood, stalled));
+}
