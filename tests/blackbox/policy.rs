@@ -408,12 +408,10 @@ async fn a_spent_rate_limit_answers_retry_info_and_the_client_retries_after_it()
     }
 }
 
-#[tokio::test]
-async fn past_the_concurrency_limit_a_call_is_shed_at_once_and_health_still_answers() {
-    let db = TestDb::new().await;
-    let issuer = Issuer::new();
-    // A provider that accepts connections and never answers: a refresh through it holds its
-    // call in flight for as long as the test needs.
+/// A provider that accepts connections and never answers (tool `slow`): a refresh through it
+/// holds its call in flight for as long as the test needs. Returns its listener (accept on it
+/// to know a call reached it), the directory holding the providers file, and the file's path.
+async fn hung_provider() -> (tokio::net::TcpListener, tempfile::TempDir, PathBuf) {
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let providers = dir.path().join("providers.toml");
@@ -425,6 +423,14 @@ async fn past_the_concurrency_limit_a_call_is_shed_at_once_and_health_still_answ
         ),
     )
     .unwrap();
+    (hung, dir, providers)
+}
+
+#[tokio::test]
+async fn past_the_concurrency_limit_a_call_is_shed_at_once_and_health_still_answers() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let (hung, _dir, providers) = hung_provider().await;
     let app = spawn_with(
         &db,
         &issuer,
@@ -557,4 +563,81 @@ async fn a_stream_flood_and_slowloris_connections_leave_a_well_behaved_client_se
         );
     }
     drop((flood, stalled));
+}
+
+#[tokio::test]
+async fn a_hung_provider_holds_at_most_its_cap_and_other_callers_and_tools_are_served() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let (hung, _dir, providers) = hung_provider().await;
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_PROVIDERS_FILE", providers.to_str().unwrap()),
+            ("VAULT_PROVIDER_TIMEOUT_SECONDS", "120"),
+            ("VAULT_PROVIDER_MAX_CONCURRENT_CALLS", "1"),
+            // Every GetToken that wants a fresher token tries the provider.
+            ("VAULT_REFRESH_COOLDOWN_SECONDS", "0"),
+        ],
+    )
+    .await;
+    let client = |user: &'static str| {
+        let app = &app;
+        let issuer = &issuer;
+        async move {
+            app.client(issuer, "agent-a", user)
+                .await
+                .with_retry(RetryPolicy::none())
+        }
+    };
+    let (alice, bob, carol) = (
+        client("alice").await,
+        client("bob").await,
+        client("carol").await,
+    );
+    for user in [&alice, &bob] {
+        user.store_token("slow", oauth_token("expired", "rt", -60), None)
+            .await
+            .unwrap();
+    }
+    // Carol's token is valid for 20 s more: a GetToken asking for 60 s refreshes it.
+    carol
+        .store_token("slow", oauth_token("still-valid", "rt", 20), None)
+        .await
+        .unwrap();
+    store(&carol, "jira", "at-jira").await;
+
+    let holding = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.get_token("slow", Duration::ZERO).await }
+    });
+    let (_connection, _) = tokio::time::timeout(Duration::from_secs(20), hung.accept())
+        .await
+        .expect("alice's refresh reaches the provider")
+        .unwrap();
+    // The provider's one place is taken: bob is answered at once, not after the provider's
+    // 120 s (the 20 s bound only keeps a broken cap from hanging the test).
+    let answered = |call| async move {
+        tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("answered without waiting for the hung provider")
+    };
+    let refused = answered(bob.get_token("slow", Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, Error::ProviderUnavailable(_)),
+        "{refused:?}"
+    );
+    // Carol gets her still-valid token, and another tool is untouched.
+    let token = answered(carol.get_token("slow", Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (token.access_token.as_str(), token.refreshed),
+        ("still-valid", false)
+    );
+    assert_eq!(access_token(&carol, "jira").await, "at-jira");
+    holding.abort();
 }

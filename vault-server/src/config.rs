@@ -187,6 +187,15 @@ value::settings! {
         vault_provider_connect_timeout_seconds: u64 = 5, 1..=60;
         /// Provider call limit, the whole exchange.
         vault_provider_timeout_seconds: u64 = 15, 1..=120;
+        /// Calls in flight to one provider (a tool's authorization server); one more fails at
+        /// once as PROVIDER_UNAVAILABLE (GetToken then serves a still-valid token), so a hung
+        /// provider holds a bounded share of the vault.
+        vault_provider_max_concurrent_calls: u64 = 32, 1..=10_000;
+        /// A provider's calls that fail as unavailable in a row before its circuit breaker
+        /// opens: calls to it then fail at once, without a connection.
+        vault_provider_breaker_failures: u64 = 5, 1..=1000;
+        /// How long an open breaker pauses calls to its provider before one trial call.
+        vault_provider_breaker_open_seconds: u64 = 30, 1..=3600;
         /// URLs the vault learns from a response (a discovery document's endpoints; an MCP
         /// server's challenge, its authorization servers, their metadata and registration
         /// endpoints) are fetched only over `https` and only when every address their host

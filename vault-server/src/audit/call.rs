@@ -28,6 +28,8 @@ pub struct Call {
     record: Mutex<AuditRecord>,
     owner: Mutex<Option<Owner>>,
     written: AtomicBool,
+    /// When the caller stops waiting (`grpc-timeout`), if it said.
+    deadline: Option<std::time::Instant>,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -53,7 +55,19 @@ impl Call {
             }),
             owner: Mutex::new(None),
             written: AtomicBool::new(false),
+            deadline: None,
         }
+    }
+
+    /// The call's caller stops waiting at `deadline`.
+    pub fn with_deadline(mut self, deadline: Option<std::time::Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// When the caller stops waiting, if it said.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.deadline
     }
 
     fn edit(&self, change: impl FnOnce(&mut AuditRecord)) {

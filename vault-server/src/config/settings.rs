@@ -257,6 +257,11 @@ impl Settings {
             timeout: seconds(c.vault_provider_timeout_seconds),
             egress: c.egress()?,
             discovery_ttl: seconds(c.vault_discovery_ttl_seconds),
+            guard: crate::oauth::GuardSettings {
+                max_concurrent: c.vault_provider_max_concurrent_calls as usize,
+                failures: c.vault_provider_breaker_failures as u32,
+                open_for: seconds(c.vault_provider_breaker_open_seconds),
+            },
         };
         // The casts below are within range: validation bounds both far below u32::MAX.
         Ok(Self {

@@ -80,7 +80,29 @@ fn start<T>(request: &Request<T>, action: &'static str, caller: &Caller) -> Call
         peer: request.remote_addr().map(|addr| addr.to_string()),
         trace_id: crate::telemetry::current_trace_id(),
     };
-    Call::new(action, caller, origin)
+    Call::new(action, caller, origin).with_deadline(deadline(request.metadata()))
+}
+
+/// When the caller stops waiting, from its `grpc-timeout` header (gRPC over HTTP/2: at most
+/// eight digits, then H, M, S, m, u or n). A malformed header is ignored here; tonic's own
+/// timeout layer reads the same header.
+fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(amount * 3600),
+        "M" => std::time::Duration::from_secs(amount * 60),
+        "S" => std::time::Duration::from_secs(amount),
+        "m" => std::time::Duration::from_millis(amount),
+        "u" => std::time::Duration::from_micros(amount),
+        "n" => std::time::Duration::from_nanos(amount),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(timeout)
 }
 
 impl CredentialVaultService {
@@ -592,5 +614,35 @@ fn audit_event(stored: crate::audit::Stored) -> AuditEvent {
         trace_id: record.trace_id.unwrap_or_default(),
         target: record.target.unwrap_or_default(),
         hash: hex::encode(stored.hash),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(value: &str) -> tonic::metadata::MetadataMap {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        metadata
+    }
+
+    #[test]
+    fn a_grpc_timeout_becomes_a_deadline_and_a_malformed_one_is_ignored() {
+        let now = std::time::Instant::now();
+        let in_two_seconds = deadline(&with_timeout("2S")).unwrap();
+        assert!(in_two_seconds >= now + std::time::Duration::from_secs(2));
+        assert!(in_two_seconds < now + std::time::Duration::from_secs(3));
+        let hour = deadline(&with_timeout("1H")).unwrap();
+        assert!(hour >= now + std::time::Duration::from_secs(3600));
+        assert!(deadline(&with_timeout("0n")).unwrap() <= std::time::Instant::now());
+        for bad in ["", "S", "123456789S", "5x", "-5S", "5 S"] {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            if let Ok(value) = bad.parse() {
+                metadata.insert("grpc-timeout", value);
+            }
+            assert_eq!(deadline(&metadata), None, "{bad:?}");
+        }
+        assert_eq!(deadline(&tonic::metadata::MetadataMap::new()), None);
     }
 }

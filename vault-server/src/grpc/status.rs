@@ -156,6 +156,11 @@ impl From<VaultError> for Status {
                     HashMap::from([("rule".to_string(), rule)]),
                 ),
             ),
+            VaultError::DeadlineExceeded(_) => with_reason(
+                Code::DeadlineExceeded,
+                ErrorReason::DeadlineExceeded,
+                err.to_string(),
+            ),
             VaultError::AuthorizationNotFound => with_reason(
                 Code::NotFound,
                 ErrorReason::AuthorizationNotFound,
@@ -224,6 +229,7 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         | VaultError::RateLimited { .. }
         | VaultError::CallerRateLimited { .. }
         | VaultError::PolicyDenied { .. }
+        | VaultError::DeadlineExceeded(_)
         | VaultError::InvalidArgument { .. }
         | VaultError::AuthorizationNotFound
         | VaultError::AuthorizationExpired(_)

@@ -3,6 +3,7 @@
 //! PKCE, RFC 7636), refresh (RFC 6749 §6) and revocation (RFC 7009).
 
 pub mod clients;
+mod guard;
 mod http;
 pub mod mcp;
 mod presets;
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use tokio::sync::RwLock;
 
 pub use clients::Registrar;
+pub use guard::GuardSettings;
 pub use http::ProviderHttp;
 pub use provider::{AuthorizationRequest, Provider};
 
@@ -145,6 +147,8 @@ pub struct ProviderSettings {
     pub egress: crate::egress::EgressPolicy,
     /// `VAULT_DISCOVERY_TTL_SECONDS`: how long discovered metadata is trusted.
     pub discovery_ttl: Duration,
+    /// Each provider's cap on calls in flight and its circuit breaker.
+    pub guard: GuardSettings,
 }
 
 impl ProviderSettings {
@@ -228,6 +232,7 @@ struct Loading<'a> {
     file: &'a Path,
     http: &'a ProviderHttp,
     discovery_ttl: Duration,
+    guard: GuardSettings,
     registrar: Option<&'a Arc<Registrar>>,
 }
 
@@ -288,6 +293,7 @@ impl Providers {
             file: path,
             http: &http,
             discovery_ttl: settings.discovery_ttl,
+            guard: settings.guard,
             registrar: registrar.as_ref(),
         };
         Self::from_file(file, &loading)
@@ -407,6 +413,7 @@ impl Providers {
             .map(|u| redirect_url(tool, "redirect_uri", &u))
             .transpose()?;
         Ok(Provider {
+            guard: guard::Guard::new(loading.guard),
             http: loading.http.clone(),
             tool: tool.to_string(),
             registrar: if client.is_none() {
@@ -582,6 +589,7 @@ impl Providers {
             .map(|u| redirect_url(tool, "redirect_uri", &u))
             .transpose()?;
         Ok(Provider {
+            guard: guard::Guard::new(loading.guard),
             http: http.clone(),
             tool: tool.to_string(),
             client: Some(ClientCredentials {
@@ -715,6 +723,7 @@ mod tests {
                 file: Path::new("providers.toml"),
                 http: &http,
                 discovery_ttl: Duration::from_secs(3600),
+                guard: GuardSettings::default(),
                 registrar: None,
             },
         )

@@ -95,6 +95,8 @@ pub struct Provider {
     pub(super) discovery_ttl: Duration,
     /// The shared HTTP client every call to the provider goes through.
     pub(super) http: ProviderHttp,
+    /// The cap on calls in flight and the circuit breaker of this provider.
+    pub(super) guard: super::guard::Guard,
 }
 
 impl std::fmt::Debug for Provider {
@@ -467,6 +469,16 @@ impl Provider {
         refresh_token: &SecretString,
         bound: Option<&str>,
     ) -> Result<(Refreshed, String), ProviderError> {
+        self.guard
+            .run(&self.tool, self.refresh_unguarded(refresh_token, bound))
+            .await
+    }
+
+    async fn refresh_unguarded(
+        &self,
+        refresh_token: &SecretString,
+        bound: Option<&str>,
+    ) -> Result<(Refreshed, String), ProviderError> {
         let resolved = self.resolve(bound).await?;
         let Resolved {
             endpoints,
@@ -601,6 +613,21 @@ impl Provider {
         redirect_uri: &str,
         bound: Option<&str>,
     ) -> Result<(Refreshed, String), ProviderError> {
+        self.guard
+            .run(
+                &self.tool,
+                self.exchange_code_unguarded(code, verifier, redirect_uri, bound),
+            )
+            .await
+    }
+
+    async fn exchange_code_unguarded(
+        &self,
+        code: &SecretString,
+        verifier: &SecretString,
+        redirect_uri: &str,
+        bound: Option<&str>,
+    ) -> Result<(Refreshed, String), ProviderError> {
         let redirect = RedirectUrl::new(redirect_uri.to_string())
             .map_err(|_| ProviderError::unavailable("the redirect URI is not a URL"))?;
         // The code and verifier go only to the server and client the flow began with.
@@ -699,6 +726,17 @@ impl Provider {
     ///
     /// `bound` is the credential's binding, held as in [`Self::refresh`].
     pub async fn revoke(
+        &self,
+        token: &SecretString,
+        kind: TokenKind,
+        bound: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        self.guard
+            .run(&self.tool, self.revoke_unguarded(token, kind, bound))
+            .await
+    }
+
+    async fn revoke_unguarded(
         &self,
         token: &SecretString,
         kind: TokenKind,

@@ -301,6 +301,7 @@ impl Vault {
             )));
         }
         let policy = self.admit(caller, Some(tool))?;
+        super::before(call.deadline(), "the consent flow")?;
         let consent = &self.options.consent;
         let return_url = match return_url {
             Some(text) => {
@@ -672,6 +673,7 @@ impl Vault {
         self.admit(caller, Some(&flow.tool))?;
         let entry = self.flow_agent(&flow).await?;
         call.on_agent(&entry.record);
+        super::before(call.deadline(), "the code exchange")?;
         let completed = self.exchange(&flow, &entry, call.for_write()).await?;
         call.written();
         Ok(completed)

@@ -88,6 +88,9 @@ pub enum VaultError {
         /// Safe to show: names the agent, the tool and the rule, never a secret.
         message: String,
     },
+    /// The caller's deadline passed before a provider call or a write began; neither began.
+    #[error("the call's deadline passed before {0}; nothing was done")]
+    DeadlineExceeded(&'static str),
     /// No consent flow of the caller has this id.
     #[error("no consent flow of this caller has this authorization_id")]
     AuthorizationNotFound,
@@ -346,6 +349,20 @@ impl TokenBucket {
         } else {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / per_second))
         }
+    }
+}
+
+/// Refuses to begin `what` (a provider call, a write) once `deadline` has passed: the caller is
+/// gone, and work begun for nobody only costs the provider and the database.
+pub(crate) fn before(
+    deadline: Option<std::time::Instant>,
+    what: &'static str,
+) -> Result<(), VaultError> {
+    match deadline {
+        Some(deadline) if std::time::Instant::now() >= deadline => {
+            Err(VaultError::DeadlineExceeded(what))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -630,6 +647,7 @@ impl Vault {
                 VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
             })?;
         call.on_agent(&entry.record);
+        before(call.deadline(), "the write")?;
         let stored = self
             .write_credential(&entry, &caller.user, tool, &tokens, ttl, call.for_write())
             .await?;
@@ -842,7 +860,7 @@ impl Vault {
             )));
         };
         match self
-            .refresh_fenced(caller, tool, current.generation, provider)
+            .refresh_fenced(caller, tool, current.generation, provider, call.deadline())
             .await
         {
             Err(VaultError::ProviderUnavailable(message)) if still_valid => {
@@ -882,7 +900,7 @@ impl Vault {
             tracing::info!(%tool, "forced refresh inside the cooldown; serving the current token");
             return Ok(Self::issue(current.tokens, current.generation, false));
         }
-        self.refresh_fenced(caller, tool, current.generation, provider)
+        self.refresh_fenced(caller, tool, current.generation, provider, call.deadline())
             .await
     }
 
@@ -918,6 +936,7 @@ impl Vault {
             });
         };
         call.on_agent(&entry.record);
+        before(call.deadline(), "the revocation")?;
         let revoked = if at_provider {
             self.revoke_at_provider(entry, &user, target.tool.as_ref(), call)
                 .await?

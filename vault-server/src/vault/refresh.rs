@@ -101,7 +101,9 @@ impl Vault {
         tool: &Tool,
         observed: Generation,
         provider: Arc<Provider>,
+        deadline: Option<Instant>,
     ) -> Result<IssuedToken, VaultError> {
+        super::before(deadline, "the refresh")?;
         let this = Arc::clone(self);
         let caller = caller.clone();
         let tool = tool.clone();
@@ -109,7 +111,7 @@ impl Vault {
         self.detached
             .spawn(
                 async move {
-                    this.refresh_detached(&caller, &tool, observed, &provider)
+                    this.refresh_detached(&caller, &tool, observed, &provider, deadline)
                         .await
                 }
                 .instrument(tracing::Span::current()),
@@ -124,6 +126,7 @@ impl Vault {
         tool: &Tool,
         observed: Generation,
         provider: &Provider,
+        caller_deadline: Option<Instant>,
     ) -> Result<IssuedToken, VaultError> {
         let gate = self.gates.get((
             caller.issuer.clone(),
@@ -155,6 +158,10 @@ impl Vault {
                     "tool {tool} now names a different authorization server than the one this credential was issued by; the user must authorize again"
                 )));
             }
+            // The wait for the gate or another replica's lease may have outlasted the caller:
+            // no provider call starts for a caller that is gone (one that started continues,
+            // so a rotated refresh token is never dropped).
+            super::before(caller_deadline, "the provider call")?;
             let key = CredentialKey {
                 agent: &current.entry.record,
                 user: &caller.user,
