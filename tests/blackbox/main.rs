@@ -10,6 +10,8 @@ mod audit_cli;
 mod auth;
 mod bad_input;
 mod browser;
+#[path = "../chaos/mod.rs"]
+mod chaos;
 mod cli;
 mod client;
 mod config;

@@ -411,7 +411,7 @@ async fn a_spent_rate_limit_answers_retry_info_and_the_client_retries_after_it()
 /// A provider that accepts connections and never answers (tool `slow`): a refresh through it
 /// holds its call in flight for as long as the test needs. Returns its listener (accept on it
 /// to know a call reached it), the directory holding the providers file, and the file's path.
-async fn hung_provider() -> (tokio::net::TcpListener, tempfile::TempDir, PathBuf) {
+pub async fn hung_provider() -> (tokio::net::TcpListener, tempfile::TempDir, PathBuf) {
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let providers = dir.path().join("providers.toml");

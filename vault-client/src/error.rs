@@ -138,6 +138,20 @@ fn reason_of(status: &Status) -> ErrorReason {
         .unwrap_or(ErrorReason::Unspecified)
 }
 
+/// Whether the call certainly never reached a vault: the connection to the replica chosen could
+/// not be made (refused, reset during connect: a replica that has just stopped), or went away
+/// before the request left. Any call, even a write, is safe to try again then.
+pub(crate) fn never_reached(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    status.code() == Code::Cancelled && never_sent(status)
+}
+
 /// Whether a cancellation was made on this side by the transport (the connection went away
 /// before the request left), rather than sent by the vault or caused by a timeout.
 fn never_sent(status: &Status) -> bool {

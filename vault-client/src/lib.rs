@@ -120,6 +120,8 @@ pub use watch::{CredentialEvent, EventKind, WATCH_AFTER_HEADER, Watch, WatchRequ
 
 /// Retries for idempotent calls (GetToken, Refresh with `if_generation`, Revoke, Sweep,
 /// GetAuthorization, ListCredentials) on `UNAVAILABLE`: exponential backoff with full jitter, bounded by attempts and a deadline.
+/// Any call (StoreToken too) is tried again, within the deadline and without counting an
+/// attempt, when its replica's connection was refused, so it certainly never arrived.
 /// A call refused for the caller's rate limit (`RATE_LIMITED`) or shed under load
 /// (`OVERLOADED`) is retried after the wait its `google.rpc.RetryInfo` gives, within the same
 /// bounds.
@@ -422,42 +424,60 @@ impl Client {
         Ok(Some(value))
     }
 
-    /// Runs `call` once, or, when `idempotent`, retries it on `UNAVAILABLE` per the policy.
+    /// Runs `call`, retrying per the policy: an idempotent call on `UNAVAILABLE` (and on a
+    /// rate limit or shed load, after its `RetryInfo`); any call, writes included, when it
+    /// certainly never reached a vault (the replica's connection was refused: it has just
+    /// stopped, and a balanced channel may still pick it). Those cost no attempt, only time
+    /// within the deadline, so a client of several replicas rides out one of them stopping.
     async fn call<T, F, Fut>(&self, idempotent: bool, mut call: F) -> Result<T, Error>
     where
         F: FnMut(RawClient, Option<MetadataValue<Ascii>>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let started = Instant::now();
-        let policy = if idempotent {
-            self.retry
-        } else {
-            RetryPolicy::none()
-        };
+        let policy = self.retry;
         let mut ceiling = policy.initial_backoff;
+        // Calls that never reached a vault back off on their own, from a short first pause:
+        // another replica may take the call at once, and a client whose every replica is down
+        // must not spin.
+        let mut unreached_ceiling = Duration::from_millis(20);
         let mut attempt = 1;
         loop {
             let header = self.authorize().await?;
-            let error = match call(self.inner.clone(), header).await {
+            let (error, unreached) = match call(self.inner.clone(), header).await {
                 Ok(value) => return Ok(value),
-                Err(status) => Error::from(status),
+                Err(status) => {
+                    let unreached = error::never_reached(&status);
+                    (Error::from(status), unreached)
+                }
             };
-            let Some(wait) = retry_wait(&error, ceiling) else {
+            let wait = if unreached && policy.max_attempts > 1 {
+                let wait = unreached_ceiling.mul_f64(fastrand::f64());
+                unreached_ceiling = (unreached_ceiling * 2).min(policy.max_backoff);
+                Some(wait)
+            } else if idempotent && attempt < policy.max_attempts.max(1) {
+                retry_wait(&error, ceiling)
+            } else {
+                None
+            };
+            let Some(wait) = wait else {
                 return Err(error);
             };
-            if attempt >= policy.max_attempts.max(1) || started.elapsed() + wait >= policy.deadline
-            {
+            if started.elapsed() + wait >= policy.deadline {
                 return Err(error);
             }
             tokio::time::sleep(wait).await;
-            ceiling = (ceiling * 2).min(policy.max_backoff);
-            attempt += 1;
+            if !unreached {
+                ceiling = (ceiling * 2).min(policy.max_backoff);
+                attempt += 1;
+            }
         }
     }
 
     /// Stores the caller's token set for `tool`, kept by the vault for `ttl` (`None`, or zero,
-    /// is the vault's default; longer than the default is clamped to it). Not retried: each
-    /// store is a new generation.
+    /// is the vault's default; longer than the default is clamped to it). Retried only when it
+    /// certainly never reached a vault: each store is a new generation, so after an answer
+    /// that was lost a retry could overwrite a newer store.
     pub async fn store_token(
         &self,
         tool: &str,
@@ -570,7 +590,7 @@ impl Client {
     /// `authorization_url`. `scopes` empty asks for the tool's default scopes. `return_url` is
     /// where the vault's callback sends the browser afterwards (it must be one the vault
     /// allows); `None` lets the callback complete the flow itself, where the vault allows that.
-    /// Not retried: each call creates a new flow.
+    /// Retried only when it certainly never reached a vault: each call creates a new flow.
     pub async fn begin_authorization<S: AsRef<str>>(
         &self,
         tool: &str,
@@ -603,8 +623,9 @@ impl Client {
     /// shows the callback arrived. The binding stops an account swap only if the completing
     /// caller is the person who consented: someone who begins a flow and sends its URL to a
     /// victim must not be the one who completes it. Before the callback this is
-    /// [`Error::AuthorizationPending`]. Not retried: a flow completes once, so a retry after a
-    /// lost reply would be refused even though the credential was stored; on `Unavailable`,
+    /// [`Error::AuthorizationPending`]. Retried only when it certainly never reached a vault: a
+    /// flow completes once, so a retry after a lost reply would be refused even though the
+    /// credential was stored; on `Unavailable`,
     /// ask [`get_authorization`](Self::get_authorization) whether it completed.
     pub async fn complete_authorization(&self, authorization_id: &str) -> Result<Completed, Error> {
         let request_body = proto::CompleteAuthorizationRequest {

@@ -45,7 +45,7 @@ pub enum StoreError {
     Corrupt(String),
     /// Anything else from the database.
     #[error("database error")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     /// Applying migrations failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -53,12 +53,44 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn from_sqlx(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable(e)
-            }
-            other => Self::Database(other),
+        if transient(&e) {
+            Self::Unavailable(e)
+        } else {
+            Self::Database(e)
         }
+    }
+}
+
+/// Every database error is classified on its way out of the store, so that an outage (a
+/// restart, a failover, a full pool) reaches callers as UNAVAILABLE, which they retry, and
+/// never as INTERNAL.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::from_sqlx(e)
+    }
+}
+
+/// Whether `e` says the database is (for now) out of reach rather than that the statement is
+/// wrong: the connection broke or could not be made, the server is shutting down or starting up
+/// (SQLSTATE class 57P), out of connections or resources (class 53), lost its connection
+/// (class 08), hit an I/O error (class 58), or aborted a transaction that a retry would redo
+/// (serialization failure, deadlock).
+fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["08", "53", "57P", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
     }
 }
 
