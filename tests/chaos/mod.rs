@@ -11,11 +11,13 @@
 //! Every scenario talks only to loopback: its own PostgreSQL (a private cluster on a Unix
 //! socket, so restarting it disturbs no other test), in-process vaults and a hung provider.
 
+mod lease;
 mod load;
 mod overload;
 mod postgres;
 mod provider;
 mod replicas;
+mod soak;
 
 use std::time::Duration;
 
