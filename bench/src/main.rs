@@ -57,6 +57,9 @@ struct Cli {
     /// GetToken in the audit log, `off` does not. Recorded in the JSON's `config`.
     #[arg(long, value_enum, value_name = "off|on", default_value = "on")]
     audit_releases: AuditReleases,
+    /// Start the server without the policy of 1,000 grants every run loads otherwise.
+    #[arg(long)]
+    no_policy: bool,
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -84,6 +87,7 @@ async fn main() -> ExitCode {
         users: cli.users,
         server_env: cli.server_env,
         audit_releases: cli.audit_releases,
+        no_policy: cli.no_policy,
     };
     let started = Instant::now();
     let outcome = match run(&options).await {

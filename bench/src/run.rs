@@ -58,6 +58,9 @@ pub struct Options {
     /// `VAULT_AUDIT_RELEASES` for the server (`--audit-releases`); not settable through
     /// `server_env`, so the value the report records is the one the server ran with.
     pub audit_releases: AuditReleases,
+    /// Run the server without the policy every run loads otherwise (`--no-policy`), to see
+    /// what evaluating it costs.
+    pub no_policy: bool,
 }
 
 /// The server setting `--audit-releases` owns.
@@ -250,7 +253,7 @@ async fn measure(
         .env("VAULT_SWEEP_INTERVAL_SECONDS", "86400")
         .env("VAULT_SHUTDOWN_GRACE_SECONDS", "5")
         .env(AUDIT_RELEASES_ENV, options.audit_releases.as_str())
-        .env("VAULT_POLICY_FILE", &policy_path)
+        .envs((!options.no_policy).then(|| ("VAULT_POLICY_FILE", policy_path.as_os_str())))
         .envs(options.server_env.iter().map(|(k, v)| (k, v)));
     children.server = Some(ChildProcess::spawn("vault-server", server, SERVER_MARKER).await?);
     let mut echo = Command::new(echo_bin);
@@ -303,10 +306,14 @@ async fn measure(
     if options.echo_nagle {
         notes.push("echo runs with Nagle's algorithm on (--echo-nagle)".into());
     }
-    notes.push(format!(
-        "policy: {} exact grants and one glob grant loaded (VAULT_POLICY_FILE), checked on every call",
-        POLICY_AGENTS.max(scale.agents)
-    ));
+    notes.push(if options.no_policy {
+        "policy: none (--no-policy)".to_string()
+    } else {
+        format!(
+            "policy: {} exact grants and one glob grant loaded (VAULT_POLICY_FILE), checked on every call",
+            POLICY_AGENTS.max(scale.agents)
+        )
+    });
     notes.push(format!(
         "server: {} (RUST_LOG={}, {AUDIT_RELEASES_ENV}={})",
         server_bin.display(),
