@@ -641,3 +641,39 @@ async fn a_hung_provider_holds_at_most_its_cap_and_other_callers_and_tools_are_s
     assert_eq!(access_token(&carol, "jira").await, "at-jira");
     holding.abort();
 }
+
+#[tokio::test]
+async fn a_credential_over_a_ceiling_tightened_later_is_not_released() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_POLICY_FILE", policy.path()),
+            ("VAULT_POLICY_RELOAD_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let support = app.client(&issuer, "support-1", "alice").await;
+    // Stored with `read:jira-work offline_access` while jira has no ceiling.
+    store_and_read_back(&support, "jira", "at-jira").await;
+    policy.replace(&format!(
+        "{POLICY}\n[tools.jira]\nscopes = [\"read:jira-work\"]\n"
+    ));
+    eventually(
+        "the tightened ceiling refuses the stored credential",
+        || async {
+            match support.get_token("jira", Duration::ZERO).await {
+                Err(Error::PermissionDenied {
+                    reason: ErrorReason::PolicyDenied,
+                    message,
+                }) => message.contains("offline_access over the ceiling of tools.jira.scopes"),
+                _ => false,
+            }
+        },
+    )
+    .await;
+    policy_denied(&support.refresh("jira", None).await.unwrap_err());
+}

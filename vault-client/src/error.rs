@@ -139,16 +139,33 @@ fn reason_of(status: &Status) -> ErrorReason {
 }
 
 /// Whether the call certainly never reached a vault: the connection to the replica chosen could
-/// not be made (refused, reset during connect: a replica that has just stopped), or went away
-/// before the request left. Any call, even a write, is safe to try again then.
+/// not be made (refused: a replica that has just stopped, and a balanced channel may still pick
+/// it), or the connection closed while the request was still queued in this client, so hyper
+/// cancelled it before writing a byte of it, the server refused its stream, or the transport
+/// cancelled it on this side. A vault's own answer is never taken for one of these.
 pub(crate) fn never_reached(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
         if error.is::<tonic::ConnectError>() {
             return true;
         }
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>()
+            && hyper.is_canceled()
+        {
+            return true;
+        }
+        // The server refused the stream (as a draining server does to streams past its
+        // GOAWAY): by RFC 9113 §8.7 it did not process any of it.
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return true;
+        }
         source = error.source();
     }
+    // The transport cancelled the call on this side (the connection went away before the
+    // request left, as when a replica closes). A proxy that resets a stream after forwarding
+    // it can look the same; see the closing note of issue 16.
     status.code() == Code::Cancelled && never_sent(status)
 }
 

@@ -77,8 +77,15 @@ impl Guard {
         call: impl Future<Output = Result<T, ProviderError>>,
     ) -> Result<T, ProviderError> {
         self.admit(tool, Instant::now())?;
+        // Settles the call as not run if it is dropped (cancelled, or a panic) before its
+        // outcome is known, so a half-open trial slot is never left taken for good.
+        let mut pending = Pending {
+            guard: self,
+            settled: false,
+        };
         let Ok(_permit) = self.permits.try_acquire() else {
             // Admitted by the breaker but not run: a trial slot must not stay taken.
+            pending.settled = true;
             self.settle(false, true, Instant::now());
             tracing::warn!(
                 %tool,
@@ -95,6 +102,7 @@ impl Guard {
         };
         let result = call.await;
         let failed = matches!(result, Err(ProviderError::Unavailable { .. }));
+        pending.settled = true;
         self.settle(failed, false, Instant::now());
         result
     }
@@ -154,6 +162,20 @@ impl Guard {
             // Calls admitted before the breaker opened finish while it is open.
             (Breaker::Open { until }, true, false) => Breaker::Open { until },
         };
+    }
+}
+
+/// A call admitted by the breaker whose outcome is not yet recorded.
+struct Pending<'a> {
+    guard: &'a Guard,
+    settled: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.guard.settle(false, true, Instant::now());
+        }
     }
 }
 
@@ -228,6 +250,28 @@ mod tests {
         assert!(
             guard.admit("t", Instant::now()).is_ok(),
             "2 in a row, not 4"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trial_dropped_before_it_ends_frees_the_slot_for_the_next() {
+        let guard = guard(4);
+        for _ in 0..3 {
+            let _ = guard.run("t", async { unavailable() }).await;
+        }
+        *guard.breaker.lock().unwrap() = Breaker::Open {
+            until: Instant::now(),
+        };
+        // The trial is admitted, then cancelled mid-call.
+        let trial = guard.run("t", std::future::pending::<Result<(), ProviderError>>());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), trial)
+                .await
+                .is_err()
+        );
+        assert!(
+            guard.admit("t", Instant::now()).is_ok(),
+            "not stuck half-open"
         );
     }
 

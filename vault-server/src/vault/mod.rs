@@ -557,6 +557,26 @@ impl Vault {
         Ok(())
     }
 
+    /// Refuses to release a token whose scopes are over `tool`'s ceiling in the policy in force
+    /// now: one stored before the ceiling was tightened, or widened by a provider at refresh.
+    fn release_within_ceiling(&self, tool: &Tool, scopes: &[String]) -> Result<(), VaultError> {
+        match self
+            .options
+            .policy
+            .current()
+            .map(|policy| policy.check_scopes(tool, scopes))
+        {
+            Some(Err(over)) => Err(VaultError::PolicyDenied {
+                rule: over.rule,
+                message: format!(
+                    "the credential for tool {tool} holds scopes {}; store or authorize one within it",
+                    over.problem
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     async fn agent_entry(
         &self,
         issuer: &IssuerId,
@@ -824,6 +844,13 @@ impl Vault {
         let current = self
             .open_current(caller, tool, Some(call), release_until)
             .await?;
+        if let Err(denied) = self.release_within_ceiling(tool, &current.tokens.scopes) {
+            if let Some(sequence) = current.released {
+                // Its release was recorded with the read: the refusal's record says it was not made.
+                call.retracts(sequence);
+            }
+            return Err(denied);
+        }
         if current.released.is_some() {
             // The store released it by the same rule as below (usable, and valid past
             // `wanted_until`) and wrote the call's record with the read.
@@ -867,6 +894,10 @@ impl Vault {
                 tracing::info!(%message, "provider unavailable; serving the still-valid token");
                 Ok(Self::issue(current.tokens, current.generation, false))
             }
+            Ok(issued) => {
+                self.release_within_ceiling(tool, &issued.scopes)?;
+                Ok(issued)
+            }
             other => other,
         }
     }
@@ -883,6 +914,7 @@ impl Vault {
     ) -> Result<IssuedToken, VaultError> {
         self.admit_release(caller, tool)?;
         let current = self.open_current(caller, tool, Some(call), None).await?;
+        self.release_within_ceiling(tool, &current.tokens.scopes)?;
         if if_generation.is_some_and(|seen| current.generation > seen) {
             return Ok(Self::issue(current.tokens, current.generation, false));
         }
@@ -900,8 +932,11 @@ impl Vault {
             tracing::info!(%tool, "forced refresh inside the cooldown; serving the current token");
             return Ok(Self::issue(current.tokens, current.generation, false));
         }
-        self.refresh_fenced(caller, tool, current.generation, provider, call.deadline())
-            .await
+        let issued = self
+            .refresh_fenced(caller, tool, current.generation, provider, call.deadline())
+            .await?;
+        self.release_within_ceiling(tool, &issued.scopes)?;
+        Ok(issued)
     }
 
     /// Deletes credentials; with `at_provider`, also revokes their tokens at the provider
