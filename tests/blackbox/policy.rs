@@ -243,20 +243,25 @@ async fn a_tool_that_requires_approval_is_released_only_to_a_recent_step_up() {
     );
 }
 
-#[tokio::test]
-async fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_policy() {
-    let db = TestDb::new().await;
-    let issuer = Issuer::new();
-    let policy = PolicyFile::new(POLICY);
-    let app = spawn_with(
-        &db,
-        &issuer,
+/// A vault under `policy`, checking the file for changes every second.
+async fn reloading_vault(db: &TestDb, issuer: &Issuer, policy: &PolicyFile) -> TestApp {
+    spawn_with(
+        db,
+        issuer,
         &[
             ("VAULT_POLICY_FILE", policy.path()),
             ("VAULT_POLICY_RELOAD_SECONDS", "1"),
         ],
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_policy() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let policy = PolicyFile::new(POLICY);
+    let app = reloading_vault(&db, &issuer, &policy).await;
     let support = app.client(&issuer, "support-1", "alice").await;
     store_and_read_back(&support, "jira", "at-jira").await;
 
@@ -647,15 +652,7 @@ async fn a_credential_over_a_ceiling_tightened_later_is_not_released() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let policy = PolicyFile::new(POLICY);
-    let app = spawn_with(
-        &db,
-        &issuer,
-        &[
-            ("VAULT_POLICY_FILE", policy.path()),
-            ("VAULT_POLICY_RELOAD_SECONDS", "1"),
-        ],
-    )
-    .await;
+    let app = reloading_vault(&db, &issuer, &policy).await;
     let support = app.client(&issuer, "support-1", "alice").await;
     // Stored with `read:jira-work offline_access` while jira has no ceiling.
     store_and_read_back(&support, "jira", "at-jira").await;
