@@ -418,6 +418,7 @@ async fn failures_back_off_and_reauth_sticks(store: &Store) {
                 Duration::from_secs(1),
                 Duration::from_secs(300),
             ),
+            true,
         )
         .await
         .unwrap()
@@ -435,6 +436,22 @@ async fn failures_back_off_and_reauth_sticks(store: &Store) {
             .unwrap(),
         RefreshLease::BackingOff { .. }
     ));
+    // A call the vault never sent (its provider guard held it back) waits only as long as it
+    // is told and is not counted: the next lease still knows of one failure.
+    store
+        .leases
+        .record_refresh_failure(key(&a, &u, &t), g1, Duration::ZERO, false)
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(
+        store
+            .leases
+            .try_refresh_lease(key(&a, &u, &t), g1, me, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        RefreshLease::Acquired { failures: 1 }
+    );
 
     store
         .credentials

@@ -3,7 +3,7 @@
 //! refreshes of every other provider go on.
 //!
 //! - **Cap.** At most `max_concurrent` calls to one provider at once; one more fails at once
-//!   with [`ProviderError::Unavailable`] rather than waiting, so GetToken answers with the
+//!   with [`ProviderError::Paused`] rather than waiting, so GetToken answers with the
 //!   still-valid token or PROVIDER_UNAVAILABLE instead of queueing behind a hung provider.
 //! - **Breaker.** After `failures` calls in a row fail as unavailable (timeouts, connection
 //!   errors, 5xx, 429), the breaker opens: for `open_for` every call fails at once without
@@ -92,7 +92,7 @@ impl Guard {
                 limit = self.settings.max_concurrent,
                 "provider calls in flight at the cap; failing this one at once"
             );
-            return Err(ProviderError::Unavailable {
+            return Err(ProviderError::Paused {
                 message: format!(
                     "the provider of tool {tool} already has {} calls in flight; retry later",
                     self.settings.max_concurrent
@@ -117,14 +117,14 @@ impl Guard {
                 tracing::info!(%tool, "provider breaker half-open: one trial call");
                 Ok(())
             }
-            Breaker::Open { until } => Err(ProviderError::Unavailable {
+            Breaker::Open { until } => Err(ProviderError::Paused {
                 message: format!(
                     "the provider of tool {tool} failed {} times in a row; calls to it are paused",
                     self.settings.failures
                 ),
                 retry_after: Some(until.saturating_duration_since(now)),
             }),
-            Breaker::HalfOpen => Err(ProviderError::Unavailable {
+            Breaker::HalfOpen => Err(ProviderError::Paused {
                 message: format!(
                     "the provider of tool {tool} is being retried after failing; retry shortly"
                 ),
@@ -214,7 +214,7 @@ mod tests {
             .await;
         assert!(matches!(
             refused,
-            Err(ProviderError::Unavailable {
+            Err(ProviderError::Paused {
                 retry_after: Some(_),
                 ..
             })
@@ -294,7 +294,7 @@ mod tests {
         });
         entered_rx.await.unwrap();
         let refused = guard.run("t", async { Ok(()) }).await;
-        assert!(matches!(refused, Err(ProviderError::Unavailable { .. })));
+        assert!(matches!(refused, Err(ProviderError::Paused { .. })));
         release_tx.send(()).unwrap();
         holder.await.unwrap().unwrap();
         assert!(guard.run("t", async { Ok(()) }).await.is_ok());

@@ -83,6 +83,16 @@ pub enum ProviderError {
         /// The provider's `Retry-After`.
         retry_after: Option<Duration>,
     },
+    /// The vault's own guard for this provider refused the call (its breaker is open, or its
+    /// calls in flight are at the cap): nothing was sent, so it says nothing about this
+    /// credential and must not count as its failure.
+    #[error("{message}")]
+    Paused {
+        /// Safe to show.
+        message: String,
+        /// When the guard may let a call through again, if it knows.
+        retry_after: Option<Duration>,
+    },
 }
 
 impl ProviderError {

@@ -604,7 +604,8 @@ impl Provider {
     /// Exchanges an authorization code (RFC 6749 §4.1.3) with the PKCE verifier (RFC 7636) and
     /// the same redirect_uri, authenticating as configured (basic/post). `invalid_grant` (the
     /// code refused, expired or reused, or the verifier wrong) is
-    /// [`ProviderError::GrantRejected`]; anything else is [`ProviderError::Unavailable`].
+    /// [`ProviderError::GrantRejected`]; a call the provider's guard holds back is
+    /// [`ProviderError::Paused`]; anything else is [`ProviderError::Unavailable`].
     #[tracing::instrument(skip(self, code, verifier), fields(tool = %self.tool))]
     pub async fn exchange_code(
         &self,

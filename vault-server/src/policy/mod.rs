@@ -20,7 +20,7 @@
 //! [approval]                       # what a step-up is: claims of the caller's JWT
 //! acr = ["urn:example:mfa"]        # `acr` is one of these
 //! amr = ["otp", "hwk"]             # `amr` holds one of these
-//! max_age_seconds = 300            # `auth_time` is at most this old
+//! max_age_seconds = 300            # required: `auth_time` is at most this old
 //! ```
 //!
 //! No file: every agent may use every tool, as before the policy existed.
@@ -38,7 +38,7 @@ pub use limits::{Limited, Limits, Quota};
 pub use reload::{PolicyHandle, PolicyReload};
 
 use crate::auth::{Caller, StepUp};
-use crate::ids::Tool;
+use crate::ids::{AgentId, Tool};
 
 /// The most grants, tools and patterns a file may hold: far above any real deployment, and a
 /// bound on what one reload may cost.
@@ -141,7 +141,8 @@ pub struct ToolRule {
 struct Approval {
     acr: Vec<String>,
     amr: Vec<String>,
-    max_age_seconds: Option<u64>,
+    /// Required: a step-up proves something only while it is recent.
+    max_age_seconds: u64,
 }
 
 impl Approval {
@@ -164,15 +165,14 @@ impl Approval {
                 quoted(&self.amr)
             ));
         }
-        if let Some(max_age) = self.max_age_seconds {
-            let fresh = step_up.auth_time.is_some_and(|at| {
-                at <= now.saturating_add(60) && now.saturating_sub(at) <= max_age as i64
-            });
-            if !fresh {
-                return Some(format!(
-                    "the caller token's auth_time must be within the last {max_age} seconds"
-                ));
-            }
+        let max_age = self.max_age_seconds;
+        let fresh = step_up.auth_time.is_some_and(|at| {
+            at <= now.saturating_add(60) && now.saturating_sub(at) <= max_age as i64
+        });
+        if !fresh {
+            return Some(format!(
+                "the caller token's auth_time must be within the last {max_age} seconds"
+            ));
         }
         None
     }
@@ -294,19 +294,24 @@ impl Policy {
                 tools,
             });
         }
-        let approval = file.approval.map(|entry| Approval {
-            acr: entry.acr,
-            amr: entry.amr,
-            max_age_seconds: entry.max_age_seconds,
+        // A step-up is an authentication within `max_age_seconds` (so a token minted from an
+        // old login proves nothing), optionally of a kind (`acr`, `amr`).
+        let has_approval = file.approval.is_some();
+        let approval = file.approval.and_then(|entry| match entry.max_age_seconds {
+            Some(max_age_seconds @ 1..) => Some(Approval {
+                acr: entry.acr,
+                amr: entry.amr,
+                max_age_seconds,
+            }),
+            _ => {
+                problems.push(
+                    "approval.max_age_seconds: say how recent a step-up must be (1 or more seconds; \
+                     the caller token's auth_time is checked against it)"
+                        .to_string(),
+                );
+                None
+            }
         });
-        if let Some(approval) = &approval
-            && approval.acr.is_empty()
-            && approval.amr.is_empty()
-            && approval.max_age_seconds.is_none()
-        {
-            problems
-                .push("approval: name what a step-up is (acr, amr or max_age_seconds)".to_string());
-        }
         let mut tools = HashMap::new();
         for (name, entry) in file.tools {
             let rule = format!("tools.{name}");
@@ -330,7 +335,7 @@ impl Policy {
                     "{rule}.scopes: each scope must be 1..512 bytes without spaces"
                 ));
             }
-            if entry.approval == ApprovalMode::Required && approval.is_none() {
+            if entry.approval == ApprovalMode::Required && !has_approval {
                 problems.push(format!(
                     "{rule}.approval: \"required\" needs an [approval] section saying what a step-up is"
                 ));
@@ -377,9 +382,9 @@ impl Policy {
         })
     }
 
-    /// Whether `caller` may use `tool` at all.
-    pub fn check_use(&self, caller: &Caller, tool: &Tool) -> Result<(), Denied> {
-        let agent = caller.agent.as_str();
+    /// Whether `agent` may use `tool` at all.
+    pub fn check_use(&self, agent: &AgentId, tool: &Tool) -> Result<(), Denied> {
+        let agent = agent.as_str();
         let mut matching = Vec::new();
         let exact = self.exact.get(agent).map(Vec::as_slice).unwrap_or_default();
         let globbed = self.globs.matches(agent);
@@ -489,7 +494,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{AgentId, IssuerId, UserId};
+    use crate::ids::{IssuerId, UserId};
 
     fn caller(agent: &str) -> Caller {
         Caller {
@@ -505,6 +510,10 @@ mod tests {
 
     fn tool(name: &str) -> Tool {
         Tool::parse(name).unwrap()
+    }
+
+    fn agent(name: &str) -> AgentId {
+        AgentId::parse(name).unwrap()
     }
 
     const FILE: &str = r#"
@@ -535,24 +544,20 @@ mod tests {
     #[test]
     fn grants_are_the_union_of_every_matching_rule_by_exact_id_or_glob() {
         let policy = Policy::parse(FILE, 86_400, None).unwrap();
+        assert!(policy.check_use(&agent("support-7"), &tool("jira")).is_ok());
+        assert!(policy.check_use(&agent("helpdesk"), &tool("jira")).is_ok());
         assert!(
             policy
-                .check_use(&caller("support-7"), &tool("jira"))
-                .is_ok()
-        );
-        assert!(policy.check_use(&caller("helpdesk"), &tool("jira")).is_ok());
-        assert!(
-            policy
-                .check_use(&caller("helpdesk"), &tool("confluence"))
+                .check_use(&agent("helpdesk"), &tool("confluence"))
                 .is_ok()
         );
         assert!(
             policy
-                .check_use(&caller("root-agent"), &tool("anything"))
+                .check_use(&agent("root-agent"), &tool("anything"))
                 .is_ok()
         );
         let denied = policy
-            .check_use(&caller("support-7"), &tool("confluence"))
+            .check_use(&agent("support-7"), &tool("confluence"))
             .unwrap_err();
         assert_eq!(denied.rule, "grants");
         assert!(
@@ -561,7 +566,7 @@ mod tests {
             denied.message
         );
         let nobody = policy
-            .check_use(&caller("billing"), &tool("jira"))
+            .check_use(&agent("billing"), &tool("jira"))
             .unwrap_err();
         assert!(
             nobody.message.contains("no grant matches"),
@@ -657,6 +662,19 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
         }
+        // A step-up that is not bounded in time proves nothing about now.
+        let Invalid(problems) = Policy::parse(
+            "[approval]\nacr = [\"mfa\"]\n[tools.stripe]\napproval = \"required\"",
+            86_400,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("approval.max_age_seconds"),
+            "{problems:?}"
+        );
+        assert!(Policy::parse("[approval]\nmax_age_seconds = 0", 86_400, None).is_err());
         let unknown =
             Policy::parse("[[grants]]\nagent = [\"a\"]\ntools = []", 86_400, None).unwrap_err();
         assert!(unknown.to_string().contains("agent"), "{unknown}");
@@ -690,19 +708,15 @@ mod tests {
         text.push_str("[[grants]]\nagents = [\"team-*-bot\"]\ntools = [\"jira\"]\n");
         let policy = Policy::parse(&text, 86_400, None).unwrap();
         assert_eq!(policy.size(), (1001, 0));
+        assert!(policy.check_use(&agent("agent-999"), &tool("jira")).is_ok());
         assert!(
             policy
-                .check_use(&caller("agent-999"), &tool("jira"))
+                .check_use(&agent("team-x-bot"), &tool("jira"))
                 .is_ok()
         );
         assert!(
             policy
-                .check_use(&caller("team-x-bot"), &tool("jira"))
-                .is_ok()
-        );
-        assert!(
-            policy
-                .check_use(&caller("agent-1000"), &tool("jira"))
+                .check_use(&agent("agent-1000"), &tool("jira"))
                 .is_err()
         );
     }

@@ -75,14 +75,16 @@ pub trait LeaseStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<RefreshLease, StoreError>;
 
-    /// Records a transient refresh failure of `generation`: counts it, releases the lease, and
-    /// allows no provider call for `wait`. Returns when the next call is allowed, or `None`
-    /// when the generation is no longer stored.
+    /// Records a refresh of `generation` that did not happen: releases the lease and allows no
+    /// provider call for `wait`; a failure at the provider is `counted` (it lengthens the next
+    /// backoff), a call the vault never sent is not. Returns when the next call is allowed, or
+    /// `None` when the generation is no longer stored.
     async fn record_refresh_failure(
         &self,
         key: CredentialKey<'_>,
         generation: Generation,
         wait: Duration,
+        counted: bool,
     ) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// Takes or renews the named lease for `ttl`; true if `holder` has it now.

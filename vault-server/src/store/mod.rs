@@ -71,10 +71,9 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Whether `e` says the database is (for now) out of reach rather than that the statement is
-/// wrong: the connection broke or could not be made, the server is shutting down or starting up
-/// (SQLSTATE class 57P), out of connections or resources (class 53), lost its connection
-/// (class 08), hit an I/O error (class 58), or aborted a transaction that a retry would redo
-/// (serialization failure, deadlock).
+/// wrong: the connection broke or could not be made (a TLS handshake or a protocol message cut
+/// short by a restarting server included: a misconfigured one stops startup instead), or the
+/// database said so in its own terms (see [`sqlstate_transient`] and [`sqlite_transient`]).
 fn transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut
@@ -83,15 +82,35 @@ fn transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::Tls(_)
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            ["08", "53", "57P", "58"]
-                .iter()
-                .any(|class| code.starts_with(class))
-                || code == "40001"
-                || code == "40P01"
-        }),
+        sqlx::Error::Database(db) => match db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+            // SQLite's codes are numbers, which PostgreSQL's classes would misread (SQLite's
+            // 531, a commit-hook constraint, is not PostgreSQL's class 53).
+            Some(sqlite) => sqlx::error::DatabaseError::code(sqlite)
+                .and_then(|code| code.parse::<u32>().ok())
+                .is_some_and(sqlite_transient),
+            None => db.code().is_some_and(|code| sqlstate_transient(&code)),
+        },
         _ => false,
     }
+}
+
+/// A PostgreSQL SQLSTATE that a retry may get past: the server is shutting down or starting up
+/// (class 57P), out of connections or resources (53), lost its connection (08), hit an I/O
+/// error (58), or aborted a transaction that a retry would redo (serialization failure,
+/// deadlock).
+fn sqlstate_transient(code: &str) -> bool {
+    ["08", "53", "57P", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "40001"
+        || code == "40P01"
+}
+
+/// A SQLite extended result code that a retry may get past: its primary code (the low byte) is
+/// BUSY (5) or LOCKED (6), another connection holding the database, or IOERR (10), FULL (13) or
+/// PROTOCOL (15), the disk or its locks failing for now.
+fn sqlite_transient(code: u32) -> bool {
+    matches!(code & 0xff, 5 | 6 | 10 | 13 | 15)
 }
 
 /// Creating and upgrading the database itself.
@@ -189,4 +208,64 @@ pub async fn open(settings: &crate::config::DatabaseSettings) -> Result<Store, S
         }
         Database::SqliteMemory => Store::new(SqliteStore::open_memory().await?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::Connection as _;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+
+    use super::*;
+
+    #[test]
+    fn sqlstate_classes_that_pass_are_transient_and_statement_errors_are_not() {
+        for code in [
+            "08006", "53300", "57P01", "57P03", "58030", "40001", "40P01",
+        ] {
+            assert!(sqlstate_transient(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22001", "57014"] {
+            assert!(!sqlstate_transient(code), "{code}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_sqlite_database_is_transient_and_its_constraint_errors_are_not() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("classify.db"))
+            .create_if_missing(true)
+            .busy_timeout(Duration::ZERO);
+        let mut holder = SqliteConnection::connect_with(&options).await.unwrap();
+        let mut other = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(transient(&busy), "{busy}");
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let duplicate = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+        assert!(!transient(&duplicate), "{duplicate}");
+        // A commit-hook constraint (531) reads like PostgreSQL's class 53 but is not transient.
+        assert!(!sqlite_transient(531));
+        assert!(sqlite_transient(517), "BUSY_SNAPSHOT");
+    }
 }

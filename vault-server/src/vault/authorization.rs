@@ -595,6 +595,25 @@ impl Vault {
                 Ok(CallbackOutcome::Redirect(url))
             }
             None if self.options.consent.unbound => {
+                // No caller is here to admit, but the policy in force now still decides whether
+                // the flow's agent may use its tool, as it does at CompleteAuthorization.
+                if let Some(policy) = self.options.policy.current()
+                    && let Err(denied) = policy.check_use(&flow.agent, &flow.tool)
+                {
+                    tracing::info!(authorization_id = %flow.id, rule = %denied.rule, "unbound consent flow refused by the policy");
+                    self.end_flow(
+                        &flow,
+                        FlowStatus::CallbackReceived,
+                        FlowStatus::Failed,
+                        "policy_denied",
+                    )
+                    .await?;
+                    self.flow_event(&flow, FLOW_DENIED, Outcome::Failed("POLICY_DENIED".into()))
+                        .await;
+                    return refused(
+                        "The vault's policy does not let this application use this tool, so nothing was connected.",
+                    );
+                }
                 let mut flow = flow;
                 flow.sealed_code = Some(sealed_code);
                 flow.status = FlowStatus::CallbackReceived;
@@ -803,7 +822,9 @@ impl Vault {
                     "{reason}; the code was not sent there; begin a new flow"
                 )));
             }
-            Err(ProviderError::Unavailable { message, .. }) => {
+            Err(
+                ProviderError::Unavailable { message, .. } | ProviderError::Paused { message, .. },
+            ) => {
                 // The code may still be good: let a retry within the expiry try again.
                 self.store
                     .flows
@@ -1129,7 +1150,9 @@ fn provider_error(err: ProviderError) -> VaultError {
         ProviderError::GrantRejected(reason) => VaultError::ProviderUnavailable(format!(
             "the provider refused the client ({reason}); check the tool's registration"
         )),
-        ProviderError::Unavailable { message, .. } => VaultError::ProviderUnavailable(message),
+        ProviderError::Unavailable { message, .. } | ProviderError::Paused { message, .. } => {
+            VaultError::ProviderUnavailable(message)
+        }
         ProviderError::ServerChanged(message) => VaultError::ProviderUnavailable(message),
     }
 }

@@ -530,7 +530,7 @@ impl Vault {
         let policy = self.options.policy.current();
         if let (Some(policy), Some(tool)) = (&policy, tool) {
             policy
-                .check_use(caller, tool)
+                .check_use(&caller.agent, tool)
                 .map_err(|denied| VaultError::PolicyDenied {
                     rule: denied.rule,
                     message: denied.message,

@@ -147,7 +147,10 @@ impl Vault {
             let check = provider
                 .check_bound(current.tokens.provider.as_deref())
                 .await;
-            if let Err(ProviderError::Unavailable { message, .. }) = &check {
+            if let Err(
+                ProviderError::Unavailable { message, .. } | ProviderError::Paused { message, .. },
+            ) = &check
+            {
                 return Err(VaultError::ProviderUnavailable(message.clone()));
             }
             if check.is_err() {
@@ -294,7 +297,7 @@ impl Vault {
                 // is (its access token may still be good where it belongs).
                 self.store
                     .leases
-                    .record_refresh_failure(key, generation, Duration::ZERO)
+                    .record_refresh_failure(key, generation, Duration::ZERO, false)
                     .await?;
                 self.record_event(
                     &entry.record,
@@ -330,6 +333,20 @@ impl Vault {
                     "the provider rejected the refresh token for tool {tool} ({code}); the user must authorize again"
                 )))
             }
+            Err(ProviderError::Paused {
+                message,
+                retry_after,
+            }) => {
+                // The vault's guard held the call back: the provider said nothing about this
+                // credential, so its backoff neither starts nor grows; the next attempt waits
+                // only for the guard.
+                self.store
+                    .leases
+                    .record_refresh_failure(key, generation, retry_after.unwrap_or_default(), false)
+                    .await?;
+                self.outcomes.record("provider_paused");
+                Err(VaultError::ProviderUnavailable(message))
+            }
             Err(ProviderError::Unavailable {
                 message,
                 retry_after,
@@ -343,7 +360,7 @@ impl Vault {
                 let until = self
                     .store
                     .leases
-                    .record_refresh_failure(key, generation, wait)
+                    .record_refresh_failure(key, generation, wait, true)
                     .await?;
                 self.outcomes.record("provider_unavailable");
                 self.record_event(

@@ -70,12 +70,13 @@ impl LeaseStore for PgStore {
         key: CredentialKey<'_>,
         generation: Generation,
         wait: Duration,
+        counted: bool,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let schema = quoted(&key.agent.namespace)?;
         let mut tx = self.agent_tx(&key.agent.namespace).await?;
         let until: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
             "UPDATE {schema}.credentials
-             SET refresh_failures = refresh_failures + 1,
+             SET refresh_failures = refresh_failures + $5,
                  refresh_not_before = now() + make_interval(secs => $4),
                  refresh_lease_owner = NULL, refresh_lease_until = NULL
              WHERE user_id = $1 AND tool = $2 AND generation = $3
@@ -85,6 +86,7 @@ impl LeaseStore for PgStore {
         .bind(key.tool.as_str())
         .bind(generation.get() as i64)
         .bind(wait.as_secs_f64())
+        .bind(i64::from(counted))
         .fetch_optional(&mut *tx)
         .await
         .map_err(e)?;

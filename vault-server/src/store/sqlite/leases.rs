@@ -64,9 +64,10 @@ impl LeaseStore for SqliteStore {
         key: CredentialKey<'_>,
         generation: Generation,
         wait: Duration,
+        counted: bool,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let until: Option<i64> = sqlx::query_scalar(
-            "UPDATE credentials SET refresh_failures = refresh_failures + 1,
+            "UPDATE credentials SET refresh_failures = refresh_failures + ?7,
                  refresh_not_before = ?5 + ?6, refresh_lease_owner = NULL, refresh_lease_until = NULL
              WHERE namespace = ?1 AND user_id = ?2 AND tool = ?3 AND generation = ?4
              RETURNING refresh_not_before",
@@ -77,6 +78,7 @@ impl LeaseStore for SqliteStore {
         .bind(generation.get() as i64)
         .bind(now_ms())
         .bind(ms(wait))
+        .bind(i64::from(counted))
         .fetch_optional(&self.pool)
         .await
         .map_err(e)?;
