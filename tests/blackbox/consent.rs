@@ -570,6 +570,52 @@ async fn a_return_url_must_be_allowed_and_required_unless_unbound_callbacks_are(
 }
 
 #[tokio::test]
+async fn an_unbound_flow_whose_tool_the_policy_no_longer_grants_fails_at_the_callback() {
+    let mut w = Consent::new().await;
+    let grants = |tools: &str| format!("[[grants]]\nagents = [\"agent-a\"]\ntools = [{tools}]\n");
+    let policy = crate::policy::PolicyFile::new(&grants("\"jira\""));
+    let app = w
+        .vault_with(&[
+            ("VAULT_OAUTH_UNBOUND_CALLBACK", "allow"),
+            ("VAULT_POLICY_FILE", policy.path()),
+            ("VAULT_POLICY_RELOAD_SECONDS", "1"),
+        ])
+        .await;
+    let alice = app.client(&w.issuer, "agent-a", "alice").await;
+    let begun = alice
+        .begin_authorization("jira", NO_SCOPES, None)
+        .await
+        .unwrap();
+    // The operator takes jira away from the agent while the user is at the provider.
+    policy.replace(&grants("\"confluence\""));
+    eventually("the new policy is in force", || async {
+        alice
+            .get_token("jira", Duration::ZERO)
+            .await
+            .is_err_and(|e| e.reason() == ErrorReason::PolicyDenied)
+    })
+    .await;
+    let callback = w.consent(&begun.authorization_url, "alice").await;
+    let (status, _, page) = deliver(&w.browser, &callback).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(
+        page.contains("policy does not let this application"),
+        "{page}"
+    );
+    assert_eq!(
+        alice
+            .get_authorization(&begun.authorization_id)
+            .await
+            .unwrap()
+            .state,
+        AuthorizationState::Failed
+    );
+    assert!(alice.list_credentials().await.unwrap().is_empty());
+    // The code was never spent.
+    assert_eq!(w.provider.stats().await.token_calls, 0);
+}
+
+#[tokio::test]
 async fn two_replicas_share_flows_begin_on_one_callback_on_the_other() {
     let mut w = Consent::new().await;
     let a = w.vault().await;

@@ -12,13 +12,13 @@ use crate::hardening::reason;
 use crate::helpers::*;
 
 /// A policy file in a directory of its own.
-struct PolicyFile {
+pub(crate) struct PolicyFile {
     path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl PolicyFile {
-    fn new(text: &str) -> Self {
+    pub(crate) fn new(text: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.toml");
         std::fs::write(&path, text).unwrap();
@@ -26,13 +26,13 @@ impl PolicyFile {
     }
 
     /// Replaces the contents at once (write, then rename), as an operator's tooling would.
-    fn replace(&self, text: &str) {
+    pub(crate) fn replace(&self, text: &str) {
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(tmp, &self.path).unwrap();
     }
 
-    fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.path.to_str().unwrap()
     }
 }
@@ -571,6 +571,73 @@ async fn a_stream_flood_and_slowloris_connections_leave_a_well_behaved_client_se
 }
 
 #[tokio::test]
+async fn unfinished_messages_are_held_only_within_the_buffer_budget_and_an_agents_share() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    // 8 MiB in all, so 2 MiB for one agent: three unfinished 512 KiB messages fit, a fourth not.
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[("VAULT_MAX_BUFFERED_REQUEST_BYTES", "8388608")],
+    )
+    .await;
+    let good = app
+        .client(&issuer, "agent-a", "alice")
+        .await
+        .with_retry(RetryPolicy::none());
+    store(&good, "jira", "at-good").await;
+
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let jwt = issuer.token("agent-b", "mallory");
+    let mut answers = tokio::task::JoinSet::new();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        send = send.ready().await.unwrap();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://{}/vault.v1.CredentialVault/StoreToken",
+                app.addr
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", format!("Bearer {jwt}"))
+            .body(())
+            .unwrap();
+        let (response, mut stream) = send.send_request(request, false).unwrap();
+        // The prefix declares 512 KiB; 1 KiB of it comes, then nothing.
+        let mut start = vec![0u8];
+        start.extend_from_slice(&(512u32 * 1024).to_be_bytes());
+        start.extend_from_slice(&[0; 1024]);
+        stream.send_data(bytes::Bytes::from(start), false).unwrap();
+        held.push(stream);
+        answers.spawn(async move {
+            let response = response.await.unwrap();
+            tonic::Status::from_header_map(response.headers())
+        });
+    }
+    // One of the four does not fit the agent's share and is answered at once; the others wait
+    // for the rest of their messages (the 20 s bound only keeps a missing budget from hanging).
+    let status = tokio::time::timeout(Duration::from_secs(20), answers.join_next())
+        .await
+        .expect("a message past the agent's share is refused at once")
+        .unwrap()
+        .unwrap()
+        .expect("a trailers-only gRPC answer");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "OVERLOADED");
+    // Another agent is served as before.
+    for _ in 0..5 {
+        assert_eq!(access_token(&good, "jira").await, "at-good");
+    }
+    drop((held, answers, send));
+}
+
+#[tokio::test]
 async fn a_hung_provider_holds_at_most_its_cap_and_other_callers_and_tools_are_served() {
     let db = TestDb::new().await;
     let issuer = Issuer::new();
@@ -632,8 +699,17 @@ async fn a_hung_provider_holds_at_most_its_cap_and_other_callers_and_tools_are_s
         .await
         .unwrap_err();
     assert!(
-        matches!(refused, Error::ProviderUnavailable(_)),
+        matches!(&refused, Error::ProviderUnavailable(m) if m.contains("calls in flight")),
         "{refused:?}"
+    );
+    // Nothing was sent for bob, so his credential has no failure to back off from: asked again,
+    // he is held back by the cap, not by a backoff the cap's refusal would have started.
+    let again = answered(bob.get_token("slow", Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, Error::ProviderUnavailable(m) if m.contains("calls in flight")),
+        "{again:?}"
     );
     // Carol gets her still-valid token, and another tool is untouched.
     let token = answered(carol.get_token("slow", Duration::from_secs(60)))

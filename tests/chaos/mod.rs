@@ -19,15 +19,13 @@ mod provider;
 mod replicas;
 mod soak;
 
-use std::time::Duration;
-
 /// Whether the long form was asked for.
 pub fn long() -> bool {
     std::env::var_os("VAULT_CHAOS_LONG").is_some_and(|v| v != "0" && !v.is_empty())
 }
 
 /// `short` in the README's test run, `long` with `VAULT_CHAOS_LONG=1`.
-pub fn pick(short: Duration, long_form: Duration) -> Duration {
+pub fn pick<T>(short: T, long_form: T) -> T {
     if long() { long_form } else { short }
 }
 

@@ -277,6 +277,10 @@ value::settings! {
         /// with RESOURCE_EXHAUSTED (reason `OVERLOADED`) rather than queued. Health checks are
         /// never shed.
         vault_max_concurrent_calls: u64 = 1024, 1..=1_000_000;
+        /// Bytes of request messages that have not arrived whole, held at once over all
+        /// connections; one agent may hold a quarter. A message past it is refused at once with
+        /// RESOURCE_EXHAUSTED (reason `OVERLOADED`). Ordinary calls arrive whole and take none.
+        vault_max_buffered_request_bytes: u64 = 64 * 1024 * 1024, 8 * 1024 * 1024..=16 * 1024 * 1024 * 1024;
         /// Concurrent HTTP/2 streams (calls) one connection may open.
         vault_http2_max_concurrent_streams: u64 = 256, 1..=10_000;
         /// HTTP/2 PING sent on a connection this often; a peer that does not answer within

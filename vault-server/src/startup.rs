@@ -19,7 +19,7 @@ use crate::callback::CallbackServer;
 use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
 use crate::crypto::{RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
-use crate::grpc::{AuthLayer, CredentialVaultService, ShedLayer, SizeLimitLayer, proto};
+use crate::grpc::{AuthLayer, Budget, CredentialVaultService, ShedLayer, SizeLimitLayer, proto};
 use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, Sweeper};
 use crate::store::AuditListener;
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
@@ -370,7 +370,10 @@ impl Application {
             ))
             // Inside the auth layer: only an authenticated caller learns the limit. It reads the
             // whole request message before the call goes on.
-            .layer(SizeLimitLayer::new(MAX_REQUEST_BYTES))
+            .layer(SizeLimitLayer::new(
+                MAX_REQUEST_BYTES,
+                Budget::new(settings.limits.max_buffered_request_bytes),
+            ))
             // Inside both: only work holds a place in the limit, never a caller still sending
             // its request (a slow or stalled sender cannot crowd others out), and an
             // unauthenticated flood is refused before it could take one.

@@ -142,6 +142,8 @@ pub struct LimitSettings {
     pub user: Option<crate::policy::Quota>,
     /// Calls served at once, over all connections.
     pub max_concurrent_calls: usize,
+    /// Bytes of unfinished request messages held at once.
+    pub max_buffered_request_bytes: usize,
     /// Streams one HTTP/2 connection may open.
     pub max_concurrent_streams: u32,
     /// HTTP/2 keepalive PING period.
@@ -300,6 +302,8 @@ impl Settings {
                 agent: quota(c.vault_limit_agent_per_second, c.vault_limit_agent_burst),
                 user: quota(c.vault_limit_user_per_second, c.vault_limit_user_burst),
                 max_concurrent_calls: c.vault_max_concurrent_calls as usize,
+                max_buffered_request_bytes: usize::try_from(c.vault_max_buffered_request_bytes)
+                    .unwrap_or(usize::MAX),
                 max_concurrent_streams: c.vault_http2_max_concurrent_streams as u32,
                 keepalive: seconds(c.vault_http2_keepalive_seconds),
                 keepalive_timeout: seconds(c.vault_http2_keepalive_timeout_seconds),

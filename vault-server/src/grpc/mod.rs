@@ -11,7 +11,7 @@ mod watch;
 pub use auth_layer::AuthLayer;
 pub use service::CredentialVaultService;
 pub use shed::{RETRY_AFTER as SHED_RETRY_AFTER, ShedLayer};
-pub use size_limit::SizeLimitLayer;
+pub use size_limit::{Budget, SizeLimitLayer};
 pub use watch::{MAX_WATCHERS_PER_CALLER, WATCH_AFTER_HEADER, Watchers};
 
 /// The generated API, from the `vault-proto` crate; the descriptor set for reflection is

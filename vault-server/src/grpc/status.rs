@@ -73,6 +73,23 @@ pub fn overloaded(limit: usize, retry_after: std::time::Duration) -> Status {
     )
 }
 
+/// A request refused because the unfinished requests held at once are at
+/// `VAULT_MAX_BUFFERED_REQUEST_BYTES` (or the calling agent's share of it): RESOURCE_EXHAUSTED,
+/// reason `OVERLOADED`, with a short `RetryInfo`.
+pub fn over_budget(capacity: usize, retry_after: std::time::Duration) -> Status {
+    let mut details = ErrorDetails::with_error_info(
+        ErrorReason::Overloaded.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::from([("buffered_request_bytes".to_string(), capacity.to_string())]),
+    );
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "the vault is holding as many unfinished requests as it may (VAULT_MAX_BUFFERED_REQUEST_BYTES, a quarter of it per agent); retry shortly",
+        details,
+    )
+}
+
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
