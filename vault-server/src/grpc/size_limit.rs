@@ -183,8 +183,7 @@ where
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let caller = parts.extensions.get::<Caller>();
-            let holder = caller.map(|c| (c.issuer.clone(), c.agent.clone()));
-            let read = match read_prefix(body, limit, &budget, holder).await {
+            let read = match read_prefix(body, limit, &budget, caller).await {
                 Ok(read) => read,
                 Err(OverBudget(size)) => {
                     // A client's doing, so not above info; debug, as for a shed call.
@@ -240,12 +239,12 @@ struct OverBudget(usize);
 /// as it always did. Every call of the vault is unary, so tonic would hold the whole message
 /// anyway; reading it here means a caller that sends its message slowly waits outside the
 /// concurrency limit (see `shed`) instead of holding a place in it, and out of `budget`, in
-/// `holder`'s share, instead of without bound.
+/// `caller`'s share, instead of without bound.
 async fn read_prefix(
     mut body: Body,
     limit: usize,
     budget: &Arc<Budget>,
-    mut holder: Option<Holder>,
+    caller: Option<&Caller>,
 ) -> Result<Read, OverBudget> {
     let mut read = VecDeque::new();
     let mut head = BytesMut::new();
@@ -270,7 +269,8 @@ async fn read_prefix(
         if needed > PREFIX_LEN && reserved.is_none() {
             reserved = Some(
                 budget
-                    .reserve(holder.take(), needed)
+                    // Who holds it is copied only here, off the path of ordinary calls.
+                    .reserve(caller.map(|c| (c.issuer.clone(), c.agent.clone())), needed)
                     .ok_or(OverBudget(needed))?,
             );
         }
