@@ -225,8 +225,12 @@ async fn measure(
     let mut notes = Vec::new();
     let issuer = Issuer::generate()?;
     // What `vault-server keygen` writes: base64 of 32 bytes from the OS RNG.
-    let root_key =
-        base64::engine::general_purpose::STANDARD.encode(RootKey::generate().expose_bytes());
+    let root_key = base64::engine::general_purpose::STANDARD.encode(
+        RootKey::generate()
+            .software_bytes()
+            // A generated key is held in this process.
+            .expect("a generated key has its bytes"),
+    );
     let pool_size = pool_size();
     let path = std::env::var("PATH").unwrap_or_default();
 

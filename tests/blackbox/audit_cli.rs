@@ -31,8 +31,13 @@ fn root_key() -> RootKey {
     RootKey::from_bytes(bytes)
 }
 
-fn head_key() -> HeadKey {
-    HeadKey::derive(&root_key())
+/// The key the vault in `store` signs heads with: derived from its control key, which its root
+/// key unwraps.
+async fn head_key(store: &Store) -> HeadKey {
+    let root = vault_server::vault::unlock_root_key(store, RootKeySource::Key(root_key()))
+        .await
+        .unwrap();
+    HeadKey::derive(&root.control)
 }
 
 /// A record of `action` at `at_ms`, with the fields a real call would fill.
@@ -99,14 +104,21 @@ impl Vault {
         };
         let store = vault_server::store::open(&settings).await.unwrap();
         store.schema.migrate().await.unwrap();
-        vault_server::vault::unlock_root_key(&store, RootKeySource::Key(root_key()))
+        let kcv = vault_server::vault::unlock_root_key(&store, RootKeySource::Key(root_key()))
             .await
-            .unwrap();
+            .unwrap()
+            .key_check;
         let iss = IssuerId::parse(ISS).unwrap();
         let register = async |id: &str| {
             store
                 .keys
-                .create_agent(&iss, &AgentId::parse(id).unwrap(), b"wrapped-agent-key", 1)
+                .create_agent(
+                    &iss,
+                    &AgentId::parse(id).unwrap(),
+                    b"wrapped-agent-key",
+                    1,
+                    &kcv,
+                )
                 .await
                 .unwrap()
         };
@@ -128,7 +140,10 @@ impl Vault {
                 appended.push((chain.key().to_string(), stored));
             }
         }
-        assert_eq!(sign_heads(&store, &head_key()).await.unwrap(), 3);
+        assert_eq!(
+            sign_heads(&store, &head_key(&store).await).await.unwrap(),
+            3
+        );
         Self {
             backend,
             store,
@@ -512,7 +527,15 @@ async fn retention_deletes_old_records_and_the_chains_still_verify(postgres: boo
 
 async fn a_signing_pass_signs_exactly_the_chains_that_advanced(postgres: bool) {
     let vault = Vault::new(postgres).await;
-    let key = head_key();
+    let key = head_key(&vault.store).await;
+    let kcv = vault
+        .store
+        .keys
+        .root_key()
+        .await
+        .unwrap()
+        .unwrap()
+        .key_check;
     // A registered agent that never recorded anything has no head to sign.
     let idle = vault
         .store
@@ -522,6 +545,7 @@ async fn a_signing_pass_signs_exactly_the_chains_that_advanced(postgres: bool) {
             &AgentId::parse("agent-idle").unwrap(),
             b"wrapped-agent-key",
             1,
+            &kcv,
         )
         .await
         .unwrap();

@@ -6,14 +6,20 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sha2::{Digest as _, Sha256};
 use vault_server::config::{Database, DatabaseSettings};
-use vault_server::crypto::SealedCredential;
+use vault_server::crypto::{
+    AgentKey, Binding, RootKey, RootKeySource, SealedCredential, open_client_secret,
+    open_credential, seal_client_secret, seal_credential,
+};
 use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
     AgentRecord, CredentialKey, CredentialState, FlowChange, FlowStatus, NewCredential, NewFlow,
-    NewRegistration, PgStore, RefreshLease, Registration, RootKeyRecord, Store, SweepOutcome,
-    Upserted,
+    NewRegistration, NextRoot, PgStore, RefreshLease, Registration, RootKeyRecord, RotationSwitch,
+    Store, StoreError, SweepOutcome, Upserted,
 };
-use vault_server::vault::refresh_backoff;
+use vault_server::vault::{
+    RootRotation, RotationOutcome, RotationProgress, UnlockError, UnlockedRoot, refresh_backoff,
+    rotated_to, unlock_root_key,
+};
 
 use crate::helpers::TestDb;
 
@@ -42,10 +48,31 @@ fn key<'a>(agent: &'a AgentRecord, user: &'a UserId, tool: &'a Tool) -> Credenti
     CredentialKey { agent, user, tool }
 }
 
+/// The vault's key check, recorded on first use: agents are registered under it.
+async fn kcv(store: &Store) -> Vec<u8> {
+    store
+        .keys
+        .init_root_key(&RootKeyRecord {
+            key_check: b"conformance-kcv".to_vec(),
+            kdf: None,
+            wrapped_control_key: None,
+            next: None,
+        })
+        .await
+        .unwrap()
+        .key_check
+}
+
 async fn registered(store: &Store, id: &str) -> AgentRecord {
     store
         .keys
-        .create_agent(&iss(), &agent(id), b"wrapped-agent-key", 1)
+        .create_agent(
+            &iss(),
+            &agent(id),
+            b"wrapped-agent-key",
+            1,
+            &kcv(store).await,
+        )
         .await
         .unwrap()
 }
@@ -188,12 +215,12 @@ async fn agents_and_users_do_not_see_each_other(store: &Store) {
 async fn the_first_agent_key_wins_a_creation_race(store: &Store) {
     let first = store
         .keys
-        .create_agent(&iss(), &agent("agent-a"), b"first", 1)
+        .create_agent(&iss(), &agent("agent-a"), b"first", 1, &kcv(store).await)
         .await
         .unwrap();
     let second = store
         .keys
-        .create_agent(&iss(), &agent("agent-a"), b"second", 1)
+        .create_agent(&iss(), &agent("agent-a"), b"second", 1, &kcv(store).await)
         .await
         .unwrap();
     assert_eq!(first.wrapped_key, b"first");
@@ -229,7 +256,7 @@ async fn the_first_agent_key_wins_a_creation_race(store: &Store) {
     );
     let theirs = store
         .keys
-        .create_agent(&other, &agent("agent-a"), b"theirs", 1)
+        .create_agent(&other, &agent("agent-a"), b"theirs", 1, &kcv(store).await)
         .await
         .unwrap();
     assert_eq!(theirs.wrapped_key, b"theirs");
@@ -243,6 +270,8 @@ async fn the_first_root_key_record_wins(store: &Store) {
         .init_root_key(&RootKeyRecord {
             key_check: b"kcv-1".to_vec(),
             kdf: None,
+            wrapped_control_key: Some(b"control-1".to_vec()),
+            next: None,
         })
         .await
         .unwrap();
@@ -251,11 +280,17 @@ async fn the_first_root_key_record_wins(store: &Store) {
         .init_root_key(&RootKeyRecord {
             key_check: b"kcv-2".to_vec(),
             kdf: None,
+            wrapped_control_key: Some(b"control-2".to_vec()),
+            next: None,
         })
         .await
         .unwrap();
     assert_eq!(first.key_check, b"kcv-1");
     assert_eq!(second.key_check, b"kcv-1");
+    assert_eq!(
+        second.wrapped_control_key.as_deref(),
+        Some(&b"control-1"[..])
+    );
 }
 
 async fn expired_credentials_are_hidden_then_swept_within_the_limit(store: &Store) {
@@ -537,7 +572,13 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
     );
     store
         .outbox
-        .retry_outbox(&a, queued[0].id, Duration::from_secs(3600), "provider down")
+        .retry_outbox(
+            &a,
+            queued[0].id,
+            Duration::from_secs(3600),
+            "provider down",
+            true,
+        )
         .await
         .unwrap();
     store.outbox.finish_outbox(&a, queued[1].id).await.unwrap();
@@ -551,10 +592,10 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
         "retry waits out its backoff"
     );
     // The wait is the caller's to choose (vault::outbox_backoff); one that is over at once
-    // makes the entry due now.
+    // makes the entry due now. An attempt the vault's provider guard never sent is not counted.
     store
         .outbox
-        .retry_outbox(&a, queued[0].id, Duration::ZERO, "provider down")
+        .retry_outbox(&a, queued[0].id, Duration::ZERO, "paused", false)
         .await
         .unwrap();
     let claimed = store
@@ -565,8 +606,8 @@ async fn revocations_queue_atomically_and_are_claimed_once(store: &Store) {
     assert_eq!(claimed.len(), 1);
     assert_eq!(
         (claimed[0].1.id, claimed[0].1.attempts),
-        (queued[0].id, 2),
-        "both failed attempts counted"
+        (queued[0].id, 1),
+        "the provider's failure counted, the guard's pause not"
     );
     assert_eq!(claimed[0].0.agent, agent("agent-a"));
     assert!(
@@ -1204,7 +1245,13 @@ async fn agents_are_listed_in_pages_in_namespace_order(store: &Store) {
     made.push(
         store
             .keys
-            .create_agent(&other, &agent("agent-a"), b"wrapped-agent-key", 1)
+            .create_agent(
+                &other,
+                &agent("agent-a"),
+                b"wrapped-agent-key",
+                1,
+                &kcv(store).await,
+            )
             .await
             .unwrap(),
     );
@@ -1238,6 +1285,208 @@ async fn agents_are_listed_in_pages_in_namespace_order(store: &Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+fn root(byte: u8) -> RootKey {
+    RootKey::from_bytes([byte; 32])
+}
+
+async fn unlock(store: &Store, byte: u8) -> Result<UnlockedRoot, UnlockError> {
+    unlock_root_key(store, RootKeySource::Key(root(byte))).await
+}
+
+/// Whether `key` opens what `original` sealed: the same agent key.
+fn same_key(original: &AgentKey, key: &AgentKey, id: &str) -> bool {
+    let (a, u, t) = (agent(id), user("u"), tool("jira"));
+    let binding = Binding {
+        agent: &a,
+        user: &u,
+        tool: &t,
+        generation: Generation::new(1).unwrap(),
+    };
+    let tokens = vault_server::secret::TokenSet {
+        access_token: "access".to_string().into(),
+        refresh_token: None,
+        token_type: "Bearer".into(),
+        expires_at: None,
+        scopes: Vec::new(),
+        provider: None,
+        obtained_at: None,
+    };
+    open_credential(key, binding, &seal_credential(original, binding, &tokens)).is_ok()
+}
+
+async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &Store) {
+    let current = unlock(store, 1).await.unwrap();
+    assert!(!current.pending);
+    let ids = ["agent-a", "agent-b", "agent-c", "agent-d", "agent-e"];
+    let mut keys = Vec::new();
+    for id in ids {
+        let key = AgentKey::generate(1);
+        let wrapped = root(1).wrap_agent_key(&iss(), &agent(id), &key).unwrap();
+        store
+            .keys
+            .create_agent(&iss(), &agent(id), &wrapped, 1, &current.key_check)
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+
+    // Begun: the next root's key check and the control key under it. A second begin (another
+    // run with another key) finds the first one's.
+    let next = NextRoot {
+        key_check: root(2).key_check().unwrap(),
+        kdf: None,
+        wrapped_control_key: root(2).wrap_control_key(&current.control).unwrap(),
+    };
+    let begun = store.keys.begin_root_rotation(&next).await.unwrap();
+    assert_eq!(begun.key_check, current.key_check, "the root is unchanged");
+    let other = NextRoot {
+        key_check: root(3).key_check().unwrap(),
+        kdf: None,
+        wrapped_control_key: root(3).wrap_control_key(&current.control).unwrap(),
+    };
+    let again = store.keys.begin_root_rotation(&other).await.unwrap();
+    assert_eq!(again.next.unwrap().key_check, next.key_check);
+
+    // A replica started on the next root is admitted as pending, with the same control key.
+    let pending = unlock(store, 2).await.unwrap();
+    assert!(pending.pending);
+    let jira = tool("jira");
+    let sealed = seal_client_secret(&current.control, &jira, "https://as.test", "c", b"secret");
+    assert!(open_client_secret(&pending.control, &jira, "https://as.test", "c", &sealed).is_ok());
+    assert!(matches!(
+        unlock(store, 3).await,
+        Err(UnlockError::WrongRootKey)
+    ));
+    // It may not register agents before the switch: no old-root wrap could exist for them.
+    let refused = store
+        .keys
+        .create_agent(&iss(), &agent("agent-new"), b"k", 1, &pending.key_check)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::RootKeyChanged)),
+        "{refused:?}"
+    );
+
+    // Two re-wrapped; the switch names the rest and changes nothing.
+    let first = store.keys.agents_to_rewrap(2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    for record in &first {
+        let index = ids
+            .iter()
+            .position(|id| *id == record.agent.as_str())
+            .unwrap();
+        let wrapped = root(2)
+            .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
+            .unwrap();
+        assert!(store.keys.set_next_wrap(record, &wrapped).await.unwrap());
+    }
+    assert_eq!(store.keys.rewrap_progress().await.unwrap(), (2, 5));
+    let missing = match store.keys.finish_root_rotation().await.unwrap() {
+        RotationSwitch::Missing(missing) => missing,
+        other => panic!("switched with agents missing: {other:?}"),
+    };
+    assert_eq!(missing.len(), 3);
+    assert_eq!(
+        store.keys.root_key().await.unwrap().unwrap().key_check,
+        current.key_check
+    );
+    // A wrap for a key that changed meanwhile is not recorded.
+    let mut stale = missing[0].clone();
+    stale.wrapped_key = b"another key".to_vec();
+    assert!(!store.keys.set_next_wrap(&stale, b"wrap").await.unwrap());
+    for record in &missing {
+        let index = ids
+            .iter()
+            .position(|id| *id == record.agent.as_str())
+            .unwrap();
+        let wrapped = root(2)
+            .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
+            .unwrap();
+        assert!(store.keys.set_next_wrap(record, &wrapped).await.unwrap());
+    }
+    assert!(matches!(
+        store.keys.finish_root_rotation().await.unwrap(),
+        RotationSwitch::Done { agents: 5 }
+    ));
+    assert!(matches!(
+        store.keys.finish_root_rotation().await.unwrap(),
+        RotationSwitch::NotPending
+    ));
+
+    // Every agent key now opens under the new root only, and is the same key.
+    for (id, original) in ids.iter().zip(&keys) {
+        let record = store.keys.agent(&iss(), &agent(id)).await.unwrap().unwrap();
+        assert!(record.next_wrapped_key.is_none());
+        assert!(
+            root(1)
+                .unwrap_agent_key(&iss(), &agent(id), 1, &record.wrapped_key)
+                .is_err()
+        );
+        let key = root(2)
+            .unwrap_agent_key(&iss(), &agent(id), 1, &record.wrapped_key)
+            .unwrap();
+        assert!(same_key(original, &key, id));
+    }
+    // The old root no longer starts a server nor registers an agent; the new one does both.
+    assert!(matches!(
+        unlock(store, 1).await,
+        Err(UnlockError::WrongRootKey)
+    ));
+    let refused = store
+        .keys
+        .create_agent(&iss(), &agent("agent-new"), b"k", 1, &current.key_check)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::RootKeyChanged)),
+        "{refused:?}"
+    );
+    let now = unlock(store, 2).await.unwrap();
+    assert!(!now.pending);
+    assert!(open_client_secret(&now.control, &jira, "https://as.test", "c", &sealed).is_ok());
+    let wrapped = root(2)
+        .wrap_agent_key(&iss(), &agent("agent-f"), &AgentKey::generate(1))
+        .unwrap();
+    store
+        .keys
+        .create_agent(&iss(), &agent("agent-f"), &wrapped, 1, &now.key_check)
+        .await
+        .unwrap();
+
+    // Abandoned halfway: the next root and its wraps are forgotten.
+    store.keys.begin_root_rotation(&other).await.unwrap();
+    let page = store.keys.agents_to_rewrap(1).await.unwrap();
+    assert!(store.keys.set_next_wrap(&page[0], b"wrap").await.unwrap());
+    assert!(store.keys.abort_root_rotation().await.unwrap());
+    assert!(!store.keys.abort_root_rotation().await.unwrap());
+    assert!(store.keys.root_key().await.unwrap().unwrap().next.is_none());
+    assert_eq!(store.keys.rewrap_progress().await.unwrap(), (0, 6));
+    assert!(
+        !store.keys.set_next_wrap(&page[0], b"wrap").await.unwrap(),
+        "no wrap is recorded without a rotation in progress"
+    );
+
+    // The whole rotation as `rotate-root` runs it, reporting each batch; a re-run finds it done.
+    let mut seen = Vec::new();
+    let rotation = RootRotation::new(store.clone(), now, root(4), None, 4).unwrap();
+    let outcome = rotation
+        .run(&mut |p: RotationProgress| seen.push((p.done, p.total)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, RotationOutcome::Rotated { agents: 6 });
+    assert_eq!(seen, vec![(4, 6), (6, 6), (6, 6)]);
+    assert!(rotated_to(store, &root(4)).await.unwrap());
+    assert!(!rotated_to(store, &root(2)).await.unwrap());
+    let last = unlock(store, 4).await.unwrap();
+    for (id, original) in ids.iter().zip(&keys) {
+        let record = store.keys.agent(&iss(), &agent(id)).await.unwrap().unwrap();
+        let key = root(4)
+            .unwrap_agent_key(&iss(), &agent(id), 1, &record.wrapped_key)
+            .unwrap();
+        assert!(same_key(original, &key, id));
+    }
+    assert!(open_client_secret(&last.control, &jira, "https://as.test", "c", &sealed).is_ok());
 }
 
 async fn postgres(db: &TestDb) -> Store {
@@ -1300,6 +1549,7 @@ conformance!(
     a_registration_is_forgotten_only_while_its_client_is_current,
     registrations_of_other_tools_and_issuers_are_independent,
     agents_are_listed_in_pages_in_namespace_order,
+    a_root_rotation_moves_every_agent_key_and_fences_the_old_root,
 );
 
 #[tokio::test]

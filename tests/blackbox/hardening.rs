@@ -286,7 +286,7 @@ async fn agents_stored_before_issuer_bound_identities_are_adopted_by_the_one_iss
         .unwrap_agent_key(&IssuerId::parse(ISS).unwrap(), &agent, 1, &wrapped)
         .unwrap();
     sqlx::query("UPDATE vault.agents SET issuer = '', wrapped_key = $1 WHERE agent_id = 'agent-a'")
-        .bind(root.wrap_legacy_agent_key(&agent, &key))
+        .bind(root.wrap_legacy_agent_key(&agent, &key).unwrap())
         .execute(&mut conn)
         .await
         .unwrap();
@@ -575,7 +575,7 @@ async fn the_serving_role_owns_nothing_runs_no_ddl_and_reaches_one_agent_at_a_ti
     drop(tx);
 
     // The SECURITY DEFINER function checks the agent id like the server does.
-    let hostile = sqlx::query("SELECT * FROM vault.create_agent($1, 'evil\u{7}', 'k', 1)")
+    let hostile = sqlx::query("SELECT * FROM vault.create_agent($1, 'evil\u{7}', 'k', 1, 'kcv')")
         .bind(ISS)
         .execute(&mut server)
         .await;

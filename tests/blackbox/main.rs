@@ -19,6 +19,7 @@ mod conformance;
 mod consent;
 mod egress;
 mod hardening;
+mod keys;
 mod lifecycle;
 mod mcp;
 mod mcp_probe;

@@ -423,8 +423,8 @@ pub async fn hung_provider() -> (tokio::net::TcpListener, tempfile::TempDir, Pat
     std::fs::write(
         &providers,
         format!(
-            "[tools.slow]\ntoken_url = \"https://{}/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
-            hung.local_addr().unwrap()
+            "[tools.slow]\ntoken_url = \"https://{addr}/token\"\nrevocation_url = \"https://{addr}/revoke\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+            addr = hung.local_addr().unwrap()
         ),
     )
     .unwrap();
@@ -477,26 +477,40 @@ async fn past_the_concurrency_limit_a_call_is_shed_at_once_and_health_still_answ
     holding.abort();
 }
 
-/// Opens an HTTP/2 connection to `addr` by hand and starts `streams` GetToken calls on it whose
-/// request messages never finish (two bytes of the five-byte prefix, then nothing); returns
-/// once the server has answered a PING sent after them, so it has read them all.
+/// An HTTP/2 connection opened by hand, with calls on it whose request messages never finish.
+struct StalledStreams {
+    /// Each call's answer (trailers-only when the vault refuses it).
+    answers: Vec<h2::client::ResponseFuture>,
+    /// The calls' request streams and the connection, open for as long as this is held.
+    _held: (
+        Vec<h2::SendStream<bytes::Bytes>>,
+        h2::client::SendRequest<bytes::Bytes>,
+        h2::PingPong,
+    ),
+}
+
+/// Opens an HTTP/2 connection to `addr` and starts `streams` calls of `method` on it as the
+/// caller `jwt`, each sending `first` and then nothing more; returns once the server has
+/// answered a PING sent after them, so it has read them all.
 async fn open_stalled_streams(
     addr: std::net::SocketAddr,
     jwt: &str,
+    method: &str,
+    first: &[u8],
     streams: usize,
-) -> Vec<Box<dyn std::any::Any + Send>> {
+) -> StalledStreams {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, mut connection) = h2::client::handshake(tcp).await.unwrap();
     let mut ping = connection.ping_pong().expect("the first ping_pong");
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let (mut answers, mut held) = (Vec::new(), Vec::new());
     for _ in 0..streams {
         send = send.ready().await.unwrap();
         let request = http::Request::builder()
             .method("POST")
-            .uri(format!("http://{addr}/vault.v1.CredentialVault/GetToken"))
+            .uri(format!("http://{addr}/vault.v1.CredentialVault/{method}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .header("authorization", format!("Bearer {jwt}"))
@@ -504,13 +518,16 @@ async fn open_stalled_streams(
             .unwrap();
         let (response, mut stream) = send.send_request(request, false).unwrap();
         stream
-            .send_data(bytes::Bytes::from_static(&[0, 0]), false)
+            .send_data(bytes::Bytes::copy_from_slice(first), false)
             .unwrap();
-        held.push(Box::new((response, stream)));
+        answers.push(response);
+        held.push(stream);
     }
     ping.ping(h2::Ping::opaque()).await.unwrap();
-    held.push(Box::new((send, ping)));
-    held
+    StalledStreams {
+        answers,
+        _held: (held, send, ping),
+    }
 }
 
 #[tokio::test]
@@ -537,7 +554,8 @@ async fn a_stream_flood_and_slowloris_connections_leave_a_well_behaved_client_se
     let flooder = issuer.token("agent-b", "mallory");
     let mut flood = Vec::new();
     for _ in 0..3 {
-        flood.push(open_stalled_streams(app.addr, &flooder, 8).await);
+        // Two bytes of the five-byte prefix, then nothing.
+        flood.push(open_stalled_streams(app.addr, &flooder, "GetToken", &[0, 0], 8).await);
     }
     for _ in 0..20 {
         assert_eq!(
@@ -587,34 +605,14 @@ async fn unfinished_messages_are_held_only_within_the_buffer_budget_and_an_agent
         .with_retry(RetryPolicy::none());
     store(&good, "jira", "at-good").await;
 
-    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    // Four StoreToken calls whose prefix declares 512 KiB; 1 KiB of it comes, then nothing.
+    let mut first = vec![0u8];
+    first.extend_from_slice(&(512u32 * 1024).to_be_bytes());
+    first.extend_from_slice(&[0; 1024]);
     let jwt = issuer.token("agent-b", "mallory");
+    let mut stalled = open_stalled_streams(app.addr, &jwt, "StoreToken", &first, 4).await;
     let mut answers = tokio::task::JoinSet::new();
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        send = send.ready().await.unwrap();
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!(
-                "http://{}/vault.v1.CredentialVault/StoreToken",
-                app.addr
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("authorization", format!("Bearer {jwt}"))
-            .body(())
-            .unwrap();
-        let (response, mut stream) = send.send_request(request, false).unwrap();
-        // The prefix declares 512 KiB; 1 KiB of it comes, then nothing.
-        let mut start = vec![0u8];
-        start.extend_from_slice(&(512u32 * 1024).to_be_bytes());
-        start.extend_from_slice(&[0; 1024]);
-        stream.send_data(bytes::Bytes::from(start), false).unwrap();
-        held.push(stream);
+    for response in stalled.answers.drain(..) {
         answers.spawn(async move {
             let response = response.await.unwrap();
             tonic::Status::from_header_map(response.headers())
@@ -634,7 +632,7 @@ async fn unfinished_messages_are_held_only_within_the_buffer_budget_and_an_agent
     for _ in 0..5 {
         assert_eq!(access_token(&good, "jira").await, "at-good");
     }
-    drop((held, answers, send));
+    drop((stalled, answers));
 }
 
 #[tokio::test]
@@ -690,11 +688,11 @@ async fn a_hung_provider_holds_at_most_its_cap_and_other_callers_and_tools_are_s
         .unwrap();
     // The provider's one place is taken: bob is answered at once, not after the provider's
     // 120 s (the 20 s bound only keeps a broken cap from hanging the test).
-    let answered = |call| async move {
+    async fn answered<T>(call: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(20), call)
             .await
             .expect("answered without waiting for the hung provider")
-    };
+    }
     let refused = answered(bob.get_token("slow", Duration::ZERO))
         .await
         .unwrap_err();
@@ -720,6 +718,26 @@ async fn a_hung_provider_holds_at_most_its_cap_and_other_callers_and_tools_are_s
         ("still-valid", false)
     );
     assert_eq!(access_token(&carol, "jira").await, "at-jira");
+
+    // Bob revokes at the provider while its one place is still taken: the revocation is queued,
+    // not sent, and the guard's refusal is not counted against it (its backoff stays short).
+    let revoked = answered(bob.revoke(Some("slow"), true)).await.unwrap();
+    assert_eq!((revoked.revoked, revoked.provider_revoked), (1, 0));
+    let (attempts, error): (i32, Option<String>) = sqlx::query_as(&format!(
+        "SELECT attempts, last_error FROM \"{}\".revocation_outbox",
+        schema_of("agent-a")
+    ))
+    .fetch_one(&mut db.connect().await)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts, 0,
+        "a revocation the guard did not send is not a failed attempt"
+    );
+    assert!(
+        error.is_some_and(|e| e.contains("calls in flight")),
+        "the outbox says why it waits"
+    );
     holding.abort();
 }
 

@@ -513,30 +513,88 @@ pub async fn store_grant(
 
 /// Spawns a Node test server (`command`, its stderr shown only with `TEST_LOG`) and waits up
 /// to a minute for the one JSON line it prints when ready: the child and that line, read.
+///
+/// A server that has not printed it by then is killed and started once more, and what it wrote
+/// to stderr is shown: on a loaded machine a Node start has been seen to stall, and a test peer
+/// that did not start is not a finding about the vault. A second miss fails the test with that
+/// stderr and the exit status.
 pub fn spawn_ready<T: serde::de::DeserializeOwned>(
     command: &mut Command,
     what: &str,
 ) -> (Child, T) {
+    let first = match try_spawn_ready(command, what) {
+        Ok(ready) => return ready,
+        Err(diagnostics) => diagnostics,
+    };
+    eprintln!("{what} did not become ready; starting it once more.\n{first}");
+    try_spawn_ready(command, what).unwrap_or_else(|second| {
+        panic!("{what} did not become ready, twice.\nfirst try: {first}\nsecond try: {second}")
+    })
+}
+
+/// One start of [`spawn_ready`]: the child and its ready line, or (the child killed) what it
+/// said on stderr and how it ended.
+fn try_spawn_ready<T: serde::de::DeserializeOwned>(
+    command: &mut Command,
+    what: &str,
+) -> Result<(Child, T), String> {
     let mut child = command
         .stdout(Stdio::piped())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
+        .stderr(Stdio::piped())
         .spawn()
         .expect("node is installed");
     let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    // The last lines of stderr, kept for a failure message; echoed when TEST_LOG is set. The
+    // thread drains the pipe until the child exits, so the child never blocks on a full pipe.
+    let said = std::sync::Arc::new(Mutex::new(std::collections::VecDeque::<String>::new()));
+    let echo = std::env::var_os("TEST_LOG").is_some();
+    let tail = said.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if echo {
+                eprintln!("{line}");
+            }
+            // A poisoned lock only loses diagnostics.
+            if let Ok(mut tail) = tail.lock() {
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        }
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("{what} did not become ready"));
+    let outcome = rx.recv_timeout(Duration::from_secs(60));
+    let line = match outcome {
+        Ok(line) if !line.trim().is_empty() => line,
+        _ => {
+            let waited = match outcome {
+                Ok(_) => "it closed stdout",
+                Err(_) => "a minute passed",
+            };
+            let status = match child.try_wait() {
+                Ok(Some(status)) => format!("it exited: {status}"),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    "it was still running and was killed".to_owned()
+                }
+            };
+            let tail = said
+                .lock()
+                .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
+            return Err(format!("{waited}; {status}; stderr:\n{tail}"));
+        }
+    };
     let ready = serde_json::from_str(line.trim())
         .unwrap_or_else(|e| panic!("bad ready line from {what} {line:?}: {e}"));
-    (child, ready)
+    Ok((child, ready))
 }

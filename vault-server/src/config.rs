@@ -23,8 +23,8 @@ pub use docs::{docs_table, effective};
 pub use rules::{check_jwks_url, check_web_url, database_transport_risk, decode_root_key};
 pub use settings::{
     AuditSettings, CallbackSettings, DataSettings, Database, DatabaseSettings, JwksSource,
-    JwtSettings, LimitSettings, PolicySettings, RootKeySetting, Settings, TlsSettings,
-    TrustedIssuer, data_dir,
+    JwtSettings, LimitSettings, PinSetting, Pkcs11Location, PolicySettings, RootKeySetting,
+    Settings, TlsSettings, TrustedIssuer, data_dir,
 };
 pub use source::Source;
 pub use value::{Accepts, Described, List};
@@ -111,12 +111,24 @@ value::settings! {
         /// A `postgres://` URL to a non-local host without `sslmode=verify-full` (or `verify-ca`)
         /// logs a warning naming this setting; `true` refuses to start instead.
         vault_database_require_tls: bool = false, "true, false";
-        /// The root key, base64 of 32 bytes. Exactly one of the three root key settings is set.
+        /// The root key, base64 of 32 bytes. Exactly one kind of root key is set: this, a key file, a
+        /// passphrase or a PKCS#11 key.
         vault_root_key: Option<SecretString> = None, "base64 of 32 bytes";
         /// A file holding the root key (from `vault-server keygen`).
         vault_root_key_file: Option<PathBuf> = None, "a file: base64 text or 32 raw bytes";
         /// A passphrase stretched into the root key with Argon2id, its salt kept in the database.
         vault_root_passphrase: Option<SecretString> = None, "at least 16 characters";
+        /// The PKCS#11 library of an HSM or cloud KMS that holds the root key, which then never
+        /// enters this process (`keygen --pkcs11` creates it). The fourth kind of root key.
+        vault_root_pkcs11_module: Option<PathBuf> = None, "the path of a PKCS#11 library";
+        /// The label of the token holding the root key.
+        vault_root_pkcs11_token_label: Option<String> = None, "a token label";
+        /// The label of the AES-256 root key inside the token.
+        vault_root_pkcs11_key_label: String = "vault-root".into(), "a key label";
+        /// The token's user PIN; or `VAULT_ROOT_PKCS11_PIN_FILE`.
+        vault_root_pkcs11_pin: Option<SecretString> = None, "the user PIN";
+        /// A file holding the token's user PIN (a trailing newline is ignored).
+        vault_root_pkcs11_pin_file: Option<PathBuf> = None, "a file";
         /// Required: the allowed `iss` values, comma-separated.
         vault_jwt_issuer: List = List::default(), "comma-separated issuers";
         /// Must be in the caller token's `aud`, exactly.
@@ -299,6 +311,11 @@ value::settings! {
 }
 
 impl Config {
+    /// The root key the settings name (for `keygen --pkcs11`, which needs nothing else).
+    pub fn root_key_setting(&self) -> Result<RootKeySetting, ConfigError> {
+        self.root_key()
+    }
+
     /// Every problem with these settings, each naming its setting and what it accepts.
     pub fn validate(&self) -> Vec<ConfigError> {
         let checks = [

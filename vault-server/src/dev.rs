@@ -85,7 +85,9 @@ pub fn write_root_key(path: &Path) -> anyhow::Result<()> {
     }
     let key = RootKey::generate();
     let mut text = zeroize::Zeroizing::new(
-        base64::engine::general_purpose::STANDARD.encode(key.expose_bytes()),
+        base64::engine::general_purpose::STANDARD
+            // A generated key is held in this process.
+            .encode(key.software_bytes().expect("a generated key has its bytes")),
     );
     text.push('\n');
     write_private(path, text.as_bytes())

@@ -94,11 +94,53 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE.
+    /// Rotate the root key online: re-wrap every agent key (and the control key) under a new
+    /// root in batches while replicas keep serving, then make it the vault's root in one
+    /// transaction. The current root comes from the settings, as `serve` reads it. Interrupted,
+    /// run it again with the same keys to finish. Afterwards, restart every replica with the
+    /// new root; a replica still on the old one serves only agents it has already unlocked.
+    /// Uses VAULT_DATABASE_MIGRATE_URL when set (the owner may rewrite the registry).
+    RotateRoot {
+        /// The new root key file (as `keygen` writes it).
+        #[arg(long, conflicts_with_all = ["new_passphrase_env", "new_pkcs11_module", "abort"], required_unless_present_any = ["new_passphrase_env", "new_pkcs11_module", "abort"])]
+        new_key_file: Option<PathBuf>,
+        /// The name of the environment variable holding the new root passphrase.
+        #[arg(long, conflicts_with_all = ["new_pkcs11_module", "abort"])]
+        new_passphrase_env: Option<String>,
+        /// The new root is a key in a PKCS#11 token (made by `keygen --pkcs11`): the module's
+        /// path. Restart the replicas with VAULT_ROOT_PKCS11_* naming the same key.
+        #[arg(long, conflicts_with = "abort", requires = "new_pkcs11_token")]
+        new_pkcs11_module: Option<PathBuf>,
+        /// The label of the token holding the new root key.
+        #[arg(long, requires = "new_pkcs11_module")]
+        new_pkcs11_token: Option<String>,
+        /// The label of the new root key in the token.
+        #[arg(long, default_value = "vault-root")]
+        new_pkcs11_key: String,
+        /// A file holding the token's user PIN.
+        #[arg(long, requires = "new_pkcs11_module", conflicts_with = "new_pkcs11_pin_env", required_unless_present_any = ["new_pkcs11_pin_env", "new_key_file", "new_passphrase_env", "abort"])]
+        new_pkcs11_pin_file: Option<PathBuf>,
+        /// The name of the environment variable holding the token's user PIN.
+        #[arg(long, requires = "new_pkcs11_module")]
+        new_pkcs11_pin_env: Option<String>,
+        /// Agents re-wrapped per batch (each batch is one round of small updates).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+        /// Abandon the rotation in progress: forget the new root's key check and every wrap
+        /// under it. The current root stays the root.
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE, or with --pkcs11
+    /// create the root key inside the PKCS#11 token that VAULT_ROOT_PKCS11_* names.
     Keygen {
         /// Where to write it; refuses to overwrite.
-        #[arg(long, default_value = "vault-root.key")]
+        #[arg(long, default_value = "vault-root.key", conflicts_with = "pkcs11")]
         out: PathBuf,
+        /// Create an AES-256 key in the token instead (sensitive, never extractable); refuses a
+        /// label in use.
+        #[arg(long)]
+        pkcs11: bool,
     },
 }
 
@@ -260,7 +302,71 @@ async fn run(command: Command) -> anyhow::Result<()> {
             register,
         } => mcp_probe(&url, &tool, register).await,
         Command::Audit { command } => audit(command).await,
-        Command::Keygen { out } => {
+        Command::RotateRoot {
+            new_key_file,
+            new_passphrase_env,
+            new_pkcs11_module,
+            new_pkcs11_token,
+            new_pkcs11_key,
+            new_pkcs11_pin_file,
+            new_pkcs11_pin_env,
+            batch,
+            abort,
+        } => {
+            let next = match (new_key_file, new_passphrase_env, new_pkcs11_module) {
+                (Some(path), _, _) => NewRoot::File(path),
+                (_, Some(var), _) => NewRoot::PassphraseEnv(var),
+                (_, _, Some(module)) => {
+                    let pin = match (new_pkcs11_pin_file, new_pkcs11_pin_env) {
+                        (Some(file), _) => vault_server::config::PinSetting::File(file),
+                        (None, Some(var)) => vault_server::config::PinSetting::Pin(
+                            std::env::var(&var)
+                                .ok()
+                                .filter(|p| !p.is_empty())
+                                .map(secrecy::SecretString::from)
+                                .ok_or_else(|| {
+                                    anyhow::anyhow!("--new-pkcs11-pin-env: {var} is not set")
+                                })?,
+                        ),
+                        (None, None) => anyhow::bail!(
+                            "give the token's PIN with --new-pkcs11-pin-file or --new-pkcs11-pin-env"
+                        ),
+                    };
+                    NewRoot::Pkcs11(vault_server::config::Pkcs11Location {
+                        module,
+                        // clap requires the token with the module.
+                        token_label: new_pkcs11_token.unwrap_or_default(),
+                        key_label: new_pkcs11_key,
+                        pin,
+                    })
+                }
+                (None, None, None) if abort => NewRoot::Abort,
+                (None, None, None) => anyhow::bail!(
+                    "give the new root key with --new-key-file, --new-passphrase-env or --new-pkcs11-module"
+                ),
+            };
+            rotate_root(next, batch).await
+        }
+        Command::Keygen { pkcs11: true, .. } => {
+            let (config, _) = Source::from_env()?.read()?;
+            let vault_server::config::RootKeySetting::Pkcs11(location) =
+                config.root_key_setting()?
+            else {
+                anyhow::bail!(
+                    "keygen --pkcs11 creates the key VAULT_ROOT_PKCS11_MODULE, _TOKEN_LABEL, _KEY_LABEL and _PIN (or _PIN_FILE) name; set them"
+                );
+            };
+            vault_server::startup::generate_pkcs11_root(&location)?;
+            println!(
+                "created the root key {:?} in token {:?}; it cannot leave the token",
+                location.key_label, location.token_label
+            );
+            println!(
+                "serve with the same VAULT_ROOT_PKCS11_* settings; losing the token loses every credential"
+            );
+            Ok(())
+        }
+        Command::Keygen { out, .. } => {
             vault_server::dev::write_root_key(&out)?;
             println!("wrote a new root key to {}", out.display());
             println!(
@@ -283,7 +389,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             let which = cli::Which::parse(agent.as_deref(), issuer.as_deref())?;
             let (store, root) =
                 cli::open(&vault_server::config::DataSettings::load(&source)?).await?;
-            let key = vault_server::audit::HeadKey::derive(&root);
+            let key = vault_server::audit::HeadKey::derive(&root.control);
             drop(root);
             let report = cli::verify_chains(&store, &key, &which, &mut std::io::stdout()).await?;
             if report.broken > 0 {
@@ -305,6 +411,93 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Where `rotate-root` takes the new root from.
+enum NewRoot {
+    /// `--abort`: none; the rotation in progress is abandoned.
+    Abort,
+    File(PathBuf),
+    PassphraseEnv(String),
+    Pkcs11(vault_server::config::Pkcs11Location),
+}
+
+/// `rotate-root`; the work is in `vault_server::vault::RootRotation`.
+async fn rotate_root(next: NewRoot, batch: u32) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    use vault_server::vault::{self, RootRotation, RotationOutcome};
+    let source = Source::from_env()?;
+    require_database(&source, "rotate-root")?;
+    let settings = vault_server::config::DataSettings::load(&source)?;
+    let store = vault_server::store::open(&settings.database.for_migration()).await?;
+    store.schema.ready().await.map_err(|e| {
+        anyhow::anyhow!("the database is not ready (run `vault-server migrate`): {e}")
+    })?;
+    if store.keys.root_key().await?.is_none() {
+        anyhow::bail!("this database holds no vault yet: it has no root key record");
+    }
+    let (next, next_kdf) = match next {
+        NewRoot::Abort => {
+            if vault::abort_rotation(&store).await? {
+                println!("the root rotation in progress was abandoned; the current root key stays");
+            } else {
+                println!("no root rotation is in progress");
+            }
+            return Ok(());
+        }
+        NewRoot::File(path) => (vault_server::startup::read_root_key(&path)?, None),
+        NewRoot::Pkcs11(location) => (vault_server::startup::open_pkcs11_root(&location)?, None),
+        NewRoot::PassphraseEnv(var) => {
+            let phrase = std::env::var(&var)
+                .ok()
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("--new-passphrase-env: {var} is not set"))?;
+            let (key, kdf) =
+                vault::root_from_passphrase(&store, &secrecy::SecretString::from(phrase)).await?;
+            (key, Some(kdf))
+        }
+    };
+    let root_source = vault_server::startup::root_key_source(&settings.root_key)?;
+    let current = match vault::unlock_root_key(&store, root_source).await {
+        Ok(current) => current,
+        // A re-run after the switch: the configured root was rotated away, to this new one.
+        Err(vault::UnlockError::WrongRootKey) if vault::rotated_to(&store, &next).await? => {
+            println!("the rotation is already complete: the new key is the vault's root key");
+            return Ok(());
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let rotation = RootRotation::new(store, current, next, next_kdf, batch)?;
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} agent keys re-wrapped")
+                .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut report = |p: vault::RotationProgress| {
+        if terminal {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+        } else {
+            println!("re-wrapped {}/{} agent keys", p.done, p.total);
+        }
+    };
+    let outcome = rotation.run(&mut report).await;
+    bar.finish_and_clear();
+    match outcome? {
+        RotationOutcome::Rotated { agents } => println!(
+            "the new root key is now the vault's root ({agents} agent keys re-wrapped); restart every replica with it"
+        ),
+        RotationOutcome::AlreadyDone => {
+            println!("the rotation is already complete: the new key is the vault's root key")
+        }
+    }
+    Ok(())
 }
 
 /// `help [TOPIC...]`: the settings table for `settings`, else the help of the command named.

@@ -16,8 +16,10 @@ use tonic::transport::Server;
 use crate::audit::{AuditRecord, Owner};
 use crate::auth::Verifier;
 use crate::callback::CallbackServer;
-use crate::config::{ConfigError, RootKeySetting, Settings, decode_root_key};
-use crate::crypto::{RootKey, RootKeySource};
+use crate::config::{
+    ConfigError, PinSetting, Pkcs11Location, RootKeySetting, Settings, decode_root_key,
+};
+use crate::crypto::{Pkcs11Error, Pkcs11Root, Pkcs11Settings, RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, Budget, CredentialVaultService, ShedLayer, SizeLimitLayer, proto};
 use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, Sweeper};
@@ -137,7 +139,7 @@ impl Application {
         let registrar = settings.callback.redirect_uri.as_ref().map(|redirect| {
             Arc::new(crate::oauth::Registrar::new(
                 store.clone(),
-                &root,
+                root.control.duplicate(),
                 outbound.clone(),
                 redirect.to_string(),
                 provider_lease,
@@ -174,7 +176,7 @@ impl Application {
             policy: Arc::clone(&policy),
             limits: Arc::clone(&limits),
         };
-        let head_key = crate::audit::HeadKey::derive(&root);
+        let head_key = crate::audit::HeadKey::derive(&root.control);
         let vault = Arc::new(Vault::new(store, root, providers, options));
         let issuers: Vec<_> = settings
             .jwt
@@ -490,7 +492,64 @@ pub fn root_key_source(setting: &RootKeySetting) -> Result<RootKeySource, Config
             .map_err(|p| ConfigError::new("VAULT_ROOT_KEY", p)),
         RootKeySetting::File(path) => read_root_key_file(path).map(key),
         RootKeySetting::Passphrase(phrase) => Ok(RootKeySource::Passphrase(phrase.clone())),
+        RootKeySetting::Pkcs11(location) => open_pkcs11_root(location).map(RootKeySource::Key),
     }
+}
+
+/// Opens the root key in its PKCS#11 token: loads the module, logs in, finds the key and checks
+/// that it seals and opens. Each failure names the setting to look at.
+pub fn open_pkcs11_root(location: &Pkcs11Location) -> Result<RootKey, ConfigError> {
+    Pkcs11Root::open(&pkcs11_settings(location)?)
+        .map(RootKey::from_pkcs11)
+        .map_err(pkcs11_problem)
+}
+
+/// `keygen --pkcs11`: creates the root key in the token, refusing a label in use.
+pub fn generate_pkcs11_root(location: &Pkcs11Location) -> Result<RootKey, ConfigError> {
+    Pkcs11Root::generate(&pkcs11_settings(location)?)
+        .map(RootKey::from_pkcs11)
+        .map_err(pkcs11_problem)
+}
+
+fn pkcs11_settings(location: &Pkcs11Location) -> Result<Pkcs11Settings, ConfigError> {
+    let pin = match &location.pin {
+        PinSetting::Pin(pin) => pin.clone(),
+        PinSetting::File(path) => {
+            let problem = |p: String| ConfigError::new("VAULT_ROOT_PKCS11_PIN_FILE", p);
+            let bytes = zeroize::Zeroizing::new(
+                std::fs::read(path)
+                    .map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?,
+            );
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| problem("must hold the PIN as text".into()))?;
+            let pin = text.trim_end_matches(['\r', '\n']);
+            if pin.is_empty() {
+                return Err(problem(format!("{} is empty", path.display())));
+            }
+            secrecy::SecretString::from(pin)
+        }
+    };
+    Ok(Pkcs11Settings {
+        module: location.module.clone(),
+        token_label: location.token_label.clone(),
+        key_label: location.key_label.clone(),
+        pin,
+    })
+}
+
+fn pkcs11_problem(error: Pkcs11Error) -> ConfigError {
+    let setting = error.setting();
+    let message = error.to_string();
+    let problem = message
+        .strip_prefix(setting)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(&message);
+    ConfigError::new(setting, problem)
+}
+
+/// Reads a root key file for a command (`rotate-root --new-key-file`).
+pub fn read_root_key(path: &Path) -> Result<RootKey, ConfigError> {
+    read_root_key_file(path).map(|bytes| RootKey::from_bytes(*bytes))
 }
 
 /// Reads a root key file: base64 text of 32 bytes (what `keygen` writes) or 32 raw bytes.
@@ -513,7 +572,8 @@ mod tests {
 
     fn key_of(source: RootKeySource) -> [u8; 32] {
         match source {
-            RootKeySource::Key(key) => *key.expose_bytes(),
+            // A key read from a file is held in this process.
+            RootKeySource::Key(key) => *key.software_bytes().expect("a key file's key"),
             RootKeySource::Passphrase(_) => panic!("expected a key"),
         }
     }

@@ -10,7 +10,7 @@ use vault_server::audit::{
     Anchor, AuditRecord, Broken, HeadKey, Outcome, SignedHead, Stored, link, token_digest, verify,
 };
 use vault_server::config::{Database, DatabaseSettings};
-use vault_server::crypto::RootKey;
+use vault_server::crypto::ControlKey;
 use vault_server::ids::Generation;
 use vault_server::store::{AgentRecord, Chain, NewCredential, PgStore, Release, Store};
 
@@ -72,7 +72,7 @@ fn sequences(stored: &[Stored]) -> Vec<u64> {
 }
 
 fn head_key() -> HeadKey {
-    HeadKey::derive(&RootKey::from_bytes([7; 32]))
+    HeadKey::derive(&ControlKey::from_bytes([7; 32]))
 }
 
 async fn an_audit_record_reads_back_exactly(store: &Store) {

@@ -9,7 +9,7 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::record::AuditRecord;
-use crate::crypto::RootKey;
+use crate::crypto::ControlKey;
 
 /// A SHA-256 hash.
 pub type Hash = [u8; 32];
@@ -65,13 +65,14 @@ pub struct SignedHead {
     pub mac: Vec<u8>,
 }
 
-/// The key heads are signed with: derived from the root key, for this purpose only.
+/// The key heads are signed with: derived from the control key (which the root key wraps), for
+/// this purpose only.
 pub struct HeadKey(Hmac<Sha256>);
 
 impl HeadKey {
-    /// Derives the head key from `root`.
-    pub fn derive(root: &RootKey) -> Self {
-        let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(root.expose_bytes())
+    /// Derives the head key from the control key.
+    pub fn derive(control: &ControlKey) -> Self {
+        let mut derive = <Hmac<Sha256> as Mac>::new_from_slice(control.expose_bytes())
             .expect("HMAC takes a key of any length");
         derive.update(b"vault.v1/audit-head-key");
         let key = derive.finalize().into_bytes();
@@ -246,7 +247,7 @@ mod tests {
     }
 
     fn key() -> HeadKey {
-        HeadKey::derive(&RootKey::from_bytes([7; 32]))
+        HeadKey::derive(&ControlKey::from_bytes([7; 32]))
     }
 
     #[test]
@@ -339,7 +340,7 @@ mod tests {
             verify(Anchor::START, &log[..3], Some((&key, &forged))),
             Err(Broken::ForgedHead { .. })
         ));
-        let other_root = HeadKey::derive(&RootKey::from_bytes([8; 32]));
+        let other_root = HeadKey::derive(&ControlKey::from_bytes([8; 32]));
         assert!(!other_root.verifies(&head));
     }
 

@@ -10,9 +10,9 @@ use chrono::{DateTime, Utc};
 
 use super::{Anchor, Broken, HeadKey, SignedHead, Stored, verify};
 use crate::config::{DataSettings, DatabaseSettings};
-use crate::crypto::RootKey;
 use crate::ids::{AgentId, IssuerId};
 use crate::store::{AgentPages, AgentRecord, Chain, Store, StoreError};
+use crate::vault::UnlockedRoot;
 
 /// Records read per query.
 const RECORD_PAGE: u32 = 1000;
@@ -140,7 +140,7 @@ async fn open_store(database: &DatabaseSettings) -> anyhow::Result<Store> {
 }
 
 /// Opens the database and unlocks the root key as `serve` does, for `audit verify`.
-pub async fn open(settings: &DataSettings) -> anyhow::Result<(Store, RootKey)> {
+pub async fn open(settings: &DataSettings) -> anyhow::Result<(Store, UnlockedRoot)> {
     let source = crate::startup::root_key_source(&settings.root_key)?;
     let store = open_store(&settings.database).await?;
     // Unlocking would initialise a vault that has no root key yet; an audit command must not.

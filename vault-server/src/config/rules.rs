@@ -11,7 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
 use super::settings::{
-    CallbackSettings, Database, JwksSource, RootKeySetting, TlsSettings, TrustedIssuer,
+    CallbackSettings, Database, JwksSource, PinSetting, Pkcs11Location, RootKeySetting,
+    TlsSettings, TrustedIssuer,
 };
 use super::{Config, ConfigError};
 use crate::ids::IssuerId;
@@ -92,25 +93,114 @@ impl Config {
         let key = &self.vault_root_key;
         let file = &self.vault_root_key_file;
         let phrase = &self.vault_root_passphrase;
-        match (key, file, phrase) {
-            (Some(key), None, None) => {
-                decode_root_key(key.expose_secret())
-                    .map_err(|p| ConfigError::new("VAULT_ROOT_KEY", p))?;
-                Ok(RootKeySetting::Key(key.clone()))
+        let pkcs11 = &self.vault_root_pkcs11_module;
+        let kinds = [
+            key.is_some(),
+            file.is_some(),
+            phrase.is_some(),
+            pkcs11.is_some(),
+        ];
+        if kinds.iter().filter(|set| **set).count() > 1 {
+            return Err(ConfigError::new(
+                "VAULT_ROOT_KEY",
+                "set only one of VAULT_ROOT_KEY, VAULT_ROOT_KEY_FILE, VAULT_ROOT_PASSPHRASE, VAULT_ROOT_PKCS11_MODULE",
+            ));
+        }
+        if pkcs11.is_none() {
+            self.pkcs11_settings_unused()?;
+        }
+        if let Some(key) = key {
+            decode_root_key(key.expose_secret())
+                .map_err(|p| ConfigError::new("VAULT_ROOT_KEY", p))?;
+            return Ok(RootKeySetting::Key(key.clone()));
+        }
+        if let Some(file) = file {
+            return Ok(RootKeySetting::File(file.clone()));
+        }
+        if let Some(phrase) = phrase {
+            if phrase.expose_secret().len() < 16 {
+                return Err(ConfigError::new(
+                    "VAULT_ROOT_PASSPHRASE",
+                    "must be at least 16 characters",
+                ));
             }
-            (None, Some(file), None) => Ok(RootKeySetting::File(file.clone())),
-            (None, None, Some(phrase)) if phrase.expose_secret().len() < 16 => Err(
-                ConfigError::new("VAULT_ROOT_PASSPHRASE", "must be at least 16 characters"),
+            return Ok(RootKeySetting::Passphrase(phrase.clone()));
+        }
+        if let Some(module) = pkcs11 {
+            return self.pkcs11_location(module).map(RootKeySetting::Pkcs11);
+        }
+        Err(ConfigError::new(
+            "VAULT_ROOT_KEY",
+            "no root key: set one of VAULT_ROOT_KEY, VAULT_ROOT_KEY_FILE, VAULT_ROOT_PASSPHRASE, VAULT_ROOT_PKCS11_MODULE (`vault-server keygen` makes a key file)",
+        ))
+    }
+
+    /// The rest of `VAULT_ROOT_PKCS11_*`, once the module is set.
+    fn pkcs11_location(&self, module: &std::path::Path) -> Result<Pkcs11Location, ConfigError> {
+        let token_label = match self.vault_root_pkcs11_token_label.as_deref() {
+            Some(label) if !label.is_empty() => label.to_owned(),
+            _ => {
+                return Err(ConfigError::new(
+                    "VAULT_ROOT_PKCS11_TOKEN_LABEL",
+                    "required with VAULT_ROOT_PKCS11_MODULE: the label of the token holding the root key",
+                ));
+            }
+        };
+        if self.vault_root_pkcs11_key_label.is_empty() {
+            return Err(ConfigError::new(
+                "VAULT_ROOT_PKCS11_KEY_LABEL",
+                "must not be empty",
+            ));
+        }
+        let pin = match (
+            &self.vault_root_pkcs11_pin,
+            &self.vault_root_pkcs11_pin_file,
+        ) {
+            (Some(pin), None) => PinSetting::Pin(pin.clone()),
+            (None, Some(file)) => PinSetting::File(file.clone()),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "VAULT_ROOT_PKCS11_PIN",
+                    "required with VAULT_ROOT_PKCS11_MODULE: set VAULT_ROOT_PKCS11_PIN or VAULT_ROOT_PKCS11_PIN_FILE",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "VAULT_ROOT_PKCS11_PIN",
+                    "set only one of VAULT_ROOT_PKCS11_PIN, VAULT_ROOT_PKCS11_PIN_FILE",
+                ));
+            }
+        };
+        Ok(Pkcs11Location {
+            module: module.to_owned(),
+            token_label,
+            key_label: self.vault_root_pkcs11_key_label.clone(),
+            pin,
+        })
+    }
+
+    /// A PKCS#11 setting without `VAULT_ROOT_PKCS11_MODULE` would be silently ignored.
+    fn pkcs11_settings_unused(&self) -> Result<(), ConfigError> {
+        let stray = [
+            (
+                "VAULT_ROOT_PKCS11_TOKEN_LABEL",
+                self.vault_root_pkcs11_token_label.is_some(),
             ),
-            (None, None, Some(phrase)) => Ok(RootKeySetting::Passphrase(phrase.clone())),
-            (None, None, None) => Err(ConfigError::new(
-                "VAULT_ROOT_KEY",
-                "no root key: set one of VAULT_ROOT_KEY, VAULT_ROOT_KEY_FILE, VAULT_ROOT_PASSPHRASE (`vault-server keygen` makes a key file)",
-            )),
-            _ => Err(ConfigError::new(
-                "VAULT_ROOT_KEY",
-                "set only one of VAULT_ROOT_KEY, VAULT_ROOT_KEY_FILE, VAULT_ROOT_PASSPHRASE",
-            )),
+            (
+                "VAULT_ROOT_PKCS11_PIN",
+                self.vault_root_pkcs11_pin.is_some(),
+            ),
+            (
+                "VAULT_ROOT_PKCS11_PIN_FILE",
+                self.vault_root_pkcs11_pin_file.is_some(),
+            ),
+        ];
+        match stray.into_iter().find(|(_, set)| *set) {
+            Some((name, _)) => Err(ConfigError {
+                name: name.to_owned(),
+                problem: "has no effect without VAULT_ROOT_PKCS11_MODULE".to_owned(),
+            }),
+            None => Ok(()),
         }
     }
 

@@ -22,6 +22,31 @@ pub enum RootKeySetting {
     File(PathBuf),
     /// `VAULT_ROOT_PASSPHRASE`: derived with Argon2id and the salt kept in the control schema.
     Passphrase(SecretString),
+    /// `VAULT_ROOT_PKCS11_*`: an AES-256 key that never leaves its PKCS#11 token.
+    Pkcs11(Pkcs11Location),
+}
+
+/// `VAULT_ROOT_PKCS11_*`: where the root key lives in a PKCS#11 token. The PIN is read by
+/// `startup`, like a key file.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Location {
+    /// `VAULT_ROOT_PKCS11_MODULE`.
+    pub module: PathBuf,
+    /// `VAULT_ROOT_PKCS11_TOKEN_LABEL`.
+    pub token_label: String,
+    /// `VAULT_ROOT_PKCS11_KEY_LABEL`.
+    pub key_label: String,
+    /// `VAULT_ROOT_PKCS11_PIN` or `VAULT_ROOT_PKCS11_PIN_FILE`.
+    pub pin: PinSetting,
+}
+
+/// The user PIN of a PKCS#11 token.
+#[derive(Debug, Clone)]
+pub enum PinSetting {
+    /// `VAULT_ROOT_PKCS11_PIN`.
+    Pin(SecretString),
+    /// `VAULT_ROOT_PKCS11_PIN_FILE`.
+    File(PathBuf),
 }
 
 /// Where issuer public keys come from.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use super::{AgentKey, OpenError, RootKey};
+use super::{AgentKey, RootError, RootKey};
 use crate::ids::{AgentId, IssuerId};
 
 /// Most unwrapped agent keys kept in memory; past it, an arbitrary entry is evicted (and
@@ -25,8 +25,7 @@ pub struct Unlocked<R> {
 pub struct Keyring<R> {
     root: RootKey,
     /// Keyed by agent id, then matched on the issuer, so the hot path looks up by reference.
-    /// Agent keys do not change under a running server yet (rotation will invalidate entries),
-    /// so an entry stays valid once loaded.
+    /// A root rotation does not change agent keys, so an entry stays valid across one.
     agents: RwLock<HashMap<AgentId, Vec<Arc<Unlocked<R>>>>>,
 }
 
@@ -61,23 +60,34 @@ impl<R> Keyring<R> {
     }
 
     /// A new agent key (version 1) and its wrapping under the root key, bound to the agent.
-    pub fn new_agent_key(&self, issuer: &IssuerId, agent: &AgentId) -> (u32, Vec<u8>) {
+    pub fn new_agent_key(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+    ) -> Result<(u32, Vec<u8>), RootError> {
         let key = AgentKey::generate(1);
-        (key.version, self.root.wrap_agent_key(issuer, agent, &key))
+        Ok((key.version, self.root.wrap_agent_key(issuer, agent, &key)?))
     }
 
-    /// Unwraps the agent's key, keeps it with `record`, and returns both.
+    /// Unwraps the agent's key from the first of `wraps` that opens under this root (during a
+    /// root rotation an agent has a wrap under each root), keeps it with `record`, and returns
+    /// both.
     pub fn unlock(
         &self,
         issuer: &IssuerId,
         agent: &AgentId,
         version: u32,
-        wrapped: &[u8],
+        wraps: &[&[u8]],
         record: R,
-    ) -> Result<Arc<Unlocked<R>>, OpenError> {
-        let key = self
-            .root
-            .unwrap_agent_key(issuer, agent, version, wrapped)?;
+    ) -> Result<Arc<Unlocked<R>>, RootError> {
+        let mut opened = Err(RootError::DoesNotOpen);
+        for wrapped in wraps {
+            opened = self.root.unwrap_agent_key(issuer, agent, version, wrapped);
+            if !matches!(opened, Err(RootError::DoesNotOpen)) {
+                break;
+            }
+        }
+        let key = opened?;
         let entry = Arc::new(Unlocked {
             record,
             key,

@@ -9,12 +9,14 @@ mod envelope;
 mod flow;
 mod keyring;
 mod keys;
+mod pkcs11;
 mod registration;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
 pub use flow::{FlowBinding, FlowSecret, open_flow_secret, seal_flow_secret};
 pub use keyring::{Keyring, Unlocked};
-pub use keys::{AgentKey, KdfParams, RootKey, RootKeySource};
+pub use keys::{AgentKey, ControlKey, KdfParams, RootError, RootKey, RootKeySource};
+pub use pkcs11::{Pkcs11Error, Pkcs11Root, Pkcs11Settings};
 pub use registration::{open_client_secret, seal_client_secret};
 
 /// A seal did not open: wrong key, wrong binding, or tampered bytes. Deliberately says no more.

@@ -60,16 +60,10 @@ pub fn request_too_large(limit: usize, size: usize) -> Status {
 /// A call shed at the concurrency limit: RESOURCE_EXHAUSTED, reason `OVERLOADED`, and a short
 /// `RetryInfo` (another replica, or this one a moment later, will serve it).
 pub fn overloaded(limit: usize, retry_after: std::time::Duration) -> Status {
-    let mut details = ErrorDetails::with_error_info(
-        ErrorReason::Overloaded.as_str_name(),
-        ERROR_DOMAIN,
-        HashMap::from([("limit".to_string(), limit.to_string())]),
-    );
-    details.set_retry_info(Some(retry_after));
-    Status::with_error_details(
-        Code::ResourceExhausted,
+    overloaded_at(
+        ("limit", limit),
         format!("the vault is serving as many calls as it may at once ({limit}); retry shortly"),
-        details,
+        retry_after,
     )
 }
 
@@ -77,17 +71,26 @@ pub fn overloaded(limit: usize, retry_after: std::time::Duration) -> Status {
 /// `VAULT_MAX_BUFFERED_REQUEST_BYTES` (or the calling agent's share of it): RESOURCE_EXHAUSTED,
 /// reason `OVERLOADED`, with a short `RetryInfo`.
 pub fn over_budget(capacity: usize, retry_after: std::time::Duration) -> Status {
+    overloaded_at(
+        ("buffered_request_bytes", capacity),
+        "the vault is holding as many unfinished requests as it may (VAULT_MAX_BUFFERED_REQUEST_BYTES, a quarter of it per agent); retry shortly".to_owned(),
+        retry_after,
+    )
+}
+
+/// RESOURCE_EXHAUSTED, reason `OVERLOADED`, naming the bound that was reached in its metadata.
+fn overloaded_at(
+    (bound, value): (&str, usize),
+    message: String,
+    retry_after: std::time::Duration,
+) -> Status {
     let mut details = ErrorDetails::with_error_info(
         ErrorReason::Overloaded.as_str_name(),
         ERROR_DOMAIN,
-        HashMap::from([("buffered_request_bytes".to_string(), capacity.to_string())]),
+        HashMap::from([(bound.to_string(), value.to_string())]),
     );
     details.set_retry_info(Some(retry_after));
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        "the vault is holding as many unfinished requests as it may (VAULT_MAX_BUFFERED_REQUEST_BYTES, a quarter of it per agent); retry shortly",
-        details,
-    )
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 impl From<AuthError> for Status {
@@ -208,6 +211,9 @@ impl From<VaultError> for Status {
                 ErrorReason::StoreUnavailable,
                 "storage is temporarily unavailable; retry",
             ),
+            VaultError::KeyUnavailable(message) => {
+                with_reason(Code::Unavailable, ErrorReason::KeyUnavailable, message)
+            }
             VaultError::AuditUnavailable(_) => audit_unavailable(),
             VaultError::Unexpected(_) => {
                 with_reason(Code::Internal, ErrorReason::Internal, "internal error")
@@ -262,6 +268,9 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         }
         VaultError::Unavailable(source) => {
             tracing::error!(rpc, error = %crate::telemetry::error_chain(source), "storage unavailable");
+        }
+        VaultError::KeyUnavailable(_) => {
+            tracing::warn!(rpc, error = %err, "agent key unavailable on this replica")
         }
         VaultError::AuditUnavailable(source) => {
             tracing::error!(rpc, error = %crate::telemetry::error_chain(source), "audit log unavailable; the call failed");

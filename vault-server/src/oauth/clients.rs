@@ -18,7 +18,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::registration::{AuthMethod, ClientMetadata, choose_auth_method, metadata_document};
 use super::{AuthStyle, ClientCredentials, ProviderError, mcp::AuthorizationServer};
-use crate::crypto::{RootKey, open_client_secret, seal_client_secret};
+use crate::crypto::{ControlKey, open_client_secret, seal_client_secret};
 use crate::http::{Origin, Outbound};
 use crate::ids::Tool;
 use crate::store::Store;
@@ -36,7 +36,8 @@ const CLIENT_NAME: &str = "credential-vault";
 /// Registers the vault at authorization servers, and remembers where.
 pub struct Registrar {
     store: Store,
-    root: RootKey,
+    /// Seals the client secrets it is issued.
+    control: ControlKey,
     holder: uuid::Uuid,
     outbound: Outbound,
     /// `OAUTH_TOOL_REDIRECT_URI`.
@@ -64,7 +65,7 @@ impl Registrar {
     /// [`METADATA_DOCUMENT_PATH`] on the same origin; the callback listener serves it.
     pub fn new(
         store: Store,
-        root: &RootKey,
+        control: ControlKey,
         outbound: Outbound,
         redirect_uri: String,
         lease: Duration,
@@ -72,7 +73,7 @@ impl Registrar {
         let metadata_url = metadata_url_for(&redirect_uri);
         Self {
             store,
-            root: RootKey::from_bytes(*root.expose_bytes()),
+            control,
             holder: uuid::Uuid::new_v4(),
             outbound,
             redirect_uri,
@@ -230,8 +231,13 @@ impl Registrar {
         let method = AuthMethod::parse(&saved.auth_method)?;
         let secret = match &saved.sealed_secret {
             Some(sealed) => {
-                let opened =
-                    open_client_secret(&self.root, tool, &saved.issuer, &saved.client_id, sealed);
+                let opened = open_client_secret(
+                    &self.control,
+                    tool,
+                    &saved.issuer,
+                    &saved.client_id,
+                    sealed,
+                );
                 match opened.ok().and_then(|s| String::from_utf8(s.to_vec()).ok()) {
                     Some(secret) => Some(SecretString::from(secret)),
                     None => {
@@ -273,7 +279,7 @@ impl Registrar {
         .map_err(|e| ProviderError::unavailable(e.to_string()))?;
         let sealed = registered.client_secret.as_ref().map(|secret| {
             seal_client_secret(
-                &self.root,
+                &self.control,
                 tool,
                 &server.issuer,
                 &registered.client_id,

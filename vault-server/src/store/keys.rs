@@ -19,6 +19,8 @@ pub struct AgentRecord {
     pub wrapped_key: Vec<u8>,
     /// The agent key's version.
     pub key_version: u32,
+    /// During a root rotation, the same agent key wrapped by the next root, once re-wrapped.
+    pub next_wrapped_key: Option<Vec<u8>>,
 }
 
 /// Root key metadata kept in the control schema.
@@ -28,6 +30,37 @@ pub struct RootKeyRecord {
     pub key_check: Vec<u8>,
     /// Argon2id salt and costs when the key comes from a passphrase.
     pub kdf: Option<(Vec<u8>, KdfParams)>,
+    /// The control key wrapped by the root key; `None` in a vault initialised before there was
+    /// one, whose control key is the root key's bytes.
+    pub wrapped_control_key: Option<Vec<u8>>,
+    /// The root being rotated to, while a rotation is in progress.
+    pub next: Option<NextRoot>,
+}
+
+/// The root key a rotation in progress moves to.
+#[derive(Debug, Clone)]
+pub struct NextRoot {
+    /// Seal of the key-check constant under the next root.
+    pub key_check: Vec<u8>,
+    /// Its Argon2id salt and costs, when it comes from a passphrase.
+    pub kdf: Option<(Vec<u8>, KdfParams)>,
+    /// The control key wrapped by the next root.
+    pub wrapped_control_key: Vec<u8>,
+}
+
+/// Where a root rotation's switch stands.
+#[derive(Debug)]
+pub enum RotationSwitch {
+    /// The next root is now the root: `agents` agent keys moved to it.
+    Done {
+        /// Agent keys that moved.
+        agents: u64,
+    },
+    /// These agents (registered since the last batch) have no wrap under the next root yet;
+    /// nothing changed. Re-wrap them and switch again.
+    Missing(Vec<AgentRecord>),
+    /// No rotation is in progress (another run finished it, or it was aborted).
+    NotPending,
 }
 
 /// The root key record and the agent registry.
@@ -55,14 +88,46 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Option<AgentRecord>, StoreError>;
 
     /// Registers the agent with `wrapped_key` and creates its schema, unless a concurrent call
-    /// already did; returns the stored entry either way.
+    /// already did; returns the stored entry either way. Only while `key_check` is the current
+    /// root's key check ([`StoreError::RootKeyChanged`] otherwise): a server whose root was
+    /// rotated away must not register an agent under it.
     async fn create_agent(
         &self,
         issuer: &IssuerId,
         agent: &AgentId,
         wrapped_key: &[u8],
         key_version: u32,
+        key_check: &[u8],
     ) -> Result<AgentRecord, StoreError>;
+
+    /// Starts a root rotation to `next`, unless one is in progress already; returns the stored
+    /// record either way (its `next` is the rotation in progress, which may be another's).
+    async fn begin_root_rotation(&self, next: &NextRoot) -> Result<RootKeyRecord, StoreError>;
+
+    /// Forgets a rotation in progress: the next root's key check and every wrap under it.
+    /// False if none was in progress.
+    async fn abort_root_rotation(&self) -> Result<bool, StoreError>;
+
+    /// At most `limit` registered agents whose key has no wrap under the next root yet, in
+    /// namespace order.
+    async fn agents_to_rewrap(&self, limit: u32) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Records `next_wrapped_key` as the agent's key wrapped by the next root, provided its
+    /// key is still the one `record` holds; false if it changed meanwhile.
+    async fn set_next_wrap(
+        &self,
+        record: &AgentRecord,
+        next_wrapped_key: &[u8],
+    ) -> Result<bool, StoreError>;
+
+    /// (re-wrapped, registered) agents of the rotation in progress.
+    async fn rewrap_progress(&self) -> Result<(u64, u64), StoreError>;
+
+    /// The switch, in one transaction that holds off agent registration: if every agent has a
+    /// wrap under the next root, makes those wraps, the next key check and the next control
+    /// key wrap current and forgets the old ones; otherwise changes nothing and answers which
+    /// agents still need one.
+    async fn finish_root_rotation(&self) -> Result<RotationSwitch, StoreError>;
 
     /// At most `limit` registered agents in namespace order, those after `after` (a namespace)
     /// when given: pages through every agent without loading them all at once, for work that

@@ -27,7 +27,7 @@ pub use credentials::{
     SWEPT, StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
-pub use keys::{AgentPages, AgentRecord, KeyStore, RootKeyRecord};
+pub use keys::{AgentPages, AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch};
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
 pub use postgres::{AUDIT_CHANNEL, AuditListener, PgStore, drop_database_and_roles, namespace_for};
@@ -46,6 +46,10 @@ pub enum StoreError {
     /// Anything else from the database.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    /// The root key this process verified is no longer the vault's current one (a rotation
+    /// finished, or is in progress towards it): it may not register agents.
+    #[error("this process's root key is not the vault's current root key")]
+    RootKeyChanged,
     /// Applying migrations failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),

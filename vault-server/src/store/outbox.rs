@@ -55,12 +55,15 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Removes a delivered (or abandoned) outbox entry.
     async fn finish_outbox(&self, agent: &AgentRecord, id: i64) -> Result<(), StoreError>;
 
-    /// Counts a failed delivery and schedules the next attempt after `wait`.
+    /// Schedules the next delivery attempt after `wait`, recording `error`. A failure at the
+    /// provider is `counted` (it lengthens the next backoff); an attempt the vault's own provider
+    /// guard never sent is not.
     async fn retry_outbox(
         &self,
         agent: &AgentRecord,
         id: i64,
         wait: Duration,
         error: &str,
+        counted: bool,
     ) -> Result<(), StoreError>;
 }

@@ -7,8 +7,8 @@
 use chrono::{DateTime, Utc};
 
 use super::{
-    AgentRecord, CredentialState, CredentialSummary, Flow, FlowStatus, OutboxEntry, Registration,
-    RootKeyRecord, StoreError, StoredCredential,
+    AgentRecord, CredentialState, CredentialSummary, Flow, FlowStatus, NextRoot, OutboxEntry,
+    Registration, RootKeyRecord, StoreError, StoredCredential,
 };
 use crate::audit::chain::Hash;
 use crate::audit::{Anchor, AuditRecord, Outcome, SignedHead, Stored};
@@ -51,6 +51,7 @@ pub(super) struct AgentRow {
     namespace: String,
     wrapped_key: Vec<u8>,
     key_version: i64,
+    next_wrapped_key: Option<Vec<u8>>,
 }
 
 impl TryFrom<AgentRow> for AgentRecord {
@@ -65,6 +66,7 @@ impl TryFrom<AgentRow> for AgentRecord {
             namespace: row.namespace,
             wrapped_key: row.wrapped_key,
             key_version: u32_of(row.key_version, "agent key version")?,
+            next_wrapped_key: row.next_wrapped_key,
         })
     }
 }
@@ -90,7 +92,7 @@ impl TryFrom<LegacyAgentRow> for (AgentId, u32, Vec<u8>) {
     }
 }
 
-/// `key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost` of the root key record.
+/// The root key record's columns ([`ROOT_KEY_COLUMNS`]).
 #[derive(sqlx::FromRow)]
 pub(super) struct RootKeyRow {
     key_check: Vec<u8>,
@@ -98,31 +100,90 @@ pub(super) struct RootKeyRow {
     kdf_m_cost: Option<i64>,
     kdf_t_cost: Option<i64>,
     kdf_p_cost: Option<i64>,
+    wrapped_control_key: Option<Vec<u8>>,
+    next_key_check: Option<Vec<u8>>,
+    next_kdf_salt: Option<Vec<u8>>,
+    next_kdf_m_cost: Option<i64>,
+    next_kdf_t_cost: Option<i64>,
+    next_kdf_p_cost: Option<i64>,
+    next_wrapped_control_key: Option<Vec<u8>>,
+}
+
+/// What [`RootKeyRow`] reads, the same in both stores (PostgreSQL's integers cast to int8).
+pub(super) fn root_key_columns(int8: &str) -> String {
+    let cost = |name: &str| format!("{name}{int8} AS {name}");
+    format!(
+        "key_check, kdf_salt, {}, {}, {}, wrapped_control_key, next_key_check, next_kdf_salt, \
+         {}, {}, {}, next_wrapped_control_key",
+        cost("kdf_m_cost"),
+        cost("kdf_t_cost"),
+        cost("kdf_p_cost"),
+        cost("next_kdf_m_cost"),
+        cost("next_kdf_t_cost"),
+        cost("next_kdf_p_cost"),
+    )
+}
+
+/// Argon2id salt and costs from their columns; `None` without a salt.
+fn kdf_of(
+    salt: Option<Vec<u8>>,
+    costs: [(Option<i64>, &str); 3],
+) -> Result<Option<(Vec<u8>, KdfParams)>, StoreError> {
+    let Some(salt) = salt else {
+        return Ok(None);
+    };
+    let [m, t, p] = costs.map(|(value, name)| {
+        value
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("root_key.{name} missing")))
+    });
+    Ok(Some((
+        salt,
+        KdfParams {
+            m_cost: m?,
+            t_cost: t?,
+            p_cost: p?,
+        },
+    )))
 }
 
 impl TryFrom<RootKeyRow> for RootKeyRecord {
     type Error = StoreError;
 
     fn try_from(row: RootKeyRow) -> Result<Self, StoreError> {
-        let cost = |value: Option<i64>, name: &str| -> Result<u32, StoreError> {
-            value
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| StoreError::Corrupt(format!("root_key.{name} missing")))
-        };
-        let kdf = match row.kdf_salt {
-            None => None,
-            Some(salt) => Some((
-                salt,
-                KdfParams {
-                    m_cost: cost(row.kdf_m_cost, "kdf_m_cost")?,
-                    t_cost: cost(row.kdf_t_cost, "kdf_t_cost")?,
-                    p_cost: cost(row.kdf_p_cost, "kdf_p_cost")?,
-                },
-            )),
+        let kdf = kdf_of(
+            row.kdf_salt,
+            [
+                (row.kdf_m_cost, "kdf_m_cost"),
+                (row.kdf_t_cost, "kdf_t_cost"),
+                (row.kdf_p_cost, "kdf_p_cost"),
+            ],
+        )?;
+        let next = match (row.next_key_check, row.next_wrapped_control_key) {
+            (None, _) => None,
+            (Some(key_check), Some(wrapped_control_key)) => Some(NextRoot {
+                key_check,
+                kdf: kdf_of(
+                    row.next_kdf_salt,
+                    [
+                        (row.next_kdf_m_cost, "next_kdf_m_cost"),
+                        (row.next_kdf_t_cost, "next_kdf_t_cost"),
+                        (row.next_kdf_p_cost, "next_kdf_p_cost"),
+                    ],
+                )?,
+                wrapped_control_key,
+            }),
+            (Some(_), None) => {
+                return Err(StoreError::Corrupt(
+                    "root_key.next_wrapped_control_key missing".into(),
+                ));
+            }
         };
         Ok(Self {
             key_check: row.key_check,
             kdf,
+            wrapped_control_key: row.wrapped_control_key,
+            next,
         })
     }
 }

@@ -2,8 +2,10 @@
 //! nothing here knows gRPC. Data flows one way: this module → {store, crypto, oauth}.
 
 mod authorization;
+mod keys;
 mod refresh;
 mod revocation;
+mod rotation;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,25 +16,27 @@ pub use authorization::{
     CompletedAuthorization, ConnectionInfo, ConsentOptions, FLOW_RETENTION, pkce_challenge,
     return_url_allowed,
 };
+pub use keys::{UnlockError, UnlockedRoot, unlock_root_key};
 pub use refresh::refresh_backoff;
 pub use revocation::outbox_backoff;
+pub use rotation::{
+    ROOT_ROTATED, ROOT_ROTATION_ABORTED, ROOT_ROTATION_STARTED, RootRotation, RotationError,
+    RotationOutcome, RotationProgress, abort_rotation, root_from_passphrase, rotated_to,
+};
 
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use crate::audit::{AuditError, AuditRecord, Call, Changes, Owner, Recorder};
 use crate::auth::Caller;
-use crate::crypto::RootKeySource;
-use crate::crypto::{
-    Binding, KdfParams, Keyring, RootKey, Unlocked, open_credential, seal_credential,
-};
+use crate::crypto::{Binding, Keyring, RootError, Unlocked, open_credential, seal_credential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::Providers;
 use crate::policy::{Limits, Policy, PolicyHandle};
 use crate::secret::TokenSet;
 use crate::store::{
-    AgentRecord, CredentialKey, CredentialState, NewCredential, Release, RootKeyRecord, Store,
-    StoreError, SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialState, NewCredential, Release, Store, StoreError,
+    SweepOutcome, Upserted,
 };
 
 /// What a use case can answer besides success; named for what the caller can do about it.
@@ -109,6 +113,11 @@ pub enum VaultError {
     /// The database is unreachable or saturated. Retry later.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
+    /// This replica cannot use the agent's key now: its root key was rotated away, a rotation
+    /// to its root has not re-wrapped the agent yet, or the HSM failed. Another replica may
+    /// serve the call.
+    #[error("{0}")]
+    KeyUnavailable(String),
     /// The call's audit record could not be written, so the call did nothing. Retry later.
     #[error("the audit log is unavailable")]
     AuditUnavailable(#[source] AuditError),
@@ -124,85 +133,6 @@ impl From<StoreError> for VaultError {
             other => Self::Unexpected(other.into()),
         }
     }
-}
-
-/// The root key could not be established; `serve` must not start.
-#[derive(Debug, thiserror::Error)]
-pub enum UnlockError {
-    /// The configured key is not the one this vault was initialised with.
-    #[error("the root key does not match this vault (key check failed); refusing to start")]
-    WrongRootKey,
-    /// A key was configured where the vault was initialised with a passphrase, or the reverse.
-    #[error("this vault was initialised with a {expected}; configure the same kind of root key")]
-    WrongKind {
-        /// What the vault expects.
-        expected: &'static str,
-    },
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Argon2 refused its parameters.
-    #[error("deriving the root key from the passphrase failed: {0}")]
-    Kdf(argon2::Error),
-}
-
-/// Checks the configured root key against the key-check value in the control schema, or
-/// records it when this is the vault's first start.
-pub async fn unlock_root_key(store: &Store, source: RootKeySource) -> Result<RootKey, UnlockError> {
-    let store = store.keys.as_ref();
-    let existing = store.root_key().await?;
-    let (key, record) = match (source, existing) {
-        (RootKeySource::Key(key), Some(record)) => {
-            if record.kdf.is_some() {
-                return Err(UnlockError::WrongKind {
-                    expected: "passphrase (VAULT_ROOT_PASSPHRASE)",
-                });
-            }
-            (key, record)
-        }
-        (RootKeySource::Key(key), None) => {
-            let record = store
-                .init_root_key(&RootKeyRecord {
-                    key_check: key.key_check(),
-                    kdf: None,
-                })
-                .await?;
-            (key, record)
-        }
-        (RootKeySource::Passphrase(phrase), existing) => {
-            let record = match existing {
-                Some(record) => record,
-                None => {
-                    let mut salt = vec![0u8; 16];
-                    crate::crypto::random_bytes(&mut salt);
-                    let params = KdfParams::default();
-                    let key = derive(&phrase, &salt, params)?;
-                    store
-                        .init_root_key(&RootKeyRecord {
-                            key_check: key.key_check(),
-                            kdf: Some((salt, params)),
-                        })
-                        .await?
-                }
-            };
-            // Derive with the stored salt: another replica may have initialised first.
-            let Some((salt, params)) = &record.kdf else {
-                return Err(UnlockError::WrongKind {
-                    expected: "root key (VAULT_ROOT_KEY or VAULT_ROOT_KEY_FILE)",
-                });
-            };
-            (derive(&phrase, salt, *params)?, record)
-        }
-    };
-    if !key.verifies(&record.key_check) {
-        return Err(UnlockError::WrongRootKey);
-    }
-    Ok(key)
-}
-
-fn derive(phrase: &SecretString, salt: &[u8], params: KdfParams) -> Result<RootKey, UnlockError> {
-    RootKey::from_passphrase(phrase.expose_secret().as_bytes(), salt, params)
-        .map_err(UnlockError::Kdf)
 }
 
 /// What leaves the vault: an access token and its metadata. There is no refresh token here, by
@@ -306,6 +236,9 @@ pub struct VaultOptions {
 pub struct Vault {
     store: Store,
     keyring: Keyring<AgentRecord>,
+    /// The stored key check this process's root verified at startup: agents are registered
+    /// only while it is the current one.
+    key_check: Vec<u8>,
     providers: Providers,
     options: VaultOptions,
     /// New-agent budget per issuer: every new agent is a schema, a role and a key, so a flood of
@@ -411,10 +344,16 @@ impl Vault {
         self.providers.registrar()?.metadata_document()
     }
 
-    /// A vault over `store`, whose root key has already been unlocked.
-    pub fn new(store: Store, root: RootKey, providers: Providers, options: VaultOptions) -> Self {
+    /// A vault over `store`, whose root key has already been unlocked ([`unlock_root_key`]).
+    pub fn new(
+        store: Store,
+        root: UnlockedRoot,
+        providers: Providers,
+        options: VaultOptions,
+    ) -> Self {
         Self {
-            keyring: Keyring::new(root),
+            keyring: Keyring::new(root.root),
+            key_check: root.key_check,
             providers,
             options,
             creations: std::sync::Mutex::new(HashMap::new()),
@@ -481,10 +420,8 @@ impl Vault {
                 .keyring
                 .root()
                 .unwrap_legacy_agent_key(&agent, version, &wrapped)
-                .map_err(|_| {
-                    anyhow::anyhow!("the agent key of {agent} does not open under the root key")
-                })?;
-            let rewrapped = self.keyring.root().wrap_agent_key(issuer, &agent, &key);
+                .map_err(|err| anyhow::anyhow!("the agent key of {agent}: {err}"))?;
+            let rewrapped = self.keyring.root().wrap_agent_key(issuer, &agent, &key)?;
             if self
                 .store
                 .keys
@@ -590,13 +527,20 @@ impl Vault {
             Some(record) => record,
             None if create => {
                 self.admit_new_agent(issuer)?;
-                let (version, wrapped) = self.keyring.new_agent_key(issuer, agent);
+                let (version, wrapped) = self
+                    .keyring
+                    .new_agent_key(issuer, agent)
+                    .map_err(|err| self.root_failed(agent, err))?;
                 // A concurrent creator may win; then its key is the agent's key.
-                let record = self
+                let record = match self
                     .store
                     .keys
-                    .create_agent(issuer, agent, &wrapped, version)
-                    .await?;
+                    .create_agent(issuer, agent, &wrapped, version, &self.key_check)
+                    .await
+                {
+                    Err(StoreError::RootKeyChanged) => return Err(self.root_moved().await),
+                    other => other?,
+                };
                 if record.wrapped_key == wrapped {
                     // This call made the agent's key: the first record of its chain says so.
                     let created = AuditRecord {
@@ -611,16 +555,66 @@ impl Vault {
             }
             None => return Ok(None),
         };
-        let (version, wrapped) = (record.key_version, record.wrapped_key.clone());
-        let entry = self
-            .keyring
-            .unlock(issuer, agent, version, &wrapped, record)
-            .map_err(|_| {
-                VaultError::Unexpected(anyhow::anyhow!(
+        let version = record.key_version;
+        let wrapped = record.wrapped_key.clone();
+        let next = record.next_wrapped_key.clone();
+        let wraps: Vec<&[u8]> = std::iter::once(wrapped.as_slice())
+            .chain(next.as_deref())
+            .collect();
+        match self.keyring.unlock(issuer, agent, version, &wraps, record) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(RootError::DoesNotOpen) if self.root_is_current().await? => {
+                Err(VaultError::Unexpected(anyhow::anyhow!(
                     "the agent key of {agent} does not open under the root key"
-                ))
-            })?;
-        Ok(Some(entry))
+                )))
+            }
+            Err(RootError::DoesNotOpen) => Err(self.root_moved().await),
+            Err(err) => Err(self.root_failed(agent, err)),
+        }
+    }
+
+    /// Whether this process's root is still the vault's current root (no rotation moved the
+    /// vault off it, and none is moving the vault onto it).
+    async fn root_is_current(&self) -> Result<bool, VaultError> {
+        Ok(self
+            .store
+            .keys
+            .root_key()
+            .await?
+            .is_some_and(|record| record.key_check == self.key_check))
+    }
+
+    /// The answer when this process's root key is not the vault's current one: a rotation
+    /// finished while it ran (it must restart with the new root), or a rotation to its root is
+    /// still re-wrapping agents. Another replica may serve the call.
+    async fn root_moved(&self) -> VaultError {
+        let pending = match self.store.keys.root_key().await {
+            Ok(Some(record)) => record
+                .next
+                .is_some_and(|next| next.key_check == self.key_check),
+            _ => false,
+        };
+        if pending {
+            tracing::warn!(
+                "an agent's key is not yet wrapped under this replica's root key (a rotation to it is in progress); refused the call"
+            );
+            VaultError::KeyUnavailable(
+                "a root key rotation is in progress and this agent's key is not yet available on this replica; retry".into(),
+            )
+        } else {
+            tracing::error!(
+                "the vault's root key was rotated while this replica ran: it can serve only agents it has already unlocked; restart it with the new root key"
+            );
+            VaultError::KeyUnavailable(
+                "this replica's root key was rotated away; retry (another replica will serve the call)".into(),
+            )
+        }
+    }
+
+    /// The root key's device failed.
+    fn root_failed(&self, agent: &AgentId, err: RootError) -> VaultError {
+        tracing::error!(%agent, error = %err, "the root key failed to wrap or unwrap an agent key");
+        VaultError::KeyUnavailable("the vault's root key is unavailable; retry".into())
     }
 
     /// Upserts the caller's token set for `tool`. `ttl_seconds` of `None` means the default;

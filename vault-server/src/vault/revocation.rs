@@ -35,6 +35,26 @@ pub const DELIVERED: &str = "revocation.delivered";
 /// it to.
 pub const ABANDONED: &str = "revocation.abandoned";
 
+/// Why one delivery attempt did not get through.
+enum Undelivered {
+    /// The provider failed or refused it.
+    Failed(String),
+    /// The vault's own guard for the provider did not send it (breaker open, or calls in flight
+    /// at the cap): nothing is known about this revocation, so it is not counted as a failure.
+    Paused {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Undelivered {
+    fn message(&self) -> &str {
+        match self {
+            Self::Failed(message) | Self::Paused { message, .. } => message,
+        }
+    }
+}
+
 /// What one delivery attempt achieved.
 enum Delivery {
     /// The provider confirmed the revocation of every token.
@@ -120,7 +140,8 @@ impl Vault {
                     .await
                     .map(|()| false)
             }
-            Err(message) => {
+            Err(undelivered) => {
+                let message = undelivered.message();
                 if abandoned {
                     tracing::error!(tool = %item.tool, attempts = item.attempts, %message, "giving up on a provider revocation past its maximum age");
                     self.store
@@ -129,10 +150,17 @@ impl Vault {
                         .await
                         .map(|()| false)
                 } else {
+                    // A pause is waited out, as the guard says, without lengthening the backoff.
+                    let (wait, counted) = match undelivered {
+                        Undelivered::Failed(_) => (outbox_backoff(item.attempts), true),
+                        Undelivered::Paused { retry_after, .. } => {
+                            (retry_after.unwrap_or(outbox_backoff(0)), false)
+                        }
+                    };
                     tracing::warn!(tool = %item.tool, attempts = item.attempts, %message, "provider revocation failed; will retry");
                     self.store
                         .outbox
-                        .retry_outbox(record, item.id, outbox_backoff(item.attempts), message)
+                        .retry_outbox(record, item.id, wait, message, counted)
                         .await
                         .map(|()| false)
                 }
@@ -159,7 +187,11 @@ impl Vault {
         })
     }
 
-    async fn deliver(&self, entry: &AgentEntry, item: &OutboxEntry) -> Result<Delivery, String> {
+    async fn deliver(
+        &self,
+        entry: &AgentEntry,
+        item: &OutboxEntry,
+    ) -> Result<Delivery, Undelivered> {
         let Some(provider) = self.providers.get(&item.tool) else {
             return Ok(Delivery::NotApplicable);
         };
@@ -172,8 +204,9 @@ impl Vault {
             tool: &item.tool,
             generation: item.generation,
         };
-        let tokens = open_credential(&entry.key, binding, &item.sealed)
-            .map_err(|_| "the queued credential does not open for its binding".to_string())?;
+        let tokens = open_credential(&entry.key, binding, &item.sealed).map_err(|_| {
+            Undelivered::Failed("the queued credential does not open for its binding".into())
+        })?;
         // Its tokens belong to the authorization server (and client) the credential was stored
         // for; each call checks that against where it would send them, and sends nothing
         // elsewhere.
@@ -186,7 +219,14 @@ impl Vault {
                     tracing::warn!(tool = %item.tool, "the tool's provider changed since the credential was stored; not revoking there");
                     Ok(false)
                 }
-                Err(e) => Err(e.to_string()),
+                Err(ProviderError::Paused {
+                    message,
+                    retry_after,
+                }) => Err(Undelivered::Paused {
+                    message,
+                    retry_after,
+                }),
+                Err(e) => Err(Undelivered::Failed(e.to_string())),
             }
         };
         // The refresh token first: RFC 7009 lets the server revoke the whole grant with it.

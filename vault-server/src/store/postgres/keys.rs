@@ -4,26 +4,40 @@ use sqlx::Executor as _;
 
 use super::{PgStore, agent_lock_key, e, namespace_for, quoted};
 use crate::ids::{AgentId, IssuerId};
-use crate::store::rows::{AgentRow, LegacyAgentRow, RootKeyRow};
-use crate::store::{AgentRecord, KeyStore, RootKeyRecord, StoreError};
+use crate::store::rows::{AgentRow, LegacyAgentRow, RootKeyRow, all, root_key_columns};
+use crate::store::{AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, StoreError};
 
 /// The registry columns as [`AgentRow`] names them.
-pub(super) const AGENT_COLUMNS: &str =
-    "issuer, agent_id, schema_name AS namespace, wrapped_key, key_version::int8 AS key_version";
+pub(super) const AGENT_COLUMNS: &str = "issuer, agent_id, schema_name AS namespace, wrapped_key, \
+     key_version::int8 AS key_version, next_wrapped_key";
+
+/// Most agents [`KeyStore::finish_root_rotation`] names as missing at once.
+const MISSING_PAGE: i64 = 1000;
+
+/// The SQLSTATE `vault.create_agent` raises when the caller's root key is not the current one.
+const ROOT_KEY_CHANGED: &str = "55000";
+
+/// Reads the root key record through `conn`.
+async fn root_key_on(
+    conn: &mut sqlx::PgConnection,
+    lock: &str,
+) -> Result<Option<RootKeyRecord>, StoreError> {
+    let row: Option<RootKeyRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM vault.root_key WHERE id = 1 {lock}",
+        root_key_columns("::int8")
+    ))
+    .fetch_optional(conn)
+    .await
+    .map_err(e)?;
+    row.map(RootKeyRecord::try_from).transpose()
+}
 
 #[async_trait::async_trait]
 impl KeyStore for PgStore {
     #[tracing::instrument(skip_all)]
     async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError> {
-        let row: Option<RootKeyRow> = sqlx::query_as(
-            "SELECT key_check, kdf_salt, kdf_m_cost::int8 AS kdf_m_cost,
-                    kdf_t_cost::int8 AS kdf_t_cost, kdf_p_cost::int8 AS kdf_p_cost
-             FROM vault.root_key WHERE id = 1",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(e)?;
-        row.map(RootKeyRecord::try_from).transpose()
+        let mut conn = self.pool.acquire().await.map_err(e)?;
+        root_key_on(&mut conn, "").await
     }
 
     #[tracing::instrument(skip_all)]
@@ -33,14 +47,16 @@ impl KeyStore for PgStore {
             None => (None, None),
         };
         sqlx::query(
-            "INSERT INTO vault.root_key (id, key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost)
-             VALUES (1, $1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO vault.root_key
+                 (id, key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost, wrapped_control_key)
+             VALUES (1, $1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&record.key_check)
         .bind(salt)
         .bind(params.map(|p| p.m_cost as i32))
         .bind(params.map(|p| p.t_cost as i32))
         .bind(params.map(|p| p.p_cost as i32))
+        .bind(&record.wrapped_control_key)
         .execute(&self.pool)
         .await
         .map_err(e)?;
@@ -71,23 +87,31 @@ impl KeyStore for PgStore {
         agent: &AgentId,
         wrapped_key: &[u8],
         key_version: u32,
+        key_check: &[u8],
     ) -> Result<AgentRecord, StoreError> {
+        let fenced = |err: sqlx::Error| match &err {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(ROOT_KEY_CHANGED) => {
+                StoreError::RootKeyChanged
+            }
+            _ => e(err),
+        };
         if self.agent_roles {
             // The serving role has no DDL right: the owner's SECURITY DEFINER function creates
             // the schema and its role, or returns the agent a concurrent call created.
             let row: AgentRow = sqlx::query_as(
                 "SELECT out_issuer AS issuer, out_agent_id AS agent_id,
                         out_schema_name AS namespace, out_wrapped_key AS wrapped_key,
-                        out_key_version::int8 AS key_version
-                 FROM vault.create_agent($1, $2, $3, $4)",
+                        out_key_version::int8 AS key_version, NULL::bytea AS next_wrapped_key
+                 FROM vault.create_agent($1, $2, $3, $4, $5)",
             )
             .bind(issuer.as_str())
             .bind(agent.as_str())
             .bind(wrapped_key)
             .bind(key_version as i32)
+            .bind(key_check)
             .fetch_one(&self.pool)
             .await
-            .map_err(e)?;
+            .map_err(fenced)?;
             let record = AgentRecord::try_from(row)?;
             tracing::info!(schema = %record.namespace, "agent registered");
             return Ok(record);
@@ -111,6 +135,18 @@ impl KeyStore for PgStore {
             tx.commit().await.map_err(e)?;
             return AgentRecord::try_from(row);
         }
+        // As vault.create_agent does: only under the current root, which stays current until
+        // this commits (a rotation's switch locks the row FOR UPDATE).
+        let current: Option<i16> = sqlx::query_scalar(
+            "SELECT id FROM vault.root_key WHERE id = 1 AND key_check = $1 FOR SHARE",
+        )
+        .bind(key_check)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if current.is_none() {
+            return Err(StoreError::RootKeyChanged);
+        }
         let namespace = namespace_for(issuer, agent);
         let create = format!("CREATE SCHEMA {}", quoted(&namespace)?);
         tx.execute(sqlx::raw_sql(&create)).await.map_err(e)?;
@@ -132,6 +168,155 @@ impl KeyStore for PgStore {
         tx.commit().await.map_err(e)?;
         tracing::info!(schema = %namespace, "created agent schema");
         AgentRecord::try_from(row)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn begin_root_rotation(&self, next: &NextRoot) -> Result<RootKeyRecord, StoreError> {
+        let (salt, params) = match &next.kdf {
+            Some((salt, p)) => (Some(salt.clone()), Some(*p)),
+            None => (None, None),
+        };
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        sqlx::query(
+            "UPDATE vault.root_key SET next_key_check = $1, next_kdf_salt = $2,
+                 next_kdf_m_cost = $3, next_kdf_t_cost = $4, next_kdf_p_cost = $5,
+                 next_wrapped_control_key = $6
+             WHERE id = 1 AND next_key_check IS NULL",
+        )
+        .bind(&next.key_check)
+        .bind(salt)
+        .bind(params.map(|p| p.m_cost as i32))
+        .bind(params.map(|p| p.t_cost as i32))
+        .bind(params.map(|p| p.p_cost as i32))
+        .bind(&next.wrapped_control_key)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        let record = root_key_on(&mut tx, "")
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))?;
+        tx.commit().await.map_err(e)?;
+        Ok(record)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn abort_root_rotation(&self) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        let done = sqlx::query(
+            "UPDATE vault.root_key SET next_key_check = NULL, next_kdf_salt = NULL,
+                 next_kdf_m_cost = NULL, next_kdf_t_cost = NULL, next_kdf_p_cost = NULL,
+                 next_wrapped_control_key = NULL
+             WHERE id = 1 AND next_key_check IS NOT NULL",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        sqlx::query(
+            "UPDATE vault.agents SET next_wrapped_key = NULL WHERE next_wrapped_key IS NOT NULL",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn agents_to_rewrap(&self, limit: u32) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents
+             WHERE next_wrapped_key IS NULL ORDER BY schema_name LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        all(rows)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_next_wrap(
+        &self,
+        record: &AgentRecord,
+        next_wrapped_key: &[u8],
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE vault.agents SET next_wrapped_key = $1
+             WHERE schema_name = $2 AND wrapped_key = $3 AND key_version = $4
+               AND EXISTS (SELECT 1 FROM vault.root_key WHERE id = 1 AND next_key_check IS NOT NULL)",
+        )
+        .bind(next_wrapped_key)
+        .bind(&record.namespace)
+        .bind(&record.wrapped_key)
+        .bind(record.key_version as i32)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn rewrap_progress(&self) -> Result<(u64, u64), StoreError> {
+        let (done, total): (i64, i64) =
+            sqlx::query_as("SELECT count(next_wrapped_key), count(*) FROM vault.agents")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        Ok((done.max(0) as u64, total.max(0) as u64))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn finish_root_rotation(&self) -> Result<RotationSwitch, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // Registration holds the root key row FOR SHARE until it commits: from here on none
+        // starts, and every one that did is visible below.
+        let Some(record) = root_key_on(&mut tx, "FOR UPDATE").await? else {
+            return Err(StoreError::Corrupt(
+                "the vault has no root key record".into(),
+            ));
+        };
+        let Some(next) = record.next else {
+            return Ok(RotationSwitch::NotPending);
+        };
+        let missing: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM vault.agents
+             WHERE next_wrapped_key IS NULL ORDER BY schema_name LIMIT $1"
+        ))
+        .bind(MISSING_PAGE)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(e)?;
+        if !missing.is_empty() {
+            return Ok(RotationSwitch::Missing(all(missing)?));
+        }
+        let moved = sqlx::query(
+            "UPDATE vault.agents SET wrapped_key = next_wrapped_key, next_wrapped_key = NULL",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?
+        .rows_affected();
+        let (salt, params) = match next.kdf {
+            Some((salt, p)) => (Some(salt), Some(p)),
+            None => (None, None),
+        };
+        sqlx::query(
+            "UPDATE vault.root_key SET key_check = next_key_check, kdf_salt = $1,
+                 kdf_m_cost = $2, kdf_t_cost = $3, kdf_p_cost = $4,
+                 wrapped_control_key = next_wrapped_control_key,
+                 next_key_check = NULL, next_kdf_salt = NULL, next_kdf_m_cost = NULL,
+                 next_kdf_t_cost = NULL, next_kdf_p_cost = NULL, next_wrapped_control_key = NULL
+             WHERE id = 1",
+        )
+        .bind(salt)
+        .bind(params.map(|p| p.m_cost as i32))
+        .bind(params.map(|p| p.t_cost as i32))
+        .bind(params.map(|p| p.p_cost as i32))
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(RotationSwitch::Done { agents: moved })
     }
 
     #[tracing::instrument(skip_all)]

@@ -121,18 +121,21 @@ impl OutboxStore for PgStore {
         id: i64,
         wait: Duration,
         error: &str,
+        counted: bool,
     ) -> Result<(), StoreError> {
         let schema = quoted(&agent.namespace)?;
         let mut tx = self.agent_tx(&agent.namespace).await?;
         sqlx::query(&format!(
             "UPDATE {schema}.revocation_outbox
-             SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $3),
+             SET attempts = attempts + CASE WHEN $4 THEN 1 ELSE 0 END,
+                 next_attempt_at = now() + make_interval(secs => $3),
                  lease_owner = NULL, lease_until = NULL, last_error = $2
              WHERE id = $1"
         ))
         .bind(id)
         .bind(error)
         .bind(wait.as_secs_f64())
+        .bind(counted)
         .execute(&mut *tx)
         .await
         .map_err(e)?;

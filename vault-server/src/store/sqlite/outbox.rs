@@ -115,9 +115,10 @@ impl OutboxStore for SqliteStore {
         id: i64,
         wait: Duration,
         error: &str,
+        counted: bool,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE revocation_outbox SET attempts = attempts + 1, next_attempt_at = ?3,
+            "UPDATE revocation_outbox SET attempts = attempts + ?5, next_attempt_at = ?3,
                  lease_owner = NULL, lease_until = NULL, last_error = ?4
              WHERE namespace = ?1 AND id = ?2",
         )
@@ -125,6 +126,7 @@ impl OutboxStore for SqliteStore {
         .bind(id)
         .bind(now_ms().saturating_add(ms(wait)))
         .bind(error)
+        .bind(i64::from(counted))
         .execute(&self.pool)
         .await
         .map_err(e)?;

@@ -1,0 +1,590 @@
+//! Key lifecycle (issue 17): `rotate-root` online under load on two replicas, killed halfway and
+//! run again, and on the embedded store.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::helpers::{
+    Issuer, OTHER_ROOT_KEY, ROOT_KEY, TestDb, access_token, binary, eventually, spawn_with, store,
+    try_spawn,
+};
+
+/// Writes `key` (base64, as `keygen` writes it) to a file in `dir`.
+fn key_file(dir: &tempfile::TempDir, key: &str) -> String {
+    let path = dir.path().join("new-root.key");
+    std::fs::write(&path, format!("{key}\n")).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Runs `vault-server rotate-root ARGS` on `db_url` with the current root `root`; returns
+/// (success, stdout, stderr).
+fn rotate_root(db_url: &str, root: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary())
+        .arg("rotate-root")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("VAULT_DATABASE_URL", db_url)
+        .env("VAULT_ROOT_KEY", root)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn agent_name(n: usize) -> String {
+    format!("agent-{n:02}")
+}
+
+/// Stores one credential for each of `agents` agents through `app`, access token `v0-<agent>`.
+async fn seed(app: &crate::helpers::TestApp, issuer: &Issuer, agents: usize) {
+    for n in 0..agents {
+        let name = agent_name(n);
+        let vault = app.client(issuer, &name, "user-1").await;
+        store(&vault, "jira", &format!("v0-{name}")).await;
+    }
+}
+
+/// Every agent's credential opens on a fresh server with `root`, holding the access token the
+/// last acknowledged write stored (`latest[n]`, or `v0-<agent>`).
+async fn all_open(db: &TestDb, issuer: &Issuer, root: &str, latest: &[String]) {
+    let app = spawn_with(db, issuer, &[("VAULT_ROOT_KEY", root)]).await;
+    for (n, expected) in latest.iter().enumerate() {
+        let vault = app.client(issuer, &agent_name(n), "user-1").await;
+        assert_eq!(&access_token(&vault, "jira").await, expected, "agent {n}");
+    }
+    app.stop().await;
+}
+
+/// A server started with `root` is refused with the key-check line.
+async fn refused_with(db: &TestDb, issuer: &Issuer, root: &str) {
+    let err = try_spawn(db, issuer, &[("VAULT_ROOT_KEY", root)])
+        .await
+        .err()
+        .expect("a server on the old root key is refused");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("key check failed") && err.contains("rotate-root"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_is_refused() {
+    const AGENTS: usize = 24;
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let a = spawn_with(&db, &issuer, &[]).await;
+    let b = spawn_with(&db, &issuer, &[]).await;
+    seed(&a, &issuer, AGENTS).await;
+
+    // Load: every agent, alternately on each replica, writes a new access token and reads it
+    // back, until told to stop. Every call must succeed; the last acknowledged write per agent
+    // is what must open afterwards.
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let mut load = tokio::task::JoinSet::new();
+    for n in 0..AGENTS {
+        let name = agent_name(n);
+        let replicas = [
+            a.client(&issuer, &name, "user-1").await,
+            b.client(&issuer, &name, "user-1").await,
+        ];
+        let (stop, calls) = (Arc::clone(&stop), Arc::clone(&calls));
+        load.spawn(async move {
+            let mut latest = format!("v0-{name}");
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let vault = &replicas[(round % 2) as usize];
+                let access = format!("v{round}-{name}");
+                vault
+                    .store_token(
+                        "jira",
+                        crate::helpers::oauth_token(&access, "rt", 3600),
+                        None,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("StoreToken of {name} failed: {e}"));
+                latest = access;
+                let read = replicas[((round + 1) % 2) as usize]
+                    .get_token("jira", Duration::ZERO)
+                    .await
+                    .unwrap_or_else(|e| panic!("GetToken of {name} failed: {e}"));
+                assert_eq!(read.access_token, latest);
+                calls.fetch_add(2, Ordering::Relaxed);
+            }
+            (n, latest)
+        });
+    }
+    eventually("the load is running", || {
+        let calls = Arc::clone(&calls);
+        async move { calls.load(Ordering::Relaxed) >= 2 * AGENTS as u64 }
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let new_key = key_file(&dir, OTHER_ROOT_KEY);
+    let url = db.url.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        rotate_root(
+            &url,
+            ROOT_KEY,
+            &["--new-key-file", &new_key, "--batch", "5"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "rotate-root failed: {out}\n{err}");
+    assert!(out.contains("re-wrapped 5/"), "plain progress lines: {out}");
+    assert!(out.contains("now the vault's root (24 agent keys"), "{out}");
+    // The replicas, still on the old root, go on serving the agents they hold after the switch.
+    let after = calls.load(Ordering::Relaxed);
+    eventually("the load goes on after the switch", || {
+        let calls = Arc::clone(&calls);
+        async move { calls.load(Ordering::Relaxed) >= after + 2 * AGENTS as u64 }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latest = vec![String::new(); AGENTS];
+    while let Some(done) = load.join_next().await {
+        let (n, access) = done.expect("no call failed during the rotation");
+        latest[n] = access;
+    }
+    a.stop().await;
+    b.stop().await;
+
+    all_open(&db, &issuer, OTHER_ROOT_KEY, &latest).await;
+    refused_with(&db, &issuer, ROOT_KEY).await;
+    // Run again with the same keys: nothing left to do, and it says so.
+    let url = db.url.clone();
+    let new_key = key_file(&dir, OTHER_ROOT_KEY);
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        rotate_root(&url, ROOT_KEY, &["--new-key-file", &new_key])
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("already complete"), "{out}\n{err}");
+}
+
+#[tokio::test]
+async fn rotate_root_killed_halfway_is_finished_by_running_it_again() {
+    const AGENTS: usize = 12;
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[]).await;
+    seed(&app, &issuer, AGENTS).await;
+    app.stop().await;
+
+    // Hold one agent's registry row in the middle of the order, so the run stops there with
+    // the agents before it re-wrapped; then kill it.
+    let mut holder = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    let middle: String = sqlx::query_scalar(
+        "SELECT schema_name FROM vault.agents ORDER BY schema_name OFFSET 6 LIMIT 1",
+    )
+    .fetch_one(&mut holder)
+    .await
+    .unwrap();
+    sqlx::query("SELECT 1 FROM vault.agents WHERE schema_name = $1 FOR UPDATE")
+        .bind(&middle)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let new_key = key_file(&dir, OTHER_ROOT_KEY);
+    let mut child = Command::new(binary())
+        .args(["rotate-root", "--new-key-file", &new_key, "--batch", "1"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("VAULT_DATABASE_URL", &db.url)
+        .env("VAULT_ROOT_KEY", ROOT_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let shared = Arc::new(tokio::sync::Mutex::new(db.connect().await));
+    eventually("rotate-root waits on the held agent", || {
+        let shared = Arc::clone(&shared);
+        async move {
+            let mut probe = shared.lock().await;
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE vault.agents SET next_wrapped_key%'",
+            )
+            .fetch_one(&mut *probe)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
+    let mut probe = shared.lock().await;
+    let (done, total): (i64, i64) =
+        sqlx::query_as("SELECT count(next_wrapped_key), count(*) FROM vault.agents")
+            .fetch_one(&mut *probe)
+            .await
+            .unwrap();
+    assert_eq!((done, total), (6, AGENTS as i64), "halfway");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let printed = lines.join().unwrap();
+    assert_eq!(
+        printed.last().map(String::as_str),
+        Some("re-wrapped 6/12 agent keys")
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+    // Killed before the switch: the old root still opens everything, and is still the root.
+    let seeded: Vec<String> = (0..AGENTS)
+        .map(|n| format!("v0-{}", agent_name(n)))
+        .collect();
+    all_open(&db, &issuer, ROOT_KEY, &seeded).await;
+    let url = db.url.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        rotate_root(
+            &url,
+            ROOT_KEY,
+            &["--new-key-file", &new_key, "--batch", "4"],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "the re-run failed: {out}\n{err}");
+    assert!(out.contains("now the vault's root (12 agent keys"), "{out}");
+    all_open(&db, &issuer, OTHER_ROOT_KEY, &seeded).await;
+    refused_with(&db, &issuer, ROOT_KEY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_root_moves_the_embedded_store_to_a_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("vault.db").display());
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let on_sqlite = [("VAULT_DATABASE_URL", url.as_str())];
+    let app = spawn_with(&db, &issuer, &on_sqlite).await;
+    let vault = app.client(&issuer, "agent-a", "user-1").await;
+    store(&vault, "jira", "before-rotation").await;
+
+    // Online: the server keeps serving on the old root while the file is rotated under it
+    // (on a blocking thread, so the server in this runtime goes on running meanwhile).
+    let rotating = url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(binary())
+            .args(["rotate-root", "--new-passphrase-env", "NEW_ROOT_PASSPHRASE"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("VAULT_DATABASE_URL", &rotating)
+            .env("VAULT_ROOT_KEY", ROOT_KEY)
+            .env("NEW_ROOT_PASSPHRASE", "correct horse battery staple")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(out.contains("now the vault's root (1 agent keys"), "{out}");
+    store(&vault, "jira", "during-rotation").await;
+    assert_eq!(access_token(&vault, "jira").await, "during-rotation");
+    app.stop().await;
+
+    let passphrase = [
+        ("VAULT_DATABASE_URL", url.as_str()),
+        ("VAULT_ROOT_KEY", ""),
+        ("VAULT_ROOT_PASSPHRASE", "correct horse battery staple"),
+    ];
+    let app = spawn_with(&db, &issuer, &passphrase).await;
+    let vault = app.client(&issuer, "agent-a", "user-1").await;
+    assert_eq!(access_token(&vault, "jira").await, "during-rotation");
+    // A new agent is registered under the new root.
+    let newcomer = app.client(&issuer, "agent-b", "user-1").await;
+    store(&newcomer, "jira", "new-agent").await;
+    app.stop().await;
+    let err = try_spawn(&db, &issuer, &on_sqlite)
+        .await
+        .err()
+        .expect("the old root key is refused");
+    assert!(
+        format!("{err:#}").contains("root key is a passphrase"),
+        "{err:#}"
+    );
+}
+
+/// A SoftHSM2 token of the test's own: its directory, its configuration file, and the
+/// environment a process needs to reach it.
+struct Token {
+    _dir: tempfile::TempDir,
+    conf: String,
+    pin_file: String,
+}
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN: &str = "vault-test";
+const PIN: &str = "user-pin-5678";
+
+impl Token {
+    fn new() -> Self {
+        assert!(
+            std::path::Path::new(SOFTHSM).exists(),
+            "SoftHSM2 is not installed ({SOFTHSM}); `apt-get install softhsm2` (.ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", TOKEN])
+            .args(["--so-pin", "1234", "--pin", PIN])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("softhsm2-util runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        Self {
+            conf: conf.to_str().unwrap().to_owned(),
+            pin_file: pin_file.to_str().unwrap().to_owned(),
+            _dir: dir,
+        }
+    }
+
+    /// The settings of a root key labelled `key` in this token, the PIN given as `pin`.
+    fn root<'a>(&'a self, key: &'a str, pin: &'a str) -> Vec<(&'a str, &'a str)> {
+        vec![
+            ("SOFTHSM2_CONF", self.conf.as_str()),
+            ("VAULT_ROOT_PKCS11_MODULE", SOFTHSM),
+            ("VAULT_ROOT_PKCS11_TOKEN_LABEL", TOKEN),
+            ("VAULT_ROOT_PKCS11_KEY_LABEL", key),
+            ("VAULT_ROOT_PKCS11_PIN", pin),
+        ]
+    }
+}
+
+/// `settings_pairs` for a server process whose root is `root`: the test key's setting left out.
+fn process_pairs<'a>(
+    db: &'a TestDb,
+    issuer: &'a Issuer,
+    root: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    crate::helpers::settings_pairs(db, issuer, root)
+        .into_iter()
+        .filter(|(name, _)| *name != "VAULT_ROOT_KEY")
+        .collect()
+}
+
+/// Runs the binary with `args` and exactly `pairs` (plus PATH), on a blocking thread so that
+/// servers in this runtime go on serving; (success, stdout, stderr).
+async fn run(args: &[&str], pairs: &[(&str, &str)]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(binary())
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(pairs)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs a server process with `pairs`, calls `work` against it, stops it, and returns how many
+/// calls it sent to the root key's token (`vault.root_key.device_calls`, flushed at SIGTERM).
+async fn hsm_calls<F, Fut>(pairs: &[(&str, &str)], work: F) -> i64
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (collector, otlp) = crate::telemetry::Collector::start().await;
+    let mut pairs = pairs.to_vec();
+    pairs.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()));
+    let server = crate::helpers::start_binary(&pairs).await;
+    work(server.endpoint()).await;
+    assert!(server.terminate().await.success());
+    let calls = collector.counter("vault.root_key.device_calls", "none");
+    calls.values().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_key_in_softhsm_serves_across_restarts_and_the_hot_path_never_calls_it() {
+    let token = Token::new();
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let root = token.root("vault-root", PIN);
+
+    let (ok, out, err) = run(&["keygen", "--pkcs11"], &root).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("created the root key \"vault-root\" in token \"vault-test\""),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["keygen", "--pkcs11"], &root).await;
+    assert!(
+        !ok && err.contains("VAULT_ROOT_PKCS11_KEY_LABEL") && err.contains("exists already"),
+        "{err}"
+    );
+
+    let pairs = process_pairs(&db, &issuer, &root);
+    let jwt = issuer.token("agent-a", "alice");
+    // First start: registers the vault and the agent under the token's key, stores.
+    let first = hsm_calls(&pairs, |endpoint| async {
+        let vault = crate::helpers::client_at(endpoint, &jwt).await;
+        store(&vault, "jira", "in-the-hsm").await;
+    })
+    .await;
+    assert!(
+        first >= 3,
+        "key check, control key and agent key went to the token: {first}"
+    );
+
+    // Restart, read once: the warm-up.
+    let warm = hsm_calls(&pairs, |endpoint| async {
+        let vault = crate::helpers::client_at(endpoint, &jwt).await;
+        assert_eq!(access_token(&vault, "jira").await, "in-the-hsm");
+    })
+    .await;
+    // Restart, the same warm-up, then the hot path: reads and writes of the agent.
+    let hot = hsm_calls(&pairs, |endpoint| async {
+        let vault = crate::helpers::client_at(endpoint, &jwt).await;
+        assert_eq!(access_token(&vault, "jira").await, "in-the-hsm");
+        for round in 0..100 {
+            if round % 10 == 0 {
+                store(&vault, "jira", &format!("round-{round}")).await;
+            }
+            vault.get_token("jira", Duration::ZERO).await.unwrap();
+        }
+    })
+    .await;
+    assert!(warm >= 2, "{warm}");
+    assert_eq!(
+        hot, warm,
+        "the hot path sent nothing to the token after warm-up"
+    );
+
+    // A wrong PIN, or a key the token does not hold, stops startup with one clear line.
+    let wrong_pin = process_pairs(&db, &issuer, &token.root("vault-root", "not-the-pin"));
+    let (ok, err) = crate::helpers::run_binary_to_exit(&["serve"], &wrong_pin);
+    assert!(
+        !ok && err.contains("VAULT_ROOT_PKCS11_PIN: the token refused the PIN"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-pin"), "{err}");
+    let missing = process_pairs(&db, &issuer, &token.root("no-such-key", PIN));
+    let (ok, err) = crate::helpers::run_binary_to_exit(&["serve"], &missing);
+    assert!(
+        !ok && err.contains("VAULT_ROOT_PKCS11_KEY_LABEL: no AES key labelled \"no-such-key\" in token \"vault-test\""),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_root_moves_from_a_key_file_to_softhsm_and_back() {
+    let token = Token::new();
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let hsm = token.root("vault-root", PIN);
+    let (ok, out, err) = run(&["keygen", "--pkcs11"], &hsm).await;
+    assert!(ok, "{out}\n{err}");
+
+    // On a key file.
+    let app = spawn_with(&db, &issuer, &[]).await;
+    let vault = app.client(&issuer, "agent-a", "user-1").await;
+    store(&vault, "jira", "on-a-key-file").await;
+    let other = app.client(&issuer, "agent-b", "user-1").await;
+    store(&other, "jira", "agent-b-token").await;
+
+    // Into the token, while the server on the file keeps serving.
+    let (ok, out, err) = run(
+        &[
+            "rotate-root",
+            "--new-pkcs11-module",
+            SOFTHSM,
+            "--new-pkcs11-token",
+            TOKEN,
+            "--new-pkcs11-key",
+            "vault-root",
+            "--new-pkcs11-pin-file",
+            &token.pin_file,
+        ],
+        &[
+            ("SOFTHSM2_CONF", token.conf.as_str()),
+            ("VAULT_DATABASE_URL", db.url.as_str()),
+            ("VAULT_ROOT_KEY", ROOT_KEY),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("now the vault's root (2 agent keys"), "{out}");
+    store(&vault, "jira", "during-the-move").await;
+    app.stop().await;
+    refused_with(&db, &issuer, ROOT_KEY).await;
+
+    // This time the PIN comes from a file.
+    let mut pairs = process_pairs(&db, &issuer, &hsm);
+    pairs.retain(|(name, _)| *name != "VAULT_ROOT_PKCS11_PIN");
+    pairs.push(("VAULT_ROOT_PKCS11_PIN_FILE", token.pin_file.as_str()));
+    let server = crate::helpers::start_binary(&pairs).await;
+    let vault = server.client_with(&issuer.token("agent-a", "user-1")).await;
+    assert_eq!(access_token(&vault, "jira").await, "during-the-move");
+    store(&vault, "jira", "in-the-token").await;
+    drop(vault);
+    assert!(server.terminate().await.success());
+
+    // And back out to a key file, the current root named by VAULT_ROOT_PKCS11_*.
+    let dir = tempfile::tempdir().unwrap();
+    let back = key_file(&dir, OTHER_ROOT_KEY);
+    let mut rotate = vec![("VAULT_DATABASE_URL", db.url.as_str())];
+    rotate.extend_from_slice(&hsm);
+    let (ok, out, err) = run(&["rotate-root", "--new-key-file", &back], &rotate).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("now the vault's root (2 agent keys"), "{out}");
+
+    let app = spawn_with(&db, &issuer, &[("VAULT_ROOT_KEY", OTHER_ROOT_KEY)]).await;
+    let vault = app.client(&issuer, "agent-a", "user-1").await;
+    assert_eq!(access_token(&vault, "jira").await, "in-the-token");
+    let other = app.client(&issuer, "agent-b", "user-1").await;
+    assert_eq!(access_token(&other, "jira").await, "agent-b-token");
+    app.stop().await;
+}
