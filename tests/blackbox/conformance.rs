@@ -1369,7 +1369,21 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
         "{refused:?}"
     );
 
+    // As `rotate-root` records it before it begins (the switch below then goes unrecorded,
+    // as if the run were killed between the two).
+    store
+        .audit
+        .append(
+            vault_server::store::Chain::Control,
+            vec![vault_server::audit::event_without_user(
+                vault_server::vault::ROOT_ROTATION_STARTED,
+            )],
+        )
+        .await
+        .unwrap();
+
     // Two re-wrapped; the switch names the rest and changes nothing.
+    let kc = next.key_check.clone();
     let first = store.keys.agents_to_rewrap(2).await.unwrap();
     assert_eq!(first.len(), 2);
     for record in &first {
@@ -1380,14 +1394,36 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
         let wrapped = root(2)
             .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
             .unwrap();
-        assert!(store.keys.set_next_wrap(record, &wrapped).await.unwrap());
+        assert!(
+            store
+                .keys
+                .set_next_wrap(record, &wrapped, &kc)
+                .await
+                .unwrap()
+        );
     }
     assert_eq!(store.keys.rewrap_progress().await.unwrap(), (2, 5));
-    let missing = match store.keys.finish_root_rotation().await.unwrap() {
+    let missing = match store.keys.finish_root_rotation(&kc).await.unwrap() {
         RotationSwitch::Missing(missing) => missing,
         other => panic!("switched with agents missing: {other:?}"),
     };
     assert_eq!(missing.len(), 3);
+    // A wrap or a switch for another rotation than the one in progress is refused.
+    assert!(
+        !store
+            .keys
+            .set_next_wrap(&missing[0], b"wrap", &other.key_check)
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        store
+            .keys
+            .finish_root_rotation(&other.key_check)
+            .await
+            .unwrap(),
+        RotationSwitch::NotPending
+    ));
     assert_eq!(
         store.keys.root_key().await.unwrap().unwrap().key_check,
         current.key_check
@@ -1395,7 +1431,13 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
     // A wrap for a key that changed meanwhile is not recorded.
     let mut stale = missing[0].clone();
     stale.wrapped_key = b"another key".to_vec();
-    assert!(!store.keys.set_next_wrap(&stale, b"wrap").await.unwrap());
+    assert!(
+        !store
+            .keys
+            .set_next_wrap(&stale, b"wrap", &kc)
+            .await
+            .unwrap()
+    );
     for record in &missing {
         let index = ids
             .iter()
@@ -1404,16 +1446,41 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
         let wrapped = root(2)
             .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
             .unwrap();
-        assert!(store.keys.set_next_wrap(record, &wrapped).await.unwrap());
+        assert!(
+            store
+                .keys
+                .set_next_wrap(record, &wrapped, &kc)
+                .await
+                .unwrap()
+        );
     }
     assert!(matches!(
-        store.keys.finish_root_rotation().await.unwrap(),
+        store.keys.finish_root_rotation(&kc).await.unwrap(),
         RotationSwitch::Done { agents: 5 }
     ));
     assert!(matches!(
-        store.keys.finish_root_rotation().await.unwrap(),
+        store.keys.finish_root_rotation(&kc).await.unwrap(),
         RotationSwitch::NotPending
     ));
+    // A re-run that finds the switch made records it, once.
+    let control = vault_server::store::Chain::Control;
+    vault_server::vault::record_switch_if_missing(store)
+        .await
+        .unwrap();
+    let head = store.audit.head(control).await.unwrap();
+    let last = store
+        .audit
+        .records(control, head.sequence - 1, 1)
+        .await
+        .unwrap();
+    assert_eq!(last[0].record.action, vault_server::vault::ROOT_ROTATED);
+    vault_server::vault::record_switch_if_missing(store)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.audit.head(control).await.unwrap().sequence,
+        head.sequence
+    );
 
     // Every agent key now opens under the new root only, and is the same key.
     for (id, original) in ids.iter().zip(&keys) {
@@ -1455,15 +1522,32 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
         .unwrap();
 
     // Abandoned halfway: the next root and its wraps are forgotten.
-    store.keys.begin_root_rotation(&other).await.unwrap();
+    let other_kc = store
+        .keys
+        .begin_root_rotation(&other)
+        .await
+        .unwrap()
+        .next
+        .unwrap()
+        .key_check;
     let page = store.keys.agents_to_rewrap(1).await.unwrap();
-    assert!(store.keys.set_next_wrap(&page[0], b"wrap").await.unwrap());
+    assert!(
+        store
+            .keys
+            .set_next_wrap(&page[0], b"wrap", &other_kc)
+            .await
+            .unwrap()
+    );
     assert!(store.keys.abort_root_rotation().await.unwrap());
     assert!(!store.keys.abort_root_rotation().await.unwrap());
     assert!(store.keys.root_key().await.unwrap().unwrap().next.is_none());
     assert_eq!(store.keys.rewrap_progress().await.unwrap(), (0, 6));
     assert!(
-        !store.keys.set_next_wrap(&page[0], b"wrap").await.unwrap(),
+        !store
+            .keys
+            .set_next_wrap(&page[0], b"wrap", &other_kc)
+            .await
+            .unwrap(),
         "no wrap is recorded without a rotation in progress"
     );
 

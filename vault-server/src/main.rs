@@ -461,7 +461,10 @@ async fn rotate_root(next: NewRoot, batch: u32) -> anyhow::Result<()> {
     let current = match vault::unlock_root_key(&store, root_source).await {
         Ok(current) => current,
         // A re-run after the switch: the configured root was rotated away, to this new one.
-        Err(vault::UnlockError::WrongRootKey) if vault::rotated_to(&store, &next).await? => {
+        Err(vault::UnlockError::WrongRootKey | vault::UnlockError::WrongKind { .. })
+            if vault::rotated_to(&store, &next).await? =>
+        {
+            vault::record_switch_if_missing(&store).await?;
             println!("the rotation is already complete: the new key is the vault's root key");
             return Ok(());
         }

@@ -113,11 +113,13 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn agents_to_rewrap(&self, limit: u32) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Records `next_wrapped_key` as the agent's key wrapped by the next root, provided its
-    /// key is still the one `record` holds; false if it changed meanwhile.
+    /// key is still the one `record` holds and the rotation in progress is still the one to the
+    /// root whose stored key check is `next_key_check`; false otherwise.
     async fn set_next_wrap(
         &self,
         record: &AgentRecord,
         next_wrapped_key: &[u8],
+        next_key_check: &[u8],
     ) -> Result<bool, StoreError>;
 
     /// (re-wrapped, registered) agents of the rotation in progress.
@@ -126,8 +128,12 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The switch, in one transaction that holds off agent registration: if every agent has a
     /// wrap under the next root, makes those wraps, the next key check and the next control
     /// key wrap current and forgets the old ones; otherwise changes nothing and answers which
-    /// agents still need one.
-    async fn finish_root_rotation(&self) -> Result<RotationSwitch, StoreError>;
+    /// agents still need one. Only the rotation to the root whose stored key check is
+    /// `next_key_check` is switched; any other state answers [`RotationSwitch::NotPending`].
+    async fn finish_root_rotation(
+        &self,
+        next_key_check: &[u8],
+    ) -> Result<RotationSwitch, StoreError>;
 
     /// At most `limit` registered agents in namespace order, those after `after` (a namespace)
     /// when given: pages through every agent without loading them all at once, for work that

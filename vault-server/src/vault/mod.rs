@@ -21,7 +21,8 @@ pub use refresh::refresh_backoff;
 pub use revocation::outbox_backoff;
 pub use rotation::{
     ROOT_ROTATED, ROOT_ROTATION_ABORTED, ROOT_ROTATION_STARTED, RootRotation, RotationError,
-    RotationOutcome, RotationProgress, abort_rotation, root_from_passphrase, rotated_to,
+    RotationOutcome, RotationProgress, abort_rotation, record_switch_if_missing,
+    root_from_passphrase, rotated_to,
 };
 
 use chrono::{DateTime, Utc};
@@ -238,7 +239,9 @@ pub struct Vault {
     keyring: Keyring<AgentRecord>,
     /// The stored key check this process's root verified at startup: agents are registered
     /// only while it is the current one.
-    key_check: Vec<u8>,
+    /// The stored key check this process's root verified; refreshed when a rotation to the same
+    /// root stored a new one (each seal of the constant differs).
+    key_check: arc_swap::ArcSwap<Vec<u8>>,
     providers: Providers,
     options: VaultOptions,
     /// New-agent budget per issuer: every new agent is a schema, a role and a key, so a flood of
@@ -353,7 +356,7 @@ impl Vault {
     ) -> Self {
         Self {
             keyring: Keyring::new(root.root),
-            key_check: root.key_check,
+            key_check: arc_swap::ArcSwap::from_pointee(root.key_check),
             providers,
             options,
             creations: std::sync::Mutex::new(HashMap::new()),
@@ -532,12 +535,23 @@ impl Vault {
                     .new_agent_key(issuer, agent)
                     .map_err(|err| self.root_failed(agent, err))?;
                 // A concurrent creator may win; then its key is the agent's key.
-                let record = match self
+                let mut attempt = self
                     .store
                     .keys
-                    .create_agent(issuer, agent, &wrapped, version, &self.key_check)
-                    .await
+                    .create_agent(issuer, agent, &wrapped, version, &self.key_check.load())
+                    .await;
+                // The key check changed: if this root is still current (a rotation back to it
+                // stored a new check), the refreshed check lets the registration through.
+                if matches!(attempt, Err(StoreError::RootKeyChanged))
+                    && self.root_is_current().await?
                 {
+                    attempt = self
+                        .store
+                        .keys
+                        .create_agent(issuer, agent, &wrapped, version, &self.key_check.load())
+                        .await;
+                }
+                let record = match attempt {
                     Err(StoreError::RootKeyChanged) => return Err(self.root_moved().await),
                     other => other?,
                 };
@@ -576,12 +590,22 @@ impl Vault {
     /// Whether this process's root is still the vault's current root (no rotation moved the
     /// vault off it, and none is moving the vault onto it).
     async fn root_is_current(&self) -> Result<bool, VaultError> {
-        Ok(self
-            .store
-            .keys
-            .root_key()
-            .await?
-            .is_some_and(|record| record.key_check == self.key_check))
+        let Some(record) = self.store.keys.root_key().await? else {
+            return Ok(false);
+        };
+        if *record.key_check == **self.key_check.load() {
+            return Ok(true);
+        }
+        // Another seal of the check constant: is it this root's?
+        let current = self
+            .keyring
+            .root()
+            .verifies(&record.key_check)
+            .map_err(|err| VaultError::KeyUnavailable(err.to_string()))?;
+        if current {
+            self.key_check.store(std::sync::Arc::new(record.key_check));
+        }
+        Ok(current)
     }
 
     /// The answer when this process's root key is not the vault's current one: a rotation
@@ -591,7 +615,7 @@ impl Vault {
         let pending = match self.store.keys.root_key().await {
             Ok(Some(record)) => record
                 .next
-                .is_some_and(|next| next.key_check == self.key_check),
+                .is_some_and(|next| self.keyring.root().verifies(&next.key_check) == Ok(true)),
             _ => false,
         };
         if pending {

@@ -127,18 +127,18 @@ impl RootRotation {
                 legacy.len()
             )));
         }
-        self.begin().await?;
+        let pending = self.begin().await?;
         loop {
             let page = keys.agents_to_rewrap(self.batch).await?;
             if page.is_empty() {
                 break;
             }
-            self.rewrap(&page).await?;
+            self.rewrap(&page, &pending).await?;
             let (done, total) = keys.rewrap_progress().await?;
             progress(RotationProgress { done, total });
         }
         for _ in 0..SWITCH_ATTEMPTS {
-            match keys.finish_root_rotation().await? {
+            match keys.finish_root_rotation(&pending).await? {
                 RotationSwitch::Done { agents } => {
                     self.audit(ROOT_ROTATED, serde_json::json!({ "agents": agents }))
                         .await?;
@@ -149,8 +149,12 @@ impl RootRotation {
                     return Ok(RotationOutcome::Rotated { agents });
                 }
                 // Registered since the last batch, under the current root: wrap them too.
-                RotationSwitch::Missing(agents) => self.rewrap(&agents).await?,
-                RotationSwitch::NotPending => return self.finished_elsewhere().await,
+                RotationSwitch::Missing(agents) => self.rewrap(&agents, &pending).await?,
+                RotationSwitch::NotPending => {
+                    let outcome = self.finished_elsewhere().await?;
+                    record_switch_if_missing(&self.store).await?;
+                    return Ok(outcome);
+                }
             }
         }
         Err(RotationError::Refused(
@@ -159,14 +163,17 @@ impl RootRotation {
     }
 
     /// Records the next root, unless this rotation was begun already (by an earlier run).
-    async fn begin(&self) -> Result<(), RotationError> {
+    /// Returns the next root's stored key check, which names this rotation: every re-wrap and
+    /// the switch apply only while it is still the one in progress.
+    async fn begin(&self) -> Result<Vec<u8>, RotationError> {
         let keys = self.store.keys.as_ref();
         let record = keys
             .root_key()
             .await?
             .ok_or_else(|| RotationError::Refused("this database holds no vault yet".into()))?;
-        if let Some(next) = &record.next {
-            return self.check_pending(next);
+        if let Some(next) = record.next {
+            self.check_pending(&next)?;
+            return Ok(next.key_check);
         }
         let next = NextRoot {
             key_check: self.next.key_check()?,
@@ -177,8 +184,11 @@ impl RootRotation {
         self.audit(ROOT_ROTATION_STARTED, serde_json::json!({}))
             .await?;
         let stored = keys.begin_root_rotation(&next).await?;
-        match &stored.next {
-            Some(pending) => self.check_pending(pending),
+        match stored.next {
+            Some(pending) => {
+                self.check_pending(&pending)?;
+                Ok(pending.key_check)
+            }
             None => Err(RotationError::Refused(
                 "the rotation could not be recorded; run rotate-root again".into(),
             )),
@@ -197,8 +207,9 @@ impl RootRotation {
     }
 
     /// Wraps each agent's key under the next root, unless its key changed meanwhile (then a
-    /// later batch finds it again).
-    async fn rewrap(&self, agents: &[AgentRecord]) -> Result<(), RotationError> {
+    /// later batch finds it again). Stops when the rotation it belongs to (`pending`) is no
+    /// longer the one in progress: abandoned, or replaced by another.
+    async fn rewrap(&self, agents: &[AgentRecord], pending: &[u8]) -> Result<(), RotationError> {
         for record in agents {
             let key = self
                 .current
@@ -218,7 +229,26 @@ impl RootRotation {
             let wrapped = self
                 .next
                 .wrap_agent_key(&record.issuer, &record.agent, &key)?;
-            self.store.keys.set_next_wrap(record, &wrapped).await?;
+            if !self
+                .store
+                .keys
+                .set_next_wrap(record, &wrapped, pending)
+                .await?
+            {
+                let still = self
+                    .store
+                    .keys
+                    .root_key()
+                    .await?
+                    .and_then(|root| root.next)
+                    .is_some_and(|next| next.key_check == pending);
+                if !still {
+                    return Err(RotationError::Refused(
+                        "the rotation was abandoned (rotate-root --abort) or replaced while this run went on; nothing was switched".into(),
+                    ));
+                }
+                // Else the agent's key changed meanwhile: a later batch finds it again.
+            }
         }
         Ok(())
     }
@@ -239,6 +269,40 @@ impl RootRotation {
     async fn audit(&self, action: &str, target: serde_json::Value) -> Result<(), RotationError> {
         record_key_event(&self.recorder, action, target).await
     }
+}
+
+/// How far back the control chain is searched for a rotation's records: key events, startups,
+/// shutdowns and admin calls are few.
+const RECENT_CONTROL_RECORDS: u64 = 1000;
+
+/// Records the switch now if it committed without its audit record (the run was killed, or the
+/// audit write failed, between the two): for a re-run that finds the rotation done. The last
+/// root event on the control chain tells: `started` with no `rotated` after it.
+pub async fn record_switch_if_missing(store: &Store) -> Result<(), RotationError> {
+    let head = store.audit.head(crate::store::Chain::Control).await?;
+    let after = head.sequence.saturating_sub(RECENT_CONTROL_RECORDS);
+    let recent = store
+        .audit
+        .records(
+            crate::store::Chain::Control,
+            after,
+            RECENT_CONTROL_RECORDS as u32,
+        )
+        .await?;
+    let last = recent
+        .iter()
+        .rev()
+        .find(|stored| stored.record.action.starts_with("key.root_"));
+    if last.is_some_and(|stored| stored.record.action == ROOT_ROTATION_STARTED) {
+        let recorder = Recorder::new(store.clone(), Changes::default());
+        record_key_event(
+            &recorder,
+            ROOT_ROTATED,
+            serde_json::json!({ "recorded_after_the_switch": true }),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Whether `next` is already the vault's root: a rotation to it finished (for a re-run of

@@ -239,16 +239,18 @@ impl KeyStore for PgStore {
         &self,
         record: &AgentRecord,
         next_wrapped_key: &[u8],
+        next_key_check: &[u8],
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE vault.agents SET next_wrapped_key = $1
              WHERE schema_name = $2 AND wrapped_key = $3 AND key_version = $4
-               AND EXISTS (SELECT 1 FROM vault.root_key WHERE id = 1 AND next_key_check IS NOT NULL)",
+               AND EXISTS (SELECT 1 FROM vault.root_key WHERE id = 1 AND next_key_check = $5)",
         )
         .bind(next_wrapped_key)
         .bind(&record.namespace)
         .bind(&record.wrapped_key)
         .bind(record.key_version as i32)
+        .bind(next_key_check)
         .execute(&self.pool)
         .await
         .map_err(e)?;
@@ -266,7 +268,10 @@ impl KeyStore for PgStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn finish_root_rotation(&self) -> Result<RotationSwitch, StoreError> {
+    async fn finish_root_rotation(
+        &self,
+        next_key_check: &[u8],
+    ) -> Result<RotationSwitch, StoreError> {
         let mut tx = self.pool.begin().await.map_err(e)?;
         // Registration holds the root key row FOR SHARE until it commits: from here on none
         // starts, and every one that did is visible below.
@@ -275,7 +280,7 @@ impl KeyStore for PgStore {
                 "the vault has no root key record".into(),
             ));
         };
-        let Some(next) = record.next else {
+        let Some(next) = record.next.filter(|next| next.key_check == next_key_check) else {
             return Ok(RotationSwitch::NotPending);
         };
         let missing: Vec<AgentRow> = sqlx::query_as(&format!(

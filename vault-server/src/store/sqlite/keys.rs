@@ -167,16 +167,18 @@ impl KeyStore for SqliteStore {
         &self,
         record: &AgentRecord,
         next_wrapped_key: &[u8],
+        next_key_check: &[u8],
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE agents SET next_wrapped_key = ?
              WHERE namespace = ? AND wrapped_key = ? AND key_version = ?
-               AND EXISTS (SELECT 1 FROM root_key WHERE id = 1 AND next_key_check IS NOT NULL)",
+               AND EXISTS (SELECT 1 FROM root_key WHERE id = 1 AND next_key_check = ?)",
         )
         .bind(next_wrapped_key)
         .bind(&record.namespace)
         .bind(&record.wrapped_key)
         .bind(i64::from(record.key_version))
+        .bind(next_key_check)
         .execute(&self.pool)
         .await
         .map_err(e)?;
@@ -194,7 +196,10 @@ impl KeyStore for SqliteStore {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn finish_root_rotation(&self) -> Result<RotationSwitch, StoreError> {
+    async fn finish_root_rotation(
+        &self,
+        next_key_check: &[u8],
+    ) -> Result<RotationSwitch, StoreError> {
         // SQLite has one writer: taking the write lock first (an UPDATE that changes nothing)
         // holds off registration for the rest of the transaction.
         let mut tx = self.pool.begin().await.map_err(e)?;
@@ -214,7 +219,7 @@ impl KeyStore for SqliteStore {
                 "the vault has no root key record".into(),
             ));
         };
-        let Some(next) = record.next else {
+        let Some(next) = record.next.filter(|next| next.key_check == next_key_check) else {
             return Ok(RotationSwitch::NotPending);
         };
         let missing: Vec<AgentRow> = sqlx::query_as(&format!(
