@@ -588,3 +588,261 @@ async fn rotate_root_moves_from_a_key_file_to_softhsm_and_back() {
     assert_eq!(access_token(&other, "jira").await, "agent-b-token");
     app.stop().await;
 }
+
+/// How many schemas are named `schema`.
+async fn schemas(conn: &mut sqlx::PgConnection, schema: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1")
+        .bind(schema)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// `vault-server shred-agent ARGS` on `db_url` (as the owner: the test database's URL);
+/// (success, stdout, stderr).
+async fn shred(db_url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["shred-agent"];
+    all.extend_from_slice(args);
+    run(&all, &[("VAULT_DATABASE_URL", db_url)]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_agent_destroys_the_key_and_a_restored_dump_of_its_rows_does_not_open() {
+    use vault_server::crypto::{Binding, RootKey, SealedCredential, open_credential};
+    use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
+
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[]).await;
+    for agent in ["agent-a", "agent-b"] {
+        let vault = app.client(&issuer, agent, "user-1").await;
+        store(&vault, "jira", &format!("{agent}-token")).await;
+    }
+    app.stop().await;
+    let schema = crate::helpers::schema_of("agent-a");
+    let mut conn = db.connect().await;
+    // A provider revocation of agent-a queued (a copy of its credential), not due for a day.
+    sqlx::query(&format!(
+        "INSERT INTO \"{schema}\".revocation_outbox
+             (user_id, tool, generation, key_version, wrapped_data_key, ciphertext, next_attempt_at)
+         SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext,
+                now() + interval '1 day'
+         FROM \"{schema}\".credentials"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("before.dump");
+    let out = Command::new("pg_dump")
+        .args(["-Fc", "-d", &db.url, "-f", dump.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without --yes: what it would destroy, and nothing done.
+    let (ok, out, err) = shred(&db.url, &["--agent", "agent-a"]).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("would shred agent agent-a of https://issuer.test: its key, and 1 credentials, 1 queued provider revocations"),
+        "{out}"
+    );
+    // With a revocation queued, it waits for the replicas to deliver it.
+    let (ok, _, err) = shred(&db.url, &["--agent", "agent-a", "--yes"]).await;
+    assert!(
+        !ok && err.contains("1 provider revocations queued"),
+        "{err}"
+    );
+    assert_eq!(
+        schemas(&mut conn, &schema).await,
+        1,
+        "nothing was destroyed yet"
+    );
+
+    let (ok, out, err) = shred(
+        &db.url,
+        &["--agent", "agent-a", "--yes", "--skip-provider-revocation"],
+    )
+    .await;
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("(1 provider revocations abandoned)"), "{out}");
+    assert_eq!(
+        schemas(&mut conn, &schema).await,
+        0,
+        "the schema is dropped"
+    );
+    let (keys, tombstones): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM vault.agents WHERE agent_id = 'agent-a'),
+                (SELECT count(*) FROM vault.shredded_agents WHERE agent_id = 'agent-a')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((keys, tombstones), (0, 1));
+    let roles: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = vault.agent_role($1)")
+            .bind(&schema)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(roles, 0, "the agent's role is dropped");
+
+    // The agent's rows, restored from the dump taken before, open under no key the vault has.
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let out = Command::new("pg_restore")
+        .args([
+            "--no-owner",
+            "--no-privileges",
+            "-d",
+            &db.url,
+            "-n",
+            &schema,
+        ])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    /// user, tool, generation, key version, wrapped data key, ciphertext
+    type Row = (String, String, i64, i32, Vec<u8>, Vec<u8>);
+    let restored: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext
+         FROM \"{schema}\".credentials"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(restored.len(), 1, "the dump held the credential");
+    let wraps: Vec<(String, String, i32, Vec<u8>)> =
+        sqlx::query_as("SELECT issuer, agent_id, key_version, wrapped_key FROM vault.agents")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(wraps.len(), 1, "only agent-b's key is left");
+    let root_bytes: [u8; 32] =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, ROOT_KEY)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let root = RootKey::from_bytes(root_bytes);
+    let (user, tool, generation, version, data_key, ciphertext) = &restored[0];
+    let (user, tool) = (UserId::parse(user).unwrap(), Tool::parse(tool).unwrap());
+    let shredded = AgentId::parse("agent-a").unwrap();
+    let binding = Binding {
+        agent: &shredded,
+        user: &user,
+        tool: &tool,
+        generation: Generation::new(*generation as u64).unwrap(),
+    };
+    let sealed = SealedCredential {
+        wrapped_data_key: data_key.clone(),
+        ciphertext: ciphertext.clone(),
+        key_version: *version as u32,
+    };
+    for (iss, agent_id, key_version, wrapped) in &wraps {
+        let key = root
+            .unwrap_agent_key(
+                &IssuerId::parse(iss).unwrap(),
+                &AgentId::parse(agent_id).unwrap(),
+                *key_version as u32,
+                wrapped,
+            )
+            .unwrap();
+        assert!(open_credential(&key, binding, &sealed).is_err());
+    }
+
+    // Served again: agent-b is untouched; agent-a is neither found nor registered anew.
+    let app = spawn_with(&db, &issuer, &[]).await;
+    let b = app.client(&issuer, "agent-b", "user-1").await;
+    assert_eq!(access_token(&b, "jira").await, "agent-b-token");
+    let a = app.client(&issuer, "agent-a", "user-1").await;
+    assert!(matches!(
+        a.get_token("jira", Duration::ZERO).await,
+        Err(vault_client::Error::CredentialNotFound)
+    ));
+    let again = a
+        .store_token("jira", crate::helpers::oauth_token("new", "rt", 3600), None)
+        .await;
+    assert!(
+        matches!(&again, Err(vault_client::Error::PermissionDenied { message, .. }) if message.contains("shredded")),
+        "{again:?}"
+    );
+    app.stop().await;
+
+    // The audit log still verifies, and says what was shredded.
+    let (ok, err) = crate::helpers::run_binary_to_exit(
+        &["audit", "verify"],
+        &[
+            ("VAULT_DATABASE_URL", db.url.as_str()),
+            ("VAULT_ROOT_KEY", ROOT_KEY),
+        ],
+    );
+    assert!(ok, "{err}");
+    let shredded_records: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM vault.audit_log WHERE action IN ('key.agent_shred_started', 'key.agent_shredded')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(shredded_records, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_agent_on_the_embedded_store_deletes_its_rows_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("vault.db").display());
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let on_sqlite = [("VAULT_DATABASE_URL", url.as_str())];
+    let app = spawn_with(&db, &issuer, &on_sqlite).await;
+    for agent in ["agent-a", "agent-b"] {
+        let vault = app.client(&issuer, agent, "user-1").await;
+        store(&vault, "jira", &format!("{agent}-token")).await;
+    }
+    app.stop().await;
+
+    let (ok, out, err) = shred(&url, &["--agent", "agent-a", "--yes"]).await;
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("shredded agent agent-a of https://issuer.test: its key is destroyed, with 1 credentials"), "{out}");
+    let (ok, _, err) = shred(&url, &["--agent", "agent-a", "--yes"]).await;
+    assert!(!ok && err.contains("no agent agent-a"), "{err}");
+
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let namespace = crate::helpers::schema_of("agent-a");
+    let left: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM agents WHERE agent_id = 'agent-a'),
+                (SELECT count(*) FROM credentials WHERE namespace = ?1),
+                (SELECT count(*) FROM audit_log WHERE chain = ?1)",
+    )
+    .bind(&namespace)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0, 0), "the key and every row of agent-a are gone");
+    drop(conn);
+
+    let app = spawn_with(&db, &issuer, &on_sqlite).await;
+    let b = app.client(&issuer, "agent-b", "user-1").await;
+    assert_eq!(access_token(&b, "jira").await, "agent-b-token");
+    let a = app.client(&issuer, "agent-a", "user-1").await;
+    let again = a
+        .store_token("jira", crate::helpers::oauth_token("new", "rt", 3600), None)
+        .await;
+    assert!(
+        matches!(&again, Err(vault_client::Error::PermissionDenied { message, .. }) if message.contains("shredded")),
+        "{again:?}"
+    );
+    app.stop().await;
+}

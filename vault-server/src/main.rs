@@ -131,6 +131,26 @@ enum Command {
         #[arg(long)]
         abort: bool,
     },
+    /// Crypto-shred an agent: destroy its key, then its credentials, queued revocations, consent
+    /// flows and audit chain (on PostgreSQL, its schema and role); its identity can never be
+    /// registered again. Without --yes, prints what it would destroy and does nothing. Uses
+    /// VAULT_DATABASE_MIGRATE_URL when set (dropping a schema is the owner's right).
+    ShredAgent {
+        /// The agent id.
+        #[arg(long)]
+        agent: String,
+        /// The issuer it is registered under; needed only when several have such an agent.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Destroy, rather than print what would be destroyed.
+        #[arg(long)]
+        yes: bool,
+        /// Shred even while provider revocations are queued for the agent (they are abandoned,
+        /// and counted in the log and the audit record); without it the shred waits for the
+        /// replicas to deliver them.
+        #[arg(long)]
+        skip_provider_revocation: bool,
+    },
     /// Write a new random root key file (mode 0600) for VAULT_ROOT_KEY_FILE, or with --pkcs11
     /// create the root key inside the PKCS#11 token that VAULT_ROOT_PKCS11_* names.
     Keygen {
@@ -347,6 +367,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             rotate_root(next, batch).await
         }
+        Command::ShredAgent {
+            agent,
+            issuer,
+            yes,
+            skip_provider_revocation,
+        } => shred_agent(&agent, issuer.as_deref(), yes, skip_provider_revocation).await,
         Command::Keygen { pkcs11: true, .. } => {
             let (config, _) = Source::from_env()?.read()?;
             let vault_server::config::RootKeySetting::Pkcs11(location) =
@@ -411,6 +437,80 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `shred-agent`; the work is in `vault_server::vault::shred_agent`.
+async fn shred_agent(
+    agent: &str,
+    issuer: Option<&str>,
+    yes: bool,
+    skip_provider_revocation: bool,
+) -> anyhow::Result<()> {
+    use vault_server::ids::{AgentId, IssuerId};
+    use vault_server::store::{Shred, ShredPlan};
+    let source = Source::from_env()?;
+    require_database(&source, "shred-agent")?;
+    let agent = AgentId::parse(agent).map_err(|e| anyhow::anyhow!("--agent: {e}"))?;
+    let settings = DatabaseSettings::load(&source)?;
+    let store = vault_server::store::open(&settings.for_migration()).await?;
+    store.schema.ready().await.map_err(|e| {
+        anyhow::anyhow!("the database is not ready (run `vault-server migrate`): {e}")
+    })?;
+    let issuer = match issuer {
+        Some(issuer) => IssuerId::parse(issuer).map_err(|e| anyhow::anyhow!("--issuer: {e}"))?,
+        None => {
+            let mut found = vault_server::vault::issuers_of(&store, &agent).await?;
+            match found.len() {
+                0 => anyhow::bail!("no agent {agent} is registered"),
+                1 => found.remove(0),
+                n => anyhow::bail!(
+                    "{n} issuers have an agent {agent}: name one with --issuer ({})",
+                    found
+                        .iter()
+                        .map(|i| i.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let plan = ShredPlan {
+        abandon_revocations: skip_provider_revocation,
+        dry_run: !yes,
+    };
+    let what = |c: &vault_server::store::ShredCounts| {
+        format!(
+            "{} credentials, {} queued provider revocations, {} consent flows, {} audit records",
+            c.credentials, c.revocations, c.flows, c.audit_records
+        )
+    };
+    match vault_server::vault::shred_agent(&store, &issuer, &agent, plan).await? {
+        Shred::WouldShred(counts) => println!(
+            "would shred agent {agent} of {issuer}: its key, and {}; nothing was done (give --yes to shred)",
+            what(&counts)
+        ),
+        Shred::Shredded(counts) => println!(
+            "shredded agent {agent} of {issuer}: its key is destroyed, with {}{}",
+            what(&counts),
+            if counts.revocations > 0 {
+                format!(" ({} provider revocations abandoned)", counts.revocations)
+            } else {
+                String::new()
+            }
+        ),
+        Shred::RevocationsPending(counts) => {
+            return Err(ExitWith(
+                1,
+                format!(
+                    "agent {agent} of {issuer} still has {} provider revocations queued; the replicas deliver them (every VAULT_REVOCATION_RETRY_INTERVAL_SECONDS): run again once they are, or give --skip-provider-revocation to abandon them",
+                    counts.revocations
+                ),
+            )
+            .into());
+        }
+        Shred::NotRegistered => anyhow::bail!("no agent {agent} of {issuer} is registered"),
+    }
+    Ok(())
 }
 
 /// Where `rotate-root` takes the new root from.

@@ -48,6 +48,41 @@ pub struct NextRoot {
     pub wrapped_control_key: Vec<u8>,
 }
 
+/// What `shred-agent` may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShredPlan {
+    /// Shred even with provider revocations still queued (they are abandoned).
+    pub abandon_revocations: bool,
+    /// Count what would be destroyed, and destroy nothing.
+    pub dry_run: bool,
+}
+
+/// What an agent held when it was shredded (or would have been).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShredCounts {
+    /// Stored credentials.
+    pub credentials: u64,
+    /// Provider revocations still queued.
+    pub revocations: u64,
+    /// Consent flows not yet cleaned up.
+    pub flows: u64,
+    /// Records of the agent's audit chain.
+    pub audit_records: u64,
+}
+
+/// How a shred ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shred {
+    /// The agent's key, rows and (PostgreSQL) schema are gone; a tombstone keeps the identity.
+    Shredded(ShredCounts),
+    /// A dry run: this is what a shred would destroy.
+    WouldShred(ShredCounts),
+    /// Provider revocations are still queued and were not to be abandoned: nothing changed.
+    RevocationsPending(ShredCounts),
+    /// No such agent is registered (any more).
+    NotRegistered,
+}
+
 /// Where a root rotation's switch stands.
 #[derive(Debug)]
 pub enum RotationSwitch {
@@ -134,6 +169,17 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         next_key_check: &[u8],
     ) -> Result<RotationSwitch, StoreError>;
+
+    /// Crypto-shreds an agent in one transaction: deletes its key row (the only wrap of its
+    /// key), its consent flows, and its credentials, queued revocations and audit chain (on
+    /// PostgreSQL by dropping its schema, then its role), and records a tombstone so that the
+    /// identity is never registered again.
+    async fn shred_agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        plan: ShredPlan,
+    ) -> Result<Shred, StoreError>;
 
     /// At most `limit` registered agents in namespace order, those after `after` (a namespace)
     /// when given: pages through every agent without loading them all at once, for work that

@@ -27,7 +27,10 @@ pub use credentials::{
     SWEPT, StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
-pub use keys::{AgentPages, AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch};
+pub use keys::{
+    AgentPages, AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, Shred, ShredCounts,
+    ShredPlan,
+};
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
 pub use postgres::{AUDIT_CHANNEL, AuditListener, PgStore, drop_database_and_roles, namespace_for};
@@ -50,6 +53,9 @@ pub enum StoreError {
     /// finished, or is in progress towards it): it may not register agents.
     #[error("this process's root key is not the vault's current root key")]
     RootKeyChanged,
+    /// The agent was shredded (`shred-agent`): its identity cannot be registered again.
+    #[error("this agent was shredded and cannot be registered again")]
+    AgentShredded,
     /// Applying migrations failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -6,6 +6,7 @@ mod keys;
 mod refresh;
 mod revocation;
 mod rotation;
+mod shred;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use rotation::{
     RotationOutcome, RotationProgress, abort_rotation, record_switch_if_missing,
     root_from_passphrase, rotated_to,
 };
+pub use shred::{AGENT_SHRED_STARTED, AGENT_SHREDDED, issuers_of, shred_agent};
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
@@ -131,6 +133,10 @@ impl From<StoreError> for VaultError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Unavailable(_) => Self::Unavailable(err),
+            StoreError::AgentShredded => Self::PermissionDenied(
+                "this agent was shredded (vault-server shred-agent); it cannot be registered again"
+                    .into(),
+            ),
             other => Self::Unexpected(other.into()),
         }
     }

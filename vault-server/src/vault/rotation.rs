@@ -346,7 +346,7 @@ pub async fn abort_rotation(store: &Store) -> Result<bool, RotationError> {
     Ok(aborted)
 }
 
-async fn record_key_event(
+pub(super) async fn record_key_event(
     recorder: &Arc<Recorder>,
     action: &str,
     target: serde_json::Value,

@@ -5,7 +5,10 @@ use sqlx::Executor as _;
 use super::{PgStore, agent_lock_key, e, namespace_for, quoted};
 use crate::ids::{AgentId, IssuerId};
 use crate::store::rows::{AgentRow, LegacyAgentRow, RootKeyRow, all, root_key_columns};
-use crate::store::{AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, StoreError};
+use crate::store::{
+    AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, Shred, ShredCounts, ShredPlan,
+    StoreError,
+};
 
 /// The registry columns as [`AgentRow`] names them.
 pub(super) const AGENT_COLUMNS: &str = "issuer, agent_id, schema_name AS namespace, wrapped_key, \
@@ -16,6 +19,8 @@ const MISSING_PAGE: i64 = 1000;
 
 /// The SQLSTATE `vault.create_agent` raises when the caller's root key is not the current one.
 const ROOT_KEY_CHANGED: &str = "55000";
+/// SQLSTATE `vault.create_agent` raises for a shredded identity.
+const AGENT_SHREDDED: &str = "V0001";
 
 /// Reads the root key record through `conn`.
 async fn root_key_on(
@@ -93,6 +98,9 @@ impl KeyStore for PgStore {
             sqlx::Error::Database(db) if db.code().as_deref() == Some(ROOT_KEY_CHANGED) => {
                 StoreError::RootKeyChanged
             }
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(AGENT_SHREDDED) => {
+                StoreError::AgentShredded
+            }
             _ => e(err),
         };
         if self.agent_roles {
@@ -135,6 +143,17 @@ impl KeyStore for PgStore {
             tx.commit().await.map_err(e)?;
             return AgentRecord::try_from(row);
         }
+        let shredded: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM vault.shredded_agents WHERE issuer = $1 AND agent_id = $2",
+        )
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if shredded.is_some() {
+            return Err(StoreError::AgentShredded);
+        }
         // As vault.create_agent does: only under the current root, which stays current until
         // this commits (a rotation's switch locks the row FOR UPDATE).
         let current: Option<i16> = sqlx::query_scalar(
@@ -168,6 +187,109 @@ impl KeyStore for PgStore {
         tx.commit().await.map_err(e)?;
         tracing::info!(schema = %namespace, "created agent schema");
         AgentRecord::try_from(row)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn shred_agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        plan: ShredPlan,
+    ) -> Result<Shred, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // The registration lock, then the row: no creation or key change of this agent runs
+        // alongside.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(agent_lock_key(issuer, agent))
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        let namespace: Option<String> = sqlx::query_scalar(
+            "SELECT schema_name FROM vault.agents WHERE issuer = $1 AND agent_id = $2 FOR UPDATE",
+        )
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        let Some(namespace) = namespace else {
+            return Ok(Shred::NotRegistered);
+        };
+        let schema = quoted(&namespace)?;
+        let (credentials, revocations, audit_records): (i64, i64, i64) = sqlx::query_as(&format!(
+            "SELECT (SELECT count(*) FROM {schema}.credentials),
+                        (SELECT count(*) FROM {schema}.revocation_outbox),
+                        (SELECT count(*) FROM {schema}.audit_log)"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        let flows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM vault.authorization_flows WHERE issuer = $1 AND agent_id = $2",
+        )
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        let counts = ShredCounts {
+            credentials: credentials.max(0) as u64,
+            revocations: revocations.max(0) as u64,
+            flows: flows.max(0) as u64,
+            audit_records: audit_records.max(0) as u64,
+        };
+        if plan.dry_run {
+            return Ok(Shred::WouldShred(counts));
+        }
+        if counts.revocations > 0 && !plan.abandon_revocations {
+            return Ok(Shred::RevocationsPending(counts));
+        }
+        sqlx::query("DELETE FROM vault.authorization_flows WHERE issuer = $1 AND agent_id = $2")
+            .bind(issuer.as_str())
+            .bind(agent.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        sqlx::query("DELETE FROM vault.agents WHERE issuer = $1 AND agent_id = $2")
+            .bind(issuer.as_str())
+            .bind(agent.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        sqlx::query(
+            "INSERT INTO vault.shredded_agents (issuer, agent_id, schema_name) VALUES ($1, $2, $3)
+             ON CONFLICT (issuer, agent_id) DO NOTHING",
+        )
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
+        .bind(&namespace)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.execute(sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE")))
+            .await
+            .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        // The agent's role, after the commit: a serving connection may still have it set (the
+        // read lanes SET ROLE), and a role that fails to go is only a name with no rights left.
+        let role: String = sqlx::query_scalar("SELECT vault.agent_role($1)")
+            .bind(&namespace)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)?;
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_roles WHERE rolname = $1")
+            .bind(&role)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(e)?;
+        if exists.is_some() {
+            let drop = format!("DROP ROLE \"{}\"", role.replace('"', "\"\""));
+            if let Err(err) = self.pool.execute(sqlx::raw_sql(&drop)).await {
+                tracing::warn!(role = %role, error = %err, "the shredded agent's role was left");
+            }
+        }
+        tracing::info!(schema = %namespace, "agent shredded");
+        Ok(Shred::Shredded(counts))
     }
 
     #[tracing::instrument(skip_all)]

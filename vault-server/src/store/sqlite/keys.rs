@@ -4,7 +4,8 @@ use super::{SqliteStore, e, now_ms};
 use crate::ids::{AgentId, IssuerId};
 use crate::store::rows::{AgentRow, LegacyAgentRow, RootKeyRow, all, root_key_columns};
 use crate::store::{
-    AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, StoreError, namespace_for,
+    AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, Shred, ShredCounts, ShredPlan,
+    StoreError, namespace_for,
 };
 
 /// The registry columns as [`AgentRow`] names them.
@@ -85,6 +86,8 @@ impl KeyStore for SqliteStore {
             "INSERT INTO agents (issuer, agent_id, namespace, wrapped_key, key_version, created_at)
              SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS
                  (SELECT 1 FROM root_key WHERE id = 1 AND key_check = ?)
+               AND NOT EXISTS
+                 (SELECT 1 FROM shredded_agents WHERE issuer = ? AND agent_id = ?)
              ON CONFLICT (issuer, agent_id) DO NOTHING",
         )
         .bind(issuer.as_str())
@@ -94,14 +97,117 @@ impl KeyStore for SqliteStore {
         .bind(i64::from(key_version))
         .bind(now_ms())
         .bind(key_check)
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
         .execute(&self.pool)
         .await
         .map_err(e)?;
-        // Absent: it was not there and the root key changed (a present agent is answered as in
-        // PostgreSQL, whatever the root).
-        self.agent(issuer, agent)
-            .await?
-            .ok_or(StoreError::RootKeyChanged)
+        // Absent: it was not there and the root key changed, or it was shredded (a present
+        // agent is answered as in PostgreSQL, whatever the root).
+        if let Some(record) = self.agent(issuer, agent).await? {
+            return Ok(record);
+        }
+        let shredded: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM shredded_agents WHERE issuer = ? AND agent_id = ?")
+                .bind(issuer.as_str())
+                .bind(agent.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(e)?;
+        Err(if shredded.is_some() {
+            StoreError::AgentShredded
+        } else {
+            StoreError::RootKeyChanged
+        })
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn shred_agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        plan: ShredPlan,
+    ) -> Result<Shred, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // Take SQLite's write lock first (an update that changes nothing), so nothing below can
+        // change before the commit.
+        sqlx::query("UPDATE root_key SET id = id WHERE id = 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        let namespace: Option<String> =
+            sqlx::query_scalar("SELECT namespace FROM agents WHERE issuer = ? AND agent_id = ?")
+                .bind(issuer.as_str())
+                .bind(agent.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(e)?;
+        let Some(namespace) = namespace else {
+            return Ok(Shred::NotRegistered);
+        };
+        let (credentials, revocations, flows, audit_records): (i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT count(*) FROM credentials WHERE namespace = ?1),
+                        (SELECT count(*) FROM revocation_outbox WHERE namespace = ?1),
+                        (SELECT count(*) FROM authorization_flows
+                         WHERE issuer = ?2 AND agent_id = ?3),
+                        (SELECT count(*) FROM audit_log WHERE chain = ?1)",
+            )
+            .bind(&namespace)
+            .bind(issuer.as_str())
+            .bind(agent.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?;
+        let counts = ShredCounts {
+            credentials: credentials.max(0) as u64,
+            revocations: revocations.max(0) as u64,
+            flows: flows.max(0) as u64,
+            audit_records: audit_records.max(0) as u64,
+        };
+        if plan.dry_run {
+            return Ok(Shred::WouldShred(counts));
+        }
+        if counts.revocations > 0 && !plan.abandon_revocations {
+            return Ok(Shred::RevocationsPending(counts));
+        }
+        for statement in [
+            "DELETE FROM credentials WHERE namespace = ?",
+            "DELETE FROM revocation_outbox WHERE namespace = ?",
+            "DELETE FROM audit_log WHERE chain = ?",
+            "DELETE FROM audit_heads WHERE chain = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(&namespace)
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+        }
+        for statement in [
+            "DELETE FROM authorization_flows WHERE issuer = ? AND agent_id = ?",
+            "DELETE FROM agents WHERE issuer = ? AND agent_id = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(issuer.as_str())
+                .bind(agent.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
+        }
+        sqlx::query(
+            "INSERT INTO shredded_agents (issuer, agent_id, namespace, shredded_at)
+             VALUES (?, ?, ?, ?) ON CONFLICT (issuer, agent_id) DO NOTHING",
+        )
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
+        .bind(&namespace)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        tracing::info!(namespace = %namespace, "agent shredded");
+        Ok(Shred::Shredded(counts))
     }
 
     #[tracing::instrument(skip_all)]
