@@ -21,21 +21,14 @@ fn key_file(dir: &tempfile::TempDir, key: &str) -> String {
 
 /// Runs `vault-server rotate-root ARGS` on `db_url` with the current root `root`; returns
 /// (success, stdout, stderr).
-fn rotate_root(db_url: &str, root: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary())
-        .arg("rotate-root")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("VAULT_DATABASE_URL", db_url)
-        .env("VAULT_ROOT_KEY", root)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+async fn rotate_root(db_url: &str, root: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["rotate-root"];
+    all.extend_from_slice(args);
+    run(
+        &all,
+        &[("VAULT_DATABASE_URL", db_url), ("VAULT_ROOT_KEY", root)],
     )
+    .await
 }
 
 fn agent_name(n: usize) -> String {
@@ -131,16 +124,12 @@ async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_i
 
     let dir = tempfile::tempdir().unwrap();
     let new_key = key_file(&dir, OTHER_ROOT_KEY);
-    let url = db.url.clone();
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        rotate_root(
-            &url,
-            ROOT_KEY,
-            &["--new-key-file", &new_key, "--batch", "5"],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, out, err) = rotate_root(
+        &db.url,
+        ROOT_KEY,
+        &["--new-key-file", &new_key, "--batch", "5"],
+    )
+    .await;
     assert!(ok, "rotate-root failed: {out}\n{err}");
     assert!(out.contains("re-wrapped 5/"), "plain progress lines: {out}");
     assert!(out.contains("now the vault's root (24 agent keys"), "{out}");
@@ -163,13 +152,8 @@ async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_i
     all_open(&db, &issuer, OTHER_ROOT_KEY, &latest).await;
     refused_with(&db, &issuer, ROOT_KEY).await;
     // Run again with the same keys: nothing left to do, and it says so.
-    let url = db.url.clone();
     let new_key = key_file(&dir, OTHER_ROOT_KEY);
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        rotate_root(&url, ROOT_KEY, &["--new-key-file", &new_key])
-    })
-    .await
-    .unwrap();
+    let (ok, out, err) = rotate_root(&db.url, ROOT_KEY, &["--new-key-file", &new_key]).await;
     assert!(ok && out.contains("already complete"), "{out}\n{err}");
 }
 
@@ -254,16 +238,12 @@ async fn rotate_root_killed_halfway_is_finished_by_running_it_again() {
         .map(|n| format!("v0-{}", agent_name(n)))
         .collect();
     all_open(&db, &issuer, ROOT_KEY, &seeded).await;
-    let url = db.url.clone();
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        rotate_root(
-            &url,
-            ROOT_KEY,
-            &["--new-key-file", &new_key, "--batch", "4"],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, out, err) = rotate_root(
+        &db.url,
+        ROOT_KEY,
+        &["--new-key-file", &new_key, "--batch", "4"],
+    )
+    .await;
     assert!(ok, "the re-run failed: {out}\n{err}");
     assert!(out.contains("now the vault's root (12 agent keys"), "{out}");
     all_open(&db, &issuer, OTHER_ROOT_KEY, &seeded).await;
@@ -283,26 +263,16 @@ async fn rotate_root_moves_the_embedded_store_to_a_passphrase() {
 
     // Online: the server keeps serving on the old root while the file is rotated under it
     // (on a blocking thread, so the server in this runtime goes on running meanwhile).
-    let rotating = url.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(binary())
-            .args(["rotate-root", "--new-passphrase-env", "NEW_ROOT_PASSPHRASE"])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("VAULT_DATABASE_URL", &rotating)
-            .env("VAULT_ROOT_KEY", ROOT_KEY)
-            .env("NEW_ROOT_PASSPHRASE", "correct horse battery staple")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let out = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, out, err) = run(
+        &["rotate-root", "--new-passphrase-env", "NEW_ROOT_PASSPHRASE"],
+        &[
+            ("VAULT_DATABASE_URL", url.as_str()),
+            ("VAULT_ROOT_KEY", ROOT_KEY),
+            ("NEW_ROOT_PASSPHRASE", "correct horse battery staple"),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}\n{err}");
     assert!(out.contains("now the vault's root (1 agent keys"), "{out}");
     store(&vault, "jira", "during-rotation").await;
     assert_eq!(access_token(&vault, "jira").await, "during-rotation");
