@@ -186,10 +186,14 @@ impl Pkcs11Error {
 ///
 /// One session serves every caller, behind a mutex: a PKCS#11 session runs one operation at a
 /// time, and the root is used when an agent key is unwrapped, not per request. Calls block the
-/// calling thread for the token's round trip.
+/// calling thread for the token's round trip. A session the token has lost (the HSM restarted,
+/// the login was dropped) is replaced, logged in again, and the call retried once.
 pub struct Pkcs11Root {
-    session: Mutex<Session>,
-    key: ObjectHandle,
+    live: Mutex<Live>,
+    module: Module,
+    slot: Slot,
+    /// Kept for logging in again on a new session; redacted and zeroized.
+    pin: SecretString,
     /// Sealed at open by this key; see [`CANARY_AAD`].
     canary: Vec<u8>,
     operations: AtomicU64,
@@ -207,6 +211,46 @@ impl fmt::Debug for Pkcs11Root {
     }
 }
 
+/// The session in use and the key's handle in it.
+struct Live {
+    session: Session,
+    key: ObjectHandle,
+}
+
+/// The token answered as if the session, its login or its objects were gone: a new session may
+/// work where this one cannot.
+fn session_lost(error: &CkError) -> bool {
+    matches!(
+        error,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::UserNotLoggedIn
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid,
+            _
+        )
+    )
+}
+
+/// A read-only session on `slot`, logged in, and the key's handle in it.
+fn connect(
+    module: &Module,
+    slot: Slot,
+    pin: &SecretString,
+    labels: &Pkcs11Settings,
+) -> Result<Live, Pkcs11Error> {
+    let session = module
+        .pkcs11
+        .open_ro_session(slot)
+        .map_err(|e| device("opening a session", e))?;
+    login(module, slot, &session, pin)?;
+    let key = find_key(&session, labels)?;
+    Ok(Live { session, key })
+}
+
 impl Pkcs11Root {
     /// Loads the module, finds the token by label, logs in as user with the PIN, finds the AES
     /// secret key by label (exactly one), and checks that it seals and opens.
@@ -220,18 +264,14 @@ impl Pkcs11Root {
             &settings.token_label,
             MechanismType::AES_GCM,
         )?;
-        let session = module
-            .pkcs11
-            .open_ro_session(slot)
-            .map_err(|e| device("opening a session", e))?;
-        login(&module, slot, &session, &settings.pin)?;
-        let key = find_key(&session, settings)?;
+        let live = connect(&module, slot, &settings.pin, settings)?;
 
         // Fails now, at start-up, rather than at the first unwrap: a key without CKA_ENCRYPT or
         // CKA_DECRYPT, or a token whose GCM does not round-trip.
-        let canary = gcm_seal(&session, key, CANARY_AAD, CANARY_PLAINTEXT)
-            .map_err(|e| prefix("self-test seal", e))?;
-        match gcm_open(&session, key, CANARY_AAD, &canary) {
+        let canary = gcm_seal(&live.session, live.key, CANARY_AAD, CANARY_PLAINTEXT)
+            .map_err(|e| device("self-test seal", e))
+            .and_then(|sealed| sealed_length(sealed, CANARY_PLAINTEXT.len()))?;
+        match gcm_open(&live.session, live.key, CANARY_AAD, &canary) {
             Ok(plaintext) if plaintext.as_slice() == CANARY_PLAINTEXT => {}
             Ok(_) => {
                 return Err(Pkcs11Error::Device(
@@ -247,8 +287,10 @@ impl Pkcs11Root {
             "opened the PKCS#11 root key"
         );
         Ok(Self {
-            session: Mutex::new(session),
-            key,
+            live: Mutex::new(live),
+            module,
+            slot,
+            pin: settings.pin.clone(),
             canary,
             operations: AtomicU64::new(0),
             token_label: settings.token_label.clone(),
@@ -323,9 +365,13 @@ impl Pkcs11Root {
     /// process, a 128-bit tag and `aad` as additional authenticated data. Returns
     /// `nonce(12) || ciphertext || tag(16)`, the layout of the software seal.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Pkcs11Error> {
-        let session = self.session();
+        let mut live = self.live();
         self.operations.fetch_add(1, Ordering::Relaxed);
-        gcm_seal(&session, self.key, aad, plaintext).map_err(|e| prefix("seal", e))
+        self.attempt(&mut live, |live| {
+            gcm_seal(&live.session, live.key, aad, plaintext)
+        })
+        .map_err(|e| device("seal: C_Encrypt", e))
+        .and_then(|sealed| sealed_length(sealed, plaintext.len()))
     }
 
     /// Opens what [`Pkcs11Root::seal`] made. A blob that does not authenticate (wrong key, wrong
@@ -335,9 +381,11 @@ impl Pkcs11Root {
         if blob.len() < NONCE_LEN + TAG_LEN {
             return Err(Pkcs11Error::DoesNotOpen);
         }
-        let session = self.session();
+        let mut live = self.live();
         self.operations.fetch_add(1, Ordering::Relaxed);
-        let error = match gcm_open(&session, self.key, aad, blob) {
+        let error = match self.attempt(&mut live, |live| {
+            gcm_open(&live.session, live.key, aad, blob)
+        }) {
             Ok(plaintext) if plaintext.len() + NONCE_LEN + TAG_LEN == blob.len() => {
                 return Ok(plaintext);
             }
@@ -358,7 +406,7 @@ impl Pkcs11Root {
             // device also returns. Opening the self-test blob tells them apart: if the token
             // still opens that, it is working and this blob does not authenticate.
             CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _) => {
-                match gcm_open(&session, self.key, CANARY_AAD, &self.canary) {
+                match gcm_open(&live.session, live.key, CANARY_AAD, &self.canary) {
                     Ok(canary) if canary.as_slice() == CANARY_PLAINTEXT => {
                         Err(Pkcs11Error::DoesNotOpen)
                     }
@@ -375,40 +423,82 @@ impl Pkcs11Root {
         self.operations.load(Ordering::Relaxed)
     }
 
-    fn session(&self) -> MutexGuard<'_, Session> {
+    fn live(&self) -> MutexGuard<'_, Live> {
         // Every operation is a single `C_*Init` + `C_Encrypt`/`C_Decrypt` pair that finishes or
         // fails as a whole, so a panic elsewhere while the lock was held leaves the session
         // usable.
-        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `op` on the live session; if the token has lost that session, replaces it with a
+    /// new one (logged in again) and runs `op` once more.
+    fn attempt<T>(
+        &self,
+        live: &mut Live,
+        op: impl Fn(&Live) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
+        match op(live) {
+            Err(error) if session_lost(&error) => {
+                let labels = Pkcs11Settings {
+                    module: self.module.path.clone(),
+                    token_label: self.token_label.clone(),
+                    key_label: self.key_label.clone(),
+                    pin: self.pin.clone(),
+                };
+                match connect(&self.module, self.slot, &self.pin, &labels) {
+                    Ok(fresh) => {
+                        tracing::warn!(
+                            token = %self.token_label,
+                            lost = ?error,
+                            "the PKCS#11 session was lost; opened and logged in to a new one"
+                        );
+                        *live = fresh;
+                        op(live)
+                    }
+                    Err(reconnect) => {
+                        tracing::error!(
+                            token = %self.token_label,
+                            error = %reconnect,
+                            "the PKCS#11 session was lost and a new one cannot be opened"
+                        );
+                        Err(error)
+                    }
+                }
+            }
+            other => other,
+        }
     }
 }
 
-/// AES-256-GCM seal in the token: `nonce || ciphertext || tag`.
+/// AES-256-GCM seal in the token: `nonce || ciphertext || tag` (its length checked by
+/// [`sealed_length`]).
 fn gcm_seal(
     session: &Session,
     key: ObjectHandle,
     aad: &[u8],
     plaintext: &[u8],
-) -> Result<Vec<u8>, Pkcs11Error> {
+) -> Result<Vec<u8>, CkError> {
     let mut iv = [0u8; NONCE_LEN];
     random_bytes(&mut iv);
-    let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())
-        .map_err(|e| device("GCM parameters", e))?;
-    let sealed = session
-        .encrypt(&Mechanism::AesGcm(params), key, plaintext)
-        .map_err(|e| device("C_Encrypt", e))?;
-    if sealed.len() != plaintext.len() + TAG_LEN {
-        return Err(Pkcs11Error::Device(format!(
-            "C_Encrypt returned {} bytes for a {}-byte plaintext; expected ciphertext and a {TAG_LEN}-byte tag",
-            sealed.len(),
-            plaintext.len()
-        )));
-    }
+    let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())?;
+    let sealed = session.encrypt(&Mechanism::AesGcm(params), key, plaintext)?;
     // Read after the call: the IV buffer is the one the token saw (a token may write to it).
     let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
     out.extend_from_slice(&iv);
     out.extend_from_slice(&sealed);
     Ok(out)
+}
+
+/// A seal of `plaintext_len` bytes is the nonce, as many bytes of ciphertext and the tag.
+fn sealed_length(sealed: Vec<u8>, plaintext_len: usize) -> Result<Vec<u8>, Pkcs11Error> {
+    if sealed.len() == NONCE_LEN + plaintext_len + TAG_LEN {
+        Ok(sealed)
+    } else {
+        Err(Pkcs11Error::Device(format!(
+            "C_Encrypt returned {} bytes for a {plaintext_len}-byte plaintext; expected ciphertext and a {TAG_LEN}-byte tag",
+            sealed.len() - NONCE_LEN
+        )))
+    }
 }
 
 /// AES-256-GCM open in the token of a blob at least `NONCE_LEN + TAG_LEN` long.
@@ -450,13 +540,6 @@ fn device(context: &str, error: CkError) -> Pkcs11Error {
             Pkcs11Error::Device(format!("{context}: C_{function:?}: {rv:?}"))
         }
         other => Pkcs11Error::Device(format!("{context}: {other}")),
-    }
-}
-
-fn prefix(context: &str, error: Pkcs11Error) -> Pkcs11Error {
-    match error {
-        Pkcs11Error::Device(message) => Pkcs11Error::Device(format!("{context}: {message}")),
-        other => other,
     }
 }
 
@@ -1006,10 +1089,11 @@ mod tests {
             return;
         };
         let root = Pkcs11Root::generate(&settings(&token, "root", PIN)).expect("generate");
-        let session = root.session();
-        let attributes = session
+        let live = root.live();
+        let attributes = live
+            .session
             .get_attributes(
-                root.key,
+                live.key,
                 &[
                     AttributeType::Token,
                     AttributeType::Sensitive,
@@ -1041,6 +1125,43 @@ mod tests {
         assert!(
             !attributes.iter().any(|a| matches!(a, Attribute::Value(_))),
             "the token handed out the key's value"
+        );
+    }
+
+    #[test]
+    fn a_root_whose_login_the_token_dropped_logs_in_again_and_goes_on() {
+        let Some(token) = softhsm(
+            "a_root_whose_login_the_token_dropped_logs_in_again_and_goes_on",
+            &[],
+        ) else {
+            return;
+        };
+        let root = Pkcs11Root::generate(&settings(&token, "root", PIN)).expect("generate");
+        let sealed = root.seal(b"aad", b"kept across the loss").expect("seal");
+
+        // Another session of this process logs the user out: the login is the application's,
+        // so the root's session loses access to its (private) key, as after an HSM restart.
+        let module = load(Path::new(MODULE)).expect("module");
+        let slot = find_token(&module.pkcs11, &token).expect("token");
+        let other = module.pkcs11.open_ro_session(slot).expect("session");
+        other.logout().expect("logout");
+        drop(other);
+
+        assert_eq!(
+            root.open_sealed(b"aad", &sealed)
+                .expect("opens after logging in again")
+                .as_slice(),
+            b"kept across the loss"
+        );
+        let again = root.seal(b"aad", b"and seals").expect("seal");
+        assert_eq!(
+            root.open_sealed(b"aad", &again).expect("open").as_slice(),
+            b"and seals"
+        );
+        assert_eq!(
+            root.operations(),
+            4,
+            "one counted call each, retries included"
         );
     }
 
