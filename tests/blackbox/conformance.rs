@@ -1316,6 +1316,33 @@ fn same_key(original: &AgentKey, key: &AgentKey, id: &str) -> bool {
     open_credential(key, binding, &seal_credential(original, binding, &tokens)).is_ok()
 }
 
+/// Wraps each agent's key (`keys[i]` is the key of `ids[i]`) under `root(2)` and records it
+/// for the rotation whose next key check is `kc`; each must be recorded.
+async fn wrap_under_root_2(
+    store: &Store,
+    records: &[AgentRecord],
+    ids: &[&str],
+    keys: &[AgentKey],
+    kc: &[u8],
+) {
+    for record in records {
+        let index = ids
+            .iter()
+            .position(|id| *id == record.agent.as_str())
+            .unwrap();
+        let wrapped = root(2)
+            .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
+            .unwrap();
+        assert!(
+            store
+                .keys
+                .set_next_wrap(record, &wrapped, kc)
+                .await
+                .unwrap()
+        );
+    }
+}
+
 async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &Store) {
     let current = unlock(store, 1).await.unwrap();
     assert!(!current.pending);
@@ -1386,22 +1413,7 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
     let kc = next.key_check.clone();
     let first = store.keys.agents_to_rewrap(2).await.unwrap();
     assert_eq!(first.len(), 2);
-    for record in &first {
-        let index = ids
-            .iter()
-            .position(|id| *id == record.agent.as_str())
-            .unwrap();
-        let wrapped = root(2)
-            .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
-            .unwrap();
-        assert!(
-            store
-                .keys
-                .set_next_wrap(record, &wrapped, &kc)
-                .await
-                .unwrap()
-        );
-    }
+    wrap_under_root_2(store, &first, &ids, &keys, &kc).await;
     assert_eq!(store.keys.rewrap_progress().await.unwrap(), (2, 5));
     let missing = match store.keys.finish_root_rotation(&kc).await.unwrap() {
         RotationSwitch::Missing(missing) => missing,
@@ -1438,22 +1450,7 @@ async fn a_root_rotation_moves_every_agent_key_and_fences_the_old_root(store: &S
             .await
             .unwrap()
     );
-    for record in &missing {
-        let index = ids
-            .iter()
-            .position(|id| *id == record.agent.as_str())
-            .unwrap();
-        let wrapped = root(2)
-            .wrap_agent_key(&record.issuer, &record.agent, &keys[index])
-            .unwrap();
-        assert!(
-            store
-                .keys
-                .set_next_wrap(record, &wrapped, &kc)
-                .await
-                .unwrap()
-        );
-    }
+    wrap_under_root_2(store, &missing, &ids, &keys, &kc).await;
     assert!(matches!(
         store.keys.finish_root_rotation(&kc).await.unwrap(),
         RotationSwitch::Done { agents: 5 }
