@@ -14,7 +14,7 @@ use vault_server::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use vault_server::store::{
     AgentRecord, CredentialKey, CredentialState, FlowChange, FlowStatus, NewCredential, NewFlow,
     NewRegistration, NextRoot, PgStore, RefreshLease, Registration, RootKeyRecord, RotationSwitch,
-    Store, StoreError, SweepOutcome, Upserted,
+    SealedRow, Store, StoreError, SweepOutcome, Upserted,
 };
 use vault_server::vault::{
     RootRotation, RotationOutcome, RotationProgress, UnlockError, UnlockedRoot, refresh_backoff,
@@ -686,7 +686,7 @@ impl FlowSpec {
             state_hash: Sha256::digest(format!("state-of-{id}")).into(),
             issuer: iss(),
             agent: agent("agent-a"),
-            namespace: "agent_0123456789abcdef0123456789abcdef01234567".into(),
+            namespace: vault_server::store::namespace_for(&iss(), &agent("agent-a")),
             user: user("alice"),
             tool: tool("jira"),
             scopes: vec!["read".into(), "write:issues".into()],
@@ -695,7 +695,7 @@ impl FlowSpec {
             provider_binding: Some(
                 "mcp resource=https://mcp.example/mcp issuer=https://as.example client=c1".into(),
             ),
-            sealed_verifier: format!("sealed-verifier-of-{id}").into_bytes(),
+            sealed_verifier: versioned(1, &format!("sealed-verifier-of-{id}")),
             expires_at: in_seconds(expires_in),
         }
     }
@@ -719,8 +719,19 @@ impl FlowSpec {
     }
 }
 
-/// Begins the flow `id`, expiring `expires_in` seconds from now.
+/// A flow secret as the vault seals it: the agent key version first, then the seal.
+fn versioned(version: u32, seal: &str) -> Vec<u8> {
+    let mut out = version.to_be_bytes().to_vec();
+    out.extend_from_slice(seal.as_bytes());
+    out
+}
+
+/// The sealed code the callback tests store (under agent key version 1).
+const CODE: &[u8] = b"\0\0\0\x01sealed-code";
+
+/// Begins the flow `id` of agent-a (registered first), expiring `expires_in` seconds from now.
 async fn begun(store: &Store, id: &str, expires_in: i64) -> FlowSpec {
+    registered(store, "agent-a").await;
     let spec = FlowSpec::new(id, expires_in);
     store.flows.create_flow(&spec.as_new()).await.unwrap();
     spec
@@ -802,7 +813,7 @@ async fn a_flow_reads_back_whole_by_id_and_by_state(store: &Store) {
 async fn a_flow_moves_once_and_only_from_the_expected_status(store: &Store) {
     begun(store, "flow-1", 600).await;
     let callback = FlowChange {
-        sealed_code: Some(b"sealed-code"),
+        sealed_code: Some(CODE),
         ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
     };
     assert!(store.flows.transition("flow-1", callback).await.unwrap());
@@ -842,7 +853,7 @@ async fn a_flow_moves_once_and_only_from_the_expected_status(store: &Store) {
     assert_eq!(flow.status, FlowStatus::Exchanging);
     assert_eq!(
         flow.sealed_code.as_deref(),
-        Some(&b"sealed-code"[..]),
+        Some(CODE),
         "kept when not given"
     );
     assert!(flow.sealed_verifier.is_some());
@@ -852,7 +863,7 @@ async fn a_flow_moves_once_and_only_from_the_expected_status(store: &Store) {
 async fn an_expired_flow_refuses_a_callback_but_can_still_be_ended(store: &Store) {
     begun(store, "flow-1", -60).await;
     let callback = FlowChange {
-        sealed_code: Some(b"sealed-code"),
+        sealed_code: Some(CODE),
         ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
     };
     assert!(!store.flows.transition("flow-1", callback).await.unwrap());
@@ -879,14 +890,14 @@ async fn an_ended_flow_keeps_its_error_and_loses_its_secrets(store: &Store) {
     ] {
         begun(store, id, 600).await;
         let callback = FlowChange {
-            sealed_code: Some(b"sealed-code"),
+            sealed_code: Some(CODE),
             ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
         };
         assert!(store.flows.transition(id, callback).await.unwrap());
         let error = (to != FlowStatus::Completed).then_some("access_denied by the user");
         // Even a code given with the final move is not kept.
         let end = FlowChange {
-            sealed_code: Some(b"another-sealed-code"),
+            sealed_code: Some(b"\0\0\0\x01another-sealed-code"),
             error,
             ..change(FlowStatus::CallbackReceived, to)
         };
@@ -1607,6 +1618,287 @@ macro_rules! conformance {
     };
 }
 
+/// A credential sealed under `version`, tagged `tag`.
+fn sealed_at(version: u32, tag: u8) -> SealedCredential {
+    SealedCredential {
+        key_version: version,
+        ..sealed(tag)
+    }
+}
+
+async fn an_agent_key_rotation_fences_old_seals_reseals_every_row_and_destroys_the_old_key(
+    store: &Store,
+) {
+    let a = registered(store, "agent-a").await;
+    put(store, &a, "alice", "jira", 1, 3600).await;
+    put(store, &a, "bob", "jira", 2, 3600).await;
+    let queued = store
+        .outbox
+        .delete_into_outbox(
+            &a,
+            &user("bob"),
+            None,
+            uuid::Uuid::new_v4(),
+            Duration::from_secs(60),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    begun(store, "flow-r", 600).await;
+    let other = registered(store, "agent-b").await;
+    put(store, &other, "alice", "jira", 3, 3600).await;
+
+    assert!(
+        store
+            .agent_keys
+            .begin_agent_key_rotation(&a, b"wrapped-v2", 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .agent_keys
+            .begin_agent_key_rotation(&a, b"wrapped-v3", 3)
+            .await
+            .unwrap(),
+        "one rotation of an agent at a time"
+    );
+    let a = store
+        .keys
+        .agent(&iss(), &agent("agent-a"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (a.key_version, a.wrapped_key.as_slice()),
+        (2, &b"wrapped-v2"[..])
+    );
+    assert_eq!(
+        a.retiring,
+        Some(vault_server::store::RetiringKey {
+            version: 1,
+            wrapped_key: b"wrapped-agent-key".to_vec()
+        })
+    );
+
+    // The fence: a write sealed under version 1 changes nothing; under version 2 it lands.
+    let generation = store.credentials.next_generation(&a).await.unwrap();
+    let (alice, carol, jira) = (user("alice"), user("carol"), tool("jira"));
+    let stale = store
+        .credentials
+        .upsert(
+            key(&a, &alice, &jira),
+            NewCredential {
+                generation,
+                sealed: &sealed_at(1, 9),
+                access_expires_at: None,
+                ttl_seconds: 3600,
+            },
+            Vec::new(),
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::AgentKeyRotated)),
+        "{stale:?}"
+    );
+    let kept = store
+        .credentials
+        .load(key(&a, &alice, &jira))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.sealed, sealed(1), "the fenced write changed nothing");
+    let generation = store.credentials.next_generation(&a).await.unwrap();
+    store
+        .credentials
+        .upsert(
+            key(&a, &carol, &jira),
+            NewCredential {
+                generation,
+                sealed: &sealed_at(2, 8),
+                access_expires_at: None,
+                ttl_seconds: 3600,
+            },
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let mut stale_flow = FlowSpec::new("flow-stale", 600);
+    stale_flow.state_hash = [5; 32];
+    let refused = store.flows.create_flow(&stale_flow.as_new()).await;
+    assert!(
+        matches!(refused, Err(StoreError::AgentKeyRotated)),
+        "{refused:?}"
+    );
+    assert!(store.flows.flow("flow-stale").await.unwrap().is_none());
+    let refused = store
+        .flows
+        .transition(
+            "flow-r",
+            FlowChange {
+                sealed_code: Some(CODE),
+                ..change(FlowStatus::Pending, FlowStatus::CallbackReceived)
+            },
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::AgentKeyRotated)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.flows.flow("flow-r").await.unwrap().unwrap().status,
+        FlowStatus::Pending
+    );
+    // Other agents are not fenced.
+    put(store, &other, "bob", "jira", 4, 3600).await;
+
+    // No root rotation while an agent key is retiring.
+    let next = NextRoot {
+        key_check: b"next-kcv".to_vec(),
+        kdf: None,
+        wrapped_control_key: b"next-control".to_vec(),
+    };
+    let refused = store.keys.begin_root_rotation(&next).await;
+    assert!(
+        matches!(refused, Err(StoreError::KeyRotationInProgress(_))),
+        "{refused:?}"
+    );
+
+    // Every row under version 1, one of each kind; re-sealing them is a compare-and-set.
+    let rows = store.agent_keys.sealed_under(&a, 1, 100).await.unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(store.agent_keys.count_sealed_under(&a, 1).await.unwrap(), 3);
+    assert!(matches!(&rows[0], SealedRow::Credential { user, .. } if *user == alice));
+    assert!(matches!(&rows[1], SealedRow::Revocation { user, .. } if user.as_str() == "bob"));
+    assert!(matches!(&rows[2], SealedRow::Flow { id, .. } if id == "flow-r"));
+    let resealed = |row: &SealedRow| match row.clone() {
+        SealedRow::Credential {
+            user,
+            tool,
+            generation,
+            ..
+        } => SealedRow::Credential {
+            user,
+            tool,
+            generation,
+            sealed: sealed_at(2, 7),
+        },
+        SealedRow::Revocation {
+            id,
+            user,
+            tool,
+            generation,
+            ..
+        } => SealedRow::Revocation {
+            id,
+            user,
+            tool,
+            generation,
+            sealed: sealed_at(2, 6),
+        },
+        SealedRow::Flow {
+            id,
+            user,
+            tool,
+            code,
+            ..
+        } => SealedRow::Flow {
+            id,
+            user,
+            tool,
+            verifier: Some(versioned(2, "resealed-verifier")),
+            code,
+        },
+    };
+    assert!(
+        store
+            .agent_keys
+            .reseal(&a, &rows[0], &resealed(&rows[0]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .agent_keys
+            .reseal(&a, &rows[0], &resealed(&rows[0]))
+            .await
+            .unwrap(),
+        "a row that changed since it was read is left alone"
+    );
+    assert!(
+        store
+            .agent_keys
+            .reseal(&a, &rows[1], &resealed(&rows[1]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .agent_keys
+            .finish_agent_key_rotation(&a, 1)
+            .await
+            .unwrap(),
+        Some(1),
+        "a row is left under version 1: the old key stays"
+    );
+    assert!(
+        store
+            .keys
+            .agent(&iss(), &agent("agent-a"))
+            .await
+            .unwrap()
+            .unwrap()
+            .retiring
+            .is_some()
+    );
+    assert!(
+        store
+            .agent_keys
+            .reseal(&a, &rows[2], &resealed(&rows[2]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.agent_keys.count_sealed_under(&a, 1).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .agent_keys
+            .finish_agent_key_rotation(&a, 1)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    let done = store
+        .keys
+        .agent(&iss(), &agent("agent-a"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((done.key_version, done.retiring), (2, None));
+    assert_eq!(
+        store
+            .agent_keys
+            .finish_agent_key_rotation(&a, 1)
+            .await
+            .unwrap(),
+        None
+    );
+    let read = store
+        .credentials
+        .load(key(&a, &alice, &jira))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.sealed, sealed_at(2, 7));
+    let flow = store.flows.flow("flow-r").await.unwrap().unwrap();
+    assert_eq!(
+        flow.sealed_verifier,
+        Some(versioned(2, "resealed-verifier"))
+    );
+    // A root rotation may start again.
+    store.keys.begin_root_rotation(&next).await.unwrap();
+}
+
 conformance!(
     a_credential_round_trips_and_generations_never_repeat,
     an_older_generation_never_overwrites_a_newer_one,
@@ -1631,6 +1923,7 @@ conformance!(
     registrations_of_other_tools_and_issuers_are_independent,
     agents_are_listed_in_pages_in_namespace_order,
     a_root_rotation_moves_every_agent_key_and_fences_the_old_root,
+    an_agent_key_rotation_fences_old_seals_reseals_every_row_and_destroys_the_old_key,
 );
 
 #[tokio::test]

@@ -376,7 +376,7 @@ fn process_pairs<'a>(
 
 /// Runs the binary with `args` and exactly `pairs` (plus PATH), on a blocking thread so that
 /// servers in this runtime go on serving; (success, stdout, stderr).
-async fn run(args: &[&str], pairs: &[(&str, &str)]) -> (bool, String, String) {
+pub(crate) async fn run(args: &[&str], pairs: &[(&str, &str)]) -> (bool, String, String) {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let pairs: Vec<(String, String)> = pairs
         .iter()

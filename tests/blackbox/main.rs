@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod agent_keys;
 mod api;
 mod audit;
 mod audit_cli;

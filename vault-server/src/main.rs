@@ -131,6 +131,26 @@ enum Command {
         #[arg(long)]
         abort: bool,
     },
+    /// Rotate agent keys online: a new key version of the agent (or of every agent) becomes
+    /// current at once, every credential, queued revocation and consent-flow secret sealed under
+    /// the old version is re-sealed under the new one in batches while replicas keep serving,
+    /// and the old version is then destroyed (and recorded in the agent's audit log). The root
+    /// key comes from the settings, as `serve` reads it. Interrupted, run it again to finish.
+    /// Uses VAULT_DATABASE_MIGRATE_URL when set.
+    RotateAgentKey {
+        /// The agent id.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        agent: Option<String>,
+        /// The issuer it is registered under; needed only when several have such an agent.
+        #[arg(long, requires = "agent")]
+        issuer: Option<String>,
+        /// Every registered agent, one after the other.
+        #[arg(long)]
+        all: bool,
+        /// Rows re-sealed per batch.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+    },
     /// Crypto-shred an agent: destroy its key, then its credentials, queued revocations, consent
     /// flows and audit chain (on PostgreSQL, its schema and role); its identity can never be
     /// registered again. Without --yes, prints what it would destroy and does nothing. Uses
@@ -367,6 +387,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             rotate_root(next, batch).await
         }
+        Command::RotateAgentKey {
+            agent,
+            issuer,
+            all,
+            batch,
+        } => rotate_agent_keys(agent.as_deref(), issuer.as_deref(), all, batch).await,
         Command::ShredAgent {
             agent,
             issuer,
@@ -510,6 +536,121 @@ async fn shred_agent(
         }
         Shred::NotRegistered => anyhow::bail!("no agent {agent} of {issuer} is registered"),
     }
+    Ok(())
+}
+
+/// `rotate-agent-key`; the work is in `vault_server::vault::rotate_agent_key`.
+async fn rotate_agent_keys(
+    agent: Option<&str>,
+    issuer: Option<&str>,
+    all: bool,
+    batch: u32,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    use vault_server::ids::{AgentId, IssuerId};
+    use vault_server::vault::{self, AgentRotationProgress};
+    let source = Source::from_env()?;
+    require_database(&source, "rotate-agent-key")?;
+    let settings = vault_server::config::DataSettings::load(&source)?;
+    let store = vault_server::store::open(&settings.database.for_migration()).await?;
+    store.schema.ready().await.map_err(|e| {
+        anyhow::anyhow!("the database is not ready (run `vault-server migrate`): {e}")
+    })?;
+    let root_source = vault_server::startup::root_key_source(&settings.root_key)?;
+    let root = vault::unlock_root_key(&store, root_source).await?;
+    if root.pending {
+        anyhow::bail!(
+            "the configured root key is the one a root rotation in progress moves to; finish that rotation (rotate-root) first"
+        );
+    }
+    let agents: Vec<(IssuerId, AgentId)> = match agent {
+        Some(agent) => {
+            let agent = AgentId::parse(agent).map_err(|e| anyhow::anyhow!("--agent: {e}"))?;
+            let issuer = match issuer {
+                Some(issuer) => {
+                    IssuerId::parse(issuer).map_err(|e| anyhow::anyhow!("--issuer: {e}"))?
+                }
+                None => {
+                    let mut found = vault::issuers_of(&store, &agent).await?;
+                    match found.len() {
+                        0 => anyhow::bail!("no agent {agent} is registered"),
+                        1 => found.remove(0),
+                        n => anyhow::bail!(
+                            "{n} issuers have an agent {agent}: name one with --issuer ({})",
+                            found
+                                .iter()
+                                .map(|i| i.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    }
+                }
+            };
+            vec![(issuer, agent)]
+        }
+        None if all => {
+            let mut pages = vault_server::store::AgentPages::new(store.keys.as_ref(), 1000);
+            let mut every = Vec::new();
+            while let Some(page) = pages.next().await? {
+                every.extend(page.into_iter().map(|r| (r.issuer, r.agent)));
+            }
+            every
+        }
+        None => anyhow::bail!("name the agent with --agent, or give --all"),
+    };
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        let bar = indicatif::ProgressBar::new(agents.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} agents  {msg}")
+                .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let total = agents.len();
+    for (done, (issuer, agent)) in agents.into_iter().enumerate() {
+        let mut report = |p: AgentRotationProgress| {
+            let line = format!(
+                "agent {agent}: key version {} → {}, re-sealed {}/{} rows{}",
+                p.from_version,
+                p.to_version,
+                p.resealed,
+                p.total,
+                if p.done {
+                    ", old version destroyed"
+                } else {
+                    ""
+                }
+            );
+            if terminal {
+                bar.set_message(line);
+            } else {
+                println!("{line}");
+            }
+        };
+        let outcome =
+            vault::rotate_agent_key(&store, &root.root, &issuer, &agent, batch, &mut report).await;
+        let finished = outcome.map_err(|err| {
+            bar.abandon();
+            anyhow::anyhow!(
+                "agent {agent} of {issuer}: {err} (nothing is lost; run rotate-agent-key again to finish)"
+            )
+        })?;
+        bar.set_position(done as u64 + 1);
+        if !terminal && total > 1 {
+            println!("rotated {}/{total} agents", done + 1);
+        }
+        if terminal {
+            bar.println(format!(
+                "agent {agent}: key version {} is current, version {} destroyed ({} rows re-sealed)",
+                finished.to_version, finished.from_version, finished.resealed
+            ));
+        }
+    }
+    bar.finish_and_clear();
+    println!("rotated the keys of {total} agents; every old version is destroyed");
     Ok(())
 }
 

@@ -66,6 +66,11 @@ pub fn seal_flow_secret(
     out
 }
 
+/// The agent key version a flow secret was sealed under (its first four bytes).
+pub fn flow_secret_version(sealed: &[u8]) -> Option<u32> {
+    sealed.first_chunk::<4>().map(|v| u32::from_be_bytes(*v))
+}
+
 /// Opens a secret sealed by [`seal_flow_secret`] for exactly this binding and kind.
 pub fn open_flow_secret(
     agent_key: &AgentKey,

@@ -16,9 +16,22 @@ const CAPACITY: usize = 65_536;
 pub struct Unlocked<R> {
     /// The caller's record of the agent.
     pub record: R,
-    /// The agent key.
+    /// The agent key: every new seal is made under it.
     pub key: AgentKey,
+    /// The version a rotation of the agent key is retiring, while rows sealed under it remain:
+    /// it opens them, and seals nothing.
+    pub retiring: Option<AgentKey>,
     issuer: IssuerId,
+}
+
+impl<R> Unlocked<R> {
+    /// The key of `version`, current or retiring, if this entry holds it.
+    pub fn key_at(&self, version: u32) -> Option<&AgentKey> {
+        if self.key.version == version {
+            return Some(&self.key);
+        }
+        self.retiring.as_ref().filter(|key| key.version == version)
+    }
 }
 
 /// The root key and the unwrapped agent keys, by (issuer, agent).
@@ -69,15 +82,41 @@ impl<R> Keyring<R> {
         Ok((key.version, self.root.wrap_agent_key(issuer, agent, &key)?))
     }
 
+    /// A new agent key of `version` and its wrapping under the root key, bound to the agent:
+    /// the next version of a rotation.
+    pub fn next_agent_key(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        version: u32,
+    ) -> Result<(AgentKey, Vec<u8>), RootError> {
+        let key = AgentKey::generate(version);
+        let wrapped = self.root.wrap_agent_key(issuer, agent, &key)?;
+        Ok((key, wrapped))
+    }
+
+    /// Drops the agent's cached key, so that its next use unwraps it again from the registry
+    /// (after a rotation of it).
+    pub fn forget(&self, issuer: &IssuerId, agent: &AgentId) {
+        let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entries) = agents.get_mut(agent) {
+            entries.retain(|e| e.issuer != *issuer);
+            if entries.is_empty() {
+                agents.remove(agent);
+            }
+        }
+    }
+
     /// Unwraps the agent's key from the first of `wraps` that opens under this root (during a
-    /// root rotation an agent has a wrap under each root), keeps it with `record`, and returns
-    /// both.
+    /// root rotation an agent has a wrap under each root), and the key a rotation of it is
+    /// retiring (`retiring`: its version and wrap), keeps them with `record`, and returns all.
     pub fn unlock(
         &self,
         issuer: &IssuerId,
         agent: &AgentId,
         version: u32,
         wraps: &[&[u8]],
+        retiring: Option<(u32, &[u8])>,
         record: R,
     ) -> Result<Arc<Unlocked<R>>, RootError> {
         let mut opened = Err(RootError::DoesNotOpen);
@@ -88,9 +127,13 @@ impl<R> Keyring<R> {
             }
         }
         let key = opened?;
+        let retiring = retiring
+            .map(|(version, wrapped)| self.root.unwrap_agent_key(issuer, agent, version, wrapped))
+            .transpose()?;
         let entry = Arc::new(Unlocked {
             record,
             key,
+            retiring,
             issuer: issuer.clone(),
         });
         let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());

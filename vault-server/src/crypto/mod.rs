@@ -13,7 +13,7 @@ mod pkcs11;
 mod registration;
 
 pub use envelope::{Binding, SealedCredential, open_credential, seal_credential};
-pub use flow::{FlowBinding, FlowSecret, open_flow_secret, seal_flow_secret};
+pub use flow::{FlowBinding, FlowSecret, flow_secret_version, open_flow_secret, seal_flow_secret};
 pub use keyring::{Keyring, Unlocked};
 pub use keys::{AgentKey, ControlKey, KdfParams, RootError, RootKey, RootKeySource};
 pub use pkcs11::{Pkcs11Error, Pkcs11Root, Pkcs11Settings};

@@ -13,8 +13,9 @@ use super::proto::{
     CompleteAuthorizationRequest, CompleteAuthorizationResponse, CredentialInfo,
     GetAuthorizationRequest, GetTokenRequest, GetTokenResponse, ListAuditEventsRequest,
     ListAuditEventsResponse, ListCredentialsRequest, ListCredentialsResponse, OAuthToken,
-    RefreshRequest, RefreshResponse, RevokeRequest, RevokeResponse, StoreTokenRequest,
-    StoreTokenResponse, SweepRequest, SweepResponse, authorization,
+    RefreshRequest, RefreshResponse, RevokeRequest, RevokeResponse, RotateAgentKeyRequest,
+    RotateAgentKeyResponse, StoreTokenRequest, StoreTokenResponse, SweepRequest, SweepResponse,
+    authorization, rotate_agent_key_response,
 };
 use super::status::{audit_unavailable, invalid_argument, log_failure, reason_of};
 use super::watch::{EventStream, Watchers};
@@ -587,6 +588,44 @@ impl CredentialVault for CredentialVaultService {
             Ok(Response::new(ListAuditEventsResponse {
                 events: page.records.into_iter().map(audit_event).collect(),
                 next_after_sequence: page.next_after,
+            }))
+        }
+        .await;
+        self.end(&call, result).await
+    }
+
+    async fn rotate_agent_key(
+        &self,
+        request: Request<RotateAgentKeyRequest>,
+    ) -> Result<Response<RotateAgentKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let call = start(&request, "RotateAgentKey", &caller);
+        let result = async {
+            let body = request.into_inner();
+            let agent = AgentId::parse(body.agent_id)
+                .map_err(|e| invalid_argument("agent_id", &e.to_string()))?;
+            let status = answer(
+                "RotateAgentKey",
+                self.vault
+                    .rotate_agent_key(&call, &caller, &agent, body.status_only)
+                    .await,
+            )?;
+            use rotate_agent_key_response::State;
+            let state = if status.retiring_version.is_some() {
+                State::Rotating
+            } else if status.error.is_some() {
+                State::Failed
+            } else {
+                State::Idle
+            };
+            Ok(Response::new(RotateAgentKeyResponse {
+                state: state.into(),
+                key_version: status.key_version,
+                retiring_version: status.retiring_version.unwrap_or(0),
+                remaining: status.remaining,
+                resealed: status.resealed,
+                error: status.error.unwrap_or_default(),
+                running: status.running,
             }))
         }
         .await;

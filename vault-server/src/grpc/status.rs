@@ -206,6 +206,14 @@ impl From<VaultError> for Status {
                 ErrorReason::AuthorizationPending,
                 err.to_string(),
             ),
+            VaultError::AgentNotFound => {
+                with_reason(Code::NotFound, ErrorReason::AgentNotFound, err.to_string())
+            }
+            VaultError::KeyRotationRefused(message) => with_reason(
+                Code::FailedPrecondition,
+                ErrorReason::KeyRotationRefused,
+                message,
+            ),
             VaultError::Unavailable(_) => with_reason(
                 Code::Unavailable,
                 ErrorReason::StoreUnavailable,
@@ -257,7 +265,9 @@ pub fn log_failure(rpc: &'static str, err: &VaultError) {
         | VaultError::AuthorizationNotFound
         | VaultError::AuthorizationExpired(_)
         | VaultError::AuthorizationDenied(_)
-        | VaultError::AuthorizationPending => {
+        | VaultError::AuthorizationPending
+        | VaultError::AgentNotFound
+        | VaultError::KeyRotationRefused(_) => {
             tracing::info!(rpc, error = %err, "call refused");
         }
         VaultError::AuthorizationMismatch => {

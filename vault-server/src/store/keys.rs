@@ -21,6 +21,19 @@ pub struct AgentRecord {
     pub key_version: u32,
     /// During a root rotation, the same agent key wrapped by the next root, once re-wrapped.
     pub next_wrapped_key: Option<Vec<u8>>,
+    /// During a rotation of this agent's key, the version it retires, still wrapped by the root
+    /// until no row is sealed under it.
+    pub retiring: Option<RetiringKey>,
+}
+
+/// An agent key version a rotation is retiring: reads still open rows sealed under it, no write
+/// seals under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiringKey {
+    /// Its version.
+    pub version: u32,
+    /// It, wrapped by the root key.
+    pub wrapped_key: Vec<u8>,
 }
 
 /// Root key metadata kept in the control schema.

@@ -1,13 +1,14 @@
 //! Persistence of agents and sealed credentials. The store sees only ciphertext; it never holds
 //! a key or a token in clear.
 //!
-//! The boundary is one trait per table group ([`SchemaStore`], [`KeyStore`],
+//! The boundary is one trait per table group ([`SchemaStore`], [`KeyStore`], [`AgentKeyStore`],
 //! [`CredentialStore`], [`LeaseStore`], [`OutboxStore`], [`FlowStore`], [`RegistrationStore`],
 //! [`AuditStore`]), gathered in [`Store`]. A new kind of state is a new trait and a new field,
 //! and leaves the others alone. The stores persist what they are told and answer what they are
 //! asked: every policy (backoff, lease lengths, which state follows which) is decided by the
 //! caller in `vault/`, so the two backends differ only in SQL.
 
+mod agent_keys;
 mod audit;
 mod credentials;
 mod flows;
@@ -21,6 +22,7 @@ mod sqlite;
 
 use std::sync::Arc;
 
+pub use agent_keys::{AgentKeyStore, SealedRow};
 pub use audit::{AuditStore, Chain};
 pub use credentials::{
     CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential, Release,
@@ -28,8 +30,8 @@ pub use credentials::{
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
 pub use keys::{
-    AgentPages, AgentRecord, KeyStore, NextRoot, RootKeyRecord, RotationSwitch, Shred, ShredCounts,
-    ShredPlan,
+    AgentPages, AgentRecord, KeyStore, NextRoot, RetiringKey, RootKeyRecord, RotationSwitch, Shred,
+    ShredCounts, ShredPlan,
 };
 pub use leases::{LeaseStore, RefreshLease};
 pub use outbox::{OutboxEntry, OutboxStore};
@@ -56,6 +58,14 @@ pub enum StoreError {
     /// The agent was shredded (`shred-agent`): its identity cannot be registered again.
     #[error("this agent was shredded and cannot be registered again")]
     AgentShredded,
+    /// A write was sealed under an agent key version that a rotation has since retired: seal
+    /// it again under the agent's current key (re-read the registry) and retry.
+    #[error("the agent's key was rotated: the write was sealed under a retired version")]
+    AgentKeyRotated,
+    /// A key rotation cannot start while another kind is in progress (root and agent key
+    /// rotations exclude each other); the message says which.
+    #[error("{0}")]
+    KeyRotationInProgress(String),
     /// Applying migrations failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -138,6 +148,7 @@ pub trait SchemaStore: Send + Sync + 'static {
 pub trait Backend:
     SchemaStore
     + KeyStore
+    + AgentKeyStore
     + CredentialStore
     + LeaseStore
     + OutboxStore
@@ -150,6 +161,7 @@ pub trait Backend:
 impl<
     T: SchemaStore
         + KeyStore
+        + AgentKeyStore
         + CredentialStore
         + LeaseStore
         + OutboxStore
@@ -168,6 +180,8 @@ pub struct Store {
     pub schema: Arc<dyn SchemaStore>,
     /// The root key record and the agent registry with its wrapped keys.
     pub keys: Arc<dyn KeyStore>,
+    /// Agent key rotations, and the agent rows sealed under a retiring key.
+    pub agent_keys: Arc<dyn AgentKeyStore>,
     /// Sealed credentials and their generations.
     pub credentials: Arc<dyn CredentialStore>,
     /// Refresh leases on credentials, and named leases for background jobs.
@@ -195,6 +209,7 @@ impl Store {
         Self {
             schema: backend.clone(),
             keys: backend.clone(),
+            agent_keys: backend.clone(),
             credentials: backend.clone(),
             leases: backend.clone(),
             outbox: backend.clone(),

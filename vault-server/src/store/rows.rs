@@ -43,7 +43,8 @@ fn sealed(
     })
 }
 
-/// `issuer, agent_id, namespace, wrapped_key, key_version` of the agent registry.
+/// `issuer, agent_id, namespace, wrapped_key, key_version, next_wrapped_key,
+/// retiring_wrapped_key, retiring_key_version` of the agent registry.
 #[derive(sqlx::FromRow)]
 pub(super) struct AgentRow {
     issuer: String,
@@ -52,6 +53,8 @@ pub(super) struct AgentRow {
     wrapped_key: Vec<u8>,
     key_version: i64,
     next_wrapped_key: Option<Vec<u8>>,
+    retiring_wrapped_key: Option<Vec<u8>>,
+    retiring_key_version: Option<i64>,
 }
 
 impl TryFrom<AgentRow> for AgentRecord {
@@ -67,6 +70,18 @@ impl TryFrom<AgentRow> for AgentRecord {
             wrapped_key: row.wrapped_key,
             key_version: u32_of(row.key_version, "agent key version")?,
             next_wrapped_key: row.next_wrapped_key,
+            retiring: match (row.retiring_key_version, row.retiring_wrapped_key) {
+                (Some(version), Some(wrapped_key)) => Some(crate::store::RetiringKey {
+                    version: u32_of(version, "retiring agent key version")?,
+                    wrapped_key,
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(StoreError::Corrupt(
+                        "a retiring agent key without its version (or the reverse)".into(),
+                    ));
+                }
+            },
         })
     }
 }

@@ -22,13 +22,13 @@ use super::{AgentEntry, StoredToken, Vault, VaultError};
 use crate::audit::{AuditRecord, Call, Outcome};
 use crate::auth::Caller;
 use crate::crypto::{
-    Binding, FlowBinding, FlowSecret, open_credential, open_flow_secret, random_bytes,
+    Binding, FlowBinding, FlowSecret, flow_secret_version, open_flow_secret, random_bytes,
     seal_flow_secret,
 };
 use crate::ids::{AgentId, Tool, UserId};
 use crate::oauth::{AuthorizationRequest, CallbackIssuerError, ProviderError, TokenKind};
 use crate::secret::TokenSet;
-use crate::store::{CredentialState, Flow, FlowChange, FlowStatus, NewFlow};
+use crate::store::{CredentialState, Flow, FlowChange, FlowStatus, NewFlow, StoreError};
 
 /// Most scopes a flow may ask for, and the longest scope.
 const MAX_SCOPES: usize = 64;
@@ -398,33 +398,46 @@ impl Vault {
             tool,
             flow: &id,
         };
-        let sealed_verifier = seal_flow_secret(
-            &entry.key,
-            binding,
-            FlowSecret::Verifier,
-            verifier.as_bytes(),
-        );
         let ttl = chrono::Duration::from_std(consent.flow_ttl)
             .map_err(|e| VaultError::Unexpected(e.into()))?;
         let expires_at = Utc::now() + ttl;
-        self.store
-            .flows
-            .create_flow(&NewFlow {
-                id: &id,
-                state_hash: &sha256(&state),
-                issuer: &caller.issuer,
-                agent: &caller.agent,
-                namespace: &entry.record.namespace,
-                user: &caller.user,
-                tool,
-                scopes: &scopes,
-                return_url: return_url.as_ref().map(url::Url::as_str),
-                redirect_uri: &redirect_uri,
-                provider_binding: Some(&provider_binding),
-                sealed_verifier: &sealed_verifier,
-                expires_at,
-            })
-            .await?;
+        let mut entry = entry;
+        let mut attempts = 0;
+        loop {
+            let sealed_verifier = seal_flow_secret(
+                &entry.key,
+                binding,
+                FlowSecret::Verifier,
+                verifier.as_bytes(),
+            );
+            let created = self
+                .store
+                .flows
+                .create_flow(&NewFlow {
+                    id: &id,
+                    state_hash: &sha256(&state),
+                    issuer: &caller.issuer,
+                    agent: &caller.agent,
+                    namespace: &entry.record.namespace,
+                    user: &caller.user,
+                    tool,
+                    scopes: &scopes,
+                    return_url: return_url.as_ref().map(url::Url::as_str),
+                    redirect_uri: &redirect_uri,
+                    provider_binding: Some(&provider_binding),
+                    sealed_verifier: &sealed_verifier,
+                    expires_at,
+                })
+                .await;
+            match created {
+                // The agent key was rotated since this replica cached it: seal again.
+                Err(StoreError::AgentKeyRotated) if attempts < super::RESEAL_ATTEMPTS => {
+                    attempts += 1;
+                    entry = self.reload_entry(&entry).await?;
+                }
+                other => break other?,
+            }
+        }
         tracing::info!(authorization_id = %id, bound = return_url.is_some(), "consent flow begun");
         Ok(BegunAuthorization {
             authorization_url,
@@ -557,27 +570,38 @@ impl Vault {
             self.fail_pending(&flow, "no_code").await?;
             return refused("The provider sent no authorization code.");
         };
-        let entry = self.flow_agent(&flow).await?;
-        let sealed_code = seal_flow_secret(
-            &entry.key,
-            flow_binding(&flow),
-            FlowSecret::Code,
-            code.expose_secret().as_bytes(),
-        );
-        let moved = self
-            .store
-            .flows
-            .transition(
-                &flow.id,
-                FlowChange {
-                    from: FlowStatus::Pending,
-                    to: FlowStatus::CallbackReceived,
-                    unexpired: true,
-                    sealed_code: Some(&sealed_code),
-                    error: None,
-                },
-            )
-            .await?;
+        let mut entry = self.flow_agent(&flow).await?;
+        let mut attempts = 0;
+        let (moved, sealed_code) = loop {
+            let sealed_code = seal_flow_secret(
+                &entry.key,
+                flow_binding(&flow),
+                FlowSecret::Code,
+                code.expose_secret().as_bytes(),
+            );
+            let moved = self
+                .store
+                .flows
+                .transition(
+                    &flow.id,
+                    FlowChange {
+                        from: FlowStatus::Pending,
+                        to: FlowStatus::CallbackReceived,
+                        unexpired: true,
+                        sealed_code: Some(&sealed_code),
+                        error: None,
+                    },
+                )
+                .await;
+            match moved {
+                // The agent key was rotated since this replica cached it: seal again.
+                Err(StoreError::AgentKeyRotated) if attempts < super::RESEAL_ATTEMPTS => {
+                    attempts += 1;
+                    entry = self.reload_entry(&entry).await?;
+                }
+                other => break (other?, sealed_code),
+            }
+        };
         if !moved {
             return refused(
                 "This sign-in link was already used or has expired. Start again from the application.",
@@ -720,7 +744,7 @@ impl Vault {
     async fn exchange_detached(
         &self,
         flow: &Flow,
-        entry: &AgentEntry,
+        entry: &Arc<AgentEntry>,
         audit: AuditRecord,
     ) -> Result<CompletedAuthorization, VaultError> {
         let claimed = self
@@ -745,11 +769,22 @@ impl Vault {
             });
         }
         let binding = flow_binding(flow);
+        // The secrets may have been sealed under a version this replica has not cached.
+        let mut entry = Arc::clone(entry);
+        for sealed in [&flow.sealed_verifier, &flow.sealed_code] {
+            if let Some(version) = sealed.as_deref().and_then(flow_secret_version) {
+                entry = self.entry_for(entry, version).await?;
+            }
+        }
         let open = |kind, sealed: &Option<Vec<u8>>| {
             let sealed = sealed.as_deref().ok_or_else(|| {
                 VaultError::Unexpected(anyhow::anyhow!("flow {} lost its {kind:?}", flow.id))
             })?;
-            let clear = open_flow_secret(&entry.key, binding, kind, sealed).map_err(|_| {
+            let key = flow_secret_version(sealed).and_then(|version| entry.key_at(version));
+            let opened = key
+                .ok_or(crate::crypto::OpenError)
+                .and_then(|key| open_flow_secret(key, binding, kind, sealed));
+            let clear = opened.map_err(|_| {
                 tracing::error!(authorization_id = %flow.id, ?kind, "a flow secret does not open for its flow");
                 VaultError::Unexpected(anyhow::anyhow!("flow secret does not open"))
             })?;
@@ -873,7 +908,7 @@ impl Vault {
                     &flow.tool,
                     self.options.secrets_ttl_seconds,
                 );
-                self.write_credential(entry, &flow.user, &flow.tool, &tokens, ttl, audit)
+                self.write_credential(&entry, &flow.user, &flow.tool, &tokens, ttl, audit)
                     .await
             }
         };
@@ -993,7 +1028,10 @@ impl Vault {
                 tool: &row.tool,
                 generation: row.generation,
             };
-            let Ok(tokens) = open_credential(&entry.key, binding, &row.sealed) else {
+            let entry = self
+                .entry_for(Arc::clone(&entry), row.sealed.key_version)
+                .await?;
+            let Ok(tokens) = super::open_sealed(&entry, binding, &row.sealed) else {
                 tracing::error!(tool = %row.tool, generation = %row.generation, "stored credential does not open for its row; not listed");
                 continue;
             };

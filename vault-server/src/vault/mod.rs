@@ -1,6 +1,7 @@
 //! The use cases: store, get, refresh, revoke, sweep. Identity arrives as a verified [`Caller`];
 //! nothing here knows gRPC. Data flows one way: this module → {store, crypto, oauth}.
 
+mod agent_rotation;
 mod authorization;
 mod keys;
 mod refresh;
@@ -12,6 +13,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use agent_rotation::{
+    AGENT_KEY_DESTROYED, AGENT_KEY_ROTATION_STARTED, AgentKeyRotation, AgentRotationProgress,
+    rotate_agent_key,
+};
 pub use authorization::{
     AuthorizationState, AuthorizationView, BegunAuthorization, CallbackOutcome, CallbackParams,
     CompletedAuthorization, ConnectionInfo, ConsentOptions, FLOW_RETENTION, pkce_challenge,
@@ -113,6 +118,12 @@ pub enum VaultError {
     /// The user has not come back from the provider yet.
     #[error("the user has not finished at the provider yet; poll GetAuthorization, then complete")]
     AuthorizationPending,
+    /// No agent of that id is registered under the caller's issuer.
+    #[error("no agent of that id is registered under the caller's issuer")]
+    AgentNotFound,
+    /// A key rotation cannot start now; the message says why and what to do.
+    #[error("{0}")]
+    KeyRotationRefused(String),
     /// The database is unreachable or saturated. Retry later.
     #[error("storage is unavailable")]
     Unavailable(#[source] StoreError),
@@ -133,6 +144,10 @@ impl From<StoreError> for VaultError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Unavailable(_) => Self::Unavailable(err),
+            StoreError::AgentKeyRotated => Self::KeyUnavailable(
+                "the agent's key is being rotated and this write kept meeting a newer version; retry"
+                    .into(),
+            ),
             StoreError::AgentShredded => Self::PermissionDenied(
                 "this agent was shredded (vault-server shred-agent); it cannot be registered again"
                     .into(),
@@ -199,6 +214,22 @@ struct Opened {
     released: Option<u64>,
 }
 
+/// Opens a credential sealed under whichever of the entry's keys its version names.
+fn open_sealed(
+    entry: &AgentEntry,
+    binding: Binding<'_>,
+    sealed: &crate::crypto::SealedCredential,
+) -> Result<TokenSet, crate::crypto::OpenError> {
+    let key = entry
+        .key_at(sealed.key_version)
+        .ok_or(crate::crypto::OpenError)?;
+    open_credential(key, binding, sealed)
+}
+
+/// How many times a write sealed under a key version that a rotation retired meanwhile is
+/// sealed again under the current one before the call fails (UNAVAILABLE, to retry).
+const RESEAL_ATTEMPTS: u32 = 3;
+
 /// An agent's registry entry with its key unwrapped, cached for the life of the process.
 type AgentEntry = Unlocked<AgentRecord>;
 
@@ -255,6 +286,8 @@ pub struct Vault {
     creations: std::sync::Mutex<HashMap<IssuerId, TokenBucket>>,
     /// Identifies this process as a lease holder.
     instance: uuid::Uuid,
+    /// Agent key rotations this replica runs for RotateAgentKey.
+    rotations: agent_rotation::Runs,
     /// In-process half of refresh coalescing: one gate per credential.
     gates: refresh::Gates,
     /// Refreshes and revocations that finish after their caller hung up.
@@ -367,6 +400,7 @@ impl Vault {
             options,
             creations: std::sync::Mutex::new(HashMap::new()),
             instance: uuid::Uuid::new_v4(),
+            rotations: agent_rotation::Runs::default(),
             gates: refresh::Gates::default(),
             detached: crate::jobs::Detached::default(),
             outcomes: refresh::Outcomes::default(),
@@ -578,10 +612,17 @@ impl Vault {
         let version = record.key_version;
         let wrapped = record.wrapped_key.clone();
         let next = record.next_wrapped_key.clone();
+        let retiring = record.retiring.clone();
         let wraps: Vec<&[u8]> = std::iter::once(wrapped.as_slice())
             .chain(next.as_deref())
             .collect();
-        match self.keyring.unlock(issuer, agent, version, &wraps, record) {
+        let retiring = retiring
+            .as_ref()
+            .map(|r| (r.version, r.wrapped_key.as_slice()));
+        match self
+            .keyring
+            .unlock(issuer, agent, version, &wraps, retiring, record)
+        {
             Ok(entry) => Ok(Some(entry)),
             Err(RootError::DoesNotOpen) if self.root_is_current().await? => {
                 Err(VaultError::Unexpected(anyhow::anyhow!(
@@ -590,6 +631,50 @@ impl Vault {
             }
             Err(RootError::DoesNotOpen) => Err(self.root_moved().await),
             Err(err) => Err(self.root_failed(agent, err)),
+        }
+    }
+
+    /// The agent's entry read again from the registry, its keys unwrapped again: after a
+    /// rotation of its key made the cached entry stale.
+    async fn reload_entry(&self, stale: &AgentEntry) -> Result<Arc<AgentEntry>, VaultError> {
+        let (issuer, agent) = (&stale.record.issuer, &stale.record.agent);
+        self.keyring.forget(issuer, agent);
+        self.agent_entry(issuer, agent, false)
+            .await?
+            .ok_or(VaultError::NotFound)
+    }
+
+    /// The entry to open a seal of agent key `version` with. A newer version than the cached
+    /// entry knows means a rotation this replica has not seen: the registry is read again. A
+    /// retiring version is used only while the registry still says it is retiring (the rotation
+    /// may have destroyed it since, and a row restored under it must not open). Any other
+    /// version is not held, and the open fails.
+    async fn entry_for(
+        &self,
+        entry: Arc<AgentEntry>,
+        version: u32,
+    ) -> Result<Arc<AgentEntry>, VaultError> {
+        if version == entry.key.version {
+            return Ok(entry);
+        }
+        if version > entry.key.version {
+            tracing::info!(agent = %entry.record.agent, version, "the agent key was rotated: reading it again");
+            return self.reload_entry(&entry).await;
+        }
+        let Some(retiring) = entry.retiring.as_ref().filter(|k| k.version == version) else {
+            return Ok(entry);
+        };
+        let still = self
+            .store
+            .keys
+            .agent(&entry.record.issuer, &entry.record.agent)
+            .await?
+            .and_then(|record| record.retiring)
+            .is_some_and(|r| r.version == retiring.version);
+        if still {
+            Ok(entry)
+        } else {
+            self.reload_entry(&entry).await
         }
     }
 
@@ -721,31 +806,43 @@ impl Vault {
             tool,
             generation,
         };
-        let sealed = seal_credential(&entry.key, binding, tokens);
-        let key = CredentialKey {
-            agent: &entry.record,
-            user,
-            tool,
+        audit.generation = Some(generation.get());
+        let mut fresh: Option<Arc<AgentEntry>> = None;
+        let mut attempts = 0;
+        let outcome = loop {
+            let current = fresh.as_deref().unwrap_or(entry);
+            let sealed = seal_credential(&current.key, binding, tokens);
+            let key = CredentialKey {
+                agent: &current.record,
+                user,
+                tool,
+            };
+            let written = self
+                .store
+                .credentials
+                .upsert(
+                    key,
+                    NewCredential {
+                        generation,
+                        sealed: &sealed,
+                        access_expires_at: tokens
+                            .expires_at
+                            .and_then(|s| DateTime::from_timestamp(s, 0)),
+                        ttl_seconds: ttl,
+                    },
+                    vec![audit.clone()],
+                )
+                .await;
+            match written {
+                // A rotation made another key version current since this replica cached the
+                // agent: seal again under it.
+                Err(StoreError::AgentKeyRotated) if attempts < RESEAL_ATTEMPTS => {
+                    attempts += 1;
+                    fresh = Some(self.reload_entry(current).await?);
+                }
+                other => break other?,
+            }
         };
-        let outcome = self
-            .store
-            .credentials
-            .upsert(
-                key,
-                NewCredential {
-                    generation,
-                    sealed: &sealed,
-                    access_expires_at: tokens
-                        .expires_at
-                        .and_then(|s| DateTime::from_timestamp(s, 0)),
-                    ttl_seconds: ttl,
-                },
-                {
-                    audit.generation = Some(generation.get());
-                    vec![audit]
-                },
-            )
-            .await?;
         self.recorder.changes().publish(&entry.record.namespace);
         let ttl_expires_at = match outcome {
             Upserted::Written { ttl_expires_at } => ttl_expires_at,
@@ -804,7 +901,8 @@ impl Vault {
             tool,
             generation: stored.generation,
         };
-        let tokens = open_credential(&entry.key, binding, &stored.sealed).map_err(|_| {
+        let entry = self.entry_for(entry, stored.sealed.key_version).await?;
+        let tokens = open_sealed(&entry, binding, &stored.sealed).map_err(|_| {
             // Either tampering or a row moved from elsewhere: never serve it, and say so loudly.
             tracing::error!(generation = %stored.generation, "stored credential does not open for its row");
             if let (Some(call), Some(sequence)) = (call, released) {

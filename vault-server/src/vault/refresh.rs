@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tracing::Instrument as _;
 
-use super::{IssuedToken, Opened, Vault, VaultError};
+use super::{AgentEntry, IssuedToken, Opened, Vault, VaultError};
 use crate::audit::Outcome;
 use crate::auth::Caller;
 use crate::crypto::{Binding, seal_credential};
 use crate::ids::{AgentId, Generation, IssuerId, Tool, UserId};
 use crate::oauth::{Provider, ProviderError};
 use crate::secret::TokenSet;
-use crate::store::{CredentialKey, NewCredential, RefreshLease};
+use crate::store::{CredentialKey, NewCredential, RefreshLease, StoreError};
 
 type Key = (IssuerId, AgentId, UserId, Tool);
 
@@ -263,24 +263,41 @@ impl Vault {
                     tool,
                     generation: next,
                 };
-                let sealed = seal_credential(&entry.key, binding, &renewed);
-                let written = self
-                    .store
-                    .credentials
-                    .complete_refresh(
-                        key,
-                        generation,
-                        NewCredential {
-                            generation: next,
-                            sealed: &sealed,
-                            access_expires_at: renewed
-                                .expires_at
-                                .and_then(|s| DateTime::from_timestamp(s, 0)),
-                            ttl_seconds: 0,
-                        },
-                        vec![refresh_event(caller, tool, Some(next), Outcome::Ok)],
-                    )
-                    .await?;
+                let mut fresh: Option<Arc<AgentEntry>> = None;
+                let mut attempts = 0;
+                let written = loop {
+                    let current = fresh.as_deref().unwrap_or(&entry);
+                    let sealed = seal_credential(&current.key, binding, &renewed);
+                    let swapped = self
+                        .store
+                        .credentials
+                        .complete_refresh(
+                            CredentialKey {
+                                agent: &current.record,
+                                ..key
+                            },
+                            generation,
+                            NewCredential {
+                                generation: next,
+                                sealed: &sealed,
+                                access_expires_at: renewed
+                                    .expires_at
+                                    .and_then(|s| DateTime::from_timestamp(s, 0)),
+                                ttl_seconds: 0,
+                            },
+                            vec![refresh_event(caller, tool, Some(next), Outcome::Ok)],
+                        )
+                        .await;
+                    match swapped {
+                        // The agent key was rotated while the provider answered: the rotated
+                        // refresh token must not be lost, so seal again under the new version.
+                        Err(StoreError::AgentKeyRotated) if attempts < super::RESEAL_ATTEMPTS => {
+                            attempts += 1;
+                            fresh = Some(self.reload_entry(current).await?);
+                        }
+                        other => break other?,
+                    }
+                };
                 if written {
                     self.recorder.changes().publish(&entry.record.namespace);
                     self.outcomes.record("refreshed");

@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 
 use super::{AgentEntry, Revoked, Vault, VaultError};
 use crate::audit::{AuditRecord, Call, Outcome};
-use crate::crypto::{Binding, open_credential};
+use crate::crypto::Binding;
 use crate::ids::{Tool, UserId};
 use crate::oauth::{ProviderError, TokenKind};
 use crate::store::{AgentRecord, OutboxEntry};
@@ -114,8 +114,16 @@ impl Vault {
     }
 
     /// Attempts one entry and records the outcome; true if the provider confirmed it.
-    async fn settle(&self, entry: &AgentEntry, item: OutboxEntry) -> bool {
-        let outcome = self.deliver(entry, &item).await;
+    async fn settle(&self, entry: &Arc<AgentEntry>, item: OutboxEntry) -> bool {
+        let outcome = match self
+            .entry_for(Arc::clone(entry), item.sealed.key_version)
+            .await
+        {
+            Ok(entry) => self.deliver(&entry, &item).await,
+            Err(err) => Err(Undelivered::Failed(format!(
+                "the agent key for the queued credential: {err}"
+            ))),
+        };
         let record = &entry.record;
         let age = Utc::now() - item.created_at;
         let abandoned =
@@ -204,7 +212,7 @@ impl Vault {
             tool: &item.tool,
             generation: item.generation,
         };
-        let tokens = open_credential(&entry.key, binding, &item.sealed).map_err(|_| {
+        let tokens = super::open_sealed(entry, binding, &item.sealed).map_err(|_| {
             Undelivered::Failed("the queued credential does not open for its binding".into())
         })?;
         // Its tokens belong to the authorization server (and client) the credential was stored

@@ -38,7 +38,9 @@ impl CredentialStore for PgStore {
         audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError> {
         let schema = quoted(&key.agent.namespace)?;
-        let mut tx = self.agent_tx(&key.agent.namespace).await?;
+        let mut tx = self
+            .sealing_tx(&key.agent.namespace, new.sealed.key_version)
+            .await?;
         // The WHERE on the conflict arm is the fence: a slower writer holding an older
         // generation can never overwrite a newer one.
         let sql = format!(
@@ -190,7 +192,9 @@ impl CredentialStore for PgStore {
         audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError> {
         let schema = quoted(&key.agent.namespace)?;
-        let mut tx = self.agent_tx(&key.agent.namespace).await?;
+        let mut tx = self
+            .sealing_tx(&key.agent.namespace, new.sealed.key_version)
+            .await?;
         // Compare-and-swap on the generation read before the provider call: if a StoreToken
         // (or anything else) wrote meanwhile, its newer value stands and this write is dropped.
         let written = sqlx::query(&format!(

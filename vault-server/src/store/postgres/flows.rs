@@ -15,10 +15,36 @@ const FLOW_COLUMNS: &str = "id, issuer, agent_id, namespace, user_id, tool, scop
     floor(extract(epoch FROM expires_at) * 1000)::int8 AS expires_at_ms,
     floor(extract(epoch FROM created_at) * 1000)::int8 AS created_at_ms";
 
+/// Within `tx`, the agent key write fence (`vault.fence_agent_key`) for a flow secret, which
+/// starts with the version that sealed it.
+async fn fence(
+    tx: &mut sqlx::PgConnection,
+    namespace: &str,
+    sealed: &[u8],
+) -> Result<(), StoreError> {
+    let version = sealed
+        .first_chunk::<4>()
+        .map(|v| u32::from_be_bytes(*v))
+        .ok_or_else(|| StoreError::Corrupt("a flow secret without its key version".into()))?;
+    let current: bool = sqlx::query_scalar("SELECT vault.fence_agent_key($1, $2)")
+        .bind(namespace)
+        .bind(version as i32)
+        .fetch_one(tx)
+        .await
+        .map_err(e)?;
+    if current {
+        Ok(())
+    } else {
+        Err(StoreError::AgentKeyRotated)
+    }
+}
+
 #[async_trait::async_trait]
 impl FlowStore for PgStore {
     #[tracing::instrument(skip_all)]
     async fn create_flow(&self, flow: &NewFlow<'_>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        fence(&mut tx, flow.namespace, flow.sealed_verifier).await?;
         sqlx::query(
             "INSERT INTO vault.authorization_flows
                  (id, state_hash, issuer, agent_id, namespace, user_id, tool, scopes, return_url,
@@ -40,9 +66,10 @@ impl FlowStore for PgStore {
         .bind(flow.sealed_verifier)
         .bind(flow.expires_at)
         .bind(flow.provider_binding)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
+        tx.commit().await.map_err(e)?;
         Ok(())
     }
 
@@ -72,6 +99,18 @@ impl FlowStore for PgStore {
 
     #[tracing::instrument(skip_all)]
     async fn transition(&self, id: &str, change: FlowChange<'_>) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        if let Some(code) = change.sealed_code {
+            let namespace: Option<String> =
+                sqlx::query_scalar("SELECT namespace FROM vault.authorization_flows WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(e)?;
+            if let Some(namespace) = namespace {
+                fence(&mut tx, &namespace, code).await?;
+            }
+        }
         // One statement: the status compare-and-set is the fence between replicas, and a flow
         // that ends loses its secrets in the same write that ends it.
         let moved = sqlx::query(
@@ -90,10 +129,11 @@ impl FlowStore for PgStore {
         .bind(change.sealed_code)
         .bind(change.error)
         .bind(change.unexpired)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?
         .rows_affected();
+        tx.commit().await.map_err(e)?;
         Ok(moved == 1)
     }
 

@@ -12,7 +12,8 @@ use crate::store::{
 
 /// The registry columns as [`AgentRow`] names them.
 pub(super) const AGENT_COLUMNS: &str = "issuer, agent_id, schema_name AS namespace, wrapped_key, \
-     key_version::int8 AS key_version, next_wrapped_key";
+     key_version::int8 AS key_version, next_wrapped_key, retiring_wrapped_key, \
+     retiring_key_version::int8 AS retiring_key_version";
 
 /// Most agents [`KeyStore::finish_root_rotation`] names as missing at once.
 const MISSING_PAGE: i64 = 1000;
@@ -109,7 +110,8 @@ impl KeyStore for PgStore {
             let row: AgentRow = sqlx::query_as(
                 "SELECT out_issuer AS issuer, out_agent_id AS agent_id,
                         out_schema_name AS namespace, out_wrapped_key AS wrapped_key,
-                        out_key_version::int8 AS key_version, NULL::bytea AS next_wrapped_key
+                        out_key_version::int8 AS key_version, NULL::bytea AS next_wrapped_key,
+                        NULL::bytea AS retiring_wrapped_key, NULL::int8 AS retiring_key_version
                  FROM vault.create_agent($1, $2, $3, $4, $5)",
             )
             .bind(issuer.as_str())
@@ -299,6 +301,20 @@ impl KeyStore for PgStore {
             None => (None, None),
         };
         let mut tx = self.pool.begin().await.map_err(e)?;
+        // The root key row first: an agent key rotation starts only under it FOR SHARE, so
+        // every one that started is visible below, and none starts until this commits.
+        root_key_on(&mut tx, "FOR UPDATE").await?;
+        let rotating: Option<String> = sqlx::query_scalar(
+            "SELECT agent_id FROM vault.agents WHERE retiring_key_version IS NOT NULL LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if let Some(agent) = rotating {
+            return Err(StoreError::KeyRotationInProgress(format!(
+                "an agent key rotation is in progress (agent {agent}); finish it with rotate-agent-key first"
+            )));
+        }
         sqlx::query(
             "UPDATE vault.root_key SET next_key_check = $1, next_kdf_salt = $2,
                  next_kdf_m_cost = $3, next_kdf_t_cost = $4, next_kdf_p_cost = $5,

@@ -4,6 +4,7 @@
 //! Schema names come only from [`namespace_for`] (a hash of the agent id) and are re-checked by
 //! [`quoted`] before they are spliced into SQL; every value is a bind parameter.
 
+mod agent_keys;
 mod audit;
 mod credentials;
 mod flows;
@@ -196,6 +197,46 @@ impl PgStore {
             tx.execute(format!("SET LOCAL ROLE {role}").as_str())
                 .await
                 .map_err(e)?;
+        }
+        Ok(tx)
+    }
+
+    /// A transaction on one agent's schema, as [`Self::agent_tx`], for a write of seals made
+    /// under the agent key `version`: it first passes the write fence (`vault.fence_agent_key`),
+    /// which holds the agent's key at `version` until the transaction ends, or answers
+    /// [`StoreError::AgentKeyRotated`] when a rotation has made another version current. With
+    /// per-agent roles the fence and the switch to the agent's role are one statement (the
+    /// fence is the owner's function, which the agent's role may not call).
+    pub(super) async fn sealing_tx(
+        &self,
+        namespace: &str,
+        version: u32,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        let current: bool = if self.agent_roles {
+            let role = self.agent_role(namespace)?;
+            // The quoted name is a prefix and a hex hash: no quote inside to unescape.
+            let role = role.trim_matches('"');
+            sqlx::query_scalar(
+                "SELECT fenced FROM (SELECT vault.fence_agent_key($1, $2) AS fenced,
+                                           set_config('role', $3, true)) AS switched",
+            )
+            .bind(namespace)
+            .bind(version as i32)
+            .bind(role)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?
+        } else {
+            sqlx::query_scalar("SELECT vault.fence_agent_key($1, $2)")
+                .bind(namespace)
+                .bind(version as i32)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(e)?
+        };
+        if !current {
+            return Err(StoreError::AgentKeyRotated);
         }
         Ok(tx)
     }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::agent_keys::fence;
 use super::audit::append_in;
 use super::{SqliteStore, e, ms, now_ms};
 use crate::audit::AuditRecord;
@@ -65,6 +66,9 @@ impl CredentialStore for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(e)?;
+        // After the write, which holds the write lock: whether or not a newer generation won,
+        // nothing sealed under a retired key version commits.
+        fence(&mut tx, &key.agent.namespace, new.sealed.key_version).await?;
         append_in(&mut tx, &key.agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         Ok(match written {
@@ -163,6 +167,8 @@ impl CredentialStore for SqliteStore {
         .await
         .map_err(e)?
         .rows_affected();
+        // After the write, which holds the write lock, as in `upsert`.
+        fence(&mut tx, &key.agent.namespace, new.sealed.key_version).await?;
         if written == 1 {
             append_in(&mut tx, &key.agent.namespace, audit).await?;
         }

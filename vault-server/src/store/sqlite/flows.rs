@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::agent_keys::{fence, sealed_version};
 use super::{SqliteStore, e, now_ms};
 use crate::store::rows::{FlowRow, joined_scopes};
 use crate::store::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow, StoreError};
@@ -16,6 +17,10 @@ const FLOW_COLUMNS: &str = "id, issuer, agent_id, namespace, user_id, tool, scop
 impl FlowStore for SqliteStore {
     #[tracing::instrument(skip_all)]
     async fn create_flow(&self, flow: &NewFlow<'_>) -> Result<(), StoreError> {
+        let version = sealed_version(flow.sealed_verifier)?;
+        // The insert first, so the transaction holds the write lock when the fence reads the
+        // agent's key version.
+        let mut tx = self.pool.begin().await.map_err(e)?;
         sqlx::query(
             "INSERT INTO authorization_flows
                  (id, state_hash, issuer, agent_id, namespace, user_id, tool, scopes, return_url,
@@ -38,9 +43,11 @@ impl FlowStore for SqliteStore {
         .bind(flow.expires_at.timestamp_millis())
         .bind(now_ms())
         .bind(flow.provider_binding)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
+        fence(&mut tx, flow.namespace, version).await?;
+        tx.commit().await.map_err(e)?;
         Ok(())
     }
 
@@ -70,8 +77,10 @@ impl FlowStore for SqliteStore {
 
     #[tracing::instrument(skip_all)]
     async fn transition(&self, id: &str, change: FlowChange<'_>) -> Result<bool, StoreError> {
-        // One statement: the status compare-and-set is the fence, and a flow that ends loses
-        // its secrets in the same write that ends it.
+        let version = change.sealed_code.map(sealed_version).transpose()?;
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // One statement: the status compare-and-set is the fence between replicas, and a flow
+        // that ends loses its secrets in the same write that ends it.
         let moved = sqlx::query(
             "UPDATE authorization_flows SET
                  status = ?3,
@@ -89,10 +98,25 @@ impl FlowStore for SqliteStore {
         .bind(change.error)
         .bind(change.unexpired)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?
         .rows_affected();
+        // A code sealed under a retired agent key version is refused whether or not the flow
+        // was still in `from`, as PostgreSQL's fence (taken before its update) refuses it. The
+        // update above, even one that matched nothing, holds the write lock.
+        if let Some(version) = version {
+            let namespace: Option<String> =
+                sqlx::query_scalar("SELECT namespace FROM authorization_flows WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(e)?;
+            if let Some(namespace) = namespace {
+                fence(&mut tx, &namespace, version).await?;
+            }
+        }
+        tx.commit().await.map_err(e)?;
         Ok(moved == 1)
     }
 

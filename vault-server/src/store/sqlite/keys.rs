@@ -9,8 +9,8 @@ use crate::store::{
 };
 
 /// The registry columns as [`AgentRow`] names them.
-pub(super) const AGENT_COLUMNS: &str =
-    "issuer, agent_id, namespace, wrapped_key, key_version, next_wrapped_key";
+pub(super) const AGENT_COLUMNS: &str = "issuer, agent_id, namespace, wrapped_key, key_version, next_wrapped_key, \
+     retiring_wrapped_key, retiring_key_version";
 
 /// Most agents [`KeyStore::finish_root_rotation`] names as missing at once.
 const MISSING_PAGE: i64 = 1000;
@@ -216,6 +216,27 @@ impl KeyStore for SqliteStore {
             Some((salt, p)) => (Some(salt.clone()), Some(*p)),
             None => (None, None),
         };
+        // The write lock first (an update that changes nothing): an agent key rotation starts
+        // under the same lock, so every one that started is seen below and none starts before
+        // this commits. The two kinds of rotation exclude each other, so a retiring agent key
+        // is always wrapped by the current root.
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        sqlx::query("UPDATE root_key SET id = id WHERE id = 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+        let rotating: Option<String> = sqlx::query_scalar(
+            "SELECT agent_id FROM agents WHERE retiring_key_version IS NOT NULL LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if let Some(agent) = rotating {
+            return Err(StoreError::KeyRotationInProgress(format!(
+                "an agent key rotation is in progress (agent {agent}); finish it with \
+                 rotate-agent-key first"
+            )));
+        }
         sqlx::query(
             "UPDATE root_key SET next_key_check = ?, next_kdf_salt = ?, next_kdf_m_cost = ?,
                  next_kdf_t_cost = ?, next_kdf_p_cost = ?, next_wrapped_control_key = ?
@@ -227,11 +248,19 @@ impl KeyStore for SqliteStore {
         .bind(params.map(|p| i64::from(p.t_cost)))
         .bind(params.map(|p| i64::from(p.p_cost)))
         .bind(&next.wrapped_control_key)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(e)?;
-        self.root_key()
-            .await?
+        let row: Option<RootKeyRow> = sqlx::query_as(&format!(
+            "SELECT {} FROM root_key WHERE id = 1",
+            root_key_columns("")
+        ))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        row.map(RootKeyRecord::try_from)
+            .transpose()?
             .ok_or_else(|| StoreError::Corrupt("root key row vanished".into()))
     }
 

@@ -7,6 +7,7 @@
 //! compare-and-swap are atomic without row locks. Times are unix milliseconds from this
 //! process's clock: the embedded store has one writer process by design.
 
+mod agent_keys;
 mod audit;
 mod credentials;
 mod flows;
