@@ -1,5 +1,8 @@
 -- Agent key rotation (issue 17, `vault-server rotate-agent-key` and the RotateAgentKey RPC).
 --
+-- The start and the end of a rotation notify `vault_audit` with `key:<schema>`, so that every
+-- replica drops its cached keys of the agent.
+--
 -- Rotating an agent key makes a new version current at once and keeps the old one as the
 -- retiring key, wrapped by the root as before, until no row of the agent is sealed under it any
 -- more: credentials, queued revocations and consent-flow secrets are re-sealed in batches, and
@@ -64,6 +67,9 @@ BEGIN
         SET retiring_wrapped_key = wrapped_key, retiring_key_version = key_version,
             wrapped_key = p_wrapped_key, key_version = p_key_version, next_wrapped_key = NULL
         WHERE schema_name = p_schema;
+    -- Every replica drops its cached keys of the agent at commit (on the audit wake-up
+    -- channel, which watch streams ignore for this payload).
+    PERFORM pg_notify('vault_audit', 'key:' || p_schema);
     RETURN true;
 END
 $$;
@@ -104,6 +110,9 @@ BEGIN
     IF remaining = 0 THEN
         UPDATE vault.agents SET retiring_wrapped_key = NULL, retiring_key_version = NULL
             WHERE schema_name = p_schema;
+        -- No replica keeps the destroyed version in memory past the commit (one that misses
+        -- the wake-up drops it when it next sees the agent's rows or registry entry).
+        PERFORM pg_notify('vault_audit', 'key:' || p_schema);
     END IF;
     RETURN remaining;
 END

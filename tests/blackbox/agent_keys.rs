@@ -138,6 +138,10 @@ async fn rotate_agent_key_under_load_on_two_replicas_loses_no_call_and_destroys_
     assert_eq!((version, retiring), (1, None));
     let frozen = sealed_row(&mut conn, AGENT, &user(0)).await;
     assert_eq!(frozen.1, 1);
+    // A third replica unwraps the agent's key once, then sits the rotation out.
+    let idle = spawn_with(&db, &issuer, &[]).await;
+    let idle_vault = idle.client(&issuer, AGENT, &user(0)).await;
+    assert_eq!(access_token(&idle_vault, "jira").await, "v0-user-00");
 
     // Load: every other user, alternately on each replica, writes a new access token and reads
     // it back from the other replica, until told to stop. Every call must succeed.
@@ -246,9 +250,16 @@ async fn rotate_agent_key_under_load_on_two_replicas_loses_no_call_and_destroys_
             "{refused:?}"
         );
     }
+    // The replica that sat the rotation out was told to drop the destroyed version too.
+    eventually("the idle replica no longer opens the restored row", || {
+        let vault = idle_vault.clone();
+        async move { vault.get_token("jira", Duration::ZERO).await.is_err() }
+    })
+    .await;
     a.stop().await;
     b.stop().await;
     fresh.stop().await;
+    idle.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

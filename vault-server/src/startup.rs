@@ -283,6 +283,12 @@ impl Application {
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let mut jobs = Jobs::new();
+        {
+            let (vault, changes) = (Arc::clone(&vault), changes.clone());
+            jobs.spawn("rotated key listener", |shutdown| {
+                vault.forget_rotated_keys(changes, shutdown)
+            });
+        }
         if let Some(listener) = AuditListener::for_database(&settings.database, changes)? {
             jobs.spawn("audit listener", |shutdown| listener.run(shutdown));
         }

@@ -107,6 +107,19 @@ impl<R> Keyring<R> {
         }
     }
 
+    /// Drops every cached entry whose record `stale` picks; answers how many.
+    pub fn forget_matching(&self, stale: impl Fn(&R) -> bool) -> usize {
+        let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = 0;
+        agents.retain(|_, entries| {
+            let before = entries.len();
+            entries.retain(|e| !stale(&e.record));
+            dropped += before - entries.len();
+            !entries.is_empty()
+        });
+        dropped
+    }
+
     /// Unwraps the agent's key from the first of `wraps` that opens under this root (during a
     /// root rotation an agent has a wrap under each root), and the key a rotation of it is
     /// retiring (`retiring`: its version and wrap), keeps them with `record`, and returns all.

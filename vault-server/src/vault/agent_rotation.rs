@@ -304,6 +304,10 @@ async fn record_agent_event(
         .map_err(|err| RotationError::Audit(crate::telemetry::error_chain(&err)))
 }
 
+/// The prefix of the wake-up (on the audit channel) that a rotation of an agent's key started
+/// or ended; the agent's schema follows. Watch streams ignore it.
+pub const KEY_CHANGED: &str = "key:";
+
 /// Rows re-sealed per batch by a rotation the RotateAgentKey RPC runs.
 const RPC_BATCH: u32 = 500;
 
@@ -389,6 +393,38 @@ impl Vault {
             self.spawn_rotation(record);
         }
         self.rotation_status(&caller.issuer, agent).await
+    }
+
+    /// Drops the cached keys of agents whose key a rotation (on any replica, or `rotate-agent-key`)
+    /// started or ended, as the wake-ups in `changes` say, until `shutdown`. A missed wake-up
+    /// only delays it: the replica reads the registry again when it meets a row under a newer
+    /// version, a write is fenced, or a retiring version it holds is no longer retiring.
+    pub async fn forget_rotated_keys(
+        self: Arc<Self>,
+        changes: crate::audit::Changes,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut wakeups = changes.subscribe();
+        loop {
+            let woken = tokio::select! {
+                () = shutdown.cancelled() => return,
+                woken = wakeups.recv() => woken,
+            };
+            match woken {
+                Ok(payload) => {
+                    if let Some(namespace) = payload.strip_prefix(KEY_CHANGED) {
+                        let dropped = self
+                            .keyring
+                            .forget_matching(|record| record.namespace == namespace);
+                        if dropped > 0 {
+                            tracing::info!(schema = %namespace, "an agent key rotation started or ended: dropped the cached keys");
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// Whether this replica is running a rotation of the agent in `namespace`.
