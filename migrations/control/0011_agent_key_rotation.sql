@@ -35,11 +35,13 @@ $$;
 REVOKE ALL ON FUNCTION vault.fence_agent_key(text, integer) FROM PUBLIC;
 
 -- Starts a rotation of one agent's key: the new key (already wrapped by the current root)
--- becomes current and the old one retiring. Only from `p_from_version`, with no rotation of
--- this agent in progress (false otherwise: the caller re-reads the registry), and not while a
--- root rotation is in progress (SQLSTATE V0002).
+-- becomes current and the old one retiring. Only from the key the caller read (its version and
+-- its wrap, which a finished root rotation changes), with no rotation of this agent in progress
+-- (false otherwise: the caller re-reads the registry), and not while a root rotation is in
+-- progress (SQLSTATE V0002).
 CREATE OR REPLACE FUNCTION vault.begin_agent_key_rotation(
-    p_schema text, p_from_version integer, p_wrapped_key bytea, p_key_version integer)
+    p_schema text, p_from_version integer, p_from_wrapped_key bytea, p_wrapped_key bytea,
+    p_key_version integer)
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -47,6 +49,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     current_version integer;
+    current_wrap bytea;
     retiring integer;
 BEGIN
     IF p_wrapped_key IS NULL OR octet_length(p_wrapped_key) > 1024
@@ -58,9 +61,11 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'a root key rotation is in progress' USING ERRCODE = 'V0002';
     END IF;
-    SELECT key_version, retiring_key_version INTO current_version, retiring
+    SELECT key_version, wrapped_key, retiring_key_version
+        INTO current_version, current_wrap, retiring
         FROM vault.agents WHERE schema_name = p_schema FOR UPDATE;
-    IF NOT FOUND OR retiring IS NOT NULL OR current_version <> p_from_version THEN
+    IF NOT FOUND OR retiring IS NOT NULL OR current_version <> p_from_version
+       OR current_wrap <> p_from_wrapped_key THEN
         RETURN false;
     END IF;
     UPDATE vault.agents
@@ -73,7 +78,7 @@ BEGIN
     RETURN true;
 END
 $$;
-REVOKE ALL ON FUNCTION vault.begin_agent_key_rotation(text, integer, bytea, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vault.begin_agent_key_rotation(text, integer, bytea, bytea, integer) FROM PUBLIC;
 
 -- Ends a rotation: counts the agent's rows still sealed under the retiring version (credentials
 -- and queued revocations in one statement, so a revocation queued meanwhile is counted in
@@ -125,7 +130,7 @@ DECLARE
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = serving) THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION vault.fence_agent_key(text, integer) TO %I', serving);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION vault.begin_agent_key_rotation(text, integer, bytea, integer) TO %I', serving);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION vault.begin_agent_key_rotation(text, integer, bytea, bytea, integer) TO %I', serving);
         EXECUTE format('GRANT EXECUTE ON FUNCTION vault.finish_agent_key_rotation(text, integer) TO %I', serving);
     END IF;
 END $$;

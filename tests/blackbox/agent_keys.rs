@@ -399,6 +399,7 @@ async fn rotate_rpc(
     jwt: &str,
     agent: &str,
     status_only: bool,
+    from_key_version: u32,
 ) -> Result<RotateAgentKeyResponse, tonic::Status> {
     let mut client = vault_client::proto::credential_vault_client::CredentialVaultClient::new(
         channel(endpoint).await,
@@ -406,6 +407,7 @@ async fn rotate_rpc(
     let mut request = tonic::Request::new(RotateAgentKeyRequest {
         agent_id: agent.into(),
         status_only,
+        from_key_version,
     });
     request.metadata_mut().insert(
         "authorization",
@@ -421,7 +423,7 @@ async fn rotate_rpc(
 async fn rotate_twice_through_the_rpc(app: &crate::helpers::TestApp, issuer: &Issuer) {
     let admin = issuer.admin_token("ops", "operator");
     for round in 1..=2u32 {
-        let started = rotate_rpc(&app.endpoint(), &admin, AGENT, false)
+        let started = rotate_rpc(&app.endpoint(), &admin, AGENT, false, round)
             .await
             .unwrap();
         assert_eq!(started.key_version, round + 1, "{started:?}");
@@ -430,12 +432,12 @@ async fn rotate_twice_through_the_rpc(app: &crate::helpers::TestApp, issuer: &Is
         eventually("the background rotation finishes", move || {
             let (endpoint, admin) = (endpoint.clone(), token.clone());
             async move {
-                let now = rotate_rpc(&endpoint, &admin, AGENT, true).await.unwrap();
+                let now = rotate_rpc(&endpoint, &admin, AGENT, true, 0).await.unwrap();
                 now.state() == State::Idle && !now.running && now.remaining == 0
             }
         })
         .await;
-        let done = rotate_rpc(&app.endpoint(), &admin, AGENT, true)
+        let done = rotate_rpc(&app.endpoint(), &admin, AGENT, true, 0)
             .await
             .unwrap();
         assert_eq!(
@@ -444,6 +446,15 @@ async fn rotate_twice_through_the_rpc(app: &crate::helpers::TestApp, issuer: &Is
             "{done:?}"
         );
     }
+    // A retried call meant for a version already rotated away starts nothing.
+    let retried = rotate_rpc(&app.endpoint(), &admin, AGENT, false, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (retried.state(), retried.key_version, retried.running),
+        (State::Idle, 3, false),
+        "{retried:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,6 +475,7 @@ async fn the_rotate_agent_key_rpc_rotates_in_the_background_for_admins_only() {
         &issuer.token(AGENT, "user-00"),
         AGENT,
         false,
+        0,
     )
     .await
     .unwrap_err();
@@ -473,6 +485,7 @@ async fn the_rotate_agent_key_rpc_rotates_in_the_background_for_admins_only() {
         &issuer.admin_token("ops", "operator"),
         "nobody",
         false,
+        0,
     )
     .await
     .unwrap_err();
@@ -482,6 +495,7 @@ async fn the_rotate_agent_key_rpc_rotates_in_the_background_for_admins_only() {
         &issuer.admin_token("ops", "operator"),
         "",
         false,
+        0,
     )
     .await
     .unwrap_err();

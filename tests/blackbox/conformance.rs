@@ -1649,17 +1649,30 @@ async fn an_agent_key_rotation_fences_old_seals_reseals_every_row_and_destroys_t
     let other = registered(store, "agent-b").await;
     put(store, &other, "alice", "jira", 3, 3600).await;
 
+    // A start from a wrap that is no longer the agent's (a root rotation re-wrapped it since it
+    // was read) changes nothing: its new key would be wrapped under a root that is gone.
+    let rewrapped_since = AgentRecord {
+        wrapped_key: b"wrapped-under-the-old-root".to_vec(),
+        ..a.clone()
+    };
+    assert!(
+        !store
+            .agent_keys
+            .begin_agent_key_rotation(&rewrapped_since, b"wrapped-v2", 2, Vec::new())
+            .await
+            .unwrap()
+    );
     assert!(
         store
             .agent_keys
-            .begin_agent_key_rotation(&a, b"wrapped-v2", 2)
+            .begin_agent_key_rotation(&a, b"wrapped-v2", 2, Vec::new())
             .await
             .unwrap()
     );
     assert!(
         !store
             .agent_keys
-            .begin_agent_key_rotation(&a, b"wrapped-v3", 3)
+            .begin_agent_key_rotation(&a, b"wrapped-v3", 3, Vec::new())
             .await
             .unwrap(),
         "one rotation of an agent at a time"
@@ -1836,7 +1849,7 @@ async fn an_agent_key_rotation_fences_old_seals_reseals_every_row_and_destroys_t
     assert_eq!(
         store
             .agent_keys
-            .finish_agent_key_rotation(&a, 1)
+            .finish_agent_key_rotation(&a, 1, Vec::new())
             .await
             .unwrap(),
         Some(1),
@@ -1863,7 +1876,7 @@ async fn an_agent_key_rotation_fences_old_seals_reseals_every_row_and_destroys_t
     assert_eq!(
         store
             .agent_keys
-            .finish_agent_key_rotation(&a, 1)
+            .finish_agent_key_rotation(&a, 1, Vec::new())
             .await
             .unwrap(),
         Some(0)
@@ -1878,7 +1891,7 @@ async fn an_agent_key_rotation_fences_old_seals_reseals_every_row_and_destroys_t
     assert_eq!(
         store
             .agent_keys
-            .finish_agent_key_rotation(&a, 1)
+            .finish_agent_key_rotation(&a, 1, Vec::new())
             .await
             .unwrap(),
         None

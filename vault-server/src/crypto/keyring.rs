@@ -156,6 +156,13 @@ impl<R> Keyring<R> {
             agents.remove(&evicted);
         }
         let entries = agents.entry(agent.clone()).or_default();
+        // Two reloads racing across a rotation: the newer key stays.
+        if let Some(newer) = entries
+            .iter()
+            .find(|e| e.issuer == *issuer && e.key.version > entry.key.version)
+        {
+            return Ok(Arc::clone(newer));
+        }
         entries.retain(|e| e.issuer != *issuer);
         entries.push(Arc::clone(&entry));
         Ok(entry)

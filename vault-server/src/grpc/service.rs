@@ -607,14 +607,20 @@ impl CredentialVault for CredentialVaultService {
             let status = answer(
                 "RotateAgentKey",
                 self.vault
-                    .rotate_agent_key(&call, &caller, &agent, body.status_only)
+                    .rotate_agent_key(
+                        &call,
+                        &caller,
+                        &agent,
+                        body.status_only,
+                        (body.from_key_version != 0).then_some(body.from_key_version),
+                    )
                     .await,
             )?;
             use rotate_agent_key_response::State;
-            let state = if status.retiring_version.is_some() {
-                State::Rotating
-            } else if status.error.is_some() {
+            let state = if status.error.is_some() && !status.running {
                 State::Failed
+            } else if status.retiring_version.is_some() {
+                State::Rotating
             } else {
                 State::Idle
             };

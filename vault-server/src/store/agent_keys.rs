@@ -3,6 +3,7 @@
 //! in batches before it destroys the retiring key.
 
 use super::{AgentRecord, StoreError};
+use crate::audit::AuditRecord;
 use crate::crypto::SealedCredential;
 use crate::ids::{Generation, Tool, UserId};
 
@@ -53,15 +54,18 @@ pub enum SealedRow {
 pub trait AgentKeyStore: Send + Sync + 'static {
     /// Starts a rotation of `agent`'s key: `wrapped_key` (version `key_version`, wrapped by the
     /// current root) becomes current at once and the current key retiring, in a transaction
-    /// that waits for every write still sealing under the current version. False (nothing
-    /// changed) if the agent's key is no longer `agent.key_version`, a rotation of it is in
-    /// progress, or the agent is gone: re-read the registry. Refused with
-    /// [`StoreError::KeyRotationInProgress`] while a root rotation is in progress.
+    /// that waits for every write still sealing under the current version, and appends `audit`
+    /// to the agent's chain in it. False (nothing changed, nothing recorded) if the agent's key
+    /// is no longer the one `agent` holds (its version and its wrap: a root rotation may have
+    /// re-wrapped it), a rotation of it is in progress, or the agent is gone: re-read the
+    /// registry. Refused with [`StoreError::KeyRotationInProgress`] while a root rotation is in
+    /// progress.
     async fn begin_agent_key_rotation(
         &self,
         agent: &AgentRecord,
         wrapped_key: &[u8],
         key_version: u32,
+        audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError>;
 
     /// At most `limit` of the agent's rows sealed under `version`: credentials, then queued
@@ -91,12 +95,14 @@ pub trait AgentKeyStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Ends the rotation retiring `retiring_version`: when no row of the agent is sealed under
-    /// it any more, destroys the retiring key (in one transaction with that count) and answers
-    /// `Some(0)`; otherwise changes nothing and answers `Some(rows left)`. `None` when that
-    /// version is not retiring (another run finished, or the agent is gone).
+    /// it any more, destroys the retiring key (in one transaction with that count, and with
+    /// `audit` appended to the agent's chain) and answers `Some(0)`; otherwise changes nothing
+    /// and answers `Some(rows left)`. `None` when that version is not retiring (another run
+    /// finished, or the agent is gone).
     async fn finish_agent_key_rotation(
         &self,
         agent: &AgentRecord,
         retiring_version: u32,
+        audit: Vec<AuditRecord>,
     ) -> Result<Option<u64>, StoreError>;
 }

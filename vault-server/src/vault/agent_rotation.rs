@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
-use crate::audit::{AuditRecord, Call, Changes, Owner, Recorder};
+use crate::audit::{AuditRecord, Call};
 use crate::auth::Caller;
 use crate::crypto::{
     AgentKey, Binding, FlowBinding, FlowSecret, RootKey, flow_secret_version, open_credential,
@@ -75,7 +75,6 @@ pub async fn finish_agent_key_rotation(
     batch: u32,
     progress: &mut (dyn FnMut(AgentRotationProgress) + Send),
 ) -> Result<AgentRotationProgress, RotationError> {
-    let recorder = Recorder::new(store.clone(), Changes::default());
     let (issuer, agent) = (&record.issuer, &record.agent);
     let Some(retiring) = record.retiring.clone() else {
         return Err(RotationError::Refused(format!(
@@ -102,21 +101,30 @@ pub async fn finish_agent_key_rotation(
             .sealed_under(&record, old.version, batch.max(1))
             .await?;
         if rows.is_empty() {
+            let destroyed = agent_event(
+                &record,
+                AGENT_KEY_DESTROYED,
+                serde_json::json!({
+                    "destroyed_version": old.version,
+                    "key_version": new.version,
+                    "resealed": state.resealed,
+                }),
+            );
             match store
                 .agent_keys
-                .finish_agent_key_rotation(&record, old.version)
+                .finish_agent_key_rotation(&record, old.version, vec![destroyed])
                 .await?
             {
                 // Rows under the old version appeared since the read (a revocation queued from
                 // a credential this run had not reached yet): another round.
-                Some(left) if left > 0 => continue,
+                Some(left) if left > 0 => {
+                    idle += 1;
+                    if idle >= IDLE_BATCHES {
+                        return Err(changing(agent));
+                    }
+                    continue;
+                }
                 Some(_) => {
-                    let target = serde_json::json!({
-                        "destroyed_version": old.version,
-                        "key_version": new.version,
-                        "resealed": state.resealed,
-                    });
-                    record_agent_event(&recorder, &record, AGENT_KEY_DESTROYED, target).await?;
                     tracing::info!(%agent, destroyed = old.version, current = new.version, resealed = state.resealed, "agent key rotated; the old version is destroyed");
                 }
                 None => {
@@ -139,11 +147,16 @@ pub async fn finish_agent_key_rotation(
         progress(state);
         idle = if resealed == 0 { idle + 1 } else { 0 };
         if idle >= IDLE_BATCHES {
-            return Err(RotationError::Refused(format!(
-                "the rows of agent {agent} kept changing under the rotation; run it again"
-            )));
+            return Err(changing(agent));
         }
     }
+}
+
+/// The refusal when an agent's rows keep changing faster than a rotation re-seals them.
+fn changing(agent: &AgentId) -> RotationError {
+    RotationError::Refused(format!(
+        "the rows of agent {agent} kept changing under the rotation; run it again"
+    ))
 }
 
 /// The first half of [`rotate_agent_key`]: the agent's registry entry with a rotation in
@@ -155,7 +168,6 @@ pub async fn begin_agent_key_rotation(
     issuer: &IssuerId,
     agent: &AgentId,
 ) -> Result<AgentRecord, RotationError> {
-    let recorder = &Recorder::new(store.clone(), Changes::default());
     for _ in 0..5 {
         let record = store.keys.agent(issuer, agent).await?.ok_or_else(|| {
             RotationError::Refused(format!("no agent {agent} of {issuer} is registered"))
@@ -177,15 +189,19 @@ pub async fn begin_agent_key_rotation(
             })?;
         let next = AgentKey::generate(version);
         let wrapped = root.wrap_agent_key(issuer, agent, &next)?;
-        let target = serde_json::json!({
-            "retiring_version": record.key_version,
-            "key_version": version,
-        });
-        // Fail closed: no record, no rotation.
-        record_agent_event(recorder, &record, AGENT_KEY_ROTATION_STARTED, target).await?;
+        // Recorded in the transaction that starts it: no record, no rotation, and no record of
+        // a start that lost a race.
+        let started = agent_event(
+            &record,
+            AGENT_KEY_ROTATION_STARTED,
+            serde_json::json!({
+                "retiring_version": record.key_version,
+                "key_version": version,
+            }),
+        );
         if store
             .agent_keys
-            .begin_agent_key_rotation(&record, &wrapped, version)
+            .begin_agent_key_rotation(&record, &wrapped, version, vec![started])
             .await?
         {
             tracing::info!(%agent, retiring = record.key_version, current = version, "agent key rotation started");
@@ -285,23 +301,14 @@ fn reseal(
     })
 }
 
-/// Records a key event in the agent's own chain.
-async fn record_agent_event(
-    recorder: &Arc<Recorder>,
-    record: &AgentRecord,
-    action: &str,
-    target: serde_json::Value,
-) -> Result<(), RotationError> {
-    let event = AuditRecord {
+/// A key event of the agent's own chain.
+fn agent_event(record: &AgentRecord, action: &str, target: serde_json::Value) -> AuditRecord {
+    AuditRecord {
         agent: Some(record.agent.as_str().into()),
         caller_iss: Some(record.issuer.as_str().into()),
         target: Some(target.to_string()),
         ..crate::audit::event_without_user(action)
-    };
-    recorder
-        .record(Owner::Agent(Arc::new(record.clone())), event)
-        .await
-        .map_err(|err| RotationError::Audit(crate::telemetry::error_chain(&err)))
+    }
 }
 
 /// The prefix of the wake-up (on the audit channel) that a rotation of an agent's key started
@@ -317,6 +324,22 @@ pub(super) struct Run {
     progress: AgentRotationProgress,
     error: Option<String>,
     running: bool,
+}
+
+/// Marks a run as stopped if its task ends without saying so (a panic).
+struct RunGuard(watch::Sender<Run>);
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        self.0.send_if_modified(|run| {
+            if !run.running {
+                return false;
+            }
+            run.running = false;
+            run.error = Some("the rotation stopped unexpectedly; call again to continue it".into());
+            true
+        });
+    }
 }
 
 /// This replica's runs, by agent schema (the last run of each agent).
@@ -368,6 +391,7 @@ impl Vault {
         caller: &Caller,
         agent: &AgentId,
         status_only: bool,
+        from_version: Option<u32>,
     ) -> Result<AgentKeyRotation, VaultError> {
         self.admit(caller, None)?;
         if !caller.admin {
@@ -383,7 +407,11 @@ impl Vault {
             .await?
             .ok_or(VaultError::AgentNotFound)?;
         call.on_agent(&record);
-        if !status_only && !self.rotating_here(&record.namespace) {
+        // A retried call names the version it meant to rotate away from: once that is done, it
+        // starts nothing (a rotation in progress is still continued).
+        let wanted = record.retiring.is_some()
+            || from_version.is_none_or(|version| version == record.key_version);
+        if !status_only && wanted && !self.rotating_here(&record.namespace) {
             // The start is part of the call (its refusal is the caller's answer, and its own
             // audit record, key.agent_key_rotation_started, is written before it); the re-seal
             // is not.
@@ -453,10 +481,13 @@ impl Vault {
             runs.insert(record.namespace.clone(), receiver);
         }
         let this = Arc::clone(self);
+        // Not a shutdown-drained job: a rotation cut short by shutdown is continued by the next
+        // call (every step is idempotent).
         tokio::spawn(
             async move {
+                let run = RunGuard(sender);
                 let (issuer, agent) = (record.issuer.clone(), record.agent.clone());
-                let mut report = |progress| sender.send_modify(|run| run.progress = progress);
+                let mut report = |progress| run.0.send_modify(|run| run.progress = progress);
                 let outcome = finish_agent_key_rotation(
                     &this.store,
                     this.keyring.root(),
@@ -467,12 +498,19 @@ impl Vault {
                 .await;
                 // This replica's cached entry holds the old version: read it again on next use.
                 this.keyring.forget(&issuer, &agent);
-                if let Err(err) = &outcome {
-                    tracing::error!(%agent, error = %err, "an agent key rotation stopped; RotateAgentKey continues it");
-                }
-                sender.send_modify(|run| {
+                let error = outcome.err().map(|err| {
+                    tracing::error!(%agent, error = %crate::telemetry::error_chain(&err), "an agent key rotation stopped; RotateAgentKey continues it");
+                    match err {
+                        // The root key's own errors (an HSM's) stay in the log.
+                        RotationError::Key(_) => {
+                            "the vault's root key could not wrap or unwrap the agent key".to_string()
+                        }
+                        other => other.to_string(),
+                    }
+                });
+                run.0.send_modify(|run| {
                     run.running = false;
-                    run.error = outcome.err().map(|err| err.to_string());
+                    run.error = error;
                 });
             }
             .instrument(tracing::Span::current()),

@@ -658,6 +658,20 @@ impl Vault {
             return Ok(entry);
         }
         if version > entry.key.version {
+            // Only when the registry holds that version: a row claiming one it does not (tampered,
+            // or from elsewhere) must not make every read unwrap keys again (an HSM call each).
+            let held = self
+                .store
+                .keys
+                .agent(&entry.record.issuer, &entry.record.agent)
+                .await?
+                .is_some_and(|record| {
+                    record.key_version == version
+                        || record.retiring.is_some_and(|r| r.version == version)
+                });
+            if !held {
+                return Ok(entry);
+            }
             tracing::info!(agent = %entry.record.agent, version, "the agent key was rotated: reading it again");
             return self.reload_entry(&entry).await;
         }
@@ -889,11 +903,30 @@ impl Vault {
             _ => (self.store.credentials.load(key).await?, None),
         };
         drop(turn);
-        let stored = stored.ok_or(VaultError::NotFound)?;
+        let mut stored = stored.ok_or(VaultError::NotFound)?;
         if stored.state == CredentialState::ReauthRequired {
             return Err(VaultError::ReauthRequired(format!(
                 "the provider rejected the grant for tool {tool}; the user must authorize again"
             )));
+        }
+        let entry = self.entry_for(entry, stored.sealed.key_version).await?;
+        if entry.key_at(stored.sealed.key_version).is_none()
+            && stored.sealed.key_version < entry.key.version
+        {
+            // Read under a version a rotation destroyed since, having re-sealed the row in the
+            // meantime? Read it again: a re-seal keeps the generation (so the release recorded
+            // with the first read stays true). Anything else is not served.
+            let key = CredentialKey {
+                agent: &entry.record,
+                user: &caller.user,
+                tool,
+            };
+            if let Some(again) = self.store.credentials.load(key).await?
+                && again.generation == stored.generation
+                && again.state == stored.state
+            {
+                stored = again;
+            }
         }
         let binding = Binding {
             agent: &caller.agent,
@@ -901,7 +934,6 @@ impl Vault {
             tool,
             generation: stored.generation,
         };
-        let entry = self.entry_for(entry, stored.sealed.key_version).await?;
         let tokens = open_sealed(&entry, binding, &stored.sealed).map_err(|_| {
             // Either tampering or a row moved from elsewhere: never serve it, and say so loudly.
             tracing::error!(generation = %stored.generation, "stored credential does not open for its row");

@@ -3,7 +3,9 @@
 //! `vault.fence_agent_key`, in migrations/control/0011_agent_key_rotation.sql); the agent's
 //! rows are read and re-sealed under the agent's own role, and its flows on the pool.
 
+use super::audit::append_agent;
 use super::{PgStore, e, quoted};
+use crate::audit::AuditRecord;
 use crate::crypto::SealedCredential;
 use crate::ids::{Tool, UserId};
 use crate::store::rows::generation_of;
@@ -57,24 +59,33 @@ impl AgentKeyStore for PgStore {
         agent: &AgentRecord,
         wrapped_key: &[u8],
         key_version: u32,
+        audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError> {
-        sqlx::query_scalar("SELECT vault.begin_agent_key_rotation($1, $2, $3, $4)")
-            .bind(&agent.namespace)
-            .bind(agent.key_version as i32)
-            .bind(wrapped_key)
-            .bind(key_version as i32)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|err| match &err {
-                sqlx::Error::Database(db)
-                    if db.code().as_deref() == Some(ROOT_ROTATION_IN_PROGRESS) =>
-                {
-                    StoreError::KeyRotationInProgress(
-                        "a root key rotation is in progress; finish it (rotate-root) or abandon it (rotate-root --abort) first".into(),
-                    )
-                }
-                _ => e(err),
-            })
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        let started: bool =
+            sqlx::query_scalar("SELECT vault.begin_agent_key_rotation($1, $2, $3, $4, $5)")
+                .bind(&agent.namespace)
+                .bind(agent.key_version as i32)
+                .bind(&agent.wrapped_key)
+                .bind(wrapped_key)
+                .bind(key_version as i32)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|err| match &err {
+                    sqlx::Error::Database(db)
+                        if db.code().as_deref() == Some(ROOT_ROTATION_IN_PROGRESS) =>
+                    {
+                        StoreError::KeyRotationInProgress(
+                            "a root key rotation is in progress; finish it (rotate-root) or abort it (rotate-root --abort) first".into(),
+                        )
+                    }
+                    _ => e(err),
+                })?;
+        if started {
+            append_agent(self, &mut tx, &agent.namespace, audit).await?;
+            tx.commit().await.map_err(e)?;
+        }
+        Ok(started)
     }
 
     #[tracing::instrument(skip_all)]
@@ -290,13 +301,19 @@ impl AgentKeyStore for PgStore {
         &self,
         agent: &AgentRecord,
         retiring_version: u32,
+        audit: Vec<AuditRecord>,
     ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
         let left: i64 = sqlx::query_scalar("SELECT vault.finish_agent_key_rotation($1, $2)")
             .bind(&agent.namespace)
             .bind(retiring_version as i32)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(e)?;
+        if left == 0 {
+            append_agent(self, &mut tx, &agent.namespace, audit).await?;
+            tx.commit().await.map_err(e)?;
+        }
         Ok(u64::try_from(left).ok())
     }
 }

@@ -217,9 +217,12 @@ impl PgStore {
             let role = self.agent_role(namespace)?;
             // The quoted name is a prefix and a hex hash: no quote inside to unescape.
             let role = role.trim_matches('"');
+            // The role is switched only once the fence passed (a refused transaction is dropped
+            // and rolled back either way).
             sqlx::query_scalar(
-                "SELECT fenced FROM (SELECT vault.fence_agent_key($1, $2) AS fenced,
-                                           set_config('role', $3, true)) AS switched",
+                "SELECT CASE WHEN vault.fence_agent_key($1, $2)
+                             THEN set_config('role', $3, true) IS NOT NULL
+                             ELSE false END",
             )
             .bind(namespace)
             .bind(version as i32)

@@ -14,7 +14,9 @@
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqliteExecutor;
 
+use super::audit::append_in;
 use super::{SqliteStore, e};
+use crate::audit::AuditRecord;
 use crate::crypto::SealedCredential;
 use crate::ids::{Tool, UserId};
 use crate::store::rows::generation_of;
@@ -184,6 +186,7 @@ impl AgentKeyStore for SqliteStore {
         agent: &AgentRecord,
         wrapped_key: &[u8],
         key_version: u32,
+        audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError> {
         if wrapped_key.is_empty()
             || wrapped_key.len() > MAX_WRAPPED_KEY
@@ -213,12 +216,14 @@ impl AgentKeyStore for SqliteStore {
             "UPDATE agents
              SET retiring_wrapped_key = wrapped_key, retiring_key_version = key_version,
                  wrapped_key = ?, key_version = ?, next_wrapped_key = NULL
-             WHERE namespace = ? AND key_version = ? AND retiring_key_version IS NULL",
+             WHERE namespace = ? AND key_version = ? AND wrapped_key = ?
+               AND retiring_key_version IS NULL",
         )
         .bind(wrapped_key)
         .bind(i64::from(key_version))
         .bind(&agent.namespace)
         .bind(i64::from(agent.key_version))
+        .bind(&agent.wrapped_key)
         .execute(&mut *tx)
         .await
         .map_err(e)?
@@ -226,6 +231,7 @@ impl AgentKeyStore for SqliteStore {
         if switched != 1 {
             return Ok(false);
         }
+        append_in(&mut tx, &agent.namespace, audit).await?;
         tx.commit().await.map_err(e)?;
         Ok(true)
     }
@@ -436,6 +442,7 @@ impl AgentKeyStore for SqliteStore {
         &self,
         agent: &AgentRecord,
         retiring_version: u32,
+        audit: Vec<AuditRecord>,
     ) -> Result<Option<u64>, StoreError> {
         // The write lock first: the count and the destruction of the key are one state, and no
         // fenced write commits between them (none seals under the retiring version anyway).
@@ -459,6 +466,7 @@ impl AgentKeyStore for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(e)?;
+            append_in(&mut tx, &agent.namespace, audit).await?;
             tx.commit().await.map_err(e)?;
         }
         Ok(Some(remaining))
@@ -470,7 +478,6 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::audit::AuditRecord;
     use crate::ids::{AgentId, Generation, IssuerId};
     use crate::store::credentials::swept_record;
     use crate::store::{
@@ -637,7 +644,7 @@ mod tests {
     async fn rotated(store: &SqliteStore, agent: &AgentRecord) -> AgentRecord {
         assert!(
             store
-                .begin_agent_key_rotation(agent, b"wrapped-v2", 2)
+                .begin_agent_key_rotation(agent, b"wrapped-v2", 2, Vec::new())
                 .await
                 .expect("the rotation can start"),
             "the rotation starts"
@@ -720,7 +727,7 @@ mod tests {
         for (from, to) in [(&agent, 3), (&after, 3)] {
             assert!(
                 !store
-                    .begin_agent_key_rotation(from, b"wrapped-v3", to)
+                    .begin_agent_key_rotation(from, b"wrapped-v3", to, Vec::new())
                     .await
                     .expect("a refused start is an answer"),
                 "a second rotation does not start from version {}",
@@ -731,7 +738,7 @@ mod tests {
         assert_eq!(reread(&store, &agent).await.key_version, 2);
         assert!(matches!(
             store
-                .begin_agent_key_rotation(&after, b"wrapped-v2", 2)
+                .begin_agent_key_rotation(&after, b"wrapped-v2", 2, Vec::new())
                 .await,
             Err(StoreError::Corrupt(_))
         ));
@@ -752,7 +759,7 @@ mod tests {
         assert!(root.next.is_some());
 
         let refused = store
-            .begin_agent_key_rotation(&agent, b"wrapped-v2", 2)
+            .begin_agent_key_rotation(&agent, b"wrapped-v2", 2, Vec::new())
             .await;
 
         assert!(
@@ -971,7 +978,7 @@ mod tests {
         let agent = rotated(&store, &agent).await;
         assert_eq!(
             store
-                .finish_agent_key_rotation(&agent, 2)
+                .finish_agent_key_rotation(&agent, 2, Vec::new())
                 .await
                 .expect("finishes"),
             None,
@@ -985,7 +992,7 @@ mod tests {
         for (left, row) in [(2, &rows[0]), (1, &rows[1])] {
             assert_eq!(
                 store
-                    .finish_agent_key_rotation(&agent, 1)
+                    .finish_agent_key_rotation(&agent, 1, Vec::new())
                     .await
                     .expect("finishes"),
                 Some(left)
@@ -1001,7 +1008,7 @@ mod tests {
 
         assert_eq!(
             store
-                .finish_agent_key_rotation(&agent, 1)
+                .finish_agent_key_rotation(&agent, 1, Vec::new())
                 .await
                 .expect("finishes"),
             Some(0)
@@ -1010,7 +1017,7 @@ mod tests {
         assert_eq!((after.key_version, &after.retiring), (2, &None));
         assert_eq!(
             store
-                .finish_agent_key_rotation(&agent, 1)
+                .finish_agent_key_rotation(&agent, 1, Vec::new())
                 .await
                 .expect("finishes"),
             None,
@@ -1019,7 +1026,7 @@ mod tests {
         // The next rotation can start, and so can a root rotation.
         assert!(
             store
-                .begin_agent_key_rotation(&after, b"wrapped-v3", 3)
+                .begin_agent_key_rotation(&after, b"wrapped-v3", 3, Vec::new())
                 .await
                 .expect("starts")
         );
