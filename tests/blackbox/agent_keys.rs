@@ -1,8 +1,6 @@
 //! Agent key rotation (issue 17): `rotate-agent-key` online under load on two replicas, killed
 //! halfway and run again, the RotateAgentKey RPC, and the embedded store.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,10 +9,9 @@ use vault_client::proto::rotate_agent_key_response::State;
 use vault_client::proto::{RotateAgentKeyRequest, RotateAgentKeyResponse};
 
 use crate::helpers::{
-    Issuer, ROOT_KEY, TestDb, access_token, binary, channel, eventually, schema_of, spawn_with,
-    store,
+    Issuer, ROOT_KEY, TestDb, access_token, channel, eventually, schema_of, spawn_with, store,
 };
-use crate::keys::run;
+use crate::keys::{Killable, run, waits_on_lock};
 
 const AGENT: &str = "rotating-agent";
 const BYSTANDER: &str = "bystander-agent";
@@ -289,47 +286,22 @@ async fn rotate_agent_key_killed_halfway_serves_both_versions_and_a_rerun_finish
     .execute(&mut holder)
     .await
     .unwrap();
-    let mut child = Command::new(binary())
-        .args(["rotate-agent-key", "--agent", AGENT, "--batch", "1"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("VAULT_DATABASE_URL", &db.url)
-        .env("VAULT_ROOT_KEY", ROOT_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let shared = Arc::new(tokio::sync::Mutex::new(db.connect().await));
-    eventually("rotate-agent-key waits on the held row", || {
-        let shared = Arc::clone(&shared);
-        async move {
-            let mut probe = shared.lock().await;
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE %credentials%SET key_version%'",
-            )
-            .fetch_one(&mut *probe)
-            .await
-            .unwrap();
-            waiting == 1
-        }
-    })
+    let run = Killable::start(
+        &["rotate-agent-key", "--agent", AGENT, "--batch", "1"],
+        &db.url,
+    );
+    waits_on_lock(
+        &db,
+        "rotate-agent-key waits on the held row",
+        "UPDATE %credentials%SET key_version%",
+    )
     .await;
     assert_eq!(
         versions(&mut conn, AGENT).await,
         vec![(1, 5), (2, 5)],
         "halfway"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let printed = lines.join().unwrap();
+    let printed = run.kill();
     assert_eq!(
         printed.last().map(String::as_str),
         Some("agent rotating-agent: key version 1 → 2, re-sealed 5/10 rows")

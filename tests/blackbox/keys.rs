@@ -157,6 +157,63 @@ async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_i
     assert!(ok && out.contains("already complete"), "{out}\n{err}");
 }
 
+/// A command of the binary running in the background until the test kills it, on `db_url`
+/// with the test root key; what it prints is collected on a thread.
+pub(crate) struct Killable {
+    child: std::process::Child,
+    lines: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Killable {
+    pub(crate) fn start(args: &[&str], db_url: &str) -> Self {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("VAULT_DATABASE_URL", db_url)
+            .env("VAULT_ROOT_KEY", ROOT_KEY)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
+        Self { child, lines }
+    }
+
+    /// kill -9, then every line it printed.
+    pub(crate) fn kill(mut self) -> Vec<String> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.lines.join().unwrap()
+    }
+}
+
+/// Waits until exactly one statement LIKE `pattern` waits on a lock in `db`.
+pub(crate) async fn waits_on_lock(db: &TestDb, what: &str, pattern: &str) {
+    let probe = Arc::new(tokio::sync::Mutex::new(db.connect().await));
+    eventually(what, || {
+        let probe = Arc::clone(&probe);
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE $1",
+            )
+            .bind(pattern)
+            .fetch_one(&mut *probe.lock().await)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn rotate_root_killed_halfway_is_finished_by_running_it_again() {
     const AGENTS: usize = 12;
@@ -184,49 +241,24 @@ async fn rotate_root_killed_halfway_is_finished_by_running_it_again() {
 
     let dir = tempfile::tempdir().unwrap();
     let new_key = key_file(&dir, OTHER_ROOT_KEY);
-    let mut child = Command::new(binary())
-        .args(["rotate-root", "--new-key-file", &new_key, "--batch", "1"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("VAULT_DATABASE_URL", &db.url)
-        .env("VAULT_ROOT_KEY", ROOT_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let shared = Arc::new(tokio::sync::Mutex::new(db.connect().await));
-    eventually("rotate-root waits on the held agent", || {
-        let shared = Arc::clone(&shared);
-        async move {
-            let mut probe = shared.lock().await;
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE vault.agents SET next_wrapped_key%'",
-            )
-            .fetch_one(&mut *probe)
-            .await
-            .unwrap();
-            waiting == 1
-        }
-    })
+    let run = Killable::start(
+        &["rotate-root", "--new-key-file", &new_key, "--batch", "1"],
+        &db.url,
+    );
+    waits_on_lock(
+        &db,
+        "rotate-root waits on the held agent",
+        "UPDATE vault.agents SET next_wrapped_key%",
+    )
     .await;
-    let mut probe = shared.lock().await;
+    let mut probe = db.connect().await;
     let (done, total): (i64, i64) =
         sqlx::query_as("SELECT count(next_wrapped_key), count(*) FROM vault.agents")
-            .fetch_one(&mut *probe)
+            .fetch_one(&mut probe)
             .await
             .unwrap();
     assert_eq!((done, total), (6, AGENTS as i64), "halfway");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let printed = lines.join().unwrap();
+    let printed = run.kill();
     assert_eq!(
         printed.last().map(String::as_str),
         Some("re-wrapped 6/12 agent keys")

@@ -472,7 +472,7 @@ async fn shred_agent(
     yes: bool,
     skip_provider_revocation: bool,
 ) -> anyhow::Result<()> {
-    use vault_server::ids::{AgentId, IssuerId};
+    use vault_server::ids::AgentId;
     use vault_server::store::{Shred, ShredPlan};
     let source = Source::from_env()?;
     require_database(&source, "shred-agent")?;
@@ -482,24 +482,7 @@ async fn shred_agent(
     store.schema.ready().await.map_err(|e| {
         anyhow::anyhow!("the database is not ready (run `vault-server migrate`): {e}")
     })?;
-    let issuer = match issuer {
-        Some(issuer) => IssuerId::parse(issuer).map_err(|e| anyhow::anyhow!("--issuer: {e}"))?,
-        None => {
-            let mut found = vault_server::vault::issuers_of(&store, &agent).await?;
-            match found.len() {
-                0 => anyhow::bail!("no agent {agent} is registered"),
-                1 => found.remove(0),
-                n => anyhow::bail!(
-                    "{n} issuers have an agent {agent}: name one with --issuer ({})",
-                    found
-                        .iter()
-                        .map(|i| i.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            }
-        }
-    };
+    let issuer = issuer_of(&store, &agent, issuer).await?;
     let plan = ShredPlan {
         abandon_revocations: skip_provider_revocation,
         dry_run: !yes,
@@ -539,6 +522,32 @@ async fn shred_agent(
     Ok(())
 }
 
+/// The issuer of `agent` for a command given `--agent` and maybe `--issuer`: the one named, or
+/// the only one that has such an agent.
+async fn issuer_of(
+    store: &vault_server::store::Store,
+    agent: &vault_server::ids::AgentId,
+    issuer: Option<&str>,
+) -> anyhow::Result<vault_server::ids::IssuerId> {
+    if let Some(issuer) = issuer {
+        return vault_server::ids::IssuerId::parse(issuer)
+            .map_err(|e| anyhow::anyhow!("--issuer: {e}"));
+    }
+    let mut found = vault_server::vault::issuers_of(store, agent).await?;
+    match found.len() {
+        0 => anyhow::bail!("no agent {agent} is registered"),
+        1 => Ok(found.remove(0)),
+        n => anyhow::bail!(
+            "{n} issuers have an agent {agent}: name one with --issuer ({})",
+            found
+                .iter()
+                .map(|i| i.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 /// `rotate-agent-key`; the work is in `vault_server::vault::rotate_agent_key`.
 async fn rotate_agent_keys(
     agent: Option<&str>,
@@ -566,26 +575,7 @@ async fn rotate_agent_keys(
     let agents: Vec<(IssuerId, AgentId)> = match agent {
         Some(agent) => {
             let agent = AgentId::parse(agent).map_err(|e| anyhow::anyhow!("--agent: {e}"))?;
-            let issuer = match issuer {
-                Some(issuer) => {
-                    IssuerId::parse(issuer).map_err(|e| anyhow::anyhow!("--issuer: {e}"))?
-                }
-                None => {
-                    let mut found = vault::issuers_of(&store, &agent).await?;
-                    match found.len() {
-                        0 => anyhow::bail!("no agent {agent} is registered"),
-                        1 => found.remove(0),
-                        n => anyhow::bail!(
-                            "{n} issuers have an agent {agent}: name one with --issuer ({})",
-                            found
-                                .iter()
-                                .map(|i| i.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    }
-                }
-            };
+            let issuer = issuer_of(&store, &agent, issuer).await?;
             vec![(issuer, agent)]
         }
         None if all => {
