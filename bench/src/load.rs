@@ -3,9 +3,13 @@
 //!
 //! Closed loop means throughput and latency are two views of one run (rps ≈ concurrency /
 //! mean latency); that is what the ratios compare, not an open-loop arrival rate.
+//!
+//! [`drive_each`] is the same loop over a fixed list of calls instead of a window, for work that
+//! happens once per target (an agent's first store).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -95,45 +99,124 @@ where
             result
         });
     }
-    let mut latencies = histogram();
-    let mut errors = 0;
-    let mut first_error = None;
-    let mut last_end = measure_from;
-    while let Some(joined) = tasks.join_next().await {
-        let result = match joined {
-            Ok(result) => result,
-            Err(err) => {
-                errors += 1;
-                first_error.get_or_insert_with(|| format!("load task failed: {err}"));
-                continue;
-            }
-        };
-        // Same bounds on both sides, so adding cannot fail.
-        latencies
-            .add(&result.latencies)
-            .expect("histograms with equal bounds add");
-        errors += result.errors;
-        if first_error.is_none() {
-            first_error = result.first_error;
-        }
-        if let Some(end) = result.last_end {
-            last_end = last_end.max(end);
-        }
-    }
-    let calls = latencies.len();
+    let merged = merge(tasks).await;
+    let calls = merged.latencies.len();
     // The window ends when the last measured call returned, which is a little after `until`.
+    let last_end = merged
+        .last_end
+        .map_or(measure_from, |end| end.max(measure_from));
     let window = (last_end - measure_from).as_secs_f64();
     Sample {
-        p50_us: latencies.value_at_quantile(0.50) as f64 / 1_000.0,
-        p99_us: latencies.value_at_quantile(0.99) as f64 / 1_000.0,
+        p50_us: merged.latencies.value_at_quantile(0.50) as f64 / 1_000.0,
+        p99_us: merged.latencies.value_at_quantile(0.99) as f64 / 1_000.0,
         rps: if window > 0.0 {
             calls as f64 / window
         } else {
             0.0
         },
         calls,
-        errors,
-        first_error,
+        errors: merged.errors,
+        first_error: merged.first_error,
+    }
+}
+
+/// What the tasks of one cell add up to.
+struct Merged {
+    latencies: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    /// When the last recorded call returned, if any was recorded.
+    last_end: Option<Instant>,
+}
+
+/// Waits for every task and adds up what they recorded; a task that panicked counts as one
+/// failure.
+async fn merge(mut tasks: tokio::task::JoinSet<TaskResult>) -> Merged {
+    let mut merged = Merged {
+        latencies: histogram(),
+        errors: 0,
+        first_error: None,
+        last_end: None,
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let result = match joined {
+            Ok(result) => result,
+            Err(err) => {
+                merged.errors += 1;
+                merged
+                    .first_error
+                    .get_or_insert_with(|| format!("load task failed: {err}"));
+                continue;
+            }
+        };
+        // Same bounds on both sides, so adding cannot fail.
+        merged
+            .latencies
+            .add(&result.latencies)
+            .expect("histograms with equal bounds add");
+        merged.errors += result.errors;
+        if merged.first_error.is_none() {
+            merged.first_error = result.first_error;
+        }
+        merged.last_end = merged.last_end.max(result.last_end);
+    }
+    merged
+}
+
+/// Runs `call(task, index)` exactly once for every index in `0..count`, from `concurrency`
+/// tasks that each take the next index when their last call returns. Every call is recorded:
+/// this measures work that happens once (an agent's first store), so there is no warm-up to
+/// discard. `rps` is `count` over the wall time of the whole batch.
+pub async fn drive_each<F, Fut>(concurrency: usize, count: usize, call: F) -> Sample
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..concurrency.max(1) {
+        let call = Arc::clone(&call);
+        let next = Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut result = TaskResult {
+                latencies: histogram(),
+                errors: 0,
+                first_error: None,
+                last_end: None,
+            };
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= count {
+                    break;
+                }
+                let begin = Instant::now();
+                let outcome = call(task, index).await;
+                let end = Instant::now();
+                match outcome {
+                    Ok(()) => {
+                        let nanos = u64::try_from((end - begin).as_nanos()).unwrap_or(u64::MAX);
+                        result.latencies.saturating_record(nanos);
+                    }
+                    Err(message) => {
+                        result.errors += 1;
+                        result.first_error.get_or_insert(message);
+                    }
+                }
+            }
+            result
+        });
+    }
+    let merged = merge(tasks).await;
+    let wall = start.elapsed().as_secs_f64();
+    Sample {
+        p50_us: merged.latencies.value_at_quantile(0.50) as f64 / 1_000.0,
+        p99_us: merged.latencies.value_at_quantile(0.99) as f64 / 1_000.0,
+        rps: if wall > 0.0 { count as f64 / wall } else { 0.0 },
+        calls: merged.latencies.len(),
+        errors: merged.errors,
+        first_error: merged.first_error,
     }
 }
 
@@ -175,5 +258,29 @@ mod tests {
         assert!(sample.errors > 0);
         assert_eq!(sample.first_error.as_deref(), Some("boom"));
         assert!(sample.calls > 0);
+    }
+
+    #[tokio::test]
+    async fn each_index_is_called_exactly_once_and_every_call_is_recorded() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let sample = drive_each(3, 50, move |_, index| {
+            let record = Arc::clone(&record);
+            async move {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+                // Only this test's tasks hold the lock, each for one push.
+                record
+                    .lock()
+                    .expect("the list is never poisoned")
+                    .push(index);
+                Ok(())
+            }
+        })
+        .await;
+        let mut seen = seen.lock().expect("the list is never poisoned").clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        assert_eq!((sample.calls, sample.errors), (50, 0));
+        assert!(sample.rps > 0.0 && sample.p50_us >= 100.0, "{sample:?}");
     }
 }

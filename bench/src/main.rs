@@ -9,14 +9,20 @@ use vault_bench::report::AuditReleases;
 use vault_bench::run::{DEFAULT_SERVER_LOG, Options, run};
 
 /// Measures GetToken against its floors (a bare gRPC echo, its one SELECT, and one durable
-/// INSERT the size of an audit record) and prints the ratios. Needs PostgreSQL and a
-/// release-built vault-server.
+/// INSERT the size of an audit record) and prints the ratios; then onboards many agents and
+/// measures what they cost. Needs PostgreSQL and a release-built vault-server.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Short cells (0.5 s warm-up + 1.5 s) and 20 × 50 seeded credentials: under a minute.
+    /// Short cells (0.5 s warm-up + 1.5 s), 20 × 50 seeded credentials and 2,000 agents in the
+    /// agents workload.
     #[arg(long)]
     quick: bool,
+    /// The agents workload onboards this many agents, one credential each, and measures
+    /// onboarding, GetToken spread over them, the PostgreSQL backends' memory and a restart
+    /// [default: 10,000, or 2,000 with --quick; 0 skips it]. Its full form is 100,000.
+    #[arg(long, value_name = "N")]
+    agents: Option<usize>,
     /// Also write the results as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -43,9 +49,9 @@ struct Cli {
     /// Diagnosis: ping before every SELECT-pool acquire (sqlx's default), to see what it costs.
     #[arg(long, hide = true)]
     select_ping: bool,
-    /// Seed this many agents (default: 100, or 20 with --quick).
+    /// Seed this many agents for the five workloads (default: 100, or 20 with --quick).
     #[arg(long, value_name = "N")]
-    agents: Option<usize>,
+    seed_agents: Option<usize>,
     /// Seed this many users per agent (default: 100, or 50 with --quick).
     #[arg(long, value_name = "N")]
     users: Option<usize>,
@@ -83,7 +89,8 @@ async fn main() -> ExitCode {
         server_log: cli.server_log,
         echo_nagle: cli.echo_nagle,
         select_ping: cli.select_ping,
-        agents: cli.agents,
+        agents: cli.seed_agents,
+        agents_workload: cli.agents,
         users: cli.users,
         server_env: cli.server_env,
         audit_releases: cli.audit_releases,

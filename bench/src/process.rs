@@ -1,9 +1,12 @@
 //! Child processes the bench talks to (the vault server and the echo server): started with
 //! `127.0.0.1:0`, their bound address read from the stderr line that announces it, stopped with
-//! SIGTERM so they drain like in production, and killed if anything goes wrong on the way.
+//! SIGTERM so they drain like in production, and killed if anything goes wrong on the way. A
+//! [`Launch`] keeps how a child was started, so that it can be restarted the same way.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,10 +15,54 @@ use tokio::process::{Child, Command};
 
 /// How many stderr lines are kept to explain a failure.
 const KEPT_LINES: usize = 40;
-/// How long a child may take to announce its address.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a child may take to announce its address, unless its [`Launch`] says otherwise.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a child may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How to start a child, kept so that it can be started again exactly as before: a restart
+/// must measure the same server with the same settings.
+#[derive(Clone)]
+pub struct Launch {
+    /// What the child is called in messages.
+    pub name: &'static str,
+    /// The executable.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Its whole environment: nothing else from the bench's own reaches it.
+    pub env: Vec<(OsString, OsString)>,
+    /// Part of the stderr line the child writes once it listens, with `local_addr=IP:PORT`.
+    pub marker: &'static str,
+    /// How long it may take to write that line.
+    pub start_timeout: Duration,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: the values include the root key.
+        let names: Vec<_> = self.env.iter().map(|(name, _)| name).collect();
+        f.debug_struct("Launch")
+            .field("name", &self.name)
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &names)
+            .field("start_timeout", &self.start_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Launch {
+    /// A command that starts the child with exactly these arguments and this environment.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(name, value)| (name, value)));
+        command
+    }
+}
 
 /// A running child that announced where it listens.
 #[derive(Debug)]
@@ -47,8 +94,18 @@ impl ChildProcess {
     /// full pipe.
     pub async fn spawn(
         name: &'static str,
+        command: Command,
+        marker: &'static str,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_within(name, command, marker, START_TIMEOUT).await
+    }
+
+    /// As [`ChildProcess::spawn`], allowing `start_timeout` for the line.
+    pub async fn spawn_within(
+        name: &'static str,
         mut command: Command,
         marker: &'static str,
+        start_timeout: Duration,
     ) -> anyhow::Result<Self> {
         command
             .stdin(std::process::Stdio::null())
@@ -83,7 +140,7 @@ impl ChildProcess {
             }
         });
         let addr = tokio::select! {
-            addr = tokio::time::timeout(START_TIMEOUT, rx) => match addr {
+            addr = tokio::time::timeout(start_timeout, rx) => match addr {
                 Ok(Ok(addr)) => addr,
                 Ok(Err(_)) => {
                     // stderr closed without the line: the child is exiting; let it finish
@@ -95,7 +152,7 @@ impl ChildProcess {
                     );
                 }
                 Err(_) => anyhow::bail!(
-                    "{name} did not announce its address within {START_TIMEOUT:?}:\n{}",
+                    "{name} did not announce its address within {start_timeout:?}:\n{}",
                     joined(&recent)
                 ),
             },
@@ -110,6 +167,22 @@ impl ChildProcess {
             addr,
             recent,
         })
+    }
+
+    /// Starts what `launch` describes, as [`ChildProcess::spawn`] does.
+    pub async fn launch(launch: &Launch) -> anyhow::Result<Self> {
+        Self::spawn_within(
+            launch.name,
+            launch.command(),
+            launch.marker,
+            launch.start_timeout,
+        )
+        .await
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// `http://IP:PORT`.

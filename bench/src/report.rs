@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+use crate::agents::{AgentsResults, Spread};
 use crate::load::Sample;
 
 /// Workloads in report (and run) order: the floors first.
@@ -41,10 +42,11 @@ pub struct RunConfig {
     pub audit_releases: AuditReleases,
 }
 
-/// Every measured cell, by (workload, concurrency).
+/// Every measured cell, by (workload, concurrency), and the agents workload if it ran.
 #[derive(Debug, Default)]
 pub struct Results {
     cells: BTreeMap<(&'static str, usize), Sample>,
+    agents: Option<AgentsResults>,
 }
 
 /// The ratios that summarise a run. Each is dimensionless, so runs on different machines
@@ -64,12 +66,27 @@ pub struct Ratios {
     pub get_p99_over_p50_c16: f64,
     /// What a write costs relative to a read, at concurrency 1.
     pub store_p50_over_get_p50_c1: f64,
+    /// GetToken throughput spread uniformly over the agents workload's N agents, over its
+    /// throughput against one of them, at concurrency 64; `None` without that workload.
+    pub get_spread_over_single_c64: Option<f64>,
+    /// As `get_spread_over_single_c64`, with the calls Zipf-skewed over the agents.
+    pub get_zipf_over_single_c64: Option<f64>,
 }
 
 impl Results {
     /// Records one cell.
     pub fn insert(&mut self, workload: &'static str, concurrency: usize, sample: Sample) {
         self.cells.insert((workload, concurrency), sample);
+    }
+
+    /// Records what the agents workload measured.
+    pub fn set_agents(&mut self, agents: AgentsResults) {
+        self.agents = Some(agents);
+    }
+
+    /// What the agents workload measured, if it ran.
+    pub fn agents(&self) -> Option<&AgentsResults> {
+        self.agents.as_ref()
     }
 
     /// One cell, if measured.
@@ -87,7 +104,8 @@ impl Results {
 
     /// Calls that failed, over all cells.
     pub fn errors(&self) -> u64 {
-        self.cells.values().map(|s| s.errors).sum()
+        self.cells.values().map(|s| s.errors).sum::<u64>()
+            + self.agents.as_ref().map_or(0, AgentsResults::errors)
     }
 
     /// `(workload, concurrency, errors, first error)` for every cell with failures.
@@ -96,6 +114,7 @@ impl Results {
             .iter()
             .filter(|(_, s)| s.errors > 0)
             .map(|((w, c), s)| (*w, *c, s.errors, s.first_error.clone().unwrap_or_default()))
+            .chain(self.agents.iter().flat_map(AgentsResults::failures))
             .collect()
     }
 
@@ -112,10 +131,19 @@ impl Results {
             get_rps_over_echo_c64: self.cell("get_token", 64)?.rps / self.cell("echo", 64)?.rps,
             get_p99_over_p50_c16: get16.p99_us / get16.p50_us,
             store_p50_over_get_p50_c1: self.cell("store_token", 1)?.p50_us / get1.p50_us,
+            get_spread_over_single_c64: self
+                .agents
+                .as_ref()
+                .and_then(|a| a.over_single_c64(Spread::Uniform)),
+            get_zipf_over_single_c64: self
+                .agents
+                .as_ref()
+                .and_then(|a| a.over_single_c64(Spread::Zipf)),
         })
     }
 
-    /// Rows = workload × concurrency; columns p50, p99, rps.
+    /// Rows = workload × concurrency; columns p50, p99, rps. The agents workload, if it ran,
+    /// follows in tables of its own.
     pub fn markdown(&self) -> String {
         let mut out = String::from(
             "| workload | concurrency | p50 µs | p99 µs | rps |\n|---|---:|---:|---:|---:|\n",
@@ -131,11 +159,16 @@ impl Results {
                 }
             }
         }
+        if let Some(agents) = &self.agents {
+            out.push('\n');
+            out.push_str(&agents.markdown());
+        }
         out
     }
 
     /// The JSON document:
     /// `{"machine", "config": {"audit_releases"}, "results": {workload: {"c1": {...}}}, "ratios"}`.
+    /// With the agents workload, `results.agents` and two more ratios.
     pub fn json(&self, machine: &str, config: &RunConfig) -> anyhow::Result<Value> {
         let mut results = serde_json::Map::new();
         for workload in WORKLOADS {
@@ -149,8 +182,11 @@ impl Results {
             }
             results.insert(workload.into(), Value::Object(levels));
         }
+        if let Some(agents) = &self.agents {
+            results.insert("agents".into(), agents.json());
+        }
         let r = self.ratios()?;
-        Ok(json!({
+        let mut doc = json!({
             "machine": machine,
             "config": {
                 "audit_releases": config.audit_releases.as_str(),
@@ -163,14 +199,23 @@ impl Results {
                 "get_p99_over_p50_c16": round(r.get_p99_over_p50_c16, 3),
                 "store_p50_over_get_p50_c1": round(r.store_p50_over_get_p50_c1, 3),
             },
-        }))
+        });
+        for (key, ratio) in [
+            ("get_spread_over_single_c64", r.get_spread_over_single_c64),
+            ("get_zipf_over_single_c64", r.get_zipf_over_single_c64),
+        ] {
+            if let Some(ratio) = ratio {
+                doc["ratios"][key] = json!(round(ratio, 3));
+            }
+        }
+        Ok(doc)
     }
 }
 
 impl Ratios {
     /// The ratios as a Markdown table.
     pub fn markdown(&self) -> String {
-        format!(
+        let mut out = format!(
             "| ratio | value |\n|---|---:|\n\
              | get_p50_over_floor_c1 (GetToken p50 / (echo p50 + select p50), c1) | {:.2} |\n\
              | get_p50_over_audit_floor_c1 (GetToken p50 / (echo p50 + insert p50), c1) | {:.2} |\n\
@@ -182,11 +227,32 @@ impl Ratios {
             self.get_rps_over_echo_c64,
             self.get_p99_over_p50_c16,
             self.store_p50_over_get_p50_c1,
-        )
+        );
+        for (name, what, ratio) in [
+            (
+                "get_spread_over_single_c64",
+                "uniform over N agents",
+                self.get_spread_over_single_c64,
+            ),
+            (
+                "get_zipf_over_single_c64",
+                "Zipf over N agents",
+                self.get_zipf_over_single_c64,
+            ),
+        ] {
+            if let Some(ratio) = ratio {
+                let _ = writeln!(
+                    out,
+                    "| {name} (GetToken rps {what} / one agent, c64) | {ratio:.3} |"
+                );
+            }
+        }
+        out
     }
 }
 
-fn round(value: f64, digits: i32) -> f64 {
+/// `value` rounded to `digits` decimals, for the JSON.
+pub(crate) fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
 }
@@ -283,6 +349,34 @@ mod tests {
         assert_eq!(doc["ratios"]["get_p50_over_audit_floor_c1"], 2.0);
         assert_eq!(doc.as_object().unwrap().len(), 4);
         assert_eq!(doc["ratios"].as_object().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn the_agents_workload_adds_its_results_and_two_ratios() {
+        let mut results = full();
+        assert!(
+            results
+                .ratios()
+                .unwrap()
+                .get_spread_over_single_c64
+                .is_none()
+        );
+        results.set_agents(crate::agents::example());
+        let doc = results.json("test machine", &RunConfig::default()).unwrap();
+        assert_eq!(doc["results"]["agents"]["n"], 2_000);
+        assert_eq!(doc["ratios"]["get_spread_over_single_c64"], 0.5);
+        assert_eq!(doc["ratios"]["get_zipf_over_single_c64"], 0.75);
+        assert_eq!(doc["ratios"].as_object().unwrap().len(), 7);
+        assert_eq!(doc["ratios"]["get_p50_over_floor_c1"], 2.5);
+        let text = results.markdown();
+        assert!(text.contains("agents workload: N = 2000"), "{text}");
+        assert!(
+            results
+                .ratios()
+                .unwrap()
+                .markdown()
+                .contains("get_spread_over_single_c64")
+        );
     }
 
     #[test]

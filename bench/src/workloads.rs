@@ -63,7 +63,20 @@ pub struct Population {
 impl Population {
     /// `agents × users` callers with freshly signed JWTs.
     pub fn new(issuer: &Issuer, agents: usize, users: usize) -> anyhow::Result<Self> {
-        let agent_ids: Vec<String> = (0..agents).map(|a| format!("agent-{a:03}")).collect();
+        Self::with_agents(
+            issuer,
+            (0..agents).map(|a| format!("agent-{a:03}")).collect(),
+            users,
+        )
+    }
+
+    /// `users` callers for each of `agent_ids`, with freshly signed JWTs.
+    pub fn with_agents(
+        issuer: &Issuer,
+        agent_ids: Vec<String>,
+        users: usize,
+    ) -> anyhow::Result<Self> {
+        let agents = agent_ids.len();
         let mut credentials = Vec::with_capacity(agents * users);
         for (agent, agent_id) in agent_ids.iter().enumerate() {
             for user in 0..users {
@@ -192,7 +205,8 @@ pub fn channels_for(concurrency: usize) -> usize {
     concurrency.div_ceil(TASKS_PER_CHANNEL)
 }
 
-fn channel_of(channels: &[Channel], task: usize) -> Channel {
+/// The connection task `task` uses: [`TASKS_PER_CHANNEL`] consecutive tasks share one.
+pub(crate) fn channel_of(channels: &[Channel], task: usize) -> Channel {
     channels[(task / TASKS_PER_CHANNEL) % channels.len()].clone()
 }
 
@@ -458,7 +472,7 @@ pub async fn insert(
 /// A generated client for `channel` that sends `jwt` on every call. The raw client, not the
 /// typed methods: those retry UNAVAILABLE, and a retried call must count as a failure here,
 /// not as one slow success.
-fn raw_client(channel: Channel, jwt: &str) -> Result<RawClient, String> {
+pub(crate) fn raw_client(channel: Channel, jwt: &str) -> Result<RawClient, String> {
     // A client is a channel handle plus an interceptor; making one per call costs well under
     // a microsecond and lets every call carry its own caller's JWT.
     Client::from_channel(channel)
@@ -474,27 +488,51 @@ pub async fn get_token(
     concurrency: usize,
     phases: Phases,
 ) -> Sample {
-    drive(concurrency, phases, move |task, pick| {
-        let client = raw_client(channel_of(&channels, task), &population.pick(pick).jwt);
-        async move {
-            let response = client?
-                .get_token(GetTokenRequest {
-                    tool: TOOL.into(),
-                    min_valid_seconds: 0,
-                })
-                .await
-                .map_err(|s| format!("GetToken: {}", vault_client::Error::from(s)))?
-                .into_inner();
-            if response.refreshed {
-                return Err("GetToken refreshed a token that expires in an hour".into());
-            }
-            match response.token {
-                Some(token) if token.access_token.starts_with("at_") => Ok(()),
-                _ => Err("GetToken returned no or an unexpected access token".into()),
-            }
-        }
+    let count = population.credentials.len() as u64;
+    get_token_picking(channels, population, concurrency, phases, move |pick| {
+        (pick % count) as usize
     })
     .await
+}
+
+/// GetToken through the real server for the caller `choose(pick)` names (an index into
+/// [`Population::credentials`]) for each random `pick`: how the calls spread over the callers
+/// is the caller's to decide.
+pub async fn get_token_picking<C>(
+    channels: Arc<[Channel]>,
+    population: Population,
+    concurrency: usize,
+    phases: Phases,
+    choose: C,
+) -> Sample
+where
+    C: Fn(u64) -> usize + Send + Sync + 'static,
+{
+    drive(concurrency, phases, move |task, pick| {
+        let credential = &population.credentials[choose(pick)];
+        checked_get_token(channel_of(&channels, task), Arc::clone(&credential.jwt))
+    })
+    .await
+}
+
+/// One GetToken over `channel` as the caller `jwt` proves, checked: it must return the stored
+/// access token without refreshing it.
+pub(crate) async fn checked_get_token(channel: Channel, jwt: Arc<str>) -> Result<(), String> {
+    let response = raw_client(channel, &jwt)?
+        .get_token(GetTokenRequest {
+            tool: TOOL.into(),
+            min_valid_seconds: 0,
+        })
+        .await
+        .map_err(|s| format!("GetToken: {}", vault_client::Error::from(s)))?
+        .into_inner();
+    if response.refreshed {
+        return Err("GetToken refreshed a token that expires in an hour".into());
+    }
+    match response.token {
+        Some(token) if token.access_token.starts_with("at_") => Ok(()),
+        _ => Err("GetToken returned no or an unexpected access token".into()),
+    }
 }
 
 /// `store_token`: StoreToken through the real server, overwriting a random seeded credential
