@@ -1,8 +1,6 @@
 //! Agent key rotation (issue 17): `rotate-agent-key` online under load on two replicas, killed
 //! halfway and run again, the RotateAgentKey RPC, and the embedded store.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use vault_client::proto::rotate_agent_key_response::State;
@@ -11,7 +9,7 @@ use vault_client::proto::{RotateAgentKeyRequest, RotateAgentKeyResponse};
 use crate::helpers::{
     Issuer, ROOT_KEY, TestDb, access_token, channel, eventually, schema_of, spawn_with, store,
 };
-use crate::keys::{Killable, run, waits_on_lock};
+use crate::keys::{Killable, WriteReadLoad, run, waits_on_lock};
 
 const AGENT: &str = "rotating-agent";
 const BYSTANDER: &str = "bystander-agent";
@@ -140,48 +138,18 @@ async fn rotate_agent_key_under_load_on_two_replicas_loses_no_call_and_destroys_
     let idle_vault = idle.client(&issuer, AGENT, &user(0)).await;
     assert_eq!(access_token(&idle_vault, "jira").await, "v0-user-00");
 
-    // Load: every other user, alternately on each replica, writes a new access token and reads
-    // it back from the other replica, until told to stop. Every call must succeed.
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let mut load = tokio::task::JoinSet::new();
+    // Load on every other user.
+    let mut callers = Vec::new();
     for n in 1..USERS {
         let name = user(n);
         let replicas = [
             a.client(&issuer, AGENT, &name).await,
             b.client(&issuer, AGENT, &name).await,
         ];
-        let (stop, calls) = (Arc::clone(&stop), Arc::clone(&calls));
-        load.spawn(async move {
-            let mut latest = format!("v0-{name}");
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round += 1;
-                let access = format!("v{round}-{name}");
-                replicas[(round % 2) as usize]
-                    .store_token(
-                        "jira",
-                        crate::helpers::oauth_token(&access, "rt", 3600),
-                        None,
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("StoreToken of {name} failed: {e}"));
-                latest = access;
-                let read = replicas[((round + 1) % 2) as usize]
-                    .get_token("jira", Duration::ZERO)
-                    .await
-                    .unwrap_or_else(|e| panic!("GetToken of {name} failed: {e}"));
-                assert_eq!(read.access_token, latest);
-                calls.fetch_add(2, Ordering::Relaxed);
-            }
-            (n, latest)
-        });
+        callers.push((n, name, replicas));
     }
-    eventually("the load is running", || {
-        let calls = Arc::clone(&calls);
-        async move { calls.load(Ordering::Relaxed) >= 2 * USERS as u64 }
-    })
-    .await;
+    let load = WriteReadLoad::start(callers);
+    load.goes_on("the load is running").await;
 
     let (ok, out, err) = rotate_agent_key(&db.url, &["--agent", AGENT, "--batch", "3"]).await;
     assert!(ok, "rotate-agent-key failed: {out}\n{err}");
@@ -190,18 +158,8 @@ async fn rotate_agent_key_under_load_on_two_replicas_loses_no_call_and_destroys_
         "plain progress lines: {out}"
     );
     assert!(out.contains("old version destroyed"), "{out}");
-    let after = calls.load(Ordering::Relaxed);
-    eventually("the load goes on after the rotation", || {
-        let calls = Arc::clone(&calls);
-        async move { calls.load(Ordering::Relaxed) >= after + 2 * USERS as u64 }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latest = vec![format!("v0-{}", user(0)); USERS];
-    while let Some(done) = load.join_next().await {
-        let (n, access) = done.expect("no call failed during the rotation");
-        latest[n] = access;
-    }
+    load.goes_on("the load goes on after the rotation").await;
+    let latest = load.stop(vec![format!("v0-{}", user(0)); USERS]).await;
 
     // Every row is under version 2, the old wrapped key is nowhere, and the destroy is audited.
     let (version, _, retiring) = registry(&mut conn, AGENT).await;

@@ -68,6 +68,81 @@ async fn refused_with(db: &TestDb, issuer: &Issuer, root: &str) {
     );
 }
 
+/// Load on two replicas: for each caller (its index, and its client on each replica), a task
+/// writes a new access token on one replica and reads it back from the other, alternately,
+/// until stopped. Every call must succeed (a failure panics its task).
+pub(crate) struct WriteReadLoad {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    tasks: tokio::task::JoinSet<(usize, String)>,
+    callers: u64,
+}
+
+impl WriteReadLoad {
+    /// Starts the load; each caller's first token is `v0-<name>`, already stored.
+    pub(crate) fn start(callers: Vec<(usize, String, [vault_client::Client; 2])>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        let count = callers.len() as u64;
+        for (n, name, replicas) in callers {
+            let (stop, calls) = (Arc::clone(&stop), Arc::clone(&calls));
+            tasks.spawn(async move {
+                let mut latest = format!("v0-{name}");
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    let access = format!("v{round}-{name}");
+                    replicas[(round % 2) as usize]
+                        .store_token(
+                            "jira",
+                            crate::helpers::oauth_token(&access, "rt", 3600),
+                            None,
+                        )
+                        .await
+                        .unwrap_or_else(|e| panic!("StoreToken of {name} failed: {e}"));
+                    latest = access;
+                    let read = replicas[((round + 1) % 2) as usize]
+                        .get_token("jira", Duration::ZERO)
+                        .await
+                        .unwrap_or_else(|e| panic!("GetToken of {name} failed: {e}"));
+                    assert_eq!(read.access_token, latest);
+                    calls.fetch_add(2, Ordering::Relaxed);
+                }
+                (n, latest)
+            });
+        }
+        Self {
+            stop,
+            calls,
+            tasks,
+            callers: count,
+        }
+    }
+
+    /// Waits until every caller made about one more round than now (`what` names the wait).
+    pub(crate) async fn goes_on(&self, what: &str) {
+        let target = self.calls.load(Ordering::Relaxed) + 2 * self.callers;
+        let calls = Arc::clone(&self.calls);
+        eventually(what, move || {
+            let calls = Arc::clone(&calls);
+            async move { calls.load(Ordering::Relaxed) >= target }
+        })
+        .await;
+    }
+
+    /// Stops the load; each caller's last acknowledged access token, by index, over `latest`
+    /// (which holds the callers' indexes and whatever the others should keep).
+    pub(crate) async fn stop(mut self, mut latest: Vec<String>) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        while let Some(done) = self.tasks.join_next().await {
+            let (n, access) = done.expect("no call failed under the load");
+            latest[n] = access;
+        }
+        latest
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_is_refused() {
     const AGENTS: usize = 24;
@@ -77,50 +152,18 @@ async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_i
     let b = spawn_with(&db, &issuer, &[]).await;
     seed(&a, &issuer, AGENTS).await;
 
-    // Load: every agent, alternately on each replica, writes a new access token and reads it
-    // back, until told to stop. Every call must succeed; the last acknowledged write per agent
-    // is what must open afterwards.
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let mut load = tokio::task::JoinSet::new();
+    // Load: the last acknowledged write per agent is what must open afterwards.
+    let mut callers = Vec::new();
     for n in 0..AGENTS {
         let name = agent_name(n);
         let replicas = [
             a.client(&issuer, &name, "user-1").await,
             b.client(&issuer, &name, "user-1").await,
         ];
-        let (stop, calls) = (Arc::clone(&stop), Arc::clone(&calls));
-        load.spawn(async move {
-            let mut latest = format!("v0-{name}");
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round += 1;
-                let vault = &replicas[(round % 2) as usize];
-                let access = format!("v{round}-{name}");
-                vault
-                    .store_token(
-                        "jira",
-                        crate::helpers::oauth_token(&access, "rt", 3600),
-                        None,
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("StoreToken of {name} failed: {e}"));
-                latest = access;
-                let read = replicas[((round + 1) % 2) as usize]
-                    .get_token("jira", Duration::ZERO)
-                    .await
-                    .unwrap_or_else(|e| panic!("GetToken of {name} failed: {e}"));
-                assert_eq!(read.access_token, latest);
-                calls.fetch_add(2, Ordering::Relaxed);
-            }
-            (n, latest)
-        });
+        callers.push((n, name, replicas));
     }
-    eventually("the load is running", || {
-        let calls = Arc::clone(&calls);
-        async move { calls.load(Ordering::Relaxed) >= 2 * AGENTS as u64 }
-    })
-    .await;
+    let load = WriteReadLoad::start(callers);
+    load.goes_on("the load is running").await;
 
     let dir = tempfile::tempdir().unwrap();
     let new_key = key_file(&dir, OTHER_ROOT_KEY);
@@ -134,18 +177,8 @@ async fn rotate_root_under_load_on_two_replicas_loses_no_call_and_the_old_root_i
     assert!(out.contains("re-wrapped 5/"), "plain progress lines: {out}");
     assert!(out.contains("now the vault's root (24 agent keys"), "{out}");
     // The replicas, still on the old root, go on serving the agents they hold after the switch.
-    let after = calls.load(Ordering::Relaxed);
-    eventually("the load goes on after the switch", || {
-        let calls = Arc::clone(&calls);
-        async move { calls.load(Ordering::Relaxed) >= after + 2 * AGENTS as u64 }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latest = vec![String::new(); AGENTS];
-    while let Some(done) = load.join_next().await {
-        let (n, access) = done.expect("no call failed during the rotation");
-        latest[n] = access;
-    }
+    load.goes_on("the load goes on after the switch").await;
+    let latest = load.stop(vec![String::new(); AGENTS]).await;
     a.stop().await;
     b.stop().await;
 
