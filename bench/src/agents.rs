@@ -105,6 +105,8 @@ pub struct Restart {
 pub struct AgentsResults {
     /// Agents onboarded.
     pub n: usize,
+    /// Spare agent schemas ready when onboarding began.
+    pub spares_at_onboarding: usize,
     /// Every agent's first StoreToken; `rps` is agents onboarded per second.
     pub onboarding: Sample,
     /// Every agent's first GetToken, in random order, after the single-agent cells.
@@ -176,6 +178,7 @@ impl AgentsResults {
             "n": self.n,
             "onboarding": {
                 "concurrency": ONBOARDING_CONCURRENCY,
+                "spares_ready": self.spares_at_onboarding,
                 "rate": round(self.onboarding.rps, 1),
                 "p50_ms": round(self.onboarding.p50_us / 1_000.0, 2),
                 "p99_ms": round(self.onboarding.p99_us / 1_000.0, 2),
@@ -298,11 +301,21 @@ fn first(channels: &Arc<[Channel]>, count: usize) -> Arc<[Channel]> {
     channels.iter().take(count).cloned().collect()
 }
 
-/// Runs the workload with `n` agents against the server in `server`, reached through
+/// How many agents the workload onboards, and how many spare schemas it waits for first (the
+/// server's `VAULT_DATABASE_SPARE_SCHEMAS` when the run sets it).
+#[derive(Debug, Clone, Copy)]
+pub struct Size {
+    /// Agents onboarded.
+    pub agents: usize,
+    /// Spare schemas to wait for before onboarding (at most `agents`).
+    pub spares: Option<usize>,
+}
+
+/// Runs the workload with `size.agents` agents against the server in `server`, reached through
 /// `channels` (at least enough for c64), whose database is `database_url`. The restart at the
 /// end replaces `server` with a new process started from `launch`.
 pub async fn run(
-    n: usize,
+    size: Size,
     issuer: &Issuer,
     channels: Arc<[Channel]>,
     database_url: &str,
@@ -310,7 +323,7 @@ pub async fn run(
     server: &mut Option<ChildProcess>,
     launch: &Launch,
 ) -> anyhow::Result<AgentsResults> {
-    let n = n.max(1);
+    let (n, spares) = (size.agents.max(1), size.spares);
     let minting = Instant::now();
     let population = Population::with_agents(issuer, (0..n).map(agent_id).collect(), 1)?;
     eprintln!(
@@ -321,6 +334,27 @@ pub async fn run(
     let options: PgConnectOptions = database_url.parse()?;
     let mut conn = PgConnection::connect_with(&options.application_name("vault-bench")).await?;
 
+    if let Some(wanted) = spares.map(|k| k.min(n)).filter(|k| *k > 0) {
+        let waiting = Instant::now();
+        let deadline = waiting + std::time::Duration::from_secs(60 + wanted as u64 / 5);
+        loop {
+            let ready = spares_ready(&mut conn).await?;
+            if ready >= wanted {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "agents: {ready} of {wanted} spare schemas ready after {:.0} s",
+                waiting.elapsed().as_secs_f64()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "agents: {wanted} spare schemas ready after {:.1} s",
+            waiting.elapsed().as_secs_f64()
+        );
+    }
+    let spares_at_onboarding = spares_ready(&mut conn).await?;
     let onboarding = onboard(first(&channels, 1), population.clone()).await;
     report_line(
         "onboarding",
@@ -392,6 +426,7 @@ pub async fn run(
     );
     Ok(AgentsResults {
         n,
+        spares_at_onboarding,
         onboarding,
         first_reads,
         cells,
@@ -400,6 +435,14 @@ pub async fn run(
         server_private_mib,
         restart,
     })
+}
+
+/// The spare agent schemas ready in the vault's database.
+async fn spares_ready(conn: &mut PgConnection) -> anyhow::Result<usize> {
+    let ready: i64 = sqlx::query_scalar("SELECT count(*) FROM vault.spare_schemas")
+        .fetch_one(conn)
+        .await?;
+    Ok(usize::try_from(ready).unwrap_or(0))
 }
 
 /// What the GetToken cells share.
@@ -604,6 +647,7 @@ pub(crate) fn example() -> AgentsResults {
         }
     }
     AgentsResults {
+        spares_at_onboarding: 0,
         n: 2_000,
         onboarding: example_sample(150.0),
         first_reads: example_sample(800.0),

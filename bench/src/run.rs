@@ -475,8 +475,17 @@ async fn measure(
     // Last, because it adds thousands of agent schemas to the database and restarts the
     // server: nothing above may see either.
     if scale.agents_workload > 0 {
+        // Spares asked for are waited for, so onboarding measures taking them, not making them.
+        let spares = options
+            .server_env
+            .iter()
+            .find(|(name, _)| name == "VAULT_DATABASE_SPARE_SCHEMAS")
+            .and_then(|(_, value)| value.parse::<usize>().ok());
         let measured = agents::run(
-            scale.agents_workload,
+            agents::Size {
+                agents: scale.agents_workload,
+                spares,
+            },
             &issuer,
             // Moved: the restart at its end goes faster with no connections left to drain.
             vault_channels,

@@ -324,7 +324,7 @@ async fn rotate_agent_key_killed_halfway_serves_both_versions_and_a_rerun_finish
 }
 
 /// RotateAgentKey through the generated client, as `jwt`.
-async fn rotate_rpc(
+pub(crate) async fn rotate_rpc(
     endpoint: &str,
     jwt: &str,
     agent: &str,

@@ -292,6 +292,9 @@ pub fn settings_pairs<'a>(
         // The test providers run on loopback and their discovery documents name it; a test of
         // the egress guard sets this to empty.
         ("VAULT_EGRESS_ALLOW_CIDRS", "127.0.0.0/8,::1/128"),
+        // Spare agent schemas are DDL in the background, tens of milliseconds each: hundreds of
+        // test databases would pay for them. The tests of spares ask for them.
+        ("VAULT_DATABASE_SPARE_SCHEMAS", "0"),
     ];
     for (key, value) in extra {
         pairs.retain(|(k, _)| k != key);

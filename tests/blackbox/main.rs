@@ -13,6 +13,7 @@ mod bad_input;
 mod browser;
 #[path = "../chaos/mod.rs"]
 mod chaos;
+mod citus;
 mod cli;
 mod client;
 mod config;
@@ -30,6 +31,7 @@ mod policy;
 mod production;
 mod provider;
 mod refresh;
+mod scale;
 mod telemetry;
 mod ttl_and_sweep;
 mod walkthrough;

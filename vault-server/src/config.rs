@@ -108,6 +108,13 @@ value::settings! {
         /// so size it to about 3 × the agents that are busy at once.
         vault_database_statement_cache: u64 = DatabaseSettings::DEFAULT_STATEMENT_CACHE as u64,
             16..=65536;
+        /// Agent schemas a hot-read PostgreSQL connection may touch before it is replaced: a
+        /// backend caches catalog entries for every schema it touched, so this bounds its memory
+        /// (about 50 KiB per schema) whatever the number of agents.
+        vault_database_schemas_per_connection: u64 = 500, 16..=1_000_000;
+        /// Agent schemas the replicas keep made ahead (PostgreSQL), with their tables and role,
+        /// so that registering an agent writes a row instead of running DDL; 0 makes none.
+        vault_database_spare_schemas: u64 = 32, 0..=100000;
         /// A `postgres://` URL to a non-local host without `sslmode=verify-full` (or `verify-ca`)
         /// logs a warning naming this setting; `true` refuses to start instead.
         vault_database_require_tls: bool = false, "true, false";

@@ -22,7 +22,7 @@ use crate::config::{
 use crate::crypto::{Pkcs11Error, Pkcs11Root, Pkcs11Settings, RootKey, RootKeySource};
 use crate::grpc::proto::credential_vault_server::CredentialVaultServer;
 use crate::grpc::{AuthLayer, Budget, CredentialVaultService, ShedLayer, SizeLimitLayer, proto};
-use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, Sweeper};
+use crate::jobs::{HeadSigner, Jobs, JwksRefresh, OutboxDelivery, SpareSchemas, Sweeper};
 use crate::store::AuditListener;
 use crate::vault::{ConsentOptions, Vault, VaultOptions, unlock_root_key};
 
@@ -300,6 +300,12 @@ impl Application {
             retention: settings.audit.retention,
         };
         jobs.spawn("sweeper", |shutdown| sweeper.run(shutdown));
+        let spares = SpareSchemas {
+            store: vault.store().clone(),
+            target: settings.database.spare_schemas,
+            interval: Duration::from_secs(1),
+        };
+        jobs.spawn("spare agent schemas", |shutdown| spares.run(shutdown));
         let signer = HeadSigner {
             store: vault.store().clone(),
             key: head_key,

@@ -248,6 +248,10 @@ pub struct DatabaseSettings {
     pub migrate_url: Option<SecretString>,
     /// The login role `migrate` makes a member of the serving group.
     pub serving_role: Option<String>,
+    /// Agent schemas a hot-read connection touches before it is replaced (PostgreSQL only).
+    pub schemas_per_connection: usize,
+    /// Agent schemas kept made ahead of need (PostgreSQL only).
+    pub spare_schemas: u32,
     /// `VAULT_AUDIT_RETENTION_DAYS`, which `migrate` records in the database as the floor below
     /// which nobody but the owner may delete an audit record (PostgreSQL only).
     pub audit_retention_days: u32,
@@ -375,6 +379,9 @@ impl DatabaseSettings {
             agent_roles: c.vault_database_agent_roles,
             migrate_url: c.migrate_url()?,
             serving_role: c.serving_role()?,
+            schemas_per_connection: usize::try_from(c.vault_database_schemas_per_connection)
+                .unwrap_or(usize::MAX),
+            spare_schemas: u32::try_from(c.vault_database_spare_schemas).unwrap_or(u32::MAX),
             audit_retention_days: u32::try_from(c.vault_audit_retention_days).unwrap_or(u32::MAX),
         })
     }
@@ -400,6 +407,8 @@ impl DatabaseSettings {
             agent_roles: true,
             migrate_url: None,
             serving_role: None,
+            schemas_per_connection: 500,
+            spare_schemas: 32,
             audit_retention_days: 400,
         }
     }

@@ -1,5 +1,6 @@
 //! Background work with a lifecycle: the sweeper, the revocation outbox, the JWKS refresher,
-//! the audit head signer, and the detached tasks that finish a refresh or a revocation for a caller who hung up.
+//! the audit head signer, the spare agent schemas, and the detached tasks that finish a refresh
+//! or a revocation for a caller who hung up.
 //!
 //! Every job is a small type with `run(self, shutdown)`. [`Jobs`] spawns them into one
 //! `JoinSet` under one `CancellationToken`; shutdown cancels the token and waits, for a bounded
@@ -9,6 +10,7 @@ mod audit;
 mod detached;
 mod jwks;
 mod outbox;
+mod spares;
 mod sweeper;
 
 use std::future::Future;
@@ -21,6 +23,7 @@ pub use audit::{HeadSigner, LEASE as AUDIT_SIGN_LEASE, retain, sign_heads};
 pub use detached::Detached;
 pub use jwks::JwksRefresh;
 pub use outbox::OutboxDelivery;
+pub use spares::SpareSchemas;
 pub use sweeper::{LEASE as SWEEP_LEASE, Sweeper};
 
 /// The running background jobs.

@@ -142,6 +142,16 @@ pub trait SchemaStore: Send + Sync + 'static {
     /// Checks that the database is migrated to this version and loads what serving needs from
     /// it; for a server that does not migrate (the serving role has no DDL right).
     async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Makes one spare agent schema, ready to be taken by the next new agent, when fewer than
+    /// `target` are ready and no other replica is making one; true if it made one. A store
+    /// without per-agent schemas (SQLite) makes none.
+    async fn make_spare_schema(&self, target: u32) -> Result<bool, StoreError>;
+
+    /// Resolves when a registration on this process may have taken a spare schema (a hint to
+    /// make another; other replicas' registrations are found by polling). Never, for a store
+    /// without spares.
+    async fn spare_taken(&self);
 }
 
 /// A backend: every table group, from one database.

@@ -2,6 +2,7 @@
 
 use sqlx::Executor as _;
 
+use super::schema::latest_agent_version;
 use super::{PgStore, agent_lock_key, e, namespace_for, quoted};
 use crate::ids::{AgentId, IssuerId};
 use crate::store::rows::{AgentRow, LegacyAgentRow, RootKeyRow, all, root_key_columns};
@@ -104,6 +105,8 @@ impl KeyStore for PgStore {
             }
             _ => e(err),
         };
+        // Whatever happens below, the spare-schema job looks again.
+        self.spare_taken.notify_one();
         if self.agent_roles {
             // The serving role has no DDL right: the owner's SECURITY DEFINER function creates
             // the schema and its role, or returns the agent a concurrent call created.
@@ -168,10 +171,22 @@ impl KeyStore for PgStore {
         if current.is_none() {
             return Err(StoreError::RootKeyChanged);
         }
-        let namespace = namespace_for(issuer, agent);
-        let create = format!("CREATE SCHEMA {}", quoted(&namespace)?);
-        tx.execute(sqlx::raw_sql(&create)).await.map_err(e)?;
-        let version = Self::apply_agent_migrations(&mut tx, &namespace, 0).await?;
+        // A spare schema, made ahead at the latest version (control migration 0012), when one
+        // is ready; else the agent's own, made here.
+        let spare: Option<String> = sqlx::query_scalar("SELECT vault.take_spare_schema()")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?;
+        let (namespace, version) = match spare {
+            Some(namespace) => (namespace, latest_agent_version()),
+            None => {
+                let namespace = namespace_for(issuer, agent);
+                let create = format!("CREATE SCHEMA {}", quoted(&namespace)?);
+                tx.execute(sqlx::raw_sql(&create)).await.map_err(e)?;
+                let version = Self::apply_agent_migrations(&mut tx, &namespace, 0).await?;
+                (namespace, version)
+            }
+        };
         let row: AgentRow = sqlx::query_as(&format!(
             "INSERT INTO vault.agents (issuer, agent_id, schema_name, wrapped_key, key_version, schema_version)
              VALUES ($6, $1, $2, $3, $4, $5)

@@ -132,6 +132,8 @@ pub struct PgStore {
     heads: std::sync::Arc<audit::Heads>,
     /// What `migrate` records as the audit retention floor.
     audit_retention_days: u32,
+    /// Notified by each registration, which may have taken a spare schema.
+    spare_taken: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl PgStore {
@@ -151,6 +153,7 @@ impl PgStore {
         // The connection budget is split: half for the hot read lanes, the rest for the pool
         // (writes, leases, the sweeper); each side gets at least one.
         let lanes = (settings.max_connections / 2).max(1);
+        let statement_cache = settings.statement_cache.max(1);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.saturating_sub(lanes).max(1))
             .min_connections(1)
@@ -158,10 +161,22 @@ impl PgStore {
             // A ping per acquire doubles the round trips of a query; a dead connection
             // surfaces as a query error instead, and the pool replaces it.
             .test_before_acquire(false)
+            // Each agent's SQL names its schema, so a connection whose statement cache is full
+            // has served hundreds of agents, and its backend caches all their catalog entries:
+            // it is closed rather than kept, which bounds each backend's memory (the read lanes
+            // do the same by counting schemas).
+            .after_release(move |conn, _| {
+                let full = conn.cached_statements_size() >= statement_cache;
+                Box::pin(async move { Ok(!full) })
+            })
             .connect_with(options.clone())
             .await
             .map_err(e)?;
-        let reads = std::sync::Arc::new(ReadLanes::new(options, lanes));
+        let reads = std::sync::Arc::new(ReadLanes::new(
+            options,
+            lanes,
+            settings.schemas_per_connection,
+        ));
         Ok(Self {
             pool,
             reads,
@@ -170,6 +185,7 @@ impl PgStore {
             serving_role: settings.serving_role.clone(),
             heads: std::sync::Arc::default(),
             audit_retention_days: settings.audit_retention_days,
+            spare_taken: std::sync::Arc::default(),
         })
     }
 

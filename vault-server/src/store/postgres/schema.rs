@@ -25,7 +25,7 @@ const AGENT_MIGRATIONS: &[(i32, &str)] = &[
     ),
 ];
 
-fn latest_agent_version() -> i32 {
+pub(super) fn latest_agent_version() -> i32 {
     AGENT_MIGRATIONS.last().map_or(0, |(v, _)| *v)
 }
 
@@ -188,6 +188,34 @@ impl SchemaStore for PgStore {
             tx.commit().await.map_err(e)?;
             tracing::info!(schema = %namespace, from, to, "upgraded agent schema");
         }
+        // Spares made before this version are upgraded too, or no registration could take one.
+        let stale_spares: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT schema_name, schema_version FROM vault.spare_schemas WHERE schema_version < $1",
+        )
+        .bind(latest_agent_version())
+        .fetch_all(&mut conn)
+        .await
+        .map_err(e)?;
+        for (namespace, from) in stale_spares {
+            let mut tx = conn.begin().await.map_err(e)?;
+            let to = Self::apply_agent_migrations(&mut tx, &namespace, from).await?;
+            if self.agent_roles {
+                sqlx::query("SELECT vault.grant_agent_role($1)")
+                    .bind(&namespace)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(e)?;
+            }
+            sqlx::query(
+                "UPDATE vault.spare_schemas SET schema_version = $2 WHERE schema_name = $1",
+            )
+            .bind(&namespace)
+            .bind(to)
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+            tx.commit().await.map_err(e)?;
+        }
         if self.agent_roles {
             self.migrate_roles(&mut conn).await?;
         }
@@ -208,5 +236,20 @@ impl SchemaStore for PgStore {
             ));
         }
         self.load_role_prefix().await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn make_spare_schema(&self, target: u32) -> Result<bool, StoreError> {
+        // The owner's function: the serving role has no DDL right of its own.
+        sqlx::query_scalar("SELECT vault.create_spare_schema($1, $2)")
+            .bind(i32::try_from(target).unwrap_or(i32::MAX))
+            .bind(self.agent_roles)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)
+    }
+
+    async fn spare_taken(&self) {
+        self.spare_taken.notified().await
     }
 }

@@ -30,4 +30,13 @@ impl SchemaStore for SqliteStore {
         }
         Ok(())
     }
+
+    async fn make_spare_schema(&self, _target: u32) -> Result<bool, StoreError> {
+        // One file holds every agent's rows: there is no schema to make ahead.
+        Ok(false)
+    }
+
+    async fn spare_taken(&self) {
+        std::future::pending().await
+    }
 }

@@ -1,0 +1,228 @@
+//! Many agents (issue 18): spare agent schemas made ahead of need, taken by new agents with and
+//! without per-agent roles, and onboarding thousands of agents while existing agents read.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crate::helpers::{
+    Issuer, TestDb, access_token, client_at, eventually, schema_of, spawn_with, store,
+    store_and_read_back,
+};
+
+/// The spare schemas ready in `db`, oldest first.
+async fn spares(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar("SELECT schema_name FROM vault.spare_schemas ORDER BY created_at")
+        .fetch_all(&mut db.connect().await)
+        .await
+        .unwrap()
+}
+
+/// The schema the registry gives `agent`.
+async fn registered_schema(db: &TestDb, agent: &str) -> String {
+    sqlx::query_scalar("SELECT schema_name FROM vault.agents WHERE agent_id = $1")
+        .bind(agent)
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap()
+}
+
+async fn new_agents_take_spares(agent_roles: &str) {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_DATABASE_SPARE_SCHEMAS", "2"),
+            ("VAULT_DATABASE_AGENT_ROLES", agent_roles),
+        ],
+    )
+    .await;
+    eventually("two spare schemas are ready", || async {
+        spares(&db).await.len() == 2
+    })
+    .await;
+    let ready = spares(&db).await;
+
+    let first = app.client(&issuer, "first-agent", "alice").await;
+    store_and_read_back(&first, "jira", "first-access").await;
+    let schema = registered_schema(&db, "first-agent").await;
+    assert_eq!(schema, ready[0], "the oldest spare is taken");
+    assert_ne!(schema, schema_of("first-agent"));
+    let mut conn = db.connect().await;
+    let rows: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".credentials WHERE user_id = 'alice'"
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(rows, 1, "the credential is in the taken schema");
+    if agent_roles == "true" {
+        let (own, others): (bool, bool) = sqlx::query_as(
+            "SELECT has_schema_privilege(vault.agent_role($1), $1, 'USAGE'),
+                    has_schema_privilege(vault.agent_role($1), $2, 'USAGE')",
+        )
+        .bind(&schema)
+        .bind(&ready[1])
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(
+            own && !others,
+            "a spare's role reaches its own schema alone"
+        );
+    }
+
+    eventually("the job made a spare in the taken one's place", || async {
+        let now = spares(&db).await;
+        now.len() == 2 && !now.contains(&schema)
+    })
+    .await;
+    let second = app.client(&issuer, "second-agent", "alice").await;
+    store(&second, "jira", "second-access").await;
+    let other = registered_schema(&db, "second-agent").await;
+    assert_ne!(other, schema);
+    assert_eq!(access_token(&first, "jira").await, "first-access");
+    assert_eq!(access_token(&second, "jira").await, "second-access");
+    let (taken, spare_left): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM vault.agents WHERE schema_name = ANY($1)),
+                (SELECT count(*) FROM vault.spare_schemas WHERE schema_name = ANY($1))",
+    )
+    .bind(vec![schema, other])
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        (taken, spare_left),
+        (2, 0),
+        "a schema is an agent's or a spare"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_takes_a_spare_schema_and_another_is_made() {
+    new_agents_take_spares("true").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_agent_roles_a_new_agent_takes_a_spare_schema_too() {
+    new_agents_take_spares("false").await;
+}
+
+/// Agents onboarded while existing agents read.
+const ONBOARDED: usize = 2_000;
+const EXISTING: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_agents_onboard_while_existing_agents_read_and_no_call_fails() {
+    let db = TestDb::new().await;
+    let issuer = Arc::new(Issuer::new());
+    // A few spares, fewer than the agents: registrations take them and make schemas themselves,
+    // concurrently, while the job makes more.
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_DATABASE_SPARE_SCHEMAS", "16"),
+            ("VAULT_AGENT_CREATION_PER_MINUTE", "1000000"),
+        ],
+    )
+    .await;
+    let endpoint = app.endpoint();
+    for n in 0..EXISTING {
+        let vault = app.client(&issuer, &format!("existing-{n}"), "alice").await;
+        store(&vault, "jira", &format!("existing-access-{n}")).await;
+    }
+
+    let onboarding_done = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|reader| {
+            let (issuer, endpoint) = (Arc::clone(&issuer), endpoint.clone());
+            let (done, reads) = (Arc::clone(&onboarding_done), Arc::clone(&reads));
+            tokio::spawn(async move {
+                let mut clients = Vec::new();
+                for n in 0..EXISTING {
+                    let token = issuer.agent_token(&format!("existing-{n}"), "alice");
+                    clients.push((n, client_at(endpoint.clone(), &token).await));
+                }
+                let mut turn = reader;
+                // At least one full round, then until onboarding ends.
+                while turn < EXISTING || !done.load(Ordering::Acquire) {
+                    let (n, vault) = &clients[turn % EXISTING];
+                    let got = vault
+                        .get_token("jira", std::time::Duration::ZERO)
+                        .await
+                        .unwrap_or_else(|err| panic!("GetToken of existing-{n} failed: {err}"));
+                    assert_eq!(got.access_token, format!("existing-access-{n}"));
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    turn += 1;
+                }
+            })
+        })
+        .collect();
+
+    let base = vault_client::Client::connect(endpoint.clone())
+        .await
+        .unwrap();
+    // 16 callers at once, each onboarding the next agent not yet taken.
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (issuer, base, next) = (Arc::clone(&issuer), base.clone(), Arc::clone(&next));
+        callers.spawn(async move {
+            let mut onboarded = 0;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= ONBOARDED {
+                    return onboarded;
+                }
+                let agent = format!("onboarded-{n:04}");
+                let vault = base
+                    .clone()
+                    .with_bearer(&issuer.token(&agent, "bob"))
+                    .unwrap();
+                vault
+                    .store_token(
+                        "jira",
+                        crate::helpers::oauth_token(&format!("onboarded-access-{n}"), "rt", 3600),
+                        None,
+                    )
+                    .await
+                    .unwrap_or_else(|err| panic!("StoreToken of {agent} failed: {err}"));
+                onboarded += 1;
+            }
+        });
+    }
+    let mut onboarded = 0;
+    while let Some(caller) = callers.join_next().await {
+        onboarded += caller.expect("no StoreToken failed");
+    }
+    onboarding_done.store(true, Ordering::Release);
+    for reader in readers {
+        reader.await.expect("no read failed");
+    }
+    assert_eq!(onboarded, ONBOARDED);
+    assert!(reads.load(Ordering::Relaxed) >= EXISTING as u64);
+
+    let (agents, schemas): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT schema_name) FROM vault.agents
+         WHERE agent_id LIKE 'onboarded-%'",
+    )
+    .fetch_one(&mut db.connect().await)
+    .await
+    .unwrap();
+    assert_eq!((agents, schemas), (ONBOARDED as i64, ONBOARDED as i64));
+    for n in [0, ONBOARDED / 2, ONBOARDED - 1] {
+        let agent = format!("onboarded-{n:04}");
+        let vault = base
+            .clone()
+            .with_bearer(&issuer.agent_token(&agent, "bob"))
+            .unwrap();
+        assert_eq!(
+            access_token(&vault, "jira").await,
+            format!("onboarded-access-{n}")
+        );
+    }
+    app.stop().await;
+}
