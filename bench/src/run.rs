@@ -383,7 +383,7 @@ async fn measure(
             "no ping before acquire (one round trip per SELECT)"
         }
     ));
-    let statements = workloads::select_statements(&issuer, &population)?;
+    let statements = workloads::select_statements(&pool, &issuer, &population).await?;
     // The insert floor runs on the same pool, so it has the SELECT's connections and settings;
     // commit durability is the database's, and the report says what that was.
     let (synchronous_commit, fsync) = workloads::commit_durability(&pool).await?;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use base64::Engine as _;
 use prost::Message as _;
 use sqlx::{PgPool, Row as _};
@@ -20,8 +21,6 @@ use vault_client::proto::{
     AccessToken, GetTokenRequest, GetTokenResponse, OAuthToken, StoreTokenRequest,
 };
 use vault_client::{Client, RawClient, TokenSet};
-use vault_server::ids::{AgentId, IssuerId};
-use vault_server::store::namespace_for;
 
 use crate::issuer::Issuer;
 use crate::load::{Phases, Sample, drive};
@@ -288,25 +287,33 @@ pub async fn echo(
     .await
 }
 
-/// The SELECT GetToken runs, per agent schema.
-pub fn select_statements(
+/// The SELECT GetToken runs, per agent schema: each agent's schema as the registry names it (a
+/// spare schema taken at registration has a random name, not the identity's hash).
+pub async fn select_statements(
+    pool: &PgPool,
     issuer: &Issuer,
     population: &Population,
 ) -> anyhow::Result<Arc<[Arc<str>]>> {
-    let iss = IssuerId::parse(issuer.iss.as_str())?;
-    population
-        .agents
-        .iter()
-        .map(|agent| {
-            let schema = namespace_for(&iss, &AgentId::parse(agent.as_str())?);
-            Ok(format!(
+    let mut statements = Vec::with_capacity(population.agents.len());
+    for agent in population.agents.iter() {
+        let schema: String = sqlx::query_scalar(
+            "SELECT schema_name FROM vault.agents WHERE issuer = $1 AND agent_id = $2",
+        )
+        .bind(issuer.iss.as_str())
+        .bind(agent.as_str())
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("agent {agent} is not registered"))?;
+        statements.push(
+            format!(
                 "SELECT generation, state, key_version, wrapped_data_key, ciphertext \
                  FROM \"{schema}\".credentials \
                  WHERE user_id = $1 AND tool = $2 AND ttl_expires_at > now()"
             )
-            .into())
-        })
-        .collect()
+            .into(),
+        );
+    }
+    Ok(statements.into())
 }
 
 /// `select`: the storage floor, decoded the way the server decodes it.

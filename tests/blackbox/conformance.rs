@@ -21,7 +21,7 @@ use vault_server::vault::{
     rotated_to, unlock_root_key,
 };
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, eventually};
 
 fn agent(id: &str) -> AgentId {
     AgentId::parse(id).unwrap()
@@ -2008,6 +2008,76 @@ async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
         prepared >= 130,
         "only {prepared} agent statements stayed prepared"
     );
+}
+
+/// A backend caches catalog entries for every schema it touched: a read connection that has
+/// served `VAULT_DATABASE_SCHEMAS_PER_CONNECTION` agent schemas is replaced by a fresh one.
+#[tokio::test]
+async fn a_read_connection_is_replaced_once_it_has_served_enough_agent_schemas() {
+    let db = TestDb::new().await;
+    let settings = DatabaseSettings {
+        max_connections: 1,
+        schemas_per_connection: 16,
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
+    };
+    let pg = PgStore::connect(&settings).await.unwrap();
+    let store = Store::new(pg.clone());
+    store.schema.migrate().await.unwrap();
+    let mut agents = Vec::new();
+    for n in 0..40 {
+        agents.push(registered(&store, &format!("agent-{n}")).await);
+    }
+    for a in &agents {
+        store
+            .credentials
+            .load(key(a, &user("alice"), &tool("jira")))
+            .await
+            .unwrap();
+    }
+    // One read connection: it was replaced after 16 and 32 schemas, and its successor has
+    // prepared only what the last 8 agents needed.
+    let prepared = pg.prepared_read_statements().await.unwrap();
+    assert!(
+        (1..16).contains(&prepared),
+        "{prepared} agent statements prepared on the read connection"
+    );
+}
+
+/// The write pool's connections are closed once their statement cache is full (each agent's
+/// SQL is its own, so a full cache means hundreds of agents served).
+#[tokio::test]
+async fn a_pool_connection_whose_statement_cache_filled_is_closed() {
+    let db = TestDb::new().await;
+    let settings = DatabaseSettings {
+        max_connections: 2,
+        statement_cache: 16,
+        ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
+    };
+    let pg = PgStore::connect(&settings).await.unwrap();
+    let store = Store::new(pg);
+    store.schema.migrate().await.unwrap();
+    let backends = || async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'vault-server'",
+        )
+        .fetch_all(&mut db.connect().await)
+        .await
+        .unwrap();
+        pids
+    };
+    let first = registered(&store, "agent-first").await;
+    put(&store, &first, "alice", "jira", 1, 3600).await;
+    let before = backends().await;
+    for n in 0..12 {
+        let a = registered(&store, &format!("agent-{n}")).await;
+        put(&store, &a, "alice", "jira", 1, 3600).await;
+    }
+    eventually("a backend that served the first agent is gone", || async {
+        let now = backends().await;
+        before.iter().any(|pid| !now.contains(pid))
+    })
+    .await;
 }
 
 #[tokio::test]
