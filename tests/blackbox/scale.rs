@@ -226,3 +226,92 @@ async fn two_thousand_agents_onboard_while_existing_agents_read_and_no_call_fail
     }
     app.stop().await;
 }
+
+/// The per-agent migration each agent in `agents` is at.
+async fn schema_versions(db: &TestDb, agents: &[&str]) -> Vec<i32> {
+    let mut versions = Vec::new();
+    for agent in agents {
+        let version: i32 =
+            sqlx::query_scalar("SELECT schema_version FROM vault.agents WHERE agent_id = $1")
+                .bind(agent)
+                .fetch_one(&mut db.connect().await)
+                .await
+                .unwrap();
+        versions.push(version);
+    }
+    versions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_agent_migrations_run_online_and_an_agent_is_upgraded_before_its_first_use() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let agents = ["old-a", "old-b", "old-c"];
+    let app = crate::helpers::spawn(&db, &issuer).await;
+    for agent in agents {
+        let vault = app.client(&issuer, agent, "alice").await;
+        store(&vault, "jira", &format!("{agent}-access")).await;
+    }
+    app.stop().await;
+    // As a vault from before the per-agent audit migration (3) left them: at version 2, with no
+    // audit tables.
+    let mut conn = db.connect().await;
+    for agent in agents {
+        let schema = registered_schema(&db, agent).await;
+        sqlx::raw_sql(&format!(
+            "DROP TABLE \"{schema}\".audit_log, \"{schema}\".audit_head"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE vault.agents SET schema_version = 2 WHERE agent_id = ANY($1)")
+        .bind(&agents[..])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    // Starting a vault upgrades none of them; using one upgrades it first.
+    let app = crate::helpers::spawn(&db, &issuer).await;
+    assert_eq!(schema_versions(&db, &agents).await, [2, 2, 2]);
+    let first = app.client(&issuer, "old-a", "alice").await;
+    assert_eq!(access_token(&first, "jira").await, "old-a-access");
+    assert_eq!(schema_versions(&db, &agents).await, [3, 2, 2]);
+
+    // `migrate` upgrades the rest a batch at a time while the vault serves.
+    let env = [
+        ("VAULT_DATABASE_URL", db.url.as_str()),
+        ("VAULT_ROOT_KEY", crate::helpers::ROOT_KEY),
+    ];
+    let (ok, out, err) = crate::keys::run(&["migrate", "--batch", "1"], &env).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("agent schemas: 1 upgraded, 1 left")
+            && out.contains("agent schemas: 2 upgraded, 0 left")
+            && out.contains("agent schemas at the latest version (2 upgraded)"),
+        "{out}"
+    );
+    assert_eq!(schema_versions(&db, &agents).await, [3, 3, 3]);
+    for agent in ["old-b", "old-c"] {
+        let vault = app.client(&issuer, agent, "alice").await;
+        assert_eq!(
+            access_token(&vault, "jira").await,
+            format!("{agent}-access")
+        );
+        let schema = registered_schema(&db, agent).await;
+        let released: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{schema}\".audit_log WHERE action = 'GetToken'"
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(
+            released >= 1,
+            "{agent}'s release is audited in its new tables"
+        );
+    }
+    let (ok, out, err) = crate::keys::run(&["migrate"], &env).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("(0 upgraded)"), "{out}");
+    app.stop().await;
+}

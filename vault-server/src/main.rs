@@ -26,8 +26,14 @@ struct Cli {
 enum Command {
     /// Serve gRPC (the default). Settings come from VAULT_* variables and VAULT_CONFIG.
     Serve,
-    /// Apply database migrations, upgrading every agent schema, then exit.
-    Migrate,
+    /// Apply database migrations, then upgrade every agent schema still behind, in batches,
+    /// while replicas keep serving (each also upgrades an agent it uses first); then exit.
+    /// Stopped half-way, it keeps what it did: run it again to finish.
+    Migrate {
+        /// Agent schemas looked up per batch (each is upgraded in its own transaction).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+    },
     /// Delete credentials past their vault TTL once, then exit.
     Sweep {
         /// Most credentials to delete.
@@ -266,14 +272,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await
         }
-        Command::Migrate => {
+        Command::Migrate { batch } => {
             let source = Source::from_env()?;
             let settings = DatabaseSettings::load(&source)?;
             require_database(&source, "migrate")?;
             let store = vault_server::store::open(&settings.for_migration()).await?;
             store.schema.migrate().await?;
             println!("migrations applied");
-            Ok(())
+            upgrade_agents(&store, batch).await
         }
         Command::Sweep { limit, dry_run } => {
             let source = Source::from_env()?;
@@ -750,6 +756,41 @@ fn help(topic: &[String]) -> anyhow::Result<()> {
     }
     current.print_help()?;
     Ok(())
+}
+
+/// Upgrades every agent schema behind this version, a batch at a time, with a progress bar on a
+/// terminal and a line per batch otherwise.
+async fn upgrade_agents(store: &vault_server::store::Store, batch: u32) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let terminal = std::io::stderr().is_terminal();
+    let bar = if terminal {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} agent schemas upgraded")
+                .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut upgraded = 0;
+    loop {
+        let done = store.schema.upgrade_agents(batch).await?;
+        upgraded += done.upgraded;
+        bar.set_length(upgraded + done.left);
+        bar.set_position(upgraded);
+        if !terminal && (done.upgraded > 0 || done.left > 0) {
+            println!("agent schemas: {upgraded} upgraded, {} left", done.left);
+        }
+        if done.left == 0 || done.upgraded == 0 {
+            bar.finish_and_clear();
+            if done.left > 0 {
+                anyhow::bail!("{} agent schema(s) could not be upgraded", done.left);
+            }
+            println!("agent schemas at the latest version ({upgraded} upgraded)");
+            return Ok(());
+        }
+    }
 }
 
 /// `migrate` and `sweep` act on a deployment's database. Without one configured they refuse:

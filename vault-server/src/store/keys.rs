@@ -13,7 +13,8 @@ pub struct AgentRecord {
     pub issuer: IssuerId,
     /// The agent.
     pub agent: AgentId,
-    /// Its schema, derived from a hash of the id.
+    /// Its schema, as the registry names it: a hash of the identity, or the random name of the
+    /// spare schema it took.
     pub namespace: String,
     /// The agent key, wrapped by the root key.
     pub wrapped_key: Vec<u8>,

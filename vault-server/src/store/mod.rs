@@ -133,15 +133,30 @@ fn sqlite_transient(code: u32) -> bool {
     matches!(code & 0xff, 5 | 6 | 10 | 13 | 15)
 }
 
+/// One batch of [`SchemaStore::upgrade_agents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentUpgrades {
+    /// Agent schemas this batch upgraded.
+    pub upgraded: u64,
+    /// Agent schemas still behind after it.
+    pub left: u64,
+}
+
 /// Creating and upgrading the database itself.
 #[async_trait::async_trait]
 pub trait SchemaStore: Send + Sync + 'static {
-    /// Applies control migrations and upgrades every agent schema (as the owner role).
+    /// Applies control migrations and upgrades the spare schemas (as the owner role); agent
+    /// schemas are upgraded online, by [`Self::upgrade_agents`] or on first use.
     async fn migrate(&self) -> Result<(), StoreError>;
 
     /// Checks that the database is migrated to this version and loads what serving needs from
     /// it; for a server that does not migrate (the serving role has no DDL right).
     async fn ready(&self) -> Result<(), StoreError>;
+
+    /// Upgrades up to `batch` agent schemas that are behind this version's per-agent migrations,
+    /// each in its own transaction, and says how many are still behind. Online: replicas keep
+    /// serving, and upgrade an agent themselves if they use it first.
+    async fn upgrade_agents(&self, batch: u32) -> Result<AgentUpgrades, StoreError>;
 
     /// Makes one spare agent schema, ready to be taken by the next new agent, when fewer than
     /// `target` are ready and no other replica is making one; true if it made one. A store

@@ -1,6 +1,6 @@
 //! The root key record and the agent registry in the control schema.
 
-use sqlx::Executor as _;
+use sqlx::{Executor as _, FromRow as _, Row as _};
 
 use super::schema::latest_agent_version;
 use super::{PgStore, agent_lock_key, e, namespace_for, quoted};
@@ -76,15 +76,32 @@ impl KeyStore for PgStore {
         issuer: &IssuerId,
         agent: &AgentId,
     ) -> Result<Option<AgentRecord>, StoreError> {
-        let row: Option<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer = $1 AND agent_id = $2"
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS}, schema_version FROM vault.agents
+             WHERE issuer = $1 AND agent_id = $2"
         ))
         .bind(issuer.as_str())
         .bind(agent.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(e)?;
-        row.map(AgentRecord::try_from).transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record = AgentRecord::try_from(AgentRow::from_row(&row).map_err(e)?)?;
+        // Upgraded before its first use by this process (each process reads an agent's entry
+        // once, then caches it): per-agent migrations run online, agent by agent (control
+        // migration 0013).
+        let version: i32 = row.try_get("schema_version").map_err(e)?;
+        if version < latest_agent_version() {
+            let to: i32 = sqlx::query_scalar("SELECT vault.upgrade_agent_schema($1)")
+                .bind(&record.namespace)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+            tracing::info!(schema = %record.namespace, from = version, to, "upgraded agent schema on first use");
+        }
+        Ok(Some(record))
     }
 
     #[tracing::instrument(skip_all)]

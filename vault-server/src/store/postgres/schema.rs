@@ -2,10 +2,10 @@
 //! template, and the per-agent roles (DESIGN §4, docs/database-roles.md).
 
 use sqlx::migrate::Migrator;
-use sqlx::{Connection as _, Executor as _, Row as _};
+use sqlx::{Connection as _, Executor as _};
 
 use super::{PgStore, e, quoted};
-use crate::store::{SchemaStore, StoreError};
+use crate::store::{AgentUpgrades, SchemaStore, StoreError};
 
 static CONTROL_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/control");
 
@@ -158,36 +158,8 @@ impl SchemaStore for PgStore {
             .map_err(e)?;
         }
 
-        let stale = sqlx::query(
-            "SELECT schema_name, schema_version FROM vault.agents WHERE schema_version < $1",
-        )
-        .bind(latest_agent_version())
-        .fetch_all(&mut conn)
-        .await
-        .map_err(e)?;
-        for row in stale {
-            let namespace: String = row.try_get("schema_name").map_err(e)?;
-            let from: i32 = row.try_get("schema_version").map_err(e)?;
-            let mut tx = conn.begin().await.map_err(e)?;
-            let to = Self::apply_agent_migrations(&mut tx, &namespace, from).await?;
-            if self.agent_roles {
-                // In the same transaction: a migrate cut off after the upgrade commits must not
-                // leave the new tables out of the agent role's reach.
-                sqlx::query("SELECT vault.grant_agent_role($1)")
-                    .bind(&namespace)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(e)?;
-            }
-            sqlx::query("UPDATE vault.agents SET schema_version = $2 WHERE schema_name = $1")
-                .bind(&namespace)
-                .bind(to)
-                .execute(&mut *tx)
-                .await
-                .map_err(e)?;
-            tx.commit().await.map_err(e)?;
-            tracing::info!(schema = %namespace, from, to, "upgraded agent schema");
-        }
+        // Agent schemas are not upgraded here: each is upgraded on its first use after this
+        // version, or by `upgrade_agents` (what `vault-server migrate` runs next), online.
         // Spares made before this version are upgraded too, or no registration could take one.
         let stale_spares: Vec<(String, i32)> = sqlx::query_as(
             "SELECT schema_name, schema_version FROM vault.spare_schemas WHERE schema_version < $1",
@@ -236,6 +208,38 @@ impl SchemaStore for PgStore {
             ));
         }
         self.load_role_prefix().await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn upgrade_agents(&self, batch: u32) -> Result<AgentUpgrades, StoreError> {
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT schema_name FROM vault.agents WHERE schema_version < $1
+             ORDER BY schema_name LIMIT $2",
+        )
+        .bind(latest_agent_version())
+        .bind(i64::from(batch.max(1)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(e)?;
+        // One transaction per agent, in the owner's function: a replica using the agent
+        // meanwhile waits for one schema's DDL at most, and a run cut off keeps what it did.
+        for namespace in &stale {
+            sqlx::query("SELECT vault.upgrade_agent_schema($1)")
+                .bind(namespace)
+                .execute(&self.pool)
+                .await
+                .map_err(e)?;
+        }
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM vault.agents WHERE schema_version < $1")
+                .bind(latest_agent_version())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        Ok(AgentUpgrades {
+            upgraded: stale.len() as u64,
+            left: u64::try_from(left).unwrap_or(0),
+        })
     }
 
     #[tracing::instrument(skip_all)]
