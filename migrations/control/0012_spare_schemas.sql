@@ -17,8 +17,10 @@ CREATE TABLE IF NOT EXISTS vault.spare_schemas (
 
 -- Makes one spare schema when fewer than `p_target` are ready, and says whether it did. One
 -- replica refills at a time (the others get false at once); each spare is its own transaction,
--- so the catalog locks of one are held for one schema's DDL. `p_roles`: give it its agent role.
-CREATE OR REPLACE FUNCTION vault.create_spare_schema(p_target integer, p_roles boolean)
+-- so the catalog locks of one are held for one schema's DDL. A spare gets its agent role when
+-- this vault has roles (the serving group exists), whatever the caller runs with: a spare must
+-- be usable by every replica.
+CREATE OR REPLACE FUNCTION vault.create_spare_schema(p_target integer)
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -27,9 +29,10 @@ AS $$
 DECLARE
     ns text;
     latest integer := (SELECT coalesce(max(version), 0) FROM vault.agent_migrations);
+    applied integer;
     m record;
 BEGIN
-    IF p_target IS NULL OR p_target NOT BETWEEN 0 AND 100000 THEN
+    IF p_target IS NULL OR p_target NOT BETWEEN 0 AND 10000 THEN
         RAISE EXCEPTION 'invalid spare schema target' USING ERRCODE = '22023';
     END IF;
     -- "spare" in ASCII: one refiller at a time across replicas.
@@ -41,31 +44,38 @@ BEGIN
     END IF;
     ns := 'agent_' || substr(md5(gen_random_uuid()::text) || md5(gen_random_uuid()::text), 1, 40);
     EXECUTE format('CREATE SCHEMA %I', ns);
+    applied := 0;
     FOR m IN SELECT version, template FROM vault.agent_migrations ORDER BY version LOOP
         EXECUTE replace(m.template, '{schema}', quote_ident(ns));
+        applied := m.version;
     END LOOP;
-    IF p_roles THEN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname =
+               (SELECT role_prefix FROM vault.instance WHERE id = 1) || '_serving') THEN
         PERFORM vault.grant_agent_role(ns);
     END IF;
-    INSERT INTO vault.spare_schemas (schema_name, schema_version) VALUES (ns, latest);
+    -- The version the loop applied, not the one read before it: `migrate` may add a template
+    -- meanwhile.
+    INSERT INTO vault.spare_schemas (schema_name, schema_version) VALUES (ns, applied);
     RETURN true;
 END
 $$;
-REVOKE ALL ON FUNCTION vault.create_spare_schema(integer, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION vault.create_spare_schema(integer) FROM PUBLIC;
 
--- Takes a spare schema at the latest per-agent version (NULL when none is ready). SKIP LOCKED:
--- concurrent registrations take different spares and never queue behind each other.
-CREATE OR REPLACE FUNCTION vault.take_spare_schema() RETURNS text
+-- Takes a spare schema at the latest per-agent version (no row when none is ready), with the
+-- version it is at, which is what the registry records. SKIP LOCKED: concurrent registrations
+-- take different spares and never queue behind each other.
+CREATE OR REPLACE FUNCTION vault.take_spare_schema()
+RETURNS TABLE (schema_name text, schema_version integer)
 LANGUAGE sql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    DELETE FROM vault.spare_schemas
-    WHERE schema_name = (
-        SELECT schema_name FROM vault.spare_schemas
-        WHERE schema_version = (SELECT coalesce(max(version), 0) FROM vault.agent_migrations)
-        ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING schema_name
+    DELETE FROM vault.spare_schemas s
+    WHERE s.schema_name = (
+        SELECT t.schema_name FROM vault.spare_schemas t
+        WHERE t.schema_version = (SELECT coalesce(max(version), 0) FROM vault.agent_migrations)
+        ORDER BY t.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING s.schema_name, s.schema_version
 $$;
 REVOKE ALL ON FUNCTION vault.take_spare_schema() FROM PUBLIC;
 
@@ -112,13 +122,14 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'the root key changed' USING ERRCODE = '55000';
     END IF;
-    latest_version := (SELECT coalesce(max(v.version), 0) FROM vault.agent_migrations v);
-    ns := vault.take_spare_schema();
+    SELECT t.schema_name, t.schema_version INTO ns, latest_version FROM vault.take_spare_schema() t;
     IF ns IS NULL THEN
         ns := 'agent_' || substr(identity, 1, 40);
         EXECUTE format('CREATE SCHEMA %I', ns);
+        latest_version := 0;
         FOR m IN SELECT v.version, v.template FROM vault.agent_migrations v ORDER BY v.version LOOP
             EXECUTE replace(m.template, '{schema}', quote_ident(ns));
+            latest_version := m.version;
         END LOOP;
         PERFORM vault.grant_agent_role(ns);
     END IF;
@@ -136,7 +147,7 @@ DECLARE
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = serving) THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION vault.create_agent(text, text, bytea, integer, bytea) TO %I', serving);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION vault.create_spare_schema(integer, boolean) TO %I', serving);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION vault.create_spare_schema(integer) TO %I', serving);
         EXECUTE format('GRANT SELECT ON vault.spare_schemas TO %I', serving);
     END IF;
 END $$;

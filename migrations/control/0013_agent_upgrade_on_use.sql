@@ -8,6 +8,9 @@ CREATE OR REPLACE FUNCTION vault.upgrade_agent_schema(p_schema text) RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- The DDL locks the agent's tables; behind a long transaction on them it gives up (55P03, which
+-- the caller retries) rather than queue every read of the agent behind it.
+SET lock_timeout = '5s'
 AS $$
 DECLARE
     from_version integer;
@@ -46,5 +49,7 @@ DECLARE
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = serving) THEN
         EXECUTE format('GRANT EXECUTE ON FUNCTION vault.upgrade_agent_schema(text) TO %I', serving);
+        -- A serving replica checks that the per-agent templates are at its version.
+        EXECUTE format('GRANT SELECT (version) ON vault.agent_migrations TO %I', serving);
     END IF;
 END $$;

@@ -274,10 +274,24 @@ fn the_citus_checks_catch_what_they_look_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_statement_and_transaction_stays_within_one_agent_schema() {
     let db = TestDb::new().await;
-    let (relay, seen) = tap(SocketAddr::from(([127, 0, 0, 1], 5432))).await;
-    let (_, path) = db.url.rsplit_once('/').expect("a database path");
+    // The test database's own server and login, reached through the relay.
+    let rest = db.url.split_once("://").expect("a URL").1;
+    let (authority, path) = rest.split_once('/').expect("a database path");
+    let (login, host) = authority.rsplit_once('@').unwrap_or(("", authority));
+    let host = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5432")
+    };
+    let upstream = tokio::net::lookup_host(host)
+        .await
+        .unwrap()
+        .next()
+        .expect("the database host resolves");
+    let (relay, seen) = tap(upstream).await;
     let path = path.split('?').next().unwrap_or(path);
-    let url = format!("postgres://postgres@{relay}/{path}?sslmode=disable");
+    let at = if login.is_empty() { "" } else { "@" };
+    let url = format!("postgres://{login}{at}{relay}/{path}?sslmode=disable");
     let issuer = Issuer::new();
     let app = spawn_with(
         &db,

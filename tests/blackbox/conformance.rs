@@ -1985,6 +1985,17 @@ async fn migrated_pg(db: &TestDb, max_connections: u32) -> (PgStore, Store) {
     (pg, store)
 }
 
+/// Reads alice's jira credential of each of `agents` (none is stored: the read runs all the same).
+async fn load_each(store: &Store, agents: &[AgentRecord]) {
+    for a in agents {
+        store
+            .credentials
+            .load(key(a, &user("alice"), &tool("jira")))
+            .await
+            .unwrap();
+    }
+}
+
 /// Each agent schema has its own SQL text, so the statement cache must hold far more than
 /// sqlx's default 100 statements, or a busy vault re-parses its hot query on most calls.
 #[tokio::test]
@@ -1995,13 +2006,7 @@ async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
     for n in 0..130 {
         agents.push(registered(&store, &format!("agent-{n}")).await);
     }
-    for a in &agents {
-        store
-            .credentials
-            .load(key(a, &user("alice"), &tool("jira")))
-            .await
-            .unwrap();
-    }
+    load_each(&store, &agents).await;
     // One read connection, so its session prepared them all.
     let prepared = pg.prepared_read_statements().await.unwrap();
     assert!(
@@ -2027,13 +2032,7 @@ async fn a_read_connection_is_replaced_once_it_has_served_enough_agent_schemas()
     for n in 0..40 {
         agents.push(registered(&store, &format!("agent-{n}")).await);
     }
-    for a in &agents {
-        store
-            .credentials
-            .load(key(a, &user("alice"), &tool("jira")))
-            .await
-            .unwrap();
-    }
+    load_each(&store, &agents).await;
     // One read connection: it was replaced after 16 and 32 schemas, and its successor has
     // prepared only what the last 8 agents needed.
     let prepared = pg.prepared_read_statements().await.unwrap();
@@ -2044,13 +2043,13 @@ async fn a_read_connection_is_replaced_once_it_has_served_enough_agent_schemas()
 }
 
 /// The write pool's connections are closed once their statement cache is full (each agent's
-/// SQL is its own, so a full cache means hundreds of agents served).
+/// SQL is its own, so a full cache means many agents served), and only then.
 #[tokio::test]
 async fn a_pool_connection_whose_statement_cache_filled_is_closed() {
     let db = TestDb::new().await;
     let settings = DatabaseSettings {
         max_connections: 2,
-        statement_cache: 16,
+        statement_cache: 256,
         ..DatabaseSettings::new(Database::Postgres(db.url.clone().into()))
     };
     let pg = PgStore::connect(&settings).await.unwrap();
@@ -2059,7 +2058,8 @@ async fn a_pool_connection_whose_statement_cache_filled_is_closed() {
     let backends = || async {
         let pids: Vec<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'vault-server'",
+             WHERE datname = current_database() AND application_name = 'vault-server'
+             ORDER BY pid",
         )
         .fetch_all(&mut db.connect().await)
         .await
@@ -2069,7 +2069,17 @@ async fn a_pool_connection_whose_statement_cache_filled_is_closed() {
     let first = registered(&store, "agent-first").await;
     put(&store, &first, "alice", "jira", 1, 3600).await;
     let before = backends().await;
-    for n in 0..12 {
+    // The control statements alone leave the connection be.
+    for _ in 0..20 {
+        put(&store, &first, "alice", "jira", 1, 3600).await;
+    }
+    assert_eq!(
+        backends().await,
+        before,
+        "a connection is kept while few agents use it"
+    );
+    // Each agent adds its own statements: 256 fill up well before 150 agents.
+    for n in 0..150 {
         let a = registered(&store, &format!("agent-{n}")).await;
         put(&store, &a, "alice", "jira", 1, 3600).await;
     }

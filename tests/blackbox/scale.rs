@@ -165,6 +165,7 @@ async fn two_thousand_agents_onboard_while_existing_agents_read_and_no_call_fail
     let base = vault_client::Client::connect(endpoint.clone())
         .await
         .unwrap();
+    let reads_before = reads.load(Ordering::Relaxed);
     // 16 callers at once, each onboarding the next agent not yet taken.
     let next = Arc::new(AtomicUsize::new(0));
     let mut callers = tokio::task::JoinSet::new();
@@ -198,12 +199,16 @@ async fn two_thousand_agents_onboard_while_existing_agents_read_and_no_call_fail
     while let Some(caller) = callers.join_next().await {
         onboarded += caller.expect("no StoreToken failed");
     }
+    let reads_during = reads.load(Ordering::Relaxed) - reads_before;
     onboarding_done.store(true, Ordering::Release);
     for reader in readers {
         reader.await.expect("no read failed");
     }
     assert_eq!(onboarded, ONBOARDED);
-    assert!(reads.load(Ordering::Relaxed) >= EXISTING as u64);
+    assert!(
+        reads_during > 0,
+        "existing agents were read while others onboarded"
+    );
 
     let (agents, schemas): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT schema_name) FROM vault.agents
@@ -244,6 +249,8 @@ async fn schema_versions(db: &TestDb, agents: &[&str]) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_agent_migrations_run_online_and_an_agent_is_upgraded_before_its_first_use() {
+    // Without the upgrade on first use, the used agent's GetToken fails (its audit tables are
+    // gone); without `migrate`'s batches, the other two stay at version 2.
     let db = TestDb::new().await;
     let issuer = Issuer::new();
     let agents = ["old-a", "old-b", "old-c"];
@@ -271,12 +278,42 @@ async fn per_agent_migrations_run_online_and_an_agent_is_upgraded_before_its_fir
         .await
         .unwrap();
 
-    // Starting a vault upgrades none of them; using one upgrades it first.
+    // A new vault's background pass upgrades the agents behind, in schema order: the first one
+    // is held here (its registry row locked), so the pass waits on it and then gives up
+    // (lock_timeout), and the next agent is upgraded by its first use instead.
+    let mut order = Vec::new();
+    for agent in agents {
+        order.push((registered_schema(&db, agent).await, agent));
+    }
+    order.sort();
+    let (held, used, last) = (order[0].1, order[1].1, order[2].1);
+    let mut holder = db.connect().await;
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM vault.agents WHERE agent_id = '{held}' FOR UPDATE"
+    ))
+    .execute(&mut holder)
+    .await
+    .unwrap();
     let app = crate::helpers::spawn(&db, &issuer).await;
-    assert_eq!(schema_versions(&db, &agents).await, [2, 2, 2]);
-    let first = app.client(&issuer, "old-a", "alice").await;
-    assert_eq!(access_token(&first, "jira").await, "old-a-access");
-    assert_eq!(schema_versions(&db, &agents).await, [3, 2, 2]);
+    let vault = app.client(&issuer, used, "alice").await;
+    assert_eq!(access_token(&vault, "jira").await, format!("{used}-access"));
+    assert_eq!(schema_versions(&db, &[held, used, last]).await, [2, 3, 2]);
+    eventually("the background pass gave up on the held agent", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap();
+        waiting == 0
+    })
+    .await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(schema_versions(&db, &[held, used, last]).await, [2, 3, 2]);
 
     // `migrate` upgrades the rest a batch at a time while the vault serves.
     let env = [
@@ -292,7 +329,7 @@ async fn per_agent_migrations_run_online_and_an_agent_is_upgraded_before_its_fir
         "{out}"
     );
     assert_eq!(schema_versions(&db, &agents).await, [3, 3, 3]);
-    for agent in ["old-b", "old-c"] {
+    for agent in [held, last] {
         let vault = app.client(&issuer, agent, "alice").await;
         assert_eq!(
             access_token(&vault, "jira").await,

@@ -114,7 +114,7 @@ value::settings! {
         vault_database_schemas_per_connection: u64 = 500, 16..=1_000_000;
         /// Agent schemas the replicas keep made ahead (PostgreSQL), with their tables and role,
         /// so that registering an agent writes a row instead of running DDL; 0 makes none.
-        vault_database_spare_schemas: u64 = 32, 0..=100000;
+        vault_database_spare_schemas: u64 = 32, 0..=10000;
         /// A `postgres://` URL to a non-local host without `sslmode=verify-full` (or `verify-ca`)
         /// logs a warning naming this setting; `true` refuses to start instead.
         vault_database_require_tls: bool = false, "true, false";

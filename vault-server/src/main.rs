@@ -561,7 +561,6 @@ async fn rotate_agent_keys(
     all: bool,
     batch: u32,
 ) -> anyhow::Result<()> {
-    use std::io::IsTerminal as _;
     use vault_server::ids::{AgentId, IssuerId};
     use vault_server::vault::{self, AgentRotationProgress};
     let source = Source::from_env()?;
@@ -594,17 +593,7 @@ async fn rotate_agent_keys(
         }
         None => anyhow::bail!("name the agent with --agent, or give --all"),
     };
-    let terminal = std::io::stderr().is_terminal();
-    let bar = if terminal {
-        let bar = indicatif::ProgressBar::new(agents.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} agents  {msg}")
-                .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let (bar, terminal) = progress_bar(agents.len() as u64, "{bar:40} {pos}/{len} agents  {msg}")?;
     let total = agents.len();
     for (done, (issuer, agent)) in agents.into_iter().enumerate() {
         let mut report = |p: AgentRotationProgress| {
@@ -661,7 +650,6 @@ enum NewRoot {
 
 /// `rotate-root`; the work is in `vault_server::vault::RootRotation`.
 async fn rotate_root(next: NewRoot, batch: u32) -> anyhow::Result<()> {
-    use std::io::IsTerminal as _;
     use vault_server::vault::{self, RootRotation, RotationOutcome};
     let source = Source::from_env()?;
     require_database(&source, "rotate-root")?;
@@ -708,17 +696,7 @@ async fn rotate_root(next: NewRoot, batch: u32) -> anyhow::Result<()> {
         Err(err) => return Err(err.into()),
     };
     let rotation = RootRotation::new(store, current, next, next_kdf, batch)?;
-    let terminal = std::io::stderr().is_terminal();
-    let bar = if terminal {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} agent keys re-wrapped")
-                .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let (bar, terminal) = progress_bar(0, "{bar:40} {pos}/{len} agent keys re-wrapped")?;
     let mut report = |p: vault::RotationProgress| {
         if terminal {
             bar.set_length(p.total);
@@ -758,21 +736,25 @@ fn help(topic: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A progress bar of `len` steps drawn with `template` on a terminal (stderr), and whether there
+/// is one: piped output gets no bar (the caller prints lines instead).
+fn progress_bar(len: u64, template: &str) -> anyhow::Result<(indicatif::ProgressBar, bool)> {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        return Ok((indicatif::ProgressBar::hidden(), false));
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
+    );
+    Ok((bar, true))
+}
+
 /// Upgrades every agent schema behind this version, a batch at a time, with a progress bar on a
 /// terminal and a line per batch otherwise.
 async fn upgrade_agents(store: &vault_server::store::Store, batch: u32) -> anyhow::Result<()> {
-    use std::io::IsTerminal as _;
-    let terminal = std::io::stderr().is_terminal();
-    let bar = if terminal {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} agent schemas upgraded")
-                .map_err(|e| anyhow::anyhow!("the progress template: {e}"))?,
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let (bar, terminal) = progress_bar(0, "{bar:40} {pos}/{len} agent schemas upgraded")?;
     let mut upgraded = 0;
     loop {
         let done = store.schema.upgrade_agents(batch).await?;

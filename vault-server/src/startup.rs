@@ -305,7 +305,7 @@ impl Application {
             target: settings.database.spare_schemas,
             interval: Duration::from_secs(1),
         };
-        jobs.spawn("spare agent schemas", |shutdown| spares.run(shutdown));
+        jobs.spawn("agent schemas", |shutdown| spares.run(shutdown));
         let signer = HeadSigner {
             store: vault.store().clone(),
             key: head_key,

@@ -124,6 +124,8 @@ fn sqlstate_transient(code: &str) -> bool {
         .any(|class| code.starts_with(class))
         || code == "40001"
         || code == "40P01"
+        // lock_timeout: an agent schema's upgrade gave way to a long transaction on its tables.
+        || code == "55P03"
 }
 
 /// A SQLite extended result code that a retry may get past: its primary code (the low byte) is

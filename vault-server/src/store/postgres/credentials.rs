@@ -259,8 +259,14 @@ impl CredentialStore for PgStore {
         revoke: bool,
     ) -> Result<SweepOutcome, StoreError> {
         let agents: Vec<(String, String)> =
-            sqlx::query_as("SELECT schema_name, agent_id FROM vault.agents ORDER BY schema_name")
-                .fetch_all(&self.pool)
+            // Agents behind this version's per-agent migrations wait for their upgrade (the
+            // background job's or their first use's).
+            sqlx::query_as(
+                "SELECT schema_name, agent_id FROM vault.agents WHERE schema_version >= $1
+                 ORDER BY schema_name",
+            )
+            .bind(super::schema::latest_agent_version())
+            .fetch_all(&self.pool)
                 .await
                 .map_err(e)?;
         let mut swept: u64 = 0;

@@ -39,73 +39,10 @@ async fn root_key_on(
     row.map(RootKeyRecord::try_from).transpose()
 }
 
-#[async_trait::async_trait]
-impl KeyStore for PgStore {
-    #[tracing::instrument(skip_all)]
-    async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(e)?;
-        root_key_on(&mut conn, "").await
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn insert_root_key(&self, record: &RootKeyRecord) -> Result<(), StoreError> {
-        let (salt, params) = match &record.kdf {
-            Some((salt, p)) => (Some(salt.clone()), Some(*p)),
-            None => (None, None),
-        };
-        sqlx::query(
-            "INSERT INTO vault.root_key
-                 (id, key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost, wrapped_control_key)
-             VALUES (1, $1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&record.key_check)
-        .bind(salt)
-        .bind(params.map(|p| p.m_cost as i32))
-        .bind(params.map(|p| p.t_cost as i32))
-        .bind(params.map(|p| p.p_cost as i32))
-        .bind(&record.wrapped_control_key)
-        .execute(&self.pool)
-        .await
-        .map_err(e)?;
-        Ok(())
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn agent(
-        &self,
-        issuer: &IssuerId,
-        agent: &AgentId,
-    ) -> Result<Option<AgentRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {AGENT_COLUMNS}, schema_version FROM vault.agents
-             WHERE issuer = $1 AND agent_id = $2"
-        ))
-        .bind(issuer.as_str())
-        .bind(agent.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(e)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let record = AgentRecord::try_from(AgentRow::from_row(&row).map_err(e)?)?;
-        // Upgraded before its first use by this process (each process reads an agent's entry
-        // once, then caches it): per-agent migrations run online, agent by agent (control
-        // migration 0013).
-        let version: i32 = row.try_get("schema_version").map_err(e)?;
-        if version < latest_agent_version() {
-            let to: i32 = sqlx::query_scalar("SELECT vault.upgrade_agent_schema($1)")
-                .bind(&record.namespace)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(e)?;
-            tracing::info!(schema = %record.namespace, from = version, to, "upgraded agent schema on first use");
-        }
-        Ok(Some(record))
-    }
-
-    #[tracing::instrument(skip_all)]
-    async fn create_agent(
+impl PgStore {
+    /// Registers the agent (see [`KeyStore::create_agent`]), taking a spare schema when one is
+    /// ready.
+    async fn register_agent(
         &self,
         issuer: &IssuerId,
         agent: &AgentId,
@@ -122,8 +59,6 @@ impl KeyStore for PgStore {
             }
             _ => e(err),
         };
-        // Whatever happens below, the spare-schema job looks again.
-        self.spare_taken.notify_one();
         if self.agent_roles {
             // The serving role has no DDL right: the owner's SECURITY DEFINER function creates
             // the schema and its role, or returns the agent a concurrent call created.
@@ -189,13 +124,14 @@ impl KeyStore for PgStore {
             return Err(StoreError::RootKeyChanged);
         }
         // A spare schema, made ahead at the latest version (control migration 0012), when one
-        // is ready; else the agent's own, made here.
-        let spare: Option<String> = sqlx::query_scalar("SELECT vault.take_spare_schema()")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(e)?;
+        // is ready, recorded at the version it is at; else the agent's own, made here.
+        let spare: Option<(String, i32)> =
+            sqlx::query_as("SELECT schema_name, schema_version FROM vault.take_spare_schema()")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(e)?;
         let (namespace, version) = match spare {
-            Some(namespace) => (namespace, latest_agent_version()),
+            Some(spare) => spare,
             None => {
                 let namespace = namespace_for(issuer, agent);
                 let create = format!("CREATE SCHEMA {}", quoted(&namespace)?);
@@ -221,6 +157,103 @@ impl KeyStore for PgStore {
         tx.commit().await.map_err(e)?;
         tracing::info!(schema = %namespace, "created agent schema");
         AgentRecord::try_from(row)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn agent_schema_upgraded(&self, namespace: &str, version: i32) -> Result<(), StoreError> {
+        if version >= latest_agent_version() {
+            return Ok(());
+        }
+        let to: i32 = sqlx::query_scalar("SELECT vault.upgrade_agent_schema($1)")
+            .bind(namespace)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(e)?;
+        if to < latest_agent_version() {
+            return Err(StoreError::Corrupt(format!(
+                "agent schema {namespace} is at version {to} after its upgrade, behind this vault's {}: run `vault-server migrate`",
+                latest_agent_version()
+            )));
+        }
+        tracing::info!(schema = %namespace, from = version, to, "upgraded agent schema on first use");
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for PgStore {
+    #[tracing::instrument(skip_all)]
+    async fn root_key(&self) -> Result<Option<RootKeyRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(e)?;
+        root_key_on(&mut conn, "").await
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn insert_root_key(&self, record: &RootKeyRecord) -> Result<(), StoreError> {
+        let (salt, params) = match &record.kdf {
+            Some((salt, p)) => (Some(salt.clone()), Some(*p)),
+            None => (None, None),
+        };
+        sqlx::query(
+            "INSERT INTO vault.root_key
+                 (id, key_check, kdf_salt, kdf_m_cost, kdf_t_cost, kdf_p_cost, wrapped_control_key)
+             VALUES (1, $1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&record.key_check)
+        .bind(salt)
+        .bind(params.map(|p| p.m_cost as i32))
+        .bind(params.map(|p| p.t_cost as i32))
+        .bind(params.map(|p| p.p_cost as i32))
+        .bind(&record.wrapped_control_key)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLUMNS}, schema_version FROM vault.agents
+             WHERE issuer = $1 AND agent_id = $2"
+        ))
+        .bind(issuer.as_str())
+        .bind(agent.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(e)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let record = AgentRecord::try_from(AgentRow::from_row(&row).map_err(e)?)?;
+        // Upgraded before its first use by this process (each process reads an agent's entry
+        // once, then caches it): per-agent migrations run online, agent by agent (control
+        // migration 0013).
+        let version: i32 = row.try_get("schema_version").map_err(e)?;
+        self.agent_schema_upgraded(&record.namespace, version)
+            .await?;
+        Ok(Some(record))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_agent(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        wrapped_key: &[u8],
+        key_version: u32,
+        key_check: &[u8],
+    ) -> Result<AgentRecord, StoreError> {
+        let record = self
+            .register_agent(issuer, agent, wrapped_key, key_version, key_check)
+            .await;
+        // A spare may have been taken: the spare-schema job looks again.
+        self.spare_taken.notify_one();
+        record
     }
 
     #[tracing::instrument(skip_all)]

@@ -116,6 +116,10 @@ fn e(err: sqlx::Error) -> StoreError {
     StoreError::from_sqlx(err)
 }
 
+/// The smallest statement cache whose filling up closes a pool connection: far more than the
+/// vault's own control statements, so only agents' statements can fill it.
+const RECYCLE_AT_LEAST: usize = 256;
+
 /// PostgreSQL-backed [`Store`](super::Store).
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -166,7 +170,10 @@ impl PgStore {
             // it is closed rather than kept, which bounds each backend's memory (the read lanes
             // do the same by counting schemas).
             .after_release(move |conn, _| {
-                let full = conn.cached_statements_size() >= statement_cache;
+                // A cache too small to hold more than the control statements would fill without
+                // any agent, and close every connection: recycling needs room for agents.
+                let full = statement_cache >= RECYCLE_AT_LEAST
+                    && conn.cached_statements_size() >= statement_cache;
                 Box::pin(async move { Ok(!full) })
             })
             .connect_with(options.clone())

@@ -60,10 +60,13 @@ impl OutboxStore for PgStore {
         lease: Duration,
         limit: u32,
     ) -> Result<Vec<(AgentRecord, OutboxEntry)>, StoreError> {
-        // Legacy agents (issuer '') are adopted at startup before anything is served.
+        // Legacy agents (issuer '') are adopted at startup before anything is served; agents
+        // behind this version's per-agent migrations wait for their upgrade.
         let agents: Vec<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer <> '' ORDER BY schema_name"
+            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer <> '' AND schema_version >= $1
+             ORDER BY schema_name"
         ))
+        .bind(super::schema::latest_agent_version())
         .fetch_all(&self.pool)
         .await
         .map_err(e)?;

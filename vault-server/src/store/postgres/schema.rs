@@ -202,7 +202,13 @@ impl SchemaStore for PgStore {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(e)?;
-        if applied < CONTROL_MIGRATIONS.iter().count() as i64 {
+        let templates: i32 =
+            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM vault.agent_migrations")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(e)?;
+        if applied < CONTROL_MIGRATIONS.iter().count() as i64 || templates < latest_agent_version()
+        {
             return Err(StoreError::Corrupt(
                 "the database is not migrated to this version: run `vault-server migrate` as the owner role (VAULT_DATABASE_MIGRATE_URL)".into(),
             ));
@@ -245,9 +251,8 @@ impl SchemaStore for PgStore {
     #[tracing::instrument(skip_all)]
     async fn make_spare_schema(&self, target: u32) -> Result<bool, StoreError> {
         // The owner's function: the serving role has no DDL right of its own.
-        sqlx::query_scalar("SELECT vault.create_spare_schema($1, $2)")
+        sqlx::query_scalar("SELECT vault.create_spare_schema($1)")
             .bind(i32::try_from(target).unwrap_or(i32::MAX))
-            .bind(self.agent_roles)
             .fetch_one(&self.pool)
             .await
             .map_err(e)
