@@ -17,6 +17,11 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use vault_client::proto::rotate_agent_key_response::State;
 
+use vault_server::audit::AuditRecord;
+use vault_server::config::{Database, DatabaseSettings};
+use vault_server::ids::{AgentId, IssuerId};
+use vault_server::store::{Chain, PgStore, Store};
+
 use crate::agent_keys::rotate_rpc;
 use crate::audit::list_audit;
 use crate::helpers::{Issuer, TestDb, access_token, eventually, fast_forward, spawn_with, store};
@@ -226,6 +231,16 @@ fn citus_violations(transactions: &[Vec<String>]) -> Vec<String> {
                 transaction.join(" ; ")
             ));
         }
+        // Not a Citus rule, but one this tap is placed to keep: a notifying transaction holds
+        // PostgreSQL's database-wide notify lock through its commit's flush, so an agent's
+        // writes that notified would commit one flush after another (store/postgres/wakeups.rs).
+        if !schemas.is_empty()
+            && let Some(sql) = transaction
+                .iter()
+                .find(|sql| sql.to_ascii_lowercase().contains("notify"))
+        {
+            found.push(format!("a transaction on an agent schema notifies: {sql}"));
+        }
     }
     found
 }
@@ -259,6 +274,22 @@ fn the_citus_checks_catch_what_they_look_for() {
         )))
         .len(),
         1
+    );
+    assert_eq!(
+        citus_violations(&[vec![
+            format!("UPDATE \"{a}\".audit_head SET last_sequence = 2"),
+            "SELECT pg_notify('vault_audit', 'x')".to_string(),
+        ]])
+        .len(),
+        1,
+        "a notification in an agent's transaction"
+    );
+    assert!(
+        citus_violations(&one(
+            "SELECT pg_notify($1, chain) FROM unnest($2::text[]) AS chain".into()
+        ))
+        .is_empty(),
+        "a notification of its own"
     );
     // Reading the control tables beside an agent schema is what reference tables are for; a
     // role name is not a schema.
@@ -322,6 +353,64 @@ async fn every_statement_and_transaction_stays_within_one_agent_schema() {
         let vault = app.client(&issuer, agent, "bob").await;
         vault.revoke(Some("stripe"), true).await.unwrap();
     }
+    // Releases of every agent at once: the audit group commit gets records of many chains
+    // together.
+    let mut releases = tokio::task::JoinSet::new();
+    for agent in agents {
+        for user in ["alice", "bob"] {
+            let vault = app.client(&issuer, agent, user).await;
+            let expected = format!("{agent}-{user}-jira");
+            for _ in 0..8 {
+                let (vault, expected) = (vault.clone(), expected.clone());
+                releases
+                    .spawn(async move { assert_eq!(access_token(&vault, "jira").await, expected) });
+            }
+        }
+    }
+    while let Some(done) = releases.join_next().await {
+        done.unwrap();
+    }
+    // And one group append of two agents' chains and the control plane's, through the relay,
+    // so that the group path is taken whatever the timing above did.
+    let direct = Store::new(
+        PgStore::connect(&DatabaseSettings::new(Database::Postgres(
+            url.clone().into(),
+        )))
+        .await
+        .unwrap(),
+    );
+    let iss = IssuerId::parse(&issuer.iss).unwrap();
+    let mut chains = Vec::new();
+    for agent in ["tap-a", "tap-b"] {
+        chains.push(
+            direct
+                .keys
+                .agent(&iss, &AgentId::parse(agent).unwrap())
+                .await
+                .unwrap()
+                .expect("the agent is registered"),
+        );
+    }
+    let event = |action: &str| AuditRecord {
+        at_ms: chrono::Utc::now().timestamp_millis(),
+        action: action.into(),
+        ..AuditRecord::default()
+    };
+    for result in direct
+        .audit
+        .append_batches(vec![
+            (
+                Chain::Agent(&chains[0]),
+                vec![event("test.a"), event("test.a")],
+            ),
+            (Chain::Control, vec![event("test.control")]),
+            (Chain::Agent(&chains[1]), vec![event("test.b")]),
+        ])
+        .await
+    {
+        result.unwrap();
+    }
+
     let admin = issuer.admin_token("tap-a", "alice");
     rotate_rpc(&app.endpoint(), &admin, "tap-b", false, 1)
         .await

@@ -876,7 +876,7 @@ async fn the_serving_role_appends_and_runs_retention_but_cannot_rewrite_records(
         }
     }
 
-    // Group commit appends to many agents' chains in one transaction under the serving group,
+    // Group commit appends to many agents' chains (each in its own commit) under the serving group,
     // which may append to them and move their ends, and nothing more: not read an agent's
     // credentials, not rewrite or delete a record, not move an anchor or a signed head.
     let b = registered(&serving, "agent-b").await;

@@ -1,9 +1,11 @@
 //! Writing audit records that are not part of a credential write: the end of every RPC that
 //! wrote nothing (reads, refusals, failures), and background events. Concurrent records share
 //! commits (group commit): the first waiting record starts a flush, and every record that
-//! arrives while a flush commits goes into the next one (one transaction, whatever their
-//! chains), so under load a commit carries many records and at one caller it carries one. Each caller waits for its own record
-//! to be durable; a record that cannot be written fails its caller.
+//! arrives while a flush commits goes into the next one, so under load a flush carries many
+//! records and at one caller it carries one. A flush appends each chain's records in one
+//! statement, the chains at once, so their commits share the database's flush of its log; no
+//! transaction spans two chains. Each caller waits for its own record to be durable; a record
+//! that cannot be written fails its caller.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

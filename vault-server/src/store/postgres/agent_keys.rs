@@ -82,8 +82,9 @@ impl AgentKeyStore for PgStore {
                     _ => e(err),
                 })?;
         if started {
-            append_agent(self, &mut tx, &agent.namespace, audit).await?;
-            tx.commit().await.map_err(e)?;
+            let appended = append_agent(self, &mut tx, &agent.namespace, audit).await?;
+            self.commit_appended(tx, &agent.namespace, &appended)
+                .await?;
         }
         Ok(started)
     }
@@ -311,8 +312,9 @@ impl AgentKeyStore for PgStore {
             .await
             .map_err(e)?;
         if left == 0 {
-            append_agent(self, &mut tx, &agent.namespace, audit).await?;
-            tx.commit().await.map_err(e)?;
+            let appended = append_agent(self, &mut tx, &agent.namespace, audit).await?;
+            self.commit_appended(tx, &agent.namespace, &appended)
+                .await?;
         }
         Ok(u64::try_from(left).ok())
     }

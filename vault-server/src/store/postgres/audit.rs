@@ -91,12 +91,13 @@ impl PgStore {
             let stored = chained(head, records.clone());
             let row = self
                 .reads
-                .fetch_optional(None, cas_query(&sql, key, head, &stored)?)
+                .fetch_optional(None, cas_query(&sql, head, &stored)?)
                 .await
                 .map_err(e)?;
             match cas_outcome(row, &tables.head)? {
                 Cas::Appended => {
                     self.heads.set(key, end_of(&stored, head));
+                    self.wake_watchers(key, &stored);
                     return Ok(stored);
                 }
                 // The statement's snapshot still showed the expected head: it moved while the
@@ -107,8 +108,33 @@ impl PgStore {
         }
         let mut tx = self.pool.begin().await.map_err(e)?;
         let stored = append_to(&mut tx, &tables, key, records, &self.heads).await?;
-        tx.commit().await.map_err(e)?;
+        self.commit_appended(tx, key, &stored).await?;
         Ok(stored)
+    }
+
+    /// Commits `tx`, in which `appended` went to the chain keyed `key`, then has other
+    /// replicas' watchers of that chain woken if they have an event to read (sent off the
+    /// commit: [`super::wakeups`]).
+    pub(super) async fn commit_appended(
+        &self,
+        tx: Tx,
+        key: &str,
+        appended: &[Stored],
+    ) -> Result<(), StoreError> {
+        tx.commit().await.map_err(e)?;
+        self.wake_watchers(key, appended);
+        Ok(())
+    }
+
+    /// Has other replicas' watchers of the chain keyed `key` woken, if `appended` holds an
+    /// event they stream: releases, reads and refusals, the bulk of the log, wake no one.
+    fn wake_watchers(&self, key: &str, appended: &[Stored]) {
+        if appended
+            .iter()
+            .any(|stored| crate::audit::event_kind(&stored.record).is_some())
+        {
+            self.peers.wake(key);
+        }
     }
 }
 
@@ -138,7 +164,7 @@ impl Heads {
         self.map().remove(key);
     }
 
-    fn set(&self, key: &str, head: Anchor) {
+    pub(super) fn set(&self, key: &str, head: Anchor) {
         let mut map = self.map();
         if map.len() >= REMEMBERED_HEADS && !map.contains_key(key) {
             map.clear();
@@ -162,9 +188,9 @@ enum Cas {
 
 /// One statement that appends records to a chain if its head is still where the writer
 /// expected: it moves the head row (which also locks it until the transaction ends), inserts
-/// the records only if the head moved, and queues a `vault_audit` notification that
-/// PostgreSQL delivers to listening replicas on commit. It returns whether the head moved, and
-/// the head in the statement's snapshot. One round trip, where a read of the head under lock and
+/// the records only if the head moved. It returns whether the head moved, and the head in the
+/// statement's snapshot. (Other replicas are woken after the commit, not by a `NOTIFY` in
+/// it: [`super::wakeups`].) One round trip, where a read of the head under lock and
 /// separate statements would take five.
 fn cas_sql(tables: &Tables) -> String {
     format!(
@@ -178,10 +204,8 @@ fn cas_sql(tables: &Tables) -> String {
                  $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $14::text[],
                  $15::bytea[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::bytea[])
              WHERE EXISTS (SELECT 1 FROM moved)
-         ), woke AS (
-             SELECT pg_notify('vault_audit', $21) FROM moved
          )
-         SELECT (SELECT count(*) FROM woke) AS moved, last_sequence, last_hash FROM {head}",
+         SELECT (SELECT count(*) FROM moved) AS moved, last_sequence, last_hash FROM {head}",
         head = tables.head,
         log = tables.log,
     )
@@ -192,7 +216,6 @@ type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArgu
 /// [`cas_sql`] bound for appending `stored` (chained from `expected`) to the chain `key`.
 fn cas_query<'q>(
     sql: &'q str,
-    key: &str,
     expected: Anchor,
     stored: &[Stored],
 ) -> Result<PgQuery<'q>, StoreError> {
@@ -259,8 +282,7 @@ fn cas_query<'q>(
         .bind(peer)
         .bind(trace)
         .bind(target)
-        .bind(hash)
-        .bind(key.to_string()))
+        .bind(hash))
 }
 
 /// Reads [`cas_sql`]'s answer.
@@ -299,8 +321,8 @@ async fn lock_head(tx: &mut Tx, head: &str) -> Result<Anchor, StoreError> {
 
 /// Appends `records` to the chain whose tables are `tables` (keyed `key`) inside `tx`, which
 /// then holds the head row's lock until it ends: appends to one chain queue on it across tasks
-/// and replicas, so sequences have no gaps. The notification reaches listening replicas only if
-/// `tx` commits. Credential writes call it after their own statements, so the record and the
+/// and replicas, so sequences have no gaps. Commit `tx` with [`PgStore::commit_appended`], which
+/// wakes other replicas' watchers once the records are in. Credential writes call it after their own statements, so the record and the
 /// write commit or roll back together. The first try uses the remembered head; if the head
 /// moved, the second locks it first and cannot miss.
 async fn append_to(
@@ -316,7 +338,7 @@ async fn append_to(
     let sql = cas_sql(tables);
     if let Some(guess) = heads.get(key) {
         let stored = chained(guess, records.clone());
-        let row = cas_query(&sql, key, guess, &stored)?
+        let row = cas_query(&sql, guess, &stored)?
             .fetch_optional(&mut **tx)
             .await
             .map_err(e)?;
@@ -327,7 +349,7 @@ async fn append_to(
     }
     let last = lock_head(tx, &tables.head).await?;
     let stored = chained(last, records);
-    let row = cas_query(&sql, key, last, &stored)?
+    let row = cas_query(&sql, last, &stored)?
         .fetch_optional(&mut **tx)
         .await
         .map_err(e)?;
@@ -384,12 +406,9 @@ pub(super) async fn load_releasing(
              SELECT $4 + 1, $6, $10, $11, $12, $13, $14, moved.generation, $15, $16, $17, $18,
                     $19, $20, $21, moved.hash
              FROM moved
-         ), woke AS (
-             SELECT pg_notify('vault_audit', $22) FROM moved
          )
          SELECT cred.generation, cred.state, cred.key_version, cred.wrapped_data_key,
-                cred.ciphertext, (SELECT hash FROM moved) AS released,
-                (SELECT count(*) FROM woke) AS woke
+                cred.ciphertext, (SELECT hash FROM moved) AS released
          FROM cred"
     );
     // Under the agent's role: the statement reads its credentials.
@@ -419,8 +438,7 @@ pub(super) async fn load_releasing(
         .bind(record.verified)
         .bind(&record.peer)
         .bind(&record.trace_id)
-        .bind(&record.target)
-        .bind(namespace.as_str());
+        .bind(&record.target);
     let Some(row) = store
         .reads
         .fetch_optional(role.as_deref(), query)
@@ -454,6 +472,7 @@ pub(super) async fn load_releasing(
             hash,
         },
     );
+    // A release is no event a watcher streams: no wake-up.
     Ok((Some(stored), Some(record.sequence)))
 }
 
@@ -487,45 +506,28 @@ impl AuditStore for PgStore {
         self.append_alone(chain, records).await
     }
 
-    /// One transaction for every chain's batch (one commit, one flush of the log), under the
-    /// login role: each chain one compare-and-set statement from its remembered head, heads
-    /// locked in chain-key order so that flushers on two replicas never wait on each other in
-    /// a cycle (a credential write locks only its own chain's head). If the transaction fails,
-    /// each chain is appended alone, so one broken chain fails only its own batch.
+    /// Each chain's batch in a statement and a commit of its own, under the login role: a
+    /// transaction never spans two agent schemas (docs/scaling.md, rule 2: on Citus each may
+    /// live on another node). The chains are appended at once, on up to half the read lanes,
+    /// and PostgreSQL flushes its log once for the commits that arrive together, so chains
+    /// still share flushes. Each statement locks one head, so flushers never wait on each other
+    /// in a cycle, and one broken chain fails only its own batch.
     #[tracing::instrument(skip_all)]
     async fn append_batches(
         &self,
         batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
     ) -> Vec<Result<(), StoreError>> {
-        let mut order: Vec<usize> = (0..batches.len())
-            .filter(|&i| !batches[i].1.is_empty())
-            .collect();
-        if order.len() > 1 {
-            order.sort_by(|&a, &b| batches[a].0.key().cmp(batches[b].0.key()));
-            let together = async {
-                let mut tx = self.pool.begin().await.map_err(e)?;
-                for &i in &order {
-                    let (chain, records) = &batches[i];
-                    let tables = Self::chain_tables(*chain)?;
-                    append_to(&mut tx, &tables, chain.key(), records.clone(), &self.heads).await?;
-                }
-                tx.commit().await.map_err(e)
-            }
-            .await;
-            match together {
-                Ok(()) => return batches.iter().map(|_| Ok(())).collect(),
-                Err(err) => {
-                    tracing::warn!(error = %crate::telemetry::error_chain(&err), chains = order.len(), "a group audit append failed; appending each chain alone");
-                }
-            }
-        }
-        // One chain after another: these statements run on the hot read connections, and may
-        // wait for a head's lock; all at once they could hold every one of them.
-        let mut results = Vec::with_capacity(batches.len());
+        use futures_util::StreamExt as _;
+        let at_once = self.reads.lanes().div_ceil(2) as usize;
+        let mut appends = Vec::with_capacity(batches.len());
         for (chain, records) in batches {
-            results.push(self.append_alone(chain, records).await.map(drop));
+            appends.push(self.append_alone(chain, records));
         }
-        results
+        futures_util::stream::iter(appends)
+            .buffered(at_once)
+            .map(|appended| appended.map(drop))
+            .collect()
+            .await
     }
 
     #[tracing::instrument(skip_all)]

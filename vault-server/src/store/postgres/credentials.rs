@@ -70,8 +70,9 @@ impl CredentialStore for PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(e)?;
-        append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
-        tx.commit().await.map_err(e)?;
+        let appended = append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
+        self.commit_appended(tx, &key.agent.namespace, &appended)
+            .await?;
         Ok(match row {
             Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
             None => Upserted::Superseded,
@@ -178,8 +179,9 @@ impl CredentialStore for PgStore {
             }
         }
         .map_err(e)?;
-        append_agent(self, &mut tx, &agent.namespace, audit).await?;
-        tx.commit().await.map_err(e)?;
+        let appended = append_agent(self, &mut tx, &agent.namespace, audit).await?;
+        self.commit_appended(tx, &agent.namespace, &appended)
+            .await?;
         Ok(result.rows_affected())
     }
 
@@ -216,10 +218,13 @@ impl CredentialStore for PgStore {
         .await
         .map_err(e)?
         .rows_affected();
-        if written == 1 {
-            append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
-        }
-        tx.commit().await.map_err(e)?;
+        let appended = if written == 1 {
+            append_agent(self, &mut tx, &key.agent.namespace, audit).await?
+        } else {
+            Vec::new()
+        };
+        self.commit_appended(tx, &key.agent.namespace, &appended)
+            .await?;
         Ok(written == 1)
     }
 
@@ -244,10 +249,13 @@ impl CredentialStore for PgStore {
         .await
         .map_err(e)?
         .rows_affected();
-        if marked == 1 {
-            append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
-        }
-        tx.commit().await.map_err(e)?;
+        let appended = if marked == 1 {
+            append_agent(self, &mut tx, &key.agent.namespace, audit).await?
+        } else {
+            Vec::new()
+        };
+        self.commit_appended(tx, &key.agent.namespace, &appended)
+            .await?;
         Ok(())
     }
 
@@ -277,15 +285,16 @@ impl CredentialStore for PgStore {
             }
             let schema = quoted(&namespace)?;
             let mut tx = self.agent_tx(&namespace).await?;
-            let n: i64 = if dry_run {
-                sqlx::query_scalar(&format!(
+            let (n, appended): (i64, _) = if dry_run {
+                let n = sqlx::query_scalar(&format!(
                     "SELECT count(*) FROM (SELECT 1 FROM {schema}.credentials
                      WHERE ttl_expires_at <= now() LIMIT $1) AS expired"
                 ))
                 .bind(remaining as i64)
                 .fetch_one(&mut *tx)
                 .await
-                .map_err(e)?
+                .map_err(e)?;
+                (n, Vec::new())
             } else {
                 // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work
                 // instead of queueing; the statement's own rows are what is reported, so a
@@ -323,10 +332,10 @@ impl CredentialStore for PgStore {
                         crate::store::credentials::swept_record(&agent, user, tool, *generation)
                     })
                     .collect();
-                append_agent(self, &mut tx, &namespace, records).await?;
-                gone.len() as i64
+                let appended = append_agent(self, &mut tx, &namespace, records).await?;
+                (gone.len() as i64, appended)
             };
-            tx.commit().await.map_err(e)?;
+            self.commit_appended(tx, &namespace, &appended).await?;
             swept += n as u64;
         }
         Ok(SweepOutcome::of(swept, limit))

@@ -253,6 +253,14 @@ impl KeyStore for PgStore {
             .await;
         // A spare may have been taken: the spare-schema job looks again.
         self.spare_taken.notify_one();
+        if let Ok(made) = &record
+            && made.wrapped_key == wrapped_key
+        {
+            // This call made the agent (its key is the one given): its chain is empty, so its
+            // first record (the key's making) needs no read of the head. Only a guess, checked
+            // by the append like every other.
+            self.heads.set(&made.namespace, crate::audit::Anchor::START);
+        }
         record
     }
 

@@ -76,6 +76,11 @@ impl ReadLanes {
         }
     }
 
+    /// How many reads run at once.
+    pub(super) fn lanes(&self) -> u32 {
+        self.lanes
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Lane>> {
         // Only pushes and pops happen under the lock; a panic cannot leave the list half-done.
         self.idle

@@ -1,7 +1,7 @@
-//! Wake-ups from other replicas: every audit append runs `pg_notify('vault_audit', <chain key>)`
-//! in its transaction, so PostgreSQL delivers the key at commit to every connection listening.
-//! [`AuditListener`] is that connection: it publishes each key to this process's [`Changes`],
-//! where watch streams wait.
+//! Wake-ups from other replicas: after every audit append commits, its replica notifies
+//! `vault_audit` with the chain's key ([`super::wakeups`]), and PostgreSQL delivers it to every
+//! connection listening. [`AuditListener`] is that connection: it publishes each key to this
+//! process's [`Changes`], where watch streams wait.
 //!
 //! Notifications are not stored: any sent while the connection is down are lost. So after every
 //! (re)connect the listener publishes [`EVERY_CHAIN`], and every watcher re-reads its chain from

@@ -15,6 +15,7 @@ mod listen;
 mod outbox;
 mod registrations;
 mod schema;
+mod wakeups;
 
 use std::time::Duration;
 
@@ -138,6 +139,8 @@ pub struct PgStore {
     audit_retention_days: u32,
     /// Notified by each registration, which may have taken a spare schema.
     spare_taken: std::sync::Arc<tokio::sync::Notify>,
+    /// Chains with new records, for other replicas' watchers: sent after the records commit.
+    peers: wakeups::PeerWakeups,
 }
 
 impl PgStore {
@@ -179,6 +182,7 @@ impl PgStore {
             .connect_with(options.clone())
             .await
             .map_err(e)?;
+        let peers = wakeups::PeerWakeups::new(options.clone());
         let reads = std::sync::Arc::new(ReadLanes::new(
             options,
             lanes,
@@ -193,6 +197,7 @@ impl PgStore {
             heads: std::sync::Arc::default(),
             audit_retention_days: settings.audit_retention_days,
             spare_taken: std::sync::Arc::default(),
+            peers,
         })
     }
 

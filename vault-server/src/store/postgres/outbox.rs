@@ -48,8 +48,9 @@ impl OutboxStore for PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(e)?;
-        super::audit::append_agent(self, &mut tx, &agent.namespace, audit).await?;
-        tx.commit().await.map_err(e)?;
+        let appended = super::audit::append_agent(self, &mut tx, &agent.namespace, audit).await?;
+        self.commit_appended(tx, &agent.namespace, &appended)
+            .await?;
         all(rows)
     }
 
