@@ -508,7 +508,7 @@ impl AuditStore for PgStore {
 
     /// Each chain's batch in a statement and a commit of its own, under the login role: a
     /// transaction never spans two agent schemas (docs/scaling.md, rule 2: on Citus each may
-    /// live on another node). The chains are appended at once, on up to half the read lanes,
+    /// live on another node). The chains are appended at once, on as many read lanes as there are,
     /// and PostgreSQL flushes its log once for the commits that arrive together, so chains
     /// still share flushes. Each statement locks one head, so flushers never wait on each other
     /// in a cycle, and one broken chain fails only its own batch.
@@ -518,7 +518,7 @@ impl AuditStore for PgStore {
         batches: Vec<(Chain<'_>, Vec<AuditRecord>)>,
     ) -> Vec<Result<(), StoreError>> {
         use futures_util::StreamExt as _;
-        let at_once = self.reads.lanes().div_ceil(2) as usize;
+        let at_once = self.reads.lanes() as usize;
         let mut appends = Vec::with_capacity(batches.len());
         for (chain, records) in batches {
             appends.push(self.append_alone(chain, records));
