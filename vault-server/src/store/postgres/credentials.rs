@@ -277,7 +277,12 @@ impl CredentialStore for PgStore {
             .fetch_all(&self.pool)
                 .await
                 .map_err(e)?;
+        // From where the last sweep stopped at its limit: a sweep of many batches visits each
+        // agent about once, not once per batch from the first agent on.
+        let resume = self.sweep_resume().clone();
+        let agents = rotated(agents, resume.as_deref());
         let mut swept: u64 = 0;
+        let mut stopped_at = None;
         for (namespace, agent) in agents {
             let remaining = u64::from(limit) - swept;
             if remaining == 0 {
@@ -337,7 +342,57 @@ impl CredentialStore for PgStore {
             };
             self.commit_appended(tx, &namespace, &appended).await?;
             swept += n as u64;
+            if swept >= u64::from(limit) {
+                // This agent may have more past their TTL.
+                stopped_at = Some(namespace);
+            }
+        }
+        if !dry_run && stopped_at.is_some() {
+            *self.sweep_resume() = stopped_at;
         }
         Ok(SweepOutcome::of(swept, limit))
+    }
+}
+
+impl PgStore {
+    fn sweep_resume(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // Only a read or a replacement happens under the lock.
+        self.sweep_resume
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// `agents`, in schema order, from the first at or after `resume` to the end, then from the
+/// start.
+fn rotated<T>(mut agents: Vec<(String, T)>, resume: Option<&str>) -> Vec<(String, T)> {
+    if let Some(resume) = resume {
+        let at = agents.partition_point(|(schema, _)| schema.as_str() < resume);
+        agents.rotate_left(at);
+    }
+    agents
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotated;
+
+    #[test]
+    fn a_sweep_starts_where_the_last_one_stopped_and_comes_round_to_the_rest() {
+        let agents = || ["a", "b", "c", "d"].map(|s| (s.to_string(), ())).to_vec();
+        let order = |resume| -> Vec<String> {
+            rotated(agents(), resume)
+                .into_iter()
+                .map(|(schema, ())| schema)
+                .collect()
+        };
+        assert_eq!(order(None), ["a", "b", "c", "d"]);
+        assert_eq!(order(Some("c")), ["c", "d", "a", "b"]);
+        assert_eq!(
+            order(Some("bb")),
+            ["c", "d", "a", "b"],
+            "a schema gone since"
+        );
+        assert_eq!(order(Some("z")), ["a", "b", "c", "d"]);
     }
 }
