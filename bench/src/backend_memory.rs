@@ -96,14 +96,22 @@ pub async fn measure(conn: &mut PgConnection) -> anyhow::Result<BackendMemory> {
         anyhow::bail!("no backend named {VAULT_APPLICATION_PREFIX}* in pg_stat_activity");
     }
     let mut backends = Vec::with_capacity(rows.len());
+    let mut missing = None;
     for (pid, application_name) in rows {
         // A pid from another pid namespace (PostgreSQL in a container, or on another host)
         // may name some unrelated process here: only read a process that is PostgreSQL.
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map_err(|e| {
-            anyhow::anyhow!(
-                "backend {pid} is not visible here ({e}): is PostgreSQL on this machine?"
-            )
-        })?;
+        let comm = match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            Ok(comm) => comm,
+            // Gone since the listing (the vault retires connections as they serve many agents),
+            // or never visible here: which one, the others tell.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing = Some(anyhow::anyhow!(
+                    "backend {pid} is not visible here ({e}): is PostgreSQL on this machine?"
+                ));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         if !matches!(comm.trim(), "postgres" | "postmaster") {
             anyhow::bail!(
                 "pid {pid} here is {:?}, not a PostgreSQL backend: is PostgreSQL on another \
@@ -111,14 +119,22 @@ pub async fn measure(conn: &mut PgConnection) -> anyhow::Result<BackendMemory> {
                 comm.trim()
             );
         }
-        let private_kib = private_kib_of(pid.unsigned_abs())?;
+        let private_kib = match private_kib_of(pid.unsigned_abs()) {
+            Ok(kib) => kib,
+            // It exited between the two reads.
+            Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => continue,
+            Err(e) => return Err(e),
+        };
         backends.push(Backend {
             pid,
             application_name,
             private_kib,
         });
     }
-    Ok(BackendMemory { backends })
+    match missing {
+        Some(missing) if backends.is_empty() => Err(missing),
+        _ => Ok(BackendMemory { backends }),
+    }
 }
 
 #[cfg(test)]

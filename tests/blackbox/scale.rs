@@ -352,3 +352,45 @@ async fn per_agent_migrations_run_online_and_an_agent_is_upgraded_before_its_fir
     assert!(out.contains("(0 upgraded)"), "{out}");
     app.stop().await;
 }
+
+/// Sequential scans of `pg_class` so far in the transaction on `conn`.
+async fn pg_class_scans(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(seq_scan, 0) FROM pg_stat_xact_sys_tables WHERE relname = 'pg_class'",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// Granting an agent's role its schema must not read the whole catalog: `GRANT … ON ALL TABLES
+/// IN SCHEMA` scans all of `pg_class` (twenty rows per agent), which made every registration
+/// slower as agents accumulated (control migration 0014).
+#[tokio::test]
+async fn granting_an_agent_role_its_schema_scans_no_catalog_whole() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[]).await;
+    store(&app.client(&issuer, "agent-a", "alice").await, "jira", "t").await;
+    app.stop().await;
+    let schema = registered_schema(&db, "agent-a").await;
+
+    let mut conn = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    let before = pg_class_scans(&mut conn).await;
+    sqlx::query("SELECT vault.grant_agent_role($1)")
+        .bind(&schema)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pg_class_scans(&mut conn).await, before);
+    // The probe sees the scan it is there to catch.
+    sqlx::query(&format!(
+        "GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO CURRENT_USER"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert!(pg_class_scans(&mut conn).await > before);
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+}
