@@ -322,9 +322,9 @@ async fn lock_head(tx: &mut Tx, head: &str) -> Result<Anchor, StoreError> {
 /// Appends `records` to the chain whose tables are `tables` (keyed `key`) inside `tx`, which
 /// then holds the head row's lock until it ends: appends to one chain queue on it across tasks
 /// and replicas, so sequences have no gaps. Commit `tx` with [`PgStore::commit_appended`], which
-/// wakes other replicas' watchers once the records are in. Credential writes call it after their own statements, so the record and the
-/// write commit or roll back together. The first try uses the remembered head; if the head
-/// moved, the second locks it first and cannot miss.
+/// wakes other replicas' watchers once the records are in. Credential writes call it after
+/// their own statements, so the record and the write commit or roll back together. The first
+/// try uses the remembered head; if the head moved, the second locks it first and cannot miss.
 async fn append_to(
     tx: &mut Tx,
     tables: &Tables,
@@ -508,9 +508,9 @@ impl AuditStore for PgStore {
 
     /// Each chain's batch in a statement and a commit of its own, under the login role: a
     /// transaction never spans two agent schemas (docs/scaling.md, rule 2: on Citus each may
-    /// live on another node). The chains are appended at once, on as many read lanes as there are,
-    /// and PostgreSQL flushes its log once for the commits that arrive together, so chains
-    /// still share flushes. Each statement locks one head, so flushers never wait on each other
+    /// live on another node). The chains are appended at once, on every read lane, and
+    /// PostgreSQL flushes its log once for the commits that arrive together, so chains still
+    /// share flushes. Each statement locks one head, so flushers never wait on each other
     /// in a cycle, and one broken chain fails only its own batch.
     #[tracing::instrument(skip_all)]
     async fn append_batches(
