@@ -302,9 +302,8 @@ fn the_citus_checks_catch_what_they_look_for() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_statement_and_transaction_stays_within_one_agent_schema() {
-    let db = TestDb::new().await;
+/// A URL reaching `db` through a new tap, and what the tap records.
+async fn tapped(db: &TestDb) -> (String, Transactions) {
     // The test database's own server and login, reached through the relay.
     let rest = db.url.split_once("://").expect("a URL").1;
     let (authority, path) = rest.split_once('/').expect("a database path");
@@ -323,6 +322,13 @@ async fn every_statement_and_transaction_stays_within_one_agent_schema() {
     let path = path.split('?').next().unwrap_or(path);
     let at = if login.is_empty() { "" } else { "@" };
     let url = format!("postgres://{login}{at}{relay}/{path}?sslmode=disable");
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_and_transaction_stays_within_one_agent_schema() {
+    let db = TestDb::new().await;
+    let (url, seen) = tapped(&db).await;
     let issuer = Issuer::new();
     let app = spawn_with(
         &db,
@@ -468,4 +474,56 @@ async fn every_statement_and_transaction_stays_within_one_agent_schema() {
     );
     let violations = citus_violations(&transactions);
     assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+/// A StoreToken is one transaction on its agent's schema: the generation, the row and the audit
+/// record commit together (one commit, where taking the generation first was a commit of its
+/// own). A new agent's first StoreToken adds the first record of its chain, its key's making, to
+/// that same transaction rather than committing it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_is_one_transaction_on_its_agent_schema_even_a_new_agents_first() {
+    let db = TestDb::new().await;
+    let (url, seen) = tapped(&db).await;
+    let issuer = Issuer::new();
+    let app = spawn_with(&db, &issuer, &[("VAULT_DATABASE_URL", url.as_str())]).await;
+    let vault = app.client(&issuer, "tap-new", "alice").await;
+    store(&vault, "jira", "first").await;
+    let schema: String =
+        sqlx::query_scalar("SELECT schema_name FROM vault.agents WHERE agent_id = 'tap-new'")
+            .fetch_one(&mut db.connect().await)
+            .await
+            .unwrap();
+    // The transactions that wrote this agent's credentials or generations, or its chain.
+    let writes = || {
+        seen.all()
+            .into_iter()
+            .filter(|t| {
+                t.iter().any(|sql| {
+                    agent_schemas(sql).contains(schema.as_str())
+                        && (sql.contains("nextval(")
+                            || sql.contains(".credentials")
+                            || sql.contains(".audit_log"))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = writes();
+    assert_eq!(first.len(), 1, "{first:#?}");
+    let sql = first[0].join("\n");
+    for part in ["nextval(", "INSERT INTO", ".credentials", ".audit_log"] {
+        assert!(sql.contains(part), "{part} in {sql}");
+    }
+    store(&vault, "jira", "second").await;
+    assert_eq!(writes().len(), 2);
+    app.stop().await;
+
+    // Both records of the first store are in the chain, the key's making first.
+    let actions: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT action FROM \"{schema}\".audit_log ORDER BY sequence"
+    ))
+    .fetch_all(&mut db.connect().await)
+    .await
+    .unwrap();
+    assert_eq!(actions[0], "key.agent_created", "{actions:?}");
+    assert_eq!(actions.len(), 3, "{actions:?}");
 }

@@ -246,14 +246,15 @@ async fn spans_reach_an_otlp_collector_in_the_callers_trace_without_secrets() {
         "no database read in the GetToken trace"
     );
 
-    // StoreToken had no traceparent: a trace of its own, with its database write.
+    // StoreToken had no traceparent: a trace of its own, with its database write (the
+    // generation and the row in one transaction).
     let store = named("vault.v1.CredentialVault/StoreToken");
     assert_eq!(store.len(), 1);
     assert_ne!(store[0].trace_id, get.trace_id);
     assert!(
         spans
             .iter()
-            .any(|s| s.name == "upsert" && s.trace_id == store[0].trace_id)
+            .any(|s| s.name == "upsert_next" && s.trace_id == store[0].trace_id)
     );
 }
 

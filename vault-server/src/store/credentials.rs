@@ -82,6 +82,19 @@ pub struct NewCredential<'a> {
     pub ttl_seconds: u64,
 }
 
+/// A credential version to write at a generation the write itself takes, for
+/// [`CredentialStore::upsert_next`].
+pub struct NextCredential<'a> {
+    /// The agent key version `seal` seals under: the write is fenced on it.
+    pub key_version: u32,
+    /// Seals the token set for the generation taken, under agent key `key_version`.
+    pub seal: &'a (dyn Fn(Generation) -> SealedCredential + Send + Sync),
+    /// When the access token expires, if known.
+    pub access_expires_at: Option<DateTime<Utc>>,
+    /// Vault TTL from now, in seconds.
+    pub ttl_seconds: u64,
+}
+
 /// Result of an upsert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upserted {
@@ -134,6 +147,36 @@ pub trait CredentialStore: Send + Sync + 'static {
         new: NewCredential<'_>,
         audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError>;
+
+    /// Writes a credential version at a new generation, as [`Self::next_generation`] and then
+    /// [`Self::upsert`] would, and answers the generation. The last record of `audit` (the
+    /// write's own) is stamped with it. A store may take the generation inside the write's
+    /// transaction: one transaction and one commit where the two calls take two of each.
+    async fn upsert_next(
+        &self,
+        key: CredentialKey<'_>,
+        next: NextCredential<'_>,
+        mut audit: Vec<AuditRecord>,
+    ) -> Result<(Generation, Upserted), StoreError> {
+        let generation = self.next_generation(key.agent).await?;
+        if let Some(record) = audit.last_mut() {
+            record.generation = Some(generation.get());
+        }
+        let sealed = (next.seal)(generation);
+        let upserted = self
+            .upsert(
+                key,
+                NewCredential {
+                    generation,
+                    sealed: &sealed,
+                    access_expires_at: next.access_expires_at,
+                    ttl_seconds: next.ttl_seconds,
+                },
+                audit,
+            )
+            .await?;
+        Ok((generation, upserted))
+    }
 
     /// The credential, unless absent or past its vault TTL.
     async fn load(&self, key: CredentialKey<'_>) -> Result<Option<StoredCredential>, StoreError>;

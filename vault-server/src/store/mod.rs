@@ -25,8 +25,8 @@ use std::sync::Arc;
 pub use agent_keys::{AgentKeyStore, SealedRow};
 pub use audit::{AuditStore, Chain};
 pub use credentials::{
-    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential, Release,
-    SWEPT, StoredCredential, SweepOutcome, Upserted,
+    CredentialKey, CredentialState, CredentialStore, CredentialSummary, NewCredential,
+    NextCredential, Release, SWEPT, StoredCredential, SweepOutcome, Upserted,
 };
 pub use flows::{Flow, FlowChange, FlowStatus, FlowStore, NewFlow};
 pub use keys::{

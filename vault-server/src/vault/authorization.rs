@@ -908,8 +908,15 @@ impl Vault {
                     &flow.tool,
                     self.options.secrets_ttl_seconds,
                 );
-                self.write_credential(&entry, &flow.user, &flow.tool, &tokens, ttl, audit)
-                    .await
+                self.write_credential(
+                    &entry,
+                    &flow.user,
+                    &flow.tool,
+                    &tokens,
+                    ttl,
+                    (super::OwedRecord::default(), audit),
+                )
+                .await
             }
         };
         let stored = match written {

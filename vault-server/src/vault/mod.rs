@@ -43,7 +43,7 @@ use crate::oauth::Providers;
 use crate::policy::{Limits, Policy, PolicyHandle};
 use crate::secret::TokenSet;
 use crate::store::{
-    AgentRecord, CredentialKey, CredentialState, NewCredential, Release, Store, StoreError,
+    AgentRecord, CredentialKey, CredentialState, NextCredential, Release, Store, StoreError,
     SweepOutcome, Upserted,
 };
 
@@ -422,14 +422,7 @@ impl Vault {
     /// Records a background event in `agent`'s chain. The event already happened, so a record
     /// that cannot be written is logged loudly rather than undoing anything.
     pub(crate) async fn record_event(&self, agent: &AgentRecord, record: AuditRecord) {
-        let action = record.action.clone();
-        if let Err(err) = self
-            .recorder
-            .record(Owner::Agent(Arc::new(agent.clone())), record)
-            .await
-        {
-            tracing::error!(%action, error = %crate::telemetry::error_chain(&err), "could not record a background event in the audit log");
-        }
+        OwedRecord::new(self, agent, record).record_now().await;
     }
 
     /// The store, for the sweeper.
@@ -563,9 +556,24 @@ impl Vault {
         agent: &AgentId,
         create: bool,
     ) -> Result<Option<Arc<AgentEntry>>, VaultError> {
+        let (entry, owed) = self.agent_entry_owing(issuer, agent, create).await?;
+        owed.record_now().await;
+        Ok(entry)
+    }
+
+    /// As [`Self::agent_entry`], except that when this call registered the agent, the first
+    /// record of its chain (its key's making) is returned owed: the caller's write commits it
+    /// with its own record, one transaction where two were.
+    async fn agent_entry_owing(
+        &self,
+        issuer: &IssuerId,
+        agent: &AgentId,
+        create: bool,
+    ) -> Result<(Option<Arc<AgentEntry>>, OwedRecord), VaultError> {
         if let Some(entry) = self.keyring.cached(issuer, agent) {
-            return Ok(Some(entry));
+            return Ok((Some(entry), OwedRecord::default()));
         }
+        let mut owed = OwedRecord::default();
         let record = match self.store.keys.agent(issuer, agent).await? {
             Some(record) => record,
             None if create => {
@@ -603,11 +611,11 @@ impl Vault {
                         target: Some(format!("{{\"key_version\":{version}}}")),
                         ..crate::audit::event_without_user(AGENT_KEY_CREATED)
                     };
-                    self.record_event(&record, created).await;
+                    owed = OwedRecord::new(self, &record, created);
                 }
                 record
             }
-            None => return Ok(None),
+            None => return Ok((None, owed)),
         };
         let version = record.key_version;
         let wrapped = record.wrapped_key.clone();
@@ -623,7 +631,7 @@ impl Vault {
             .keyring
             .unlock(issuer, agent, version, &wraps, retiring, record)
         {
-            Ok(entry) => Ok(Some(entry)),
+            Ok(entry) => Ok((Some(entry), owed)),
             Err(RootError::DoesNotOpen) if self.root_is_current().await? => {
                 Err(VaultError::Unexpected(anyhow::anyhow!(
                     "the agent key of {agent} does not open under the root key"
@@ -783,23 +791,31 @@ impl Vault {
         tokens.obtained_at = Some(Utc::now().timestamp());
         let max = ttl_cap(policy.as_deref(), tool, self.options.secrets_ttl_seconds);
         let ttl = ttl_seconds.map_or(max, |t| t.min(max));
-        let entry = self
-            .agent_entry(&caller.issuer, &caller.agent, true)
-            .await?
-            .ok_or_else(|| {
-                VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
-            })?;
+        let (entry, owed) = self
+            .agent_entry_owing(&caller.issuer, &caller.agent, true)
+            .await?;
+        let entry = entry.ok_or_else(|| {
+            VaultError::Unexpected(anyhow::anyhow!("agent vanished after creation"))
+        })?;
         call.on_agent(&entry.record);
         before(call.deadline(), "the write")?;
         let stored = self
-            .write_credential(&entry, &caller.user, tool, &tokens, ttl, call.for_write())
+            .write_credential(
+                &entry,
+                &caller.user,
+                tool,
+                &tokens,
+                ttl,
+                (owed, call.for_write()),
+            )
             .await?;
         call.written();
         Ok(stored)
     }
 
     /// Seals `tokens` at the agent's next generation and writes them, unless a newer
-    /// generation won meanwhile; `audit` (stamped with the generation) commits with the write.
+    /// generation won meanwhile. `audit`'s record (stamped with the generation) commits with the
+    /// write, after the owed one if any; the owed one is recorded on its own if the write fails.
     async fn write_credential(
         &self,
         entry: &AgentEntry,
@@ -807,25 +823,22 @@ impl Vault {
         tool: &Tool,
         tokens: &TokenSet,
         ttl: u64,
-        mut audit: AuditRecord,
+        (owed, audit): (OwedRecord, AuditRecord),
     ) -> Result<StoredToken, VaultError> {
-        let generation = self
-            .store
-            .credentials
-            .next_generation(&entry.record)
-            .await?;
-        let binding = Binding {
-            agent: &entry.record.agent,
-            user,
-            tool,
-            generation,
-        };
-        audit.generation = Some(generation.get());
+        let records: Vec<AuditRecord> = owed.record().cloned().into_iter().chain([audit]).collect();
         let mut fresh: Option<Arc<AgentEntry>> = None;
         let mut attempts = 0;
-        let outcome = loop {
+        let (generation, outcome) = loop {
             let current = fresh.as_deref().unwrap_or(entry);
-            let sealed = seal_credential(&current.key, binding, tokens);
+            let seal = |generation| {
+                let binding = Binding {
+                    agent: &current.record.agent,
+                    user,
+                    tool,
+                    generation,
+                };
+                seal_credential(&current.key, binding, tokens)
+            };
             let key = CredentialKey {
                 agent: &current.record,
                 user,
@@ -834,29 +847,42 @@ impl Vault {
             let written = self
                 .store
                 .credentials
-                .upsert(
+                .upsert_next(
                     key,
-                    NewCredential {
-                        generation,
-                        sealed: &sealed,
+                    NextCredential {
+                        key_version: current.key.version,
+                        seal: &seal,
                         access_expires_at: tokens
                             .expires_at
                             .and_then(|s| DateTime::from_timestamp(s, 0)),
                         ttl_seconds: ttl,
                     },
-                    vec![audit.clone()],
+                    records.clone(),
                 )
                 .await;
             match written {
                 // A rotation made another key version current since this replica cached the
-                // agent: seal again under it.
+                // agent: seal again under it (at a new generation: none is ever reused).
                 Err(StoreError::AgentKeyRotated) if attempts < RESEAL_ATTEMPTS => {
                     attempts += 1;
-                    fresh = Some(self.reload_entry(current).await?);
+                    fresh = match self.reload_entry(current).await {
+                        Ok(fresh) => Some(fresh),
+                        Err(err) => {
+                            owed.record_now().await;
+                            return Err(err);
+                        }
+                    };
                 }
-                other => break other?,
+                Err(err) => {
+                    // The registration stands: its record goes in on its own, before this
+                    // call's own record of its failure.
+                    owed.record_now().await;
+                    return Err(err.into());
+                }
+                Ok(written) => break written,
             }
         };
+        owed.settled();
         self.recorder.changes().publish(&entry.record.namespace);
         let ttl_expires_at = match outcome {
             Upserted::Written { ttl_expires_at } => ttl_expires_at,
@@ -1194,6 +1220,71 @@ impl Vault {
         }
         tracing::info!(swept = outcome.swept, more = outcome.more, dry_run, "sweep");
         Ok(outcome)
+    }
+}
+
+/// The first record of a new agent's chain (its key's making), owed by the call that registered
+/// the agent. That call's write commits it with its own record, in one transaction, and then
+/// [`settles`](Self::settled) it; dropped unsettled (the call failed before writing, or its
+/// write failed), it is recorded on its own in a tracked background task, so that a chain never
+/// lacks its first record.
+#[derive(Default)]
+pub(crate) struct OwedRecord(Option<Owed>);
+
+struct Owed {
+    agent: AgentRecord,
+    record: AuditRecord,
+    recorder: Arc<Recorder>,
+    detached: crate::jobs::Detached,
+}
+
+impl OwedRecord {
+    fn new(vault: &Vault, agent: &AgentRecord, record: AuditRecord) -> Self {
+        Self(Some(Owed {
+            agent: agent.clone(),
+            record,
+            recorder: Arc::clone(&vault.recorder),
+            detached: vault.detached.clone(),
+        }))
+    }
+
+    /// The record owed, if any.
+    fn record(&self) -> Option<&AuditRecord> {
+        self.0.as_ref().map(|owed| &owed.record)
+    }
+
+    /// A write committed the record.
+    fn settled(mut self) {
+        self.0 = None;
+    }
+
+    /// Records it now, on its own, and waits for it.
+    async fn record_now(mut self) {
+        if let Some(owed) = self.0.take() {
+            owed.record().await;
+        }
+    }
+}
+
+impl Owed {
+    async fn record(self) {
+        let action = self.record.action.clone();
+        if let Err(err) = self
+            .recorder
+            .record(Owner::Agent(Arc::new(self.agent)), self.record)
+            .await
+        {
+            tracing::error!(%action, error = %crate::telemetry::error_chain(&err), "could not record a background event in the audit log");
+        }
+    }
+}
+
+impl Drop for OwedRecord {
+    fn drop(&mut self) {
+        if let Some(owed) = self.0.take() {
+            let detached = owed.detached.clone();
+            detached.spawn(owed.record());
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use crate::audit::AuditRecord;
 use crate::ids::{Generation, Tool, UserId};
 use crate::store::rows::{CredentialRow, CredentialSummaryRow, generation_of};
 use crate::store::{
-    AgentRecord, CredentialKey, CredentialStore, CredentialSummary, NewCredential, StoreError,
-    StoredCredential, SweepOutcome, Upserted,
+    AgentRecord, CredentialKey, CredentialStore, CredentialSummary, NewCredential, NextCredential,
+    StoreError, StoredCredential, SweepOutcome, Upserted,
 };
 
 #[async_trait::async_trait]
@@ -37,46 +37,49 @@ impl CredentialStore for PgStore {
         new: NewCredential<'_>,
         audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError> {
-        let schema = quoted(&key.agent.namespace)?;
-        let mut tx = self
+        let tx = self
             .sealing_tx(&key.agent.namespace, new.sealed.key_version)
             .await?;
-        // The WHERE on the conflict arm is the fence: a slower writer holding an older
-        // generation can never overwrite a newer one.
-        let sql = format!(
-            "INSERT INTO {schema}.credentials AS c
-                 (user_id, tool, generation, state, key_version, wrapped_data_key, ciphertext,
-                  access_expires_at, ttl_expires_at)
-             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, now() + make_interval(secs => $8))
-             ON CONFLICT (user_id, tool) DO UPDATE SET
-                 generation = EXCLUDED.generation, state = 0, key_version = EXCLUDED.key_version,
-                 wrapped_data_key = EXCLUDED.wrapped_data_key, ciphertext = EXCLUDED.ciphertext,
-                 access_expires_at = EXCLUDED.access_expires_at,
-                 ttl_expires_at = EXCLUDED.ttl_expires_at,
-                 refresh_lease_owner = NULL, refresh_lease_until = NULL,
-                 refresh_failures = 0, refresh_not_before = NULL, updated_at = now()
-             WHERE c.generation < EXCLUDED.generation
-             RETURNING ttl_expires_at"
-        );
-        let row: Option<DateTime<Utc>> = sqlx::query_scalar(&sql)
-            .bind(key.user.as_str())
-            .bind(key.tool.as_str())
-            .bind(new.generation.get() as i64)
-            .bind(new.sealed.key_version as i32)
-            .bind(&new.sealed.wrapped_data_key)
-            .bind(&new.sealed.ciphertext)
-            .bind(new.access_expires_at)
-            .bind(new.ttl_seconds as f64)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(e)?;
-        let appended = append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
-        self.commit_appended(tx, &key.agent.namespace, &appended)
+        self.write_credential_in(tx, key, new, audit).await
+    }
+
+    /// The generation is taken in the write's transaction, after its key fence: one transaction
+    /// and one commit per write (a sequence's first value is a logged, flushed commit of its own
+    /// otherwise, which every new agent's first store paid).
+    #[tracing::instrument(skip_all)]
+    async fn upsert_next(
+        &self,
+        key: CredentialKey<'_>,
+        next: NextCredential<'_>,
+        mut audit: Vec<AuditRecord>,
+    ) -> Result<(Generation, Upserted), StoreError> {
+        let mut tx = self
+            .sealing_tx(&key.agent.namespace, next.key_version)
             .await?;
-        Ok(match row {
-            Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
-            None => Upserted::Superseded,
-        })
+        let value: i64 = sqlx::query_scalar(&format!(
+            "SELECT nextval('{}.generation_seq')",
+            quoted(&key.agent.namespace)?
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        let generation = generation_of(value)?;
+        if let Some(record) = audit.last_mut() {
+            record.generation = Some(generation.get());
+        }
+        let sealed = (next.seal)(generation);
+        if sealed.key_version != next.key_version {
+            // The fence above checked `key_version`; a seal under another must not commit.
+            return Err(StoreError::AgentKeyRotated);
+        }
+        let new = NewCredential {
+            generation,
+            sealed: &sealed,
+            access_expires_at: next.access_expires_at,
+            ttl_seconds: next.ttl_seconds,
+        };
+        let upserted = self.write_credential_in(tx, key, new, audit).await?;
+        Ok((generation, upserted))
     }
 
     #[tracing::instrument(skip_all)]
@@ -360,6 +363,54 @@ impl PgStore {
         self.sweep_resume
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The upsert of [`CredentialStore::upsert`] in `tx` (fenced and in the agent's role), with
+    /// `audit` appended, then committed.
+    async fn write_credential_in(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        key: CredentialKey<'_>,
+        new: NewCredential<'_>,
+        audit: Vec<AuditRecord>,
+    ) -> Result<Upserted, StoreError> {
+        let schema = quoted(&key.agent.namespace)?;
+        // The WHERE on the conflict arm is the fence: a slower writer holding an older
+        // generation can never overwrite a newer one.
+        let sql = format!(
+            "INSERT INTO {schema}.credentials AS c
+                 (user_id, tool, generation, state, key_version, wrapped_data_key, ciphertext,
+                  access_expires_at, ttl_expires_at)
+             VALUES ($1, $2, $3, 0, $4, $5, $6, $7, now() + make_interval(secs => $8))
+             ON CONFLICT (user_id, tool) DO UPDATE SET
+                 generation = EXCLUDED.generation, state = 0, key_version = EXCLUDED.key_version,
+                 wrapped_data_key = EXCLUDED.wrapped_data_key, ciphertext = EXCLUDED.ciphertext,
+                 access_expires_at = EXCLUDED.access_expires_at,
+                 ttl_expires_at = EXCLUDED.ttl_expires_at,
+                 refresh_lease_owner = NULL, refresh_lease_until = NULL,
+                 refresh_failures = 0, refresh_not_before = NULL, updated_at = now()
+             WHERE c.generation < EXCLUDED.generation
+             RETURNING ttl_expires_at"
+        );
+        let row: Option<DateTime<Utc>> = sqlx::query_scalar(&sql)
+            .bind(key.user.as_str())
+            .bind(key.tool.as_str())
+            .bind(new.generation.get() as i64)
+            .bind(new.sealed.key_version as i32)
+            .bind(&new.sealed.wrapped_data_key)
+            .bind(&new.sealed.ciphertext)
+            .bind(new.access_expires_at)
+            .bind(new.ttl_seconds as f64)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(e)?;
+        let appended = append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
+        self.commit_appended(tx, &key.agent.namespace, &appended)
+            .await?;
+        Ok(match row {
+            Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
+            None => Upserted::Superseded,
+        })
     }
 }
 

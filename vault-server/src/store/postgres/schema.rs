@@ -25,6 +25,14 @@ const AGENT_MIGRATIONS: &[(i32, &str)] = &[
     ),
 ];
 
+/// For a per-agent version, the template that makes a new, empty agent schema at it in one pass:
+/// what the templates up to it make one after another, without their ALTER TABLEs (control
+/// migration 0015). The last entry's version must be a version of [`AGENT_MIGRATIONS`].
+const AGENT_CREATES: &[(i32, &str)] = &[(
+    3,
+    include_str!("../../../../migrations/agent/creates/0003.sql"),
+)];
+
 pub(super) fn latest_agent_version() -> i32 {
     AGENT_MIGRATIONS.last().map_or(0, |(v, _)| *v)
 }
@@ -106,6 +114,15 @@ impl PgStore {
         Box::pin(async move {
             let schema = quoted(namespace)?;
             let mut version = from_version;
+            // A new schema is made in one pass where a template for that exists (control
+            // migration 0015): the templates' ALTER TABLEs scan the whole of pg_index.
+            if version == 0
+                && let Some((v, creates)) = AGENT_CREATES.last()
+            {
+                let sql = creates.replace("{schema}", &schema);
+                conn.execute(sqlx::raw_sql(&sql)).await.map_err(e)?;
+                version = *v;
+            }
             for (v, template) in AGENT_MIGRATIONS {
                 if *v > version {
                     let sql = template.replace("{schema}", &schema);
@@ -147,12 +164,18 @@ impl SchemaStore for PgStore {
             .await
             .map_err(e)?;
         for (version, template) in AGENT_MIGRATIONS {
+            let creates = AGENT_CREATES
+                .iter()
+                .find(|(v, _)| v == version)
+                .map(|(_, creates)| *creates);
             sqlx::query(
-                "INSERT INTO vault.agent_migrations (version, template) VALUES ($1, $2)
-                 ON CONFLICT (version) DO UPDATE SET template = EXCLUDED.template",
+                "INSERT INTO vault.agent_migrations (version, template, creates) VALUES ($1, $2, $3)
+                 ON CONFLICT (version) DO UPDATE
+                 SET template = EXCLUDED.template, creates = EXCLUDED.creates",
             )
             .bind(version)
             .bind(*template)
+            .bind(creates)
             .execute(&mut conn)
             .await
             .map_err(e)?;
