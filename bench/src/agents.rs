@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -39,6 +39,8 @@ use crate::zipf::Zipf;
 pub const ONBOARDING_CONCURRENCY: usize = 16;
 /// Concurrent first reads.
 pub const FIRST_READ_CONCURRENCY: usize = 64;
+/// Concurrent GetTokens of the agents that existed before onboarding, idle and while it runs.
+pub const EXISTING_READ_CONCURRENCY: usize = 4;
 /// The concurrency levels of the GetToken cells.
 pub const LEVELS: [usize; 2] = [16, 64];
 /// The Zipf exponent of the skewed cells.
@@ -100,6 +102,24 @@ pub struct Restart {
     pub first_get_ms: f64,
 }
 
+/// GetToken for the agents that existed before onboarding began (the run's seeded ones), on a
+/// connection onboarding does not use: first alone, then for as long as onboarding runs.
+#[derive(Debug)]
+pub struct ExistingReads {
+    /// A cell of the usual length just before onboarding.
+    pub idle: Sample,
+    /// Every call made while the N agents onboarded.
+    pub during_onboarding: Sample,
+}
+
+impl ExistingReads {
+    /// p99 while onboarding over p99 idle: whether onboarding stalls other agents' reads (issue
+    /// 18's bound is 2).
+    pub fn p99_over_idle(&self) -> Option<f64> {
+        (self.idle.p99_us > 0.0).then(|| self.during_onboarding.p99_us / self.idle.p99_us)
+    }
+}
+
 /// Everything the workload measured.
 #[derive(Debug)]
 pub struct AgentsResults {
@@ -109,6 +129,8 @@ pub struct AgentsResults {
     pub spares_at_onboarding: usize,
     /// Every agent's first StoreToken; `rps` is agents onboarded per second.
     pub onboarding: Sample,
+    /// The existing agents' reads, idle and while onboarding ran.
+    pub existing_reads: ExistingReads,
     /// Every agent's first GetToken, in random order, after the single-agent cells.
     pub first_reads: Sample,
     /// The GetToken cells.
@@ -127,6 +149,8 @@ impl AgentsResults {
     /// Calls that failed, over every cell.
     pub fn errors(&self) -> u64 {
         self.onboarding.errors
+            + self.existing_reads.idle.errors
+            + self.existing_reads.during_onboarding.errors
             + self.first_reads.errors
             + self.cells.values().map(|s| s.errors).sum::<u64>()
     }
@@ -138,6 +162,16 @@ impl AgentsResults {
                 "agents_onboarding",
                 ONBOARDING_CONCURRENCY,
                 &self.onboarding,
+            ),
+            (
+                "agents_existing_idle",
+                EXISTING_READ_CONCURRENCY,
+                &self.existing_reads.idle,
+            ),
+            (
+                "agents_existing_during_onboarding",
+                EXISTING_READ_CONCURRENCY,
+                &self.existing_reads.during_onboarding,
             ),
             (
                 "agents_first_reads",
@@ -174,6 +208,13 @@ impl AgentsResults {
             }),
             Err(_) => Value::Null,
         };
+        let latencies = |s: &Sample| {
+            json!({
+                "calls_per_s": round(s.rps, 1),
+                "p50_us": round(s.p50_us, 1),
+                "p99_us": round(s.p99_us, 1),
+            })
+        };
         let mut doc = json!({
             "n": self.n,
             "onboarding": {
@@ -182,6 +223,12 @@ impl AgentsResults {
                 "rate": round(self.onboarding.rps, 1),
                 "p50_ms": round(self.onboarding.p50_us / 1_000.0, 2),
                 "p99_ms": round(self.onboarding.p99_us / 1_000.0, 2),
+            },
+            "existing_reads": {
+                "concurrency": EXISTING_READ_CONCURRENCY,
+                "idle": latencies(&self.existing_reads.idle),
+                "during_onboarding": latencies(&self.existing_reads.during_onboarding),
+                "p99_over_idle": self.existing_reads.p99_over_idle().map(|r| round(r, 3)),
             },
             "first_read": {
                 "concurrency": FIRST_READ_CONCURRENCY,
@@ -201,14 +248,7 @@ impl AgentsResults {
             let mut levels = serde_json::Map::new();
             for concurrency in LEVELS {
                 if let Some(s) = self.cells.get(&(spread, concurrency)) {
-                    levels.insert(
-                        format!("c{concurrency}"),
-                        json!({
-                            "calls_per_s": round(s.rps, 1),
-                            "p50_us": round(s.p50_us, 1),
-                            "p99_us": round(s.p99_us, 1),
-                        }),
-                    );
+                    levels.insert(format!("c{concurrency}"), latencies(s));
                 }
             }
             doc[spread.key()] = Value::Object(levels);
@@ -224,6 +264,8 @@ impl AgentsResults {
             "agents workload: N = {}, one credential each\n\n\
              onboarding (each agent's first StoreToken, c{ONBOARDING_CONCURRENCY}): \
              {:.0} agents/s, p50 {:.1} ms, p99 {:.1} ms\n\
+             existing agents' GetToken (c{EXISTING_READ_CONCURRENCY}): idle p50 {:.0} µs, \
+             p99 {:.0} µs; while onboarding p50 {:.0} µs, p99 {:.0} µs ({:.2} × idle p99)\n\
              first reads (each agent's first GetToken, random order, c{FIRST_READ_CONCURRENCY}): \
              {:.0} calls/s, p50 {:.1} ms, p99 {:.1} ms\n\n\
              | GetToken over the agents | concurrency | p50 µs | p99 µs | calls/s | ÷ single |\n\
@@ -232,6 +274,11 @@ impl AgentsResults {
             o.rps,
             o.p50_us / 1_000.0,
             o.p99_us / 1_000.0,
+            self.existing_reads.idle.p50_us,
+            self.existing_reads.idle.p99_us,
+            self.existing_reads.during_onboarding.p50_us,
+            self.existing_reads.during_onboarding.p99_us,
+            self.existing_reads.p99_over_idle().unwrap_or(f64::NAN),
             self.first_reads.rps,
             self.first_reads.p50_us / 1_000.0,
             self.first_reads.p99_us / 1_000.0,
@@ -301,14 +348,16 @@ fn first(channels: &Arc<[Channel]>, count: usize) -> Arc<[Channel]> {
     channels.iter().take(count).cloned().collect()
 }
 
-/// How many agents the workload onboards, and how many spare schemas it waits for first (the
-/// server's `VAULT_DATABASE_SPARE_SCHEMAS` when the run sets it).
-#[derive(Debug, Clone, Copy)]
+/// How many agents the workload onboards, how many spare schemas it waits for first (the
+/// server's `VAULT_DATABASE_SPARE_SCHEMAS` when the run sets it), and the agents already there.
+#[derive(Clone)]
 pub struct Size {
     /// Agents onboarded.
     pub agents: usize,
     /// Spare schemas to wait for before onboarding (at most `agents`).
     pub spares: Option<usize>,
+    /// The run's seeded agents, read before and while onboarding.
+    pub existing: Population,
 }
 
 /// Runs the workload with `size.agents` agents against the server in `server`, reached through
@@ -323,7 +372,7 @@ pub async fn run(
     server: &mut Option<ChildProcess>,
     launch: &Launch,
 ) -> anyhow::Result<AgentsResults> {
-    let (n, spares) = (size.agents.max(1), size.spares);
+    let (n, spares, existing) = (size.agents.max(1), size.spares, size.existing);
     let minting = Instant::now();
     let population = Population::with_agents(issuer, (0..n).map(agent_id).collect(), 1)?;
     eprintln!(
@@ -334,28 +383,38 @@ pub async fn run(
     let options: PgConnectOptions = database_url.parse()?;
     let mut conn = PgConnection::connect_with(&options.application_name("vault-bench")).await?;
 
-    if let Some(wanted) = spares.map(|k| k.min(n)).filter(|k| *k > 0) {
-        let waiting = Instant::now();
-        let deadline = waiting + std::time::Duration::from_secs(60 + wanted as u64 / 5);
-        loop {
-            let ready = spares_ready(&mut conn).await?;
-            if ready >= wanted {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "agents: {ready} of {wanted} spare schemas ready after {:.0} s",
-                waiting.elapsed().as_secs_f64()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-        eprintln!(
-            "agents: {wanted} spare schemas ready after {:.1} s",
-            waiting.elapsed().as_secs_f64()
-        );
-    }
+    let wanted = spares.map(|k| k.min(n)).unwrap_or(0);
+    wait_for_spares(&mut conn, wanted, "before onboarding").await?;
     let spares_at_onboarding = spares_ready(&mut conn).await?;
+    // The existing agents' reads go over the last connection; onboarding uses the first.
+    let readers: Arc<[Channel]> = channels.iter().last().cloned().into_iter().collect();
+    let idle = workloads::get_token(
+        Arc::clone(&readers),
+        existing.clone(),
+        EXISTING_READ_CONCURRENCY,
+        phases,
+    )
+    .await;
+    report_line("existing idle", EXISTING_READ_CONCURRENCY, &idle, "calls/s");
+    let onboarding_runs = Arc::new(AtomicBool::new(true));
+    let beside = tokio::spawn(workloads::get_token_while(
+        readers,
+        existing,
+        EXISTING_READ_CONCURRENCY,
+        Arc::clone(&onboarding_runs),
+    ));
     let onboarding = onboard(first(&channels, 1), population.clone()).await;
+    onboarding_runs.store(false, Ordering::Relaxed);
+    let existing_reads = ExistingReads {
+        idle,
+        during_onboarding: beside.await?,
+    };
+    report_line(
+        "existing during onboarding",
+        EXISTING_READ_CONCURRENCY,
+        &existing_reads.during_onboarding,
+        "calls/s",
+    );
     report_line(
         "onboarding",
         ONBOARDING_CONCURRENCY,
@@ -373,6 +432,9 @@ pub async fn run(
     let memory_after_onboarding = backend_memory::measure(&mut conn)
         .await
         .map_err(|e| format!("{e:#}"));
+    // The job refills what onboarding took: the read cells measure a vault at rest, not one
+    // making schemas beside them.
+    wait_for_spares(&mut conn, spares.unwrap_or(0), "after onboarding").await?;
 
     let reads = Reads {
         channels: Arc::clone(&channels),
@@ -428,6 +490,7 @@ pub async fn run(
         n,
         spares_at_onboarding,
         onboarding,
+        existing_reads,
         first_reads,
         cells,
         memory_after_onboarding,
@@ -435,6 +498,38 @@ pub async fn run(
         server_private_mib,
         restart,
     })
+}
+
+/// Waits until `wanted` spare schemas are ready in the vault's database (the server's job makes
+/// them), saying how long that took; returns at once when `wanted` is 0.
+pub async fn wait_for_spares(
+    conn: &mut PgConnection,
+    wanted: usize,
+    when: &str,
+) -> anyhow::Result<()> {
+    if wanted == 0 {
+        return Ok(());
+    }
+    let waiting = Instant::now();
+    // Generous: a spare is about 15 ms of DDL on an idle 2-core machine, more under load.
+    let deadline = waiting + Duration::from_secs(60 + wanted as u64 / 5);
+    loop {
+        let ready = spares_ready(conn).await?;
+        if ready >= wanted {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agents: {ready} of {wanted} spare schemas ready {when} after {:.0} s",
+            waiting.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "agents: {wanted} spare schemas ready {when} after {:.1} s",
+        waiting.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The spare agent schemas ready in the vault's database.
@@ -650,6 +745,13 @@ pub(crate) fn example() -> AgentsResults {
         spares_at_onboarding: 0,
         n: 2_000,
         onboarding: example_sample(150.0),
+        existing_reads: ExistingReads {
+            idle: example_sample(1_000.0),
+            during_onboarding: Sample {
+                p99_us: 3_000.0,
+                ..example_sample(900.0)
+            },
+        },
         first_reads: example_sample(800.0),
         cells,
         memory_after_onboarding: Err("no /proc".into()),
@@ -714,6 +816,32 @@ mod tests {
         assert_eq!(doc["backend_memory"]["total_mib"], 10.0);
         assert!(doc["backend_memory_after_onboarding"].is_null());
         assert_eq!(doc["restart_to_serving_ms"], 200.0);
+        for when in ["idle", "during_onboarding"] {
+            for field in ["calls_per_s", "p50_us", "p99_us"] {
+                assert!(
+                    doc["existing_reads"][when][field].is_number(),
+                    "existing_reads.{when}.{field}"
+                );
+            }
+        }
+        assert_eq!(doc["existing_reads"]["p99_over_idle"], 1.5);
+    }
+
+    #[test]
+    fn a_read_that_failed_while_agents_onboarded_fails_the_run() {
+        let mut results = example();
+        results.existing_reads.during_onboarding.errors = 1;
+        results.existing_reads.during_onboarding.first_error = Some("GetToken: stalled".into());
+        assert_eq!(results.errors(), 1);
+        assert_eq!(
+            results.failures(),
+            vec![(
+                "agents_existing_during_onboarding",
+                EXISTING_READ_CONCURRENCY,
+                1,
+                "GetToken: stalled".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! mean latency); that is what the ratios compare, not an open-loop arrival rate.
 //!
 //! [`drive_each`] is the same loop over a fixed list of calls instead of a window, for work that
-//! happens once per target (an agent's first store).
+//! happens once per target (an agent's first store); [`drive_while`] runs until told to stop,
+//! beside another workload.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -60,14 +61,47 @@ where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
-    let call = Arc::new(call);
     // Every task shares one clock, so the measured window is the same for all of them.
-    let start = Instant::now();
-    let measure_from = start + phases.warmup;
+    let measure_from = Instant::now() + phases.warmup;
     let until = measure_from + phases.measure;
+    drive_window(concurrency, measure_from, move |now| now >= until, call).await
+}
+
+/// Runs `call` as [`drive`] does, from now until `running` turns false, recording every call:
+/// the load beside another workload (reads while agents onboard), which lasts as long as it.
+pub async fn drive_while<F, Fut>(concurrency: usize, running: Arc<AtomicBool>, call: F) -> Sample
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    drive_window(
+        concurrency,
+        Instant::now(),
+        move |_| !running.load(Ordering::Relaxed),
+        call,
+    )
+    .await
+}
+
+/// The closed loop of [`drive`] and [`drive_while`]: calls that start before `measure_from` are
+/// not recorded, and no call starts once `over(now)` holds.
+async fn drive_window<O, F, Fut>(
+    concurrency: usize,
+    measure_from: Instant,
+    over: O,
+    call: F,
+) -> Sample
+where
+    O: Fn(Instant) -> bool + Send + Sync + 'static,
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let over = Arc::new(over);
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..concurrency {
         let call = Arc::clone(&call);
+        let over = Arc::clone(&over);
         tasks.spawn(async move {
             let mut rng = fastrand::Rng::new();
             let mut result = TaskResult {
@@ -78,7 +112,7 @@ where
             };
             loop {
                 let begin = Instant::now();
-                if begin >= until {
+                if over(begin) {
                     break;
                 }
                 let outcome = call(task, rng.u64(..)).await;
@@ -101,7 +135,7 @@ where
     }
     let merged = merge(tasks).await;
     let calls = merged.latencies.len();
-    // The window ends when the last measured call returned, which is a little after `until`.
+    // The window ends when the last measured call returned, which is a little after its end.
     let last_end = merged
         .last_end
         .map_or(measure_from, |end| end.max(measure_from));
@@ -258,6 +292,36 @@ mod tests {
         assert!(sample.errors > 0);
         assert_eq!(sample.first_error.as_deref(), Some("boom"));
         assert!(sample.calls > 0);
+    }
+
+    #[tokio::test]
+    async fn a_load_beside_another_runs_until_told_to_stop_and_records_every_call() {
+        let running = Arc::new(AtomicBool::new(true));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let stop = Arc::clone(&running);
+        let load = tokio::spawn(drive_while(2, Arc::clone(&running), move |_, _| {
+            let counted = Arc::clone(&counted);
+            let stop = Arc::clone(&stop);
+            async move {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                // The workload beside it ends after the 40th call.
+                if counted.fetch_add(1, Ordering::Relaxed) + 1 == 40 {
+                    stop.store(false, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }));
+        // Joined within a deadline: a loop that ignored the flag would never end.
+        let sample = tokio::time::timeout(Duration::from_secs(30), load)
+            .await
+            .expect("the load stops once told to")
+            .expect("the load task does not panic");
+        let made = calls.load(Ordering::Relaxed) as u64;
+        // The two tasks may each have one call in flight when the flag turns; every call counts.
+        assert!((40..=41).contains(&made), "{made}");
+        assert_eq!((sample.calls, sample.errors), (made, 0));
+        assert!(sample.rps > 0.0, "{sample:?}");
     }
 
     #[tokio::test]

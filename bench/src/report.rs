@@ -71,6 +71,9 @@ pub struct Ratios {
     pub get_spread_over_single_c64: Option<f64>,
     /// As `get_spread_over_single_c64`, with the calls Zipf-skewed over the agents.
     pub get_zipf_over_single_c64: Option<f64>,
+    /// The existing agents' GetToken p99 while the N agents onboarded, over its p99 just
+    /// before; `None` without the agents workload.
+    pub get_p99_onboarding_over_idle: Option<f64>,
 }
 
 impl Results {
@@ -139,6 +142,10 @@ impl Results {
                 .agents
                 .as_ref()
                 .and_then(|a| a.over_single_c64(Spread::Zipf)),
+            get_p99_onboarding_over_idle: self
+                .agents
+                .as_ref()
+                .and_then(|a| a.existing_reads.p99_over_idle()),
         })
     }
 
@@ -168,7 +175,7 @@ impl Results {
 
     /// The JSON document:
     /// `{"machine", "config": {"audit_releases"}, "results": {workload: {"c1": {...}}}, "ratios"}`.
-    /// With the agents workload, `results.agents` and two more ratios.
+    /// With the agents workload, `results.agents` and three more ratios.
     pub fn json(&self, machine: &str, config: &RunConfig) -> anyhow::Result<Value> {
         let mut results = serde_json::Map::new();
         for workload in WORKLOADS {
@@ -203,6 +210,10 @@ impl Results {
         for (key, ratio) in [
             ("get_spread_over_single_c64", r.get_spread_over_single_c64),
             ("get_zipf_over_single_c64", r.get_zipf_over_single_c64),
+            (
+                "get_p99_onboarding_over_idle",
+                r.get_p99_onboarding_over_idle,
+            ),
         ] {
             if let Some(ratio) = ratio {
                 doc["ratios"][key] = json!(round(ratio, 3));
@@ -246,6 +257,13 @@ impl Ratios {
                     "| {name} (GetToken rps {what} / one agent, c64) | {ratio:.3} |"
                 );
             }
+        }
+        if let Some(ratio) = self.get_p99_onboarding_over_idle {
+            let _ = writeln!(
+                out,
+                "| get_p99_onboarding_over_idle (existing agents' GetToken p99 while N agents \
+                 onboard / idle, c4) | {ratio:.2} |"
+            );
         }
         out
     }
@@ -352,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_workload_adds_its_results_and_two_ratios() {
+    fn the_agents_workload_adds_its_results_and_three_ratios() {
         let mut results = full();
         assert!(
             results
@@ -366,7 +384,8 @@ mod tests {
         assert_eq!(doc["results"]["agents"]["n"], 2_000);
         assert_eq!(doc["ratios"]["get_spread_over_single_c64"], 0.5);
         assert_eq!(doc["ratios"]["get_zipf_over_single_c64"], 0.75);
-        assert_eq!(doc["ratios"].as_object().unwrap().len(), 7);
+        assert_eq!(doc["ratios"]["get_p99_onboarding_over_idle"], 1.5);
+        assert_eq!(doc["ratios"].as_object().unwrap().len(), 8);
         assert_eq!(doc["ratios"]["get_p50_over_floor_c1"], 2.5);
         let text = results.markdown();
         assert!(text.contains("agents workload: N = 2000"), "{text}");
@@ -376,6 +395,13 @@ mod tests {
                 .unwrap()
                 .markdown()
                 .contains("get_spread_over_single_c64")
+        );
+        assert!(
+            results
+                .ratios()
+                .unwrap()
+                .markdown()
+                .contains("get_p99_onboarding_over_idle")
         );
     }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicI64;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::Command;
 use tonic::transport::Channel;
@@ -316,6 +317,20 @@ async fn measure(
     let vault_channels = workloads::connect(&server_endpoint, max_channels).await?;
     let echo_channels = workloads::connect(&echo_endpoint, max_channels).await?;
 
+    // Spares asked for are made by the server's job as it starts: the cells below wait for
+    // them, so that they measure a vault at rest, not one making schemas beside them.
+    let spares = options
+        .server_env
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "VAULT_DATABASE_SPARE_SCHEMAS")
+        .and_then(|(_, value)| value.parse::<usize>().ok());
+    if let Some(wanted) = spares.filter(|_| scale.agents_workload > 0) {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+        agents::wait_for_spares(&mut conn, wanted, "before the cells").await?;
+        conn.close().await?;
+    }
+
     let population = Population::new(&issuer, scale.agents, scale.users)?;
     let seeding = Instant::now();
     workloads::seed(Arc::clone(&vault_channels), &population, scale.users, 64).await?;
@@ -476,15 +491,11 @@ async fn measure(
     // server: nothing above may see either.
     if scale.agents_workload > 0 {
         // Spares asked for are waited for, so onboarding measures taking them, not making them.
-        let spares = options
-            .server_env
-            .iter()
-            .find(|(name, _)| name == "VAULT_DATABASE_SPARE_SCHEMAS")
-            .and_then(|(_, value)| value.parse::<usize>().ok());
         let measured = agents::run(
             agents::Size {
                 agents: scale.agents_workload,
                 spares,
+                existing: population.clone(),
             },
             &issuer,
             // Moved: the restart at its end goes faster with no connections left to drain.

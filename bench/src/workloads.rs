@@ -9,7 +9,7 @@
 //! Every call is checked, so a fast wrong answer counts as an error rather than a good number.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -23,7 +23,7 @@ use vault_client::proto::{
 use vault_client::{Client, RawClient, TokenSet};
 
 use crate::issuer::Issuer;
-use crate::load::{Phases, Sample, drive};
+use crate::load::{Phases, Sample, drive, drive_while};
 use crate::proto::EchoRequest;
 use crate::proto::echo_client::EchoClient;
 
@@ -498,6 +498,22 @@ pub async fn get_token(
     let count = population.credentials.len() as u64;
     get_token_picking(channels, population, concurrency, phases, move |pick| {
         (pick % count) as usize
+    })
+    .await
+}
+
+/// GetToken as [`get_token`] does, uniformly over `population`, until `running` turns false:
+/// the reads of existing agents beside another workload.
+pub async fn get_token_while(
+    channels: Arc<[Channel]>,
+    population: Population,
+    concurrency: usize,
+    running: Arc<AtomicBool>,
+) -> Sample {
+    let count = population.credentials.len() as u64;
+    drive_while(concurrency, running, move |task, pick| {
+        let credential = &population.credentials[(pick % count) as usize];
+        checked_get_token(channel_of(&channels, task), Arc::clone(&credential.jwt))
     })
     .await
 }
