@@ -576,10 +576,11 @@ where
 }
 
 /// Moves the times the vault keeps in its agent schemas in `db` (vault TTLs, refresh backoffs
-/// and leases, the outbox's schedule and ages) and its consent flows' expiries and ages `by`
-/// into the past: what the passing of that much time does to them, without waiting for it. The vault reads these against the database clock,
-/// so it sees the same as if the time had passed. Not moved: `vault.leases` and the access
-/// token's own expiry, which is sealed inside the credential.
+/// and leases, the outbox's schedule and ages), the agents' next sweeps, and its consent flows'
+/// expiries and ages `by` into the past: what the passing of that much time does to them,
+/// without waiting for it. The vault reads these against the database clock, so it sees the
+/// same as if the time had passed. Not moved: `vault.leases` and the access token's own
+/// expiry, which is sealed inside the credential.
 pub async fn fast_forward(db: &TestDb, by: Duration) {
     let mut conn = db.connect().await;
     let schemas: Vec<String> = sqlx::query_scalar("SELECT schema_name FROM vault.agents")
@@ -591,6 +592,13 @@ pub async fn fast_forward(db: &TestDb, by: Duration) {
         "UPDATE vault.authorization_flows SET
              expires_at = expires_at - interval '{by}',
              created_at = created_at - interval '{by}'"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // The sweep's schedule moves with the TTLs it follows.
+    sqlx::raw_sql(&format!(
+        "UPDATE vault.agents SET sweep_due = sweep_due - interval '{by}'"
     ))
     .execute(&mut conn)
     .await

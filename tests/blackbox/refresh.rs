@@ -661,20 +661,17 @@ async fn an_unreachable_provider_is_reported_without_its_url() {
     }
 }
 
+/// Past the vault TTL a credential gets by default.
+const THIRTY_DAYS_AND_A_SECOND: Duration = Duration::from_secs(30 * 86_400 + 1);
+
 #[tokio::test]
 async fn the_ttl_sweep_revokes_what_it_deletes_at_the_provider() {
     let w = World::new().await;
     let app = w.vault().await;
     let (_, grant, _) = w.stores(&app, "alice", "jira", 3600).await;
-    // Its vault TTL passes (set in the database rather than waited for).
-    let mut conn = w.db.connect().await;
-    sqlx::query(&format!(
-        "UPDATE \"{}\".credentials SET ttl_expires_at = now() - interval '1 second'",
-        schema_of("agent-a")
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    // Its vault TTL (the default thirty days) passes, moved in the database rather than waited
+    // for.
+    fast_forward(&w.db, THIRTY_DAYS_AND_A_SECOND).await;
 
     let admin = app.admin(&w.issuer, "ops", "operator").await;
     assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
@@ -700,13 +697,8 @@ async fn with_sweep_revocation_off_the_sweep_only_deletes() {
     let app = spawn_with(&w.db, &w.issuer, &extra).await;
     let (_, grant, _) = w.stores(&app, "alice", "jira", 3600).await;
     let schema = schema_of("agent-a");
+    fast_forward(&w.db, THIRTY_DAYS_AND_A_SECOND).await;
     let mut conn = w.db.connect().await;
-    sqlx::query(&format!(
-        "UPDATE \"{schema}\".credentials SET ttl_expires_at = now() - interval '1 second'"
-    ))
-    .execute(&mut conn)
-    .await
-    .unwrap();
     let admin = app.admin(&w.issuer, "ops", "operator").await;
     assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
     let queued: i64 = sqlx::query_scalar(&format!(

@@ -178,3 +178,148 @@ async fn the_background_sweeper_deletes_expired_credentials_under_one_lease() {
             .unwrap();
     assert_eq!(holders, 1, "one lease row, held by one replica at a time");
 }
+
+/// When the sweep next visits `agent`'s schema, and the earliest TTL of its credentials, in
+/// Unix seconds.
+async fn due_and_earliest(db: &TestDb, agent: &str) -> (Option<i64>, Option<i64>) {
+    let mut conn = db.connect().await;
+    let schema = schema_of(agent);
+    let due: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM sweep_due)::float8 FROM vault.agents WHERE schema_name = $1",
+    )
+    .bind(&schema)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let earliest: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT extract(epoch FROM min(ttl_expires_at))::float8 FROM \"{schema}\".credentials"
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    (due.map(|s| s as i64), earliest.map(|s| s as i64))
+}
+
+#[tokio::test]
+async fn a_sweep_visits_only_the_agents_with_a_credential_due() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let two_hours = Duration::from_secs(7200);
+    for agent in ["agent-a", "agent-b"] {
+        let vault = app.client(&issuer, agent, "alice").await;
+        store_for(&vault, "jira", "at", two_hours).await;
+    }
+    let short = app.client(&issuer, "agent-c", "alice").await;
+    store_for(&short, "jira", "at", Duration::from_secs(1)).await;
+    for agent in ["agent-a", "agent-b", "agent-c"] {
+        let (due, earliest) = due_and_earliest(&db, agent).await;
+        assert_eq!(
+            due, earliest,
+            "{agent}: due when its only credential expires"
+        );
+    }
+    // A second credential expiring sooner brings its agent's sweep forward.
+    let sooner = app.client(&issuer, "agent-a", "bob").await;
+    store_for(&sooner, "jira", "at", Duration::from_secs(600)).await;
+    let (due, earliest) = due_and_earliest(&db, "agent-a").await;
+    assert_eq!(due, earliest);
+    assert!(due.unwrap() <= now() + 601);
+
+    // agent-b's credential expires behind the vault's back, its schedule unmoved: a sweep that
+    // visited every agent would delete it.
+    let mut conn = db.connect().await;
+    sqlx::query(&format!(
+        "UPDATE \"{}\".credentials SET ttl_expires_at = now() - interval '1 second'",
+        schema_of("agent-b")
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    fast_forward(&db, Duration::from_secs(2)).await;
+
+    let admin = app.admin(&issuer, "ops", "operator").await;
+    let swept = admin.sweep(0, false).await.unwrap();
+    assert_eq!((swept.swept, swept.more), (1, false), "agent-c's only");
+    assert_eq!(count_rows(&db).await, 3, "agent-a's two and agent-b's");
+    let (due, earliest) = due_and_earliest(&db, "agent-c").await;
+    assert_eq!(earliest, None);
+    let day = 24 * 3600;
+    assert!(
+        (due.unwrap() - (now() + day)).abs() <= 60,
+        "an agent with nothing left is still visited once a day"
+    );
+    assert_eq!(
+        admin.sweep(0, false).await.unwrap().swept,
+        0,
+        "nobody is due"
+    );
+
+    // An hour on, and agent-b's day over (as if it had passed): agent-b is visited, and its
+    // credential swept, with agent-a's shorter one.
+    fast_forward(&db, Duration::from_secs(3600)).await;
+    sqlx::query("UPDATE vault.agents SET sweep_due = now() WHERE schema_name = $1")
+        .bind(schema_of("agent-b"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let swept = admin.sweep(0, false).await.unwrap();
+    assert_eq!(swept.swept, 2);
+    assert_eq!(count_rows(&db).await, 1);
+    let (due, earliest) = due_and_earliest(&db, "agent-a").await;
+    assert_eq!(due, earliest, "agent-a's next is its two-hour credential");
+}
+
+#[tokio::test]
+async fn a_credential_written_while_its_agent_is_swept_still_brings_the_sweep_forward() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let alice = app.client(&issuer, "agent-a", "alice").await;
+    store_for(&alice, "jira", "at", Duration::from_secs(3600)).await;
+
+    // A sweep of agent-a in progress: it holds the agent's row, has read its credentials, and
+    // will set its schedule to what it read.
+    let mut sweep = db.connect().await;
+    sqlx::raw_sql("BEGIN").execute(&mut sweep).await.unwrap();
+    sqlx::query("SELECT 1 FROM vault.agents WHERE schema_name = $1 FOR NO KEY UPDATE")
+        .bind(schema_of("agent-a"))
+        .fetch_one(&mut sweep)
+        .await
+        .unwrap();
+
+    // Meanwhile bob's credential commits, expiring sooner; its store waits for the sweep.
+    let bob = app.client(&issuer, "agent-a", "bob").await;
+    let write = tokio::spawn(async move {
+        store_for(&bob, "jira", "at", Duration::from_secs(60)).await;
+    });
+    let watch = sqlx::PgPool::connect(&db.url).await.unwrap();
+    eventually("the store waits for the sweep's row", || {
+        let watch = watch.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE 'UPDATE vault.agents%'",
+            )
+            .fetch_one(&watch)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
+    sqlx::query(
+        "UPDATE vault.agents SET sweep_due = now() + interval '1 hour' WHERE schema_name = $1",
+    )
+    .bind(schema_of("agent-a"))
+    .execute(&mut sweep)
+    .await
+    .unwrap();
+    sqlx::raw_sql("COMMIT").execute(&mut sweep).await.unwrap();
+    write.await.unwrap();
+
+    let (due, earliest) = due_and_earliest(&db, "agent-a").await;
+    assert_eq!(due, earliest, "bob's credential is due first");
+    assert!(due.unwrap() <= now() + 61);
+}

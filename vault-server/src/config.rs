@@ -170,7 +170,8 @@ value::settings! {
         secrets_ttl_seconds: u64 = MAX_SECRETS_TTL_SECONDS, 1..=MAX_SECRETS_TTL_SECONDS;
         /// Background sweep period.
         vault_sweep_interval_seconds: u64 = 300, 1..=86_400;
-        /// Rows per sweep batch.
+        /// Rows per sweep batch; on PostgreSQL also the most agent schemas one batch visits
+        /// (those with a credential past its TTL, and each at least once a day).
         vault_sweep_batch: u64 = 1000, 1..=100_000;
         /// The background sweep (and the Sweep RPC) queues what it deletes for RFC 7009
         /// revocation at the provider, through the same outbox as `Revoke(at_provider)`; `false`

@@ -1,7 +1,7 @@
 //! Each agent schema's `credentials` table and its generation sequence.
 
 use chrono::{DateTime, Utc};
-use sqlx::FromRow as _;
+use sqlx::{Executor as _, FromRow as _};
 
 use super::audit::append_agent;
 use super::{PgStore, e, quoted};
@@ -262,6 +262,8 @@ impl CredentialStore for PgStore {
         Ok(())
     }
 
+    /// Visits only the agents whose `sweep_due` has passed (control migration 0016), at most
+    /// `limit` of them, earliest first.
     #[tracing::instrument(skip_all)]
     async fn sweep(
         &self,
@@ -273,96 +275,168 @@ impl CredentialStore for PgStore {
             // Agents behind this version's per-agent migrations wait for their upgrade (the
             // background job's or their first use's).
             sqlx::query_as(
-                "SELECT schema_name, agent_id FROM vault.agents WHERE schema_version >= $1
-                 ORDER BY schema_name",
+                "SELECT schema_name, agent_id FROM vault.agents
+                 WHERE coalesce(sweep_due, '-infinity') <= now() AND schema_version >= $1
+                 ORDER BY coalesce(sweep_due, '-infinity') LIMIT $2",
             )
             .bind(super::schema::latest_agent_version())
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
-                .await
-                .map_err(e)?;
-        // From where the last sweep stopped at its limit: a sweep of many batches visits each
-        // agent about once, not once per batch from the first agent on.
-        let resume = self.sweep_resume().clone();
-        let agents = rotated(agents, resume.as_deref());
+            .await
+            .map_err(e)?;
+        let all_due_seen = agents.len() < limit as usize;
         let mut swept: u64 = 0;
-        let mut stopped_at = None;
         for (namespace, agent) in agents {
             let remaining = u64::from(limit) - swept;
             if remaining == 0 {
                 break;
             }
-            let schema = quoted(&namespace)?;
-            let mut tx = self.agent_tx(&namespace).await?;
-            let (n, appended): (i64, _) = if dry_run {
-                let n = sqlx::query_scalar(&format!(
-                    "SELECT count(*) FROM (SELECT 1 FROM {schema}.credentials
-                     WHERE ttl_expires_at <= now() LIMIT $1) AS expired"
-                ))
-                .bind(remaining as i64)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(e)?;
-                (n, Vec::new())
+            swept += if dry_run {
+                self.count_expired(&namespace, remaining).await?
             } else {
-                // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work
-                // instead of queueing; the statement's own rows are what is reported, so a
-                // row is counted (and recorded) by exactly the sweeper that removed it. With
-                // `revoke`, what is deleted is queued for provider revocation in the same
-                // statement.
-                let delete = format!(
-                    "DELETE FROM {schema}.credentials WHERE (user_id, tool) IN (
-                         SELECT user_id, tool FROM {schema}.credentials
-                         WHERE ttl_expires_at <= now()
-                         ORDER BY ttl_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-                     AND ttl_expires_at <= now()"
-                );
-                let sql = if revoke {
-                    format!(
-                        "WITH gone AS ({delete}
-                             RETURNING user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
-                         INSERT INTO {schema}.revocation_outbox
-                             (user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
-                         SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext
-                         FROM gone
-                         RETURNING user_id, tool, generation"
-                    )
-                } else {
-                    format!("{delete} RETURNING user_id, tool, generation")
-                };
-                let gone: Vec<(String, String, i64)> = sqlx::query_as(&sql)
-                    .bind(remaining as i64)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(e)?;
-                let records = gone
-                    .iter()
-                    .map(|(user, tool, generation)| {
-                        crate::store::credentials::swept_record(&agent, user, tool, *generation)
-                    })
-                    .collect();
-                let appended = append_agent(self, &mut tx, &namespace, records).await?;
-                (gone.len() as i64, appended)
+                self.sweep_agent(&namespace, &agent, remaining, revoke)
+                    .await?
             };
-            self.commit_appended(tx, &namespace, &appended).await?;
-            swept += n as u64;
-            if swept >= u64::from(limit) {
-                // This agent may have more past their TTL.
-                stopped_at = Some(namespace);
-            }
         }
-        if !dry_run && stopped_at.is_some() {
-            *self.sweep_resume() = stopped_at;
-        }
-        Ok(SweepOutcome::of(swept, limit))
+        Ok(SweepOutcome {
+            swept,
+            more: swept >= u64::from(limit) || !all_due_seen,
+        })
     }
 }
 
+/// How far ahead a sweep may set an agent's `sweep_due` at most: the longest a credential whose
+/// writer died before lowering it waits past its TTL to be deleted.
+const SWEEP_AT_LEAST_EVERY: &str = "1 day";
+
 impl PgStore {
-    fn sweep_resume(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        // Only a read or a replacement happens under the lock.
-        self.sweep_resume
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// How many of the agent's credentials are past their TTL, counting at most `limit`.
+    async fn count_expired(&self, namespace: &str, limit: u64) -> Result<u64, StoreError> {
+        let schema = quoted(namespace)?;
+        let mut tx = self.agent_tx(namespace).await?;
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {schema}.credentials
+             WHERE ttl_expires_at <= now() LIMIT $1) AS expired"
+        ))
+        .bind(limit as i64)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        Ok(n as u64)
+    }
+
+    /// Deletes at most `limit` of the agent's credentials past their TTL (queuing them for
+    /// revocation with `revoke`), records each, and moves the agent's `sweep_due` to the
+    /// earliest TTL left; how many it deleted. An agent another sweeper holds, or that is no
+    /// longer due, is left alone.
+    async fn sweep_agent(
+        &self,
+        namespace: &str,
+        agent: &str,
+        limit: u64,
+        revoke: bool,
+    ) -> Result<u64, StoreError> {
+        let schema = quoted(namespace)?;
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // Held to the commit: a credential written meanwhile lowers `sweep_due` after this
+        // sweep's update, not before it (migrations/control/0016_sweep_due.sql).
+        let due = sqlx::query(
+            "SELECT 1 FROM vault.agents
+             WHERE schema_name = $1 AND coalesce(sweep_due, '-infinity') <= now()
+             FOR NO KEY UPDATE SKIP LOCKED",
+        )
+        .bind(namespace)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if due.is_none() {
+            return Ok(0);
+        }
+        if self.agent_roles {
+            let role = self.agent_role(namespace)?;
+            tx.execute(format!("SET LOCAL ROLE {role}").as_str())
+                .await
+                .map_err(e)?;
+        }
+        // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work instead
+        // of queueing; the statement's own rows are what is reported, so a row is counted (and
+        // recorded) by exactly the sweeper that removed it. With `revoke`, what is deleted is
+        // queued for provider revocation in the same statement.
+        let delete = format!(
+            "DELETE FROM {schema}.credentials WHERE (user_id, tool) IN (
+                 SELECT user_id, tool FROM {schema}.credentials
+                 WHERE ttl_expires_at <= now()
+                 ORDER BY ttl_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             AND ttl_expires_at <= now()"
+        );
+        let sql = if revoke {
+            format!(
+                "WITH gone AS ({delete}
+                     RETURNING user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+                 INSERT INTO {schema}.revocation_outbox
+                     (user_id, tool, generation, key_version, wrapped_data_key, ciphertext)
+                 SELECT user_id, tool, generation, key_version, wrapped_data_key, ciphertext
+                 FROM gone
+                 RETURNING user_id, tool, generation"
+            )
+        } else {
+            format!("{delete} RETURNING user_id, tool, generation")
+        };
+        let gone: Vec<(String, String, i64)> = sqlx::query_as(&sql)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(e)?;
+        // A new snapshot: what is left, including rows skipped above (still past their TTL, so
+        // the agent stays due) and writes committed since.
+        let next: Option<DateTime<Utc>> = sqlx::query_scalar(&format!(
+            "SELECT min(ttl_expires_at) FROM {schema}.credentials"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        let records = gone
+            .iter()
+            .map(|(user, tool, generation)| {
+                crate::store::credentials::swept_record(agent, user, tool, *generation)
+            })
+            .collect();
+        let appended = append_agent(self, &mut tx, namespace, records).await?;
+        if self.agent_roles {
+            tx.execute("SET LOCAL ROLE NONE").await.map_err(e)?;
+        }
+        sqlx::query(&format!(
+            "UPDATE vault.agents
+             SET sweep_due = least($2, now() + interval '{SWEEP_AT_LEAST_EVERY}')
+             WHERE schema_name = $1"
+        ))
+        .bind(namespace)
+        .bind(next)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        self.commit_appended(tx, namespace, &appended).await?;
+        Ok(gone.len() as u64)
+    }
+
+    /// Lowers the agent's `sweep_due` to `ttl_expires_at`, the TTL of a credential just
+    /// committed, unless it is already as early. Waits for a sweep holding the agent's row.
+    async fn lower_sweep_due(
+        &self,
+        namespace: &str,
+        ttl_expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vault.agents SET sweep_due = $2
+             WHERE schema_name = $1 AND (sweep_due IS NULL OR sweep_due > $2)",
+        )
+        .bind(namespace)
+        .bind(ttl_expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
     }
 
     /// The upsert of [`CredentialStore::upsert`] in `tx` (fenced and in the agent's role), with
@@ -407,43 +481,19 @@ impl PgStore {
         let appended = append_agent(self, &mut tx, &key.agent.namespace, audit).await?;
         self.commit_appended(tx, &key.agent.namespace, &appended)
             .await?;
-        Ok(match row {
-            Some(ttl_expires_at) => Upserted::Written { ttl_expires_at },
-            None => Upserted::Superseded,
-        })
-    }
-}
-
-/// `agents`, in schema order, from the first at or after `resume` to the end, then from the
-/// start.
-fn rotated<T>(mut agents: Vec<(String, T)>, resume: Option<&str>) -> Vec<(String, T)> {
-    if let Some(resume) = resume {
-        let at = agents.partition_point(|(schema, _)| schema.as_str() < resume);
-        agents.rotate_left(at);
-    }
-    agents
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rotated;
-
-    #[test]
-    fn a_sweep_starts_where_the_last_one_stopped_and_comes_round_to_the_rest() {
-        let agents = || ["a", "b", "c", "d"].map(|s| (s.to_string(), ())).to_vec();
-        let order = |resume| -> Vec<String> {
-            rotated(agents(), resume)
-                .into_iter()
-                .map(|(schema, ())| schema)
-                .collect()
+        let Some(ttl_expires_at) = row else {
+            return Ok(Upserted::Superseded);
         };
-        assert_eq!(order(None), ["a", "b", "c", "d"]);
-        assert_eq!(order(Some("c")), ["c", "d", "a", "b"]);
-        assert_eq!(
-            order(Some("bb")),
-            ["c", "d", "a", "b"],
-            "a schema gone since"
-        );
-        assert_eq!(order(Some("z")), ["a", "b", "c", "d"]);
+        // After the commit, so that a sweep either saw the credential or is ordered before this
+        // (migrations/control/0016_sweep_due.sql). The credential is kept either way: should
+        // this fail, the agent's next visit is at most a day away, and it is never served past
+        // its TTL meanwhile.
+        if let Err(err) = self
+            .lower_sweep_due(&key.agent.namespace, ttl_expires_at)
+            .await
+        {
+            tracing::warn!(error = %err, "could not bring the agent's next sweep forward");
+        }
+        Ok(Upserted::Written { ttl_expires_at })
     }
 }

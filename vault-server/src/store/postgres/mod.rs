@@ -141,8 +141,6 @@ pub struct PgStore {
     spare_taken: std::sync::Arc<tokio::sync::Notify>,
     /// Chains with new records, for other replicas' watchers: sent after the records commit.
     peers: wakeups::PeerWakeups,
-    /// The agent schema where the last sweep stopped at its limit: the next starts there.
-    sweep_resume: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl PgStore {
@@ -200,7 +198,6 @@ impl PgStore {
             audit_retention_days: settings.audit_retention_days,
             spare_taken: std::sync::Arc::default(),
             peers,
-            sweep_resume: std::sync::Arc::default(),
         })
     }
 
