@@ -527,3 +527,86 @@ async fn a_store_is_one_transaction_on_its_agent_schema_even_a_new_agents_first(
     assert_eq!(actions[0], "key.agent_created", "{actions:?}");
     assert_eq!(actions.len(), 3, "{actions:?}");
 }
+
+/// The revocation outbox's pass reads only the agents with a revocation queued (control
+/// migration 0017): it used to open a transaction on every agent schema, every few seconds, on
+/// every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_pass_reads_only_the_agents_with_a_revocation_queued() {
+    let db = TestDb::new().await;
+    let (url, seen) = tapped(&db).await;
+    let issuer = Issuer::new();
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[
+            ("VAULT_DATABASE_URL", url.as_str()),
+            ("VAULT_REVOCATION_RETRY_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    for agent in ["tap-quiet", "tap-swept"] {
+        let vault = app.client(&issuer, agent, "alice").await;
+        store(&vault, "jira", "secret").await;
+    }
+    let mut conn = db.connect().await;
+    let schema_of = |agent: &'static str| {
+        sqlx::query_scalar::<_, String>("SELECT schema_name FROM vault.agents WHERE agent_id = $1")
+            .bind(agent)
+    };
+    let quiet = schema_of("tap-quiet").fetch_one(&mut conn).await.unwrap();
+    let swept = schema_of("tap-swept").fetch_one(&mut conn).await.unwrap();
+    // The outbox pass's claims on `schema`.
+    let visits = |schema: &str| {
+        seen.all()
+            .iter()
+            .filter(|t| {
+                t.iter().any(|sql| {
+                    agent_schemas(sql).contains(schema)
+                        && sql.contains(".revocation_outbox")
+                        && sql.contains("SET lease_owner")
+                })
+            })
+            .count()
+    };
+    let passes = || {
+        seen.all()
+            .iter()
+            .filter(|t| {
+                t.iter()
+                    .any(|sql| sql.contains("WHERE outbox_due <= now() AND"))
+            })
+            .count()
+    };
+    let before = passes();
+    eventually("two more outbox passes ran", || async {
+        passes() >= before + 2
+    })
+    .await;
+    assert_eq!(visits(&quiet) + visits(&swept), 0, "nothing is queued");
+
+    // tap-swept's credential expires, and the sweep queues its revocation: the next pass
+    // visits tap-swept, and still not tap-quiet.
+    sqlx::raw_sql(&format!(
+        "UPDATE \"{swept}\".credentials SET ttl_expires_at = now() - interval '1 second';
+         UPDATE vault.agents SET sweep_due = now() - interval '1 second'
+         WHERE schema_name = '{swept}'"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let admin = app.admin(&issuer, "ops", "operator").await;
+    assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1);
+    let queued = visits(&swept);
+    eventually("a pass visited tap-swept's outbox", || async {
+        visits(&swept) > queued
+    })
+    .await;
+    let before = passes();
+    eventually("two more outbox passes ran", || async {
+        passes() >= before + 2
+    })
+    .await;
+    assert_eq!(visits(&quiet), 0, "tap-quiet has nothing queued");
+    app.stop().await;
+}

@@ -583,7 +583,25 @@ async fn the_serving_role_owns_nothing_runs_no_ddl_and_reaches_one_agent_at_a_ti
         matches!(&hostile, Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("22023")),
         "{hostile:?}"
     );
+
+    // The sweep's schedule is the serving role's to move (control migration 0016's column
+    // grant): the stores above set it, and a sweep deletes what expired and moves it on.
+    let scheduled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM vault.agents WHERE sweep_due IS NOT NULL")
+            .fetch_one(&mut server)
+            .await
+            .unwrap();
+    assert_eq!(scheduled, 2, "each store scheduled its agent's sweep");
+    permission_denied(
+        sqlx::raw_sql("UPDATE vault.agents SET wrapped_key = wrapped_key")
+            .execute(&mut server)
+            .await,
+        "the registry's other columns",
+    );
     drop(server);
+    fast_forward(&db, Duration::from_secs(30 * 86_400 + 1)).await;
+    let admin = app.admin(&issuer, "ops", "operator").await;
+    assert_eq!(admin.sweep(0, false).await.unwrap().swept, 2);
     app.stop().await;
 }
 

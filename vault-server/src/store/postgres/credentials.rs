@@ -1,7 +1,7 @@
 //! Each agent schema's `credentials` table and its generation sequence.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Executor as _, FromRow as _};
+use sqlx::FromRow as _;
 
 use super::audit::append_agent;
 use super::{PgStore, e, quoted};
@@ -305,9 +305,11 @@ impl CredentialStore for PgStore {
     }
 }
 
-/// How far ahead a sweep may set an agent's `sweep_due` at most: the longest a credential whose
-/// writer died before lowering it waits past its TTL to be deleted.
-const SWEEP_AT_LEAST_EVERY: &str = "1 day";
+/// How far ahead a sweep sets the `sweep_due` of an agent with nothing expiring sooner: between
+/// half a day and a day, at random, so that idle agents do not fall due all at once. A day is
+/// the longest a credential whose writer died before lowering it waits past its TTL to be
+/// deleted.
+const SWEEP_AT_LEAST_EVERY: &str = "interval '12 hours' + random() * interval '12 hours'";
 
 impl PgStore {
     /// How many of the agent's credentials are past their TTL, counting at most `limit`.
@@ -353,12 +355,7 @@ impl PgStore {
         if due.is_none() {
             return Ok(0);
         }
-        if self.agent_roles {
-            let role = self.agent_role(namespace)?;
-            tx.execute(format!("SET LOCAL ROLE {role}").as_str())
-                .await
-                .map_err(e)?;
-        }
+        self.set_agent_role(&mut tx, namespace).await?;
         // SKIP LOCKED: concurrent sweepers (or a request holding a row) split the work instead
         // of queueing; the statement's own rows are what is reported, so a row is counted (and
         // recorded) by exactly the sweeper that removed it. With `revoke`, what is deleted is
@@ -403,16 +400,18 @@ impl PgStore {
             })
             .collect();
         let appended = append_agent(self, &mut tx, namespace, records).await?;
-        if self.agent_roles {
-            tx.execute("SET LOCAL ROLE NONE").await.map_err(e)?;
-        }
+        self.reset_role(&mut tx).await?;
+        // What was queued for revocation is due now (control migration 0017).
         sqlx::query(&format!(
             "UPDATE vault.agents
-             SET sweep_due = least($2, now() + interval '{SWEEP_AT_LEAST_EVERY}')
+             SET sweep_due = least($2, now() + {SWEEP_AT_LEAST_EVERY}),
+                 outbox_due = CASE WHEN $3 THEN least(coalesce(outbox_due, now()), now())
+                                   ELSE outbox_due END
              WHERE schema_name = $1"
         ))
         .bind(namespace)
         .bind(next)
+        .bind(revoke && !gone.is_empty())
         .execute(&mut *tx)
         .await
         .map_err(e)?;
@@ -427,9 +426,13 @@ impl PgStore {
         namespace: &str,
         ttl_expires_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        // A row already due may be held by a sweep that has not seen the credential: the
+        // UPDATE must match it to wait for that sweep (READ COMMITTED skips a locked row its
+        // WHERE does not match, without waiting), and then sees what the sweep set.
         sqlx::query(
-            "UPDATE vault.agents SET sweep_due = $2
-             WHERE schema_name = $1 AND (sweep_due IS NULL OR sweep_due > $2)",
+            "UPDATE vault.agents SET sweep_due = least(coalesce(sweep_due, $2), $2)
+             WHERE schema_name = $1
+               AND (sweep_due IS NULL OR sweep_due > $2 OR sweep_due <= now())",
         )
         .bind(namespace)
         .bind(ttl_expires_at)

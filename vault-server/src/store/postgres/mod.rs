@@ -220,13 +220,34 @@ impl PgStore {
         namespace: &str,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(e)?;
+        self.set_agent_role(&mut tx, namespace).await?;
+        Ok(tx)
+    }
+
+    /// Switches `tx` to the role of the agent schema `namespace`, with per-agent roles on.
+    async fn set_agent_role(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        namespace: &str,
+    ) -> Result<(), StoreError> {
         if self.agent_roles {
             let role = self.agent_role(namespace)?;
             tx.execute(format!("SET LOCAL ROLE {role}").as_str())
                 .await
                 .map_err(e)?;
         }
-        Ok(tx)
+        Ok(())
+    }
+
+    /// Switches `tx` back from an agent's role to the serving login, to write the registry.
+    async fn reset_role(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    ) -> Result<(), StoreError> {
+        if self.agent_roles {
+            tx.execute("SET LOCAL ROLE NONE").await.map_err(e)?;
+        }
+        Ok(())
     }
 
     /// A transaction on one agent's schema, as [`Self::agent_tx`], for a write of seals made

@@ -26,7 +26,13 @@ impl OutboxStore for PgStore {
         audit: Vec<crate::audit::AuditRecord>,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let schema = quoted(&agent.namespace)?;
-        let mut tx = self.agent_tx(&agent.namespace).await?;
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // First, so that the agent's row is locked before its tables (as the outbox pass and
+        // the sweep lock it): the pass will look when the leases below end, should this
+        // replica not deliver them (control migration 0017). Moved even if nothing is queued
+        // after all, which costs one visit.
+        outbox_due_within(&mut tx, &agent.namespace, lease).await?;
+        self.set_agent_role(&mut tx, &agent.namespace).await?;
         // One statement: the deletion and the queued revocation commit together or not at all.
         let sql = format!(
             "WITH gone AS (
@@ -61,13 +67,16 @@ impl OutboxStore for PgStore {
         lease: Duration,
         limit: u32,
     ) -> Result<Vec<(AgentRecord, OutboxEntry)>, StoreError> {
-        // Legacy agents (issuer '') are adopted at startup before anything is served; agents
-        // behind this version's per-agent migrations wait for their upgrade.
+        // Only the agents with a revocation that may be due (control migration 0017). Legacy
+        // agents (issuer '') are adopted at startup before anything is served; agents behind
+        // this version's per-agent migrations wait for their upgrade.
         let agents: Vec<AgentRow> = sqlx::query_as(&format!(
-            "SELECT {AGENT_COLUMNS} FROM vault.agents WHERE issuer <> '' AND schema_version >= $1
-             ORDER BY schema_name"
+            "SELECT {AGENT_COLUMNS} FROM vault.agents
+             WHERE outbox_due <= now() AND issuer <> '' AND schema_version >= $1
+             ORDER BY outbox_due LIMIT $2"
         ))
         .bind(super::schema::latest_agent_version())
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(e)?;
@@ -79,7 +88,21 @@ impl OutboxStore for PgStore {
             }
             let agent = AgentRecord::try_from(row)?;
             let schema = quoted(&agent.namespace)?;
-            let mut tx = self.agent_tx(&agent.namespace).await?;
+            let mut tx = self.pool.begin().await.map_err(e)?;
+            // Held to the commit: a revocation queued meanwhile moves `outbox_due` after this
+            // pass sets it, not before. An agent another replica is visiting is left to it.
+            let due = sqlx::query(
+                "SELECT 1 FROM vault.agents WHERE schema_name = $1 AND outbox_due <= now()
+                 FOR NO KEY UPDATE SKIP LOCKED",
+            )
+            .bind(&agent.namespace)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(e)?;
+            if due.is_none() {
+                continue;
+            }
+            self.set_agent_role(&mut tx, &agent.namespace).await?;
             let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
                 "UPDATE {schema}.revocation_outbox
                  SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
@@ -95,6 +118,22 @@ impl OutboxStore for PgStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(e)?;
+            // A new snapshot: every entry left, the ones just claimed (claimable again when
+            // their lease ends) and the ones skipped or queued since.
+            let next: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
+                "SELECT min(greatest(next_attempt_at, coalesce(lease_until, '-infinity')))
+                 FROM {schema}.revocation_outbox"
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?;
+            self.reset_role(&mut tx).await?;
+            sqlx::query("UPDATE vault.agents SET outbox_due = $2 WHERE schema_name = $1")
+                .bind(&agent.namespace)
+                .bind(next)
+                .execute(&mut *tx)
+                .await
+                .map_err(e)?;
             tx.commit().await.map_err(e)?;
             for entry in all::<_, OutboxEntry>(rows)? {
                 claimed.push((agent.clone(), entry));
@@ -128,7 +167,12 @@ impl OutboxStore for PgStore {
         counted: bool,
     ) -> Result<(), StoreError> {
         let schema = quoted(&agent.namespace)?;
-        let mut tx = self.agent_tx(&agent.namespace).await?;
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // The entry is released before its lease ends: the pass must look again when it is
+        // due, not when the lease would have ended (control migration 0017). The agent's row
+        // first, as everywhere.
+        outbox_due_within(&mut tx, &agent.namespace, wait).await?;
+        self.set_agent_role(&mut tx, &agent.namespace).await?;
         sqlx::query(&format!(
             "UPDATE {schema}.revocation_outbox
              SET attempts = attempts + CASE WHEN $4 THEN 1 ELSE 0 END,
@@ -146,4 +190,27 @@ impl OutboxStore for PgStore {
         tx.commit().await.map_err(e)?;
         Ok(())
     }
+}
+
+/// Makes the outbox pass visit the agent schema `namespace` within `within` at the latest (it
+/// may be due sooner already): the first statement of a transaction that queues or releases a
+/// revocation, so that the agent's registry row is locked before its tables, as the pass and
+/// the sweep lock it (control migration 0017).
+async fn outbox_due_within(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    namespace: &str,
+    within: Duration,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE vault.agents
+         SET outbox_due = least(coalesce(outbox_due, now() + make_interval(secs => $2)),
+                                now() + make_interval(secs => $2))
+         WHERE schema_name = $1",
+    )
+    .bind(namespace)
+    .bind(within.as_secs_f64())
+    .execute(&mut **tx)
+    .await
+    .map_err(e)?;
+    Ok(())
 }
