@@ -6,20 +6,23 @@
 -- empty, and a pass in progress held up shutdown (`vault-bench --quick --agents 10000`: 4.2 s
 -- from SIGTERM to exit after the sweep stopped visiting every agent).
 --
--- `outbox_due` is a lower bound of when the agent's next queued revocation may be claimed; NULL
--- means nothing is queued. A write that queues a revocation (Revoke at the provider, or a sweep
--- with revocation on) moves it no later than when its entry becomes claimable, in the same
+-- `outbox_due` is a lower bound of when the agent's next queued revocation may be claimed. A
+-- write that queues a revocation (Revoke at the provider, or a sweep with revocation on) or
+-- releases one for a retry moves it no later than when its entry becomes claimable, in the same
 -- transaction, having locked the agent's row first. The pass visits an agent whose `outbox_due`
 -- has passed, holding its row FOR NO KEY UPDATE SKIP LOCKED while it claims, and sets it to when
--- the earliest entry left becomes claimable (a claimed entry: when its lease ends), or NULL. So
--- an entry is never left behind a later `outbox_due`: a write either comes before the pass (the
--- pass skips the held row, or sees the entry) or waits for it and lowers what it set.
+-- the earliest entry left becomes claimable (a claimed entry: when its lease ends). So an entry
+-- is never left behind a later `outbox_due`: a write either comes before the pass (the pass
+-- skips the held row, or sees the entry) or waits for it and lowers what it set. The pass never
+-- sets it more than a day ahead (between half a day and a day at random, so idle agents do not
+-- fall due together), and a new agent starts a day ahead: a revocation queued by a replica that
+-- does not know this column (an older version, during a rolling upgrade) waits a day at most.
 ALTER TABLE vault.agents ADD COLUMN IF NOT EXISTS outbox_due timestamptz;
--- Agents from before this migration may have revocations queued: each is visited once.
+-- Agents from before this migration may have revocations queued: each is visited once soon.
 UPDATE vault.agents SET outbox_due = '-infinity' WHERE outbox_due IS NULL;
--- The pass's listing: the agents with something queued, earliest first.
-CREATE INDEX IF NOT EXISTS agents_outbox_due ON vault.agents (outbox_due)
-    WHERE outbox_due IS NOT NULL;
+ALTER TABLE vault.agents ALTER COLUMN outbox_due SET DEFAULT now() + interval '1 day';
+-- The pass's listing: the agents due, earliest first.
+CREATE INDEX IF NOT EXISTS agents_outbox_due ON vault.agents (outbox_due);
 -- The serving group moves it, and nothing else of the registry.
 DO $$
 DECLARE

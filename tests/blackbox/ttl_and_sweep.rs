@@ -332,3 +332,62 @@ async fn a_credential_written_while_its_agent_is_swept_still_brings_the_sweep_fo
     assert_eq!(due, earliest, "bob's credential is due first");
     assert!(due.unwrap() <= now() + 61);
 }
+
+/// An agent whose schema cannot be read (dropped behind the vault's back) stays due and is
+/// logged, and neither the sweep nor the revocation outbox's pass stops at it: both go on with
+/// the other agents.
+#[tokio::test]
+async fn an_agent_that_cannot_be_visited_does_not_hold_up_the_others() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn_with(
+        &db,
+        &issuer,
+        &[("VAULT_REVOCATION_RETRY_INTERVAL_SECONDS", "1")],
+    )
+    .await;
+    for agent in ["agent-a", "agent-b"] {
+        let vault = app.client(&issuer, agent, "alice").await;
+        store_for(&vault, "jira", "at", Duration::from_secs(3600)).await;
+    }
+    let (a, b) = (schema_of("agent-a"), schema_of("agent-b"));
+    let mut conn = db.connect().await;
+    // agent-a is damaged and first in line for both; agent-b's credential has expired.
+    sqlx::raw_sql(&format!(
+        "DROP SCHEMA \"{a}\" CASCADE;
+         UPDATE vault.agents SET sweep_due = '-infinity', outbox_due = '-infinity'
+         WHERE schema_name = '{a}';
+         UPDATE \"{b}\".credentials SET ttl_expires_at = now() - interval '1 second';
+         UPDATE vault.agents SET sweep_due = now() - interval '1 second'
+         WHERE schema_name = '{b}';"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let admin = app.admin(&issuer, "ops", "operator").await;
+    assert_eq!(admin.sweep(0, false).await.unwrap().swept, 1, "agent-b's");
+    // Its revocation is queued, and settled by a later pass (no provider is configured for the
+    // tool, so it is recorded as abandoned and leaves the outbox).
+    eventually("agent-b's queued revocation is settled", || async {
+        let mut conn = db.connect().await;
+        let settled: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{b}\".audit_log WHERE action = 'revocation.abandoned'"
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        settled == 1
+    })
+    .await;
+    let due: bool = sqlx::query_scalar(
+        "SELECT sweep_due <= now() AND outbox_due <= now() FROM vault.agents
+         WHERE schema_name = $1",
+    )
+    .bind(&a)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(due, "agent-a stays due for both");
+    app.stop().await;
+}

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::FromRow as _;
 
 use super::audit::append_agent;
-use super::{PgStore, e, quoted};
+use super::{AT_LEAST_DAILY, PgStore, e, quoted};
 use crate::audit::AuditRecord;
 use crate::ids::{Generation, Tool, UserId};
 use crate::store::rows::{CredentialRow, CredentialSummaryRow, generation_of};
@@ -291,12 +291,22 @@ impl CredentialStore for PgStore {
             if remaining == 0 {
                 break;
             }
-            swept += if dry_run {
-                self.count_expired(&namespace, remaining).await?
+            let visit = if dry_run {
+                self.count_expired(&namespace, remaining).await
             } else {
                 self.sweep_agent(&namespace, &agent, remaining, revoke)
-                    .await?
+                    .await
             };
+            // One agent that fails (its schema damaged, say) must not hold up the others'
+            // sweep: it stays due, and is tried again at the next pass.
+            match visit {
+                Ok(n) => swept += n,
+                Err(err) => tracing::error!(
+                    error = %crate::telemetry::error_chain(&err),
+                    schema = %namespace,
+                    "cannot sweep the agent's credentials"
+                ),
+            }
         }
         Ok(SweepOutcome {
             swept,
@@ -304,12 +314,6 @@ impl CredentialStore for PgStore {
         })
     }
 }
-
-/// How far ahead a sweep sets the `sweep_due` of an agent with nothing expiring sooner: between
-/// half a day and a day, at random, so that idle agents do not fall due all at once. A day is
-/// the longest a credential whose writer died before lowering it waits past its TTL to be
-/// deleted.
-const SWEEP_AT_LEAST_EVERY: &str = "interval '12 hours' + random() * interval '12 hours'";
 
 impl PgStore {
     /// How many of the agent's credentials are past their TTL, counting at most `limit`.
@@ -404,7 +408,7 @@ impl PgStore {
         // What was queued for revocation is due now (control migration 0017).
         sqlx::query(&format!(
             "UPDATE vault.agents
-             SET sweep_due = least($2, now() + {SWEEP_AT_LEAST_EVERY}),
+             SET sweep_due = least($2, now() + {AT_LEAST_DAILY}),
                  outbox_due = CASE WHEN $3 THEN least(coalesce(outbox_due, now()), now())
                                    ELSE outbox_due END
              WHERE schema_name = $1"

@@ -143,6 +143,13 @@ pub struct PgStore {
     peers: wakeups::PeerWakeups,
 }
 
+/// How far ahead the background work on an agent is scheduled at most when nothing is due
+/// sooner (its `sweep_due` and `outbox_due`, control migrations 0016 and 0017): between half a
+/// day and a day, at random, so that idle agents do not fall due all at once. A day is the
+/// longest a write that did not move the schedule (its process died between its commit and the
+/// move, or it ran an older version) waits for its sweep or its revocation.
+const AT_LEAST_DAILY: &str = "interval '12 hours' + random() * interval '12 hours'";
+
 impl PgStore {
     /// Connects a pool. Nothing is created until [`Store::migrate`].
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {

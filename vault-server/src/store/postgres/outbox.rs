@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::keys::AGENT_COLUMNS;
-use super::{PgStore, e, quoted};
+use super::{AT_LEAST_DAILY, PgStore, e, quoted};
 use crate::ids::{Tool, UserId};
 use crate::store::rows::{AgentRow, OutboxRow, all};
 use crate::store::{AgentRecord, OutboxEntry, OutboxStore, StoreError};
@@ -87,56 +87,17 @@ impl OutboxStore for PgStore {
                 break;
             }
             let agent = AgentRecord::try_from(row)?;
-            let schema = quoted(&agent.namespace)?;
-            let mut tx = self.pool.begin().await.map_err(e)?;
-            // Held to the commit: a revocation queued meanwhile moves `outbox_due` after this
-            // pass sets it, not before. An agent another replica is visiting is left to it.
-            let due = sqlx::query(
-                "SELECT 1 FROM vault.agents WHERE schema_name = $1 AND outbox_due <= now()
-                 FOR NO KEY UPDATE SKIP LOCKED",
-            )
-            .bind(&agent.namespace)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(e)?;
-            if due.is_none() {
-                continue;
-            }
-            self.set_agent_role(&mut tx, &agent.namespace).await?;
-            let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
-                "UPDATE {schema}.revocation_outbox
-                 SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
-                 WHERE id IN (
-                     SELECT id FROM {schema}.revocation_outbox
-                     WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until <= now())
-                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
-                 RETURNING {OUTBOX_COLUMNS}"
-            ))
-            .bind(owner)
-            .bind(lease.as_secs_f64())
-            .bind(remaining)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(e)?;
-            // A new snapshot: every entry left, the ones just claimed (claimable again when
-            // their lease ends) and the ones skipped or queued since.
-            let next: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
-                "SELECT min(greatest(next_attempt_at, coalesce(lease_until, '-infinity')))
-                 FROM {schema}.revocation_outbox"
-            ))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(e)?;
-            self.reset_role(&mut tx).await?;
-            sqlx::query("UPDATE vault.agents SET outbox_due = $2 WHERE schema_name = $1")
-                .bind(&agent.namespace)
-                .bind(next)
-                .execute(&mut *tx)
-                .await
-                .map_err(e)?;
-            tx.commit().await.map_err(e)?;
-            for entry in all::<_, OutboxEntry>(rows)? {
-                claimed.push((agent.clone(), entry));
+            // One agent that fails (its schema damaged, say) must not hold up the others'
+            // revocations: it stays due, and is tried again at the next pass.
+            match self.claim_agent(&agent, owner, lease, remaining).await {
+                Ok(entries) => {
+                    claimed.extend(entries.into_iter().map(|entry| (agent.clone(), entry)))
+                }
+                Err(err) => tracing::error!(
+                    error = %crate::telemetry::error_chain(&err),
+                    schema = %agent.namespace,
+                    "cannot claim the agent's queued revocations"
+                ),
             }
         }
         Ok(claimed)
@@ -189,6 +150,74 @@ impl OutboxStore for PgStore {
         .map_err(e)?;
         tx.commit().await.map_err(e)?;
         Ok(())
+    }
+}
+
+impl PgStore {
+    /// Claims at most `limit` of the agent's revocations that are due, for `lease`, and moves
+    /// its `outbox_due` to when the earliest entry left may be claimed (control migration
+    /// 0017). An agent another replica is visiting, or no longer due, is left alone.
+    async fn claim_agent(
+        &self,
+        agent: &AgentRecord,
+        owner: uuid::Uuid,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let schema = quoted(&agent.namespace)?;
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        // Held to the commit: a revocation queued meanwhile moves `outbox_due` after this pass
+        // sets it, not before.
+        let due = sqlx::query(
+            "SELECT 1 FROM vault.agents WHERE schema_name = $1 AND outbox_due <= now()
+             FOR NO KEY UPDATE SKIP LOCKED",
+        )
+        .bind(&agent.namespace)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
+        self.set_agent_role(&mut tx, &agent.namespace).await?;
+        let rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+            "UPDATE {schema}.revocation_outbox
+             SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+             WHERE id IN (
+                 SELECT id FROM {schema}.revocation_outbox
+                 WHERE next_attempt_at <= now() AND (lease_until IS NULL OR lease_until <= now())
+                 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING {OUTBOX_COLUMNS}"
+        ))
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(e)?;
+        // A new snapshot: every entry left, the ones just claimed (claimable again when their
+        // lease ends) and the ones skipped or queued since.
+        let next: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
+            "SELECT min(greatest(next_attempt_at, coalesce(lease_until, '-infinity')))
+             FROM {schema}.revocation_outbox"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(e)?;
+        self.reset_role(&mut tx).await?;
+        // At least daily, whatever is queued: a revocation queued by a replica that does not
+        // move `outbox_due` (an older version, during a rolling upgrade) waits a day at most.
+        sqlx::query(&format!(
+            "UPDATE vault.agents SET outbox_due = least($2, now() + {AT_LEAST_DAILY})
+             WHERE schema_name = $1"
+        ))
+        .bind(&agent.namespace)
+        .bind(next)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?;
+        tx.commit().await.map_err(e)?;
+        all(rows)
     }
 }
 
