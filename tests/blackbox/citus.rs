@@ -515,6 +515,16 @@ async fn a_store_is_one_transaction_on_its_agent_schema_even_a_new_agents_first(
     }
     store(&vault, "jira", "second").await;
     assert_eq!(writes().len(), 2);
+    // Neither store's TTL (the default, 30 days) is earlier than the new agent's first sweep (a
+    // day ahead), which the key fence read: neither sends a lowering of the schedule (control
+    // migration 0018), where each used to send one after its commit.
+    let lowerings = seen
+        .all()
+        .iter()
+        .flatten()
+        .filter(|sql| sql.contains("SET sweep_due = least(coalesce(sweep_due"))
+        .count();
+    assert_eq!(lowerings, 0);
     app.stop().await;
 
     // Both records of the first store are in the chain, the key's making first.

@@ -333,6 +333,81 @@ async fn a_credential_written_while_its_agent_is_swept_still_brings_the_sweep_fo
     assert!(due.unwrap() <= now() + 61);
 }
 
+/// A store whose TTL is not earlier than the agent's schedule skips lowering it (control
+/// migration 0018). A sweep of the agent while such a store is between its key fence and its
+/// commit cannot see the store's credential; it must not move the schedule past that
+/// credential's TTL, or the credential would be swept up to a day late.
+#[tokio::test]
+async fn a_store_in_flight_while_its_agent_is_swept_is_not_left_behind_the_schedule() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let (alice, bob) = (
+        app.client(&issuer, "agent-a", "alice").await,
+        app.client(&issuer, "agent-a", "bob").await,
+    );
+    store_for(&bob, "jira", "at", Duration::from_secs(3 * 3600)).await;
+    store_for(&alice, "jira", "at", Duration::from_secs(3600)).await;
+    // alice's credential goes: the schedule, an hour ahead, is now only a lower bound.
+    alice.revoke(Some("jira"), false).await.unwrap();
+    let schema = schema_of("agent-a");
+
+    // bob's next store, for two hours, reads the schedule at its fence (an hour ahead: no need
+    // to lower it) and then waits for bob's row, held here.
+    let mut hold = db.connect().await;
+    sqlx::raw_sql("BEGIN").execute(&mut hold).await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{schema}\".credentials WHERE user_id = 'bob' FOR UPDATE"
+    ))
+    .fetch_one(&mut hold)
+    .await
+    .unwrap();
+    let write = tokio::spawn(async move {
+        store_for(&bob, "jira", "at", Duration::from_secs(2 * 3600)).await;
+    });
+    let watch = sqlx::PgPool::connect(&db.url).await.unwrap();
+    eventually("the store waits for bob's row", || {
+        let watch = watch.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE 'INSERT INTO%credentials%'",
+            )
+            .fetch_one(&watch)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
+
+    // Meanwhile the agent falls due (another store's short credential, since expired, lowered
+    // it) and a sweep visits it. Its snapshot holds bob's old row, three hours ahead.
+    sqlx::query(
+        "UPDATE vault.agents SET sweep_due = now() - interval '1 second' WHERE schema_name = $1",
+    )
+    .bind(&schema)
+    .execute(&watch)
+    .await
+    .unwrap();
+    let admin = app.admin(&issuer, "ops", "operator").await;
+    assert_eq!(admin.sweep(0, false).await.unwrap().swept, 0);
+    sqlx::raw_sql("COMMIT").execute(&mut hold).await.unwrap();
+    write.await.unwrap();
+
+    let (due, earliest) = due_and_earliest(&db, "agent-a").await;
+    assert!(
+        due.unwrap() <= earliest.unwrap(),
+        "the agent is visited no later than bob's new TTL: due {due:?}, earliest {earliest:?}"
+    );
+    // Once no store is in flight, a sweep schedules the agent at that TTL.
+    admin.sweep(0, false).await.unwrap();
+    let (due, earliest) = due_and_earliest(&db, "agent-a").await;
+    assert_eq!(due, earliest);
+    assert!(earliest.unwrap() <= now() + 2 * 3600 + 1);
+}
+
 /// An agent whose schema cannot be read (dropped behind the vault's back) stays due and is
 /// logged, and neither the sweep nor the revocation outbox's pass stops at it: both go on with
 /// the other agents.

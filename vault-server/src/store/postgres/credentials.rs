@@ -37,10 +37,11 @@ impl CredentialStore for PgStore {
         new: NewCredential<'_>,
         audit: Vec<AuditRecord>,
     ) -> Result<Upserted, StoreError> {
-        let tx = self
+        let (tx, sweep_ahead) = self
             .sealing_tx(&key.agent.namespace, new.sealed.key_version)
             .await?;
-        self.write_credential_in(tx, key, new, audit).await
+        self.write_credential_in(tx, sweep_ahead, key, new, audit)
+            .await
     }
 
     /// The generation is taken in the write's transaction, after its key fence: one transaction
@@ -53,7 +54,7 @@ impl CredentialStore for PgStore {
         next: NextCredential<'_>,
         mut audit: Vec<AuditRecord>,
     ) -> Result<(Generation, Upserted), StoreError> {
-        let mut tx = self
+        let (mut tx, sweep_ahead) = self
             .sealing_tx(&key.agent.namespace, next.key_version)
             .await?;
         let value: i64 = sqlx::query_scalar(&format!(
@@ -78,7 +79,9 @@ impl CredentialStore for PgStore {
             access_expires_at: next.access_expires_at,
             ttl_seconds: next.ttl_seconds,
         };
-        let upserted = self.write_credential_in(tx, key, new, audit).await?;
+        let upserted = self
+            .write_credential_in(tx, sweep_ahead, key, new, audit)
+            .await?;
         Ok((generation, upserted))
     }
 
@@ -197,7 +200,8 @@ impl CredentialStore for PgStore {
         audit: Vec<AuditRecord>,
     ) -> Result<bool, StoreError> {
         let schema = quoted(&key.agent.namespace)?;
-        let mut tx = self
+        // A refresh keeps the row's TTL: the schedule needs no lowering.
+        let (mut tx, _) = self
             .sealing_tx(&key.agent.namespace, new.sealed.key_version)
             .await?;
         // Compare-and-swap on the generation read before the provider call: if a StoreToken
@@ -346,17 +350,12 @@ impl PgStore {
         let schema = quoted(namespace)?;
         let mut tx = self.pool.begin().await.map_err(e)?;
         // Held to the commit: a credential written meanwhile lowers `sweep_due` after this
-        // sweep's update, not before it (migrations/control/0016_sweep_due.sql).
-        let due = sqlx::query(
-            "SELECT 1 FROM vault.agents
-             WHERE schema_name = $1 AND coalesce(sweep_due, '-infinity') <= now()
-             FOR NO KEY UPDATE SKIP LOCKED",
-        )
-        .bind(namespace)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(e)?;
-        if due.is_none() {
+        // sweep's update, not before it (migrations/control/0016_sweep_due.sql). FOR UPDATE
+        // also waits out, and keeps out, the stores between their key fence and their commit,
+        // which this sweep's snapshot cannot see and which may skip the lowering (0018). A busy
+        // agent, with a store in flight, is swept under the weaker lock and left due.
+        let quiet = lock_if_due(&mut tx, namespace, "UPDATE").await?;
+        if !quiet && !lock_if_due(&mut tx, namespace, "NO KEY UPDATE").await? {
             return Ok(0);
         }
         self.set_agent_role(&mut tx, namespace).await?;
@@ -405,10 +404,16 @@ impl PgStore {
             .collect();
         let appended = append_agent(self, &mut tx, namespace, records).await?;
         self.reset_role(&mut tx).await?;
-        // What was queued for revocation is due now (control migration 0017).
+        // What was queued for revocation is due now (control migration 0017). A busy agent
+        // stays due: the next pass sees what its stores in flight write.
+        let ahead = if quiet {
+            AT_LEAST_DAILY
+        } else {
+            "interval '0 seconds'"
+        };
         sqlx::query(&format!(
             "UPDATE vault.agents
-             SET sweep_due = least($2, now() + {AT_LEAST_DAILY}),
+             SET sweep_due = least($2, now() + {ahead}),
                  outbox_due = CASE WHEN $3 THEN least(coalesce(outbox_due, now()), now())
                                    ELSE outbox_due END
              WHERE schema_name = $1"
@@ -447,10 +452,12 @@ impl PgStore {
     }
 
     /// The upsert of [`CredentialStore::upsert`] in `tx` (fenced and in the agent's role), with
-    /// `audit` appended, then committed.
+    /// `audit` appended, then committed; `sweep_ahead` is what the fence read of the agent's
+    /// schedule ([`PgStore::sealing_tx`]).
     async fn write_credential_in(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        sweep_ahead: Option<DateTime<Utc>>,
         key: CredentialKey<'_>,
         new: NewCredential<'_>,
         audit: Vec<AuditRecord>,
@@ -491,6 +498,13 @@ impl PgStore {
         let Some(ttl_expires_at) = row else {
             return Ok(Upserted::Superseded);
         };
+        // The schedule already visits the agent no later than this TTL, and no sweep can have
+        // moved it past the TTL since the fence read it: a sweep that would raise it waits for
+        // the fence's lock, or leaves the agent due when a store holds it (control migration
+        // 0018).
+        if sweep_ahead.is_some_and(|due| due <= ttl_expires_at) {
+            return Ok(Upserted::Written { ttl_expires_at });
+        }
         // After the commit, so that a sweep either saw the credential or is ordered before this
         // (migrations/control/0016_sweep_due.sql). The credential is kept either way: should
         // this fail, the agent's next visit is at most a day away, and it is never served past
@@ -503,4 +517,23 @@ impl PgStore {
         }
         Ok(Upserted::Written { ttl_expires_at })
     }
+}
+
+/// Locks the agent's registry row with `strength` (`UPDATE` or `NO KEY UPDATE`) if it is due for
+/// a sweep and nobody holds a conflicting lock; whether it did.
+async fn lock_if_due(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    namespace: &str,
+    strength: &'static str,
+) -> Result<bool, StoreError> {
+    let held = sqlx::query(&format!(
+        "SELECT 1 FROM vault.agents
+         WHERE schema_name = $1 AND coalesce(sweep_due, '-infinity') <= now()
+         FOR {strength} SKIP LOCKED"
+    ))
+    .bind(namespace)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(e)?;
+    Ok(held.is_some())
 }

@@ -19,6 +19,7 @@ mod wakeups;
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -258,27 +259,36 @@ impl PgStore {
     }
 
     /// A transaction on one agent's schema, as [`Self::agent_tx`], for a write of seals made
-    /// under the agent key `version`: it first passes the write fence (`vault.fence_agent_key`),
-    /// which holds the agent's key at `version` until the transaction ends, or answers
-    /// [`StoreError::AgentKeyRotated`] when a rotation has made another version current. With
-    /// per-agent roles the fence and the switch to the agent's role are one statement (the
-    /// fence is the owner's function, which the agent's role may not call).
+    /// under the agent key `version`: it first passes the write fence
+    /// (`vault.fence_agent_key_scheduled`), which holds the agent's key at `version` until the
+    /// transaction ends, or answers [`StoreError::AgentKeyRotated`] when a rotation has made
+    /// another version current. With per-agent roles the fence and the switch to the agent's
+    /// role are one statement (the fence is the owner's function, which the agent's role may not
+    /// call). Also answers the agent's `sweep_due` read under the fence when it is still ahead
+    /// (control migration 0018): a credential whose TTL is not earlier needs no lowering of it.
     pub(super) async fn sealing_tx(
         &self,
         namespace: &str,
         version: u32,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    ) -> Result<
+        (
+            sqlx::Transaction<'static, sqlx::Postgres>,
+            Option<DateTime<Utc>>,
+        ),
+        StoreError,
+    > {
         let mut tx = self.pool.begin().await.map_err(e)?;
-        let current: bool = if self.agent_roles {
+        let (current, sweep_ahead): (bool, Option<DateTime<Utc>>) = if self.agent_roles {
             let role = self.agent_role(namespace)?;
             // The quoted name is a prefix and a hex hash: no quote inside to unescape.
             let role = role.trim_matches('"');
             // The role is switched only once the fence passed (a refused transaction is dropped
             // and rolled back either way).
-            sqlx::query_scalar(
-                "SELECT CASE WHEN vault.fence_agent_key($1, $2)
-                             THEN set_config('role', $3, true) IS NOT NULL
-                             ELSE false END",
+            sqlx::query_as(
+                "SELECT CASE WHEN f.fenced THEN set_config('role', $3, true) IS NOT NULL
+                             ELSE false END,
+                        f.sweep_ahead
+                 FROM vault.fence_agent_key_scheduled($1, $2) AS f",
             )
             .bind(namespace)
             .bind(version as i32)
@@ -287,17 +297,19 @@ impl PgStore {
             .await
             .map_err(e)?
         } else {
-            sqlx::query_scalar("SELECT vault.fence_agent_key($1, $2)")
-                .bind(namespace)
-                .bind(version as i32)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(e)?
+            sqlx::query_as(
+                "SELECT f.fenced, f.sweep_ahead FROM vault.fence_agent_key_scheduled($1, $2) AS f",
+            )
+            .bind(namespace)
+            .bind(version as i32)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?
         };
         if !current {
             return Err(StoreError::AgentKeyRotated);
         }
-        Ok(tx)
+        Ok((tx, sweep_ahead))
     }
 
     /// How many statements naming an agent's credentials the hot read connections keep prepared
