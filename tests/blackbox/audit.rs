@@ -497,3 +497,54 @@ async fn an_admin_pages_through_an_agents_audit_log_filtered_by_user_and_tool() 
         too_many.message()
     );
 }
+
+/// GetTokens on different agents at once each write their release record in the statement that
+/// reads their credential (a turn per chain), while those on one agent also share the group
+/// commit: every release is recorded exactly once, in its own agent's chain, and every chain
+/// verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_releases_on_many_agents_are_each_recorded_once_and_the_chains_verify() {
+    let db = TestDb::new().await;
+    let issuer = Issuer::new();
+    let app = spawn(&db, &issuer).await;
+    let agents = ["agent-a", "agent-b", "agent-c", "agent-d"];
+    let mut clients = Vec::new();
+    for agent in agents {
+        let vault = app.client(&issuer, agent, "alice").await;
+        store(&vault, "jira", agent).await;
+        clients.push(vault);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for (vault, agent) in clients.iter().zip(agents) {
+        for _ in 0..8 {
+            let vault = vault.clone();
+            calls.spawn(async move { assert_eq!(access_token(&vault, "jira").await, agent) });
+        }
+    }
+    while let Some(call) = calls.join_next().await {
+        call.unwrap();
+    }
+    app.stop().await;
+    for agent in agents {
+        let rows = agent_rows(&db, agent).await;
+        let releases = rows
+            .iter()
+            .filter(|r| r.action == "GetToken" && r.outcome == "OK")
+            .count();
+        assert_eq!(releases, 8, "{agent}: {rows:?}");
+        assert!(rows.iter().all(|r| r.agent.as_deref() == Some(agent)));
+    }
+    let url = db.url.clone();
+    let (ok, err) = tokio::task::spawn_blocking(move || {
+        run_binary_to_exit(
+            &["audit", "verify"],
+            &[
+                ("VAULT_DATABASE_URL", url.as_str()),
+                ("VAULT_ROOT_KEY", ROOT_KEY),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+}

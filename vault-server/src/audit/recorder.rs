@@ -7,7 +7,7 @@
 //! transaction spans two chains. Each caller waits for its own record to be durable; a record
 //! that cannot be written fails its caller.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::KeyValue;
@@ -44,13 +44,16 @@ impl Owner {
     }
 }
 
-/// A turn granted by [`Recorder::alone`], given back when dropped.
+/// A turn on one chain granted by [`Recorder::alone`], given back when dropped.
 #[derive(Debug)]
-pub struct Alone<'a>(&'a AtomicBool);
+pub struct Alone<'a> {
+    recorder: &'a Recorder,
+    chain: String,
+}
 
 impl Drop for Alone<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.recorder.queue().solo.remove(&self.chain);
     }
 }
 
@@ -61,6 +64,11 @@ type Waiter = oneshot::Sender<Result<(), Arc<StoreError>>>;
 struct Queue {
     pending: Vec<(Owner, AuditRecord, Waiter)>,
     flushing: bool,
+    /// How many records of each chain are waiting or being written by the group commit.
+    queued: HashMap<String, usize>,
+    /// The chains on which a call is writing its record alongside its read
+    /// ([`Recorder::alone`]).
+    solo: HashSet<String>,
 }
 
 /// Group-committed audit appends, and the wake-ups they cause.
@@ -68,8 +76,6 @@ pub struct Recorder {
     store: Store,
     changes: Changes,
     queue: Mutex<Queue>,
-    /// A call is writing its record alongside its read ([`Recorder::alone`]).
-    solo: AtomicBool,
     denied: Counter<u64>,
     released: Counter<u64>,
 }
@@ -100,7 +106,6 @@ impl Recorder {
             store,
             changes,
             queue: Mutex::new(Queue::default()),
-            solo: AtomicBool::new(false),
             denied: opentelemetry::global::meter(crate::telemetry::SCOPE)
                 .u64_counter("vault.audit.denials")
                 .with_description("Calls refused, by reason and action")
@@ -139,19 +144,26 @@ impl Recorder {
         }
     }
 
-    /// A turn for a call to write its own record in the statement that reads its credential
-    /// (one round trip and one commit instead of two), granted only while no other record is
-    /// waiting, being written, or written that way: at one caller a call gains a round trip; under
-    /// load it would contend with the group commit for the chain's head, so calls queue as usual.
-    pub fn alone(&self) -> Option<Alone<'_>> {
-        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.flushing || !queue.pending.is_empty() {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Only inserts, removals and counts happen under the lock.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A turn for a call to write its own record on `chain` in the statement that reads its
+    /// credential (one round trip and one commit instead of a read and a share of a group
+    /// commit), granted only while no other record of that chain is waiting, being written, or
+    /// written that way: two writers of one chain would contend for its head, so under load on
+    /// one agent calls queue as usual, while calls on different agents (whose records would
+    /// each need a commit of their own anyway) each take their turn at once.
+    pub fn alone(&self, chain: &str) -> Option<Alone<'_>> {
+        let mut queue = self.queue();
+        if queue.queued.contains_key(chain) || !queue.solo.insert(chain.to_string()) {
             return None;
         }
-        self.solo
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| Alone(&self.solo))
+        Some(Alone {
+            recorder: self,
+            chain: chain.to_string(),
+        })
     }
 
     /// The wake-up channel, for watchers and for writers that appended in their own
@@ -172,7 +184,11 @@ impl Recorder {
     ) -> Result<(), AuditError> {
         let (sender, receiver) = oneshot::channel();
         let start = {
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut queue = self.queue();
+            *queue
+                .queued
+                .entry(owner.chain().key().to_string())
+                .or_default() += 1;
             queue.pending.push((owner, record, sender));
             !std::mem::replace(&mut queue.flushing, true)
         };
@@ -191,7 +207,7 @@ impl Recorder {
     async fn flush(self: Arc<Self>) {
         loop {
             let batch: Vec<_> = {
-                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let mut queue = self.queue();
                 if queue.pending.is_empty() {
                     queue.flushing = false;
                     return;
@@ -221,6 +237,17 @@ impl Recorder {
                         .collect(),
                 )
                 .await;
+            {
+                let mut queue = self.queue();
+                for (key, _, records, _) in &chains {
+                    if let Some(count) = queue.queued.get_mut(key) {
+                        *count = count.saturating_sub(records.len());
+                        if *count == 0 {
+                            queue.queued.remove(key);
+                        }
+                    }
+                }
+            }
             for ((key, _, records, waiters), result) in chains.into_iter().zip(results) {
                 let result = match result {
                     Ok(()) => {
@@ -238,5 +265,45 @@ impl Recorder {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn recorder() -> Arc<Recorder> {
+        let store = crate::store::open_memory_for_tests().await;
+        Recorder::new(store, Changes::default())
+    }
+
+    #[tokio::test]
+    async fn calls_on_different_chains_take_their_turns_at_once_and_one_chain_has_one() {
+        let recorder = recorder().await;
+        let a = recorder.alone("agent_a").expect("a chain's first turn");
+        assert!(recorder.alone("agent_a").is_none(), "one turn per chain");
+        let b = recorder
+            .alone("agent_b")
+            .expect("another chain's turn meanwhile");
+        drop(a);
+        assert!(recorder.alone("agent_a").is_some(), "a turn is given back");
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_chain_with_records_in_the_group_commit_gives_no_turn_until_they_are_written() {
+        let recorder = recorder().await;
+        recorder.queue().queued.insert("control".into(), 1);
+        assert!(recorder.alone("control").is_none());
+        assert!(recorder.alone("agent_a").is_some(), "other chains still do");
+        recorder.queue().queued.clear();
+        // A record through the group commit is counted while it waits and uncounted once
+        // written.
+        recorder
+            .record(Owner::Control, crate::audit::event_without_user("startup"))
+            .await
+            .unwrap();
+        assert!(recorder.queue().queued.is_empty());
+        assert!(recorder.alone("control").is_some());
     }
 }

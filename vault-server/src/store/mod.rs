@@ -247,6 +247,22 @@ impl Store {
     }
 }
 
+/// A migrated in-memory SQLite store, for unit tests.
+#[cfg(test)]
+pub(crate) async fn open_memory_for_tests() -> Store {
+    let store = Store::new(
+        SqliteStore::open_memory()
+            .await
+            .expect("an in-memory SQLite store"),
+    );
+    store
+        .schema
+        .migrate()
+        .await
+        .expect("migrations apply to an empty store");
+    store
+}
+
 /// Opens (but does not migrate) the store the settings name.
 pub async fn open(settings: &crate::config::DatabaseSettings) -> Result<Store, StoreError> {
     use crate::config::Database;

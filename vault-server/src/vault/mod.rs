@@ -917,7 +917,7 @@ impl Vault {
             user: &caller.user,
             tool,
         };
-        let turn = release_until.and_then(|_| self.recorder.alone());
+        let turn = release_until.and_then(|_| self.recorder.alone(&entry.record.namespace));
         let (stored, released) = match (call, release_until, &turn) {
             (Some(call), Some(valid_until), Some(_)) => {
                 let release = Release {
