@@ -181,6 +181,27 @@ async fn the_background_sweeper_deletes_expired_credentials_under_one_lease() {
 
 /// When the sweep next visits `agent`'s schema, and the earliest TTL of its credentials, in
 /// Unix seconds.
+/// Waits until one statement of the test database matching `like` waits for a lock.
+async fn waits_for_a_lock(db: &TestDb, like: &'static str) {
+    let watch = sqlx::PgPool::connect(&db.url).await.unwrap();
+    eventually("a statement waits for a lock", || {
+        let watch = watch.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE $1",
+            )
+            .bind(like)
+            .fetch_one(&watch)
+            .await
+            .unwrap();
+            waiting == 1
+        }
+    })
+    .await;
+}
+
 async fn due_and_earliest(db: &TestDb, agent: &str) -> (Option<i64>, Option<i64>) {
     let mut conn = db.connect().await;
     let schema = schema_of(agent);
@@ -302,22 +323,7 @@ async fn a_credential_written_while_its_agent_is_swept_still_brings_the_sweep_fo
     let write = tokio::spawn(async move {
         store_for(&bob, "jira", "at", Duration::from_secs(60)).await;
     });
-    let watch = sqlx::PgPool::connect(&db.url).await.unwrap();
-    eventually("the store waits for the sweep's row", || {
-        let watch = watch.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE 'UPDATE vault.agents%'",
-            )
-            .fetch_one(&watch)
-            .await
-            .unwrap();
-            waiting == 1
-        }
-    })
-    .await;
+    waits_for_a_lock(&db, "UPDATE vault.agents%").await;
     sqlx::query(
         "UPDATE vault.agents SET sweep_due = now() + interval '1 hour' WHERE schema_name = $1",
     )
@@ -365,22 +371,7 @@ async fn a_store_in_flight_while_its_agent_is_swept_is_not_left_behind_the_sched
     let write = tokio::spawn(async move {
         store_for(&bob, "jira", "at", Duration::from_secs(2 * 3600)).await;
     });
-    let watch = sqlx::PgPool::connect(&db.url).await.unwrap();
-    eventually("the store waits for bob's row", || {
-        let watch = watch.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE 'INSERT INTO%credentials%'",
-            )
-            .fetch_one(&watch)
-            .await
-            .unwrap();
-            waiting == 1
-        }
-    })
-    .await;
+    waits_for_a_lock(&db, "INSERT INTO%credentials%").await;
 
     // Meanwhile the agent falls due (another store's short credential, since expired, lowered
     // it) and a sweep visits it. Its snapshot holds bob's old row, three hours ahead.
@@ -388,7 +379,7 @@ async fn a_store_in_flight_while_its_agent_is_swept_is_not_left_behind_the_sched
         "UPDATE vault.agents SET sweep_due = now() - interval '1 second' WHERE schema_name = $1",
     )
     .bind(&schema)
-    .execute(&watch)
+    .execute(&mut db.connect().await)
     .await
     .unwrap();
     let admin = app.admin(&issuer, "ops", "operator").await;
