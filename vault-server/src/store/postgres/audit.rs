@@ -142,34 +142,82 @@ impl PgStore {
 /// without first reading the head. Every append checks the guess against the stored head in
 /// the statement that moves it (compare-and-set), so a stale guess costs a retry, never a
 /// broken chain; another replica's appends simply make it stale.
-#[derive(Debug, Default)]
-pub(super) struct Heads(std::sync::Mutex<std::collections::HashMap<String, Anchor>>);
+///
+/// Bounded, and a full one forgets gradually: it keeps two generations, the chains set or read
+/// since the last turnover and those of the one before, and when the young one holds half the
+/// bound it becomes the old one and the old one is dropped. A chain in use stays (a hit in the old
+/// generation moves it to the young one). It used to forget everything at once when full, and a
+/// vault with more agents than the bound then missed on nearly every call: a GetToken that
+/// misses reads without recording, and its record is appended by the group commit after a read
+/// of the head.
+#[derive(Debug)]
+pub(super) struct Heads {
+    chains: std::sync::Mutex<Generations>,
+    /// Chains per generation.
+    half: usize,
+}
 
-/// Most chains [`Heads`] remembers; past it, it starts again (a miss costs one read).
-const REMEMBERED_HEADS: usize = 10_000;
+#[derive(Debug, Default)]
+struct Generations {
+    young: std::collections::HashMap<String, Anchor>,
+    old: std::collections::HashMap<String, Anchor>,
+}
+
+/// Most chains [`Heads`] remembers, the two generations together: at about 130 bytes a chain,
+/// 26 MB at most, reached only with that many agents in use.
+const REMEMBERED_HEADS: usize = 200_000;
+
+impl Default for Heads {
+    fn default() -> Self {
+        Self::with_capacity(REMEMBERED_HEADS)
+    }
+}
 
 impl Heads {
-    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Anchor>> {
-        // Only single inserts and reads happen under the lock.
-        self.0
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            chains: std::sync::Mutex::default(),
+            half: (capacity / 2).max(1),
+        }
+    }
+
+    fn chains(&self) -> std::sync::MutexGuard<'_, Generations> {
+        // Only single inserts, moves and reads happen under the lock.
+        self.chains
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get(&self, key: &str) -> Option<Anchor> {
-        self.map().get(key).copied()
+        let mut chains = self.chains();
+        if let Some(head) = chains.young.get(key) {
+            return Some(*head);
+        }
+        let head = chains.old.remove(key)?;
+        chains.keep(key.to_string(), head, self.half);
+        Some(head)
     }
 
     fn forget(&self, key: &str) {
-        self.map().remove(key);
+        let mut chains = self.chains();
+        chains.young.remove(key);
+        chains.old.remove(key);
     }
 
     pub(super) fn set(&self, key: &str, head: Anchor) {
-        let mut map = self.map();
-        if map.len() >= REMEMBERED_HEADS && !map.contains_key(key) {
-            map.clear();
+        let mut chains = self.chains();
+        chains.old.remove(key);
+        chains.keep(key.to_string(), head, self.half);
+    }
+}
+
+impl Generations {
+    /// Puts `key` in the young generation, turning it over once it holds `half` chains.
+    fn keep(&mut self, key: String, head: Anchor, half: usize) {
+        self.young.insert(key, head);
+        if self.young.len() >= half {
+            self.old = std::mem::take(&mut self.young);
         }
-        map.insert(key.to_string(), head);
     }
 }
 
@@ -625,5 +673,58 @@ impl AuditStore for PgStore {
             )
             .await?,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Anchor, Heads};
+
+    fn anchor(sequence: u64) -> Anchor {
+        Anchor {
+            sequence,
+            hash: [0; 32],
+        }
+    }
+
+    #[test]
+    fn a_full_heads_cache_forgets_the_oldest_chains_not_all_of_them() {
+        let heads = Heads::with_capacity(6);
+        for n in 0..7 {
+            heads.set(&format!("chain-{n}"), anchor(n));
+        }
+        // The old generation holds chains 3 to 5, the young one 6: the last ones set.
+        for n in (4..7).rev() {
+            assert_eq!(
+                heads.get(&format!("chain-{n}")).map(|a| a.sequence),
+                Some(n),
+                "chain-{n}"
+            );
+        }
+        assert!(heads.get("chain-0").is_none(), "the oldest is forgotten");
+    }
+
+    #[test]
+    fn a_chain_read_often_stays_while_others_come_and_go() {
+        let heads = Heads::with_capacity(4);
+        heads.set("hot", anchor(7));
+        for n in 0..50 {
+            heads.set(&format!("cold-{n}"), anchor(n));
+            assert_eq!(heads.get("hot").map(|a| a.sequence), Some(7), "after {n}");
+        }
+        let chains = heads.chains();
+        assert!(chains.young.len() + chains.old.len() <= 4, "bounded");
+    }
+
+    #[test]
+    fn a_forgotten_head_is_gone_from_both_generations() {
+        let heads = Heads::with_capacity(4);
+        heads.set("a", anchor(1));
+        heads.set("b", anchor(2));
+        heads.set("c", anchor(3));
+        heads.forget("a");
+        heads.forget("c");
+        assert!(heads.get("a").is_none() && heads.get("c").is_none());
+        assert_eq!(heads.get("b").map(|a| a.sequence), Some(2));
     }
 }
