@@ -143,13 +143,14 @@ impl PgStore {
 /// the statement that moves it (compare-and-set), so a stale guess costs a retry, never a
 /// broken chain; another replica's appends simply make it stale.
 ///
-/// Bounded, and a full one forgets gradually: it keeps two generations, the chains set or read
-/// since the last turnover and those of the one before, and when the young one holds half the
-/// bound it becomes the old one and the old one is dropped. A chain in use stays (a hit in the old
-/// generation moves it to the young one). It used to forget everything at once when full, and a
-/// vault with more agents than the bound then missed on nearly every call: a GetToken that
-/// misses reads without recording, and its record is appended by the group commit after a read
-/// of the head.
+/// Bounded, and a full one forgets its older half, not everything: it keeps two generations,
+/// the chains set or read since the last turnover and those of the one before, and when the
+/// young one holds half the bound it becomes the old one and the old one is dropped. A chain in
+/// use stays (a hit in the old generation moves it to the young one): every chain used within
+/// the last half-bound of distinct chains is remembered. It used to forget everything at once
+/// when full, and a vault with more agents than the bound then missed on nearly every call: a
+/// GetToken that misses reads without recording, and its record is appended by the group commit
+/// after a read of the head.
 #[derive(Debug)]
 pub(super) struct Heads {
     chains: std::sync::Mutex<Generations>,
@@ -163,8 +164,9 @@ struct Generations {
     old: std::collections::HashMap<String, Anchor>,
 }
 
-/// Most chains [`Heads`] remembers, the two generations together: at about 130 bytes a chain,
-/// 26 MB at most, reached only with that many agents in use.
+/// Most chains [`Heads`] remembers, the two generations together: at about 150 bytes a chain
+/// (a table slot, and the 46-byte name's own allocation), some 30 MB at most, reached only with
+/// that many agents in use.
 const REMEMBERED_HEADS: usize = 200_000;
 
 impl Default for Heads {
@@ -182,19 +184,23 @@ impl Heads {
     }
 
     fn chains(&self) -> std::sync::MutexGuard<'_, Generations> {
-        // Only single inserts, moves and reads happen under the lock.
+        // Only single inserts, moves and reads happen under the lock (a retired generation is
+        // dropped after it is released).
         self.chains
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get(&self, key: &str) -> Option<Anchor> {
-        let mut chains = self.chains();
-        if let Some(head) = chains.young.get(key) {
-            return Some(*head);
-        }
-        let head = chains.old.remove(key)?;
-        chains.keep(key.to_string(), head, self.half);
+        let (head, retired) = {
+            let mut chains = self.chains();
+            if let Some(head) = chains.young.get(key) {
+                return Some(*head);
+            }
+            let head = chains.old.remove(key)?;
+            (head, chains.keep(key.to_string(), head, self.half))
+        };
+        drop(retired);
         Some(head)
     }
 
@@ -205,19 +211,37 @@ impl Heads {
     }
 
     pub(super) fn set(&self, key: &str, head: Anchor) {
-        let mut chains = self.chains();
-        chains.old.remove(key);
-        chains.keep(key.to_string(), head, self.half);
+        let retired = {
+            let mut chains = self.chains();
+            chains.old.remove(key);
+            chains.keep(key.to_string(), head, self.half)
+        };
+        // Freed here, once the lock is released: up to half the bound of names.
+        drop(retired);
     }
 }
 
 impl Generations {
-    /// Puts `key` in the young generation, turning it over once it holds `half` chains.
-    fn keep(&mut self, key: String, head: Anchor, half: usize) {
+    /// Puts `key` in the young generation, turning it over once it holds `half` chains; answers
+    /// the generation a turnover retired, for the caller to drop once it released the lock. The
+    /// new young generation starts at its full size, so it never grows by rehashing under the
+    /// lock.
+    #[must_use]
+    fn keep(
+        &mut self,
+        key: String,
+        head: Anchor,
+        half: usize,
+    ) -> Option<std::collections::HashMap<String, Anchor>> {
         self.young.insert(key, head);
-        if self.young.len() >= half {
-            self.old = std::mem::take(&mut self.young);
+        if self.young.len() < half {
+            return None;
         }
+        let young = std::mem::replace(
+            &mut self.young,
+            std::collections::HashMap::with_capacity(half),
+        );
+        Some(std::mem::replace(&mut self.old, young))
     }
 }
 
@@ -693,7 +717,12 @@ mod tests {
         for n in 0..7 {
             heads.set(&format!("chain-{n}"), anchor(n));
         }
-        // The old generation holds chains 3 to 5, the young one 6: the last ones set.
+        // The old generation holds chains 3 to 5, the young one 6: the last ones set. (Reading
+        // 6, 5 and 4 moves them to the young generation and turns it over, dropping 3.)
+        {
+            let chains = heads.chains();
+            assert_eq!(chains.young.len() + chains.old.len(), 4);
+        }
         for n in (4..7).rev() {
             assert_eq!(
                 heads.get(&format!("chain-{n}")).map(|a| a.sequence),
