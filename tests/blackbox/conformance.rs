@@ -2008,11 +2008,40 @@ async fn the_hot_statements_of_many_agents_stay_prepared_on_one_connection() {
     }
     load_each(&store, &agents).await;
     // One read connection, so its session prepared them all.
-    let prepared = pg.prepared_read_statements().await.unwrap();
+    let prepared: i64 = pg.prepared_read_statements().await.unwrap().iter().sum();
     assert!(
         prepared >= 130,
         "only {prepared} agent statements stayed prepared"
     );
+}
+
+/// Each agent has a home lane among the read connections, so its catalog entries and
+/// statements stay warm on one backend instead of being loaded on each in turn.
+#[tokio::test]
+async fn each_agents_reads_go_to_its_own_lane() {
+    let db = TestDb::new().await;
+    // Four connections for the reads.
+    let (pg, store) = migrated_pg(&db, 8).await;
+    let mut agents = Vec::new();
+    for n in 0..40 {
+        agents.push(registered(&store, &format!("agent-{n}")).await);
+    }
+    load_each(&store, &agents).await;
+    let first = pg.prepared_read_statements().await.unwrap();
+    load_each(&store, &agents).await;
+    let again = pg.prepared_read_statements().await.unwrap();
+    assert_eq!(
+        again, first,
+        "a second read of each agent prepared its statement again"
+    );
+    // One after the other, each read found its home lane idle. Forty agents on four lanes: the
+    // chance that a fair hash leaves two lanes without any is about 5e-12.
+    let used = first.iter().filter(|&&count| count > 0).count();
+    assert!(
+        used >= 3,
+        "the agents' statements sit on {used} of 4 lanes: {first:?}"
+    );
+    assert!(first.iter().sum::<i64>() >= 40, "{first:?}");
 }
 
 /// A backend caches catalog entries for every schema it touched: a read connection that has
@@ -2035,7 +2064,7 @@ async fn a_read_connection_is_replaced_once_it_has_served_enough_agent_schemas()
     load_each(&store, &agents).await;
     // One read connection: it was replaced after 16 and 32 schemas, and its successor has
     // prepared only what the last 8 agents needed.
-    let prepared = pg.prepared_read_statements().await.unwrap();
+    let prepared: i64 = pg.prepared_read_statements().await.unwrap().iter().sum();
     assert!(
         (1..16).contains(&prepared),
         "{prepared} agent statements prepared on the read connection"

@@ -1,36 +1,44 @@
-//! The hot read path's connections, kept outside sqlx's pool.
+//! The hot read path's connections, kept outside sqlx's pool, each agent at home on one of them.
+
+use std::collections::VecDeque;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor as _};
+use tokio::sync::oneshot;
 
-/// Connections kept for the hot read (`load`, behind every GetToken), outside sqlx's pool.
+/// Connections kept for the hot read (`load`, behind every GetToken) and the audit log's group
+/// commit, outside sqlx's pool.
 ///
 /// sqlx 0.8's pool pings each connection as it comes back: a spawned task and a second round
 /// trip per query (found with `strace -c` on the server under vault-bench: two sends to
 /// PostgreSQL per GetToken). A single-statement read outside any transaction needs neither.
-/// A fair semaphore admits at most `lanes` reads at once, in arrival order; each takes an idle
-/// connection (or opens one) for the query. A read cancelled half-way drops its connection
-/// instead of putting a half-used one back.
 ///
-/// A PostgreSQL backend keeps catalog entries and plans for every schema it has touched, for
-/// as long as it lives: with many agents, its memory grows with the agents it served. So a
-/// connection is retired once it has touched `schemas_per_connection` agent schemas, and the
-/// next read opens a fresh one: each backend's memory stays bounded whatever the number of
-/// agents.
+/// A PostgreSQL backend keeps catalog entries and plans for every schema it has touched, for as
+/// long as it lives, and reading an agent's tables on a backend that has not touched them costs
+/// a catalog load and a plan: several times the read itself. So each agent schema has a home
+/// lane (a hash of its name), and its reads queue there, in arrival order: a lane's backend
+/// serves about `agents ÷ lanes` schemas and keeps them warm. A lane whose queue is empty takes
+/// the oldest read waiting at the busiest other lane, and a read whose home is busy while
+/// another lane is idle runs there at once: skewed load still uses every lane.
+///
+/// A connection is retired once it has touched `schemas_per_connection` agent schemas, and its
+/// lane's next read opens a fresh one: each backend's memory stays bounded whatever the number
+/// of agents. A read cancelled half-way drops its connection instead of putting a half-used one
+/// back.
 pub(super) struct ReadLanes {
     options: PgConnectOptions,
     lanes: u32,
     schemas_per_connection: usize,
-    permits: tokio::sync::Semaphore,
-    /// Idle connections, each with the role it was last switched to (`SET ROLE` lasts for the
-    /// session, so a connection that stays with one agent switches only once).
-    idle: std::sync::Mutex<Vec<Lane>>,
+    schedule: std::sync::Mutex<Schedule<Lane>>,
+    /// Spreads reads that name no agent schema over the lanes.
+    unhomed: std::sync::atomic::AtomicUsize,
 }
 
-/// An idle read connection and what it has served.
+/// A lane's connection and what it has served.
 struct Lane {
     conn: sqlx::PgConnection,
-    /// The role it was last switched to.
+    /// The role it was last switched to (`SET ROLE` lasts for the session, so a lane that
+    /// serves one agent twice in a row switches once).
     role: Option<String>,
     /// The agent schemas it has touched (a hash of each name).
     touched: std::collections::HashSet<u64>,
@@ -52,6 +60,145 @@ enum Rows {
     All,
 }
 
+/// Which lane runs which read. No I/O: the connections are opaque here (`C`), so the rules are
+/// tested on their own.
+struct Schedule<C> {
+    slots: Vec<Slot<C>>,
+}
+
+/// One lane: busy or not, its connection while idle, and the reads waiting for it.
+struct Slot<C> {
+    busy: bool,
+    /// Its connection while the lane is idle; `None` when none is open yet (or the last was
+    /// retired or dropped), and always while busy (the reader holds it).
+    idle: Option<C>,
+    waiting: VecDeque<Waiter<C>>,
+}
+
+/// A read waiting for a lane.
+struct Waiter<C> {
+    hand: oneshot::Sender<Handoff<C>>,
+    /// Waits for its home lane only (the diagnostic visiting each lane); never taken by another.
+    pinned: bool,
+}
+
+/// A lane given to a read: its index, and its connection if one is open.
+struct Handoff<C> {
+    lane: usize,
+    conn: Option<C>,
+}
+
+/// What a read gets when it asks for a lane.
+enum Admit<C> {
+    /// A lane, at once.
+    Now(Handoff<C>),
+    /// A place in a lane's queue.
+    Wait(oneshot::Receiver<Handoff<C>>),
+}
+
+impl<C> Schedule<C> {
+    fn new(lanes: usize) -> Self {
+        Self {
+            slots: (0..lanes.max(1))
+                .map(|_| Slot {
+                    busy: false,
+                    idle: None,
+                    waiting: VecDeque::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn take(&mut self, lane: usize) -> Handoff<C> {
+        let slot = &mut self.slots[lane];
+        slot.busy = true;
+        Handoff {
+            lane,
+            conn: slot.idle.take(),
+        }
+    }
+
+    /// A read whose home is `home` (taken modulo the lanes): its home if idle; else, unless
+    /// `pinned`, any idle lane; else a place at the back of its home's queue.
+    fn admit(&mut self, home: usize, pinned: bool) -> Admit<C> {
+        let home = home % self.slots.len();
+        if !self.slots[home].busy {
+            return Admit::Now(self.take(home));
+        }
+        if !pinned && let Some(idle) = self.slots.iter().position(|slot| !slot.busy) {
+            return Admit::Now(self.take(idle));
+        }
+        let (hand, waits) = oneshot::channel();
+        self.slots[home].waiting.push_back(Waiter { hand, pinned });
+        Admit::Wait(waits)
+    }
+
+    /// Lane `lane` is done with a read; `conn` is its connection if it is to be kept. The lane
+    /// goes to the oldest read waiting for it, else to the oldest movable read of the longest
+    /// other queue, else it is idle. A waiter that gave up is skipped.
+    fn release(&mut self, lane: usize, mut conn: Option<C>) {
+        loop {
+            let next = self.slots[lane]
+                .waiting
+                .pop_front()
+                .or_else(|| self.steal_for(lane));
+            let Some(waiter) = next else {
+                let slot = &mut self.slots[lane];
+                slot.busy = false;
+                slot.idle = conn;
+                return;
+            };
+            match waiter.hand.send(Handoff { lane, conn }) {
+                Ok(()) => return,
+                Err(back) => conn = back.conn,
+            }
+        }
+    }
+
+    /// The oldest read at the front of the longest other queue, unless it is pinned there.
+    fn steal_for(&mut self, lane: usize) -> Option<Waiter<C>> {
+        let (_, from) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(other, slot)| {
+                *other != lane && slot.waiting.front().is_some_and(|waiter| !waiter.pinned)
+            })
+            .map(|(other, slot)| (slot.waiting.len(), other))
+            .max()?;
+        self.slots[from].waiting.pop_front()
+    }
+}
+
+/// A lane held by a read; given back when dropped, with the connection if the read put it back.
+struct Checkout<'a> {
+    lanes: &'a ReadLanes,
+    lane: usize,
+    conn: Option<Lane>,
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        self.lanes.schedule().release(self.lane, self.conn.take());
+    }
+}
+
+/// A read's place in a queue. Dropped before its turn came (the caller went away), it leaves
+/// the queue; dropped just after a lane was handed to it, it gives the lane back.
+struct Waiting<'a> {
+    lanes: &'a ReadLanes,
+    waits: oneshot::Receiver<Handoff<Lane>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.waits.close();
+        if let Ok(handoff) = self.waits.try_recv() {
+            self.lanes.schedule().release(handoff.lane, handoff.conn);
+        }
+    }
+}
+
 impl std::fmt::Debug for ReadLanes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadLanes")
@@ -71,8 +218,8 @@ impl ReadLanes {
             options,
             lanes,
             schemas_per_connection: schemas_per_connection.max(1),
-            permits: tokio::sync::Semaphore::new(lanes as usize),
-            idle: std::sync::Mutex::new(Vec::with_capacity(lanes as usize)),
+            schedule: std::sync::Mutex::new(Schedule::new(lanes as usize)),
+            unhomed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -81,35 +228,49 @@ impl ReadLanes {
         self.lanes
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Lane>> {
-        // Only pushes and pops happen under the lock; a panic cannot leave the list half-done.
-        self.idle
+    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule<Lane>> {
+        // Nothing under the lock panics (queue pushes and pops, a oneshot send), so a poisoned
+        // lock still holds a consistent schedule.
+        self.schedule
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// An idle connection, preferring one already switched to `role`.
-    async fn connection(&self, role: Option<&str>) -> Result<Lane, sqlx::Error> {
-        let idle = {
-            let mut idle = self.idle();
-            let same = idle.iter().rposition(|lane| lane.role.as_deref() == role);
-            match same {
-                Some(at) => Some(idle.swap_remove(at)),
-                None => idle.pop(),
+    /// A lane for a read whose home is `home`, waiting in its queue if need be.
+    async fn checkout(&self, home: usize, pinned: bool) -> Result<Checkout<'_>, sqlx::Error> {
+        let admitted = self.schedule().admit(home, pinned);
+        let handoff = match admitted {
+            Admit::Now(handoff) => handoff,
+            Admit::Wait(waits) => {
+                let mut waiting = Waiting { lanes: self, waits };
+                // The senders live in the schedule, which outlives `self`'s borrow.
+                (&mut waiting.waits)
+                    .await
+                    .map_err(|_| sqlx::Error::PoolClosed)?
             }
         };
-        match idle {
-            Some(idle) => Ok(idle),
-            None => Ok(Lane {
-                conn: sqlx::PgConnection::connect_with(&self.options).await?,
-                role: None,
-                touched: std::collections::HashSet::new(),
-            }),
-        }
+        Ok(Checkout {
+            lanes: self,
+            lane: handoff.lane,
+            conn: handoff.conn,
+        })
     }
 
-    /// Runs `query` as `role` (a quoted role name; `None`: the login role) on an idle
-    /// connection, waiting for one if all are busy; at most one row.
+    /// The lane of the agent schema `sql` names; reads that name none take turns.
+    fn home_of(&self, sql: &str) -> (usize, Option<u64>) {
+        let schema = schema_in(sql);
+        let home = match schema {
+            // The remainder is below the lane count, a u32.
+            Some(hash) => (hash % u64::from(self.lanes)) as usize,
+            None => self
+                .unhomed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        (home, schema)
+    }
+
+    /// Runs `query` as `role` (a quoted role name; `None`: the login role) on the lane of the
+    /// agent schema it names, waiting for it if need be; at most one row.
     pub(super) async fn fetch_optional(
         &self,
         role: Option<&str>,
@@ -133,13 +294,16 @@ impl ReadLanes {
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
         rows: Rows,
     ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let mut lane = self.connection(role).await?;
-        let schema = schema_in(sqlx::Execute::sql(&query));
+        let (home, schema) = self.home_of(sqlx::Execute::sql(&query));
+        let mut checkout = self.checkout(home, false).await?;
+        let mut lane = match checkout.conn.take() {
+            Some(lane) => lane,
+            None => Lane {
+                conn: sqlx::PgConnection::connect_with(&self.options).await?,
+                role: None,
+                touched: std::collections::HashSet::new(),
+            },
+        };
         let result = async {
             if lane.role.as_deref() != role {
                 let switch = match role {
@@ -167,7 +331,7 @@ impl ReadLanes {
         if result.is_ok() {
             lane.touched.extend(schema);
             if lane.touched.len() < self.schemas_per_connection {
-                self.idle().push(lane);
+                checkout.conn = Some(lane);
             } else {
                 // Retired: its backend has cached enough schemas. Closed off the caller's path.
                 tokio::spawn(async move {
@@ -178,32 +342,31 @@ impl ReadLanes {
         result
     }
 
-    /// How many statements naming an agent's credentials the idle connections keep prepared.
-    pub(super) async fn prepared_agent_statements(&self) -> Result<i64, sqlx::Error> {
-        let _all = self
-            .permits
-            .acquire_many(self.lanes)
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let connections = std::mem::take(&mut *self.idle());
-        let mut total = 0;
-        for mut lane in connections {
-            let count: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_prepared_statements \
-                 WHERE statement LIKE '%.credentials%'",
-            )
-            .fetch_one(&mut lane.conn)
-            .await?;
-            total += count;
-            self.idle().push(lane);
+    /// How many statements naming an agent's credentials each lane's connection keeps prepared.
+    pub(super) async fn prepared_agent_statements(&self) -> Result<Vec<i64>, sqlx::Error> {
+        let mut each = Vec::with_capacity(self.lanes as usize);
+        for lane in 0..self.lanes as usize {
+            let mut checkout = self.checkout(lane, true).await?;
+            let mut count = 0;
+            // Taken out, so a connection that failed is dropped rather than kept.
+            if let Some(mut open) = checkout.conn.take() {
+                count = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_prepared_statements \
+                     WHERE statement LIKE '%.credentials%'",
+                )
+                .fetch_one(&mut open.conn)
+                .await?;
+                checkout.conn = Some(open);
+            }
+            each.push(count);
         }
-        Ok(total)
+        Ok(each)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::schema_in;
+    use super::{Admit, Handoff, ReadLanes, Schedule, schema_in};
 
     #[test]
     fn a_statement_is_known_by_the_agent_schema_it_names() {
@@ -220,5 +383,136 @@ mod tests {
         );
         assert_eq!(schema_in("SELECT last_hash FROM vault.audit_head"), None);
         assert_eq!(schema_in("SELECT \"agent_12"), None, "a name cut short");
+    }
+
+    /// The lane a read was given at once; panics if it had to wait.
+    fn now<C>(admitted: Admit<C>) -> Handoff<C> {
+        match admitted {
+            Admit::Now(handoff) => handoff,
+            Admit::Wait(_) => panic!("the read waits, where a lane was free"),
+        }
+    }
+
+    /// The place a read was given in a queue; panics if it got a lane at once.
+    fn waits<C>(admitted: Admit<C>) -> tokio::sync::oneshot::Receiver<Handoff<C>> {
+        match admitted {
+            Admit::Now(handoff) => panic!("the read got lane {} at once", handoff.lane),
+            Admit::Wait(waits) => waits,
+        }
+    }
+
+    #[test]
+    fn a_read_runs_on_its_home_lane_with_the_connection_it_left_there() {
+        let mut schedule = Schedule::<&str>::new(4);
+        let first = now(schedule.admit(6, false));
+        assert_eq!(
+            (first.lane, first.conn),
+            (2, None),
+            "6 mod 4, nothing open yet"
+        );
+        schedule.release(2, Some("backend of lane 2"));
+        let again = now(schedule.admit(2, false));
+        assert_eq!((again.lane, again.conn), (2, Some("backend of lane 2")));
+    }
+
+    #[test]
+    fn a_read_whose_home_is_busy_runs_on_an_idle_lane_unless_pinned() {
+        let mut schedule = Schedule::<&str>::new(2);
+        let one = now(schedule.admit(1, false)).lane;
+        schedule.release(one, Some("lane 1"));
+        assert_eq!(now(schedule.admit(0, false)).lane, 0);
+        let moved = now(schedule.admit(0, false));
+        assert_eq!((moved.lane, moved.conn), (1, Some("lane 1")));
+        // Both busy now: the next waits at its home.
+        let mut queued = waits(schedule.admit(0, false));
+        assert!(queued.try_recv().is_err());
+
+        let mut schedule = Schedule::<&str>::new(2);
+        assert_eq!(now(schedule.admit(0, true)).lane, 0);
+        let mut pinned = waits(schedule.admit(0, true));
+        assert!(pinned.try_recv().is_err(), "lane 1 idle, but pinned to 0");
+        schedule.release(0, Some("lane 0"));
+        let handed = pinned.try_recv().unwrap();
+        assert_eq!((handed.lane, handed.conn), (0, Some("lane 0")));
+    }
+
+    #[test]
+    fn a_lane_serves_its_own_queue_in_order_before_any_other() {
+        let mut schedule = Schedule::<u32>::new(2);
+        now(schedule.admit(0, false));
+        now(schedule.admit(1, false));
+        let mut first = waits(schedule.admit(0, false));
+        let mut second = waits(schedule.admit(0, false));
+        let mut other = waits(schedule.admit(1, false));
+        schedule.release(0, Some(10));
+        assert_eq!(first.try_recv().unwrap().conn, Some(10));
+        assert!(second.try_recv().is_err() && other.try_recv().is_err());
+        schedule.release(0, Some(10));
+        assert_eq!(second.try_recv().unwrap().lane, 0);
+        assert!(other.try_recv().is_err(), "lane 1's read waits for lane 1");
+        schedule.release(1, Some(11));
+        assert_eq!(other.try_recv().unwrap().conn, Some(11));
+    }
+
+    #[test]
+    fn a_lane_with_nothing_queued_takes_the_oldest_read_of_the_longest_queue() {
+        let mut schedule = Schedule::<u32>::new(3);
+        for home in 0..3 {
+            now(schedule.admit(home, false));
+        }
+        let mut short = waits(schedule.admit(1, false));
+        let mut oldest = waits(schedule.admit(2, false));
+        let mut younger = waits(schedule.admit(2, false));
+        schedule.release(0, Some(10));
+        let stolen = oldest.try_recv().unwrap();
+        assert_eq!((stolen.lane, stolen.conn), (0, Some(10)));
+        assert!(short.try_recv().is_err() && younger.try_recv().is_err());
+        // A pinned read at the front of a queue keeps it: nothing else is movable, lane 0 idles.
+        let mut schedule = Schedule::<u32>::new(2);
+        now(schedule.admit(0, false));
+        now(schedule.admit(1, false));
+        let mut pinned = waits(schedule.admit(1, true));
+        schedule.release(0, Some(10));
+        assert!(pinned.try_recv().is_err());
+        assert_eq!(now(schedule.admit(0, false)).conn, Some(10));
+    }
+
+    #[test]
+    fn a_read_that_gave_up_waiting_is_skipped_and_loses_no_connection() {
+        let mut schedule = Schedule::<u32>::new(1);
+        now(schedule.admit(0, false));
+        drop(waits(schedule.admit(0, false)));
+        let mut next = waits(schedule.admit(0, false));
+        schedule.release(0, Some(10));
+        assert_eq!(next.try_recv().unwrap().conn, Some(10));
+        drop(waits(schedule.admit(0, false)));
+        schedule.release(0, Some(10));
+        assert_eq!(
+            now(schedule.admit(0, false)).conn,
+            Some(10),
+            "idle, with its connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_as_its_lane_is_handed_to_it_gives_the_lane_back() {
+        let lanes = ReadLanes::new(sqlx::postgres::PgConnectOptions::new(), 1, 16);
+        now(lanes.schedule().admit(0, false));
+        let mut checkout = Box::pin(lanes.checkout(0, false));
+        assert!(
+            futures_util::poll!(&mut checkout).is_pending(),
+            "lane 0 is busy"
+        );
+        lanes.schedule().release(0, None);
+        // Handed over, but never polled again: dropping it must not leave the lane busy.
+        drop(checkout);
+        assert!(!lanes.schedule().slots[0].busy);
+        let checkout = lanes.checkout(0, false).await.unwrap();
+        assert_eq!(checkout.lane, 0);
+        drop(checkout);
+        assert!(
+            !lanes.schedule().slots[0].busy,
+            "a checkout gives its lane back when dropped"
+        );
     }
 }

@@ -312,9 +312,10 @@ impl PgStore {
         Ok((tx, sweep_ahead))
     }
 
-    /// How many statements naming an agent's credentials the hot read connections keep prepared
-    /// (a diagnostic: each agent schema has its own SQL, and all of it should stay prepared).
-    pub async fn prepared_read_statements(&self) -> Result<i64, StoreError> {
+    /// How many statements naming an agent's credentials each hot read lane's connection keeps
+    /// prepared (a diagnostic: each agent schema has its own SQL, and all of it should stay
+    /// prepared, on the agent's own lane).
+    pub async fn prepared_read_statements(&self) -> Result<Vec<i64>, StoreError> {
         self.reads.prepared_agent_statements().await.map_err(e)
     }
 }
