@@ -121,12 +121,12 @@ pub struct Outcome {
     pub config: RunConfig,
 }
 
-/// The vault server's default pool size (`VAULT_DATABASE_MAX_CONNECTIONS`: 4 × cores, 4..32).
+/// The vault server's default pool size (`VAULT_DATABASE_MAX_CONNECTIONS`: 8 × cores, 16..32).
 /// The bench sets it explicitly on the server and uses it for its own SELECT pool, so both
 /// sides of the comparison have the same number of connections.
 pub fn pool_size() -> u32 {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
-    (cores * 4).clamp(4, 32)
+    (cores * 8).clamp(16, 32)
 }
 
 fn sibling(explicit: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {

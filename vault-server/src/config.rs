@@ -101,7 +101,7 @@ value::settings! {
         /// The embedded store and `dev`'s generated keys; the store file and its WAL are created
         /// 0600 in directories created 0700.
         vault_data_dir: PathBuf = PathBuf::from("vault-data"), "a directory";
-        /// PostgreSQL connections in all (unset: 4 × cores, between 4 and 32): half serve the hot
+        /// PostgreSQL connections in all (unset: 8 × cores, between 16 and 32): half serve the hot
         /// read behind GetToken, the rest writes, leases and the sweeper.
         vault_database_max_connections: Option<u64> = None, 1..=1000;
         /// Prepared statements kept per PostgreSQL connection; each agent schema has its own SQL,
