@@ -18,8 +18,9 @@ use tokio::sync::oneshot;
 /// a catalog load and a plan: several times the read itself. So each agent schema has a home
 /// lane (a hash of its name), and its reads queue there, in arrival order: a lane's backend
 /// serves about `agents ÷ lanes` schemas and keeps them warm. A lane whose queue is empty takes
-/// the oldest read waiting at the busiest other lane, and a read whose home is busy while
-/// another lane is idle runs there at once: skewed load still uses every lane.
+/// the read that has waited longest at another lane, so does a lane whose own first read came
+/// well after another's (a stuck lane holds up no queue for long), and a read whose home is
+/// busy while another lane is idle runs there at once: skewed load still uses every lane.
 ///
 /// A connection is retired once it has touched `schemas_per_connection` agent schemas, and its
 /// lane's next read opens a fresh one: each backend's memory stays bounded whatever the number
@@ -60,6 +61,14 @@ enum Rows {
     All,
 }
 
+/// How much longer than a lane's own first read another queue's first read must have waited
+/// for the lane to serve it first. Under even load the queues' first reads arrived within a few
+/// milliseconds of each other, and each lane keeps to its own agents.
+const OVERDUE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a lane waits for PostgreSQL to accept a new connection, like the pool's acquire.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Which lane runs which read. No I/O: the connections are opaque here (`C`), so the rules are
 /// tested on their own.
 struct Schedule<C> {
@@ -78,6 +87,8 @@ struct Slot<C> {
 /// A read waiting for a lane.
 struct Waiter<C> {
     hand: oneshot::Sender<Handoff<C>>,
+    /// When it joined the queue.
+    since: std::time::Instant,
     /// Waits for its home lane only (the diagnostic visiting each lane); never taken by another.
     pinned: bool,
 }
@@ -118,31 +129,39 @@ impl<C> Schedule<C> {
         }
     }
 
-    /// A read whose home is `home` (taken modulo the lanes): its home if idle; else, unless
-    /// `pinned`, any idle lane; else a place at the back of its home's queue.
-    fn admit(&mut self, home: usize, pinned: bool) -> Admit<C> {
-        let home = home % self.slots.len();
+    /// A read whose home is `home` (taken modulo the lanes), arriving at `now`: its home if
+    /// idle; else, unless `pinned`, the next idle lane after its home; else a place at the back
+    /// of its home's queue.
+    fn admit(&mut self, home: usize, pinned: bool, now: std::time::Instant) -> Admit<C> {
+        let lanes = self.slots.len();
+        let home = home % lanes;
         if !self.slots[home].busy {
             return Admit::Now(self.take(home));
         }
-        if !pinned && let Some(idle) = self.slots.iter().position(|slot| !slot.busy) {
+        let idle = (1..lanes)
+            .map(|step| (home + step) % lanes)
+            .find(|&lane| !self.slots[lane].busy);
+        if !pinned && let Some(idle) = idle {
             return Admit::Now(self.take(idle));
         }
         let (hand, waits) = oneshot::channel();
-        self.slots[home].waiting.push_back(Waiter { hand, pinned });
+        let queue = &mut self.slots[home].waiting;
+        // Reads whose callers went away leave no trace behind them.
+        queue.retain(|waiter| !waiter.hand.is_closed());
+        queue.push_back(Waiter {
+            hand,
+            since: now,
+            pinned,
+        });
         Admit::Wait(waits)
     }
 
     /// Lane `lane` is done with a read; `conn` is its connection if it is to be kept. The lane
-    /// goes to the oldest read waiting for it, else to the oldest movable read of the longest
-    /// other queue, else it is idle. A waiter that gave up is skipped.
+    /// goes to the next read [`Self::next_for`] it, else it is idle. A waiter that gave up is
+    /// skipped.
     fn release(&mut self, lane: usize, mut conn: Option<C>) {
         loop {
-            let next = self.slots[lane]
-                .waiting
-                .pop_front()
-                .or_else(|| self.steal_for(lane));
-            let Some(waiter) = next else {
+            let Some(waiter) = self.next_for(lane) else {
                 let slot = &mut self.slots[lane];
                 slot.busy = false;
                 slot.idle = conn;
@@ -155,17 +174,33 @@ impl<C> Schedule<C> {
         }
     }
 
-    /// The oldest read at the front of the longest other queue, unless it is pinned there.
-    fn steal_for(&mut self, lane: usize) -> Option<Waiter<C>> {
-        let (_, from) = self
+    /// The read lane `lane` serves next: the first in its own queue, unless the first of another
+    /// queue has waited [`OVERDUE`] longer (that lane is stuck: reconnecting, or its read waits
+    /// on a lock); with its own queue empty, the read that has waited longest at the front of
+    /// another queue. A pinned read is never taken from its queue.
+    fn next_for(&mut self, lane: usize) -> Option<Waiter<C>> {
+        for slot in &mut self.slots {
+            while slot.waiting.front().is_some_and(|w| w.hand.is_closed()) {
+                slot.waiting.pop_front();
+            }
+        }
+        let mine = self.slots[lane].waiting.front().map(|waiter| waiter.since);
+        let oldest_other = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(other, slot)| {
-                *other != lane && slot.waiting.front().is_some_and(|waiter| !waiter.pinned)
+            .filter(|&(other, _)| other != lane)
+            .filter_map(|(other, slot)| {
+                let front = slot.waiting.front().filter(|waiter| !waiter.pinned)?;
+                Some((front.since, other))
             })
-            .map(|(other, slot)| (slot.waiting.len(), other))
-            .max()?;
+            .min();
+        let from = match (mine, oldest_other) {
+            (Some(mine), Some((theirs, other))) if theirs + OVERDUE <= mine => other,
+            (Some(_), _) => lane,
+            (None, Some((_, other))) => other,
+            (None, None) => return None,
+        };
         self.slots[from].waiting.pop_front()
     }
 }
@@ -183,8 +218,8 @@ impl Drop for Checkout<'_> {
     }
 }
 
-/// A read's place in a queue. Dropped before its turn came (the caller went away), it leaves
-/// the queue; dropped just after a lane was handed to it, it gives the lane back.
+/// A read's place in a queue. Dropped before its turn came (the caller went away), its place is
+/// skipped; dropped just after a lane was handed to it, it gives the lane back.
 struct Waiting<'a> {
     lanes: &'a ReadLanes,
     waits: oneshot::Receiver<Handoff<Lane>>,
@@ -238,12 +273,15 @@ impl ReadLanes {
 
     /// A lane for a read whose home is `home`, waiting in its queue if need be.
     async fn checkout(&self, home: usize, pinned: bool) -> Result<Checkout<'_>, sqlx::Error> {
-        let admitted = self.schedule().admit(home, pinned);
+        let admitted = self
+            .schedule()
+            .admit(home, pinned, std::time::Instant::now());
         let handoff = match admitted {
             Admit::Now(handoff) => handoff,
             Admit::Wait(waits) => {
                 let mut waiting = Waiting { lanes: self, waits };
-                // The senders live in the schedule, which outlives `self`'s borrow.
+                // Awaited in place (`Waiting` gives a lane back when dropped). A handoff's sender
+                // is dropped unsent only with the schedule itself.
                 (&mut waiting.waits)
                     .await
                     .map_err(|_| sqlx::Error::PoolClosed)?
@@ -299,7 +337,12 @@ impl ReadLanes {
         let mut lane = match checkout.conn.take() {
             Some(lane) => lane,
             None => Lane {
-                conn: sqlx::PgConnection::connect_with(&self.options).await?,
+                conn: tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    sqlx::PgConnection::connect_with(&self.options),
+                )
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??,
                 role: None,
                 touched: std::collections::HashSet::new(),
             },
@@ -401,35 +444,50 @@ mod tests {
         }
     }
 
+    /// `ms` milliseconds after an arbitrary start, the same in every call of a test.
+    fn at(ms: u64) -> std::time::Instant {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        *START.get_or_init(std::time::Instant::now) + std::time::Duration::from_millis(ms)
+    }
+
     #[test]
     fn a_read_runs_on_its_home_lane_with_the_connection_it_left_there() {
         let mut schedule = Schedule::<&str>::new(4);
-        let first = now(schedule.admit(6, false));
+        let first = now(schedule.admit(6, false, at(0)));
         assert_eq!(
             (first.lane, first.conn),
             (2, None),
             "6 mod 4, nothing open yet"
         );
         schedule.release(2, Some("backend of lane 2"));
-        let again = now(schedule.admit(2, false));
+        let again = now(schedule.admit(2, false, at(1)));
         assert_eq!((again.lane, again.conn), (2, Some("backend of lane 2")));
     }
 
     #[test]
-    fn a_read_whose_home_is_busy_runs_on_an_idle_lane_unless_pinned() {
-        let mut schedule = Schedule::<&str>::new(2);
-        let one = now(schedule.admit(1, false)).lane;
-        schedule.release(one, Some("lane 1"));
-        assert_eq!(now(schedule.admit(0, false)).lane, 0);
-        let moved = now(schedule.admit(0, false));
-        assert_eq!((moved.lane, moved.conn), (1, Some("lane 1")));
-        // Both busy now: the next waits at its home.
-        let mut queued = waits(schedule.admit(0, false));
+    fn a_read_whose_home_is_busy_runs_on_the_next_idle_lane_unless_pinned() {
+        let mut schedule = Schedule::<&str>::new(4);
+        let three = now(schedule.admit(3, false, at(0))).lane;
+        schedule.release(three, Some("lane 3"));
+        assert_eq!(now(schedule.admit(2, false, at(1))).lane, 2);
+        let moved = now(schedule.admit(2, false, at(2)));
+        assert_eq!(
+            (moved.lane, moved.conn),
+            (3, Some("lane 3")),
+            "the lane after its home"
+        );
+        assert_eq!(
+            now(schedule.admit(2, false, at(3))).lane,
+            0,
+            "round past the last lane"
+        );
+        assert_eq!(now(schedule.admit(2, false, at(4))).lane, 1);
+        let mut queued = waits(schedule.admit(2, false, at(5)));
         assert!(queued.try_recv().is_err());
 
         let mut schedule = Schedule::<&str>::new(2);
-        assert_eq!(now(schedule.admit(0, true)).lane, 0);
-        let mut pinned = waits(schedule.admit(0, true));
+        assert_eq!(now(schedule.admit(0, true, at(0))).lane, 0);
+        let mut pinned = waits(schedule.admit(0, true, at(1)));
         assert!(pinned.try_recv().is_err(), "lane 1 idle, but pinned to 0");
         schedule.release(0, Some("lane 0"));
         let handed = pinned.try_recv().unwrap();
@@ -439,56 +497,93 @@ mod tests {
     #[test]
     fn a_lane_serves_its_own_queue_in_order_before_any_other() {
         let mut schedule = Schedule::<u32>::new(2);
-        now(schedule.admit(0, false));
-        now(schedule.admit(1, false));
-        let mut first = waits(schedule.admit(0, false));
-        let mut second = waits(schedule.admit(0, false));
-        let mut other = waits(schedule.admit(1, false));
+        now(schedule.admit(0, false, at(0)));
+        now(schedule.admit(1, false, at(0)));
+        let mut other = waits(schedule.admit(1, false, at(1)));
+        let mut first = waits(schedule.admit(0, false, at(2)));
+        let mut second = waits(schedule.admit(0, false, at(3)));
         schedule.release(0, Some(10));
         assert_eq!(first.try_recv().unwrap().conn, Some(10));
         assert!(second.try_recv().is_err() && other.try_recv().is_err());
         schedule.release(0, Some(10));
         assert_eq!(second.try_recv().unwrap().lane, 0);
-        assert!(other.try_recv().is_err(), "lane 1's read waits for lane 1");
+        assert!(
+            other.try_recv().is_err(),
+            "lane 1's read, older by 1 ms, waits for lane 1"
+        );
         schedule.release(1, Some(11));
         assert_eq!(other.try_recv().unwrap().conn, Some(11));
     }
 
     #[test]
-    fn a_lane_with_nothing_queued_takes_the_oldest_read_of_the_longest_queue() {
+    fn a_lane_with_nothing_queued_takes_the_read_that_waited_longest_at_another() {
         let mut schedule = Schedule::<u32>::new(3);
         for home in 0..3 {
-            now(schedule.admit(home, false));
+            now(schedule.admit(home, false, at(0)));
         }
-        let mut short = waits(schedule.admit(1, false));
-        let mut oldest = waits(schedule.admit(2, false));
-        let mut younger = waits(schedule.admit(2, false));
+        let mut younger_elsewhere = waits(schedule.admit(1, false, at(5)));
+        let mut oldest = waits(schedule.admit(2, false, at(1)));
+        let mut behind_it = waits(schedule.admit(2, false, at(2)));
         schedule.release(0, Some(10));
-        let stolen = oldest.try_recv().unwrap();
-        assert_eq!((stolen.lane, stolen.conn), (0, Some(10)));
-        assert!(short.try_recv().is_err() && younger.try_recv().is_err());
+        let taken = oldest.try_recv().unwrap();
+        assert_eq!((taken.lane, taken.conn), (0, Some(10)));
+        assert!(younger_elsewhere.try_recv().is_err() && behind_it.try_recv().is_err());
         // A pinned read at the front of a queue keeps it: nothing else is movable, lane 0 idles.
         let mut schedule = Schedule::<u32>::new(2);
-        now(schedule.admit(0, false));
-        now(schedule.admit(1, false));
-        let mut pinned = waits(schedule.admit(1, true));
+        now(schedule.admit(0, false, at(0)));
+        now(schedule.admit(1, false, at(0)));
+        let mut pinned = waits(schedule.admit(1, true, at(1)));
         schedule.release(0, Some(10));
         assert!(pinned.try_recv().is_err());
-        assert_eq!(now(schedule.admit(0, false)).conn, Some(10));
+        assert_eq!(now(schedule.admit(0, false, at(2))).conn, Some(10));
+    }
+
+    #[test]
+    fn a_stuck_lane_holds_up_its_queue_no_longer_than_overdue() {
+        let mut schedule = Schedule::<u32>::new(2);
+        now(schedule.admit(0, false, at(0)));
+        now(schedule.admit(1, false, at(0)));
+        // Lane 1 never comes back (reconnecting, or its read waits on a lock).
+        let mut stuck = waits(schedule.admit(1, false, at(0)));
+        let mut soon = waits(schedule.admit(0, false, at(10)));
+        let late_ms = 10 + super::OVERDUE.as_millis() as u64;
+        let mut late = waits(schedule.admit(0, false, at(late_ms)));
+        schedule.release(0, Some(10));
+        assert!(
+            soon.try_recv().is_ok(),
+            "10 ms younger than lane 1's: its own comes first"
+        );
+        assert!(stuck.try_recv().is_err());
+        schedule.release(0, Some(10));
+        assert_eq!(
+            stuck.try_recv().unwrap().lane,
+            0,
+            "overdue at the stuck lane: taken"
+        );
+        assert!(late.try_recv().is_err());
+        schedule.release(0, Some(10));
+        assert_eq!(late.try_recv().unwrap().lane, 0);
     }
 
     #[test]
     fn a_read_that_gave_up_waiting_is_skipped_and_loses_no_connection() {
         let mut schedule = Schedule::<u32>::new(1);
-        now(schedule.admit(0, false));
-        drop(waits(schedule.admit(0, false)));
-        let mut next = waits(schedule.admit(0, false));
+        now(schedule.admit(0, false, at(0)));
+        drop(waits(schedule.admit(0, false, at(1))));
+        let mut next = waits(schedule.admit(0, false, at(2)));
         schedule.release(0, Some(10));
         assert_eq!(next.try_recv().unwrap().conn, Some(10));
-        drop(waits(schedule.admit(0, false)));
+        for ms in 3..100 {
+            drop(waits(schedule.admit(0, false, at(ms))));
+        }
+        assert_eq!(
+            schedule.slots[0].waiting.len(),
+            1,
+            "only the last gone caller is left"
+        );
         schedule.release(0, Some(10));
         assert_eq!(
-            now(schedule.admit(0, false)).conn,
+            now(schedule.admit(0, false, at(100))).conn,
             Some(10),
             "idle, with its connection"
         );
@@ -497,7 +592,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_dropped_as_its_lane_is_handed_to_it_gives_the_lane_back() {
         let lanes = ReadLanes::new(sqlx::postgres::PgConnectOptions::new(), 1, 16);
-        now(lanes.schedule().admit(0, false));
+        now(lanes.schedule().admit(0, false, at(0)));
         let mut checkout = Box::pin(lanes.checkout(0, false));
         assert!(
             futures_util::poll!(&mut checkout).is_pending(),
